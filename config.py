@@ -1,0 +1,196 @@
+"""Configuration: model, training, data and experiment dataclasses, presets, validation.
+
+Every user-facing knob lives here. `build_configs(overrides)` turns a flat dict of overrides
+(a preset, a CONFIG dict, CLI flags) into validated dataclasses; a bad key or value raises
+`ValueError` naming it and the fix, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ATTENTION_BACKENDS = ("masked", "gather")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_heads: int = 8
+    n_layers: int = 4
+    d_ff: int = 512
+    max_seq_len: int = 256
+    num_experts: int = 4
+    expert_top_k: int = 2
+    num_shared_experts: int = 1
+    indexer_heads: int = 4
+    indexer_dim: int = 64
+    indexer_rope_dim: int = 32  # indexer dims that get (non-interleaved) RoPE; the rest get none
+    sparse_top_k: int = 128
+    attention_backend: str = "masked"
+    rope_base: float = 10000.0
+    balance_bias_rate: float = 1e-3  # DeepSeek-V3 loss-free balancing: bias += rate * sign(mean - load)
+    balance_aux_weight: float = 1e-4  # tiny sequence-level balance loss (0 disables it)
+    tie_embeddings: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len",
+                  "num_experts", "expert_top_k", "indexer_heads", "indexer_dim")
+        if self.sparse_top_k <= 0:
+            raise ValueError(f"sparse_top_k={self.sparse_top_k} must be > 0 (e.g. sparse_top_k=seq_len//2)")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                             f"pick n_heads among the divisors of d_model")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.expert_top_k > self.num_experts:
+            raise ValueError(f"expert_top_k={self.expert_top_k} exceeds num_experts={self.num_experts}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        if not (0 <= self.indexer_rope_dim <= self.indexer_dim) or self.indexer_rope_dim % 2:
+            raise ValueError(f"indexer_rope_dim={self.indexer_rope_dim} must be even and within "
+                             f"[0, indexer_dim={self.indexer_dim}]")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r} is unknown; "
+                             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    warmup_steps: int = 200  # stage 1: dense warm-up, only the indexer trains (KL to dense attention)
+    warmup_lr: float = 1e-3  # the paper's warm-up learning rate
+    steps: int = 1000  # stage 2 (sparse) steps; the classic baseline trains the same number
+    learning_rate: float = 3e-3
+    indexer_lr: float = 1e-3  # stage 2 indexer param group
+    weight_decay: float = 0.1
+    lr_warmup_fraction: float = 0.05  # linear lr warm-up, then cosine to min_lr_ratio
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_windows: int = 64  # held-out windows used per evaluation (fixed, same for every model)
+    profile_steps: int = 5  # steps whose indexer/attention time share is measured
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "steps", "eval_every", "eval_windows")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        for name in ("warmup_lr", "learning_rate", "indexer_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 <= self.lr_warmup_fraction < 1:
+            raise ValueError(f"lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} is unknown; choose auto, cpu or cuda")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shakespeare"  # 'shakespeare' (embedded), a local path, or a hub dataset name
+    tokenizer: str = "bpe"  # 'bpe' (byte-level BPE trained offline) or a transformers name/path
+    bpe_vocab_size: int = 4096
+    seq_len: int = 128
+    val_fraction: float = 0.1  # share of *documents* held out for validation
+    text_field: str = "text"  # column holding the text in parquet/jsonl/hub data
+    hub_split: str = "train"
+    max_tokens: int = 5_000_000  # token budget when streaming a hub dataset
+    cache_dir: str = "data_cache"
+
+    def validate(self) -> None:
+        _positive(self, "bpe_vocab_size", "seq_len", "max_tokens")
+        if self.bpe_vocab_size < 300:
+            raise ValueError(f"bpe_vocab_size={self.bpe_vocab_size} must be >= 300 (256 bytes + merges)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+
+
+@dataclass
+class ExperimentConfig:
+    seq_lens: list[int] = field(default_factory=lambda: [64, 128, 256])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    top_k_ratio: float = 0.5  # sparse_top_k = round(ratio * L) per sequence length
+    out: str = "results"
+
+    def validate(self) -> None:
+        if not self.seq_lens or any(L < 2 for L in self.seq_lens):
+            raise ValueError(f"seq_lens={self.seq_lens} must be a non-empty list of lengths >= 2")
+        if not self.seeds:
+            raise ValueError("seeds is empty; give at least one seed, e.g. --seeds 42")
+        if not 0 < self.top_k_ratio <= 1:
+            raise ValueError(f"top_k_ratio={self.top_k_ratio} must be in (0, 1]")
+
+
+CONFIG_CLASSES = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "experiment": ExperimentConfig}
+
+PRESETS: dict[str, dict] = {
+    # Tiny model: the whole 3-length sweep on 2 CPU cores in a few minutes.
+    "quick": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
+                  indexer_heads=2, indexer_dim=16, indexer_rope_dim=8,
+                  batch_size=8, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,
+                  eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43]),
+    # The research plan's model (seed documents): d 256, 4 layers, 8 heads, 4 experts top-2.
+    "default": dict(d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4, expert_top_k=2,
+                    indexer_heads=4, indexer_dim=64, indexer_rope_dim=32,
+                    batch_size=16, warmup_steps=200, steps=1000, learning_rate=3e-3, eval_every=100,
+                    eval_windows=64, seq_lens=[64, 128, 256], seeds=[42]),
+}
+
+
+def valid_keys() -> dict[str, str]:
+    """Every overridable key -> the config section it belongs to."""
+    keys = {}
+    for section, cls in CONFIG_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            keys[f.name] = section
+    return keys
+
+
+def build_configs(overrides: dict | None = None, preset: str | None = None):
+    """Flat overrides (on top of a preset) -> validated (ModelConfig, TrainConfig, DataConfig, ExperimentConfig).
+
+    `max_seq_len` defaults to the largest swept length and `sparse_top_k` is set per length by
+    `config_for_length`.
+    """
+    merged: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        merged.update(PRESETS[preset])
+    merged.update(overrides or {})
+    keys = valid_keys()
+    unknown = sorted(set(merged) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys are: {', '.join(sorted(keys))}")
+    parts = {section: {} for section in CONFIG_CLASSES}
+    for k, v in merged.items():
+        parts[keys[k]][k] = v
+    exp = ExperimentConfig(**parts["experiment"])
+    exp.validate()
+    parts["model"].setdefault("max_seq_len", max(exp.seq_lens))
+    model = ModelConfig(**parts["model"])
+    train = TrainConfig(**parts["train"])
+    data = DataConfig(**parts["data"])
+    for c in (model, train, data):
+        c.validate()
+    too_long = [L for L in exp.seq_lens if L > model.max_seq_len]
+    if too_long:
+        raise ValueError(f"seq_lens {too_long} exceed max_seq_len={model.max_seq_len}; "
+                         f"raise max_seq_len or drop those lengths")
+    return model, train, data, exp
+
+
+def config_for_length(model: ModelConfig, data: DataConfig, exp: ExperimentConfig, seq_len: int,
+                      vocab_size: int) -> tuple[ModelConfig, DataConfig]:
+    """Per-length copies: seq_len set, sparse_top_k = ratio * L (at least 1), vocab from the tokenizer."""
+    k = max(1, round(exp.top_k_ratio * seq_len))
+    m = dataclasses.replace(model, sparse_top_k=k, vocab_size=vocab_size)
+    m.validate()
+    return m, dataclasses.replace(data, seq_len=seq_len)
+
+
+def _positive(cfg, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")

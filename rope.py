@@ -1,0 +1,36 @@
+"""Rotary position embedding, non-interleaved (rotate-half), as DeepSeek's indexer uses after its Nov-2025 fix.
+
+Shared by the main attention (all head dims) and the lightning indexer (a leading slice of its dims).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for `dim` rotated dims; `apply(x)` rotates the last dim of x (..., L, [H,] dim)."""
+
+    def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RoPE dim={dim} must be even")
+        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (L, dim/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (L, dim): non-interleaved halves
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """Rotate x, whose dimension `seq_dim` indexes positions 0..L-1 and whose last dim is `dim`."""
+        L = x.shape[seq_dim]
+        if L > self.cos.shape[0]:
+            raise ValueError(f"sequence length {L} exceeds max_seq_len={self.cos.shape[0]}; raise max_seq_len")
+        shape = [1] * x.dim()
+        shape[seq_dim], shape[-1] = L, self.dim
+        cos = self.cos[:L].view(shape).to(x.dtype)
+        sin = self.sin[:L].view(shape).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return x * cos + rotated * sin

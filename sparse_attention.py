@@ -1,0 +1,301 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp): lightning indexer, causal top-k selection,
+sparse attention over the selected tokens, and the indexer's KL losses.
+
+The masked path here is the *reference*: every faster path (kernels.py) is tested against it.
+Shapes: B batch, L sequence, H attention heads, D head dim, H_I / d_I indexer heads / dims, K top-k.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rope import RotaryEmbedding
+
+
+# ----------------------------------------------------------------------------- indexer
+class LightningIndexer(nn.Module):
+    """I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]); one key head shared by all indexer heads.
+
+    DeepSeek details: LayerNorm on k, non-interleaved RoPE on the first `rope_dim` dims of q and k,
+    w = weights_proj(x) * H_I^-1/2 * d_I^-1/2 (the d_I^-1/2 score scale folded into w).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_dim: int, max_seq_len: int,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = n_heads, head_dim, rope_dim
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim)
+        self.weights_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.rope = RotaryEmbedding(rope_dim, max_seq_len, rope_base) if rope_dim else None
+
+    def _rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, ..., d_I), RoPE on the leading rope_dim
+        if self.rope is None:
+            return x
+        pe, nope = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([self.rope(pe, seq_dim=1), nope], dim=-1)
+
+    def project(self, x: torch.Tensor):
+        """x (B, L, d_model) -> q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
+        B, L, _ = x.shape
+        q = self._rope(self.q_proj(x).view(B, L, self.n_heads, self.head_dim))
+        k = self._rope(self.k_norm(self.k_proj(x)))
+        w = self.weights_proj(x) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return q, k, w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, d_model) -> causal index scores (B, L, L), -inf where s > t."""
+        return index_scores(*self.project(x))
+
+
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I) -> (B, Lq, L) with the causal -inf mask.
+
+    Queries are the *last* Lq positions of the L keys (Lq == L for a full sequence).
+    """
+    per_head = torch.einsum("bthd,bsd->bhts", q, k).relu()  # (B, H_I, Lq, L)
+    scores = torch.einsum("bhts,bth->bts", per_head, w)  # (B, Lq, L)
+    return scores.masked_fill(future_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
+
+
+def future_mask(Lq: int, L: int, device) -> torch.Tensor:
+    """(Lq, L) bool, True where key s lies after query t (queries are the last Lq of L positions)."""
+    t = torch.arange(L - Lq, L, device=device)[:, None]
+    return torch.arange(L, device=device)[None, :] > t
+
+
+# ----------------------------------------------------------------------------- selection
+class TopKTokenSelector(nn.Module):
+    """S_t = top-k of I[t, :t+1]. Rows with t+1 <= k select every past token; the other slots are
+    invalid (index -1, valid False) — never a future token."""
+
+    def __init__(self, top_k: int):
+        super().__init__()
+        if top_k <= 0:
+            raise ValueError(f"top_k={top_k} must be > 0")
+        self.top_k = top_k
+
+    def forward(self, scores: torch.Tensor):
+        """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool, K = min(k, L)."""
+        L = scores.shape[-1]
+        scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
+        values, selected_idx = scores.topk(min(self.top_k, L), dim=-1)
+        positions = torch.arange(L, device=scores.device)[None, :, None]
+        valid = (selected_idx <= positions) & torch.isfinite(values)
+        return selected_idx.masked_fill(~valid, -1), valid
+
+
+# ----------------------------------------------------------------------------- attention maths
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q, k (B, H, L, D) -> causal softmax probabilities (B, H, L, L)."""
+    L = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(future_mask(L, L, q.device), float("-inf")).softmax(-1)
+
+
+def selection_mask(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> torch.Tensor:
+    """(B, L, K) indices + validity -> (B, L, L) bool, True at selected (t, s)."""
+    mask = torch.zeros(*selected_idx.shape[:2], L + 1, dtype=torch.bool, device=selected_idx.device)
+    slot = torch.where(valid, selected_idx, L)  # invalid slots write into a spare column
+    return mask.scatter_(-1, slot, True)[..., :L]
+
+
+def sparse_attention_masked(q, k, v, selected_idx, valid, return_probs: bool = False):
+    """Reference sparse attention: dense scores with everything outside S_t set to -inf.
+
+    q, k, v (B, H, L, D); selected_idx, valid (B, L, K) -> out (B, H, L, D) and, if asked,
+    the probabilities at the selected slots (B, H, L, K) (0 at invalid slots).
+    """
+    L = q.shape[2]
+    allowed = selection_mask(selected_idx, valid, L)[:, None]  # (B, 1, L, L)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, L, L)
+    out = probs @ v
+    if not return_probs:
+        return out, None
+    idx = selected_idx.clamp(min=0)[:, None].expand(-1, q.shape[1], -1, -1)
+    return out, probs.gather(-1, idx) * valid[:, None]
+
+
+# ----------------------------------------------------------------------------- indexer losses
+def indexer_kl_dense(attn_probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Warm-up loss: mean over (b, t) of KL(p[t,:] || softmax(I[t,:])) over the causal prefix.
+
+    attn_probs (B, H, L, L) main attention (detached), scores (B, L, L) with -inf future.
+    p = head-summed probabilities, L1-normalised along s. (The paper sums over t; we average so the
+    loss scale does not grow with L — a constant factor.)
+    """
+    p = attn_probs.sum(1)
+    p = p / p.sum(-1, keepdim=True)
+    return _kl(p, scores, torch.isfinite(scores))
+
+
+def indexer_kl_sparse(selected_probs: torch.Tensor, selected_scores: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """Sparse-stage loss: mean over (b, t) of KL(p[t,S_t] || softmax(I[t,S_t])).
+
+    selected_probs (B, H, L, K) main attention at the selected slots (detached);
+    selected_scores (B, L, K) index scores at the same slots; valid (B, L, K).
+    """
+    p = selected_probs.sum(1) * valid
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return _kl(p, selected_scores, valid)
+
+
+def _kl(p: torch.Tensor, scores: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """mean over rows of sum_s p log(p / softmax(scores)) over `support` (0 log 0 = 0)."""
+    log_q = scores.masked_fill(~support, float("-inf")).log_softmax(-1)
+    terms = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), torch.zeros_like(p))
+    return terms.sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------- attention modules
+class CausalSelfAttention(nn.Module):
+    """Dense causal multi-head attention with RoPE (the classic model's attention)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_base)
+
+    def project(self, x: torch.Tensor):
+        """x (B, L, d_model) -> q, k, v (B, H, L, D), RoPE applied to q and k."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).unbind(2)  # (B, L, H, D)
+        q, k = self.rope(q, seq_dim=1), self.rope(k, seq_dim=1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B, L, d_model)
+        B, H, L, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class SectionTimer:
+    """Accumulates wall time of named sections (synchronising CUDA so times are real)."""
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self.totals: dict[str, float] = {}
+
+    def time(self, name: str, fn, *args):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn(*args)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+
+class DeepSeekSparseAttention(CausalSelfAttention):
+    """Causal attention where query t attends only to S_t, chosen by the lightning indexer.
+
+    One index set per (batch, query) shared by all heads. Switches:
+      sparse_enabled     False = dense attention (warm-up, or k >= L comparisons)
+      indexer_loss_mode  None | 'dense' (warm-up KL over all s <= t) | 'sparse' (KL over S_t)
+      collect_stats      record indexer recall vs dense attention (evaluation)
+    The indexer always reads x.detach(): no gradient flows from the indexer into the main model,
+    and top-k is not differentiable, so the LM loss never reaches the indexer.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.indexer = LightningIndexer(cfg.d_model, cfg.indexer_heads, cfg.indexer_dim,
+                                        cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
+        self.selector = TopKTokenSelector(cfg.sparse_top_k)
+        self.backend = cfg.attention_backend
+        self.sparse_enabled = True
+        self.indexer_loss_mode: str | None = None
+        self.collect_stats = False
+        self.timer: SectionTimer | None = None
+        self.last_indexer_loss: torch.Tensor | None = None
+        self.last_stats: dict | None = None
+        self.last_selected_idx: torch.Tensor | None = None
+
+    def _timed(self, name, fn, *args):
+        return self.timer.time(name, fn, *args) if self.timer is not None else fn(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        mode = self.indexer_loss_mode
+        self.last_indexer_loss = None
+        if not (self.sparse_enabled or mode or self.collect_stats):
+            return self.merge(self._timed("attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True))
+
+        scores, selected_idx, valid = self._timed("indexer", self._select, x)  # (B, L, L), (B, L, K) x2
+        self.last_selected_idx = selected_idx
+        if self.sparse_enabled:
+            out, selected_probs = self._timed(
+                "attention", lambda: sparse_attention(self.backend, q, k, v, selected_idx, valid,
+                                                      return_probs=mode == "sparse"))
+            if mode == "sparse":
+                selected_scores = scores.gather(-1, selected_idx.clamp(min=0))
+                self.last_indexer_loss = indexer_kl_sparse(selected_probs.detach(), selected_scores, valid)
+        else:
+            probs = self._timed("attention", causal_attention_probs, q, k)
+            out = probs @ v
+            if mode == "dense":
+                self.last_indexer_loss = indexer_kl_dense(probs.detach(), scores)
+            elif mode == "sparse":
+                raise ValueError("indexer_loss_mode='sparse' needs sparse_enabled=True")
+        if self.collect_stats:
+            self.last_stats = selection_recall(q.detach(), k.detach(), selected_idx, valid)
+        return self.merge(out)
+
+    def _select(self, x: torch.Tensor):
+        scores = self.indexer(x.detach())
+        return scores, *self.selector(scores.detach())
+
+
+def sparse_attention(backend: str, q, k, v, selected_idx, valid, return_probs: bool = False):
+    """Dispatch to the reference ('masked') or a faster path from kernels.py."""
+    if backend == "masked":
+        return sparse_attention_masked(q, k, v, selected_idx, valid, return_probs)
+    import kernels  # faster paths live beside, not inside, the reference
+    return kernels.SPARSE_BACKENDS[backend](q, k, v, selected_idx, valid, return_probs)
+
+
+@torch.no_grad()
+def selection_recall(q, k, selected_idx, valid) -> dict:
+    """Share of dense attention mass inside S_t, vs a random and a local (last-K) selection of equal size.
+
+    Counted only over query rows with t+1 > K, where selection actually drops tokens.
+    Random recall is its exact expectation K/(t+1). Returns sums and the row count (so batches add up).
+    """
+    L, K = q.shape[2], selected_idx.shape[-1]
+    p = causal_attention_probs(q.float(), k.float()).sum(1)
+    p = p / p.sum(-1, keepdim=True)  # (B, L, L)
+    recall = (p.gather(-1, selected_idx.clamp(min=0)) * valid).sum(-1)  # (B, L)
+    t = torch.arange(L, device=q.device)
+    local = p.masked_fill(t[None, :] <= t[:, None] - K, 0.0).sum(-1)  # last K positions
+    rows = t + 1 > K  # (L,)
+    n = int(rows.sum()) * q.shape[0]
+    return {
+        "rows": n,
+        "recall_sum": float(recall[:, rows].sum()),
+        "local_recall_sum": float(local[:, rows].sum()),
+        "random_recall_sum": float((K / (t[rows] + 1.0)).sum()) * q.shape[0],
+    }
+
+
+def merge_recall_stats(stats: list[dict]) -> dict:
+    """Add per-layer/per-batch recall sums -> {'indexer_recall', 'random_recall', 'local_recall'}."""
+    rows = sum(s["rows"] for s in stats)
+    if rows == 0:
+        nan = math.nan
+        return {"indexer_recall": nan, "random_recall": nan, "local_recall": nan}
+    return {"indexer_recall": sum(s["recall_sum"] for s in stats) / rows,
+            "random_recall": sum(s["random_recall_sum"] for s in stats) / rows,
+            "local_recall": sum(s["local_recall_sum"] for s in stats) / rows}
