@@ -9,7 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-ATTENTION_BACKENDS = ("masked", "gather")
+# masked = reference; gather/triton = token-level DSA (kernels.py); block/flex = query-block-shared selection
+ATTENTION_BACKENDS = ("masked", "gather", "block", "triton", "flex")
+# Indexer-optimisation choices (seed "Experiment 4"); the modules that implement them test these names.
+INDEXER_PRECISIONS = ("fp32", "fp16", "bf16", "mixed", "fp8", "int8", "int4")  # quantization_utils.py
+SELECTION_PATTERNS = ("topk", "local_global_10", "local_global_25", "local_global_50", "local_global_75",
+                      "sliding_s25", "sliding_s50", "sliding_s100", "hierarchical_3", "hierarchical_4",
+                      "hierarchical_5", "strided_2", "strided_4", "strided_8")  # efficient_patterns.py
+K_STRATEGIES = ("fixed", "ratio_5", "ratio_10", "ratio_25", "ratio_50", "ratio_75", "ratio_90",
+                "progressive_linear", "progressive_exponential", "progressive_cosine",
+                "adaptive_entropy", "adaptive_position", "adaptive_dynamic")  # adaptive_selection.py
 
 
 @dataclass
@@ -32,6 +41,12 @@ class ModelConfig:
     balance_bias_rate: float = 1e-3  # DeepSeek-V3 loss-free balancing: bias += rate * sign(mean - load)
     balance_aux_weight: float = 1e-4  # tiny sequence-level balance loss (0 disables it)
     tie_embeddings: bool = True
+    indexer_precision: str = "fp32"  # INDEXER_PRECISIONS; the main attention always stays fp32
+    selection_pattern: str = "topk"  # SELECTION_PATTERNS: structured selection with budget sparse_top_k
+    k_strategy: str = "fixed"  # K_STRATEGIES: per-row k (fixed = sparse_top_k for every query)
+    shared_indexer_group: int = 1  # consecutive layers sharing the first one's indexer scores (1 = none)
+    multiscale_block: int = 0  # >= 2: two-scale indexer, blocks of this many tokens pick regions (0 = off)
+    sparse_block_size: int = 64  # 'block'/'flex' backends: queries per block sharing one selected set
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len",
@@ -53,11 +68,29 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r} is unknown; "
                              f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+        for name, choices in (("indexer_precision", INDEXER_PRECISIONS), ("selection_pattern", SELECTION_PATTERNS),
+                              ("k_strategy", K_STRATEGIES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(choices)}")
+        if self.selection_pattern != "topk" and self.k_strategy != "fixed":
+            raise ValueError(f"selection_pattern={self.selection_pattern!r} and k_strategy={self.k_strategy!r} "
+                             f"cannot be combined; set selection_pattern='topk' or k_strategy='fixed'")
+        _positive(self, "shared_indexer_group")
+        if not isinstance(self.multiscale_block, int) or self.multiscale_block < 0 or self.multiscale_block == 1:
+            raise ValueError(f"multiscale_block={self.multiscale_block!r} must be 0 (off) or an integer >= 2")
+        _positive(self, "sparse_block_size")
+        if self.attention_backend in ("block", "flex") and (
+                self.selection_pattern != "topk" or self.k_strategy != "fixed" or self.multiscale_block
+                or self.shared_indexer_group != 1):
+            raise ValueError(f"attention_backend={self.attention_backend!r} does its own block-level top-k; "
+                             f"use it with selection_pattern='topk', k_strategy='fixed', multiscale_block=0, "
+                             f"shared_indexer_group=1, or pick attention_backend='gather'")
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 16
+    dense_steps: int = 300  # stage 0: shared dense pre-training; both models branch from its weights
     warmup_steps: int = 200  # stage 1: dense warm-up, only the indexer trains (KL to dense attention)
     warmup_lr: float = 1e-3  # the paper's warm-up learning rate
     steps: int = 1000  # stage 2 (sparse) steps; the classic baseline trains the same number
@@ -74,8 +107,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "steps", "eval_every", "eval_windows")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        for name in ("dense_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("warmup_lr", "learning_rate", "indexer_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
@@ -127,12 +161,12 @@ PRESETS: dict[str, dict] = {
     # Tiny model: the whole 3-length sweep on 2 CPU cores in a few minutes.
     "quick": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
                   indexer_heads=2, indexer_dim=16, indexer_rope_dim=8,
-                  batch_size=8, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,
+                  batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,
                   eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43]),
     # The research plan's model (seed documents): d 256, 4 layers, 8 heads, 4 experts top-2.
     "default": dict(d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4, expert_top_k=2,
                     indexer_heads=4, indexer_dim=64, indexer_rope_dim=32,
-                    batch_size=16, warmup_steps=200, steps=1000, learning_rate=3e-3, eval_every=100,
+                    batch_size=16, dense_steps=300, warmup_steps=200, steps=1000, learning_rate=3e-3, eval_every=100,
                     eval_windows=64, seq_lens=[64, 128, 256], seeds=[42]),
 }
 

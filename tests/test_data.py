@@ -1,0 +1,109 @@
+"""Data: embedded corpus, held-out documents, non-overlapping windows, tokenizer, local files, errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from config import DataConfig
+from data import (BatchStream, Corpus, build_windows, check_no_overlap, clean_markdown, load_corpus,
+                  load_documents, make_windows, split_documents)
+
+
+def test_shakespeare_is_38_plays_read_as_files_and_cleaned():
+    docs = load_documents(DataConfig())
+    assert len(docs) == 38 and len({d for d, _ in docs}) == 38
+    hamlet = dict(docs)["tragedies/hamlet"]
+    assert "To be, or not to be" in hamlet and "**" not in hamlet and "\n#" not in hamlet
+    assert clean_markdown("## ACT I\n**HAMLET**  \n_Exit_") == "ACT I\nHAMLET\nExit"
+
+
+def test_split_holds_out_whole_documents_deterministically():
+    docs = [(f"d{i}", f"text {i}") for i in range(20)]
+    train, val = split_documents(docs, 0.1)
+    assert len(val) == 2 and not {d for d, _ in train} & {d for d, _ in val}
+    assert split_documents(docs, 0.1) == (train, val)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_documents(docs[:1], 0.1)
+
+
+def test_corpus_windows_never_overlap_and_validation_is_held_out(corpus):
+    assert not set(corpus.train_docs) & set(corpus.val_docs)
+    assert len(corpus.val_docs) == 4 and corpus.tokenizer.vocab_size == 4096
+    w = build_windows(corpus, 64)
+    n = len(w.train)
+    assert torch.equal(w.train.flatten(), torch.from_numpy(corpus.train_tokens[: n * 65].astype(np.int64)))
+    assert torch.equal(w.val.flatten()[:65], torch.from_numpy(corpus.val_tokens[:65].astype(np.int64)))
+
+
+def test_overlap_check_catches_a_validation_document_that_duplicates_training():
+    tokens = np.arange(40, dtype=np.int32)
+    fake = Corpus(tokens, tokens[:20].copy(), ["a"], ["b"], tokenizer=None)
+    with pytest.raises(ValueError, match="identical to training windows"):
+        check_no_overlap(fake, make_windows(fake.train_tokens, 9), make_windows(fake.val_tokens, 9))
+    shared = Corpus(tokens, tokens + 100, ["a", "b"], ["b"], tokenizer=None)
+    with pytest.raises(ValueError, match="in both train and validation"):
+        check_no_overlap(shared, make_windows(shared.train_tokens, 9), make_windows(shared.val_tokens, 9))
+
+
+def test_bpe_is_trained_on_training_documents_only(tmp_path, monkeypatch):
+    seen = []
+    real = data.train_bpe
+    monkeypatch.setattr(data, "train_bpe", lambda texts, v: (seen.extend(texts), real(texts, v))[1])
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"doc{i}.txt").write_text(f"document number {i} " * 50 + f"UNIQUE{i}")
+    c = load_corpus(DataConfig(dataset=str(folder), bpe_vocab_size=300, val_fraction=0.2,
+                               cache_dir=str(tmp_path / "cache")))
+    val_markers = {f"UNIQUE{d.removeprefix('doc').removesuffix('.txt')}" for d in c.val_docs}
+    assert seen and not any(m in t for t in seen for m in val_markers)
+    again = load_corpus(DataConfig(dataset=str(folder), bpe_vocab_size=300, val_fraction=0.2,
+                                   cache_dir=str(tmp_path / "cache")))  # from the cache
+    assert np.array_equal(again.train_tokens, c.train_tokens) and len(seen) == 8
+
+
+def test_tokenizer_spec_round_trip(corpus):
+    tok = data.Tokenizer.from_spec(corpus.tokenizer.spec())
+    text = "Now is the winter of our discontent"
+    assert tok.encode(text) == corpus.tokenizer.encode(text) and tok.decode(tok.encode(text)) == text
+
+
+def test_local_jsonl_parquet_and_text_files(tmp_path):
+    rows = [{"text": f"row {i} " * 30} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert len(load_documents(DataConfig(dataset=str(tmp_path / "d.jsonl")))) == 5
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": [r["text"] for r in rows]}), tmp_path / "d.parquet")
+    assert len(load_documents(DataConfig(dataset=str(tmp_path / "d.parquet"), text_field="body"))) == 5
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_documents(DataConfig(dataset=str(tmp_path / "d.parquet")))
+    (tmp_path / "big.txt").write_text("\n\n".join("para " * 2000 for _ in range(10)))
+    assert len(load_documents(DataConfig(dataset=str(tmp_path / "big.txt")))) >= 5
+
+
+def test_missing_path_and_unreachable_hub_name_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_documents(DataConfig(dataset="./no/such/file.txt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="needs internet"):
+        load_documents(DataConfig(dataset="someone/not-a-real-dataset-xyz"))
+
+
+def test_too_long_seq_len_for_the_data_is_a_clear_error():
+    fake = Corpus(np.arange(30, dtype=np.int32), np.arange(100, 110, dtype=np.int32), ["a"], ["b"], None)
+    with pytest.raises(ValueError, match="leaves no validation window"):
+        build_windows(fake, 16)
+
+
+def test_batch_stream_is_seeded():
+    windows = torch.arange(100).view(20, 5)
+    a, b = BatchStream(windows, 4, 7), BatchStream(windows, 4, 7)
+    for _ in range(8):  # across an epoch boundary
+        xa, ya = a.next()
+        xb, _ = b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, xa + 1)
+    assert not torch.equal(BatchStream(windows, 4, 8).next()[0], BatchStream(windows, 4, 7).next()[0])

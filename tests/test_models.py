@@ -1,0 +1,115 @@
+"""Models: causality for every backend and k, k >= L equals classic, shared parameter names, MoE."""
+import pytest
+import torch
+
+from config import ATTENTION_BACKENDS
+from conftest import tiny_model_config
+from models import ClassicAttentionMoELLM, MoEFeedForward, SparseAttentionMoELLM
+from train import build_model_pair
+
+L = 24
+
+
+def _assert_causal(model, vocab=64, positions=(0, 2, 9, 17, L - 2)):
+    """Changing tokens after position t changes no logit at positions <= t."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, vocab, (2, L))
+    with torch.no_grad():
+        base = model(ids)
+        for t in positions:
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, vocab, (2, L - t - 1))
+            out = model(changed)
+            assert torch.allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-5), f"leak into position <= {t}"
+            assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])  # the test can fail
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("k", [1, 4, L - 1, L, 3 * L])  # k < t+1, k > t+1 for early t, k >= L
+def test_sparse_model_is_causal(backend, k):
+    torch.manual_seed(0)
+    model = SparseAttentionMoELLM(tiny_model_config(sparse_top_k=k, attention_backend=backend)).eval()
+    _assert_causal(model)
+
+
+def test_classic_model_and_dense_mode_are_causal():
+    torch.manual_seed(0)
+    _assert_causal(ClassicAttentionMoELLM(tiny_model_config()).eval())
+    sparse = SparseAttentionMoELLM(tiny_model_config()).eval()
+    sparse.set_sparse(False)
+    _assert_causal(sparse)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_sparse_with_k_at_least_L_equals_classic_with_the_same_weights(backend):
+    classic, sparse = build_model_pair(tiny_model_config(sparse_top_k=L, attention_backend=backend), 0, "cpu")
+    ids = torch.randint(0, 64, (2, L))
+    with torch.no_grad():
+        assert torch.allclose(sparse.eval()(ids), classic.eval()(ids), atol=1e-5)
+        sparse.set_sparse(False)
+        assert torch.allclose(sparse(ids), classic(ids), atol=1e-5)
+
+
+def test_small_k_really_changes_the_output():
+    classic, sparse = build_model_pair(tiny_model_config(sparse_top_k=2), 0, "cpu")
+    ids = torch.randint(0, 64, (2, L))
+    with torch.no_grad():
+        assert not torch.allclose(sparse.eval()(ids), classic.eval()(ids), atol=1e-4)
+
+
+def test_shared_parts_have_the_same_names_and_only_indexers_differ():
+    classic = ClassicAttentionMoELLM(tiny_model_config())
+    sparse = SparseAttentionMoELLM(tiny_model_config())
+    missing, unexpected = sparse.load_state_dict(classic.state_dict(), strict=False)
+    assert not unexpected and missing and all(".indexer." in k for k in missing)
+    for name, tensor in classic.state_dict().items():
+        assert torch.equal(sparse.state_dict()[name], tensor)
+
+
+def test_freeze_main_leaves_only_the_indexers_trainable():
+    sparse = SparseAttentionMoELLM(tiny_model_config())
+    sparse.freeze_main(True)
+    trainable = {n for n, p in sparse.named_parameters() if p.requires_grad}
+    assert trainable and all(".indexer." in n for n in trainable)
+    assert len(sparse.indexer_parameters()) == len(trainable)
+    sparse.freeze_main(False)
+    assert all(p.requires_grad for p in sparse.parameters())
+
+
+def test_moe_routing_gates_and_loss_free_balancing_update():
+    torch.manual_seed(0)
+    cfg = tiny_model_config(balance_bias_rate=0.01)
+    moe = MoEFeedForward(cfg).train()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0] += 1.0  # expert 0 scores highest for inputs with positive sum
+    x = torch.ones(2, 8, 32).abs()
+    out = moe(x)
+    assert out.shape == x.shape and moe.aux_loss > 0
+    share = moe.update_balance_bias()
+    assert torch.isclose(share.sum(), torch.tensor(1.0))
+    assert share[0] == share.max() and moe.balance_bias[0] < 0  # overloaded expert is pushed down
+    assert (moe.balance_bias[share < share.mean()] > 0).all()  # underloaded experts are pulled up
+    assert moe.load_counts.sum() == 0  # counts reset after each update
+    assert moe.balance_bias.requires_grad is False
+
+
+def test_moe_matches_a_per_token_loop():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(tiny_model_config()).eval()
+    x = torch.randn(1, 5, 32)
+    out = moe(x)
+    for t in range(5):
+        h = x[0, t]
+        scores = torch.sigmoid(moe.router(h))
+        chosen = (scores + moe.balance_bias).topk(2).indices
+        gates = scores[chosen] / scores[chosen].sum()
+        expect = sum(g * moe.experts[e](h) for g, e in zip(gates, chosen.tolist()))
+        expect = expect + sum(s(h) for s in moe.shared_experts)
+        assert torch.allclose(out[0, t], expect, atol=1e-5)
+
+
+def test_input_longer_than_max_seq_len_is_a_clear_error():
+    model = ClassicAttentionMoELLM(tiny_model_config(max_seq_len=16))
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))

@@ -1,0 +1,105 @@
+"""The CLI end to end on the embedded corpus: result files and their shape, resume, refusals, errors."""
+import json
+
+import pytest
+
+import run_experiment
+import visualize_attention
+
+TINY = dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, num_experts=4, expert_top_k=2, indexer_heads=2,
+            indexer_dim=16, indexer_rope_dim=8, batch_size=4, eval_every=4, eval_windows=8, profile_steps=1,
+            learning_rate=1e-2, warmup_lr=1e-2)
+ARGS = ["--preset", "quick", "--seq-lens", "16", "32", "--steps", "4", "--warmup-steps", "3", "--dense-steps", "5",
+        "--seeds", "1", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("results")
+    cache = tmp_path_factory.mktemp("cache")
+    run_experiment.CONFIG.update(TINY, cache_dir=str(cache))
+    assert run_experiment.main(ARGS + ["--out", str(out)]) == 0
+    yield out
+    run_experiment.CONFIG.clear()
+
+
+def _is_stat(x):
+    return set(x) == {"mean", "ci95", "per_seed"} and len(x["ci95"]) == 2 and len(x["per_seed"]) == 2
+
+
+def test_summary_json_has_the_documented_shape(results):
+    s = json.loads((results / "summary.json").read_text())
+    assert s["experiment"] == "sparse_vs_classic" and s["seeds"] == [1, 2] and s["sequence_lengths"] == [16, 32]
+    assert {"model", "train", "data"} <= set(s["config"])
+    for L in ("16", "32"):
+        r = s["results"][L]
+        for model in ("classic", "sparse"):
+            for m in ("final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step"):
+                assert _is_stat(r[model][m]), (L, model, m)
+                lo, hi = r[model][m]["ci95"]
+                assert lo <= r[model][m]["mean"] <= hi
+        for m in ("indexer_recall", "random_recall"):
+            assert _is_stat(r["sparse"][m])
+    assert s["results"]["32"]["top_k"] == 16
+
+
+def test_per_length_files_figure_and_report(results):
+    for L in (16, 32):
+        for model in ("classic", "sparse"):
+            f = json.loads((results / f"seq_{L}" / f"{model}_results.json").read_text())
+            run = f["runs"][0]
+            keys = {"steps", "train_loss", "val_loss", "val_accuracy", "time_per_step"}
+            keys |= {"indexer_kl", "indexer_recall"} if model == "sparse" else set()
+            assert keys <= set(run) and run["steps"] == [4]
+            assert (results / f"seq_{L}" / "checkpoints" / f"{model}_seed1.pt").exists()
+    assert (results / "sequence_length_comparison.png").stat().st_size > 10_000
+    report = (results / "REPORT.md").read_text()
+    assert "| 32 | 16 |" in report and "recall" in report
+
+
+def test_finished_runs_are_read_back_and_another_config_is_refused(results, capsys):
+    before = (results / "seq_16" / "runs" / "seed_1.json").read_text()
+    assert run_experiment.main(ARGS + ["--out", str(results)]) == 0
+    assert "read back" in capsys.readouterr().out
+    code = run_experiment.main(ARGS[:-5] + ["--top-k-ratio", "0.25", "--seeds", "1", "2", "--device", "cpu",
+                                            "--out", str(results)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "different config" in err and "\n" not in err
+    assert (results / "seq_16" / "runs" / "seed_1.json").read_text() == before  # nothing lost
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--seq-lens", "1"], "seq_lens"),
+    (["--preset", "huge"], "preset='huge'"),
+    (["--dataset", "./missing.txt"], "does not exist"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, fragment, capsys, tmp_path):
+    code = run_experiment.main(argv + ["--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and fragment in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bad_flag_values_are_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_experiment.main(["--steps", "many"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "invalid int value" in err and "\n" not in err
+
+
+def test_visualize_attention_from_a_checkpoint(results, tmp_path, capsys):
+    png = tmp_path / "sel.png"
+    ckpt = results / "seq_32" / "checkpoints" / "sparse_seed1.pt"
+    assert visualize_attention.main(["--checkpoint", str(ckpt), "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 5_000 and "mean sparsity" in out and "token coverage" in out
+    classic = results / "seq_32" / "checkpoints" / "classic_seed1.pt"
+    assert visualize_attention.main(["--checkpoint", str(classic), "--out", str(png)]) == 2
+
+
+def test_selection_stats_on_a_known_mask():
+    import torch
+    mask = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 1]], dtype=torch.float)  # k = 1 except last row
+    s = visualize_attention.sparsity_stats([mask])
+    assert s["token_coverage"] == 1.0
+    assert s["mean_sparsity"] == pytest.approx(1 - 4 / 6)
+    assert s["mean_selected_distance"] == pytest.approx((0 + 1 + 1 + 0) / 4)
