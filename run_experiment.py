@@ -122,7 +122,8 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
         for model in ("classic", "sparse"):
             finals = [by_seed[s][model]["final"] for s in exp_cfg.seeds]
             entry[model] = {m: mean_ci95([f[m.removeprefix("final_")] for f in finals]) for m in metrics[model]}
-            runs = [{"seed": s, **by_seed[s][model]["curves"]} for s in exp_cfg.seeds]
+            runs = [{"seed": s, **by_seed[s][model]["curves"], "final": by_seed[s][model]["final"]}
+                    for s in exp_cfg.seeds]
             file = {"model": model, "sequence_length": L, "config": configs[L], "runs": runs,
                     "final": {m: entry[model][m] for m in metrics[model]}}
             if model == "sparse":

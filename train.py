@@ -40,11 +40,16 @@ def build_model_pair(cfg: ModelConfig, seed: int, device: torch.device):
     """Classic and sparse models with identical shared weights (only the indexers are extra)."""
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg)
-    torch.manual_seed(seed + 1_000_003)  # indexer init: its own stream, independent of the classic init
+    return classic.to(device), sparse_from_state(cfg, classic.state_dict(), seed).to(device)
+
+
+def sparse_from_state(cfg: ModelConfig, state: dict, seed: int) -> SparseAttentionMoELLM:
+    """A sparse model holding every shared weight of `state`; its indexers get their own seeded init."""
+    torch.manual_seed(seed + 1_000_003)
     sparse = SparseAttentionMoELLM(cfg)
-    missing, unexpected = sparse.load_state_dict(classic.state_dict(), strict=False)
+    missing, unexpected = sparse.load_state_dict(state, strict=False)
     assert not unexpected and all(".indexer." in k for k in missing), (missing, unexpected)
-    return classic.to(device), sparse.to(device)
+    return sparse
 
 
 def lr_multiplier(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -158,6 +163,7 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
     profile_from = min(10, steps // 2)  # profile a few steps after the first ones settle
     profile = range(profile_from, profile_from + tcfg.profile_steps)
     profiled_time = 0.0
+    load_sum = None  # per layer, per expert: share of routed slots, summed over steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -180,7 +186,8 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         sched.step()
-        model.update_balance_bias()
+        load = torch.tensor(model.update_balance_bias())  # (layers, experts)
+        load_sum = load if load_sum is None else load_sum + load
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -207,6 +214,7 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
     final = {k: curves[k][-1] for k in ("val_loss", "val_accuracy", "val_perplexity")}
     final["avg_time_per_step"] = _weighted_time(curves["steps"], all_times)
     final["peak_memory_mb"] = peak_memory_mb(device)
+    final["expert_load"] = (load_sum / steps).tolist()  # mean share of routed slots per layer and expert
     shares = {k: v / profiled_time for k, v in timer.totals.items()} if profiled_time else {}
     final["attention_time_share"] = shares.get("attention", math.nan)
     if sparse:
@@ -252,6 +260,38 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return model.to(device).eval(), payload
 
 
+def dense_pretrain(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, device: torch.device):
+    """Stage 0: the classic model from the seed's init, trained densely for `dense_steps` -> (model, record)."""
+    torch.manual_seed(seed)
+    classic = ClassicAttentionMoELLM(cfg).to(device)
+    if not tcfg.dense_steps:
+        return classic, None
+    record = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 3),
+                      eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
+                      desc=f"L={windows.seq_len} seed={seed} dense pre-training", steps=tcfg.dense_steps)
+    return classic, record
+
+
+def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int,
+                      device: torch.device, desc: str = "sparse") -> tuple[SparseAttentionMoELLM, dict]:
+    """A sparse model from the branch-point weights: indexer warm-up, then sparse training -> (model, result).
+
+    Stage 2 uses the seed's stage-2 batch stream: the same batches, in the same order, as the classic
+    continuation and every other sparse variant of this seed.
+    """
+    sparse = sparse_from_state(cfg, branch_state, seed).to(device)
+    val = eval_subset(windows.val, tcfg.eval_windows)
+    L, bs = windows.seq_len, tcfg.batch_size
+    warmup = warmup_indexer(sparse, BatchStream(windows.train, bs, seed * 1000 + 2), val, tcfg, device,
+                            desc=f"L={L} seed={seed} {desc} indexer warm-up")
+    result = train_lm(sparse, BatchStream(windows.train, bs, seed * 1000 + 1), val, tcfg, device,
+                      desc=f"L={L} seed={seed} {desc}")
+    result["warmup"] = warmup
+    result["final"].update(warmup_indexer_recall=warmup["recall_after"], warmup_random_recall=warmup["random_recall"],
+                           warmup_local_recall=warmup["local_recall"])
+    return sparse, result
+
+
 def run_seed(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, device: torch.device,
              checkpoint_dir: Path | None = None, extra: dict | None = None) -> dict:
     """One seed of the comparison, as DeepSeek-V3.2 did it (sparse continued from a dense model):
@@ -262,26 +302,15 @@ def run_seed(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, d
     sparse   stage 1 indexer warm-up (`warmup_steps`, main frozen), stage 2 sparse training for `steps`
              on the very same batches in the same order as the classic continuation.
     """
-    classic, sparse = build_model_pair(cfg, seed, device)
-    val = eval_subset(windows.val, tcfg.eval_windows)
-    L, bs = windows.seq_len, tcfg.batch_size
-    pretrain = None
-    if tcfg.dense_steps:
-        pretrain = train_lm(classic, BatchStream(windows.train, bs, seed * 1000 + 3), val, tcfg, device,
-                            desc=f"L={L} seed={seed} dense pre-training", steps=tcfg.dense_steps)
-        sparse.load_state_dict(classic.state_dict(), strict=False)  # the branch point
-    warmup = warmup_indexer(sparse, BatchStream(windows.train, bs, seed * 1000 + 2), val, tcfg, device,
-                            desc=f"L={L} seed={seed} indexer warm-up")
-    results = {}
-    for name, model in (("classic", classic), ("sparse", sparse)):
-        stream = BatchStream(windows.train, bs, seed * 1000 + 1)  # identical order for both
-        results[name] = train_lm(model, stream, val, tcfg, device, desc=f"L={L} seed={seed} {name}")
-        if checkpoint_dir is not None:
+    classic, pretrain = dense_pretrain(cfg, windows, tcfg, seed, device)
+    branch_state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
+    results = {"pretrain": pretrain}
+    results["classic"] = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 1),
+                                  eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
+                                  desc=f"L={windows.seq_len} seed={seed} classic")
+    sparse, results["sparse"] = train_sparse_from(branch_state, cfg, windows, tcfg, seed, device)
+    if checkpoint_dir is not None:
+        for name, model in (("classic", classic), ("sparse", sparse)):
             save_checkpoint(model, checkpoint_dir / f"{name}_seed{seed}.pt",
-                            {"seed": seed, "seq_len": L, **(extra or {})})
-    results["pretrain"] = pretrain
-    results["sparse"]["warmup"] = warmup
-    results["sparse"]["final"]["warmup_indexer_recall"] = warmup["recall_after"]
-    results["sparse"]["final"]["warmup_random_recall"] = warmup["random_recall"]
-    results["sparse"]["final"]["warmup_local_recall"] = warmup["local_recall"]
+                            {"seed": seed, "seq_len": windows.seq_len, **(extra or {})})
     return results
