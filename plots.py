@@ -1,6 +1,7 @@
 """Every matplotlib figure (Agg backend: files only, no screen needed)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -80,6 +81,80 @@ def selection_heatmaps(selected: list[np.ndarray], tokens: list[str], path: str 
         ax.set_yticks(ticks, [tokens[t][:6] for t in ticks], fontsize=7)
     for j in range(n, rows * cols):
         axes[j // cols, j % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _stat(summary, name, L, metric, scale=1.0):
+    s = summary[name][str(L)].get(metric)
+    return (math.nan, 0.0) if not s or s["mean"] is None else (
+        s["mean"] * scale, 0.0 if s["ci95"][0] is None else (s["ci95"][1] - s["ci95"][0]) * scale / 2)
+
+
+def optimization_comparison(summary: dict, names: list[str], L: int, path: str | Path) -> None:
+    """Bars per strategy at one length: val loss, time/step, indexer ms, indexer recall (95 % CI error bars)."""
+    panels = [("val_loss", "validation loss", 1), ("avg_time_per_step", "time per step (ms)", 1000),
+              ("indexer_ms", "indexer forward (ms/step)", 1), ("indexer_recall", "indexer recall", 1)]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    x = np.arange(len(names))
+    for ax, (metric, label, scale) in zip(axes.flat, panels):
+        vals = [_stat(summary, n, L, metric, scale) for n in names]
+        ax.bar(x, [v[0] for v in vals], yerr=[v[1] for v in vals], color="tab:orange", capsize=3)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        if metric == "val_loss":
+            finite = [v[0] for v in vals if np.isfinite(v[0])]
+            if finite:
+                ax.set_ylim(min(finite) * 0.98, max(finite) * 1.02)
+    fig.suptitle(f"Lightning-indexer strategies at L={L} (error bars: 95 % CI over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def speed_quality_tradeoffs(summary: dict, names: list[str], lengths: list[int], front_fn, path: str | Path,
+                            title: str = "Speed-quality trade-off") -> None:
+    """One panel per length: time/step vs val loss per strategy, Pareto front marked."""
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 5), squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        present = [n for n in names if str(L) in summary.get(n, {})]
+        pts = {n: (_stat(summary, n, L, "avg_time_per_step", 1000)[0], _stat(summary, n, L, "val_loss")[0])
+               for n in present}
+        front = front_fn(pts)
+        for n, (c, l) in pts.items():
+            ax.scatter(c, l, color="tab:red" if n in front else "tab:gray", zorder=3)
+            ax.annotate(n, (c, l), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        fx = [pts[n] for n in front]
+        ax.plot([p[0] for p in fx], [p[1] for p in fx], "r--", label="Pareto front")
+        ax.set_xlabel("time per training step (ms)")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"L={L}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def scaling_analysis(summary: dict, names: list[str], lengths: list[int], path: str | Path) -> None:
+    """time/step, indexer ms and val loss vs L per strategy (log-log for the costs)."""
+    panels = [("avg_time_per_step", "time per step (ms)", 1000, True), ("indexer_ms", "indexer forward (ms/step)", 1, True),
+              ("val_loss", "validation loss", 1, False)]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    for ax, (metric, label, scale, log) in zip(axes, panels):
+        for n in names:
+            Ls = [L for L in lengths if str(L) in summary.get(n, {})]
+            ax.plot(Ls, [_stat(summary, n, L, metric, scale)[0] for L in Ls], "o-", label=n)
+        ax.set_xscale("log", base=2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,7 +24,8 @@ CONFIG: dict = {
     # "indexer_heads": 2, "learning_rate": 1e-3, "attention_backend": "gather"
 }
 
-EXPERIMENTS = ("sparse_vs_classic",)
+EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization")
+OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", help="'shakespeare', a local path, or a hub dataset name")
     p.add_argument("--tokenizer", help="'bpe' or a transformers tokenizer name/path")
     p.add_argument("--out", help="output folder (default results)")
+    p.add_argument("--optimization", nargs="+", metavar="NAME",
+                   help="indexer_optimization strategies (default: baseline light minimal ultra_light local_global "
+                        "fp16_indexer fp8_indexer int8_indexer adaptive_k); see ablations.OPTIMIZATIONS")
     p.add_argument("--overwrite", action="store_true", help="discard finished runs in --out made with another config")
     return p.parse_args(argv)
 
@@ -146,6 +150,58 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     return summary_json
 
 
+def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool) -> dict:
+    """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
+    import ablations
+    import plots
+    from results_io import atomic_write_json, atomic_write_text
+
+    unknown = [n for n in names if n not in ablations.OPTIMIZATIONS]
+    if unknown:
+        raise ValueError(f"unknown --optimization {unknown}; choose from {', '.join(ablations.OPTIMIZATIONS)}")
+    if "baseline" not in names:
+        names = ["baseline", *names]  # speed-ups are relative to it
+    out = Path(exp_cfg.out)
+    records = ablations.run_variants({n: ablations.OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg,
+                                     exp_cfg, out, overwrite)
+    by_name = ablations.aggregate(records)
+    summary = {"experiment": "indexer_optimization", "seeds": list(exp_cfg.seeds),
+               "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names,
+               "config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
+                          "data": dataclasses.asdict(data_cfg)},
+               "results": by_name}
+    atomic_write_json(out / "summary.json", summary)
+    summary = json.loads((out / "summary.json").read_text())
+    L_max = max(exp_cfg.seq_lens)
+    plots.optimization_comparison(summary["results"], names, L_max, out / "optimization_comparison.png")
+    plots.speed_quality_tradeoffs(summary["results"], names, exp_cfg.seq_lens, ablations.pareto_front,
+                                  out / "speed_quality_tradeoffs.png", "Indexer strategies: speed vs quality")
+    plots.scaling_analysis(summary["results"], names, exp_cfg.seq_lens, out / "scaling_analysis.png")
+    tables = "\n\n".join(f"### L = {L}\n\n" + ablations.results_table(summary["results"], names, L)
+                          for L in exp_cfg.seq_lens)
+    findings = "\n".join(ablations.answer(summary["results"], names, exp_cfg.seq_lens))
+    n = len(exp_cfg.seeds)
+    atomic_write_text(out / "REPORT.md", f"""# Lightning-indexer optimisation
+
+Every strategy starts from the same dense branch point per (L, seed) ({train_cfg.dense_steps} dense steps), warms
+its indexer up for {train_cfg.warmup_steps} steps and trains {train_cfg.steps} sparse steps on the same batches.
+Seeds {exp_cfg.seeds} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI, no significance test'}).
+*Δ vs baseline* is paired by seed; *vs baseline* says whether its 95 % CI excludes 0. *indexer ms* is the
+indexer + top-k forward time per step; *MFLOP/tok* counts the indexer's scoring over the whole causal prefix.
+Timings are from one run on one machine: compare them as ratios.
+
+## Findings (computed from the data)
+
+{findings}
+
+{tables}
+""")
+    print("\n" + ablations.results_table(summary["results"], names, L_max))
+    print(f"\nwrote {out}/summary.json, optimization_comparison.png, speed_quality_tradeoffs.png, "
+          f"scaling_analysis.png, REPORT.md")
+    return summary
+
+
 def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
     """Refuse to mix runs made with another config into `out` (or clear them with --overwrite)."""
     stale = []
@@ -210,9 +266,16 @@ def main(argv=None) -> int:
     try:
         from config import build_configs
         overrides = {**CONFIG, **cli_overrides(args)}
+        if args.experiment == "indexer_optimization":
+            overrides.setdefault("seq_lens", OPTIMIZATION_SEQ_LENS)
         model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
         t0 = time.perf_counter()
-        run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
+        if args.experiment == "indexer_optimization":
+            import ablations
+            run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg,
+                                     args.optimization or ablations.DEFAULT_OPTIMIZATIONS, args.overwrite)
+        else:
+            run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
         print(f"wall time {time.perf_counter() - t0:.0f} s")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

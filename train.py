@@ -158,18 +158,19 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
     keys = ["steps", "train_loss", "val_loss", "val_accuracy", "val_perplexity", "time_per_step"]
     keys += ["indexer_kl", "indexer_recall", "random_recall", "local_recall"] if sparse else []
     curves = {k: [] for k in keys}
-    window = {"loss": [], "time": [], "kl": []}
+    step_loss, step_time, step_kl = [], [], []  # one entry per step
     timer = SectionTimer(cuda=device.type == "cuda")
     profile_from = min(10, steps // 2)  # profile a few steps after the first ones settle
-    profile = range(profile_from, profile_from + tcfg.profile_steps)
-    profiled_time = 0.0
-    load_sum = None  # per layer, per expert: share of routed slots, summed over steps
+    profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
+    load_sum = 0.0  # (layers, experts): share of routed slots, summed over steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     for step in tqdm(range(steps), desc=desc, leave=False):
         inputs, targets = (t.to(device) for t in stream.next())
         model.set_timer(timer if step in profile else None)
+        if hasattr(model, "set_training_progress"):  # progressive-k schedules
+            model.set_training_progress(step / steps)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -179,60 +180,55 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
         if sparse:
             kl = model.indexer_loss()  # touches indexer params only (detached input and targets)
             loss = loss + kl
-            window["kl"].append(kl.item())
+            step_kl.append(kl.item())
         _check_finite(loss, desc, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         sched.step()
-        load = torch.tensor(model.update_balance_bias())  # (layers, experts)
-        load_sum = load if load_sum is None else load_sum + load
+        load_sum = load_sum + torch.tensor(model.update_balance_bias())
         if device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if step in profile:
-            profiled_time += elapsed
-        window["loss"].append(lm_loss.item())
-        window["time"].append(elapsed)
+        step_time.append(time.perf_counter() - start)
+        step_loss.append(lm_loss.item())
         if (step + 1) % tcfg.eval_every == 0 or step + 1 == steps:
+            since = curves["steps"][-1] if curves["steps"] else 0
             metrics = evaluate(model, val, tcfg.batch_size, device, recall=sparse)
             curves["steps"].append(step + 1)
-            curves["train_loss"].append(_mean(window["loss"]))
-            curves["time_per_step"].append(_mean(window["time"]))
+            curves["train_loss"].append(_mean(step_loss[since:]))
+            curves["time_per_step"].append(_mean(step_time[since:]))
             for k in ("val_loss", "val_accuracy", "val_perplexity"):
                 curves[k].append(metrics[k])
             if sparse:
-                curves["indexer_kl"].append(_mean(window["kl"]))
-                for k in ("indexer_recall", "random_recall", "local_recall"):
-                    curves[k].append(metrics[k])
-            window = {"loss": [], "time": [], "kl": []}
+                curves["indexer_kl"].append(_mean(step_kl[since:]))
+                for k in ("indexer_recall", "random_recall", "local_recall", "mean_selected_keys"):
+                    curves.setdefault(k, []).append(metrics[k])
     model.set_timer(None)
     if sparse:
         model.set_indexer_loss(None)
-    all_times = curves["time_per_step"]
+    tail = step_loss[-max(10, steps // 10):]
+    profiled = sum(step_time[i] for i in profile)
     final = {k: curves[k][-1] for k in ("val_loss", "val_accuracy", "val_perplexity")}
-    final["avg_time_per_step"] = _weighted_time(curves["steps"], all_times)
-    final["peak_memory_mb"] = peak_memory_mb(device)
-    final["expert_load"] = (load_sum / steps).tolist()  # mean share of routed slots per layer and expert
-    shares = {k: v / profiled_time for k, v in timer.totals.items()} if profiled_time else {}
-    final["attention_time_share"] = shares.get("attention", math.nan)
+    final.update(avg_time_per_step=_mean(step_time), train_loss_variance=_variance(tail),
+                 peak_memory_mb=peak_memory_mb(device), expert_load=(load_sum / steps).tolist(),
+                 attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
+                 attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
     if sparse:
-        final["indexer_time_share"] = shares.get("indexer", math.nan)
-        for k in ("indexer_recall", "random_recall", "local_recall"):
+        final["indexer_time_share"] = timer.totals.get("indexer", math.nan) / profiled if profiled else math.nan
+        final["indexer_ms"] = 1000 * timer.totals.get("indexer", math.nan) / max(1, len(profile))
+        for k in ("indexer_recall", "random_recall", "local_recall", "mean_selected_keys"):
             final[k] = curves[k][-1]
     return {"curves": curves, "final": final}
 
 
+def _variance(values: list[float]) -> float:
+    m = _mean(values)
+    return sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
-
-
-def _weighted_time(steps: list[int], means: list[float]) -> float:
-    """Average time per step over the whole run from per-interval means."""
-    bounds = [0] + steps
-    counts = [b - a for a, b in zip(bounds, bounds[1:])]
-    return sum(c * m for c, m in zip(counts, means)) / max(1, sum(counts))
 
 
 def save_checkpoint(model, path: Path, extra: dict) -> None:

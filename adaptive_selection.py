@@ -1,0 +1,133 @@
+"""Adaptive k: how many tokens each query selects (seed "Experiment 4" adaptive selection, and the
+k rules of "Experiment 3"). Every rule is causal: k_t depends only on positions <= t, and
+1 <= k_t <= t+1.
+
+Strategies (`AdaptiveKSelector(top_k, strategy, ...)`):
+  ratio                    k_t = ceil(ratio * (t+1)), a fixed share of the causal prefix
+  progressive_linear|exponential|cosine
+                           k grows over training from start_fraction * top_k to top_k, driven by
+                           set_progress(fraction in [0, 1]) (SparseAttentionMoELLM.set_training_progress)
+  entropy                  k_t = ceil(top_k * (min_scale + (max_scale - min_scale) * h_t)), h_t the
+                           normalised entropy of softmax(I[t, :t+1]) (flat index scores -> more tokens)
+  position                 k_t = ceil(sqrt(top_k * (t+1))): the whole prefix up to top_k, then sublinear
+  dynamic                  as entropy, with h replaced by its running mean over rows <= t of the sequence
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparse_attention import TopKTokenSelector, future_mask
+
+STRATEGIES = ("ratio", "progressive_linear", "progressive_exponential", "progressive_cosine",
+              "entropy", "position", "dynamic")
+
+# The plan's adaptive-selection variants (it counts 11 but lists six ratios: 12 here) -> ModelConfig overrides.
+SELECTION_VARIANTS: dict[str, dict] = {
+    **{f"ratio_{p}": {"k_strategy": f"ratio_{p}"} for p in (5, 10, 25, 50, 75, 90)},
+    **{f"progressive_{s}": {"k_strategy": f"progressive_{s}"} for s in ("linear", "exponential", "cosine")},
+    **{f"adaptive_{s}": {"k_strategy": f"adaptive_{s}"} for s in ("entropy", "position", "dynamic")},
+}
+
+
+def normalised_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """scores (B, L, L) with -inf future -> H(softmax(I[t, :t+1])) / log(t+1) in [0, 1] (B, L); row 0 -> 1."""
+    L = scores.shape[-1]
+    entropy = torch.special.entr(scores.float().softmax(-1)).sum(-1)  # (B, L), 0 log 0 = 0
+    log_n = torch.arange(1, L + 1, device=scores.device, dtype=torch.float32).log()  # (L,)
+    return torch.where(log_n > 0, entropy / log_n.clamp_min(1e-12), torch.ones_like(entropy)).clamp(0, 1)
+
+
+class AdaptiveKSelector(nn.Module):
+    """Per-row k_t, then the indexer's top-k_t of the causal prefix (TopKTokenSelector contract).
+
+    K slots = max_t k_t; slots beyond a row's k_t are invalid. `last_row_k` (B, L) keeps the k_t used.
+    """
+
+    def __init__(self, top_k: int, strategy: str = "ratio", ratio: float = 0.5, start_fraction: float = 0.25,
+                 min_scale: float = 0.5, max_scale: float = 1.5):
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        if top_k <= 0:
+            raise ValueError(f"top_k={top_k} must be > 0")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"ratio={ratio} must be in (0, 1]")
+        if not 0 < start_fraction <= 1:
+            raise ValueError(f"start_fraction={start_fraction} must be in (0, 1]")
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"need 0 < min_scale={min_scale} <= max_scale={max_scale}")
+        self.top_k, self.strategy, self.ratio = top_k, strategy, ratio
+        self.start_fraction, self.min_scale, self.max_scale = start_fraction, min_scale, max_scale
+        self.progress = 0.0
+        self.last_row_k: torch.Tensor | None = None
+
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1] for the progressive schedules (ignored by the other strategies)."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"training progress fraction={fraction} must be in [0, 1]")
+        self.progress = float(fraction)
+
+    def scheduled_k(self) -> int:
+        """k of a progressive schedule at the current progress."""
+        start, end, p = max(1, round(self.start_fraction * self.top_k)), self.top_k, self.progress
+        if self.strategy == "progressive_linear":
+            k = start + (end - start) * p
+        elif self.strategy == "progressive_exponential":
+            k = start * (end / start) ** p
+        else:  # progressive_cosine
+            k = start + (end - start) * (1 - math.cos(math.pi * p)) / 2
+        return max(1, min(end, round(k)))
+
+    def row_k(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, L, L) -> k_t (B, L) long with 1 <= k_t <= t+1."""
+        B, L = scores.shape[:2]
+        prefix = torch.arange(1, L + 1, device=scores.device, dtype=torch.float32).expand(B, L)  # t+1
+        if self.strategy == "ratio":
+            k = torch.ceil(self.ratio * prefix - 1e-6)
+        elif self.strategy.startswith("progressive"):
+            k = torch.full_like(prefix, self.scheduled_k())
+        elif self.strategy == "position":
+            k = torch.ceil(torch.sqrt(self.top_k * prefix))
+        else:  # entropy, dynamic
+            h = normalised_entropy(scores)  # (B, L)
+            if self.strategy == "dynamic":
+                h = h.cumsum(-1) / prefix
+            k = torch.ceil(self.top_k * (self.min_scale + (self.max_scale - self.min_scale) * h))
+        return torch.minimum(k.clamp_min(1), prefix).long()
+
+    def forward(self, scores: torch.Tensor):
+        """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool."""
+        L = scores.shape[-1]
+        scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
+        row_k = self.row_k(scores.detach())  # (B, L)
+        self.last_row_k = row_k
+        return top_k_per_row(scores, row_k)
+
+
+def top_k_per_row(scores: torch.Tensor, row_k: torch.Tensor):
+    """Top-k_t of each causal row: scores (B, L, L), row_k (B, L) or (L,) long ->
+    selected_idx (B, L, K) (-1 = invalid), valid (B, L, K), K = max k_t; ties go to the most recent key."""
+    k_max = int(row_k.max()) if row_k.numel() else 0
+    if k_max == 0:
+        empty = torch.zeros(*scores.shape[:2], 0, dtype=torch.long, device=scores.device)
+        return empty, empty.bool()
+    idx, valid = TopKTokenSelector(k_max)(scores)  # (B, L, K), slot order not guaranteed by score
+    values = scores.gather(-1, idx.clamp(min=0)).masked_fill(~valid, float("-inf"))
+    recent_first = idx.argsort(-1, descending=True)  # then a stable sort by score keeps recent-first ties
+    idx, values = idx.gather(-1, recent_first), values.gather(-1, recent_first)
+    by_score = values.argsort(dim=-1, descending=True, stable=True)
+    idx, valid = idx.gather(-1, by_score), valid.gather(-1, recent_first).gather(-1, by_score)
+    valid = valid & (torch.arange(idx.shape[-1], device=idx.device) < row_k[..., None])  # first k_t slots
+    return idx.masked_fill(~valid, -1), valid
+
+
+def build_k_selector(name: str, top_k: int) -> AdaptiveKSelector:
+    """Selector for a SELECTION_VARIANTS name ('ratio_25', 'progressive_cosine', 'adaptive_entropy', ...)."""
+    if name not in SELECTION_VARIANTS:
+        raise ValueError(f"k_strategy={name!r} is unknown; choose fixed or one of {', '.join(SELECTION_VARIANTS)}")
+    if name.startswith("ratio_"):
+        return AdaptiveKSelector(top_k, "ratio", ratio=int(name.split("_")[1]) / 100)
+    return AdaptiveKSelector(top_k, name.removeprefix("adaptive_"))
