@@ -1,0 +1,114 @@
+"""Comprehensive lightning-indexer ablations on real text, resumable, with a computed research report.
+
+    python run_comprehensive_ablations.py --mode quick|research|all [--steps N] [--seq-lens ...]
+        [--questions optimal_indexer_config attention_patterns k_values quantization combinations]
+        [--seeds ...] [--device auto|cpu|cuda] [--out results/ablations] [--overwrite]
+
+Categories: indexer architecture (heads {1,2,3,4} x dims {8,16,32,64}), attention patterns (13),
+quantisation (12), k-selection strategies, and 20 combinations; each compared with the 4x64 baseline,
+trained from the same dense branch point per (L, seed) on the same batches. Every finished run is a JSON
+record under OUT/records/ and is read back, not redone. Writes OUT/summary.json, OUT/REPORT.md (answers
+computed from the data), OUT/pareto_<category>.png and OUT/speed_memory_profile.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from run_experiment import OneLineArgumentParser
+
+MODES = {
+    # quick: a few variants per family, 1 seed, tiny schedule: minutes on a laptop CPU
+    "quick": {"preset": "quick", "seq_lens": [64, 128], "seeds": [42],
+              "overrides": {"dense_steps": 80, "warmup_steps": 20, "steps": 40, "eval_every": 20}, "subset": True},
+    # research: every variant but the combinations, 3 seeds, the research plan's model and lengths
+    "research": {"preset": "default", "seq_lens": [64, 128, 256, 512, 1024], "seeds": [42, 43, 44],
+                 "overrides": {}, "subset": False, "skip": ["combinations"]},
+    "all": {"preset": "default", "seq_lens": [64, 128, 256, 512, 1024], "seeds": [42, 43, 44], "overrides": {},
+            "subset": False},
+}
+
+
+def parse_args(argv=None):
+    import ablations
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=MODES, default="quick")
+    p.add_argument("--steps", type=int, help="sparse training steps per variant")
+    p.add_argument("--seq-lens", type=int, nargs="+")
+    p.add_argument("--questions", nargs="+", choices=list(ablations.QUESTIONS))
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dataset")
+    p.add_argument("--out", default="results/ablations")
+    p.add_argument("--overwrite", action="store_true")
+    return p.parse_args(argv)
+
+
+def selected_variants(subset: bool, questions: list[str]) -> tuple[dict, dict]:
+    """-> ({variant: overrides}, {variant: category}) for the chosen research questions (+ the baseline)."""
+    import ablations
+    variants, category_of = {"baseline": ablations.BASE}, {"baseline": "baseline"}
+    for q in questions:
+        category = ablations.QUESTIONS[q]
+        names = ablations.QUICK_SUBSET[category] if subset else list(ablations.CATEGORIES[category])
+        for name in names:
+            variants[name] = ablations.CATEGORIES[category][name]
+            category_of[name] = category
+    return variants, category_of
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import ablations
+        import plots
+        from config import build_configs
+        from results_io import atomic_write_json, atomic_write_text
+        mode = MODES[args.mode]
+        overrides = {"seq_lens": args.seq_lens or mode["seq_lens"], "seeds": args.seeds or mode["seeds"],
+                     "out": args.out, **mode["overrides"]}
+        for key, value in (("steps", args.steps), ("device", args.device), ("dataset", args.dataset)):
+            if value is not None:
+                overrides[key] = value
+        model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=mode["preset"])
+        questions = args.questions or [q for q, c in ablations.QUESTIONS.items() if c not in mode.get("skip", [])]
+        variants, category_of = selected_variants(mode["subset"], questions)
+        out = Path(args.out)
+        t0 = time.perf_counter()
+        records = ablations.run_variants(variants, model_cfg, train_cfg, data_cfg, exp_cfg, out, args.overwrite,
+                                         category_of)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = ablations.aggregate(records)
+    atomic_write_json(out / "summary.json", {"mode": args.mode, "questions": questions, "seeds": exp_cfg.seeds,
+                                             "sequence_lengths": exp_cfg.seq_lens, "results": summary})
+    sections = []
+    for q in questions:
+        category = ablations.QUESTIONS[q]
+        names = ["baseline"] + [n for n, c in category_of.items() if c == category]
+        plots.speed_quality_tradeoffs(summary, names, exp_cfg.seq_lens, ablations.pareto_front,
+                                      out / f"pareto_{category}.png", f"{category}: speed vs quality")
+        tables = "\n\n".join(f"#### L = {L}\n\n" + ablations.results_table(summary, names, L) for L in exp_cfg.seq_lens)
+        sections.append(f"## {q} ({category})\n\n" + "\n".join(ablations.answer(summary, names, exp_cfg.seq_lens))
+                        + f"\n\n![pareto](pareto_{category}.png)\n\n" + tables)
+    plots.scaling_analysis(summary, list(variants), exp_cfg.seq_lens, out / "speed_memory_profile.png")
+    n = len(exp_cfg.seeds)
+    atomic_write_text(out / "REPORT.md", f"""# Comprehensive lightning-indexer ablations ({args.mode} mode)
+
+{len(variants)} variants x lengths {exp_cfg.seq_lens} x seeds {exp_cfg.seeds}, each from the same dense branch point
+per (L, seed) ({train_cfg.dense_steps} dense steps), {train_cfg.warmup_steps} indexer warm-up steps, {train_cfg.steps}
+sparse steps on the same batches. {'Values are mean ± 95 % CI half-width.' if n > 1 else
+'One seed: no CI and no significance test — run --mode research for those.'} *vs baseline*: whether the
+paired 95 % CI of the loss difference excludes 0. Timings are ratios within this run on one machine.
+
+""" + "\n\n".join(sections) + "\n\n![profile](speed_memory_profile.png)\n")
+    print(f"{len(records)} runs ({len(variants)} variants) in {time.perf_counter() - t0:.0f} s; "
+          f"wrote {out}/REPORT.md, summary.json, pareto_*.png, speed_memory_profile.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
