@@ -102,9 +102,15 @@ def evaluate(model, val: torch.Tensor, batch_size: int, device: torch.device, re
     return result
 
 
-def _check_finite(loss: torch.Tensor, desc: str, step: int) -> None:
+def _update(loss: torch.Tensor, opt, sched, params, grad_clip: float, desc: str, step: int) -> None:
+    """One optimizer step; a NaN/inf loss stops the run naming the step."""
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
 
 
 def warmup_indexer(model: SparseAttentionMoELLM, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig,
@@ -121,12 +127,7 @@ def warmup_indexer(model: SparseAttentionMoELLM, stream: BatchStream, val: torch
         inputs, _ = stream.next()
         model(inputs.to(device))
         loss = model.indexer_loss()
-        _check_finite(loss, desc, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.indexer_parameters(), tcfg.grad_clip)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, model.indexer_parameters(), tcfg.grad_clip, desc, step)
         kl_curve.append(loss.item())
     model.freeze_main(False)
     model.set_indexer_loss(None)
@@ -181,12 +182,7 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
             kl = model.indexer_loss()  # touches indexer params only (detached input and targets)
             loss = loss + kl
             step_kl.append(kl.item())
-        _check_finite(loss, desc, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, model.parameters(), tcfg.grad_clip, desc, step)
         load_sum = load_sum + torch.tensor(model.update_balance_bias())
         if device.type == "cuda":
             torch.cuda.synchronize()
