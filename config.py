@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 # masked = reference; gather/triton = token-level DSA (kernels.py); block/flex = query-block-shared selection
 ATTENTION_BACKENDS = ("masked", "gather", "block", "triton", "flex")
+CPU_TRAINABLE_BACKENDS = ("masked", "gather", "block")  # triton needs CUDA (or TRITON_INTERPRET=1); flex: no CPU backward
 # Indexer-optimisation choices (seed "Experiment 4"); the modules that implement them test these names.
 INDEXER_PRECISIONS = ("fp32", "fp16", "bf16", "mixed", "fp8", "int8", "int4")  # quantization_utils.py
 SELECTION_PATTERNS = ("topk", "local_global_10", "local_global_25", "local_global_50", "local_global_75",

@@ -1,37 +1,526 @@
 """Faster sparse-attention paths. Each one is checked against `sparse_attention.sparse_attention_masked`
 (outputs and gradients) in tests/test_kernels.py.
+
+Backends (config.ATTENTION_BACKENDS, dispatched by `sparse_attention.sparse_attention`):
+  gather  token-level DSA over exactly the selected tokens; a custom autograd Function that walks
+          query chunks small enough that gathered K/V stay in cache, recomputes them in backward
+          and scatter-adds dK/dV (never a (L, K, D) tensor).
+  triton  the same maths as fused Triton kernels (online softmax, heads as the rows of a tile, one
+          index set shared by all heads), plus a fused indexer-score kernel.
+  block   our query-block-shared variant (a different model): the Bq queries of a block share one
+          set of k past tokens, chosen by a pooled block query of the *previous* block, plus exact
+          causal attention inside their own block; dense batched matmuls, no per-token gathers.
+  flex    the block model through FlexAttention with a BlockMask (GPU; CPU forward only).
+Selection for every fast backend is chunked over queries (`chunked_select`): no L x L tensor.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-GATHER_CHUNK_ELEMENTS = 1 << 24  # bound on the gathered K (or V) elements held at once (64 MiB fp32)
+from sparse_attention import index_scores, select_top_k
+
+INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
+GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
+BLOCK_SIZE = 64  # default query block of the 'block' backend
+BLOCK_BACKENDS = ("block", "flex")  # backends that run the query-block-shared model
 
 
-def sparse_attention_gather(q, k, v, selected_idx, valid, return_probs: bool = False):
-    """Token-level DSA touching only the selected keys: gather K/V rows at S_t, softmax over K slots.
+# ----------------------------------------------------------------------------- chunked indexer + top-k
+def _query_chunk(L: int, per_query: int, budget: int) -> int:
+    return max(1, min(L, budget // max(1, per_query)))
 
-    q, k, v (B, H, L, D); selected_idx, valid (B, L, K) -> out (B, H, L, D), probs (B, H, L, K) or None.
-    Queries are processed in chunks so the gathered (B, H, chunk, K, D) tensors stay bounded.
+
+@torch.no_grad()
+def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None):
+    """Causal top-k selection over query chunks: the same set as TopKTokenSelector(index_scores(q, k, w)).
+
+    q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> selected_idx (B, L, K) (-1 invalid), valid (B, L, K),
+    K = min(top_k, L). Only one (B, chunk, <=L) block of scores exists at a time, so memory is linear in L.
+    `score_fn(q_chunk, k_prefix, w_chunk)` defaults to `index_scores` (the Triton backend passes its kernel).
     """
+    B, L, H_I, _ = q.shape
+    K = min(top_k, L)
+    score_fn = score_fn or index_scores
+    chunk = chunk or _query_chunk(L, B * H_I * L, INDEX_CHUNK_ELEMENTS)
+    selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
+    valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
+    for start in range(0, L, chunk):
+        stop = min(L, start + chunk)
+        scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
+        idx_c, valid_c = select_top_k(scores, top_k)  # (B, c, min(K, stop))
+        selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c
+        valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+    return selected_idx, valid
+
+
+def _selected_scores_chunk(q, k, w, idx):
+    """q (B, c, H_I, d_I), k (B, L, d_I), w (B, c, H_I), idx (B, c, K) >= 0 -> (B, c, K) index scores."""
+    B, c, K = idx.shape
+    k_sel = k.gather(1, idx.reshape(B, c * K, 1).expand(-1, -1, k.shape[-1])).view(B, c, K, -1)  # (B, c, K, d_I)
+    per_head = (q @ k_sel.transpose(-1, -2)).relu()  # (B, c, H_I, K)
+    return (w.unsqueeze(-2) @ per_head).squeeze(-2)  # (B, c, K)
+
+
+def selected_index_scores(q, k, w, selected_idx, valid):
+    """Index scores I[t, S_t] at the selected slots, differentiable w.r.t. q, k, w, without an L x L tensor.
+
+    q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I), selected_idx/valid (B, L, K) -> (B, L, K), -inf invalid.
+    Chunks are recomputed in backward (activation checkpointing), so only (B, L, K) scores are kept.
+    """
+    B, L, K = selected_idx.shape
+    safe = selected_idx.clamp(min=0)
+    chunk = _query_chunk(L, B * K * (k.shape[-1] + q.shape[2]), GATHER_CHUNK_ELEMENTS * 4)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or w.requires_grad)
+    parts = []
+    for start in range(0, L, chunk):
+        stop = min(L, start + chunk)
+        args = (q[:, start:stop], k, w[:, start:stop], safe[:, start:stop])
+        parts.append(checkpoint(_selected_scores_chunk, *args, use_reentrant=False) if grad
+                     else _selected_scores_chunk(*args))
+    return torch.cat(parts, dim=1).masked_fill(~valid, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- gather (token-level DSA)
+class _one_thread:
+    """Run the many small per-chunk ops on one thread: with 2 threads each op pays a parallel-region
+    barrier, which on a shared 2-core machine was measured 3x slower (and far worse under load)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+class _GatherAttention(torch.autograd.Function):
+    """Sparse attention over gathered rows; forward saves only q, k, v, out and the log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected_idx, valid, return_probs):
+        B, H, L, D = q.shape
+        K = selected_idx.shape[-1]
+        rows = _head_rows(selected_idx, valid, H, L)  # (B, H, L, K) row numbers into (B*H*L, D)
+        kf, vf = k.reshape(B * H * L, D), v.reshape(B * H * L, D)
+        out = torch.empty_like(q)
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics for half inputs
+        lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+        probs = torch.zeros(B, H, L, K, dtype=q.dtype, device=q.device) if return_probs else None
+        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+        kbuf = q.new_empty(B * H * chunk * K, D)
+        vbuf = q.new_empty(B * H * chunk * K, D)
+        with _one_thread() if not q.is_cuda else contextlib.nullcontext():
+            _gather_forward(q, kf, vf, rows, valid, out, lse, probs, kbuf, vbuf, chunk, acc)
+        ctx.save_for_backward(q, k, v, rows, valid, out, lse)
+        ctx.mark_non_differentiable(*(t for t in (probs,) if t is not None))
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):
+        q, k, v, rows, valid, out, lse = ctx.saved_tensors
+        B, H, L, D = q.shape
+        K = rows.shape[-1]
+        scale = D ** -0.5
+        grad_out = grad_out.contiguous()
+        acc = lse.dtype
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, H, L)
+        kf, vf = k.reshape(B * H * L, D), v.reshape(B * H * L, D)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(B * H * L, D, dtype=acc, device=q.device)
+        dv = torch.zeros(B * H * L, D, dtype=acc, device=q.device)
+        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+        kbuf, vbuf = q.new_empty(B * H * chunk * K, D), q.new_empty(B * H * chunk * K, D)
+        dkbuf, dvbuf = q.new_empty(B * H * chunk, K, D), q.new_empty(B * H * chunk, K, D)
+        with _one_thread() if not q.is_cuda else contextlib.nullcontext():
+            for start in range(0, L, chunk):
+                stop = min(L, start + chunk)
+                c, n = stop - start, B * H * (stop - start)
+                r = rows[:, :, start:stop].reshape(-1)
+                k_sel = torch.index_select(kf, 0, r, out=kbuf[:r.numel()]).view(n, K, D)
+                v_sel = torch.index_select(vf, 0, r, out=vbuf[:r.numel()]).view(n, K, D)
+                q_c = q[:, :, start:stop].reshape(n, 1, D)
+                do_c = grad_out[:, :, start:stop].reshape(n, 1, D)
+                scores = (q_c @ k_sel.transpose(1, 2)).view(B, H, c, K) * scale
+                p = (scores - lse[:, :, start:stop, None].to(scores.dtype)).exp_()
+                p.masked_fill_(~valid[:, None, start:stop], 0.0)  # (B, H, c, K)
+                dp = (do_c @ v_sel.transpose(1, 2)).view(B, H, c, K)
+                ds = (p * (dp - delta[:, :, start:stop, None].to(dp.dtype)) * scale).view(n, 1, K)
+                dq[:, :, start:stop] = (ds @ k_sel).view(B, H, c, D)
+                dk.index_add_(0, r, torch.bmm(ds.transpose(1, 2), q_c, out=dkbuf[:n]).view(-1, D).to(acc))
+                dv.index_add_(0, r, torch.bmm(p.view(n, 1, K).transpose(1, 2), do_c, out=dvbuf[:n]).view(-1, D).to(acc))
+        return dq, dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype), None, None, None
+
+
+def _gather_forward(q, kf, vf, rows, valid, out, lse, probs, kbuf, vbuf, chunk, acc):
+    """Forward chunk loop of _GatherAttention (fills out, lse and optionally probs in place)."""
     B, H, L, D = q.shape
-    K = selected_idx.shape[-1]
-    chunk = max(1, min(L, GATHER_CHUNK_ELEMENTS // max(1, B * H * K * D)))
-    safe_idx = selected_idx.clamp(min=0)
-    outs, probs_all = [], []
+    K = rows.shape[-1]
+    scale = D ** -0.5
+    return_probs = probs is not None
     for start in range(0, L, chunk):
         stop = min(L, start + chunk)
         c = stop - start
-        rows = safe_idx[:, start:stop].reshape(B, 1, c * K, 1).expand(B, H, c * K, D)
-        k_sel = k.gather(2, rows).view(B, H, c, K, D)
-        v_sel = v.gather(2, rows).view(B, H, c, K, D)
-        scores = torch.einsum("bhcd,bhckd->bhck", q[:, :, start:stop], k_sel) * D ** -0.5
-        probs = scores.masked_fill(~valid[:, None, start:stop], float("-inf")).softmax(-1)  # (B, H, c, K)
-        outs.append(torch.einsum("bhck,bhckd->bhcd", probs, v_sel))
+        r = rows[:, :, start:stop].reshape(-1)
+        k_sel = torch.index_select(kf, 0, r, out=kbuf[:r.numel()]).view(B * H * c, K, D)
+        q_c = q[:, :, start:stop].reshape(B * H * c, 1, D)
+        scores = (q_c @ k_sel.transpose(1, 2)).view(B, H, c, K) * scale
+        scores.masked_fill_(~valid[:, None, start:stop], float("-inf"))
+        lse_c = scores.to(acc).logsumexp(-1)  # (B, H, c)
+        p = (scores - lse_c[..., None].to(scores.dtype)).exp_()  # (B, H, c, K)
+        v_sel = torch.index_select(vf, 0, r, out=vbuf[:r.numel()]).view(B * H * c, K, D)
+        out[:, :, start:stop] = (p.view(B * H * c, 1, K) @ v_sel).view(B, H, c, D)
+        lse[:, :, start:stop] = lse_c
         if return_probs:
-            probs_all.append(probs)
-    out = torch.cat(outs, dim=2)
-    return out, (torch.cat(probs_all, dim=2) if return_probs else None)
+            probs[:, :, start:stop] = p
 
 
-SPARSE_BACKENDS = {"gather": sparse_attention_gather}
+def _head_rows(selected_idx, valid, H: int, L: int) -> torch.Tensor:
+    """(B, L, K) token indices -> (B, H, L, K) row numbers of a flattened (B*H*L, D) tensor (invalid -> own row 0)."""
+    B = selected_idx.shape[0]
+    base = (torch.arange(B * H, device=selected_idx.device) * L).view(B, H, 1, 1)
+    return base + torch.where(valid, selected_idx, 0)[:, None]
+
+
+def sparse_attention_gather(q, k, v, selected_idx, valid, return_probs: bool = False):
+    """Token-level DSA touching only the selected keys. q, k, v (B, H, L, D); selected_idx, valid (B, L, K)
+    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached) or None."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _GatherAttention.apply(q, k, v, selected_idx, valid, return_probs)
+
+
+# ----------------------------------------------------------------------------- block-shared selection
+def _pad_blocks(x: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
+    pad = -x.shape[dim] % block_size
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+@torch.no_grad()
+def block_select(q, k, w, top_k: int, block_size: int = BLOCK_SIZE):
+    """Query-block-shared selection: block b (queries [b*Bq, (b+1)*Bq)) gets the top-k past tokens s < b*Bq
+    under a block-level indexer query: q and w mean-pooled over block b-1 (strictly earlier tokens, so causal).
+
+    q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> block_idx, block_valid (B, nb, Kb), Kb = min(k, (nb-1)*Bq).
+    Cost: nb * L * H_I * d_I, i.e. Bq times cheaper than token-level scoring.
+    """
+    B, L, H_I, d_I = q.shape
+    nb = -(-L // block_size)
+    Kb = min(top_k, (nb - 1) * block_size)
+    block_idx = torch.full((B, nb, Kb), -1, dtype=torch.long, device=q.device)
+    block_valid = torch.zeros(B, nb, Kb, dtype=torch.bool, device=q.device)
+    if Kb == 0:
+        return block_idx, block_valid
+    counts = torch.full((nb,), float(block_size), device=q.device)
+    counts[-1] = L - (nb - 1) * block_size
+    q_pool = _pad_blocks(q.float(), 1, block_size).view(B, nb, block_size, H_I, d_I).sum(2) / counts[:, None, None]
+    w_pool = _pad_blocks(w.float(), 1, block_size).view(B, nb, block_size, H_I).sum(2) / counts[:, None]
+    per_head = (q_pool[:, :-1].reshape(B, (nb - 1) * H_I, d_I) @ k.float().transpose(1, 2)).relu_()
+    scores = (w_pool[:, :-1].reshape(B * (nb - 1), 1, H_I) @ per_head.view(B * (nb - 1), H_I, L)).view(B, nb - 1, L)
+    starts = torch.arange(1, nb, device=q.device)[:, None] * block_size  # block b sees s < b*Bq
+    scores.masked_fill_(torch.arange(L, device=q.device)[None, :] >= starts, float("-inf"))
+    idx, ok = select_top_k(scores, Kb)  # (B, nb-1, Kb)
+    block_idx[:, 1:], block_valid[:, 1:] = idx, ok
+    return block_idx, block_valid
+
+
+def expand_block_selection(block_idx, block_valid, block_size: int, L: int):
+    """Block selection -> the equivalent token-level selection (B, L, Kb + Bq): the block's shared past
+    tokens, then its own block's tokens s <= t. With `sparse_attention_masked` this is the block model's
+    masked reference; its slot order matches `block_sparse_attention`'s probs."""
+    B, nb, Kb = block_idx.shape
+    t = torch.arange(L, device=block_idx.device)
+    blk = t // block_size
+    local = blk[:, None] * block_size + torch.arange(block_size, device=t.device)  # (L, Bq)
+    local_valid = (local <= t[:, None]).expand(B, L, block_size)
+    idx = torch.cat([block_idx[:, blk], local.expand(B, L, block_size)], dim=-1)
+    valid = torch.cat([block_valid[:, blk], local_valid], dim=-1)
+    return idx.masked_fill(~valid, -1), valid
+
+
+def block_sparse_attention(q, k, v, block_idx, block_valid, block_size: int = BLOCK_SIZE,
+                           return_probs: bool = False):
+    """Block model attention with dense batched matmuls: each query block attends to its Kb shared past
+    tokens plus its own block causally. q, k, v (B, H, L, D); block_idx/valid (B, nb, Kb)
+    -> out (B, H, L, D), probs (B, H, L, Kb + Bq) in `expand_block_selection` slot order, or None."""
+    B, H, L, D = q.shape
+    nb, Kb, Bq = block_idx.shape[1], block_idx.shape[2], block_size
+    qb, kb, vb = (_pad_blocks(x, 2, Bq).view(B, H, nb, Bq, D) for x in (q, k, v))  # (B, H, nb, Bq, D)
+    local_ok = torch.ones(Bq, Bq, dtype=torch.bool, device=q.device).tril()  # (Bq, Bq) s <= t
+    if Kb:
+        rows = _head_rows(block_idx, block_valid, H, L).reshape(-1)  # (B*H*nb*Kb,) rows of (B*H*L, D)
+        k_sel = k.reshape(B * H * L, D).index_select(0, rows).view(B, H, nb, Kb, D)
+        v_sel = v.reshape(B * H * L, D).index_select(0, rows).view(B, H, nb, Kb, D)
+        keys, vals = torch.cat([k_sel, kb], dim=3), torch.cat([v_sel, vb], dim=3)  # (B, H, nb, Kb+Bq, D)
+        allowed = torch.cat([block_valid[:, :, None, :].expand(B, nb, Bq, Kb),
+                             local_ok.expand(B, nb, Bq, Bq)], dim=-1)  # (B, nb, Bq, Kb+Bq)
+    else:
+        keys, vals, allowed = kb, vb, local_ok.expand(B, nb, Bq, Bq)
+    scores = (qb @ keys.transpose(-1, -2)) * D ** -0.5  # (B, H, nb, Bq, Kb+Bq)
+    probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    out = (probs @ vals).view(B, H, nb * Bq, D)[:, :, :L]
+    if not return_probs:
+        return out, None
+    return out, probs.reshape(B, H, nb * Bq, Kb + Bq)[:, :, :L]
+
+
+# ----------------------------------------------------------------------------- Triton (lazy import)
+_TRITON = None
+
+
+def _triton_kernels():
+    """Compile-on-first-use Triton kernels (import triton only when the backend is asked for)."""
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def sparse_fwd(Q, Kt, V, IDX, O, LSE, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l, H, L, K, scale,
+                   BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)  # one program per (batch, query token); heads are the tile rows
+        b, t = pid // L, pid % L
+        oh, od = tl.arange(0, BH), tl.arange(0, BD)
+        hm, dm = oh < H, od < D
+        q = tl.load(Q + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :],
+                    mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BH, BD)
+        m = tl.full((BH,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((BH,), tl.float32)
+        acc = tl.zeros((BH, BD), tl.float32)
+        for j0 in range(0, K, BK):
+            oj = j0 + tl.arange(0, BK)
+            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)  # (BK,)
+            ok = idx >= 0
+            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
+            kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
+            kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # (BH, BK, BD)
+            s = tl.sum(q[:, None, :] * kt, axis=2) * scale  # (BH, BK)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, axis=1)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / l_sum[:, None]
+        tl.store(O + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :], out.to(O.dtype.element_ty),
+                 mask=hm[:, None] & dm[None, :])
+        tl.store(LSE + (b * H + oh) * L + t, m + tl.log(l_sum), mask=hm)
+
+    @triton.jit
+    def sparse_bwd(Q, Kt, V, IDX, DO, LSE, DELTA, DQ, DK, DV, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l,
+                   H, L, K, scale, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)
+        b, t = pid // L, pid % L
+        oh, od = tl.arange(0, BH), tl.arange(0, BD)
+        hm, dm = oh < H, od < D
+        qo = b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :]
+        qm = hm[:, None] & dm[None, :]
+        q = tl.load(Q + qo, mask=qm, other=0.0).to(tl.float32)  # (BH, BD)
+        do = tl.load(DO + qo, mask=qm, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + (b * H + oh) * L + t, mask=hm, other=0.0)
+        delta = tl.load(DELTA + (b * H + oh) * L + t, mask=hm, other=0.0)
+        dq = tl.zeros((BH, BD), tl.float32)
+        for j0 in range(0, K, BK):
+            oj = j0 + tl.arange(0, BK)
+            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)
+            ok = idx >= 0
+            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
+            kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
+            kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)
+            vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * kt, axis=2) * scale
+            p = tl.where(ok[None, :] & hm[:, None], tl.exp(s - lse[:, None]), 0.0)  # (BH, BK)
+            dp = tl.sum(do[:, None, :] * vt, axis=2)
+            ds = p * (dp - delta[:, None]) * scale
+            dq += tl.sum(ds[:, :, None] * kt, axis=1)
+            tl.atomic_add(DK + kv_off, ds[:, :, None] * q[:, None, :], mask=kv_m)
+            tl.atomic_add(DV + kv_off, p[:, :, None] * do[:, None, :], mask=kv_m)
+        tl.store(DQ + qo, dq, mask=qm)
+
+    @triton.jit
+    def indexer_scores(Q, Kt, W, S, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l, Lq, L, HI,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr):
+        b, pm, pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        om, on, od = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BD)
+        mm, nm, dm = om < Lq, on < L, od < DI
+        kt = tl.load(Kt + b * sk_b + on[:, None] * sk_l + od[None, :], mask=nm[:, None] & dm[None, :],
+                     other=0.0).to(tl.float32)  # (BN, BD)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for j in range(0, HI):
+            qj = tl.load(Q + b * sq_b + om[:, None] * sq_l + j * sq_h + od[None, :],
+                         mask=mm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BM, BD)
+            wj = tl.load(W + b * sw_b + om * sw_l + j, mask=mm, other=0.0).to(tl.float32)  # (BM,)
+            acc += tl.maximum(tl.dot(qj, tl.trans(kt), input_precision="ieee"), 0.0) * wj[:, None]
+        future = on[None, :] > (om[:, None] + (L - Lq))  # queries are the last Lq of L positions
+        acc = tl.where(future, float("-inf"), acc)
+        tl.store(S + b * ss_b + om[:, None] * ss_l + on[None, :], acc, mask=mm[:, None] & nm[None, :])
+
+    _TRITON = {"triton": triton, "fwd": sparse_fwd, "bwd": sparse_bwd, "index": indexer_scores}
+    return _TRITON
+
+
+def _triton_ready(*tensors) -> None:
+    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before "
+                         "triton is imported, to run the kernels on CPU); use 'gather' on CPU")
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def triton_index_scores(q, k, w):
+    """Fused Triton `sparse_attention.index_scores`: q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I)
+    -> (B, Lq, L) fp32 with the causal -inf mask (queries are the last Lq of L positions)."""
+    _triton_ready(q, k, w)
+    kern = _triton_kernels()
+    B, Lq, H_I, d_I = q.shape
+    L = k.shape[1]
+    q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
+    out = torch.empty(B, Lq, L, dtype=torch.float32, device=q.device)
+    BM, BN = 16, (32 if q.is_cuda else 16)
+    grid = (B, -(-Lq // BM), -(-L // BN))
+    kern["index"][grid](q, k, w, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                        w.stride(0), w.stride(1), out.stride(0), out.stride(1), Lq, L, H_I,
+                        BM=BM, BN=BN, BD=_pow2(d_I, 16), DI=d_I)
+    return out
+
+
+class _TritonSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, selected_idx):
+        kern = _triton_kernels()
+        B, H, L, D = q.shape
+        K = selected_idx.shape[-1]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+        meta = dict(BH=_pow2(H), BK=16 if q.is_cuda else 8, BD=_pow2(D, 16), D=D)
+        kern["fwd"][(B * L,)](q, k, v, selected_idx, out, lse, q.stride(0), q.stride(1), q.stride(2),
+                              k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
+                              selected_idx.stride(1), H, L, K, D ** -0.5, **meta)
+        ctx.save_for_backward(q, k, v, selected_idx, out, lse)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kern = _triton_kernels()
+        q, k, v, selected_idx, out, lse = ctx.saved_tensors
+        B, H, L, D = q.shape
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        kern["bwd"][(B * L,)](q, k, v, selected_idx, grad_out, lse, delta, dq, dk, dv, q.stride(0), q.stride(1),
+                              q.stride(2), k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
+                              selected_idx.stride(1), H, L, selected_idx.shape[-1], D ** -0.5, **ctx.meta)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = False):
+    """Fused Triton token-level DSA (fwd + bwd). Same contract as `sparse_attention_gather`."""
+    _triton_ready(q, k, v)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    idx = torch.where(valid, selected_idx, -1).contiguous()
+    out = _TritonSparseAttention.apply(q, k, v, idx)
+    if not return_probs:
+        return out, None
+    with torch.no_grad():  # probs at the slots, from the same scores (for the indexer KL only)
+        return out, _selected_probs(q, k, selected_idx, valid)
+
+
+@torch.no_grad()
+def _selected_probs(q, k, selected_idx, valid):
+    """(B, H, L, K) softmax probabilities of q over its selected keys, chunked (detached)."""
+    B, H, L, D = q.shape
+    K = selected_idx.shape[-1]
+    rows = _head_rows(selected_idx, valid, H, L)
+    kf = k.reshape(B * H * L, D)
+    probs = torch.empty(B, H, L, K, dtype=q.dtype, device=q.device)
+    chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+    for start in range(0, L, chunk):
+        stop = min(L, start + chunk)
+        n = B * H * (stop - start)
+        k_sel = kf.index_select(0, rows[:, :, start:stop].reshape(-1)).view(n, K, D)
+        scores = (q[:, :, start:stop].reshape(n, 1, D) @ k_sel.transpose(1, 2)).view(B, H, stop - start, K)
+        probs[:, :, start:stop] = (scores * D ** -0.5).masked_fill(~valid[:, None, start:stop], float("-inf")).softmax(-1)
+    return probs
+
+
+# ----------------------------------------------------------------------------- FlexAttention (block model)
+def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOCK_SIZE,
+                         return_probs: bool = False):
+    """The block model through FlexAttention: a BlockMask whose kv blocks are each query block's selected
+    tokens and its own block. Same contract as `block_sparse_attention`."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not q.is_cuda and grad:
+        raise ValueError("attention_backend='flex' has no backward on CPU (PyTorch flex_attention supports "
+                         "CPU forward only); use 'block' on CPU, or run under torch.no_grad()")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if not q.is_cuda:  # CPU: forward only (checked above), flex refuses inputs that require grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    B, H, L, D = q.shape
+    nb = block_idx.shape[1]
+    table = torch.zeros(B, nb, L + 1, dtype=torch.bool, device=q.device)  # (B, nb, L): selected past tokens
+    table.scatter_(-1, torch.where(block_valid, block_idx, L), True)
+    table = table[..., :L].contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qb = q_idx // block_size
+        return table[b, qb, kv_idx] | ((kv_idx // block_size == qb) & (kv_idx <= q_idx))
+
+    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(q, k, v, block_mask=mask)
+    if not return_probs:
+        return out, None
+    with torch.no_grad():
+        idx, valid = expand_block_selection(block_idx, block_valid, block_size, L)
+        return out, _selected_probs(q, k, idx, valid)
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+# ----------------------------------------------------------------------------- dispatch
+SPARSE_BACKENDS = {"gather": sparse_attention_gather, "triton": sparse_attention_triton}
+BLOCK_ATTENTION = {"block": block_sparse_attention, "flex": flex_block_attention}
+
+
+def select(backend: str, q, k, w, top_k: int, block_size: int = BLOCK_SIZE):
+    """Selection for a fast backend from indexer q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I):
+    token-level (B, L, K) for gather/triton, block-level (B, nb, Kb) for block/flex. No L x L tensor."""
+    if backend in BLOCK_BACKENDS:
+        return block_select(q, k, w, top_k, block_size)
+    score_fn = triton_index_scores if backend == "triton" and q.is_cuda else None
+    return chunked_select(q, k, w, top_k, score_fn=score_fn)
+
+
+def attend(backend: str, q, k, v, selection, return_probs: bool = False, block_size: int = BLOCK_SIZE):
+    """Attention for a fast backend given `select`'s output -> out (B, H, L, D), probs or None,
+    and the token-level (selected_idx, valid) the probs' slots refer to."""
+    if backend in BLOCK_BACKENDS:
+        out, probs = BLOCK_ATTENTION[backend](q, k, v, *selection, block_size, return_probs)
+        return out, probs, expand_block_selection(*selection, block_size, q.shape[2])
+    out, probs = SPARSE_BACKENDS[backend](q, k, v, *selection, return_probs)
+    return out, probs, selection

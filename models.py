@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ModelConfig
+from optimized_indexers import share_indexers
 from sparse_attention import CausalSelfAttention, DeepSeekSparseAttention
 
 
@@ -136,6 +137,15 @@ class _MoELLM(nn.Module):
             x = block(x)
         return self.lm_head(self.norm(x))
 
+    @property
+    def attentions(self) -> list:
+        return [block.attn for block in self.blocks]
+
+    def set_timer(self, timer) -> None:
+        """Time attention (and indexer) sections with a SectionTimer; None switches timing off."""
+        for attn in self.attentions:
+            attn.timer = timer
+
     def aux_loss(self) -> torch.Tensor:
         """MoE balance loss of the last forward, summed over layers."""
         return sum(block.ffn.aux_loss for block in self.blocks)
@@ -154,9 +164,28 @@ class SparseAttentionMoELLM(_MoELLM):
     """DeepSeek Sparse Attention + MoE. Sparse on/off, indexer loss mode and stats are switched per model."""
     attention_cls = DeepSeekSparseAttention
 
-    @property
-    def attentions(self) -> list[DeepSeekSparseAttention]:
-        return [block.attn for block in self.blocks]
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        # cfg.shared_indexer_group > 1: followers reuse their group leader's index scores
+        self.shared_index_scores = share_indexers(self.attentions, cfg.shared_indexer_group)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) long -> logits (B, L, vocab)."""
+        for shared in self.shared_index_scores:  # never reuse scores from another forward
+            shared.clear()
+        try:
+            return super().forward(input_ids)
+        finally:
+            for shared in self.shared_index_scores:
+                shared.clear()
+
+    def set_training_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1] for progressive k schedules (call every sparse-stage step)."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"training progress fraction={fraction} must be in [0, 1]")
+        for module in self.modules():
+            if hasattr(module, "set_progress"):
+                module.set_progress(fraction)
 
     def set_sparse(self, enabled: bool) -> None:
         for attn in self.attentions:
@@ -172,10 +201,6 @@ class SparseAttentionMoELLM(_MoELLM):
         for attn in self.attentions:
             attn.collect_stats = enabled
             attn.last_stats = None
-
-    def set_timer(self, timer) -> None:
-        for attn in self.attentions:
-            attn.timer = timer
 
     def indexer_loss(self) -> torch.Tensor:
         """Sum over layers of the indexer KL from the last forward."""

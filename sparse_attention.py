@@ -58,9 +58,11 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
     Queries are the *last* Lq positions of the L keys (Lq == L for a full sequence).
     """
-    per_head = torch.einsum("bthd,bsd->bhts", q, k).relu()  # (B, H_I, Lq, L)
-    scores = torch.einsum("bhts,bth->bts", per_head, w)  # (B, Lq, L)
-    return scores.masked_fill(future_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
+    B, Lq, H_I, d_I = q.shape
+    L = k.shape[1]
+    per_head = (q.reshape(B, Lq * H_I, d_I) @ k.transpose(1, 2)).relu_()  # (B, Lq*H_I, L): one GEMM
+    scores = (w.reshape(B * Lq, 1, H_I) @ per_head.view(B * Lq, H_I, L)).view(B, Lq, L)  # head-weighted sum
+    return scores.masked_fill_(future_mask(Lq, L, q.device), float("-inf"))
 
 
 def future_mask(Lq: int, L: int, device) -> torch.Tensor:
@@ -84,10 +86,34 @@ class TopKTokenSelector(nn.Module):
         """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool, K = min(k, L)."""
         L = scores.shape[-1]
         scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
-        values, selected_idx = scores.topk(min(self.top_k, L), dim=-1)
-        positions = torch.arange(L, device=scores.device)[None, :, None]
-        valid = (selected_idx <= positions) & torch.isfinite(values)
-        return selected_idx.masked_fill(~valid, -1), valid
+        return select_top_k(scores, self.top_k)
+
+
+def select_top_k(scores: torch.Tensor, top_k: int):
+    """scores (..., Lq, S), -inf at forbidden keys -> selected_idx (..., Lq, K) (-1 = invalid), valid; K = min(k, S).
+
+    Ties at the k-th value are broken toward the most recent tokens, so the reference and the chunked
+    paths (kernels.py), which see rows of different widths, pick the same set (ReLU scores tie at 0).
+    """
+    K = min(top_k, scores.shape[-1])
+    if K == scores.shape[-1]:  # every key fits: no choice to make
+        values, selected_idx = scores.topk(K, dim=-1)
+        return selected_idx.masked_fill(~torch.isfinite(values), -1), torch.isfinite(values)
+    values, selected_idx = scores.topk(K + 1, dim=-1)  # one extra: a tie across the boundary shows up here
+    ambiguous = (values[..., K - 1] == values[..., K]) & torch.isfinite(values[..., K - 1])
+    values, selected_idx = values[..., :K].contiguous(), selected_idx[..., :K].contiguous()
+    kth = values[..., -1:]  # (..., Lq, 1)
+    if ambiguous.any():  # rows where topk chose among equal scores: take the most recent of them
+        rows, kv = scores[ambiguous], kth[ambiguous]  # (r, S), (r, 1)
+        need = (values[ambiguous] == kv).sum(-1, keepdim=True)  # tied slots to fill
+        tied = rows == kv
+        from_right = tied.flip(-1).cumsum(-1).flip(-1)  # tied keys at positions >= s
+        take = (rows > kv) | (tied & (from_right <= need))  # exactly K per row
+        fixed = take.nonzero()[:, -1].view(-1, K)
+        selected_idx[ambiguous] = fixed
+        values[ambiguous] = rows.gather(-1, fixed)
+    valid = torch.isfinite(values)
+    return selected_idx.masked_fill(~valid, -1), valid
 
 
 # ----------------------------------------------------------------------------- attention maths
@@ -155,32 +181,6 @@ def _kl(p: torch.Tensor, scores: torch.Tensor, support: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------- attention modules
-class CausalSelfAttention(nn.Module):
-    """Dense causal multi-head attention with RoPE (the classic model's attention)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_base)
-
-    def project(self, x: torch.Tensor):
-        """x (B, L, d_model) -> q, k, v (B, H, L, D), RoPE applied to q and k."""
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).unbind(2)  # (B, L, H, D)
-        q, k = self.rope(q, seq_dim=1), self.rope(k, seq_dim=1)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def merge(self, out: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B, L, d_model)
-        B, H, L, D = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(x)
-        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-
 class SectionTimer:
     """Accumulates wall time of named sections (synchronising CUDA so times are real)."""
 
@@ -199,6 +199,36 @@ class SectionTimer:
         return result
 
 
+class CausalSelfAttention(nn.Module):
+    """Dense causal multi-head attention with RoPE (the classic model's attention)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.timer: SectionTimer | None = None  # set for profiled steps only
+
+    def _timed(self, name, fn, *args):
+        return self.timer.time(name, fn, *args) if self.timer is not None else fn(*args)
+
+    def project(self, x: torch.Tensor):
+        """x (B, L, d_model) -> q, k, v (B, H, L, D), RoPE applied to q and k."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).unbind(2)  # (B, L, H, D)
+        q, k = self.rope(q, seq_dim=1), self.rope(k, seq_dim=1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B, L, d_model)
+        B, H, L, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        return self.merge(self._timed("attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True))
+
+
 class DeepSeekSparseAttention(CausalSelfAttention):
     """Causal attention where query t attends only to S_t, chosen by the lightning indexer.
 
@@ -212,20 +242,19 @@ class DeepSeekSparseAttention(CausalSelfAttention):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.indexer = LightningIndexer(cfg.d_model, cfg.indexer_heads, cfg.indexer_dim,
-                                        cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
-        self.selector = TopKTokenSelector(cfg.sparse_top_k)
+        from optimized_indexers import build_indexer, build_selector  # imported here: they import this module
+        # Default config: LightningIndexer + TopKTokenSelector(sparse_top_k); the indexer-optimisation
+        # fields (precision, pattern, k strategy, multi-scale) pick other ones with the same contracts.
+        self.indexer = build_indexer(cfg)
+        self.selector = build_selector(cfg, self.indexer)
         self.backend = cfg.attention_backend
+        self.block_size = cfg.sparse_block_size  # 'block'/'flex' backends only
         self.sparse_enabled = True
         self.indexer_loss_mode: str | None = None
         self.collect_stats = False
-        self.timer: SectionTimer | None = None
         self.last_indexer_loss: torch.Tensor | None = None
         self.last_stats: dict | None = None
         self.last_selected_idx: torch.Tensor | None = None
-
-    def _timed(self, name, fn, *args):
-        return self.timer.time(name, fn, *args) if self.timer is not None else fn(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
@@ -233,6 +262,8 @@ class DeepSeekSparseAttention(CausalSelfAttention):
         self.last_indexer_loss = None
         if not (self.sparse_enabled or mode or self.collect_stats):
             return self.merge(self._timed("attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True))
+        if self.sparse_enabled and self._fast_path():
+            return self.merge(self._fast_forward(x, q, k, v, mode))
 
         scores, selected_idx, valid = self._timed("indexer", self._select, x)  # (B, L, L), (B, L, K) x2
         self.last_selected_idx = selected_idx
@@ -258,44 +289,76 @@ class DeepSeekSparseAttention(CausalSelfAttention):
         scores = self.indexer(x.detach())
         return scores, *self.selector(scores.detach())
 
+    def _fast_path(self) -> bool:
+        """Fast backends with the plain indexer + top-k selector select without an L x L tensor."""
+        plain = type(self.indexer) is LightningIndexer and type(self.selector) is TopKTokenSelector
+        if self.backend in ("block", "flex") and not plain:
+            raise ValueError(f"attention_backend={self.backend!r} needs the plain lightning indexer and top-k "
+                             f"selector; use attention_backend='gather' with other indexers or selectors")
+        return plain and self.backend != "masked"
+
+    def _fast_forward(self, x, q, k, v, mode):
+        """Chunked (token-level) or block-level selection under no_grad, then a kernels.py backend; the
+        sparse-stage KL recomputes index scores at the selected slots only. -> out (B, H, L, D)."""
+        import kernels
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "sparse"):
+            iq, ik, iw = self.indexer.project(x.detach())  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
+        selection = self._timed("indexer", kernels.select, self.backend, iq.detach(), ik.detach(), iw.detach(),
+                                self.selector.top_k, self.block_size)
+        out, selected_probs, (selected_idx, valid) = self._timed(
+            "attention", kernels.attend, self.backend, q, k, v, selection, mode == "sparse", self.block_size)
+        self.last_selected_idx = selected_idx
+        if mode == "sparse":
+            selected_scores = kernels.selected_index_scores(iq, ik, iw, selected_idx, valid)  # (B, L, K)
+            self.last_indexer_loss = indexer_kl_sparse(selected_probs.detach(), selected_scores, valid)
+        if self.collect_stats:
+            self.last_stats = selection_recall(q.detach(), k.detach(), selected_idx, valid)
+        return out
+
 
 def sparse_attention(backend: str, q, k, v, selected_idx, valid, return_probs: bool = False):
     """Dispatch to the reference ('masked') or a faster path from kernels.py."""
     if backend == "masked":
         return sparse_attention_masked(q, k, v, selected_idx, valid, return_probs)
     import kernels  # faster paths live beside, not inside, the reference
+    if backend not in kernels.SPARSE_BACKENDS:  # 'block'/'flex' attend per query block, not per token
+        raise ValueError(f"attention_backend={backend!r} selects per query block: use kernels.select/attend "
+                         f"(DeepSeekSparseAttention does), or a token-level backend: masked, "
+                         f"{', '.join(kernels.SPARSE_BACKENDS)}")
     return kernels.SPARSE_BACKENDS[backend](q, k, v, selected_idx, valid, return_probs)
 
 
 @torch.no_grad()
 def selection_recall(q, k, selected_idx, valid) -> dict:
-    """Share of dense attention mass inside S_t, vs a random and a local (last-K) selection of equal size.
+    """Share of dense attention mass inside S_t, vs a random and a local (last-k_t) selection of equal size.
 
-    Counted only over query rows with t+1 > K, where selection actually drops tokens.
-    Random recall is its exact expectation K/(t+1). Returns sums and the row count (so batches add up).
+    k_t = the row's valid slots (K = min(k, t+1) for plain top-k; per row for adaptive k and patterns).
+    Counted only over query rows with k_t < t+1, where selection actually drops tokens.
+    Random recall is its exact expectation k_t/(t+1). Returns sums and the row count (so batches add up).
     """
-    L, K = q.shape[2], selected_idx.shape[-1]
+    L = q.shape[2]
     p = causal_attention_probs(q.float(), k.float()).sum(1)
     p = p / p.sum(-1, keepdim=True)  # (B, L, L)
     recall = (p.gather(-1, selected_idx.clamp(min=0)) * valid).sum(-1)  # (B, L)
     t = torch.arange(L, device=q.device)
-    local = p.masked_fill(t[None, :] <= t[:, None] - K, 0.0).sum(-1)  # last K positions
-    rows = t + 1 > K  # (L,)
-    n = int(rows.sum()) * q.shape[0]
+    row_k = valid.sum(-1)  # (B, L)
+    local = p.masked_fill(t[None, None, :] <= t[None, :, None] - row_k[..., None], 0.0).sum(-1)  # last k_t
+    rows = row_k < t + 1  # (B, L)
     return {
-        "rows": n,
-        "recall_sum": float(recall[:, rows].sum()),
-        "local_recall_sum": float(local[:, rows].sum()),
-        "random_recall_sum": float((K / (t[rows] + 1.0)).sum()) * q.shape[0],
+        "rows": int(rows.sum()),
+        "recall_sum": float(recall[rows].sum()),
+        "local_recall_sum": float(local[rows].sum()),
+        "random_recall_sum": float((row_k / (t + 1.0))[rows].sum()),
+        "queries": row_k.numel(),
+        "selected_sum": int(row_k.sum()),
     }
 
 
 def merge_recall_stats(stats: list[dict]) -> dict:
     """Add per-layer/per-batch recall sums -> {'indexer_recall', 'random_recall', 'local_recall'}."""
     rows = sum(s["rows"] for s in stats)
-    if rows == 0:
-        nan = math.nan
-        return {"indexer_recall": nan, "random_recall": nan, "local_recall": nan}
-    return {"indexer_recall": sum(s["recall_sum"] for s in stats) / rows,
-            "random_recall": sum(s["random_recall_sum"] for s in stats) / rows,
-            "local_recall": sum(s["local_recall_sum"] for s in stats) / rows}
+    merged = {name: sum(s[key] for s in stats) / rows if rows else math.nan
+              for name, key in (("indexer_recall", "recall_sum"), ("random_recall", "random_recall_sum"),
+                                ("local_recall", "local_recall_sum"))}
+    merged["mean_selected_keys"] = sum(s["selected_sum"] for s in stats) / sum(s["queries"] for s in stats)
+    return merged

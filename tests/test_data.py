@@ -87,8 +87,10 @@ def test_local_jsonl_parquet_and_text_files(tmp_path):
 def test_missing_path_and_unreachable_hub_name_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="does not exist"):
         load_documents(DataConfig(dataset="./no/such/file.txt"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what a machine without internet sees, at once
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="needs internet"):
         load_documents(DataConfig(dataset="someone/not-a-real-dataset-xyz"))
 

@@ -1,0 +1,264 @@
+"""Fast sparse paths (kernels.py) against the masked reference: selection, outputs, gradients, causality."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kernels
+from conftest import ROOT, tiny_model_config
+from models import SparseAttentionMoELLM
+from sparse_attention import TopKTokenSelector, index_scores, sparse_attention, sparse_attention_masked
+
+SHAPES = [(1, 1, 5, 4, 2), (2, 3, 37, 8, 7), (1, 2, 64, 16, 20), (2, 2, 19, 8, 40)]  # B, H, L, D, k
+
+
+def _indexer(B, L, H_I=2, d_I=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, L, H_I, d_I, generator=g, dtype=dtype)
+    return q, torch.randn(B, L, d_I, generator=g, dtype=dtype), torch.randn(B, L, H_I, generator=g, dtype=dtype)
+
+
+def _qkv(B, H, L, D, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+
+def _run(fn, q, k, v, *args):
+    out, probs = fn(q, k, v, *args, return_probs=True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+    return out, probs, torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def _assert_same(a, b, atol=1e-10):
+    (oa, pa, ga), (ob, pb, gb) = a, b
+    torch.testing.assert_close(oa, ob, atol=atol, rtol=0)
+    torch.testing.assert_close(pa, pb, atol=atol, rtol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+def _sorted(idx):
+    return idx.sort(-1).values
+
+
+@pytest.mark.parametrize("B,H,L,D,k", SHAPES)
+def test_chunked_select_equals_reference_selector(B, H, L, D, k):
+    q, kk, w = _indexer(B, L)
+    q = q.round()  # integer-valued inputs: many exact ties, which both paths must break the same way
+    ref_idx, ref_valid = TopKTokenSelector(k)(index_scores(q, kk.round(), w.round()))
+    for chunk in (1, 3, L):
+        idx, valid = kernels.chunked_select(q, kk.round(), w.round(), k, chunk=chunk)
+        assert torch.equal(_sorted(idx), _sorted(ref_idx)) and torch.equal(valid.sum(-1), ref_valid.sum(-1))
+
+
+def test_selected_index_scores_and_grads_match_full_scores():
+    B, L = 2, 23
+    q, kk, w = (t.requires_grad_() for t in _indexer(B, L))
+    idx, valid = kernels.chunked_select(q, kk, w, 6)
+    full = index_scores(q, kk, w).gather(-1, idx.clamp(min=0))
+    fast = kernels.selected_index_scores(q, kk, w, idx, valid)
+    weights = torch.randn(idx.shape, dtype=torch.float64)
+    ga = torch.autograd.grad((torch.where(valid, full, 0) * weights).sum(), (q, kk, w))
+    gb = torch.autograd.grad((torch.where(valid, fast, 0) * weights).sum(), (q, kk, w))
+    assert torch.isinf(fast[~valid]).all()
+    torch.testing.assert_close(torch.where(valid, fast, 0), torch.where(valid, full, 0))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("B,H,L,D,k", SHAPES)
+def test_gather_matches_masked_reference(B, H, L, D, k):
+    q, kk, v = _qkv(B, H, L, D)
+    idx, valid = kernels.chunked_select(*_indexer(B, L), k)
+    _assert_same(_run(kernels.sparse_attention_gather, q, kk, v, idx, valid),
+                 _run(sparse_attention_masked, q, kk, v, idx, valid))
+
+
+def test_gather_small_chunks_and_fp32(monkeypatch):
+    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", 1)  # one query per chunk
+    q, kk, v = (t.detach().float().requires_grad_() for t in _qkv(2, 2, 21, 8))
+    idx, valid = kernels.chunked_select(*_indexer(2, 21), 5)
+    (oa, pa, ga), (ob, pb, gb) = (_run(kernels.sparse_attention_gather, q, kk, v, idx, valid),
+                                  _run(sparse_attention_masked, q, kk, v, idx, valid))
+    torch.testing.assert_close(oa, ob, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,L,D,k", SHAPES)
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_block_matches_its_masked_reference_twin(B, H, L, D, k, block_size):
+    q, kk, v = _qkv(B, H, L, D)
+    bidx, bvalid = kernels.block_select(*_indexer(B, L), k, block_size)
+    idx, valid = kernels.expand_block_selection(bidx, bvalid, block_size, L)
+    assert (idx[valid] <= torch.arange(L)[None, :, None].expand_as(idx)[valid]).all()  # nothing from the future
+
+    def block(q, kk, v, return_probs):
+        return kernels.block_sparse_attention(q, kk, v, bidx, bvalid, block_size, return_probs)
+    _assert_same(_run(block, q, kk, v), _run(sparse_attention_masked, q, kk, v, idx, valid))
+
+
+def test_block_with_k_at_least_L_is_dense_attention():
+    B, H, L, D = 1, 2, 30, 8
+    q, kk, v = _qkv(B, H, L, D)
+    sel = kernels.block_select(*_indexer(B, L), L, 8)
+    out, _ = kernels.block_sparse_attention(q, kk, v, *sel, 8)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, kk, v, is_causal=True))
+
+
+def test_block_selection_uses_only_earlier_blocks():
+    B, L, Bq = 1, 40, 8
+    q, kk, w = _indexer(B, L)
+    base = kernels.block_select(q, kk, w, 5, Bq)
+    for b in range(1, L // Bq):  # changing anything at positions >= b*Bq leaves blocks <= b unchanged
+        q2, k2, w2 = q.clone(), kk.clone(), w.clone()
+        for t in (q2, k2, w2):
+            t[:, b * Bq:] = torch.randn_like(t[:, b * Bq:])
+        other = kernels.block_select(q2, k2, w2, 5, Bq)
+        assert torch.equal(other[0][:, : b + 1], base[0][:, : b + 1])
+
+
+def _causal_check(backend, k, L=20, B=2, H=2, D=8):
+    """Selection + attention from per-position inputs: perturbing positions > t changes no output <= t."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, L, 4 * H * D + 16 + 2, generator=g, dtype=torch.float64)
+
+    def forward(x):
+        q, kk, v = (x[..., i * H * D:(i + 1) * H * D].view(B, L, H, D).transpose(1, 2) for i in range(3))
+        iq = x[..., 3 * H * D:3 * H * D + 16].reshape(B, L, 2, 8)
+        ik, iw = x[..., 3 * H * D + 16:4 * H * D + 16][..., :8], x[..., -2:]
+        if backend == "masked":
+            sel = TopKTokenSelector(k)(index_scores(iq, ik, iw))
+            return sparse_attention("masked", q, kk, v, *sel)[0]
+        return kernels.attend(backend, q, kk, v, kernels.select(backend, iq, ik, iw, k, 4), block_size=4)[0]
+    base = forward(x)
+    for t in (0, 3, 9, L - 2):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn(x2[:, t + 1:].shape, generator=g, dtype=torch.float64)
+        out = forward(x2)
+        torch.testing.assert_close(out[:, :, : t + 1], base[:, :, : t + 1], atol=1e-12, rtol=0)
+        assert not torch.allclose(out[:, :, t + 1:], base[:, :, t + 1:])
+
+
+@pytest.mark.parametrize("backend", ["masked", "gather", "block"])
+@pytest.mark.parametrize("k", [2, 12, 20, 50])  # k < t+1, k > t+1 for early t, k = L, k > L
+def test_backends_are_causal(backend, k):
+    _causal_check(backend, k)
+
+
+def test_flex_refuses_cpu_backward_clearly():
+    q, kk, v = (t.float() for t in _qkv(1, 2, 16, 8))
+    sel = kernels.block_select(*_indexer(1, 16), 4, 4)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        kernels.flex_block_attention(q, kk, v, *sel, 4)
+
+
+def test_flex_forward_on_cpu_matches_block():
+    q, kk, v = (t.float() for t in _qkv(1, 2, 40, 8))
+    sel = kernels.block_select(*_indexer(1, 40), 6, 8)
+    with torch.no_grad():
+        out, _ = kernels.flex_block_attention(q, kk, v, *sel, 8)
+        ref, _ = kernels.block_sparse_attention(q, kk, v, *sel, 8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_block_dispatch_needs_block_selection():
+    q, kk, v = _qkv(1, 1, 8, 4)
+    idx, valid = kernels.chunked_select(*_indexer(1, 8), 2)
+    with pytest.raises(ValueError, match="selects per query block"):
+        sparse_attention("block", q, kk, v, idx, valid)
+
+
+# ----------------------------------------------------------------------------- model level
+def _model(backend, k, seed=0):
+    torch.manual_seed(seed)
+    return SparseAttentionMoELLM(tiny_model_config(sparse_top_k=k, attention_backend=backend, sparse_block_size=8))
+
+
+@pytest.mark.parametrize("k", [3, 17, 64])
+def test_model_gather_equals_masked_logits_and_indexer_loss(k):
+    ref, fast = _model("masked", k), _model("gather", k)
+    fast.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(5))
+    for m in (ref, fast):
+        m.set_indexer_loss("sparse")
+    out_ref, out_fast = ref(ids), fast(ids)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    loss_ref, loss_fast = ref.indexer_loss(), fast.indexer_loss()
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
+    g_ref = torch.autograd.grad(out_ref.square().mean() + loss_ref, ref.parameters(), allow_unused=True)
+    g_fast = torch.autograd.grad(out_fast.square().mean() + loss_fast, fast.parameters(), allow_unused=True)
+    for a, b in zip(g_ref, g_fast):
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_model_block_layer_equals_its_masked_twin():
+    model = _model("block", 6).eval()
+    attn = model.attentions[0]
+    x = torch.randn(2, 45, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        q, kk, v = attn.project(x)
+        sel = kernels.block_select(*attn.indexer.project(x), 6, 8)
+        ref, _ = sparse_attention_masked(q, kk, v, *kernels.expand_block_selection(*sel, 8, 45))
+        torch.testing.assert_close(attn(x), attn.merge(ref), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["gather", "block"])
+@pytest.mark.parametrize("k", [2, 9, 64])
+def test_model_with_fast_backend_is_causal(backend, k):
+    model = _model(backend, k).eval()
+    ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        base = model(ids)
+        for t in (0, 7, 21, 38):
+            changed = ids.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 1) % 64
+            torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- triton (interpreter)
+TRITON_SCRIPT = textwrap.dedent("""
+    import torch, kernels
+    from sparse_attention import index_scores, sparse_attention_masked
+    torch.manual_seed(0)
+    B, H, L, D, K = 1, 3, 12, 16, 5
+    q, k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
+    iq, ik, iw = torch.randn(B, L, 2, 16), torch.randn(B, L, 16), torch.randn(B, L, 2)
+    s_ref, s_tri = index_scores(iq[:, 4:], ik, iw[:, 4:]), kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:])
+    assert torch.equal(torch.isinf(s_ref), torch.isinf(s_tri)), "index score mask"
+    fin = torch.isfinite(s_ref)
+    assert torch.allclose(s_ref[fin], s_tri[fin], atol=1e-4), "index scores"
+    sel = kernels.chunked_select(iq, ik, iw, K, score_fn=kernels.triton_index_scores)
+    assert torch.equal(sel[0].sort(-1).values, kernels.chunked_select(iq, ik, iw, K)[0].sort(-1).values)
+    go = torch.randn(B, H, L, D)
+    res = []
+    for fn in (kernels.sparse_attention_triton, sparse_attention_masked):
+        out, probs = fn(q, k, v, *sel, return_probs=True)
+        res.append((out, probs, torch.autograd.grad(out, (q, k, v), go)))
+    (oa, pa, ga), (ob, pb, gb) = res
+    assert torch.allclose(oa, ob, atol=1e-5), "out"
+    assert torch.allclose(pa, pb, atol=1e-5), "probs"
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-4), "grads"
+    print("TRITON_OK")
+""")
+
+
+def test_triton_kernels_match_reference_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert "TRITON_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, kk, v = (t.float() for t in _qkv(1, 1, 4, 4))
+    idx, valid = kernels.chunked_select(*_indexer(1, 4), 2)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        kernels.sparse_attention_triton(q, kk, v, idx, valid)
