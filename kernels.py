@@ -271,6 +271,32 @@ def block_sparse_attention(q, k, v, block_idx, block_valid, block_size: int = BL
     return out, probs.reshape(B, H, nb * Bq, Kb + Bq)[:, :, :L]
 
 
+def block_index_scores(q, k, w, block_idx, block_valid, block_size: int = BLOCK_SIZE):
+    """I[t, s] at the block model's slots (its Kb shared past tokens, then its own block), differentiable:
+    one batched matmul per block instead of a per-token gather (the block's keys are shared).
+
+    q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I), block_idx/valid (B, nb, Kb)
+    -> (B, L, Kb + Bq) in `expand_block_selection` slot order (invalid slots hold finite garbage: mask them).
+    """
+    B, L, H_I, d_I = q.shape
+    nb, Kb, Bq = block_idx.shape[1], block_idx.shape[2], block_size
+    kb = _pad_blocks(k, 1, Bq).view(B, nb, Bq, d_I)  # own-block keys
+    if Kb:
+        k_sel = k.gather(1, block_idx.clamp(min=0).reshape(B, nb * Kb, 1).expand(-1, -1, d_I)).view(B, nb, Kb, d_I)
+        kb = torch.cat([k_sel, kb], dim=2)  # (B, nb, Kb+Bq, d_I)
+    qb = _pad_blocks(q, 1, Bq).view(B, nb, Bq * H_I, d_I)
+    per_head = (qb @ kb.transpose(-1, -2)).relu().view(B, nb, Bq, H_I, Kb + Bq)
+    wb = _pad_blocks(w, 1, Bq).view(B, nb, Bq, 1, H_I)
+    return (wb @ per_head).view(B, nb * Bq, Kb + Bq)[:, :L]
+
+
+def selected_scores(backend: str, q, k, w, selection, selected_idx, valid, block_size: int = BLOCK_SIZE):
+    """Index scores at the selected slots for the sparse-stage KL, by the cheapest route for the backend."""
+    if backend in BLOCK_BACKENDS:
+        return block_index_scores(q, k, w, *selection, block_size).masked_fill(~valid, float("-inf"))
+    return selected_index_scores(q, k, w, selected_idx, valid)
+
+
 # ----------------------------------------------------------------------------- Triton (lazy import)
 _TRITON = None
 

@@ -309,7 +309,8 @@ class DeepSeekSparseAttention(CausalSelfAttention):
             "attention", kernels.attend, self.backend, q, k, v, selection, mode == "sparse", self.block_size)
         self.last_selected_idx = selected_idx
         if mode == "sparse":
-            selected_scores = kernels.selected_index_scores(iq, ik, iw, selected_idx, valid)  # (B, L, K)
+            selected_scores = kernels.selected_scores(self.backend, iq, ik, iw, selection, selected_idx, valid,
+                                                      self.block_size)  # (B, L, K)
             self.last_indexer_loss = indexer_kl_sparse(selected_probs.detach(), selected_scores, valid)
         if self.collect_stats:
             self.last_stats = selection_recall(q.detach(), k.detach(), selected_idx, valid)

@@ -262,3 +262,22 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     idx, valid = kernels.chunked_select(*_indexer(1, 4), 2)
     with pytest.raises(ValueError, match="needs CUDA"):
         kernels.sparse_attention_triton(q, kk, v, idx, valid)
+
+
+def test_block_index_scores_match_the_token_level_recompute():
+    """The block route to I[t, S_t] (one matmul per block) equals the per-token gather, values and grads."""
+    import kernels
+    torch.manual_seed(0)
+    B, L, H_I, d_I, Bq = 2, 50, 2, 8, 16
+    q = torch.randn(B, L, H_I, d_I, requires_grad=True)
+    k = torch.randn(B, L, d_I, requires_grad=True)
+    w = torch.randn(B, L, H_I, requires_grad=True)
+    selection = kernels.block_select(q.detach(), k.detach(), w.detach(), 20, Bq)
+    idx, valid = kernels.expand_block_selection(*selection, Bq, L)
+    fast = kernels.selected_scores("block", q, k, w, selection, idx, valid, Bq)
+    ref = kernels.selected_index_scores(q, k, w, idx, valid)
+    assert torch.equal(torch.isfinite(fast), valid) and torch.allclose(fast[valid], ref[valid], atol=1e-5)
+    g_fast = torch.autograd.grad(fast[valid].sum(), (q, k, w))
+    g_ref = torch.autograd.grad(ref[valid].sum(), (q, k, w))
+    for a, b in zip(g_fast, g_ref):
+        assert torch.allclose(a, b, atol=1e-4)
