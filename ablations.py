@@ -104,7 +104,7 @@ def attention_flops_per_token(cfg: ModelConfig, mean_keys: float) -> float:
 
 # ----------------------------------------------------------------------------- running
 METRICS = ["val_loss", "val_accuracy", "val_perplexity", "train_loss_variance", "avg_time_per_step", "indexer_ms",
-           "attention_ms", "peak_memory_mb", "indexer_recall", "random_recall", "local_recall",
+           "attention_ms", "peak_memory_mb", "process_peak_rss_mb", "indexer_recall", "random_recall", "local_recall",
            "warmup_indexer_recall", "mean_selected_keys", "params", "indexer_params", "indexer_overhead",
            "indexer_flops_per_token", "attention_flops_per_token"]
 
@@ -122,7 +122,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
 
     from config import config_for_length
     from data import build_windows, load_corpus
-    from train import pick_device, train_sparse_from
+    from train import check_backend_device, pick_device, train_sparse_from
 
     device = pick_device(train_cfg.device)
     corpus = load_corpus(data_cfg)
@@ -133,6 +133,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
         for name, overrides in variants.items():
             cfg = dataclasses.replace(base_cfg, **overrides)
             cfg.validate()
+            check_backend_device(cfg.attention_backend, device)
             for seed in exp_cfg.seeds:
                 key = _fingerprint([dataclasses.asdict(cfg), dataclasses.asdict(train_cfg), data_cfg.dataset,
                                     data_cfg.tokenizer, corpus.describe()["train_tokens"]])
@@ -151,7 +152,8 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
         windows = build_windows(corpus, L)
         if (L, seed) not in branches:
             base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
-            branches[(L, seed)] = _branch_state(base_cfg, windows, train_cfg, seed, device, out)
+            data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe()]
+            branches[(L, seed)] = _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id)
         model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name)
         metrics = {k: result["final"].get(k, math.nan) for k in METRICS}
         total = sum(p.numel() for p in model.parameters())
@@ -171,10 +173,12 @@ def record_path(out: Path, name: str, L: int, seed: int) -> Path:
     return out / "records" / f"{name.replace('+', '-')}__L{L}__seed{seed}.json"
 
 
-def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path) -> dict:
-    """The dense branch point for (L, seed), cached on disk so a resumed ablation does not redo it."""
+def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id) -> dict:
+    """The dense branch point for (L, seed), cached on disk so a resumed ablation does not redo it; keyed on
+    everything that shapes it (model, data, every training setting but the later stages' lengths)."""
     from train import dense_pretrain
-    key = _fingerprint([dataclasses.asdict(cfg), tcfg.dense_steps, tcfg.batch_size, tcfg.learning_rate, seed])
+    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("steps", "warmup_steps", "profile_steps")}
+    key = _fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
     if path.exists():
         return torch.load(path, map_location=device)

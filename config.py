@@ -152,6 +152,8 @@ class ExperimentConfig:
             raise ValueError(f"seq_lens={self.seq_lens} must be a non-empty list of lengths >= 2")
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed, e.g. --seeds 42")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} repeats a seed; a repeated run is not an independent sample")
         if not 0 < self.top_k_ratio <= 1:
             raise ValueError(f"top_k_ratio={self.top_k_ratio} must be in (0, 1]")
 

@@ -91,8 +91,9 @@ def hub_documents(cfg: DataConfig) -> list[tuple[str, str]]:
             if cfg.text_field not in row:
                 raise ValueError(f"hub dataset {cfg.dataset!r} has no field {cfg.text_field!r}; "
                                  f"fields are {sorted(row)} (set text_field)")
-            docs.append((f"{cfg.dataset}:{i}", row[cfg.text_field]))
-            chars += len(row[cfg.text_field])
+            text = row[cfg.text_field] or ""
+            docs.append((f"{cfg.dataset}:{i}", text))
+            chars += len(text)
             if chars >= 4 * cfg.max_tokens:
                 break
     except ValueError:
@@ -119,7 +120,7 @@ def load_documents(cfg: DataConfig) -> list[tuple[str, str]]:
 
 
 def split_documents(docs: list[tuple[str, str]], val_fraction: float):
-    """Hold out whole documents: a fixed (seed-independent) random choice of ceil(frac * n) documents."""
+    """Hold out whole documents: a fixed (seed-independent) random choice of round(frac * n) documents (>= 1)."""
     if len(docs) < 2:
         raise ValueError(f"the dataset has {len(docs)} document(s); at least 2 are needed to hold one out "
                          f"for validation")
@@ -221,7 +222,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     cache = Path(cfg.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     content_id = _fingerprint([(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in train_docs],
-                              [i for i, _ in val_docs])
+                              [(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in val_docs])
     if cfg.tokenizer == "bpe":
         tok_path = cache / f"bpe_{cfg.bpe_vocab_size}_{content_id}.json"
         if tok_path.exists():

@@ -14,7 +14,7 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def mean_ci95(values: list[float]) -> dict:
     """{'mean', 'ci95': [lo, hi], 'per_seed'}; the interval is Student-t, None bounds for a single seed."""
-    vals = [float(v) for v in values]
+    vals = [math.nan if v is None else float(v) for v in values]
     finite = [v for v in vals if math.isfinite(v)]
     n = len(finite)
     mean = sum(finite) / n if n else None

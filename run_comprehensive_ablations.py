@@ -82,6 +82,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from train import TrainingDiverged
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
+        return 1
     summary = ablations.aggregate(records)
     atomic_write_json(out / "summary.json", {"mode": args.mode, "questions": questions, "seeds": exp_cfg.seeds,
                                              "sequence_lengths": exp_cfg.seq_lens, "results": summary})

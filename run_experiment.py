@@ -78,10 +78,12 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     from config import config_for_length
     from data import build_windows, load_corpus
     from results_io import atomic_write_json, atomic_write_text, mean_ci95
-    from train import pick_device, run_seed
+    from train import check_backend_device, pick_device, run_seed
 
     device = pick_device(train_cfg.device)
+    check_backend_device(model_cfg.attention_backend, device)
     out = Path(exp_cfg.out)
+    check_experiment(out, "sparse_vs_classic")
     corpus = load_corpus(data_cfg)
     print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
           f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
@@ -116,9 +118,10 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     summary = {"experiment": "sparse_vs_classic", "config": configs[max(exp_cfg.seq_lens)],
                "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens), "results": {}}
     metrics = {"classic": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
-                           "attention_time_share", "peak_memory_mb"],
+                           "attention_time_share", "peak_memory_mb", "process_peak_rss_mb"],
                "sparse": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
-                          "attention_time_share", "peak_memory_mb", "indexer_time_share", "indexer_recall",
+                          "attention_time_share", "peak_memory_mb", "process_peak_rss_mb", "indexer_time_share",
+                          "indexer_recall",
                           "random_recall", "local_recall", "warmup_indexer_recall", "warmup_random_recall",
                           "warmup_local_recall"]}
     for L, by_seed in per_length.items():
@@ -162,6 +165,7 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     if "baseline" not in names:
         names = ["baseline", *names]  # speed-ups are relative to it
     out = Path(exp_cfg.out)
+    check_experiment(out, "indexer_optimization")
     records = ablations.run_variants({n: ablations.OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg,
                                      exp_cfg, out, overwrite)
     by_name = ablations.aggregate(records)
@@ -202,6 +206,16 @@ Timings are from one run on one machine: compare them as ratios.
     return summary
 
 
+def check_experiment(out: Path, experiment: str) -> None:
+    """Refuse to write one experiment's results over another's in the same folder."""
+    summary = out / "summary.json"
+    if summary.exists():
+        found = json.loads(summary.read_text()).get("experiment")
+        if found != experiment:
+            raise ValueError(f"{out} holds results of experiment {found!r}; give --experiment {experiment} "
+                             f"its own --out folder")
+
+
 def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
     """Refuse to mix runs made with another config into `out` (or clear them with --overwrite)."""
     stale = []
@@ -213,8 +227,8 @@ def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
     if stale and not overwrite:
         raise ValueError(f"{out} holds {len(stale)} finished run(s) made with a different config "
                          f"(e.g. {stale[0]}); use another --out or pass --overwrite to replace them")
-    for record in stale:
-        shutil.rmtree(record.parent.parent)  # the whole seq_<L> folder: its runs, checkpoints and files
+    for folder in {record.parent.parent for record in stale}:
+        shutil.rmtree(folder)  # the whole seq_<L> folder: its runs, checkpoints and files
 
 
 def summary_table(summary: dict) -> str:
@@ -268,6 +282,7 @@ def main(argv=None) -> int:
         overrides = {**CONFIG, **cli_overrides(args)}
         if args.experiment == "indexer_optimization":
             overrides.setdefault("seq_lens", OPTIMIZATION_SEQ_LENS)
+            overrides.setdefault("out", "results/indexer_optimization")
         model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
         t0 = time.perf_counter()
         if args.experiment == "indexer_optimization":

@@ -28,6 +28,15 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN/inf; the message names the run and the step."""
 
 
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """Refuse, before any training, a backend that cannot train on this device."""
+    from config import CPU_TRAINABLE_BACKENDS
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cpu" and backend not in CPU_TRAINABLE_BACKENDS and not interpreted:
+        raise ValueError(f"attention_backend={backend!r} cannot train on CPU; use one of "
+                         f"{', '.join(CPU_TRAINABLE_BACKENDS)} or --device cuda")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,11 +77,11 @@ def _optimizer(groups: list[dict], tcfg: TrainConfig, steps: int):
     return opt, sched
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated, or the process's peak RSS on CPU (includes everything else in it)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory(device: torch.device) -> dict:
+    """{'peak_memory_mb': CUDA peak allocated in this run (NaN on CPU), 'process_peak_rss_mb': the process's
+    lifetime peak RSS — on CPU the only figure, and it never goes down, so runs later in a process inherit it}."""
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+    return {"peak_memory_mb": cuda, "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 @torch.no_grad()
@@ -102,13 +111,15 @@ def evaluate(model, val: torch.Tensor, batch_size: int, device: torch.device, re
     return result
 
 
-def _update(loss: torch.Tensor, opt, sched, params, grad_clip: float, desc: str, step: int) -> None:
-    """One optimizer step; a NaN/inf loss stops the run naming the step."""
+def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: int) -> None:
+    """One optimizer step, gradients clipped per param group (the indexer's KL never scales the main
+    model's update); a NaN/inf loss stops the run naming the step."""
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for group in opt.param_groups:
+        torch.nn.utils.clip_grad_norm_(group["params"], grad_clip)
     opt.step()
     sched.step()
 
@@ -127,10 +138,13 @@ def warmup_indexer(model: SparseAttentionMoELLM, stream: BatchStream, val: torch
         inputs, _ = stream.next()
         model(inputs.to(device))
         loss = model.indexer_loss()
-        _update(loss, opt, sched, model.indexer_parameters(), tcfg.grad_clip, desc, step)
+        _update(loss, opt, sched, tcfg.grad_clip, desc, step)
         kl_curve.append(loss.item())
     model.freeze_main(False)
     model.set_indexer_loss(None)
+    model.set_sparse(True)  # recall is measured as it was before warm-up: on the sparse model's own selection
+    for block in model.blocks:  # warm-up routing must not feed stage 2's first balance update
+        block.ffn.load_counts.zero_()
     after = evaluate(model, val, tcfg.batch_size, device, recall=True)
     return {"indexer_kl": kl_curve, "recall_before": before["indexer_recall"],
             "recall_after": after["indexer_recall"], "random_recall": after["random_recall"],
@@ -182,7 +196,7 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
             kl = model.indexer_loss()  # touches indexer params only (detached input and targets)
             loss = loss + kl
             step_kl.append(kl.item())
-        _update(loss, opt, sched, model.parameters(), tcfg.grad_clip, desc, step)
+        _update(loss, opt, sched, tcfg.grad_clip, desc, step)
         load_sum = load_sum + torch.tensor(model.update_balance_bias())
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -207,7 +221,7 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
     profiled = sum(step_time[i] for i in profile)
     final = {k: curves[k][-1] for k in ("val_loss", "val_accuracy", "val_perplexity")}
     final.update(avg_time_per_step=_mean(step_time), train_loss_variance=_variance(tail),
-                 peak_memory_mb=peak_memory_mb(device), expert_load=(load_sum / steps).tolist(),
+                 **peak_memory(device), expert_load=(load_sum / steps).tolist(),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
     if sparse:
@@ -243,7 +257,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist; run run_experiment.py first (it writes "
                          f"OUT/seq_<L>/checkpoints/*.pt)")
-    payload = torch.load(path, map_location=device, weights_only=False)
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable dsa-lab checkpoint ({type(e).__name__})") from e
     if not isinstance(payload, dict) or "model_state" not in payload:
         raise ValueError(f"{path} is not a dsa-lab checkpoint")
     cfg = ModelConfig(**payload["model_config"])

@@ -8,7 +8,6 @@ Prints sparsity statistics: mean sparsity (share of the causal prefix *not* sele
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -50,7 +49,8 @@ def sparsity_stats(masks: list[torch.Tensor]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from run_experiment import OneLineArgumentParser
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", default=None)
     p.add_argument("--text-file", default=None)

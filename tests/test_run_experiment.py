@@ -66,6 +66,9 @@ def test_finished_runs_are_read_back_and_another_config_is_refused(results, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and "different config" in err and "\n" not in err
     assert (results / "seq_16" / "runs" / "seed_1.json").read_text() == before  # nothing lost
+    code = run_experiment.main(ARGS + ["--experiment", "indexer_optimization", "--out", str(results)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds results of experiment 'sparse_vs_classic'" in err
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -94,6 +97,19 @@ def test_visualize_attention_from_a_checkpoint(results, tmp_path, capsys):
     assert png.stat().st_size > 5_000 and "mean sparsity" in out and "token coverage" in out
     classic = results / "seq_32" / "checkpoints" / "classic_seed1.pt"
     assert visualize_attention.main(["--checkpoint", str(classic), "--out", str(png)]) == 2
+
+
+def test_overwrite_replaces_every_stale_seed(tmp_path, corpus):
+    out = str(tmp_path / "o")
+    argv = ["--preset", "quick", "--seq-lens", "16", "--steps", "2", "--warmup-steps", "1", "--dense-steps", "1",
+            "--seeds", "1", "2", "--device", "cpu", "--out", out]
+    run_experiment.CONFIG.update(TINY, cache_dir=str(tmp_path / "cache"))
+    try:
+        assert run_experiment.main(argv) == 0
+        assert run_experiment.main(argv + ["--top-k-ratio", "0.25", "--overwrite"]) == 0
+    finally:
+        run_experiment.CONFIG.clear()
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["results"]["16"]["top_k"] == 4
 
 
 def test_selection_stats_on_a_known_mask():

@@ -52,6 +52,8 @@ def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(cor
     for n, p in sparse.named_parameters():
         if ".indexer." not in n:
             assert torch.equal(p, main_before[n]), n
+    assert all(b.ffn.load_counts.sum() == 0 for b in sparse.blocks)  # warm-up routing does not leak into stage 2
+    assert all(a.sparse_enabled for a in sparse.attentions)
     assert all(not torch.equal(a, b) for a, b in zip(idx_before, sparse.indexer_parameters()))
     a, b = BatchStream(windows.train, 4, 11), BatchStream(windows.train, 4, 11)
     assert all(torch.equal(a.next()[0], b.next()[0]) for _ in range(5))
@@ -68,6 +70,13 @@ def test_a_nan_loss_stops_the_run_naming_the_step(corpus):
                  torch.device("cpu"), desc="nan-test")
 
 
+def test_backends_that_cannot_train_on_cpu_are_refused_up_front():
+    from train import check_backend_device
+    check_backend_device("gather", torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot train on CPU"):
+        check_backend_device("flex", torch.device("cpu"))
+
+
 def test_checkpoint_round_trip(tmp_path, corpus):
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16)
     _, sparse = build_model_pair(cfg, 0, "cpu")
@@ -79,6 +88,9 @@ def test_checkpoint_round_trip(tmp_path, corpus):
     assert payload["model_type"] == "sparse"
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable dsa-lab checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_evaluation_uses_a_fixed_subset_and_lr_schedule_shape(corpus):
