@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from run_experiment import OneLineArgumentParser
+from run_experiment import OneLineArgumentParser, run_cli
 
 MODES = {
     # quick: a few variants per family, 1 seed, tiny schedule: minutes on a laptop CPU
@@ -60,34 +60,27 @@ def selected_variants(subset: bool, questions: list[str]) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        import ablations
-        import plots
-        from config import build_configs
-        from results_io import atomic_write_json, atomic_write_text
-        mode = MODES[args.mode]
-        overrides = {"seq_lens": args.seq_lens or mode["seq_lens"], "seeds": args.seeds or mode["seeds"],
-                     "out": args.out, **mode["overrides"]}
-        for key, value in (("steps", args.steps), ("device", args.device), ("dataset", args.dataset)):
-            if value is not None:
-                overrides[key] = value
-        model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=mode["preset"])
-        questions = args.questions or [q for q, c in ablations.QUESTIONS.items() if c not in mode.get("skip", [])]
-        variants, category_of = selected_variants(mode["subset"], questions)
-        out = Path(args.out)
-        t0 = time.perf_counter()
-        records = ablations.run_variants(variants, model_cfg, train_cfg, data_cfg, exp_cfg, out, args.overwrite,
-                                         category_of)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from train import TrainingDiverged
-        if not isinstance(e, TrainingDiverged):
-            raise
-        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
-        return 1
+    return run_cli(lambda: run(parse_args(argv)))
+
+
+def run(args) -> None:
+    import ablations
+    import plots
+    from config import build_configs
+    from results_io import atomic_write_json, atomic_write_text
+    mode = MODES[args.mode]
+    overrides = {"seq_lens": args.seq_lens or mode["seq_lens"], "seeds": args.seeds or mode["seeds"],
+                 "out": args.out, **mode["overrides"]}
+    for key, value in (("steps", args.steps), ("device", args.device), ("dataset", args.dataset)):
+        if value is not None:
+            overrides[key] = value
+    model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=mode["preset"])
+    questions = args.questions or [q for q, c in ablations.QUESTIONS.items() if c not in mode.get("skip", [])]
+    variants, category_of = selected_variants(mode["subset"], questions)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    records = ablations.run_variants(variants, model_cfg, train_cfg, data_cfg, exp_cfg, out, args.overwrite,
+                                     category_of)
     summary = ablations.aggregate(records)
     atomic_write_json(out / "summary.json", {"mode": args.mode, "questions": questions, "seeds": exp_cfg.seeds,
                                              "sequence_lengths": exp_cfg.seq_lens, "results": summary})
@@ -113,7 +106,6 @@ paired 95 % CI of the loss difference excludes 0. Timings are ratios within this
 """ + "\n\n".join(sections) + "\n\n![profile](speed_memory_profile.png)\n")
     print(f"{len(records)} runs ({len(variants)} variants) in {time.perf_counter() - t0:.0f} s; "
           f"wrote {out}/REPORT.md, summary.json, pareto_*.png, speed_memory_profile.png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -275,9 +275,28 @@ then trains {t['steps']} sparse steps on the same batches in the same order.
 """
 
 
+def run_cli(job) -> int:
+    """Run `job()` the way every CLI here does: a user error is one line and exit 2, a diverged run one line
+    and exit 1, Ctrl-C keeps what is finished; anything else is a bug and shows its traceback."""
+    from train import TrainingDiverged
+    try:
+        job()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def job():
         from config import build_configs
         overrides = {**CONFIG, **cli_overrides(args)}
         if args.experiment == "indexer_optimization":
@@ -292,19 +311,7 @@ def main(argv=None) -> int:
         else:
             run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
         print(f"wall time {time.perf_counter() - t0:.0f} s")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
-        return 130
-    except Exception as e:
-        from train import TrainingDiverged
-        if not isinstance(e, TrainingDiverged):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(job)
 
 
 if __name__ == "__main__":
