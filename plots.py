@@ -52,7 +52,7 @@ def sequence_length_comparison(summary: dict, curves_at_largest: dict, path: str
             ax.fill_between(steps, vals.min(0), vals.max(0), color=style["color"], alpha=0.2)
     ax.set_xlabel("step after the branch point")
     ax.set_ylabel("validation loss")
-    ax.set_title(f"validation loss during training, L={L} (band: min-max over seeds)")
+    ax.set_title(f"val loss during training, L={L} (band: seed min-max)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.suptitle(f"Sparse (DSA) vs classic attention on held-out text — {band}")
