@@ -281,3 +281,19 @@ def test_block_index_scores_match_the_token_level_recompute():
     g_ref = torch.autograd.grad(ref[valid].sum(), (q, k, w))
     for a, b in zip(g_fast, g_ref):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_block_fused_path_matches_the_explicit_probs_path(block_size):
+    """Without probs the block backend runs SDPA per block; it must equal the explicit path (outputs, grads)."""
+    B, H, L, D, k = 2, 3, 37, 8, 9
+    sel = kernels.block_select(*_indexer(B, L), k, block_size)
+    outs, grads = [], []
+    for return_probs in (False, True):
+        q, kk, v = (t.clone().requires_grad_() for t in _qkv(B, H, L, D))
+        out, _ = kernels.block_sparse_attention(q, kk, v, *sel, block_size, return_probs)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, D)).sum(), (q, kk, v)))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
