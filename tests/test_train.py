@@ -102,3 +102,15 @@ def test_evaluation_uses_a_fixed_subset_and_lr_schedule_shape(corpus):
     assert lr_multiplier(0, 100, 0.1, 0.1) == pytest.approx(0.1)
     assert lr_multiplier(10, 100, 0.1, 0.1) == pytest.approx(1.0)
     assert lr_multiplier(99, 100, 0.1, 0.1) == pytest.approx(0.1, abs=0.01)
+
+
+def test_gradients_are_clipped_per_param_group():
+    """A huge indexer gradient must not shrink the main model's update (and vice versa)."""
+    from train import _update
+    main, indexer = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([{"params": [main]}, {"params": [indexer]}], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss = (main * torch.tensor([0.1, 0.0, 0.0])).sum() + (indexer * torch.tensor([1000.0, 0.0, 0.0])).sum()
+    _update(loss, opt, sched, grad_clip=1.0, desc="clip-test", step=0)
+    assert main.detach()[0].item() == pytest.approx(-0.1)  # below the clip: untouched by the other group's norm
+    assert indexer.detach()[0].item() == pytest.approx(-1.0)  # clipped to norm 1 on its own
