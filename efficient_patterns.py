@@ -11,6 +11,7 @@ selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool — never a fut
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -49,13 +50,14 @@ def select_levels(scores: torch.Tensor, levels: list, budget: int):
     return torch.cat(all_idx, -1).masked_fill(~valid, -1), valid
 
 
-class CandidatePattern(nn.Module):
+class CandidatePattern(nn.Module, abc.ABC):
     """Base class: subclasses define `levels(L, device)`; selection is `select_levels` over them."""
 
     top_k: int
 
+    @abc.abstractmethod
     def levels(self, L: int, device) -> list:
-        raise NotImplementedError(f"{type(self).__name__} must define levels(L, device)")
+        """The pattern's candidate levels for length L (see `select_levels`)."""
 
     def forward(self, scores: torch.Tensor):
         """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool."""
