@@ -174,7 +174,7 @@ def _sdpa_context(backend: str):
 
 def step_fns(backend: str, args, qkv, indexer, grad_out):
     """-> (select, forward, forward_backward) closures for one backend (select is None for dense)."""
-    import kernels
+    from models import BACKENDS
     q, k, v = qkv
     if backend.startswith("sdpa"):
         def fwd():
@@ -182,11 +182,13 @@ def step_fns(backend: str, args, qkv, indexer, grad_out):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         select = None
     else:
+        path = BACKENDS[backend](args.block_size) if backend in ("block", "flex") else BACKENDS[backend]()
+
         def select():
-            return kernels.select(backend, *indexer, args.top_k, args.block_size)
+            return path.select_indexed(*indexer, args.top_k)
 
         def fwd():
-            return kernels.attend(backend, q, k, v, select(), False, args.block_size)[0]
+            return path.attend(q, k, v, selection=select())[0]
 
     def fwd_only():
         with torch.no_grad():
@@ -246,14 +248,13 @@ def selection_quality(args, L: int) -> list[dict]:
     dense_p = causal_attention_probs(q, k)  # (B, H, L, L)
     dense_out = dense_p @ v
     rows = []
-    for backend in ("gather", "block"):
-        selection = kernels.select(backend, iq, ik, iw, args.top_k, args.block_size)
-        idx, valid = (selection if backend == "gather"
-                      else kernels.expand_block_selection(*selection, args.block_size, L))
+    for backend in (kernels.GatherBackend(), kernels.BlockBackend(args.block_size)):
+        selection = backend.select_indexed(iq, ik, iw, args.top_k)
+        idx, valid = selection.selected_idx, selection.valid
         out, _ = sparse_attention_masked(q, k, v, idx, valid)
         mass = (dense_p.gather(-1, idx.clamp(min=0)[:, None].expand(-1, H, -1, -1)) * valid[:, None]).sum(-1)
         rows_t = torch.arange(L) >= args.top_k + args.block_size
-        rows.append({"backend": backend, "seq_len": L, "top_k": args.top_k,
+        rows.append({"backend": backend.name, "seq_len": L, "top_k": args.top_k,
                      "recall": float(mass[..., rows_t].mean()) if rows_t.any() else None,
                      "rel_err_vs_dense": float((out - dense_out).norm() / dense_out.norm())})
     return rows
@@ -266,6 +267,7 @@ def end_to_end(args, meter: Meter) -> list[dict]:
     import dataclasses
     from config import PRESETS, ModelConfig
     from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
+    from sparse_attention import DENSE, AttentionMode
     quick = {f.name: PRESETS["quick"][f.name] for f in dataclasses.fields(ModelConfig) if f.name in PRESETS["quick"]}
     L = args.e2e_seq_len
     rows, base = [], None
@@ -274,17 +276,16 @@ def end_to_end(args, meter: Meter) -> list[dict]:
                           sparse_block_size=args.block_size, **quick)
         torch.manual_seed(0)
         model = (ClassicAttentionMoELLM if name == "classic" else SparseAttentionMoELLM)(cfg).to(args.device)
-        if name != "classic":
-            model.set_indexer_loss("sparse")
+        mode = AttentionMode(sparse=True, indexer_loss="sparse") if name != "classic" else DENSE
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
         ids = ids.to(args.device)
 
         def step():
-            logits = model(ids[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + model.aux_loss()
+            logits, aux = model(ids[:, :-1], mode, return_aux=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + aux.balance_loss
             if name != "classic":
-                loss = loss + model.indexer_loss()
+                loss = loss + aux.indexer_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,12 +1,12 @@
 """Faster sparse-attention paths. Each one is checked against `sparse_attention.sparse_attention_masked`
 (outputs and gradients) in tests/test_kernels.py.
 
-Backends (config.ATTENTION_BACKENDS, dispatched by `sparse_attention.sparse_attention`):
+Backends (config.ATTENTION_BACKENDS; each a class with the reference `MaskedBackend`'s methods, picked by
+`models.BACKENDS`):
   gather  token-level DSA over exactly the selected tokens; a custom autograd Function that walks
           query chunks small enough that gathered K/V stay in cache, recomputes them in backward
           and scatter-adds dK/dV (never a (L, K, D) tensor).
-  triton  the same maths as fused Triton kernels (online softmax, heads as the rows of a tile, one
-          index set shared by all heads), plus a fused indexer-score kernel.
+  triton  the same maths as fused Triton kernels (triton_kernels.py).
   block   our query-block-shared variant (a different model): the Bq queries of a block share one
           set of k past tokens, chosen by a pooled block query of the *previous* block, plus exact
           causal attention inside their own block; dense batched matmuls, no per-token gathers.
@@ -16,13 +16,13 @@ Selection for every fast backend is chunked over queries (`chunked_select`): no 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import index_scores, select_top_k
+from sparse_attention import (LightningIndexer, MaskedBackend, Selection, TopKTokenSelector, index_scores,
+                              select_top_k)
 
 INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
@@ -291,183 +291,6 @@ def block_index_scores(q, k, w, block_idx, block_valid, block_size: int = BLOCK_
     return (wb @ per_head).view(B, nb * Bq, Kb + Bq)[:, :L]
 
 
-def selected_scores(backend: str, q, k, w, selection, selected_idx, valid, block_size: int = BLOCK_SIZE):
-    """Index scores at the selected slots for the sparse-stage KL, by the cheapest route for the backend."""
-    if backend in BLOCK_BACKENDS:
-        return block_index_scores(q, k, w, *selection, block_size).masked_fill(~valid, float("-inf"))
-    return selected_index_scores(q, k, w, selected_idx, valid)
-
-
-# ----------------------------------------------------------------------------- Triton (lazy import)
-_TRITON = None
-
-
-def _triton_kernels():
-    """Compile-on-first-use Triton kernels (import triton only when the backend is asked for)."""
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def sparse_fwd(Q, Kt, V, IDX, O, LSE, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l, H, L, K, scale,
-                   BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)  # one program per (batch, query token); heads are the tile rows
-        b, t = pid // L, pid % L
-        oh, od = tl.arange(0, BH), tl.arange(0, BD)
-        hm, dm = oh < H, od < D
-        q = tl.load(Q + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :],
-                    mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BH, BD)
-        m = tl.full((BH,), float("-inf"), tl.float32)
-        l_sum = tl.zeros((BH,), tl.float32)
-        acc = tl.zeros((BH, BD), tl.float32)
-        for j0 in range(0, K, BK):
-            oj = j0 + tl.arange(0, BK)
-            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)  # (BK,)
-            ok = idx >= 0
-            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
-            kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
-            kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # (BH, BK, BD)
-            s = tl.sum(q[:, None, :] * kt, axis=2) * scale  # (BH, BK)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, axis=1)
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            m = m_new
-        out = acc / l_sum[:, None]
-        tl.store(O + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :], out.to(O.dtype.element_ty),
-                 mask=hm[:, None] & dm[None, :])
-        tl.store(LSE + (b * H + oh) * L + t, m + tl.log(l_sum), mask=hm)
-
-    @triton.jit
-    def sparse_bwd(Q, Kt, V, IDX, DO, LSE, DELTA, DQ, DK, DV, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l,
-                   H, L, K, scale, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        b, t = pid // L, pid % L
-        oh, od = tl.arange(0, BH), tl.arange(0, BD)
-        hm, dm = oh < H, od < D
-        qo = b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :]
-        qm = hm[:, None] & dm[None, :]
-        q = tl.load(Q + qo, mask=qm, other=0.0).to(tl.float32)  # (BH, BD)
-        do = tl.load(DO + qo, mask=qm, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + (b * H + oh) * L + t, mask=hm, other=0.0)
-        delta = tl.load(DELTA + (b * H + oh) * L + t, mask=hm, other=0.0)
-        dq = tl.zeros((BH, BD), tl.float32)
-        for j0 in range(0, K, BK):
-            oj = j0 + tl.arange(0, BK)
-            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)
-            ok = idx >= 0
-            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
-            kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
-            kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)
-            vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * kt, axis=2) * scale
-            p = tl.where(ok[None, :] & hm[:, None], tl.exp(s - lse[:, None]), 0.0)  # (BH, BK)
-            dp = tl.sum(do[:, None, :] * vt, axis=2)
-            ds = p * (dp - delta[:, None]) * scale
-            dq += tl.sum(ds[:, :, None] * kt, axis=1)
-            tl.atomic_add(DK + kv_off, ds[:, :, None] * q[:, None, :], mask=kv_m)
-            tl.atomic_add(DV + kv_off, p[:, :, None] * do[:, None, :], mask=kv_m)
-        tl.store(DQ + qo, dq, mask=qm)
-
-    @triton.jit
-    def indexer_scores(Q, Kt, W, S, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l, Lq, L, HI,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr):
-        b, pm, pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        om, on, od = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BD)
-        mm, nm, dm = om < Lq, on < L, od < DI
-        kt = tl.load(Kt + b * sk_b + on[:, None] * sk_l + od[None, :], mask=nm[:, None] & dm[None, :],
-                     other=0.0).to(tl.float32)  # (BN, BD)
-        acc = tl.zeros((BM, BN), tl.float32)
-        for j in range(0, HI):
-            qj = tl.load(Q + b * sq_b + om[:, None] * sq_l + j * sq_h + od[None, :],
-                         mask=mm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BM, BD)
-            wj = tl.load(W + b * sw_b + om * sw_l + j, mask=mm, other=0.0).to(tl.float32)  # (BM,)
-            acc += tl.maximum(tl.dot(qj, tl.trans(kt), input_precision="ieee"), 0.0) * wj[:, None]
-        future = on[None, :] > (om[:, None] + (L - Lq))  # queries are the last Lq of L positions
-        acc = tl.where(future, float("-inf"), acc)
-        tl.store(S + b * ss_b + om[:, None] * ss_l + on[None, :], acc, mask=mm[:, None] & nm[None, :])
-
-    _TRITON = {"triton": triton, "fwd": sparse_fwd, "bwd": sparse_bwd, "index": indexer_scores}
-    return _TRITON
-
-
-def _triton_ready(*tensors) -> None:
-    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before "
-                         "triton is imported, to run the kernels on CPU); use 'gather' on CPU")
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, 1 << max(0, (n - 1).bit_length()))
-
-
-def triton_index_scores(q, k, w):
-    """Fused Triton `sparse_attention.index_scores`: q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I)
-    -> (B, Lq, L) fp32 with the causal -inf mask (queries are the last Lq of L positions)."""
-    _triton_ready(q, k, w)
-    kern = _triton_kernels()
-    B, Lq, H_I, d_I = q.shape
-    L = k.shape[1]
-    q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
-    out = torch.empty(B, Lq, L, dtype=torch.float32, device=q.device)
-    BM, BN = 16, (32 if q.is_cuda else 16)
-    grid = (B, -(-Lq // BM), -(-L // BN))
-    kern["index"][grid](q, k, w, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                        w.stride(0), w.stride(1), out.stride(0), out.stride(1), Lq, L, H_I,
-                        BM=BM, BN=BN, BD=_pow2(d_I, 16), DI=d_I)
-    return out
-
-
-class _TritonSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, selected_idx):
-        kern = _triton_kernels()
-        B, H, L, D = q.shape
-        K = selected_idx.shape[-1]
-        out = torch.empty_like(q)
-        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-        meta = dict(BH=_pow2(H), BK=16 if q.is_cuda else 8, BD=_pow2(D, 16), D=D)
-        kern["fwd"][(B * L,)](q, k, v, selected_idx, out, lse, q.stride(0), q.stride(1), q.stride(2),
-                              k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
-                              selected_idx.stride(1), H, L, K, D ** -0.5, **meta)
-        ctx.save_for_backward(q, k, v, selected_idx, out, lse)
-        ctx.meta = meta
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        kern = _triton_kernels()
-        q, k, v, selected_idx, out, lse = ctx.saved_tensors
-        B, H, L, D = q.shape
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        kern["bwd"][(B * L,)](q, k, v, selected_idx, grad_out, lse, delta, dq, dk, dv, q.stride(0), q.stride(1),
-                              q.stride(2), k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
-                              selected_idx.stride(1), H, L, selected_idx.shape[-1], D ** -0.5, **ctx.meta)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
-
-
-def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = False):
-    """Fused Triton token-level DSA (fwd + bwd). Same contract as `sparse_attention_gather`."""
-    _triton_ready(q, k, v)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    idx = torch.where(valid, selected_idx, -1).contiguous()
-    out = _TritonSparseAttention.apply(q, k, v, idx)
-    if not return_probs:
-        return out, None
-    with torch.no_grad():  # probs at the slots, from the same scores (for the indexer KL only)
-        return out, _selected_probs(q, k, selected_idx, valid)
-
-
 @torch.no_grad()
 def _selected_probs(q, k, selected_idx, valid):
     """(B, H, L, K) softmax probabilities of q over its selected keys, chunked (detached)."""
@@ -529,25 +352,68 @@ def _compiled_flex():
     return _FLEX
 
 
-# ----------------------------------------------------------------------------- dispatch
-SPARSE_BACKENDS = {"gather": sparse_attention_gather, "triton": sparse_attention_triton}
-BLOCK_ATTENTION = {"block": block_sparse_attention, "flex": flex_block_attention}
+# ----------------------------------------------------------------------------- backends
+class GatherBackend(MaskedBackend):
+    """Token-level DSA over exactly the selected tokens. With the plain lightning indexer and top-k
+    selector, selection is chunked (no L x L tensor) and the sparse KL recomputes index scores at the
+    selected slots only; other indexers and selectors select through the reference path."""
+    name = "gather"
+
+    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
+        if not (type(indexer) is LightningIndexer and type(selector) is TopKTokenSelector):
+            return super().select(indexer, selector, x, shared_scores=shared_scores)
+        iq, ik, iw = indexer.project(x)  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
+        selection = self.select_indexed(iq.detach(), ik.detach(), iw.detach(), selector.top_k)
+        selection.index_inputs = (iq, ik, iw)
+        return selection
+
+    def select_indexed(self, q, k, w, top_k: int) -> Selection:
+        """Top-k from the indexer's projections q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
+        return Selection(*chunked_select(q, k, w, top_k))
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return sparse_attention_gather(q, k, v, selection.selected_idx, selection.valid, return_probs)
+
+    def selected_scores(self, selection: Selection) -> torch.Tensor:
+        if selection.index_inputs is None:
+            return super().selected_scores(selection)
+        return selected_index_scores(*selection.index_inputs, selection.selected_idx, selection.valid)
 
 
-def select(backend: str, q, k, w, top_k: int, block_size: int = BLOCK_SIZE):
-    """Selection for a fast backend from indexer q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I):
-    token-level (B, L, K) for gather/triton, block-level (B, nb, Kb) for block/flex. No L x L tensor."""
-    if backend in BLOCK_BACKENDS:
-        return block_select(q, k, w, top_k, block_size)
-    score_fn = triton_index_scores if backend == "triton" and q.is_cuda else None
-    return chunked_select(q, k, w, top_k, score_fn=score_fn)
+class BlockBackend(GatherBackend):
+    """Our query-block-shared model: blocks of `block_size` queries share one selected set (block_select),
+    plus causal attention inside their own block. Needs the plain lightning indexer and top-k selector."""
+    name = "block"
+
+    def __init__(self, block_size: int = BLOCK_SIZE):
+        self.block_size = block_size
+
+    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
+        if not (type(indexer) is LightningIndexer and type(selector) is TopKTokenSelector):
+            raise ValueError(f"attention_backend={self.name!r} needs the plain lightning indexer and top-k "
+                             f"selector; use attention_backend='gather' with other indexers or selectors")
+        return super().select(indexer, selector, x)
+
+    def select_indexed(self, q, k, w, top_k: int) -> Selection:
+        block_idx, block_valid = block_select(q, k, w, top_k, self.block_size)
+        selected_idx, valid = expand_block_selection(block_idx, block_valid, self.block_size, q.shape[1])
+        return Selection(selected_idx, valid, block_idx=block_idx, block_valid=block_valid,
+                         block_size=self.block_size)
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return block_sparse_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
+                                      return_probs)
+
+    def selected_scores(self, selection: Selection) -> torch.Tensor:
+        scores = block_index_scores(*selection.index_inputs, selection.block_idx, selection.block_valid,
+                                    selection.block_size)
+        return scores.masked_fill(~selection.valid, float("-inf"))
 
 
-def attend(backend: str, q, k, v, selection, return_probs: bool = False, block_size: int = BLOCK_SIZE):
-    """Attention for a fast backend given `select`'s output -> out (B, H, L, D), probs or None,
-    and the token-level (selected_idx, valid) the probs' slots refer to."""
-    if backend in BLOCK_BACKENDS:
-        out, probs = BLOCK_ATTENTION[backend](q, k, v, *selection, block_size, return_probs)
-        return out, probs, expand_block_selection(*selection, block_size, q.shape[2])
-    out, probs = SPARSE_BACKENDS[backend](q, k, v, *selection, return_probs)
-    return out, probs, selection
+class FlexBackend(BlockBackend):
+    """The block model through FlexAttention (GPU; CPU forward only)."""
+    name = "flex"
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return flex_block_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
+                                    return_probs)

@@ -2,16 +2,27 @@
 
 Both LLMs use the same parameter names for every shared part, so
 `sparse.load_state_dict(classic.state_dict(), strict=False)` copies everything but the indexers.
+The sparse model's indexer, selector and backend come from the config through one registry (below).
 """
 from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_selection import build_k_selector
 from config import ModelConfig
-from optimized_indexers import share_indexers
-from sparse_attention import CausalSelfAttention, DeepSeekSparseAttention
+from efficient_patterns import build_pattern
+from kernels import BlockBackend, FlexBackend, GatherBackend
+from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
+                                RegionRestrictedSelector)
+from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
+                              LightningIndexer, MaskedBackend, TopKTokenSelector)
+from triton_kernels import TritonBackend
 
 
 class RMSNorm(nn.Module):
@@ -55,9 +66,9 @@ class MoEFeedForward(nn.Module):
         self.shared_experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_shared_experts))
         self.register_buffer("balance_bias", torch.zeros(cfg.num_experts))
         self.register_buffer("load_counts", torch.zeros(cfg.num_experts), persistent=False)
-        self.aux_loss = torch.zeros(())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """x (B, L, d) -> out (B, L, d), sequence-level balance loss (scalar; 0 when off or in eval)."""
         B, L, d = x.shape
         flat = x.reshape(-1, d)  # (N, d)
         scores = torch.sigmoid(self.router(flat))  # (N, E)
@@ -74,8 +85,7 @@ class MoEFeedForward(nn.Module):
         counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).to(scores.dtype)  # (E,)
         if self.training:
             self.load_counts += counts.detach()
-        self.aux_loss = self._sequence_aux_loss(scores.view(B, L, -1), chosen.view(B, L, -1))
-        return out.view(B, L, d)
+        return out.view(B, L, d), self._sequence_aux_loss(scores.view(B, L, -1), chosen.view(B, L, -1))
 
     def _sequence_aux_loss(self, scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss: weight * sum_i f_i P_i, averaged over sequences."""
@@ -103,52 +113,152 @@ class Block(nn.Module):
         self.attn_norm, self.attn = RMSNorm(cfg.d_model), attn
         self.ffn_norm, self.ffn = RMSNorm(cfg.d_model), MoEFeedForward(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None):
+        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss."""
+        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores)
+        x = x + attn_out
+        ffn_out, balance_loss = self.ffn(self.ffn_norm(x))
+        return x + ffn_out, aux, balance_loss
+
+
+# ----------------------------------------------------------------------------- indexer / selector / backend registry
+BACKENDS = {"masked": MaskedBackend, "gather": GatherBackend, "triton": TritonBackend, "block": BlockBackend,
+            "flex": FlexBackend}
+
+
+def build_backend(cfg: ModelConfig) -> MaskedBackend:
+    backend = BACKENDS[cfg.attention_backend]
+    return backend(cfg.sparse_block_size) if issubclass(backend, BlockBackend) else backend()
+
+
+def build_indexer(cfg: ModelConfig) -> nn.Module:
+    """A layer's indexer from ModelConfig (the plain LightningIndexer for the default fields)."""
+    sizes = (cfg.d_model, cfg.indexer_heads, cfg.indexer_dim)
+    common = dict(precision=cfg.indexer_precision, rope_dim=cfg.indexer_rope_dim,
+                  max_seq_len=cfg.max_seq_len, rope_base=cfg.rope_base)
+    if cfg.multiscale_block:
+        top_blocks = max(1, math.ceil(MULTISCALE_CANDIDATE_FACTOR * cfg.sparse_top_k / cfg.multiscale_block))
+        return MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
+    if cfg.indexer_precision != "fp32" or cfg.shared_indexer_group > 1:  # a shared leader must return its scores
+        return OptimizedLightningIndexer(*sizes, **common)  # (the plain indexer may take a chunked fast path)
+    return LightningIndexer(*sizes, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
+
+
+def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
+    """A layer's selector from ModelConfig: k strategy, else pattern, else plain top-k; restricted to
+    the indexer's regions when it is a MultiScaleIndexer."""
+    if cfg.k_strategy != "fixed":
+        selector = build_k_selector(cfg.k_strategy, cfg.sparse_top_k)
+    elif cfg.selection_pattern != "topk":
+        selector = build_pattern(cfg.selection_pattern, cfg.sparse_top_k)
+    else:
+        selector = TopKTokenSelector(cfg.sparse_top_k)
+    if isinstance(indexer, MultiScaleIndexer):
+        selector = RegionRestrictedSelector(selector, indexer)
+    return selector
+
+
+def indexer_leaders(n_layers: int, group: int) -> list[int]:
+    """Layer i reuses the index scores of layer leaders[i] (itself when it owns an indexer). Groups of
+    `group` consecutive layers share the first one's indexer; a last group of one layer keeps its own."""
+    return [i - i % group for i in range(n_layers)]
+
+
+def build_sparse_attention(cfg: ModelConfig, leader: DeepSeekSparseAttention | None = None):
+    """A layer's DSA module; `leader` is its group leader's module when it shares that indexer."""
+    if leader is not None:
+        selector = build_selector(cfg, leader.indexer)
+        return DeepSeekSparseAttention(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
+    indexer = build_indexer(cfg)
+    return DeepSeekSparseAttention(cfg, indexer, build_selector(cfg, indexer), build_backend(cfg))
+
+
+# ----------------------------------------------------------------------------- language models
+@dataclass
+class ModelAux:
+    """What a forward computed beside the logits."""
+    layers: list[AttentionAux]  # one per layer
+    balance_loss: torch.Tensor  # MoE sequence-level balance loss, summed over layers
+
+    @property
+    def indexer_loss(self) -> torch.Tensor:
+        """Sum over layers of the indexer KL (raises when the forward's mode asked for none)."""
+        losses = [a.indexer_loss for a in self.layers if a.indexer_loss is not None]
+        if not losses:
+            raise RuntimeError("no indexer loss was computed: forward with AttentionMode(indexer_loss=...)")
+        return sum(losses)
+
+    @property
+    def stats(self) -> list[dict]:
+        return [a.stats for a in self.layers if a.stats is not None]
 
 
 class _MoELLM(nn.Module):
-    attention_cls: type[nn.Module] = CausalSelfAttention
+    default_mode = DENSE  # what a plain model(input_ids) computes
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.token_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, self.attention_cls(cfg)) for _ in range(cfg.n_layers))
+        attentions: list[nn.Module] = []
+        for layer in range(cfg.n_layers):
+            attentions.append(self.build_attention(cfg, layer, attentions))
+        self.blocks = nn.ModuleList(Block(cfg, attn) for attn in attentions)
         self.norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
 
+    @property
+    def leaders(self) -> list[int]:
+        """Layer i reuses the index scores of layer leaders[i] (itself when it owns an indexer)."""
+        return indexer_leaders(self.cfg.n_layers, self.cfg.shared_indexer_group)
+
+    def build_attention(self, cfg: ModelConfig, layer: int, earlier: list[nn.Module]) -> nn.Module:
+        return CausalSelfAttention(cfg)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, L) long -> logits (B, L, vocab)."""
+    def forward(self, input_ids: torch.Tensor, mode: AttentionMode | None = None, return_aux: bool = False):
+        """input_ids (B, L) long -> logits (B, L, vocab), or (logits, ModelAux) with return_aux.
+
+        `mode` says what attention computes (default: the model's own — dense for the classic model,
+        sparse for the sparse one)."""
         if input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
+        mode = self.default_mode if mode is None else mode
         x = self.token_emb(input_ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.norm(x))
+        layers, balance = [], []
+        for i, block in enumerate(self.blocks):
+            leader = self.leaders[i]
+            x, aux, balance_loss = block(x, mode, layers[leader].index_scores if leader != i else None)
+            layers.append(aux)
+            balance.append(balance_loss)
+        logits = self.lm_head(self.norm(x))
+        return (logits, ModelAux(layers, sum(balance))) if return_aux else logits
 
     @property
     def attentions(self) -> list:
         return [block.attn for block in self.blocks]
 
-    def set_timer(self, timer) -> None:
-        """Time attention (and indexer) sections with a SectionTimer; None switches timing off."""
-        for attn in self.attentions:
-            attn.timer = timer
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if ".indexer." in n]
 
-    def aux_loss(self) -> torch.Tensor:
-        """MoE balance loss of the last forward, summed over layers."""
-        return sum(block.ffn.aux_loss for block in self.blocks)
+    def main_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if ".indexer." not in n]
+
+    def set_training_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1] for progressive k schedules (a no-op without one)."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"training progress fraction={fraction} must be in [0, 1]")
+        for module in self.modules():
+            if hasattr(module, "set_progress"):
+                module.set_progress(fraction)
 
     def update_balance_bias(self) -> list[list[float]]:
         """Loss-free balancing step for every MoE layer; returns per-layer expert load shares."""
@@ -157,65 +267,37 @@ class _MoELLM(nn.Module):
 
 class ClassicAttentionMoELLM(_MoELLM):
     """Dense causal attention + MoE (the baseline)."""
-    attention_cls = CausalSelfAttention
 
 
 class SparseAttentionMoELLM(_MoELLM):
-    """DeepSeek Sparse Attention + MoE. Sparse on/off, indexer loss mode and stats are switched per model."""
-    attention_cls = DeepSeekSparseAttention
+    """DeepSeek Sparse Attention + MoE. What a forward computes (sparse or dense attention, which indexer
+    loss, recall statistics) is its `mode` argument; the results come back in ModelAux."""
+    default_mode = AttentionMode()
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        # cfg.shared_indexer_group > 1: followers reuse their group leader's index scores
-        self.shared_index_scores = share_indexers(self.attentions, cfg.shared_indexer_group)
+    def build_attention(self, cfg: ModelConfig, layer: int, earlier: list[nn.Module]) -> nn.Module:
+        leader = indexer_leaders(cfg.n_layers, cfg.shared_indexer_group)[layer]
+        return build_sparse_attention(cfg, earlier[leader] if leader != layer else None)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, L) long -> logits (B, L, vocab)."""
-        for shared in self.shared_index_scores:  # never reuse scores from another forward
-            shared.clear()
-        try:
-            return super().forward(input_ids)
-        finally:
-            for shared in self.shared_index_scores:
-                shared.clear()
 
-    def set_training_progress(self, fraction: float) -> None:
-        """Training progress in [0, 1] for progressive k schedules (call every sparse-stage step)."""
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"training progress fraction={fraction} must be in [0, 1]")
-        for module in self.modules():
-            if hasattr(module, "set_progress"):
-                module.set_progress(fraction)
+# ----------------------------------------------------------------------------- parameter reports
+def indexer_parameter_report(model) -> dict:
+    """Indexer parameters of a SparseAttentionMoELLM and their share of all its parameters."""
+    indexer = sum(p.numel() for p in model.indexer_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    owners = sum(1 for a in model.attentions if a.indexer is not None)
+    return {"indexer_params": indexer, "total_params": total, "indexer_share": indexer / total,
+            "indexers": owners, "params_per_indexer": indexer // max(1, owners)}
 
-    def set_sparse(self, enabled: bool) -> None:
-        for attn in self.attentions:
-            attn.sparse_enabled = enabled
 
-    def set_indexer_loss(self, mode: str | None) -> None:
-        if mode not in (None, "dense", "sparse"):
-            raise ValueError(f"indexer loss mode {mode!r} is unknown; use None, 'dense' or 'sparse'")
-        for attn in self.attentions:
-            attn.indexer_loss_mode = mode
-
-    def set_collect_stats(self, enabled: bool) -> None:
-        for attn in self.attentions:
-            attn.collect_stats = enabled
-            attn.last_stats = None
-
-    def indexer_loss(self) -> torch.Tensor:
-        """Sum over layers of the indexer KL from the last forward."""
-        losses = [a.last_indexer_loss for a in self.attentions if a.last_indexer_loss is not None]
-        if not losses:
-            raise RuntimeError("no indexer loss was computed: call set_indexer_loss('dense'|'sparse') first")
-        return sum(losses)
-
-    def indexer_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if ".indexer." in n]
-
-    def main_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if ".indexer." not in n]
-
-    def freeze_main(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) everything but the indexers."""
-        for p in self.main_parameters():
-            p.requires_grad_(not frozen)
+def variant_parameter_reports(base_cfg: ModelConfig, variants: dict[str, dict]) -> dict[str, dict]:
+    """{variant name: indexer_parameter_report + reduction vs base_cfg's indexer} for ModelConfig
+    override dicts. Models are built on the meta
+    device: no memory, no time."""
+    with torch.device("meta"):
+        base = indexer_parameter_report(SparseAttentionMoELLM(base_cfg))["indexer_params"]
+        reports = {}
+        for name, overrides in variants.items():
+            report = indexer_parameter_report(SparseAttentionMoELLM(dataclasses.replace(base_cfg, **overrides)))
+            report["indexer_param_reduction"] = 1 - report["indexer_params"] / base
+            reports[name] = report
+    return reports

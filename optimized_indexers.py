@@ -1,19 +1,17 @@
-"""Cheaper lightning indexers (seed "Experiment 4"): smaller sizes, low precision, one indexer shared
-by a group of layers, a two-scale (block -> token) indexer, and the factories that build a layer's
-indexer and selector from ModelConfig.
+"""Cheaper lightning indexers (seed "Experiment 4"): smaller sizes, low precision, a two-scale
+(block -> token) indexer. (Cross-layer sharing and the factories that build a layer's indexer and
+selector from ModelConfig live in models.py.)
 
 All keep LightningIndexer's contract: x (B, L, d_model) -> causal index scores (B, L, L), -inf at s > t.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from quantization_utils import (check_precision, indexer_autocast, precision_index_scores,
                                 quantize_indexer_inputs)
-from sparse_attention import LightningIndexer, TopKTokenSelector
+from sparse_attention import LightningIndexer
 
 # Indexer sizes: the plan's named four and the full heads x dims grid. Values are ModelConfig overrides
 # (RoPE on half of the indexer dims, as in the default 4 x 64 / 32).
@@ -118,114 +116,7 @@ class RegionRestrictedSelector(nn.Module):
         return self.selector(scores.masked_fill(~mask, float("-inf")))
 
 
-# ----------------------------------------------------------------------------- cross-layer sharing
-class SharedScores:
-    """The index scores a group leader's indexer produced in the current model forward."""
-
-    def __init__(self):
-        self.scores: torch.Tensor | None = None
-
-    def store(self, module, inputs, output) -> None:  # forward hook on the leader's indexer
-        self.scores = output
-
-    def clear(self) -> None:
-        self.scores = None
-
-
-class SharedIndexerScores(nn.Module):
-    """A follower layer's indexer: no parameters, no compute — it returns its group leader's scores
-    (computed from the leader layer's input, so causal). The followers' KL losses reach the leader's
-    indexer through these scores, so the shared indexer is trained on every layer of its group."""
-
-    def __init__(self, shared: SharedScores):
-        super().__init__()
-        self.shared = shared
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.shared.scores
-        if scores is None or scores.shape != (x.shape[0], x.shape[1], x.shape[1]):
-            raise RuntimeError("shared indexer scores are missing: the group's first layer must compute its "
-                               "indexer scores earlier in the same forward (same sparse/loss/stats switches)")
-        return scores
-
-
-def share_indexers(attentions: list, group: int) -> list[SharedScores]:
-    """Layers [0..group-1], [group..2*group-1], ... share the first layer's indexer. Returns the caches
-    (the model clears them around each forward). group 1: nothing shared."""
-    caches = []
-    for start in range(0, len(attentions), group):
-        leader, followers = attentions[start], attentions[start + 1: start + group]
-        if not followers:  # group 1, or a last group of one layer
-            continue
-        cache = SharedScores()
-        leader.indexer.register_forward_hook(cache.store)
-        for attn in followers:
-            attn.indexer = SharedIndexerScores(cache)
-            if isinstance(attn.selector, RegionRestrictedSelector):
-                object.__setattr__(attn.selector, "region_source", leader.indexer)
-        caches.append(cache)
-    return caches
-
-
-# ----------------------------------------------------------------------------- factories
-def build_indexer(cfg) -> nn.Module:
-    """A layer's indexer from ModelConfig (the plain LightningIndexer for the default fields)."""
-    sizes = (cfg.d_model, cfg.indexer_heads, cfg.indexer_dim)
-    common = dict(precision=cfg.indexer_precision, rope_dim=cfg.indexer_rope_dim,
-                  max_seq_len=cfg.max_seq_len, rope_base=cfg.rope_base)
-    if cfg.multiscale_block:
-        top_blocks = max(1, math.ceil(MULTISCALE_CANDIDATE_FACTOR * cfg.sparse_top_k / cfg.multiscale_block))
-        return MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
-    if cfg.indexer_precision != "fp32" or cfg.shared_indexer_group > 1:  # a shared leader must run forward
-        return OptimizedLightningIndexer(*sizes, **common)  # (the plain indexer may take a chunked fast path)
-    return LightningIndexer(*sizes, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
-
-
-def build_selector(cfg, indexer: nn.Module) -> nn.Module:
-    """A layer's selector from ModelConfig: k strategy, else pattern, else plain top-k; restricted to
-    the indexer's regions when it is a MultiScaleIndexer."""
-    if cfg.k_strategy != "fixed":
-        from adaptive_selection import build_k_selector
-        selector = build_k_selector(cfg.k_strategy, cfg.sparse_top_k)
-    elif cfg.selection_pattern != "topk":
-        from efficient_patterns import build_pattern
-        selector = build_pattern(cfg.selection_pattern, cfg.sparse_top_k)
-    else:
-        selector = TopKTokenSelector(cfg.sparse_top_k)
-    if isinstance(indexer, MultiScaleIndexer):
-        selector = RegionRestrictedSelector(selector, indexer)
-    return selector
-
-
 # ----------------------------------------------------------------------------- parameter counts
 def indexer_param_count(d_model: int, heads: int, dim: int) -> int:
     """Parameters of one indexer: q_proj d*H*d_I + k_proj d*d_I + LayerNorm 2*d_I + weights_proj d*H."""
     return d_model * heads * dim + d_model * dim + 2 * dim + d_model * heads
-
-
-def indexer_parameter_report(model) -> dict:
-    """Indexer parameters of a SparseAttentionMoELLM and their share of all its parameters."""
-    indexer = sum(p.numel() for p in model.indexer_parameters())
-    total = sum(p.numel() for p in model.parameters())
-    owners = sum(1 for a in model.attentions if not isinstance(a.indexer, SharedIndexerScores))
-    return {"indexer_params": indexer, "total_params": total, "indexer_share": indexer / total,
-            "indexers": owners, "params_per_indexer": indexer // max(1, owners)}
-
-
-def variant_parameter_reports(base_cfg, variants: dict | None = None) -> dict[str, dict]:
-    """{variant name: indexer_parameter_report + reduction vs base_cfg's indexer} for ModelConfig
-    override dicts (default INDEXER_VARIANTS + SHARED_INDEXER_VARIANTS). Models are built on the meta
-    device: no memory, no time."""
-    import dataclasses
-
-    from models import SparseAttentionMoELLM  # models imports this module's users; keep the import here
-
-    variants = {**INDEXER_VARIANTS, **SHARED_INDEXER_VARIANTS} if variants is None else variants
-    with torch.device("meta"):
-        base = indexer_parameter_report(SparseAttentionMoELLM(base_cfg))["indexer_params"]
-        reports = {}
-        for name, overrides in variants.items():
-            report = indexer_parameter_report(SparseAttentionMoELLM(dataclasses.replace(base_cfg, **overrides)))
-            report["indexer_param_reduction"] = 1 - report["indexer_params"] / base
-            reports[name] = report
-    return reports

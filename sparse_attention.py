@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,7 @@ def _kl(p: torch.Tensor, scores: torch.Tensor, support: torch.Tensor) -> torch.T
     return terms.sum(-1).mean()
 
 
-# ----------------------------------------------------------------------------- attention modules
+# ----------------------------------------------------------------------------- forward options and results
 class SectionTimer:
     """Accumulates wall time of named sections (synchronising CUDA so times are real)."""
 
@@ -199,6 +200,99 @@ class SectionTimer:
         return result
 
 
+def timed(timer: SectionTimer | None, name: str, fn, *args):
+    return timer.time(name, fn, *args) if timer is not None else fn(*args)
+
+
+INDEXER_LOSS_MODES = (None, "dense", "sparse")
+
+
+@dataclass(frozen=True)
+class AttentionMode:
+    """What one forward computes (passed down, never left in module state).
+
+    sparse        False = dense attention (warm-up, or the classic model)
+    indexer_loss  None | 'dense' (warm-up KL over all s <= t; needs sparse=False) | 'sparse' (KL over S_t;
+                  needs sparse=True)
+    stats         return indexer recall vs dense attention (evaluation) and the selected indices
+    timer         accumulate 'indexer' / 'attention' wall time (profiled steps only; not part of the maths)
+    """
+    sparse: bool = True
+    indexer_loss: str | None = None
+    stats: bool = False
+    timer: SectionTimer | None = None
+
+    def __post_init__(self):
+        if self.indexer_loss not in INDEXER_LOSS_MODES:
+            raise ValueError(f"indexer_loss={self.indexer_loss!r} is unknown; use None, 'dense' or 'sparse'")
+        if self.indexer_loss == "sparse" and not self.sparse:
+            raise ValueError("indexer_loss='sparse' needs sparse=True (the KL over the selected set)")
+        if self.indexer_loss == "dense" and self.sparse:
+            raise ValueError("indexer_loss='dense' needs sparse=False (the warm-up KL uses dense attention)")
+
+    @property
+    def needs_indexer(self) -> bool:
+        return self.sparse or self.indexer_loss is not None or self.stats
+
+
+DENSE = AttentionMode(sparse=False)
+
+
+@dataclass
+class AttentionAux:
+    """What one attention layer computed beside its output."""
+    indexer_loss: torch.Tensor | None = None  # scalar KL (when the mode asked for one)
+    stats: dict | None = None  # selection_recall(...) (when mode.stats)
+    selected_idx: torch.Tensor | None = None  # (B, L, K), -1 = invalid (when the layer selected)
+    index_scores: torch.Tensor | None = None  # (B, L, L) full scores (reference selection only), for sharing
+
+
+# ----------------------------------------------------------------------------- backends
+@dataclass
+class Selection:
+    """A layer's choice of keys. Token level: selected_idx/valid (B, L, K). Block backends also keep the
+    block-level choice (B, nb, Kb) they expand from. `scores` (B, L, L) when the full index scores were
+    built (reference selection); `index_inputs` (q, k, w) when they were not (chunked selection)."""
+    selected_idx: torch.Tensor
+    valid: torch.Tensor
+    scores: torch.Tensor | None = None
+    index_inputs: tuple | None = None
+    block_idx: torch.Tensor | None = None
+    block_valid: torch.Tensor | None = None
+    block_size: int = 0
+
+
+def reference_select(indexer, selector, x: torch.Tensor, *, shared_scores: torch.Tensor | None = None) -> Selection:
+    """Full (B, L, L) index scores, then the selector. x (B, L, d_model), already detached from the main
+    model. A layer sharing its group leader's indexer passes the leader's scores instead of an indexer."""
+    scores = shared_scores if indexer is None else indexer(x)  # (B, L, L), -inf future
+    selected_idx, valid = selector(scores.detach())
+    return Selection(selected_idx, valid, scores=scores)
+
+
+class MaskedBackend:
+    """The reference backend: full index scores, the selector's top-k, dense scores masked to S_t.
+
+    Every backend has the same three methods with the same signatures (tests/test_kernels.py checks it):
+      select(indexer, selector, x, *, shared_scores)       -> Selection
+      attend(q, k, v, *, selection, return_probs)          -> out (B, H, L, D), probs at slots (B, H, L, K) | None
+      selected_scores(selection)                           -> index scores at the slots (B, L, K), -inf invalid
+    """
+    name = "masked"
+    block_size = 0
+
+    def select(self, indexer, selector, x: torch.Tensor, *, shared_scores: torch.Tensor | None = None) -> Selection:
+        return reference_select(indexer, selector, x, shared_scores=shared_scores)
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return sparse_attention_masked(q, k, v, selection.selected_idx, selection.valid, return_probs)
+
+    def selected_scores(self, selection: Selection) -> torch.Tensor:
+        scores = selection.scores.gather(-1, selection.selected_idx.clamp(min=0))
+        return scores.masked_fill(~selection.valid, float("-inf"))
+
+
+# ----------------------------------------------------------------------------- attention modules
 class CausalSelfAttention(nn.Module):
     """Dense causal multi-head attention with RoPE (the classic model's attention)."""
 
@@ -208,10 +302,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_base)
-        self.timer: SectionTimer | None = None  # set for profiled steps only
-
-    def _timed(self, name, fn, *args):
-        return self.timer.time(name, fn, *args) if self.timer is not None else fn(*args)
 
     def project(self, x: torch.Tensor):
         """x (B, L, d_model) -> q, k, v (B, H, L, D), RoPE applied to q and k."""
@@ -224,109 +314,65 @@ class CausalSelfAttention(nn.Module):
         B, H, L, D = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mode: AttentionMode = DENSE, shared_scores=None):
+        """x (B, L, d_model) -> out (B, L, d_model), AttentionAux (empty: no indexer)."""
+        if mode.needs_indexer:
+            raise ValueError(f"{mode} asks for an indexer, but dense attention has none; use AttentionMode(sparse=False)")
         q, k, v = self.project(x)
-        return self.merge(self._timed("attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True))
+        out = timed(mode.timer, "attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True)
+        return self.merge(out), AttentionAux()
 
 
 class DeepSeekSparseAttention(CausalSelfAttention):
     """Causal attention where query t attends only to S_t, chosen by the lightning indexer.
 
-    One index set per (batch, query) shared by all heads. Switches:
-      sparse_enabled     False = dense attention (warm-up, or k >= L comparisons)
-      indexer_loss_mode  None | 'dense' (warm-up KL over all s <= t) | 'sparse' (KL over S_t)
-      collect_stats      record indexer recall vs dense attention (evaluation)
+    One index set per (batch, query) shared by all heads. The indexer, selector and backend are given
+    (models.py builds them from the config); the defaults are the reference pieces. `indexer=None` makes a
+    layer that reuses its group leader's index scores (passed to forward as `shared_scores`).
     The indexer always reads x.detach(): no gradient flows from the indexer into the main model,
     and top-k is not differentiable, so the LM loss never reaches the indexer.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, indexer: nn.Module | None = None, selector: nn.Module | None = None,
+                 backend: MaskedBackend | None = None, shares_indexer: bool = False):
         super().__init__(cfg)
-        from optimized_indexers import build_indexer, build_selector  # imported here: they import this module
-        # Default config: LightningIndexer + TopKTokenSelector(sparse_top_k); the indexer-optimisation
-        # fields (precision, pattern, k strategy, multi-scale) pick other ones with the same contracts.
-        self.indexer = build_indexer(cfg)
-        self.selector = build_selector(cfg, self.indexer)
-        self.backend = cfg.attention_backend
-        self.block_size = cfg.sparse_block_size  # 'block'/'flex' backends only
-        self.sparse_enabled = True
-        self.indexer_loss_mode: str | None = None
-        self.collect_stats = False
-        self.last_indexer_loss: torch.Tensor | None = None
-        self.last_stats: dict | None = None
-        self.last_selected_idx: torch.Tensor | None = None
+        self.indexer = None if shares_indexer else indexer or LightningIndexer(
+            cfg.d_model, cfg.indexer_heads, cfg.indexer_dim, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
+        self.selector = selector or TopKTokenSelector(cfg.sparse_top_k)
+        self.backend = backend or MaskedBackend()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None):
+        """x (B, L, d_model) -> out (B, L, d_model), AttentionAux."""
+        if self.indexer is None and shared_scores is None:
+            raise ValueError("this layer shares its group leader's indexer: pass the leader's index scores "
+                             "as shared_scores (the model does)")
         q, k, v = self.project(x)
-        mode = self.indexer_loss_mode
-        self.last_indexer_loss = None
-        if not (self.sparse_enabled or mode or self.collect_stats):
-            return self.merge(self._timed("attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True))
-        if self.sparse_enabled and self._fast_path():
-            return self.merge(self._fast_forward(x, q, k, v, mode))
-
-        scores, selected_idx, valid = self._timed("indexer", self._select, x)  # (B, L, L), (B, L, K) x2
-        self.last_selected_idx = selected_idx
-        if self.sparse_enabled:
-            out, selected_probs = self._timed(
-                "attention", lambda: sparse_attention(self.backend, q, k, v, selected_idx, valid,
-                                                      return_probs=mode == "sparse"))
-            if mode == "sparse":
-                selected_scores = scores.gather(-1, selected_idx.clamp(min=0))
-                self.last_indexer_loss = indexer_kl_sparse(selected_probs.detach(), selected_scores, valid)
-        else:
-            probs = self._timed("attention", causal_attention_probs, q, k)
+        if not mode.needs_indexer:
+            out = timed(mode.timer, "attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True)
+            return self.merge(out), AttentionAux()
+        aux = AttentionAux()
+        if mode.sparse:
+            backend = self.backend
+            with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "sparse"):
+                selection = timed(mode.timer, "indexer", lambda: backend.select(
+                    self.indexer, self.selector, x.detach(), shared_scores=shared_scores))
+            out, selected_probs = timed(mode.timer, "attention", lambda: backend.attend(
+                q, k, v, selection=selection, return_probs=mode.indexer_loss == "sparse"))
+            if mode.indexer_loss == "sparse":
+                aux.indexer_loss = indexer_kl_sparse(selected_probs.detach(), backend.selected_scores(selection),
+                                                     selection.valid)
+        else:  # dense attention; the indexer runs for the warm-up KL and/or recall statistics
+            with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "dense"):
+                selection = timed(mode.timer, "indexer", lambda: reference_select(
+                    self.indexer, self.selector, x.detach(), shared_scores=shared_scores))
+            probs = timed(mode.timer, "attention", causal_attention_probs, q, k)
             out = probs @ v
-            if mode == "dense":
-                self.last_indexer_loss = indexer_kl_dense(probs.detach(), scores)
-            elif mode == "sparse":
-                raise ValueError("indexer_loss_mode='sparse' needs sparse_enabled=True")
-        if self.collect_stats:
-            self.last_stats = selection_recall(q.detach(), k.detach(), selected_idx, valid)
-        return self.merge(out)
-
-    def _select(self, x: torch.Tensor):
-        scores = self.indexer(x.detach())
-        return scores, *self.selector(scores.detach())
-
-    def _fast_path(self) -> bool:
-        """Fast backends with the plain indexer + top-k selector select without an L x L tensor."""
-        plain = type(self.indexer) is LightningIndexer and type(self.selector) is TopKTokenSelector
-        if self.backend in ("block", "flex") and not plain:
-            raise ValueError(f"attention_backend={self.backend!r} needs the plain lightning indexer and top-k "
-                             f"selector; use attention_backend='gather' with other indexers or selectors")
-        return plain and self.backend != "masked"
-
-    def _fast_forward(self, x, q, k, v, mode):
-        """Chunked (token-level) or block-level selection under no_grad, then a kernels.py backend; the
-        sparse-stage KL recomputes index scores at the selected slots only. -> out (B, H, L, D)."""
-        import kernels
-        with torch.set_grad_enabled(torch.is_grad_enabled() and mode == "sparse"):
-            iq, ik, iw = self.indexer.project(x.detach())  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
-        selection = self._timed("indexer", kernels.select, self.backend, iq.detach(), ik.detach(), iw.detach(),
-                                self.selector.top_k, self.block_size)
-        out, selected_probs, (selected_idx, valid) = self._timed(
-            "attention", kernels.attend, self.backend, q, k, v, selection, mode == "sparse", self.block_size)
-        self.last_selected_idx = selected_idx
-        if mode == "sparse":
-            selected_scores = kernels.selected_scores(self.backend, iq, ik, iw, selection, selected_idx, valid,
-                                                      self.block_size)  # (B, L, K)
-            self.last_indexer_loss = indexer_kl_sparse(selected_probs.detach(), selected_scores, valid)
-        if self.collect_stats:
-            self.last_stats = selection_recall(q.detach(), k.detach(), selected_idx, valid)
-        return out
-
-
-def sparse_attention(backend: str, q, k, v, selected_idx, valid, return_probs: bool = False):
-    """Dispatch to the reference ('masked') or a faster path from kernels.py."""
-    if backend == "masked":
-        return sparse_attention_masked(q, k, v, selected_idx, valid, return_probs)
-    import kernels  # faster paths live beside, not inside, the reference
-    if backend not in kernels.SPARSE_BACKENDS:  # 'block'/'flex' attend per query block, not per token
-        raise ValueError(f"attention_backend={backend!r} selects per query block: use kernels.select/attend "
-                         f"(DeepSeekSparseAttention does), or a token-level backend: masked, "
-                         f"{', '.join(kernels.SPARSE_BACKENDS)}")
-    return kernels.SPARSE_BACKENDS[backend](q, k, v, selected_idx, valid, return_probs)
+            if mode.indexer_loss == "dense":
+                aux.indexer_loss = indexer_kl_dense(probs.detach(), selection.scores)
+        aux.index_scores, aux.selected_idx = selection.scores, selection.selected_idx
+        if mode.stats:
+            aux.stats = selection_recall(q.detach(), k.detach(), selection.selected_idx, selection.valid)
+        return self.merge(out), aux
 
 
 @torch.no_grad()

@@ -7,11 +7,13 @@ The classic baseline starts from the same shared weights and sees the same batch
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +22,9 @@ from tqdm.auto import tqdm
 
 from config import ModelConfig, TrainConfig
 from data import BatchStream, Windows, eval_subset
+from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
-from sparse_attention import SectionTimer, merge_recall_stats
+from sparse_attention import DENSE, AttentionMode, SectionTimer, merge_recall_stats
 
 
 class TrainingDiverged(RuntimeError):
@@ -30,7 +33,6 @@ class TrainingDiverged(RuntimeError):
 
 def check_backend_device(backend: str, device: torch.device) -> None:
     """Refuse, before any training, a backend that cannot train on this device."""
-    from config import CPU_TRAINABLE_BACKENDS
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cpu" and backend not in CPU_TRAINABLE_BACKENDS and not interpreted:
         raise ValueError(f"attention_backend={backend!r} cannot train on CPU; use one of "
@@ -86,29 +88,74 @@ def peak_memory(device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, val: torch.Tensor, batch_size: int, device: torch.device, recall: bool = False) -> dict:
-    """Held-out loss, accuracy, perplexity; for a sparse model with recall=True also indexer recall."""
+    """Held-out loss, accuracy, perplexity in the model's own mode; with recall=True (a model with
+    indexers) also indexer recall."""
     was_training = model.training
     model.eval()
-    if recall:
-        model.set_collect_stats(True)
+    mode = dataclasses.replace(model.default_mode, stats=recall)
     total_loss, correct, count, stats = 0.0, 0, 0, []
     for start in range(0, len(val), batch_size):
         batch = val[start: start + batch_size].to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = model(inputs).float()
+        logits, aux = model(inputs, mode, return_aux=True)
+        logits = logits.float()
         total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == targets).sum().item()
         count += targets.numel()
-        if recall:
-            stats += [a.last_stats for a in model.attentions]
-    if recall:
-        model.set_collect_stats(False)
+        stats += aux.stats
     model.train(was_training)
     loss = total_loss / count
     result = {"val_loss": loss, "val_accuracy": correct / count, "val_perplexity": math.exp(min(loss, 50))}
     if recall:
         result.update(merge_recall_stats(stats))
     return result
+
+
+# ----------------------------------------------------------------------------- stages as data
+@dataclass(frozen=True)
+class Stage:
+    """One training stage. `trains` 'all' or 'indexer' (main model frozen); `mode` what attention computes
+    (sparse on/off, which indexer loss); `lm_loss` whether the LM loss (+ MoE balance loss) is optimised;
+    `lr` the main (or, when only the indexer trains, the indexer) learning rate; `indexer_lr` the indexer
+    group's lr when everything trains; `eval_every` None = evaluate only before and after."""
+    name: str
+    steps: int
+    trains: str
+    mode: AttentionMode
+    lm_loss: bool
+    lr: float
+    indexer_lr: float | None = None
+    weight_decay: float = 0.0
+    recall: bool = False
+    eval_every: int | None = None
+
+
+def dense_stage(tcfg: TrainConfig, steps: int | None = None) -> Stage:
+    """Dense training of every parameter with the LM loss (stage 0 and the classic continuation)."""
+    return Stage("dense", tcfg.steps if steps is None else steps, "all", DENSE, lm_loss=True,
+                 lr=tcfg.learning_rate, weight_decay=tcfg.weight_decay, eval_every=tcfg.eval_every)
+
+
+def warmup_stage(tcfg: TrainConfig) -> Stage:
+    """Stage 1: dense attention, main model frozen, indexers trained on the dense KL at warmup_lr."""
+    return Stage("warmup", tcfg.warmup_steps, "indexer", AttentionMode(sparse=False, indexer_loss="dense"),
+                 lm_loss=False, lr=tcfg.warmup_lr, recall=True)
+
+
+def sparse_stage(tcfg: TrainConfig) -> Stage:
+    """Stage 2: sparse attention; main model on the LM loss, indexers on the sparse KL in their own group."""
+    return Stage("sparse", tcfg.steps, "all", AttentionMode(sparse=True, indexer_loss="sparse"), lm_loss=True,
+                 lr=tcfg.learning_rate, indexer_lr=tcfg.indexer_lr, weight_decay=tcfg.weight_decay, recall=True,
+                 eval_every=tcfg.eval_every)
+
+
+def _param_groups(model, stage: Stage) -> list[dict]:
+    if stage.trains == "indexer":
+        return [{"params": model.indexer_parameters(), "lr": stage.lr, "weight_decay": 0.0}]
+    if stage.indexer_lr is None:
+        return [{"params": list(model.parameters()), "lr": stage.lr, "weight_decay": stage.weight_decay}]
+    return [{"params": model.main_parameters(), "lr": stage.lr, "weight_decay": stage.weight_decay},
+            {"params": model.indexer_parameters(), "lr": stage.indexer_lr, "weight_decay": 0.0}]
 
 
 def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: int) -> None:
@@ -124,54 +171,34 @@ def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: i
     sched.step()
 
 
-def warmup_indexer(model: SparseAttentionMoELLM, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig,
-                   device: torch.device, desc: str = "warm-up") -> dict:
-    """Stage 1: dense attention, main model frozen, indexers trained on the dense KL."""
-    before = evaluate(model, val, tcfg.batch_size, device, recall=True)
-    model.set_sparse(False)
-    model.freeze_main(True)
-    model.set_indexer_loss("dense")
-    opt, sched = _optimizer([{"params": model.indexer_parameters(), "lr": tcfg.warmup_lr, "weight_decay": 0.0}],
-                            tcfg, tcfg.warmup_steps)
-    kl_curve = []
-    for step in tqdm(range(tcfg.warmup_steps), desc=desc, leave=False, disable=tcfg.warmup_steps == 0):
-        inputs, _ = stream.next()
-        model(inputs.to(device))
-        loss = model.indexer_loss()
-        _update(loss, opt, sched, tcfg.grad_clip, desc, step)
-        kl_curve.append(loss.item())
-    model.freeze_main(False)
-    model.set_indexer_loss(None)
-    model.set_sparse(True)  # recall is measured as it was before warm-up: on the sparse model's own selection
-    for block in model.blocks:  # warm-up routing must not feed stage 2's first balance update
-        block.ffn.load_counts.zero_()
-    after = evaluate(model, val, tcfg.batch_size, device, recall=True)
-    return {"indexer_kl": kl_curve, "recall_before": before["indexer_recall"],
-            "recall_after": after["indexer_recall"], "random_recall": after["random_recall"],
-            "local_recall": after["local_recall"]}
+@contextlib.contextmanager
+def _frozen_main(model, frozen: bool):
+    """Main parameters need no gradient while only the indexers train."""
+    params = model.main_parameters() if frozen else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
-def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,
-             desc: str, steps: int | None = None) -> dict:
-    """Stage 2 for the sparse model (LM loss + sparse indexer KL), or dense training of the classic model
-    (`steps` defaults to tcfg.steps; a fresh AdamW and lr schedule each call).
+def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig,
+              device: torch.device, desc: str) -> dict:
+    """Train `model` through one stage (a fresh AdamW and lr schedule) -> {"curves", "final", "before"}.
 
-    Returns curves at every evaluation (steps, train_loss, val_loss, val_accuracy, time_per_step and,
-    for the sparse model, indexer_kl and indexer_recall) and the final metrics.
+    Curves at every evaluation: steps, train_loss (LM), val_loss, val_accuracy, val_perplexity,
+    time_per_step; with an indexer loss also indexer_kl (per-step in `step_indexer_kl`); with recall also
+    indexer_recall, random_recall, local_recall, mean_selected_keys. `before` is the evaluation before
+    the first step when the stage evaluates only at its ends.
     """
-    sparse = isinstance(model, SparseAttentionMoELLM)
-    lr = {"lr": tcfg.learning_rate, "weight_decay": tcfg.weight_decay}
-    if sparse:
-        model.set_sparse(True)
-        model.set_indexer_loss("sparse")
-        groups = [{"params": model.main_parameters(), **lr},
-                  {"params": model.indexer_parameters(), "lr": tcfg.indexer_lr, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters()), **lr}]
-    steps = tcfg.steps if steps is None else steps
-    opt, sched = _optimizer(groups, tcfg, steps)
+    steps = stage.steps
+    before = evaluate(model, val, tcfg.batch_size, device, recall=stage.recall) if stage.eval_every is None else None
+    opt, sched = _optimizer(_param_groups(model, stage), tcfg, steps)
     keys = ["steps", "train_loss", "val_loss", "val_accuracy", "val_perplexity", "time_per_step"]
-    keys += ["indexer_kl", "indexer_recall", "random_recall", "local_recall"] if sparse else []
+    keys += ["indexer_kl"] if stage.mode.indexer_loss else []
+    keys += ["indexer_recall", "random_recall", "local_recall", "mean_selected_keys"] if stage.recall else []
     curves = {k: [] for k in keys}
     step_loss, step_time, step_kl = [], [], []  # one entry per step
     timer = SectionTimer(cuda=device.type == "cuda")
@@ -180,56 +207,83 @@ def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, d
     load_sum = 0.0  # (layers, experts): share of routed slots, summed over steps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.train()
-    for step in tqdm(range(steps), desc=desc, leave=False):
-        inputs, targets = (t.to(device) for t in stream.next())
-        model.set_timer(timer if step in profile else None)
-        if hasattr(model, "set_training_progress"):  # progressive-k schedules
-            model.set_training_progress(step / steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = model(inputs)
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss = lm_loss + model.aux_loss()
-        if sparse:
-            kl = model.indexer_loss()  # touches indexer params only (detached input and targets)
-            loss = loss + kl
-            step_kl.append(kl.item())
-        _update(loss, opt, sched, tcfg.grad_clip, desc, step)
-        load_sum = load_sum + torch.tensor(model.update_balance_bias())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_time.append(time.perf_counter() - start)
-        step_loss.append(lm_loss.item())
-        if (step + 1) % tcfg.eval_every == 0 or step + 1 == steps:
-            since = curves["steps"][-1] if curves["steps"] else 0
-            metrics = evaluate(model, val, tcfg.batch_size, device, recall=sparse)
-            curves["steps"].append(step + 1)
-            curves["train_loss"].append(_mean(step_loss[since:]))
-            curves["time_per_step"].append(_mean(step_time[since:]))
-            for k in ("val_loss", "val_accuracy", "val_perplexity"):
-                curves[k].append(metrics[k])
-            if sparse:
-                curves["indexer_kl"].append(_mean(step_kl[since:]))
-                for k in ("indexer_recall", "random_recall", "local_recall", "mean_selected_keys"):
-                    curves.setdefault(k, []).append(metrics[k])
-    model.set_timer(None)
-    if sparse:
-        model.set_indexer_loss(None)
-    tail = step_loss[-max(10, steps // 10):]
+    if stage.lm_loss:
+        model.train()
+    with _frozen_main(model, stage.trains == "indexer"):
+        for step in tqdm(range(steps), desc=desc, leave=False, disable=steps == 0):
+            inputs, targets = (t.to(device) for t in stream.next())
+            mode = dataclasses.replace(stage.mode, timer=timer if step in profile else None)
+            if stage.mode.sparse:  # progressive-k schedules follow the sparse stage
+                model.set_training_progress(step / steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits, aux = model(inputs, mode, return_aux=True)
+            loss = torch.zeros((), device=device)
+            if stage.lm_loss:
+                lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss = lm_loss + aux.balance_loss
+                step_loss.append(lm_loss.item())
+            if stage.mode.indexer_loss:
+                kl = aux.indexer_loss  # touches indexer params only (detached input and targets)
+                loss = loss + kl
+                step_kl.append(kl.item())
+            _update(loss, opt, sched, tcfg.grad_clip, desc, step)
+            if stage.trains == "all":
+                load_sum = load_sum + torch.tensor(model.update_balance_bias())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_time.append(time.perf_counter() - start)
+            if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
+                _log_eval(curves, model, val, tcfg, device, stage, step + 1, step_loss, step_time, step_kl)
+    if stage.trains == "indexer":  # routing seen while main was frozen must not feed the next balance update
+        for block in model.blocks:
+            block.ffn.load_counts.zero_()
+    if stage.eval_every is None:
+        _log_eval(curves, model, val, tcfg, device, stage, steps, step_loss, step_time, step_kl)
     profiled = sum(step_time[i] for i in profile)
-    final = {k: curves[k][-1] for k in ("val_loss", "val_accuracy", "val_perplexity")}
-    final.update(avg_time_per_step=_mean(step_time), train_loss_variance=_variance(tail),
-                 **peak_memory(device), expert_load=(load_sum / steps).tolist(),
+    final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
+    final.update(avg_time_per_step=_mean(step_time), **peak_memory(device),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
-    if sparse:
+    if stage.lm_loss:
+        final.update(train_loss_variance=_variance(step_loss[-max(10, steps // 10):]),
+                     expert_load=(load_sum / max(1, steps)).tolist() if steps else [])
+    if stage.mode.needs_indexer:
         final["indexer_time_share"] = timer.totals.get("indexer", math.nan) / profiled if profiled else math.nan
         final["indexer_ms"] = 1000 * timer.totals.get("indexer", math.nan) / max(1, len(profile))
-        for k in ("indexer_recall", "random_recall", "local_recall", "mean_selected_keys"):
-            final[k] = curves[k][-1]
-    return {"curves": curves, "final": final}
+    return {"curves": curves, "final": final, "before": before, "step_indexer_kl": step_kl}
+
+
+def _log_eval(curves, model, val, tcfg, device, stage: Stage, step: int, step_loss, step_time, step_kl) -> None:
+    """Append one evaluation (and the means of the per-step records since the last one) to `curves`."""
+    since = curves["steps"][-1] if curves["steps"] else 0
+    metrics = evaluate(model, val, tcfg.batch_size, device, recall=stage.recall)
+    curves["steps"].append(step)
+    curves["train_loss"].append(_mean(step_loss[since:]))
+    curves["time_per_step"].append(_mean(step_time[since:]))
+    if "indexer_kl" in curves:
+        curves["indexer_kl"].append(_mean(step_kl[since:]))
+    for k in curves:
+        if k in metrics:
+            curves[k].append(metrics[k])
+
+
+def warmup_indexer(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,
+                   desc: str = "warm-up") -> dict:
+    """Stage 1 (warmup_stage): recall measured on the sparse model's own selection before and after."""
+    result = run_stage(model, warmup_stage(tcfg), stream, val, tcfg, device, desc)
+    after = result["final"]
+    return {"indexer_kl": result["step_indexer_kl"], "recall_before": result["before"]["indexer_recall"],
+            "recall_after": after["indexer_recall"], "random_recall": after["random_recall"],
+            "local_recall": after["local_recall"]}
+
+
+def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,
+             desc: str, stage: Stage | None = None) -> dict:
+    """Dense training (default: `dense_stage(tcfg)`) or any stage with the LM loss -> {"curves", "final"}."""
+    result = run_stage(model, stage or dense_stage(tcfg), stream, val, tcfg, device, desc)
+    return {"curves": result["curves"], "final": result["final"]}
 
 
 def _variance(values: list[float]) -> float:
@@ -277,7 +331,8 @@ def dense_pretrain(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: 
         return classic, None
     record = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 3),
                       eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
-                      desc=f"L={windows.seq_len} seed={seed} dense pre-training", steps=tcfg.dense_steps)
+                      desc=f"L={windows.seq_len} seed={seed} dense pre-training",
+                      stage=dense_stage(tcfg, tcfg.dense_steps))
     return classic, record
 
 
@@ -294,7 +349,7 @@ def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tc
     warmup = warmup_indexer(sparse, BatchStream(windows.train, bs, seed * 1000 + 2), val, tcfg, device,
                             desc=f"L={L} seed={seed} {desc} indexer warm-up")
     result = train_lm(sparse, BatchStream(windows.train, bs, seed * 1000 + 1), val, tcfg, device,
-                      desc=f"L={L} seed={seed} {desc}")
+                      desc=f"L={L} seed={seed} {desc}", stage=sparse_stage(tcfg))
     result["warmup"] = warmup
     result["final"].update(warmup_indexer_recall=warmup["recall_after"], warmup_random_recall=warmup["random_recall"],
                            warmup_local_recall=warmup["local_recall"])

@@ -22,14 +22,12 @@ DEFAULT_TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler 
 @torch.no_grad()
 def selection_masks(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """input_ids (1, L) -> per layer a (L, L) 0/1 matrix of selected (query t, key s) pairs."""
-    from sparse_attention import selection_mask
-    model.set_collect_stats(True)  # makes every layer run its indexer and keep its selection
-    model(input_ids)
-    model.set_collect_stats(False)
+    from sparse_attention import AttentionMode, selection_mask
+    _, aux = model(input_ids, AttentionMode(sparse=True), return_aux=True)
     L = input_ids.shape[1]
     masks = []
-    for attn in model.attentions:
-        idx = attn.last_selected_idx  # (1, L, K)
+    for layer in aux.layers:
+        idx = layer.selected_idx  # (1, L, K)
         masks.append(selection_mask(idx, idx >= 0, L)[0].float())
     return masks
 
@@ -70,7 +68,6 @@ def main(argv=None) -> int:
         ids = tokenizer.encode(text)[: model.cfg.max_seq_len]
         if len(ids) < 2:
             raise ValueError("the text encodes to fewer than 2 tokens; give a longer --text")
-        model.set_sparse(True)
         masks = selection_masks(model, torch.tensor([ids]))
         tokens = [tokenizer.decode([i]) for i in ids]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import torch
 
 from conftest import tiny_model_config
 from models import SparseAttentionMoELLM
+from sparse_attention import AttentionMode
 
 L = 24
 T = 9  # the position whose past must not see the future
@@ -62,11 +63,10 @@ def assert_indexer_trains(**overrides) -> None:
         torch.manual_seed(0)
         model = SparseAttentionMoELLM(tiny_model_config(**overrides))
         model.set_training_progress(1.0)
-        model.set_sparse(sparse)
-        model.set_indexer_loss(mode)
-        model.freeze_main()
-        model(torch.randint(0, 64, (2, L)))
-        loss = model.indexer_loss()
+        for p in model.main_parameters():
+            p.requires_grad_(False)
+        _, aux = model(torch.randint(0, 64, (2, L)), AttentionMode(sparse=sparse, indexer_loss=mode), return_aux=True)
+        loss = aux.indexer_loss
         assert torch.isfinite(loss), f"{overrides}: {mode} indexer loss {loss}"
         loss.backward()
         for p in model.indexer_parameters():

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import kernels
+import triton_kernels
 from conftest import ROOT, tiny_model_config
-from models import SparseAttentionMoELLM
-from sparse_attention import TopKTokenSelector, index_scores, sparse_attention, sparse_attention_masked
+from models import BACKENDS, SparseAttentionMoELLM, build_backend
+from sparse_attention import (AttentionMode, MaskedBackend, Selection, TopKTokenSelector, index_scores,
+                              sparse_attention_masked)
 
 SHAPES = [(1, 1, 5, 4, 2), (2, 3, 37, 8, 7), (1, 2, 64, 16, 20), (2, 2, 19, 8, 40)]  # B, H, L, D, k
 
@@ -131,9 +133,10 @@ def _causal_check(backend, k, L=20, B=2, H=2, D=8):
         iq = x[..., 3 * H * D:3 * H * D + 16].reshape(B, L, 2, 8)
         ik, iw = x[..., 3 * H * D + 16:4 * H * D + 16][..., :8], x[..., -2:]
         if backend == "masked":
-            sel = TopKTokenSelector(k)(index_scores(iq, ik, iw))
-            return sparse_attention("masked", q, kk, v, *sel)[0]
-        return kernels.attend(backend, q, kk, v, kernels.select(backend, iq, ik, iw, k, 4), block_size=4)[0]
+            sel = Selection(*TopKTokenSelector(k)(index_scores(iq, ik, iw)))
+            return MaskedBackend().attend(q, kk, v, selection=sel)[0]
+        path = build_backend(tiny_model_config(attention_backend=backend, sparse_block_size=4))
+        return path.attend(q, kk, v, selection=path.select_indexed(iq, ik, iw, k))[0]
     base = forward(x)
     for t in (0, 3, 9, L - 2):
         x2 = x.clone()
@@ -165,11 +168,22 @@ def test_flex_forward_on_cpu_matches_block():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_block_dispatch_needs_block_selection():
-    q, kk, v = _qkv(1, 1, 8, 4)
-    idx, valid = kernels.chunked_select(*_indexer(1, 8), 2)
-    with pytest.raises(ValueError, match="selects per query block"):
-        sparse_attention("block", q, kk, v, idx, valid)
+def test_every_backend_has_the_reference_signatures():
+    """One contract: select / attend / selected_scores take the same (keyword-only) arguments everywhere."""
+    import inspect
+
+    def parameters(fn):  # names, kinds (positional / keyword-only) and defaults; annotations are not the contract
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    for name in ("select", "attend", "selected_scores"):
+        reference = parameters(getattr(MaskedBackend, name))
+        for backend in BACKENDS.values():
+            assert parameters(getattr(backend, name)) == reference, (backend.name, name)
+
+
+def test_block_backend_refuses_other_selectors():
+    model = _model("block", 4)
+    with pytest.raises(ValueError, match="plain lightning indexer"):
+        model.attentions[0].backend.select(model.attentions[0].indexer, torch.nn.Identity(), torch.randn(1, 8, 32))
 
 
 # ----------------------------------------------------------------------------- model level
@@ -183,11 +197,10 @@ def test_model_gather_equals_masked_logits_and_indexer_loss(k):
     ref, fast = _model("masked", k), _model("gather", k)
     fast.load_state_dict(ref.state_dict())
     ids = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(5))
-    for m in (ref, fast):
-        m.set_indexer_loss("sparse")
-    out_ref, out_fast = ref(ids), fast(ids)
+    mode = AttentionMode(sparse=True, indexer_loss="sparse")
+    (out_ref, aux_ref), (out_fast, aux_fast) = ref(ids, mode, return_aux=True), fast(ids, mode, return_aux=True)
     torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
-    loss_ref, loss_fast = ref.indexer_loss(), fast.indexer_loss()
+    loss_ref, loss_fast = aux_ref.indexer_loss, aux_fast.indexer_loss
     torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
     g_ref = torch.autograd.grad(out_ref.square().mean() + loss_ref, ref.parameters(), allow_unused=True)
     g_fast = torch.autograd.grad(out_fast.square().mean() + loss_fast, fast.parameters(), allow_unused=True)
@@ -204,7 +217,7 @@ def test_model_block_layer_equals_its_masked_twin():
         q, kk, v = attn.project(x)
         sel = kernels.block_select(*attn.indexer.project(x), 6, 8)
         ref, _ = sparse_attention_masked(q, kk, v, *kernels.expand_block_selection(*sel, 8, 45))
-        torch.testing.assert_close(attn(x), attn.merge(ref), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(attn(x)[0], attn.merge(ref), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["gather", "block"])
@@ -222,21 +235,21 @@ def test_model_with_fast_backend_is_causal(backend, k):
 
 # ----------------------------------------------------------------------------- triton (interpreter)
 TRITON_SCRIPT = textwrap.dedent("""
-    import torch, kernels
+    import torch, kernels, triton_kernels
     from sparse_attention import index_scores, sparse_attention_masked
     torch.manual_seed(0)
     B, H, L, D, K = 1, 3, 12, 16, 5
     q, k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
     iq, ik, iw = torch.randn(B, L, 2, 16), torch.randn(B, L, 16), torch.randn(B, L, 2)
-    s_ref, s_tri = index_scores(iq[:, 4:], ik, iw[:, 4:]), kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:])
+    s_ref, s_tri = index_scores(iq[:, 4:], ik, iw[:, 4:]), triton_kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:])
     assert torch.equal(torch.isinf(s_ref), torch.isinf(s_tri)), "index score mask"
     fin = torch.isfinite(s_ref)
     assert torch.allclose(s_ref[fin], s_tri[fin], atol=1e-4), "index scores"
-    sel = kernels.chunked_select(iq, ik, iw, K, score_fn=kernels.triton_index_scores)
+    sel = kernels.chunked_select(iq, ik, iw, K, score_fn=triton_kernels.triton_index_scores)
     assert torch.equal(sel[0].sort(-1).values, kernels.chunked_select(iq, ik, iw, K)[0].sort(-1).values)
     go = torch.randn(B, H, L, D)
     res = []
-    for fn in (kernels.sparse_attention_triton, sparse_attention_masked):
+    for fn in (triton_kernels.sparse_attention_triton, sparse_attention_masked):
         out, probs = fn(q, k, v, *sel, return_probs=True)
         res.append((out, probs, torch.autograd.grad(out, (q, k, v), go)))
     (oa, pa, ga), (ob, pb, gb) = res
@@ -261,20 +274,21 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     q, kk, v = (t.float() for t in _qkv(1, 1, 4, 4))
     idx, valid = kernels.chunked_select(*_indexer(1, 4), 2)
     with pytest.raises(ValueError, match="needs CUDA"):
-        kernels.sparse_attention_triton(q, kk, v, idx, valid)
+        triton_kernels.sparse_attention_triton(q, kk, v, idx, valid)
 
 
 def test_block_index_scores_match_the_token_level_recompute():
     """The block route to I[t, S_t] (one matmul per block) equals the per-token gather, values and grads."""
-    import kernels
     torch.manual_seed(0)
     B, L, H_I, d_I, Bq = 2, 50, 2, 8, 16
     q = torch.randn(B, L, H_I, d_I, requires_grad=True)
     k = torch.randn(B, L, d_I, requires_grad=True)
     w = torch.randn(B, L, H_I, requires_grad=True)
-    selection = kernels.block_select(q.detach(), k.detach(), w.detach(), 20, Bq)
-    idx, valid = kernels.expand_block_selection(*selection, Bq, L)
-    fast = kernels.selected_scores("block", q, k, w, selection, idx, valid, Bq)
+    backend = kernels.BlockBackend(Bq)
+    selection = backend.select_indexed(q.detach(), k.detach(), w.detach(), 20)
+    selection.index_inputs = (q, k, w)
+    idx, valid = selection.selected_idx, selection.valid
+    fast = backend.selected_scores(selection)
     ref = kernels.selected_index_scores(q, k, w, idx, valid)
     assert torch.equal(torch.isfinite(fast), valid) and torch.allclose(fast[valid], ref[valid], atol=1e-5)
     g_fast = torch.autograd.grad(fast[valid].sum(), (q, k, w))

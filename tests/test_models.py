@@ -5,6 +5,7 @@ import torch
 from config import CPU_TRAINABLE_BACKENDS
 from conftest import tiny_model_config
 from models import ClassicAttentionMoELLM, MoEFeedForward, SparseAttentionMoELLM
+from sparse_attention import DENSE, AttentionMode
 from train import build_model_pair
 
 L = 24
@@ -36,8 +37,7 @@ def test_classic_model_and_dense_mode_are_causal():
     torch.manual_seed(0)
     _assert_causal(ClassicAttentionMoELLM(tiny_model_config()).eval())
     sparse = SparseAttentionMoELLM(tiny_model_config()).eval()
-    sparse.set_sparse(False)
-    _assert_causal(sparse)
+    _assert_causal(lambda ids: sparse(ids, DENSE))
 
 
 @pytest.mark.parametrize("backend", CPU_TRAINABLE_BACKENDS)
@@ -46,8 +46,7 @@ def test_sparse_with_k_at_least_L_equals_classic_with_the_same_weights(backend):
     ids = torch.randint(0, 64, (2, L))
     with torch.no_grad():
         assert torch.allclose(sparse.eval()(ids), classic.eval()(ids), atol=1e-5)
-        sparse.set_sparse(False)
-        assert torch.allclose(sparse(ids), classic(ids), atol=1e-5)
+        assert torch.allclose(sparse(ids, DENSE), classic(ids), atol=1e-5)
 
 
 def test_small_k_really_changes_the_output():
@@ -66,14 +65,22 @@ def test_shared_parts_have_the_same_names_and_only_indexers_differ():
         assert torch.equal(sparse.state_dict()[name], tensor)
 
 
-def test_freeze_main_leaves_only_the_indexers_trainable():
+def test_indexer_and_main_parameters_partition_the_model():
     sparse = SparseAttentionMoELLM(tiny_model_config())
-    sparse.freeze_main(True)
-    trainable = {n for n, p in sparse.named_parameters() if p.requires_grad}
-    assert trainable and all(".indexer." in n for n in trainable)
-    assert len(sparse.indexer_parameters()) == len(trainable)
-    sparse.freeze_main(False)
-    assert all(p.requires_grad for p in sparse.parameters())
+    indexer, main = sparse.indexer_parameters(), sparse.main_parameters()
+    assert indexer and main and len(indexer) + len(main) == len(list(sparse.parameters()))
+    names = {id(p): n for n, p in sparse.named_parameters()}
+    assert all(".indexer." in names[id(p)] for p in indexer)
+    assert ClassicAttentionMoELLM(tiny_model_config()).indexer_parameters() == []
+
+
+def test_attention_mode_refuses_contradictions_where_it_is_set():
+    with pytest.raises(ValueError, match="needs sparse=False"):
+        AttentionMode(sparse=True, indexer_loss="dense")
+    with pytest.raises(ValueError, match="needs sparse=True"):
+        AttentionMode(sparse=False, indexer_loss="sparse")
+    with pytest.raises(ValueError, match="has none"):
+        ClassicAttentionMoELLM(tiny_model_config())(torch.zeros(1, 4, dtype=torch.long), AttentionMode(sparse=True))
 
 
 def test_moe_routing_gates_and_loss_free_balancing_update():
@@ -84,8 +91,8 @@ def test_moe_routing_gates_and_loss_free_balancing_update():
         moe.router.weight.zero_()
         moe.router.weight[0] += 1.0  # expert 0 scores highest for inputs with positive sum
     x = torch.ones(2, 8, 32).abs()
-    out = moe(x)
-    assert out.shape == x.shape and moe.aux_loss > 0
+    out, balance_loss = moe(x)
+    assert out.shape == x.shape and balance_loss > 0
     share = moe.update_balance_bias()
     assert torch.isclose(share.sum(), torch.tensor(1.0))
     assert share[0] == share.max() and moe.balance_bias[0] < 0  # overloaded expert is pushed down
@@ -98,7 +105,7 @@ def test_moe_matches_a_per_token_loop():
     torch.manual_seed(0)
     moe = MoEFeedForward(tiny_model_config()).eval()
     x = torch.randn(1, 5, 32)
-    out = moe(x)
+    out, _ = moe(x)
     for t in range(5):
         h = x[0, t]
         scores = torch.sigmoid(moe.router(h))

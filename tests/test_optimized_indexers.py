@@ -6,13 +6,12 @@ import torch
 
 from config import ModelConfig
 from conftest import tiny_model_config
-from models import SparseAttentionMoELLM
+from models import SparseAttentionMoELLM, indexer_parameter_report, variant_parameter_reports
 from optimized_indexers import (INDEXER_VARIANTS, MULTISCALE_VARIANTS, SHARED_INDEXER_VARIANTS, MultiScaleIndexer,
-                                OptimizedLightningIndexer, RegionRestrictedSelector, SharedIndexerScores,
-                                indexer_param_count, indexer_parameter_report, variant_parameter_reports)
+                                OptimizedLightningIndexer, RegionRestrictedSelector, indexer_param_count)
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
-from sparse_attention import LightningIndexer, TopKTokenSelector, selection_mask
+from sparse_attention import AttentionMode, LightningIndexer, TopKTokenSelector, selection_mask
 
 
 def test_variants_cover_the_plans_sizes_and_grid():
@@ -45,7 +44,7 @@ def test_param_count_formula_matches_the_module(name):
 
 def test_parameter_reports():
     base = ModelConfig()  # the plan's model: d 256, 4 layers, indexer 4 x 64
-    reports = variant_parameter_reports(base)
+    reports = variant_parameter_reports(base, {**INDEXER_VARIANTS, **SHARED_INDEXER_VARIANTS})
     assert set(reports) == set(INDEXER_VARIANTS) | set(SHARED_INDEXER_VARIANTS)
     baseline = reports["baseline"]
     assert baseline["params_per_indexer"] == indexer_param_count(256, 4, 64) == 83072  # the plan's "~83K"
@@ -79,23 +78,20 @@ def test_shared_indexer_is_computed_once_and_trained_by_every_layer():
     torch.manual_seed(0)
     model = SparseAttentionMoELLM(tiny_model_config(n_layers=3, shared_indexer_group=2))
     leader, follower, alone = model.attentions
-    assert isinstance(follower.indexer, SharedIndexerScores) and not list(follower.indexer.parameters())
-    assert not isinstance(alone.indexer, SharedIndexerScores)  # a last group of one layer keeps its own
-    model.set_indexer_loss("sparse")
-    model(torch.randint(0, 64, (2, 24)))
-    follower.last_indexer_loss.backward()  # the follower's KL alone reaches the leader's indexer
+    assert follower.indexer is None and not any(".indexer." in n for n, _ in follower.named_parameters())
+    assert alone.indexer is not None  # a last group of one layer keeps its own
+    _, aux = model(torch.randint(0, 64, (2, 24)), AttentionMode(sparse=True, indexer_loss="sparse"), return_aux=True)
+    aux.layers[1].indexer_loss.backward()  # the follower's KL alone reaches the leader's indexer
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in leader.indexer.parameters())
-    assert all(s.scores is None for s in model.shared_index_scores)  # nothing kept between forwards
-    with pytest.raises(RuntimeError, match="shared indexer scores are missing"):
+    with pytest.raises(ValueError, match="shares its group leader's indexer"):
         follower(torch.randn(2, 24, 32))
 
 
 def test_shared_followers_see_the_leaders_scores():
     torch.manual_seed(0)
     model = SparseAttentionMoELLM(tiny_model_config(n_layers=2, shared_indexer_group=2, sparse_top_k=5))
-    model(torch.randint(0, 64, (2, 24)))
-    leader, follower = model.attentions
-    assert torch.equal(leader.last_selected_idx, follower.last_selected_idx)
+    _, aux = model(torch.randint(0, 64, (2, 24)), return_aux=True)
+    assert torch.equal(aux.layers[0].selected_idx, aux.layers[1].selected_idx)
 
 
 def test_multiscale_regions_are_causal_and_contain_the_selection():
@@ -135,4 +131,4 @@ def test_default_config_builds_the_plain_indexer_and_selector():
     model = SparseAttentionMoELLM(tiny_model_config())
     for attn in model.attentions:
         assert type(attn.indexer) is LightningIndexer and type(attn.selector) is TopKTokenSelector
-    assert model.shared_index_scores == []
+    assert model.leaders == [0, 1]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model_config
 from rope import RotaryEmbedding
-from sparse_attention import (DeepSeekSparseAttention, LightningIndexer, TopKTokenSelector,
+from sparse_attention import (AttentionMode, DeepSeekSparseAttention, LightningIndexer, TopKTokenSelector,
                               causal_attention_probs, indexer_kl_dense, indexer_kl_sparse,
                               selection_recall, sparse_attention_masked)
 
@@ -162,13 +162,12 @@ def test_recall_counts_attention_mass_inside_the_selection():
 def test_indexer_input_is_detached_and_lm_loss_never_reaches_it():
     torch.manual_seed(0)
     attn = DeepSeekSparseAttention(tiny_model_config(sparse_top_k=3))
-    attn.indexer_loss_mode = "sparse"
     x = torch.randn(2, 10, 32, requires_grad=True)
-    out = attn(x)
+    out, aux = attn(x, AttentionMode(sparse=True, indexer_loss="sparse"))
     out.sum().backward(retain_graph=True)
     assert all(p.grad is None for p in attn.indexer.parameters())  # LM-side loss: no indexer gradient
     grad_x, grad_qkv = x.grad.clone(), attn.qkv.weight.grad.clone()
-    attn.last_indexer_loss.backward()
+    aux.indexer_loss.backward()
     assert torch.equal(x.grad, grad_x)  # the KL sends nothing into the main model
     assert torch.equal(attn.qkv.weight.grad, grad_qkv)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.indexer.parameters())

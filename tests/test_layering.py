@@ -1,0 +1,86 @@
+"""Imports only point down: every project module sits in a declared layer and imports nothing above it
+(function-level imports included), there is no import cycle, and no module imports a runner script."""
+import ast
+
+from conftest import ROOT
+
+# Layer order, bottom first (DESIGN.md "Layers"). A module may import modules of its own or a lower layer.
+LAYERS = [
+    ("plumbing", ["config", "rope", "results_io", "variants", "mqar"]),
+    ("reference", ["sparse_attention"]),
+    ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
+    ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
+    ("models", ["models", "hf_interop"]),
+    ("data and training", ["data", "train"]),
+    ("runners", ["ablations", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
+                 "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
+]
+LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
+
+
+def project_modules() -> dict[str, ast.Module]:
+    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(ROOT.glob("*.py"))}
+
+
+def imported_project_modules(tree: ast.Module, project: set[str]) -> set[str]:
+    """Every project module named by an import anywhere in the file (module level or inside functions)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & project
+
+
+def is_script(tree: ast.Module) -> bool:
+    """Has an `if __name__ == "__main__":` block."""
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+
+
+def test_layer_order_is_respected_and_acyclic():
+    print("\ndeclared layer order (bottom first):")
+    for level, (name, modules) in enumerate(LAYERS, 1):
+        print(f"  {level}. {name}: {', '.join(modules)}")
+    trees = project_modules()
+    graph = {name: imported_project_modules(tree, set(trees)) - {name} for name, tree in trees.items()}
+    undeclared = sorted(set(trees) - set(LAYER_OF))
+    assert not undeclared, f"modules missing from LAYERS (place them in a layer): {undeclared}"
+    upward = [f"{m} (layer {LAYER_OF[m] + 1}) imports {d} (layer {LAYER_OF[d] + 1})"
+              for m, deps in graph.items() for d in sorted(deps) if LAYER_OF[d] > LAYER_OF[m]]
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+    scripts = {name for name, tree in trees.items() if is_script(tree)}
+    into_scripts = [f"{m} imports the script {d}" for m, deps in graph.items() for d in sorted(deps & scripts)]
+    assert not into_scripts, "\n".join(into_scripts)
+    assert not find_cycle(graph), f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as a path (first module repeated at the end), or [] when there is none."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[node] = "done"
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import():
+    """The detectors themselves: a planted cycle and a planted upward import are found."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+    tree = ast.parse("def f():\n    import models\n")
+    assert imported_project_modules(tree, {"models"}) == {"models"}  # a function-level import counts
+    assert LAYER_OF["models"] > LAYER_OF["sparse_attention"]

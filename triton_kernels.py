@@ -1,0 +1,189 @@
+"""Triton kernels for token-level DSA with per-head K/V (the 'triton' backend) and the fused indexer score.
+
+Same maths as `kernels.sparse_attention_gather` (checked against the masked reference in
+tests/test_kernels.py, on CPU under TRITON_INTERPRET=1). `import triton` is guarded once here: without
+triton the module still imports and the backend raises one clear error.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import GatherBackend, _selected_probs, chunked_select
+from sparse_attention import Selection
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU machines without triton: the backend says what is missing
+    triton = tl = None
+
+
+if triton is not None:
+    @triton.jit
+    def sparse_fwd_kernel(Q, Kt, V, IDX, O, LSE, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l, H, L, K, scale,
+                   BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)  # one program per (batch, query token); heads are the tile rows
+        b, t = pid // L, pid % L
+        oh, od = tl.arange(0, BH), tl.arange(0, BD)
+        hm, dm = oh < H, od < D
+        q = tl.load(Q + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :],
+                    mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BH, BD)
+        m = tl.full((BH,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((BH,), tl.float32)
+        acc = tl.zeros((BH, BD), tl.float32)
+        for j0 in range(0, K, BK):
+            oj = j0 + tl.arange(0, BK)
+            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)  # (BK,)
+            ok = idx >= 0
+            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
+            kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
+            kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # (BH, BK, BD)
+            s = tl.sum(q[:, None, :] * kt, axis=2) * scale  # (BH, BK)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, axis=1)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / l_sum[:, None]
+        tl.store(O + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :], out.to(O.dtype.element_ty),
+                 mask=hm[:, None] & dm[None, :])
+        tl.store(LSE + (b * H + oh) * L + t, m + tl.log(l_sum), mask=hm)
+
+    @triton.jit
+    def sparse_bwd_kernel(Q, Kt, V, IDX, DO, LSE, DELTA, DQ, DK, DV, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l,
+                   H, L, K, scale, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+        pid = tl.program_id(0)
+        b, t = pid // L, pid % L
+        oh, od = tl.arange(0, BH), tl.arange(0, BD)
+        hm, dm = oh < H, od < D
+        qo = b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :]
+        qm = hm[:, None] & dm[None, :]
+        q = tl.load(Q + qo, mask=qm, other=0.0).to(tl.float32)  # (BH, BD)
+        do = tl.load(DO + qo, mask=qm, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + (b * H + oh) * L + t, mask=hm, other=0.0)
+        delta = tl.load(DELTA + (b * H + oh) * L + t, mask=hm, other=0.0)
+        dq = tl.zeros((BH, BD), tl.float32)
+        for j0 in range(0, K, BK):
+            oj = j0 + tl.arange(0, BK)
+            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)
+            ok = idx >= 0
+            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
+            kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
+            kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)
+            vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * kt, axis=2) * scale
+            p = tl.where(ok[None, :] & hm[:, None], tl.exp(s - lse[:, None]), 0.0)  # (BH, BK)
+            dp = tl.sum(do[:, None, :] * vt, axis=2)
+            ds = p * (dp - delta[:, None]) * scale
+            dq += tl.sum(ds[:, :, None] * kt, axis=1)
+            tl.atomic_add(DK + kv_off, ds[:, :, None] * q[:, None, :], mask=kv_m)
+            tl.atomic_add(DV + kv_off, p[:, :, None] * do[:, None, :], mask=kv_m)
+        tl.store(DQ + qo, dq, mask=qm)
+
+    @triton.jit
+    def indexer_scores_kernel(Q, Kt, W, S, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l, Lq, L, HI,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr):
+        b, pm, pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        om, on, od = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BD)
+        mm, nm, dm = om < Lq, on < L, od < DI
+        kt = tl.load(Kt + b * sk_b + on[:, None] * sk_l + od[None, :], mask=nm[:, None] & dm[None, :],
+                     other=0.0).to(tl.float32)  # (BN, BD)
+        acc = tl.zeros((BM, BN), tl.float32)
+        for j in range(0, HI):
+            qj = tl.load(Q + b * sq_b + om[:, None] * sq_l + j * sq_h + od[None, :],
+                         mask=mm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BM, BD)
+            wj = tl.load(W + b * sw_b + om * sw_l + j, mask=mm, other=0.0).to(tl.float32)  # (BM,)
+            acc += tl.maximum(tl.dot(qj, tl.trans(kt), input_precision="ieee"), 0.0) * wj[:, None]
+        future = on[None, :] > (om[:, None] + (L - Lq))  # queries are the last Lq of L positions
+        acc = tl.where(future, float("-inf"), acc)
+        tl.store(S + b * ss_b + om[:, None] * ss_l + on[None, :], acc, mask=mm[:, None] & nm[None, :])
+
+
+def _triton_ready(*tensors) -> None:
+    if triton is None:
+        raise ValueError("attention_backend='triton' needs the triton package: pip install triton (or use 'gather')")
+    if not all(t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, set before "
+                         "triton is imported, to run the kernels on CPU); use 'gather' on CPU")
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def triton_index_scores(q, k, w):
+    """Fused Triton `sparse_attention.index_scores`: q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I)
+    -> (B, Lq, L) fp32 with the causal -inf mask (queries are the last Lq of L positions)."""
+    _triton_ready(q, k, w)
+    B, Lq, H_I, d_I = q.shape
+    L = k.shape[1]
+    q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
+    out = torch.empty(B, Lq, L, dtype=torch.float32, device=q.device)
+    BM, BN = 16, (32 if q.is_cuda else 16)
+    grid = (B, -(-Lq // BM), -(-L // BN))
+    indexer_scores_kernel[grid](q, k, w, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                        w.stride(0), w.stride(1), out.stride(0), out.stride(1), Lq, L, H_I,
+                        BM=BM, BN=BN, BD=_pow2(d_I, 16), DI=d_I)
+    return out
+
+
+class _TritonSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, selected_idx):
+        B, H, L, D = q.shape
+        K = selected_idx.shape[-1]
+        out = torch.empty_like(q)
+        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+        meta = dict(BH=_pow2(H), BK=16 if q.is_cuda else 8, BD=_pow2(D, 16), D=D)
+        sparse_fwd_kernel[(B * L,)](q, k, v, selected_idx, out, lse, q.stride(0), q.stride(1), q.stride(2),
+                              k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
+                              selected_idx.stride(1), H, L, K, D ** -0.5, **meta)
+        ctx.save_for_backward(q, k, v, selected_idx, out, lse)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, selected_idx, out, lse = ctx.saved_tensors
+        B, H, L, D = q.shape
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        sparse_bwd_kernel[(B * L,)](q, k, v, selected_idx, grad_out, lse, delta, dq, dk, dv, q.stride(0), q.stride(1),
+                              q.stride(2), k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
+                              selected_idx.stride(1), H, L, selected_idx.shape[-1], D ** -0.5, **ctx.meta)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = False):
+    """Fused Triton token-level DSA (fwd + bwd). Same contract as `sparse_attention_gather`."""
+    _triton_ready(q, k, v)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    idx = torch.where(valid, selected_idx, -1).contiguous()
+    out = _TritonSparseAttention.apply(q, k, v, idx)
+    if not return_probs:
+        return out, None
+    with torch.no_grad():  # probs at the slots, from the same scores (for the indexer KL only)
+        return out, _selected_probs(q, k, selected_idx, valid)
+
+
+
+
+class TritonBackend(GatherBackend):
+    """Token-level DSA through the Triton kernels; on CUDA the chunked selection scores with the fused
+    indexer kernel."""
+    name = "triton"
+
+    def select_indexed(self, q, k, w, top_k: int) -> Selection:
+        return Selection(*chunked_select(q, k, w, top_k, score_fn=triton_index_scores if q.is_cuda else None))
+
+    def attend(self, q, k, v, *, selection, return_probs: bool = False):
+        return sparse_attention_triton(q, k, v, selection.selected_idx, selection.valid, return_probs)
