@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # masked = reference; gather/triton = token-level DSA (kernels.py); block/flex = query-block-shared selection
+ATTENTION_TYPES = ("mha", "mla")
 ATTENTION_BACKENDS = ("masked", "gather", "block", "triton", "flex")
 CPU_TRAINABLE_BACKENDS = ("masked", "gather", "block")  # triton needs CUDA (or TRITON_INTERPRET=1); flex: no CPU backward
 # Indexer-optimisation choices (seed "Experiment 4"); the modules that implement them test these names.
@@ -48,6 +49,17 @@ class ModelConfig:
     shared_indexer_group: int = 1  # consecutive layers sharing the first one's indexer scores (1 = none)
     multiscale_block: int = 0  # >= 2: two-scale indexer, blocks of this many tokens pick regions (0 = off)
     sparse_block_size: int = 64  # 'block'/'flex' backends: queries per block sharing one selected set
+    # Attention layout. 'mha': per-head q/k/v. 'mla': DeepSeek-V2/V3 multi-head latent attention (low-rank query
+    # latent, one compressed KV latent + one decoupled RoPE key shared by all heads); the classic MLA model
+    # attends in MHA mode (decompressed k/v), the sparse one runs DSA in MQA mode over the shared latent rows.
+    attention_type: str = "mha"
+    q_lora_rank: int = 96  # MLA: query latent width (the lightning indexer's queries read it too)
+    kv_lora_rank: int = 64  # MLA: compressed KV latent width (the shared "KV head" is kv_lora_rank + rope dims)
+    qk_nope_head_dim: int = 32  # MLA: per-head q/k dims without RoPE
+    qk_rope_head_dim: int = 16  # MLA: decoupled RoPE dims (one key shared by all heads)
+    v_head_dim: int = 32  # MLA: per-head value dims
+    rope_interleaved: bool = False  # MLA main RoPE: True = pairs (2i, 2i+1), as DeepSeek-V3 / GLM-5 ship it
+    indexer_rope_interleaved: bool = False  # indexer RoPE: False = DeepSeek-V3.2, True = GLM-MoE-DSA
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len",
@@ -80,6 +92,15 @@ class ModelConfig:
         if not isinstance(self.multiscale_block, int) or self.multiscale_block < 0 or self.multiscale_block == 1:
             raise ValueError(f"multiscale_block={self.multiscale_block!r} must be 0 (off) or an integer >= 2")
         _positive(self, "sparse_block_size")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type={self.attention_type!r} is unknown; choose one of {', '.join(ATTENTION_TYPES)}")
+        if self.attention_type == "mla":
+            _positive(self, "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+            if self.indexer_precision != "fp32" or self.multiscale_block:
+                raise ValueError("attention_type='mla' uses the plain lightning indexer (queries from the query "
+                                 "latent): set indexer_precision='fp32' and multiscale_block=0")
         if self.attention_backend in ("block", "flex") and (
                 self.selection_pattern != "topk" or self.k_strategy != "fixed" or self.multiscale_block
                 or self.shared_indexer_group != 1):

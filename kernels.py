@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import (LightningIndexer, MaskedBackend, Selection, TopKTokenSelector, index_scores,
+from sparse_attention import (MaskedBackend, Selection, TopKTokenSelector, index_scores,
                               select_top_k)
 
 INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
@@ -353,6 +353,11 @@ def _compiled_flex():
 
 
 # ----------------------------------------------------------------------------- backends
+def fast_selectable(indexer, selector) -> bool:
+    """A plain lightning indexer (scores = index_scores(*project(x))) with plain top-k: chunked selection applies."""
+    return getattr(indexer, "fast_selectable", False) and type(selector) is TopKTokenSelector
+
+
 class GatherBackend(MaskedBackend):
     """Token-level DSA over exactly the selected tokens. With the plain lightning indexer and top-k
     selector, selection is chunked (no L x L tensor) and the sparse KL recomputes index scores at the
@@ -360,7 +365,7 @@ class GatherBackend(MaskedBackend):
     name = "gather"
 
     def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
-        if not (type(indexer) is LightningIndexer and type(selector) is TopKTokenSelector):
+        if not fast_selectable(indexer, selector):
             return super().select(indexer, selector, x, shared_scores=shared_scores)
         iq, ik, iw = indexer.project(x)  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
         selection = self.select_indexed(iq.detach(), ik.detach(), iw.detach(), selector.top_k)
@@ -389,7 +394,7 @@ class BlockBackend(GatherBackend):
         self.block_size = block_size
 
     def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
-        if not (type(indexer) is LightningIndexer and type(selector) is TopKTokenSelector):
+        if not fast_selectable(indexer, selector):
             raise ValueError(f"attention_backend={self.name!r} needs the plain lightning indexer and top-k "
                              f"selector; use attention_backend='gather' with other indexers or selectors")
         return super().select(indexer, selector, x)

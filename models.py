@@ -20,8 +20,10 @@ from efficient_patterns import build_pattern
 from kernels import BlockBackend, FlexBackend, GatherBackend
 from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
                                 RegionRestrictedSelector)
+from rope import RotaryEmbedding
 from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
-                              LightningIndexer, MaskedBackend, TopKTokenSelector)
+                              LightningIndexer, MaskedBackend, SparseAttentionLayer, TopKTokenSelector,
+                              causal_attention_probs)
 from triton_kernels import TritonBackend
 
 
@@ -121,6 +123,97 @@ class Block(nn.Module):
         return x + ffn_out, aux, balance_loss
 
 
+# ----------------------------------------------------------------------------- multi-head latent attention
+class MultiHeadLatentAttention(CausalSelfAttention):
+    """DeepSeek-V2/V3 multi-head latent attention (MLA), dense (the classic MLA model's attention).
+
+    q = q_b_proj(RMSNorm(q_a_proj(x))) per head [nope ; rope]; one KV latent c = RMSNorm(kv_a(x)[:r]) and one
+    decoupled RoPE key k_R = RoPE(kv_a(x)[r:]) shared by all heads; kv_b_proj(c) -> per-head [k_nope ; v].
+    MHA mode (dense here): decompress k, v per head. MQA mode (attend_selected, DSA): W_UK absorbed into the
+    queries, attention over the shared rows [c ; k_R], W_UV applied after — the same maths with one KV row per
+    token for every head, which is what makes token-level top-k cheap. Parameter names follow transformers'
+    DeepseekV3/V32 attention.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        H, self.nope, self.rope_dim, self.v_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.kv_rank = H, cfg.kv_lora_rank
+        self.scale = (self.nope + self.rope_dim) ** -0.5
+        self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (self.nope + self.rope_dim), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(self.rope_dim, cfg.max_seq_len, cfg.rope_base, cfg.rope_interleaved)
+
+    def project(self, x: torch.Tensor):
+        """x (B, L, d_model) -> q_latent (B, L, q_rank), q_nope (B, L, H, nope), q_pe (B, L, H, rope),
+        c (B, L, kv_rank), k_pe (B, L, rope) — RoPE applied to q_pe and k_pe."""
+        B, L, _ = x.shape
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))
+        q_nope, q_pe = self.q_b_proj(q_latent).view(B, L, self.n_heads, -1).split([self.nope, self.rope_dim], -1)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], -1)
+        return q_latent, q_nope, self.rope(q_pe, seq_dim=1), self.kv_a_layernorm(c), self.rope(k_pe, seq_dim=1)
+
+    def decompress(self, heads):
+        """MHA mode: -> q, k (B, H, L, nope + rope), v (B, H, L, v_dim)."""
+        _, q_nope, q_pe, c, k_pe = heads
+        B, L, H, _ = q_nope.shape
+        k_nope, v = self.kv_b_proj(c).view(B, L, H, -1).split([self.nope, self.v_dim], -1)
+        q = torch.cat([q_nope, q_pe], -1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, L, H, self.rope_dim)], -1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:  # (B, H, L, v_dim) -> (B, L, d_model)
+        B, H, L, D = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def attend_dense(self, heads) -> torch.Tensor:
+        q, k, v = self.decompress(heads)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale))
+
+    def attend_dense_probs(self, heads):
+        q, k, v = self.decompress(heads)
+        probs = causal_attention_probs(q, k)  # scale (nope + rope)^-1/2 = q's last dim
+        return self.merge(probs @ v), probs
+
+    def absorbed(self, heads):
+        """MQA mode: -> q (B, L, H, kv_rank + rope) with W_UK absorbed, shared rows kv (B, L, kv_rank + rope)."""
+        _, q_nope, q_pe, c, k_pe = heads
+        w_uk = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)[:, :self.nope]
+        q = torch.cat([torch.einsum("blhn,hnc->blhc", q_nope, w_uk), q_pe], -1)
+        return q, torch.cat([c, k_pe], -1)
+
+    def attend_selected(self, heads, backend, selection, return_probs: bool):
+        q, kv = self.absorbed(heads)
+        out_latent, probs = backend.attend_latent(q, kv, selection=selection, v_dim=self.kv_rank, scale=self.scale,
+                                                  return_probs=return_probs)  # (B, L, H, kv_rank)
+        w_uv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)[:, self.nope:]
+        out = torch.einsum("blhc,hvc->bhlv", out_latent, w_uv)  # (B, H, L, v_dim)
+        return self.merge(out), probs
+
+    def recall_inputs(self, heads):
+        q, k, _ = self.decompress(heads)
+        return q, k
+
+    def indexer_input(self, x: torch.Tensor, heads) -> torch.Tensor:
+        """The indexer reads x (keys, weights) and the query latent (queries), as DeepSeek-V3.2's Indexer."""
+        return torch.cat([x, heads[0]], -1).detach()
+
+
+class SparseLatentAttention(SparseAttentionLayer, MultiHeadLatentAttention):
+    """DSA on MLA in MQA mode, as DeepSeek-V3.2 runs it: the indexer's queries read the query latent, one
+    selected set per query shared by all heads, attention over the selected shared latent rows."""
+
+    def __init__(self, cfg: ModelConfig, indexer: nn.Module | None = None, selector: nn.Module | None = None,
+                 backend: MaskedBackend | None = None, shares_indexer: bool = False):
+        super().__init__(cfg)
+        self.init_sparse(cfg, indexer, selector, backend, shares_indexer, indexer_q_dim=cfg.q_lora_rank)
+
+
 # ----------------------------------------------------------------------------- indexer / selector / backend registry
 BACKENDS = {"masked": MaskedBackend, "gather": GatherBackend, "triton": TritonBackend, "block": BlockBackend,
             "flex": FlexBackend}
@@ -141,7 +234,9 @@ def build_indexer(cfg: ModelConfig) -> nn.Module:
         return MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
     if cfg.indexer_precision != "fp32" or cfg.shared_indexer_group > 1:  # a shared leader must return its scores
         return OptimizedLightningIndexer(*sizes, **common)  # (the plain indexer may take a chunked fast path)
-    return LightningIndexer(*sizes, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
+    return LightningIndexer(*sizes, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base,
+                            q_dim=cfg.q_lora_rank if cfg.attention_type == "mla" else 0,
+                            rope_interleaved=cfg.indexer_rope_interleaved)
 
 
 def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
@@ -166,11 +261,12 @@ def indexer_leaders(n_layers: int, group: int) -> list[int]:
 
 def build_sparse_attention(cfg: ModelConfig, leader: DeepSeekSparseAttention | None = None):
     """A layer's DSA module; `leader` is its group leader's module when it shares that indexer."""
+    layer = SparseLatentAttention if cfg.attention_type == "mla" else DeepSeekSparseAttention
     if leader is not None:
         selector = build_selector(cfg, leader.indexer)
-        return DeepSeekSparseAttention(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
+        return layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
     indexer = build_indexer(cfg)
-    return DeepSeekSparseAttention(cfg, indexer, build_selector(cfg, indexer), build_backend(cfg))
+    return layer(cfg, indexer, build_selector(cfg, indexer), build_backend(cfg))
 
 
 # ----------------------------------------------------------------------------- language models
@@ -217,7 +313,7 @@ class _MoELLM(nn.Module):
         return indexer_leaders(self.cfg.n_layers, self.cfg.shared_indexer_group)
 
     def build_attention(self, cfg: ModelConfig, layer: int, earlier: list[nn.Module]) -> nn.Module:
-        return CausalSelfAttention(cfg)
+        return MultiHeadLatentAttention(cfg) if cfg.attention_type == "mla" else CausalSelfAttention(cfg)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

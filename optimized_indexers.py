@@ -33,6 +33,7 @@ class OptimizedLightningIndexer(LightningIndexer):
 
     `precision` can be switched after construction (e.g. to measure its error on a trained indexer).
     """
+    fast_selectable = False  # scores come from precision_index_scores, not index_scores
 
     def __init__(self, d_model: int, heads: int = 2, dim: int = 32, precision: str = "fp32",
                  rope_dim: int | None = None, max_seq_len: int = 2048, rope_base: float = 10000.0):

@@ -1,6 +1,8 @@
-"""Rotary position embedding, non-interleaved (rotate-half), as DeepSeek's indexer uses after its Nov-2025 fix.
+"""Rotary position embedding: non-interleaved (rotate-half; DeepSeek's indexer after its Nov-2025 fix) or
+interleaved (pairs (2i, 2i+1) rotate together; DeepSeek-V3's MLA, GLM-MoE-DSA's indexer).
 
-Shared by the main attention (all head dims) and the lightning indexer (a leading slice of its dims).
+Shared by the main attention (all head dims, or MLA's decoupled RoPE dims) and the lightning indexer (a
+leading slice of its dims).
 """
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for `dim` rotated dims; `apply(x)` rotates the last dim of x (..., L, [H,] dim)."""
+    """cos/sin tables for `dim` rotated dims; forward rotates the last dim of x (..., L, [H,] dim).
 
-    def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0):
+    interleaved=True reads the dims as pairs (2i, 2i+1) and returns them de-interleaved (all first members,
+    then all second members), as transformers' DeepSeek-V3 does: dot products between two rotated
+    vectors are the same as with the interleaved layout."""
+
+    def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0, interleaved: bool = False):
         super().__init__()
         if dim % 2:
             raise ValueError(f"RoPE dim={dim} must be even")
@@ -20,7 +26,7 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (L, dim): non-interleaved halves
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
-        self.dim = dim
+        self.dim, self.interleaved = dim, interleaved
 
     def forward(self, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
         """Rotate x, whose dimension `seq_dim` indexes positions 0..L-1 and whose last dim is `dim`."""
@@ -31,6 +37,8 @@ class RotaryEmbedding(nn.Module):
         shape[seq_dim], shape[-1] = L, self.dim
         cos = self.cos[:L].view(shape).to(x.dtype)
         sin = self.sin[:L].view(shape).to(x.dtype)
+        if self.interleaved:  # (..., 2i), (..., 2i+1) -> halves
+            x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return x * cos + rotated * sin

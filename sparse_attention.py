@@ -21,19 +21,23 @@ from rope import RotaryEmbedding
 class LightningIndexer(nn.Module):
     """I[t,s] = sum_j w[t,j] * ReLU(q[t,j] . k[s]); one key head shared by all indexer heads.
 
-    DeepSeek details: LayerNorm on k, non-interleaved RoPE on the first `rope_dim` dims of q and k,
-    w = weights_proj(x) * H_I^-1/2 * d_I^-1/2 (the d_I^-1/2 score scale folded into w).
+    DeepSeek details: LayerNorm on k, RoPE on the first `rope_dim` dims of q and k (non-interleaved by
+    default), w = weights_proj(x) * H_I^-1/2 * d_I^-1/2 (the d_I^-1/2 score scale folded into w).
+    With `q_dim` (MLA, as DeepSeek-V3.2's Indexer) the queries read the attention's query latent: the input
+    is then [x ; q_latent] (B, L, d_model + q_dim), keys and weights read x, queries read q_latent.
     """
+    fast_selectable = True  # scores are exactly index_scores(*project(x)): chunked selection may skip forward()
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_dim: int, max_seq_len: int,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, q_dim: int = 0, rope_interleaved: bool = False):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim = n_heads, head_dim, rope_dim
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.d_model, self.q_dim = d_model, q_dim
+        self.q_proj = nn.Linear(q_dim or d_model, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim)
         self.weights_proj = nn.Linear(d_model, n_heads, bias=False)
-        self.rope = RotaryEmbedding(rope_dim, max_seq_len, rope_base) if rope_dim else None
+        self.rope = RotaryEmbedding(rope_dim, max_seq_len, rope_base, rope_interleaved) if rope_dim else None
 
     def _rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, ..., d_I), RoPE on the leading rope_dim
         if self.rope is None:
@@ -42,9 +46,10 @@ class LightningIndexer(nn.Module):
         return torch.cat([self.rope(pe, seq_dim=1), nope], dim=-1)
 
     def project(self, x: torch.Tensor):
-        """x (B, L, d_model) -> q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
+        """x (B, L, d_model) [or (B, L, d_model + q_dim)] -> q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
         B, L, _ = x.shape
-        q = self._rope(self.q_proj(x).view(B, L, self.n_heads, self.head_dim))
+        x, q_source = x.split([self.d_model, self.q_dim], dim=-1) if self.q_dim else (x, x)
+        q = self._rope(self.q_proj(q_source).view(B, L, self.n_heads, self.head_dim))
         k = self._rope(self.k_norm(self.k_proj(x)))
         w = self.weights_proj(x) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return q, k, w
@@ -276,6 +281,7 @@ class MaskedBackend:
     Every backend has the same three methods with the same signatures (tests/test_kernels.py checks it):
       select(indexer, selector, x, *, shared_scores)       -> Selection
       attend(q, k, v, *, selection, return_probs)          -> out (B, H, L, D), probs at slots (B, H, L, K) | None
+      attend_latent(q, kv, *, selection, v_dim, scale, return_probs)  the same over one KV row shared by heads
       selected_scores(selection)                           -> index scores at the slots (B, L, K), -inf invalid
     """
     name = "masked"
@@ -287,6 +293,17 @@ class MaskedBackend:
     def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
         return sparse_attention_masked(q, k, v, selection.selected_idx, selection.valid, return_probs)
 
+    def attend_latent(self, q, kv, *, selection: Selection, v_dim: int, scale: float, return_probs: bool = False):
+        """MQA layout (MLA's absorbed mode): every head attends over one shared row per token.
+
+        q (B, L, H, D), kv (B, L, D): keys are kv, values kv[..., :v_dim] -> out (B, L, H, v_dim), probs at
+        the slots (B, H, L, K) | None. Reference: the rows expanded to every head, then the masked path."""
+        B, L, H, D = q.shape
+        keys = kv[:, None].expand(B, H, L, D)
+        out, probs = sparse_attention_masked(q.transpose(1, 2) * (scale * D ** 0.5), keys, keys[..., :v_dim],
+                                             selection.selected_idx, selection.valid, return_probs)
+        return out.transpose(1, 2), probs
+
     def selected_scores(self, selection: Selection) -> torch.Tensor:
         scores = selection.scores.gather(-1, selection.selected_idx.clamp(min=0))
         return scores.masked_fill(~selection.valid, float("-inf"))
@@ -294,7 +311,14 @@ class MaskedBackend:
 
 # ----------------------------------------------------------------------------- attention modules
 class CausalSelfAttention(nn.Module):
-    """Dense causal multi-head attention with RoPE (the classic model's attention)."""
+    """Dense causal multi-head attention with RoPE (the classic model's attention).
+
+    The attention maths is split into hooks that DeepSeekSparseAttention's forward calls, so another
+    layout (models.MultiHeadLatentAttention) can reuse that forward:
+      project(x) -> heads; attend_dense(heads) -> out; attend_dense_probs(heads) -> out, probs (B, H, L, L);
+      attend_selected(heads, backend, selection, return_probs) -> out, probs at slots (B, H, L, K) | None;
+      recall_inputs(heads) -> q, k (B, H, L, D); indexer_input(x, heads) -> what the indexer reads (detached).
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -314,65 +338,91 @@ class CausalSelfAttention(nn.Module):
         B, H, L, D = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
 
+    def attend_dense(self, heads) -> torch.Tensor:
+        return self.merge(F.scaled_dot_product_attention(*heads, None, 0.0, True))
+
+    def attend_dense_probs(self, heads):
+        q, k, v = heads
+        probs = causal_attention_probs(q, k)  # (B, H, L, L)
+        return self.merge(probs @ v), probs
+
+    def attend_selected(self, heads, backend, selection, return_probs: bool):
+        out, probs = backend.attend(*heads, selection=selection, return_probs=return_probs)
+        return self.merge(out), probs
+
+    def recall_inputs(self, heads):
+        return heads[0], heads[1]
+
+    def indexer_input(self, x: torch.Tensor, heads) -> torch.Tensor:
+        return x.detach()
+
     def forward(self, x: torch.Tensor, mode: AttentionMode = DENSE, shared_scores=None):
         """x (B, L, d_model) -> out (B, L, d_model), AttentionAux (empty: no indexer)."""
         if mode.needs_indexer:
             raise ValueError(f"{mode} asks for an indexer, but dense attention has none; use AttentionMode(sparse=False)")
-        q, k, v = self.project(x)
-        out = timed(mode.timer, "attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True)
-        return self.merge(out), AttentionAux()
+        return timed(mode.timer, "attention", self.attend_dense, self.project(x)), AttentionAux()
 
 
-class DeepSeekSparseAttention(CausalSelfAttention):
-    """Causal attention where query t attends only to S_t, chosen by the lightning indexer.
+class SparseAttentionLayer:
+    """DSA on top of an attention layout's hooks (see CausalSelfAttention): indexer, selector, backend.
 
-    One index set per (batch, query) shared by all heads. The indexer, selector and backend are given
-    (models.py builds them from the config); the defaults are the reference pieces. `indexer=None` makes a
-    layer that reuses its group leader's index scores (passed to forward as `shared_scores`).
-    The indexer always reads x.detach(): no gradient flows from the indexer into the main model,
+    The indexer always reads a detached input: no gradient flows from the indexer into the main model,
     and top-k is not differentiable, so the LM loss never reaches the indexer.
     """
 
-    def __init__(self, cfg, indexer: nn.Module | None = None, selector: nn.Module | None = None,
-                 backend: MaskedBackend | None = None, shares_indexer: bool = False):
-        super().__init__(cfg)
+    def init_sparse(self, cfg, indexer, selector, backend, shares_indexer: bool, indexer_q_dim: int = 0) -> None:
         self.indexer = None if shares_indexer else indexer or LightningIndexer(
-            cfg.d_model, cfg.indexer_heads, cfg.indexer_dim, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base)
+            cfg.d_model, cfg.indexer_heads, cfg.indexer_dim, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base,
+            q_dim=indexer_q_dim, rope_interleaved=cfg.indexer_rope_interleaved)
         self.selector = selector or TopKTokenSelector(cfg.sparse_top_k)
         self.backend = backend or MaskedBackend()
 
     def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None):
         """x (B, L, d_model) -> out (B, L, d_model), AttentionAux."""
-        if self.indexer is None and shared_scores is None:
+        if self.indexer is None and shared_scores is None and mode.needs_indexer:
             raise ValueError("this layer shares its group leader's indexer: pass the leader's index scores "
                              "as shared_scores (the model does)")
-        q, k, v = self.project(x)
+        heads = self.project(x)
         if not mode.needs_indexer:
-            out = timed(mode.timer, "attention", F.scaled_dot_product_attention, q, k, v, None, 0.0, True)
-            return self.merge(out), AttentionAux()
+            return timed(mode.timer, "attention", self.attend_dense, heads), AttentionAux()
         aux = AttentionAux()
+        index_input = self.indexer_input(x, heads)
         if mode.sparse:
             backend = self.backend
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "sparse"):
                 selection = timed(mode.timer, "indexer", lambda: backend.select(
-                    self.indexer, self.selector, x.detach(), shared_scores=shared_scores))
-            out, selected_probs = timed(mode.timer, "attention", lambda: backend.attend(
-                q, k, v, selection=selection, return_probs=mode.indexer_loss == "sparse"))
+                    self.indexer, self.selector, index_input, shared_scores=shared_scores))
+            out, selected_probs = timed(mode.timer, "attention", self.attend_selected, heads, backend, selection,
+                                        mode.indexer_loss == "sparse")
             if mode.indexer_loss == "sparse":
                 aux.indexer_loss = indexer_kl_sparse(selected_probs.detach(), backend.selected_scores(selection),
                                                      selection.valid)
         else:  # dense attention; the indexer runs for the warm-up KL and/or recall statistics
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "dense"):
                 selection = timed(mode.timer, "indexer", lambda: reference_select(
-                    self.indexer, self.selector, x.detach(), shared_scores=shared_scores))
-            probs = timed(mode.timer, "attention", causal_attention_probs, q, k)
-            out = probs @ v
+                    self.indexer, self.selector, index_input, shared_scores=shared_scores))
+            out, probs = timed(mode.timer, "attention", self.attend_dense_probs, heads)
             if mode.indexer_loss == "dense":
                 aux.indexer_loss = indexer_kl_dense(probs.detach(), selection.scores)
         aux.index_scores, aux.selected_idx = selection.scores, selection.selected_idx
         if mode.stats:
+            q, k = self.recall_inputs(heads)
             aux.stats = selection_recall(q.detach(), k.detach(), selection.selected_idx, selection.valid)
-        return self.merge(out), aux
+        return out, aux
+
+
+class DeepSeekSparseAttention(SparseAttentionLayer, CausalSelfAttention):
+    """Causal multi-head attention where query t attends only to S_t, chosen by the lightning indexer.
+
+    One index set per (batch, query) shared by all heads. The indexer, selector and backend are given
+    (models.py builds them from the config); the defaults are the reference pieces. `shares_indexer=True`
+    makes a layer that reuses its group leader's index scores (passed to forward as `shared_scores`).
+    """
+
+    def __init__(self, cfg, indexer: nn.Module | None = None, selector: nn.Module | None = None,
+                 backend: MaskedBackend | None = None, shares_indexer: bool = False):
+        super().__init__(cfg)
+        self.init_sparse(cfg, indexer, selector, backend, shares_indexer)
 
 
 @torch.no_grad()
