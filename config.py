@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 # masked = reference; gather/triton = token-level DSA (kernels.py); block/flex = query-block-shared selection
 ATTENTION_TYPES = ("mha", "mla")
+SELECTION_SOURCES = ("indexer", "local", "random")  # who picks S_t: the lightning indexer, last k, random k
 ATTENTION_BACKENDS = ("masked", "gather", "block", "triton", "flex")
 CPU_TRAINABLE_BACKENDS = ("masked", "gather", "block")  # triton needs CUDA (or TRITON_INTERPRET=1); flex: no CPU backward
 # Indexer-optimisation choices (seed "Experiment 4"); the modules that implement them test these names.
@@ -53,6 +54,7 @@ class ModelConfig:
     # latent, one compressed KV latent + one decoupled RoPE key shared by all heads); the classic MLA model
     # attends in MHA mode (decompressed k/v), the sparse one runs DSA in MQA mode over the shared latent rows.
     attention_type: str = "mha"
+    selection_source: str = "indexer"  # SELECTION_SOURCES: 'local' / 'random' are indexer-free controls (no KL)
     q_lora_rank: int = 96  # MLA: query latent width (the lightning indexer's queries read it too)
     kv_lora_rank: int = 64  # MLA: compressed KV latent width (the shared "KV head" is kv_lora_rank + rope dims)
     qk_nope_head_dim: int = 32  # MLA: per-head q/k dims without RoPE
@@ -92,6 +94,12 @@ class ModelConfig:
         if not isinstance(self.multiscale_block, int) or self.multiscale_block < 0 or self.multiscale_block == 1:
             raise ValueError(f"multiscale_block={self.multiscale_block!r} must be 0 (off) or an integer >= 2")
         _positive(self, "sparse_block_size")
+        if self.selection_source not in SELECTION_SOURCES:
+            raise ValueError(f"selection_source={self.selection_source!r} is unknown; choose one of "
+                             f"{', '.join(SELECTION_SOURCES)}")
+        if self.selection_source != "indexer" and self.attention_backend not in ("masked", "gather", "triton"):
+            raise ValueError(f"selection_source={self.selection_source!r} selects per token: use attention_backend "
+                             f"masked, gather or triton")
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type={self.attention_type!r} is unknown; choose one of {', '.join(ATTENTION_TYPES)}")
         if self.attention_type == "mla":

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from adaptive_selection import top_k_per_row
-from sparse_attention import selection_mask
+from sparse_attention import future_mask, select_top_k, selection_mask
 
 
 def distances(L: int, device) -> torch.Tensor:
@@ -205,3 +205,54 @@ def build_pattern(name: str, top_k: int) -> CandidatePattern:
     if name not in PATTERN_BUILDERS:
         raise ValueError(f"selection_pattern={name!r} is unknown; choose topk or one of {', '.join(PATTERN_BUILDERS)}")
     return PATTERN_BUILDERS[name](top_k)
+
+
+# ----------------------------------------------------------------------------- indexer-free controls
+class PositionalSelector(nn.Module):
+    """Indexer-free selection (a control for DSA): the keys query t keeps depend only on positions (and, for
+    the random control, a seeded generator). `select(B, L, device)` -> selected_idx, valid (B, L, K),
+    K = min(top_k, L); rows with t+1 <= top_k keep their whole prefix; never a future token."""
+    positional = True
+
+    def __init__(self, top_k: int):
+        super().__init__()
+        if top_k <= 0:
+            raise ValueError(f"top_k={top_k} must be > 0")
+        self.top_k = top_k
+
+
+class LocalSelector(PositionalSelector):
+    """Each query keeps its last k tokens (t, t-1, ..., t-k+1): a sliding window of width k."""
+
+    def select(self, B: int, L: int, device):
+        K = min(self.top_k, L)
+        idx = torch.arange(L, device=device)[:, None] - torch.arange(K, device=device)[None, :]  # (L, K)
+        valid = (idx >= 0).expand(B, L, K)
+        return idx.clamp(min=-1).expand(B, L, K).contiguous(), valid.contiguous()
+
+
+class RandomSelector(PositionalSelector):
+    """Each query keeps k past tokens drawn uniformly without replacement, redrawn at every call from the
+    selector's own generator (seeded from the global RNG when the model is built, so a run is reproducible).
+    One draw per call is shared by the batch rows (so a row's selection never depends on another row)."""
+
+    CHUNK_ELEMENTS = 1 << 22  # random scores held at once
+
+    def __init__(self, top_k: int):
+        super().__init__(top_k)
+        self.seed = int(torch.randint(0, 2**31 - 1, ()))
+        self.generators: dict = {}
+
+    def select(self, B: int, L: int, device):
+        gen = self.generators.setdefault(str(device), torch.Generator(device=device).manual_seed(self.seed))
+        K = min(self.top_k, L)
+        idx = torch.full((1, L, K), -1, dtype=torch.long, device=device)
+        valid = torch.zeros(1, L, K, dtype=torch.bool, device=device)
+        chunk = max(1, self.CHUNK_ELEMENTS // L)
+        for start in range(0, L, chunk):
+            stop = min(L, start + chunk)
+            scores = torch.rand(1, stop - start, stop, generator=gen, device=device)
+            scores.masked_fill_(future_mask(stop - start, stop, device), float("-inf"))
+            idx_c, valid_c = select_top_k(scores, K)  # (B, c, min(K, stop))
+            idx[:, start:stop, :idx_c.shape[-1]], valid[:, start:stop, :idx_c.shape[-1]] = idx_c, valid_c
+        return idx.expand(B, L, K), valid.expand(B, L, K)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import (MaskedBackend, Selection, TopKTokenSelector, index_scores,
+from sparse_attention import (MaskedBackend, check_no_nan, Selection, TopKTokenSelector, index_scores,
                               select_top_k)
 
 INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
@@ -45,8 +45,9 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
+    check_no_nan(q, k, w)  # one check per call, not per chunk (finite inputs give finite or masked scores)
     score_fn = score_fn or index_scores
-    chunk = chunk or _query_chunk(L, B * H_I * L, INDEX_CHUNK_ELEMENTS)
+    chunk = chunk or _query_chunk(L, B * H_I * L, INDEX_CHUNK_ELEMENTS * (64 if q.is_cuda else 1))  # GPU: big chunks
     selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
     for start in range(0, L, chunk):

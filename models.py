@@ -16,7 +16,7 @@ from torch import nn
 
 from adaptive_selection import build_k_selector
 from config import ModelConfig
-from efficient_patterns import build_pattern
+from efficient_patterns import LocalSelector, RandomSelector, build_pattern
 from kernels import BlockBackend, FlexBackend, GatherBackend
 from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
                                 RegionRestrictedSelector)
@@ -262,6 +262,9 @@ def indexer_leaders(n_layers: int, group: int) -> list[int]:
 def build_sparse_attention(cfg: ModelConfig, leader: DeepSeekSparseAttention | None = None):
     """A layer's DSA module; `leader` is its group leader's module when it shares that indexer."""
     layer = SparseLatentAttention if cfg.attention_type == "mla" else DeepSeekSparseAttention
+    if cfg.selection_source != "indexer":  # indexer-free controls: no indexer parameters at all
+        selector = (LocalSelector if cfg.selection_source == "local" else RandomSelector)(cfg.sparse_top_k)
+        return layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
     if leader is not None:
         selector = build_selector(cfg, leader.indexer)
         return layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)

@@ -92,34 +92,37 @@ class TopKTokenSelector(nn.Module):
         """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool, K = min(k, L)."""
         L = scores.shape[-1]
         scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
+        check_no_nan(scores)
         return select_top_k(scores, self.top_k)
 
 
 def select_top_k(scores: torch.Tensor, top_k: int):
     """scores (..., Lq, S), -inf at forbidden keys -> selected_idx (..., Lq, K) (-1 = invalid), valid; K = min(k, S).
 
-    Ties at the k-th value are broken toward the most recent tokens, so the reference and the chunked
-    paths (kernels.py), which see rows of different widths, pick the same set (ReLU scores tie at 0).
+    Ties are broken toward the most recent tokens, so the reference and the chunked paths (kernels.py), which
+    see rows of different widths, pick the same set (ReLU scores tie at 0). One top-k over an exact int64 key
+    (score bits, then position): no second pass and no host synchronisation.
     """
     K = min(top_k, scores.shape[-1])
-    if K == scores.shape[-1]:  # every key fits: no choice to make
-        values, selected_idx = scores.topk(K, dim=-1)
-        return selected_idx.masked_fill(~torch.isfinite(values), -1), torch.isfinite(values)
-    values, selected_idx = scores.topk(K + 1, dim=-1)  # one extra: a tie across the boundary shows up here
-    ambiguous = (values[..., K - 1] == values[..., K]) & torch.isfinite(values[..., K - 1])
-    values, selected_idx = values[..., :K].contiguous(), selected_idx[..., :K].contiguous()
-    kth = values[..., -1:]  # (..., Lq, 1)
-    if ambiguous.any():  # rows where topk chose among equal scores: take the most recent of them
-        rows, kv = scores[ambiguous], kth[ambiguous]  # (r, S), (r, 1)
-        need = (values[ambiguous] == kv).sum(-1, keepdim=True)  # tied slots to fill
-        tied = rows == kv
-        from_right = tied.flip(-1).cumsum(-1).flip(-1)  # tied keys at positions >= s
-        take = (rows > kv) | (tied & (from_right <= need))  # exactly K per row
-        fixed = take.nonzero()[:, -1].view(-1, K)
-        selected_idx[ambiguous] = fixed
-        values[ambiguous] = rows.gather(-1, fixed)
-    valid = torch.isfinite(values)
+    selected_idx = score_position_key(scores).topk(K, dim=-1).indices  # (..., Lq, K)
+    valid = torch.isfinite(scores.gather(-1, selected_idx))
     return selected_idx.masked_fill(~valid, -1), valid
+
+
+def check_no_nan(*tensors: torch.Tensor) -> None:
+    """NaN index scores (or indexer inputs) would sort above +inf: refuse them with one clear error."""
+    if any(torch.isnan(t).any() for t in tensors):
+        raise ValueError("index scores contain NaN: the indexer diverged or its input holds NaN/inf; lower the "
+                         "indexer learning rate or check the model's activations")
+
+
+def score_position_key(scores: torch.Tensor) -> torch.Tensor:
+    """(..., S) float -> int64 keys ordered as (score, position): the float's bits mapped to an order-preserving
+    integer in the high 32 bits, the key's position in the low ones (-0.0 counts as +0.0)."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # negative floats: reverse magnitude
+    position = torch.arange(scores.shape[-1], device=scores.device)
+    return (ordered << 32) | position
 
 
 # ----------------------------------------------------------------------------- attention maths
@@ -379,7 +382,11 @@ class SparseAttentionLayer:
 
     def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None):
         """x (B, L, d_model) -> out (B, L, d_model), AttentionAux."""
-        if self.indexer is None and shared_scores is None and mode.needs_indexer:
+        positional = getattr(self.selector, "positional", False)  # indexer-free controls (local, random)
+        if positional and mode.indexer_loss:
+            raise ValueError(f"an indexer-free selector ({type(self.selector).__name__}) has no indexer loss; "
+                             f"use AttentionMode(indexer_loss=None)")
+        if self.indexer is None and shared_scores is None and mode.needs_indexer and not positional:
             raise ValueError("this layer shares its group leader's indexer: pass the leader's index scores "
                              "as shared_scores (the model does)")
         heads = self.project(x)
@@ -387,20 +394,24 @@ class SparseAttentionLayer:
             return timed(mode.timer, "attention", self.attend_dense, heads), AttentionAux()
         aux = AttentionAux()
         index_input = self.indexer_input(x, heads)
-        if mode.sparse:
-            backend = self.backend
+        if positional:
+            selection = timed(mode.timer, "indexer", lambda: Selection(*self.selector.select(
+                x.shape[0], x.shape[1], x.device)))
+        elif mode.sparse:
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "sparse"):
-                selection = timed(mode.timer, "indexer", lambda: backend.select(
+                selection = timed(mode.timer, "indexer", lambda: self.backend.select(
                     self.indexer, self.selector, index_input, shared_scores=shared_scores))
-            out, selected_probs = timed(mode.timer, "attention", self.attend_selected, heads, backend, selection,
-                                        mode.indexer_loss == "sparse")
-            if mode.indexer_loss == "sparse":
-                aux.indexer_loss = indexer_kl_sparse(selected_probs.detach(), backend.selected_scores(selection),
-                                                     selection.valid)
-        else:  # dense attention; the indexer runs for the warm-up KL and/or recall statistics
+        else:  # dense attention: the indexer runs for the warm-up KL and/or recall statistics
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "dense"):
                 selection = timed(mode.timer, "indexer", lambda: reference_select(
                     self.indexer, self.selector, index_input, shared_scores=shared_scores))
+        if mode.sparse:
+            out, selected_probs = timed(mode.timer, "attention", self.attend_selected, heads, self.backend,
+                                        selection, mode.indexer_loss == "sparse")
+            if mode.indexer_loss == "sparse":
+                aux.indexer_loss = indexer_kl_sparse(selected_probs.detach(), self.backend.selected_scores(selection),
+                                                     selection.valid)
+        else:
             out, probs = timed(mode.timer, "attention", self.attend_dense_probs, heads)
             if mode.indexer_loss == "dense":
                 aux.indexer_loss = indexer_kl_dense(probs.detach(), selection.scores)

@@ -7,6 +7,8 @@ import torch
 from config import SELECTION_PATTERNS, ModelConfig
 from efficient_patterns import (PATTERN_BUILDERS, PATTERN_VARIANTS, HierarchicalPattern, LocalGlobalPattern,
                                 SlidingWindowPattern, StridedPattern, build_pattern)
+from conftest import tiny_model_config
+from models import SparseAttentionMoELLM
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import future_mask, selection_mask
@@ -108,3 +110,29 @@ def test_every_pattern_keeps_the_model_causal(name):
 @pytest.mark.parametrize("name", ["local_global_25", "sliding_s50", "hierarchical_4", "strided_4"])
 def test_indexer_trains_under_a_pattern(name):
     assert_indexer_trains(selection_pattern=name)
+
+
+# ----------------------------------------------------------------------------- indexer-free controls
+@pytest.mark.parametrize("source", ["local", "random"])
+def test_indexer_free_controls_keep_the_contract_and_the_model_causal(source):
+    from efficient_patterns import LocalSelector, RandomSelector
+    selector = (LocalSelector if source == "local" else RandomSelector)(5)
+    idx, valid = selector.select(2, 12, "cpu")
+    assert_selection_contract(idx, valid, budget=5)
+    assert torch.equal(valid.sum(-1)[0], torch.arange(1, 13).clamp(max=5))  # min(k, t+1) keys per row
+    if source == "local":
+        assert torch.equal(idx[0, 11].sort().values, torch.arange(7, 12))  # the last k tokens
+    else:
+        assert not torch.equal(selector.select(2, 12, "cpu")[0], idx)  # redrawn at every call
+    assert_model_causal(ks=(4, 64), selection_source=source)
+    model = SparseAttentionMoELLM(tiny_model_config(selection_source=source))
+    assert model.indexer_parameters() == []
+
+
+def test_random_control_is_reproducible_per_seed():
+    from efficient_patterns import RandomSelector
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(RandomSelector(4).select(1, 10, "cpu")[0])
+    assert torch.equal(*draws)

@@ -171,3 +171,23 @@ def test_indexer_input_is_detached_and_lm_loss_never_reaches_it():
     assert torch.equal(x.grad, grad_x)  # the KL sends nothing into the main model
     assert torch.equal(attn.qkv.weight.grad, grad_qkv)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.indexer.parameters())
+
+
+def test_ties_go_to_the_most_recent_tokens_in_the_reference_and_the_chunked_path():
+    """All-zero scores (ReLU ties) select the last k tokens of each row, on both selection paths."""
+    import kernels
+    L, K = 9, 3
+    idx, valid = TopKTokenSelector(K)(torch.zeros(1, L, L))
+    t = torch.arange(L)[:, None]
+    expected = (t - torch.arange(K)[None, :])  # t, t-1, t-2 (negative = invalid for t < K-1)
+    assert torch.equal(idx[0].sort(-1, descending=True).values, expected.clamp(min=-1).sort(-1, descending=True).values)
+    q, k, w = torch.zeros(1, L, 2, 4), torch.randn(1, L, 4), torch.ones(1, L, 2)  # q = 0: every score ties at 0
+    chunked, _ = kernels.chunked_select(q, k, w, K, chunk=2)
+    assert torch.equal(chunked.sort(-1).values, idx.sort(-1).values)
+
+
+def test_nan_index_scores_are_refused_with_one_clear_error():
+    scores = torch.zeros(1, 5, 5)
+    scores[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN"):
+        TopKTokenSelector(2)(scores)
