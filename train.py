@@ -86,22 +86,30 @@ def peak_memory(device: torch.device) -> dict:
     return {"peak_memory_mb": cuda, "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def eval_batches(val, batch_size: int):
+    """Held-out (inputs, targets) batches. `val` is either windows (N, L+1) (next-token targets) or a pair
+    (inputs (N, L), targets (N, L)) whose ignored targets are -100 (a task scored at answer positions only)."""
+    inputs, targets = (val[:, :-1], val[:, 1:]) if isinstance(val, torch.Tensor) else val
+    for start in range(0, len(inputs), batch_size):
+        yield inputs[start: start + batch_size], targets[start: start + batch_size]
+
+
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, batch_size: int, device: torch.device, recall: bool = False) -> dict:
-    """Held-out loss, accuracy, perplexity in the model's own mode; with recall=True (a model with
-    indexers) also indexer recall."""
+def evaluate(model, val, batch_size: int, device: torch.device, recall: bool = False) -> dict:
+    """Held-out loss, accuracy, perplexity in the model's own mode (targets of -100 are not scored); with
+    recall=True (a model with indexers) also indexer recall."""
     was_training = model.training
     model.eval()
     mode = dataclasses.replace(model.default_mode, stats=recall)
     total_loss, correct, count, stats = 0.0, 0, 0, []
-    for start in range(0, len(val), batch_size):
-        batch = val[start: start + batch_size].to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    for inputs, targets in eval_batches(val, batch_size):
+        inputs, targets = inputs.to(device), targets.to(device)
         logits, aux = model(inputs, mode, return_aux=True)
         logits = logits.float()
         total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        count += targets.numel()
+        scored = targets != -100
+        correct += ((logits.argmax(-1) == targets) & scored).sum().item()
+        count += scored.sum().item()
         stats += aux.stats
     model.train(was_training)
     loss = total_loss / count
