@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
+from results_io import OneLineArgumentParser, atomic_write_json
+
 INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the indexer-cost table
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2
-        sys.stderr.write(f"benchmark.py: error: {message}\n")
-        raise SystemExit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from config import ModelConfig
-    p = _Parser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--top-k", type=int, default=256)
@@ -296,16 +290,6 @@ def end_to_end(args, meter: Meter) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- output
-def write_json(path: str, payload: dict) -> None:
-    """Atomic write: temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def plot_scaling(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -358,7 +342,7 @@ def main(argv=None) -> int:
                                   "RSS high-water mark sampled every 1 ms during one fwd+bwd, above RSS before it")}
     if args.end_to_end:
         rows = end_to_end(args, meter)
-        write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
+        atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
         for r in rows:
             print(f"{r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
                   f"x classic {r['ratio_vs_classic']:.2f}")
@@ -379,7 +363,7 @@ def main(argv=None) -> int:
             cost += indexer_cost(args, meter, L, sdpa)
             del qkv, indexer, grad_out
     quality = selection_quality(args, min(args.seq_lens[0], 2048))
-    write_json(os.path.join(args.out, "benchmark.json"),
+    atomic_write_json(os.path.join(args.out, "benchmark.json"),
                {**header, "rows": rows, "indexer_cost": cost, "selection_quality": quality})
     plot_scaling(rows, os.path.join(args.out, "benchmark_scaling.png"))
     print(format_table(rows))

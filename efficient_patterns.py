@@ -197,7 +197,6 @@ PATTERN_BUILDERS = {
     "strided_4": lambda k: StridedPattern(4, k),
     "strided_8": lambda k: StridedPattern(8, k),
 }
-PATTERN_VARIANTS: dict[str, dict] = {name: {"selection_pattern": name} for name in PATTERN_BUILDERS}
 
 
 def build_pattern(name: str, top_k: int) -> CandidatePattern:

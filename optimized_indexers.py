@@ -13,18 +13,6 @@ from quantization_utils import (check_precision, indexer_autocast, precision_ind
                                 quantize_indexer_inputs)
 from sparse_attention import LightningIndexer
 
-# Indexer sizes: the plan's named four and the full heads x dims grid. Values are ModelConfig overrides
-# (RoPE on half of the indexer dims, as in the default 4 x 64 / 32).
-_NAMED_SIZES = {"baseline": (4, 64), "light": (2, 32), "minimal": (1, 16), "ultra_light": (1, 8)}
-_GRID_SIZES = {f"h{h}d{d}": (h, d) for h in (1, 2, 3, 4) for d in (8, 16, 32, 64)}
-INDEXER_VARIANTS: dict[str, dict] = {
-    name: dict(indexer_heads=heads, indexer_dim=dim, indexer_rope_dim=dim // 4 * 2)
-    for name, (heads, dim) in {**_NAMED_SIZES, **_GRID_SIZES}.items()
-}
-# Cross-layer sharing ("caching"): groups of n consecutive layers use the first layer's indexer scores.
-SHARED_INDEXER_VARIANTS: dict[str, dict] = {f"shared_{n}": {"shared_indexer_group": n} for n in (2, 4)}
-# Two-scale indexer: blocks of n tokens scored first, tokens scored inside the best blocks.
-MULTISCALE_VARIANTS: dict[str, dict] = {f"multiscale_{n}": {"multiscale_block": n} for n in (8, 16)}
 MULTISCALE_CANDIDATE_FACTOR = 2  # regions hold about this many times sparse_top_k tokens
 
 

@@ -26,16 +26,6 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 INT_LEVELS = {"int8": 127, "int4": 7}  # symmetric: codes in [-levels, levels]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
-# The plan's 12 quantisation variants: precision x indexer size ('baseline' 4x64, 'optimized' 2x32,
-# 'minimal' 1x16). Each maps to ModelConfig overrides.
-_INDEXER_SIZES = {"baseline": (4, 64), "optimized": (2, 32), "minimal": (1, 16)}
-QUANTIZATION_VARIANTS: dict[str, dict] = {
-    f"{precision}_{size}": dict(indexer_precision=precision, indexer_heads=heads, indexer_dim=dim,
-                                indexer_rope_dim=dim // 2)
-    for precision in ("fp16", "mixed", "int8", "int4")
-    for size, (heads, dim) in _INDEXER_SIZES.items()
-}
-
 
 def check_precision(precision: str) -> None:
     if precision not in INDEXER_PRECISIONS:

@@ -1,9 +1,17 @@
-"""Result files: atomic JSON, mean with a 95 % confidence interval over seeds, Markdown tables."""
+"""Run plumbing shared by every runner: config fingerprints, atomic JSON/text/torch saves, the refusal to
+mix finished runs made with another config, one-line CLI errors (`OneLineArgumentParser`, `run_cli`),
+and mean with a 95 % confidence interval over seeds. Layer 1: imports only the standard library and torch.
+"""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 # two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (then the normal 1.96)
@@ -25,21 +33,44 @@ def mean_ci95(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": vals}
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    """Write JSON to a temp file beside `path`, then rename: a crash never leaves half a file."""
+# ----------------------------------------------------------------------------- fingerprints
+def fingerprint(obj) -> str:
+    """16 hex digits identifying a JSON-able config (dict keys sorted; Paths etc. via str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- atomic saves
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block finishes, rename it onto `path` (a crash never leaves
+    half a file, and a failed write leaves the old file as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Standard JSON (NaN/inf written as null), indent 2, written atomically."""
+    text = json.dumps(_clean(obj), indent=2, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_save_torch(obj, path: str | Path) -> None:
+    """torch.save, atomically."""
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _clean(obj):
@@ -53,18 +84,41 @@ def _clean(obj):
     return obj
 
 
-def fmt_ci(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
-    """'mean ± half-width' (or just the mean for one seed)."""
-    if stat is None or stat.get("mean") is None:
-        return "n/a"
-    mean = stat["mean"] * scale
-    lo, hi = stat["ci95"]
-    if lo is None:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {(hi - lo) * scale / 2:.{digits}f}"
+# ----------------------------------------------------------------------------- finished runs
+def check_stale(out: str | Path, expected: Mapping[Path, str], overwrite: bool) -> list[Path]:
+    """The run records among `expected` ({record path: fingerprint of the config it must have been made
+    with}) that exist with another `config_fingerprint`. Refuses (ValueError) if there are any and
+    `overwrite` is false: finished runs are never silently mixed with or replaced by another config's."""
+    stale = [p for p, key in expected.items()
+             if p.exists() and json.loads(p.read_text()).get("config_fingerprint") != key]
+    if stale and not overwrite:
+        raise ValueError(f"{out} holds {len(stale)} finished run(s) made with a different config "
+                         f"(e.g. {stale[0]}); use another --out or pass --overwrite to replace them")
+    return stale
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------- command line
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(job: Callable[[], object], failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Run `job()` the way every CLI here does: a user error (ValueError) is one line and exit 2; an
+    exception of a `failures` type (e.g. train.TrainingDiverged) one line and exit 1; Ctrl-C keeps what is
+    finished (exit 130); anything else is a bug and shows its traceback."""
+    try:
+        job()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
+        return 130
+    return 0

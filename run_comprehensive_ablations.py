@@ -12,12 +12,14 @@ computed from the data), OUT/pareto_<category>.png and OUT/speed_memory_profile.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
-from run_experiment import OneLineArgumentParser, run_cli
+import reports
+from results_io import OneLineArgumentParser, atomic_write_json, atomic_write_text, run_cli
+from variants import BASELINE, CATEGORIES, QUESTIONS, QUICK_SUBSET
 
 MODES = {
     # quick: a few variants per family, 1 seed, tiny schedule: minutes on a laptop CPU
@@ -32,12 +34,11 @@ MODES = {
 
 
 def parse_args(argv=None):
-    import ablations
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=MODES, default="quick")
     p.add_argument("--steps", type=int, help="sparse training steps per variant")
     p.add_argument("--seq-lens", type=int, nargs="+")
-    p.add_argument("--questions", nargs="+", choices=list(ablations.QUESTIONS))
+    p.add_argument("--questions", nargs="+", choices=list(QUESTIONS))
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dataset")
@@ -48,26 +49,25 @@ def parse_args(argv=None):
 
 def selected_variants(subset: bool, questions: list[str]) -> tuple[dict, dict]:
     """-> ({variant: overrides}, {variant: category}) for the chosen research questions (+ the baseline)."""
-    import ablations
-    variants, category_of = {"baseline": ablations.BASE}, {"baseline": "baseline"}
+    variants, category_of = {"baseline": BASELINE}, {"baseline": "baseline"}
     for q in questions:
-        category = ablations.QUESTIONS[q]
-        names = ablations.QUICK_SUBSET[category] if subset else list(ablations.CATEGORIES[category])
+        category = QUESTIONS[q]
+        names = QUICK_SUBSET[category] if subset else list(CATEGORIES[category])
         for name in names:
-            variants[name] = ablations.CATEGORIES[category][name]
+            variants[name] = CATEGORIES[category][name]
             category_of[name] = category
     return variants, category_of
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: run(parse_args(argv)))
+    from train import TrainingDiverged
+    return run_cli(lambda: run(parse_args(argv)), failures=(TrainingDiverged,))
 
 
 def run(args) -> None:
     import ablations
     import plots
     from config import build_configs
-    from results_io import atomic_write_json, atomic_write_text
     mode = MODES[args.mode]
     overrides = {"seq_lens": args.seq_lens or mode["seq_lens"], "seeds": args.seeds or mode["seeds"],
                  "out": args.out, **mode["overrides"]}
@@ -75,7 +75,7 @@ def run(args) -> None:
         if value is not None:
             overrides[key] = value
     model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=mode["preset"])
-    questions = args.questions or [q for q, c in ablations.QUESTIONS.items() if c not in mode.get("skip", [])]
+    questions = args.questions or [q for q, c in QUESTIONS.items() if c not in mode.get("skip", [])]
     variants, category_of = selected_variants(mode["subset"], questions)
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -84,26 +84,17 @@ def run(args) -> None:
     summary = ablations.aggregate(records)
     atomic_write_json(out / "summary.json", {"mode": args.mode, "questions": questions, "seeds": exp_cfg.seeds,
                                              "sequence_lengths": exp_cfg.seq_lens, "results": summary})
-    sections = []
+    names_by_question = {}
     for q in questions:
-        category = ablations.QUESTIONS[q]
+        category = QUESTIONS[q]
         names = ["baseline"] + [n for n, c in category_of.items() if c == category]
-        plots.speed_quality_tradeoffs(summary, names, exp_cfg.seq_lens, ablations.pareto_front,
+        names_by_question[q] = (category, names)
+        plots.speed_quality_tradeoffs(summary, names, exp_cfg.seq_lens, reports.pareto_front,
                                       out / f"pareto_{category}.png", f"{category}: speed vs quality")
-        tables = "\n\n".join(f"#### L = {L}\n\n" + ablations.results_table(summary, names, L) for L in exp_cfg.seq_lens)
-        sections.append(f"## {q} ({category})\n\n" + "\n".join(ablations.answer(summary, names, exp_cfg.seq_lens))
-                        + f"\n\n![pareto](pareto_{category}.png)\n\n" + tables)
     plots.scaling_analysis(summary, list(variants), exp_cfg.seq_lens, out / "speed_memory_profile.png")
-    n = len(exp_cfg.seeds)
-    atomic_write_text(out / "REPORT.md", f"""# Comprehensive lightning-indexer ablations ({args.mode} mode)
-
-{len(variants)} variants x lengths {exp_cfg.seq_lens} x seeds {exp_cfg.seeds}, each from the same dense branch point
-per (L, seed) ({train_cfg.dense_steps} dense steps), {train_cfg.warmup_steps} indexer warm-up steps, {train_cfg.steps}
-sparse steps on the same batches. {'Values are mean ± 95 % CI half-width.' if n > 1 else
-'One seed: no CI and no significance test — run --mode research for those.'} *vs baseline*: whether the
-paired 95 % CI of the loss difference excludes 0. Timings are ratios within this run on one machine.
-
-""" + "\n\n".join(sections) + "\n\n![profile](speed_memory_profile.png)\n")
+    atomic_write_text(out / "REPORT.md", reports.ablations_report(args.mode, summary, names_by_question, len(variants),
+                                                                  exp_cfg.seq_lens, exp_cfg.seeds,
+                                                                  dataclasses.asdict(train_cfg)))
     print(f"{len(records)} runs ({len(variants)} variants) in {time.perf_counter() - t0:.0f} s; "
           f"wrote {out}/REPORT.md, summary.json, pareto_*.png, speed_memory_profile.png")
 

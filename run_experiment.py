@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
+
+import reports
+from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
+                        mean_ci95, run_cli)
+from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS
 
 CONFIG: dict = {
     # e.g. "sparse_top_k": 32 is set per length from top_k_ratio; try "top_k_ratio": 0.25,
@@ -26,12 +30,6 @@ CONFIG: dict = {
 
 EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization")
 OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="'bpe' or a transformers tokenizer name/path")
     p.add_argument("--out", help="output folder (default results)")
     p.add_argument("--optimization", nargs="+", metavar="NAME",
-                   help="indexer_optimization strategies (default: baseline light minimal ultra_light local_global "
-                        "fp16_indexer fp8_indexer int8_indexer adaptive_k); see ablations.OPTIMIZATIONS")
+                   help=f"indexer_optimization strategies (default: {' '.join(DEFAULT_OPTIMIZATIONS)}); "
+                        f"see variants.OPTIMIZATIONS")
     p.add_argument("--overwrite", action="store_true", help="discard finished runs in --out made with another config")
     return p.parse_args(argv)
 
@@ -65,10 +63,6 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
 
 
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool) -> dict:
     """The sequence-length sweep: classic vs sparse per L and seed; writes every result file."""
     import torch
@@ -77,7 +71,6 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     import plots
     from config import config_for_length
     from data import build_windows, load_corpus
-    from results_io import atomic_write_json, atomic_write_text, mean_ci95
     from train import check_backend_device, pick_device, run_seed
 
     device = pick_device(train_cfg.device)
@@ -146,8 +139,8 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
               for m in ("classic", "sparse")}
     summary_json = json.loads((out / "summary.json").read_text())  # None-cleaned copy for plotting
     plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
-    table = summary_table(summary_json)
-    atomic_write_text(out / "REPORT.md", report_markdown(summary_json, table))
+    table = reports.sweep_table(summary_json)
+    atomic_write_text(out / "REPORT.md", reports.sweep_report(summary_json, table))
     print("\n" + table)
     print(f"\nwrote {out}/summary.json, {out}/sequence_length_comparison.png, {out}/REPORT.md")
     return summary_json
@@ -157,17 +150,16 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
     import ablations
     import plots
-    from results_io import atomic_write_json, atomic_write_text
 
-    unknown = [n for n in names if n not in ablations.OPTIMIZATIONS]
+    unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
-        raise ValueError(f"unknown --optimization {unknown}; choose from {', '.join(ablations.OPTIMIZATIONS)}")
+        raise ValueError(f"unknown --optimization {unknown}; choose from {', '.join(OPTIMIZATIONS)}")
     if "baseline" not in names:
         names = ["baseline", *names]  # speed-ups are relative to it
     out = Path(exp_cfg.out)
     check_experiment(out, "indexer_optimization")
-    records = ablations.run_variants({n: ablations.OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg,
-                                     exp_cfg, out, overwrite)
+    records = ablations.run_variants({n: OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg, exp_cfg,
+                                     out, overwrite)
     by_name = ablations.aggregate(records)
     summary = {"experiment": "indexer_optimization", "seeds": list(exp_cfg.seeds),
                "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names,
@@ -178,29 +170,11 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     summary = json.loads((out / "summary.json").read_text())
     L_max = max(exp_cfg.seq_lens)
     plots.optimization_comparison(summary["results"], names, L_max, out / "optimization_comparison.png")
-    plots.speed_quality_tradeoffs(summary["results"], names, exp_cfg.seq_lens, ablations.pareto_front,
+    plots.speed_quality_tradeoffs(summary["results"], names, exp_cfg.seq_lens, reports.pareto_front,
                                   out / "speed_quality_tradeoffs.png", "Indexer strategies: speed vs quality")
     plots.scaling_analysis(summary["results"], names, exp_cfg.seq_lens, out / "scaling_analysis.png")
-    tables = "\n\n".join(f"### L = {L}\n\n" + ablations.results_table(summary["results"], names, L)
-                          for L in exp_cfg.seq_lens)
-    findings = "\n".join(ablations.answer(summary["results"], names, exp_cfg.seq_lens))
-    n = len(exp_cfg.seeds)
-    atomic_write_text(out / "REPORT.md", f"""# Lightning-indexer optimisation
-
-Every strategy starts from the same dense branch point per (L, seed) ({train_cfg.dense_steps} dense steps), warms
-its indexer up for {train_cfg.warmup_steps} steps and trains {train_cfg.steps} sparse steps on the same batches.
-Seeds {exp_cfg.seeds} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI, no significance test'}).
-*Δ vs baseline* is paired by seed; *vs baseline* says whether its 95 % CI excludes 0. *indexer ms* is the
-indexer + top-k forward time per step; *MFLOP/tok* counts the indexer's scoring over the whole causal prefix.
-Timings are from one run on one machine: compare them as ratios.
-
-## Findings (computed from the data)
-
-{findings}
-
-{tables}
-""")
-    print("\n" + ablations.results_table(summary["results"], names, L_max))
+    atomic_write_text(out / "REPORT.md", reports.optimization_report(summary))
+    print("\n" + reports.results_table(summary["results"], names, L_max))
     print(f"\nwrote {out}/summary.json, optimization_comparison.png, speed_quality_tradeoffs.png, "
           f"scaling_analysis.png, REPORT.md")
     return summary
@@ -218,79 +192,13 @@ def check_experiment(out: Path, experiment: str) -> None:
 
 def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
     """Refuse to mix runs made with another config into `out` (or clear them with --overwrite)."""
-    stale = []
+    expected = {}
     for L, cfg in configs.items():
-        runs = out / f"seq_{L}" / "runs"
-        for record in sorted(runs.glob("seed_*.json")) if runs.exists() else []:
-            if json.loads(record.read_text()).get("config_fingerprint") != fingerprint(cfg):
-                stale.append(record)
-    if stale and not overwrite:
-        raise ValueError(f"{out} holds {len(stale)} finished run(s) made with a different config "
-                         f"(e.g. {stale[0]}); use another --out or pass --overwrite to replace them")
+        key = fingerprint(cfg)
+        expected.update({record: key for record in sorted((out / f"seq_{L}" / "runs").glob("seed_*.json"))})
+    stale = check_stale(out, expected, overwrite)
     for folder in {record.parent.parent for record in stale}:
         shutil.rmtree(folder)  # the whole seq_<L> folder: its runs, checkpoints and files
-
-
-def summary_table(summary: dict) -> str:
-    from results_io import fmt_ci, markdown_table
-    header = ["L", "k", "classic val loss", "sparse val loss", "classic acc %", "sparse acc %",
-              "classic ms/step", "sparse ms/step", "recall after warm-up", "recall final", "random", "local (last k)"]
-    rows = []
-    for L in summary["sequence_lengths"]:
-        r = summary["results"][str(L)]
-        c, s = r["classic"], r["sparse"]
-        rows.append([L, r["top_k"], fmt_ci(c["final_val_loss"]), fmt_ci(s["final_val_loss"]),
-                     fmt_ci(c["final_val_accuracy"], 1, 100), fmt_ci(s["final_val_accuracy"], 1, 100),
-                     fmt_ci(c["avg_time_per_step"], 1, 1000), fmt_ci(s["avg_time_per_step"], 1, 1000),
-                     fmt_ci(s["warmup_indexer_recall"]), fmt_ci(s["indexer_recall"]), fmt_ci(s["random_recall"]),
-                     fmt_ci(s["local_recall"])])
-    return markdown_table(header, rows)
-
-
-def report_markdown(summary: dict, table: str) -> str:
-    cfg = summary["config"]
-    n = len(summary["seeds"])
-    m, t = cfg["model"], cfg["train"]
-    return f"""# Sparse (DSA) vs classic attention — sequence-length sweep
-
-Data: `{cfg['data']['dataset']}`, {cfg['corpus']['train_docs']} training / {cfg['corpus']['val_docs']} held-out
-documents ({cfg['corpus']['train_tokens']:,} / {cfg['corpus']['val_tokens']:,} tokens), tokenizer `{cfg['data']['tokenizer']}`
-(vocab {m['vocab_size']}). Model: d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, d_ff {m['d_ff']},
-{m['num_experts']} experts top-{m['expert_top_k']}; indexer {m['indexer_heads']} heads x {m['indexer_dim']} dims;
-backend `{m['attention_backend']}`. Seeds {summary['seeds']} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI'}).
-
-Schedule per seed: {t['dense_steps']} shared dense pre-training steps -> branch; classic trains {t['steps']} more
-dense steps; sparse warms its indexer up for {t['warmup_steps']} steps (main model frozen, KL to dense attention),
-then trains {t['steps']} sparse steps on the same batches in the same order.
-
-{table}
-
-- *val loss / acc*: held-out documents only, {t['eval_windows']} fixed windows per length.
-- *recall*: share of the dense attention mass (summed over heads) that falls inside the indexer's top-k set,
-  over query positions with more than k past tokens; *random* is a random k-subset's expected recall, *local*
-  the recall of simply keeping the last k tokens. An indexer worth its cost beats both.
-- *ms/step*: wall time of a training step on this machine, measured in the same run for both models.
-  The `masked` backend computes dense scores and masks them, so it cannot be faster than dense; speed comes
-  from the sparse kernels (see benchmark.py).
-"""
-
-
-def run_cli(job) -> int:
-    """Run `job()` the way every CLI here does: a user error is one line and exit 2, a diverged run one line
-    and exit 1, Ctrl-C keeps what is finished; anything else is a bug and shows its traceback."""
-    from train import TrainingDiverged
-    try:
-        job()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv=None) -> int:
@@ -305,13 +213,13 @@ def main(argv=None) -> int:
         model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
         t0 = time.perf_counter()
         if args.experiment == "indexer_optimization":
-            import ablations
             run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg,
-                                     args.optimization or ablations.DEFAULT_OPTIMIZATIONS, args.overwrite)
+                                     args.optimization or DEFAULT_OPTIMIZATIONS, args.overwrite)
         else:
             run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
         print(f"wall time {time.perf_counter() - t0:.0f} s")
-    return run_cli(job)
+    from train import TrainingDiverged
+    return run_cli(job, failures=(TrainingDiverged,))
 
 
 if __name__ == "__main__":

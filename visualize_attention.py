@@ -47,7 +47,7 @@ def sparsity_stats(masks: list[torch.Tensor]) -> dict:
 
 
 def main(argv=None) -> int:
-    from run_experiment import OneLineArgumentParser
+    from results_io import OneLineArgumentParser
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", default=None)

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-import ablations
+import reports
 import run_comprehensive_ablations
 import run_experiment
+import variants
 
 TINY = dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, batch_size=4, eval_every=4, eval_windows=8,
             profile_steps=1, dense_steps=6, warmup_steps=3, steps=4)
@@ -42,7 +43,7 @@ def test_ablation_records_are_resumed_not_redone(tmp_path, monkeypatch, corpus, 
     mode = {"preset": "quick", "seq_lens": [32], "seeds": [1],
             "overrides": {**TINY, "cache_dir": str(tmp_path / "cache")}, "subset": True}
     monkeypatch.setitem(run_comprehensive_ablations.MODES, "quick", mode)
-    monkeypatch.setitem(ablations.QUICK_SUBSET, "quantization", ["int4_minimal"])
+    monkeypatch.setitem(variants.QUICK_SUBSET, "quantization", ["int4_minimal"])
     argv = ["--mode", "quick", "--questions", "quantization", "--out", str(tmp_path / "abl"), "--device", "cpu"]
     assert run_comprehensive_ablations.main(argv) == 0
     record = json.loads((tmp_path / "abl" / "records" / "int4_minimal__L32__seed1.json").read_text())
@@ -58,24 +59,24 @@ def test_ablation_records_are_resumed_not_redone(tmp_path, monkeypatch, corpus, 
 
 def test_catalogues_match_the_research_plan_and_are_valid_configs():
     from config import ModelConfig
-    assert len(ablations.CATEGORIES["indexer_architecture"]) == 16
-    assert len(ablations.CATEGORIES["attention_patterns"]) == 13
-    assert len(ablations.CATEGORIES["quantization"]) == 12
-    assert len(ablations.CATEGORIES["combinations"]) == 20
-    for category in ablations.CATEGORIES.values():
+    assert len(variants.CATEGORIES["indexer_architecture"]) == 16
+    assert len(variants.CATEGORIES["attention_patterns"]) == 13
+    assert len(variants.CATEGORIES["quantization"]) == 12
+    assert len(variants.CATEGORIES["combinations"]) == 20
+    for category in variants.CATEGORIES.values():
         for overrides in category.values():
             ModelConfig(**overrides).validate()
-    for name in ablations.OPTIMIZATIONS:
-        ModelConfig(**ablations.OPTIMIZATIONS[name]).validate()
+    for name in variants.OPTIMIZATIONS:
+        ModelConfig(**variants.OPTIMIZATIONS[name]).validate()
 
 
 def test_pareto_front_and_significance():
     pts = {"a": (1.0, 3.0), "b": (2.0, 2.0), "c": (3.0, 2.5), "d": (0.5, 4.0)}
-    assert ablations.pareto_front(pts) == ["d", "a", "b"]
+    assert reports.pareto_front(pts) == ["d", "a", "b"]
     ci = lambda lo, hi: {"delta_val_loss_vs_baseline": {"mean": (lo + hi) / 2, "ci95": [lo, hi], "per_seed": []}}
-    assert ablations.significance(ci(-0.2, -0.1)) == "better"
-    assert ablations.significance(ci(0.1, 0.2)) == "worse"
-    assert ablations.significance(ci(-0.1, 0.1)) == "n.s."
+    assert reports.significance(ci(-0.2, -0.1)) == "better"
+    assert reports.significance(ci(0.1, 0.2)) == "worse"
+    assert reports.significance(ci(-0.1, 0.1)) == "n.s."
 
 
 def test_unknown_strategy_is_a_one_line_error(capsys, tmp_path):

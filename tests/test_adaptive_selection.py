@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from adaptive_selection import (SELECTION_VARIANTS, AdaptiveKSelector, build_k_selector, normalised_entropy,
-                                top_k_per_row)
+from adaptive_selection import AdaptiveKSelector, build_k_selector, normalised_entropy, top_k_per_row
 from config import K_STRATEGIES, ModelConfig
 from conftest import tiny_model_config
 from models import SparseAttentionMoELLM
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import future_mask, selection_mask
+from variants import K_SELECTION as SELECTION_VARIANTS
 
 L = 40
 

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from config import SELECTION_PATTERNS, ModelConfig
-from efficient_patterns import (PATTERN_BUILDERS, PATTERN_VARIANTS, HierarchicalPattern, LocalGlobalPattern,
-                                SlidingWindowPattern, StridedPattern, build_pattern)
+from efficient_patterns import (PATTERN_BUILDERS, HierarchicalPattern, LocalGlobalPattern, SlidingWindowPattern,
+                                StridedPattern, build_pattern)
 from conftest import tiny_model_config
 from models import SparseAttentionMoELLM
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import future_mask, selection_mask
+from variants import PATTERNS as PATTERN_VARIANTS
 
 
 def _scores(B=2, L=40, seed=0):

@@ -7,20 +7,22 @@ import torch
 from config import ModelConfig
 from conftest import tiny_model_config
 from models import SparseAttentionMoELLM, indexer_parameter_report, variant_parameter_reports
-from optimized_indexers import (INDEXER_VARIANTS, MULTISCALE_VARIANTS, SHARED_INDEXER_VARIANTS, MultiScaleIndexer,
-                                OptimizedLightningIndexer, RegionRestrictedSelector, indexer_param_count)
+from optimized_indexers import (MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector,
+                                indexer_param_count)
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import AttentionMode, LightningIndexer, TopKTokenSelector, selection_mask
+from variants import ARCHITECTURES, MULTISCALE, SHARED, SIZES
+
+INDEXER_VARIANTS = {**SIZES, **ARCHITECTURES}  # the named sizes and the heads x dims grid
 
 
 def test_variants_cover_the_plans_sizes_and_grid():
-    assert {n: (v["indexer_heads"], v["indexer_dim"]) for n, v in INDEXER_VARIANTS.items()
-            if not n.startswith("h")} == {"baseline": (4, 64), "light": (2, 32), "minimal": (1, 16),
-                                          "ultra_light": (1, 8)}
-    grid = {(v["indexer_heads"], v["indexer_dim"]) for n, v in INDEXER_VARIANTS.items() if n.startswith("h")}
+    assert {n: (v["indexer_heads"], v["indexer_dim"]) for n, v in SIZES.items()} == {
+        "baseline": (4, 64), "light": (2, 32), "minimal": (1, 16), "ultra_light": (1, 8)}
+    grid = {(v["indexer_heads"], v["indexer_dim"]) for v in ARCHITECTURES.values()}
     assert grid == {(h, d) for h in (1, 2, 3, 4) for d in (8, 16, 32, 64)}
-    for overrides in {**INDEXER_VARIANTS, **SHARED_INDEXER_VARIANTS, **MULTISCALE_VARIANTS}.values():
+    for overrides in {**INDEXER_VARIANTS, **SHARED, **MULTISCALE}.values():
         dataclasses.replace(ModelConfig(), **overrides).validate()
 
 
@@ -44,8 +46,8 @@ def test_param_count_formula_matches_the_module(name):
 
 def test_parameter_reports():
     base = ModelConfig()  # the plan's model: d 256, 4 layers, indexer 4 x 64
-    reports = variant_parameter_reports(base, {**INDEXER_VARIANTS, **SHARED_INDEXER_VARIANTS})
-    assert set(reports) == set(INDEXER_VARIANTS) | set(SHARED_INDEXER_VARIANTS)
+    reports = variant_parameter_reports(base, {**INDEXER_VARIANTS, **SHARED})
+    assert set(reports) == set(INDEXER_VARIANTS) | set(SHARED)
     baseline = reports["baseline"]
     assert baseline["params_per_indexer"] == indexer_param_count(256, 4, 64) == 83072  # the plan's "~83K"
     assert baseline["indexers"] == 4 and baseline["indexer_params"] == 4 * 83072
@@ -65,7 +67,7 @@ def test_every_indexer_size_keeps_the_model_causal(name):
     assert_model_causal(backends=("masked",), **INDEXER_VARIANTS[name])  # sizes don't touch the backends
 
 
-@pytest.mark.parametrize("overrides", [*SHARED_INDEXER_VARIANTS.values(), *MULTISCALE_VARIANTS.values(),
+@pytest.mark.parametrize("overrides", [*SHARED.values(), *MULTISCALE.values(),
                                        dict(multiscale_block=4, shared_indexer_group=2, indexer_precision="int8"),
                                        dict(multiscale_block=4, selection_pattern="local_global_25"),
                                        dict(multiscale_block=4, k_strategy="adaptive_entropy")])

@@ -1,0 +1,160 @@
+"""Report text: the Markdown tables and REPORT.md pages the runners write beside their figures (plots.py).
+
+Everything here reads summaries (dicts of mean_ci95 stats, as written to summary.json) and returns text.
+"""
+from __future__ import annotations
+
+
+def fmt_ci(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
+    """'mean ± half-width' (or just the mean for one seed)."""
+    if stat is None or stat.get("mean") is None:
+        return "n/a"
+    mean = stat["mean"] * scale
+    lo, hi = stat["ci95"]
+    if lo is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(hi - lo) * scale / 2:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names not dominated in (cost, loss), both lower-is-better."""
+    front = []
+    for name, (c, l) in points.items():
+        if not any((c2 <= c and l2 <= l) and (c2 < c or l2 < l) for n2, (c2, l2) in points.items() if n2 != name):
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def significance(entry: dict) -> str:
+    """'better' / 'worse' if the paired 95 % CI of the loss difference excludes 0, 'n.s.', or 'untestable'."""
+    d = entry.get("delta_val_loss_vs_baseline")
+    if not d or d["ci95"][0] is None:
+        return "untestable (1 seed)"
+    lo, hi = d["ci95"]
+    return "better" if hi < 0 else "worse" if lo > 0 else "n.s."
+
+
+# ----------------------------------------------------------------------------- sparse_vs_classic
+def sweep_table(summary: dict) -> str:
+    """The sequence-length sweep, one row per L: classic vs sparse quality, speed and indexer recall."""
+    header = ["L", "k", "classic val loss", "sparse val loss", "classic acc %", "sparse acc %",
+              "classic ms/step", "sparse ms/step", "recall after warm-up", "recall final", "random", "local (last k)"]
+    rows = []
+    for L in summary["sequence_lengths"]:
+        r = summary["results"][str(L)]
+        c, s = r["classic"], r["sparse"]
+        rows.append([L, r["top_k"], fmt_ci(c["final_val_loss"]), fmt_ci(s["final_val_loss"]),
+                     fmt_ci(c["final_val_accuracy"], 1, 100), fmt_ci(s["final_val_accuracy"], 1, 100),
+                     fmt_ci(c["avg_time_per_step"], 1, 1000), fmt_ci(s["avg_time_per_step"], 1, 1000),
+                     fmt_ci(s["warmup_indexer_recall"]), fmt_ci(s["indexer_recall"]), fmt_ci(s["random_recall"]),
+                     fmt_ci(s["local_recall"])])
+    return markdown_table(header, rows)
+
+
+def sweep_report(summary: dict, table: str) -> str:
+    cfg = summary["config"]
+    n = len(summary["seeds"])
+    m, t = cfg["model"], cfg["train"]
+    return f"""# Sparse (DSA) vs classic attention — sequence-length sweep
+
+Data: `{cfg['data']['dataset']}`, {cfg['corpus']['train_docs']} training / {cfg['corpus']['val_docs']} held-out
+documents ({cfg['corpus']['train_tokens']:,} / {cfg['corpus']['val_tokens']:,} tokens), tokenizer `{cfg['data']['tokenizer']}`
+(vocab {m['vocab_size']}). Model: d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, d_ff {m['d_ff']},
+{m['num_experts']} experts top-{m['expert_top_k']}; indexer {m['indexer_heads']} heads x {m['indexer_dim']} dims;
+backend `{m['attention_backend']}`. Seeds {summary['seeds']} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI'}).
+
+Schedule per seed: {t['dense_steps']} shared dense pre-training steps -> branch; classic trains {t['steps']} more
+dense steps; sparse warms its indexer up for {t['warmup_steps']} steps (main model frozen, KL to dense attention),
+then trains {t['steps']} sparse steps on the same batches in the same order.
+
+{table}
+
+- *val loss / acc*: held-out documents only, {t['eval_windows']} fixed windows per length.
+- *recall*: share of the dense attention mass (summed over heads) that falls inside the indexer's top-k set,
+  over query positions with more than k past tokens; *random* is a random k-subset's expected recall, *local*
+  the recall of simply keeping the last k tokens. An indexer worth its cost beats both.
+- *ms/step*: wall time of a training step on this machine, measured in the same run for both models.
+  The `masked` backend computes dense scores and masks them, so it cannot be faster than dense; speed comes
+  from the sparse kernels (see benchmark.py).
+"""
+
+
+# ----------------------------------------------------------------------------- variants vs the baseline
+def results_table(summary: dict, names: list[str], L: int) -> str:
+    """Markdown table of the variants at one length, best validation loss first."""
+    rows = []
+    for name in sorted(names, key=lambda n: summary[n][str(L)]["val_loss"]["mean"]):
+        e = summary[name][str(L)]
+        rows.append([name, fmt_ci(e["val_loss"]), fmt_ci(e.get("delta_val_loss_vs_baseline")), significance(e),
+                     fmt_ci(e["val_accuracy"], 1, 100), fmt_ci(e["avg_time_per_step"], 1, 1000),
+                     fmt_ci(e.get("speedup_vs_baseline"), 2), fmt_ci(e["indexer_ms"], 2), fmt_ci(e["indexer_recall"]),
+                     fmt_ci(e["train_loss_variance"], 4), f"{e['indexer_params']['mean']:,.0f}",
+                     f"{100 * e['indexer_overhead']['mean']:.1f}", f"{e['indexer_flops_per_token']['mean'] / 1e6:.2f}"])
+    header = ["variant", "val loss", "Δ vs baseline", "vs baseline", "acc %", "ms/step", "speed-up", "indexer ms",
+              "recall", "loss var", "indexer params", "overhead %", "indexer MFLOP/tok"]
+    return markdown_table(header, rows)
+
+
+def findings(summary: dict, names: list[str], lengths: list[int]) -> list[str]:
+    """Findings computed from the data: best per length, whether it beats the baseline, the Pareto front."""
+    lines = []
+    for L in lengths:
+        present = [n for n in names if str(L) in summary.get(n, {})]
+        if not present:
+            continue
+        best = min(present, key=lambda n: summary[n][str(L)]["val_loss"]["mean"])
+        e = summary[best][str(L)]
+        front = pareto_front({n: (summary[n][str(L)]["avg_time_per_step"]["mean"],
+                                  summary[n][str(L)]["val_loss"]["mean"]) for n in present})
+        lines.append(f"- L={L}: lowest validation loss **{best}** ({fmt_ci(e['val_loss'])}); against the baseline: "
+                     f"{significance(e)}. Pareto front (time/step vs loss, cheapest first): {', '.join(front)}.")
+    return lines
+
+
+def optimization_report(summary: dict) -> str:
+    """REPORT.md of run_experiment.py --experiment indexer_optimization, from its summary.json."""
+    names, lengths, seeds, t = (summary["strategies"], summary["sequence_lengths"], summary["seeds"],
+                                summary["config"]["train"])
+    tables = "\n\n".join(f"### L = {L}\n\n" + results_table(summary["results"], names, L) for L in lengths)
+    found = "\n".join(findings(summary["results"], names, lengths))
+    return f"""# Lightning-indexer optimisation
+
+Every strategy starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), warms
+its indexer up for {t['warmup_steps']} steps and trains {t['steps']} sparse steps on the same batches.
+Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI, no significance test'}).
+*Δ vs baseline* is paired by seed; *vs baseline* says whether its 95 % CI excludes 0. *indexer ms* is the
+indexer + top-k forward time per step; *MFLOP/tok* counts the indexer's scoring over the whole causal prefix.
+Timings are from one run on one machine: compare them as ratios.
+
+## Findings (computed from the data)
+
+{found}
+
+{tables}
+"""
+
+
+def ablations_report(mode: str, summary: dict, names_by_question: dict[str, tuple[str, list[str]]],
+                     n_variants: int, lengths: list[int], seeds: list[int], train: dict) -> str:
+    """REPORT.md of run_comprehensive_ablations.py. `names_by_question`: {question: (category, names shown)};
+    each section links the figure pareto_<category>.png."""
+    sections = []
+    for q, (category, names) in names_by_question.items():
+        tables = "\n\n".join(f"#### L = {L}\n\n" + results_table(summary, names, L) for L in lengths)
+        sections.append(f"## {q} ({category})\n\n" + "\n".join(findings(summary, names, lengths))
+                        + f"\n\n![pareto](pareto_{category}.png)\n\n" + tables)
+    return f"""# Comprehensive lightning-indexer ablations ({mode} mode)
+
+{n_variants} variants x lengths {lengths} x seeds {seeds}, each from the same dense branch point
+per (L, seed) ({train['dense_steps']} dense steps), {train['warmup_steps']} indexer warm-up steps, {train['steps']}
+sparse steps on the same batches. {'Values are mean ± 95 % CI half-width.' if len(seeds) > 1 else
+'One seed: no CI and no significance test — run --mode research for those.'} *vs baseline*: whether the
+paired 95 % CI of the loss difference excludes 0. Timings are ratios within this run on one machine.
+
+""" + "\n\n".join(sections) + "\n\n![profile](speed_memory_profile.png)\n"

@@ -1,0 +1,92 @@
+"""Run plumbing: fingerprints stay stable, saves are atomic, stale runs are refused, CLI errors are one line."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from results_io import (OneLineArgumentParser, atomic_path, atomic_save_torch, atomic_write_json, atomic_write_text,
+                        check_stale, fingerprint, mean_ci95, run_cli)
+
+
+def test_fingerprint_is_stable_and_ignores_key_order():
+    cfg = {"model": {"d_model": 32, "path": Path("/x")}, "seeds": [1, 2], "lr": 1e-3}
+    assert fingerprint(cfg) == "a83273bc485a8c61"  # finished runs on disk carry this value: it must not drift
+    assert fingerprint({"lr": 1e-3, "seeds": [1, 2], "model": {"path": "/x", "d_model": 32}}) == fingerprint(cfg)
+    assert fingerprint({**cfg, "lr": 2e-3}) != fingerprint(cfg)
+
+
+def test_atomic_json_is_standard_and_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    atomic_write_json(path, {"a": float("nan"), "b": [1.5, float("inf")], 3: (1, 2)})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "3": [1, 2]}
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": object()})
+    assert json.loads(path.read_text())["b"] == [1.5, None]
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half a fi")
+        raise RuntimeError("crash mid-write")
+    assert json.loads(path.read_text())["b"] == [1.5, None]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temp file left behind
+
+
+def test_atomic_text_and_torch_round_trip(tmp_path):
+    atomic_write_text(tmp_path / "R.md", "# report\n")
+    assert (tmp_path / "R.md").read_text() == "# report\n"
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    atomic_save_torch(state, tmp_path / "ckpt" / "s.pt")
+    assert torch.equal(torch.load(tmp_path / "ckpt" / "s.pt")["w"], state["w"])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["s.pt"]
+
+
+def test_check_stale_refuses_other_configs_unless_overwrite(tmp_path):
+    same, other, missing = tmp_path / "same.json", tmp_path / "other.json", tmp_path / "missing.json"
+    atomic_write_json(same, {"config_fingerprint": "k1"})
+    atomic_write_json(other, {"config_fingerprint": "old"})
+    expected = {same: "k1", other: "k2", missing: "k3"}
+    with pytest.raises(ValueError, match=r"holds 1 finished run\(s\) made with a different config") as info:
+        check_stale(tmp_path, expected, overwrite=False)
+    assert "other.json" in str(info.value) and "\n" not in str(info.value)
+    assert check_stale(tmp_path, expected, overwrite=True) == [other]
+    assert check_stale(tmp_path, {same: "k1", missing: "k3"}, overwrite=False) == []
+
+
+def test_argument_errors_are_one_line_and_exit_2(capsys):
+    p = OneLineArgumentParser()
+    p.add_argument("--steps", type=int)
+    with pytest.raises(SystemExit) as info:
+        p.parse_args(["--steps", "many"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "invalid int value" in err and "\n" not in err
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def _raise(exc):
+    def job():
+        raise exc
+    return job
+
+
+@pytest.mark.parametrize("exc, code", [(ValueError("bad key"), 2), (Diverged("nan loss"), 1),
+                                       (KeyboardInterrupt(), 130)])
+def test_run_cli_exit_codes(exc, code, capsys):
+    assert run_cli(_raise(exc), failures=(Diverged,)) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_run_cli_success_and_bugs():
+    assert run_cli(lambda: None) == 0
+    with pytest.raises(Diverged):  # not declared a failure: a bug, with its traceback
+        run_cli(_raise(Diverged("x")))
+    with pytest.raises(KeyError):
+        run_cli(_raise(KeyError("x")), failures=(Diverged,))
+
+
+def test_mean_ci95():
+    s = mean_ci95([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
+    assert mean_ci95([1.0])["ci95"] == [None, None]
