@@ -144,24 +144,27 @@ class _SparseMQA(torch.autograd.Function):
         dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
         dkv = torch.zeros(B * L, D, dtype=acc, device=q.device)  # accumulated in fp32 (fp64 for fp64)
         buf = q.new_empty(B * chunk * K, D)
+        q_do = q.new_zeros(B, chunk, 2 * H, D)  # per query [q ; dO padded to D]: scores and dP in one matmul
         with contextlib.nullcontext() if q.is_cuda else _one_thread():
             for start in range(0, L, chunk):
                 stop = min(L, start + chunk)
                 c = stop - start
                 rows = _rows(selected_idx, valid, L, start, stop)
                 rows_kv = torch.index_select(kvf, 0, rows, out=buf[:rows.numel()]).view(B, c, K, D)
-                q_c, do_c = q[:, start:stop], grad_out[:, start:stop]  # (B, c, H, D), (B, c, H, v_dim)
+                q_do_c = q_do[:, :c]
+                q_do_c[:, :, :H] = q[:, start:stop]
+                q_do_c[:, :, H:, :v_dim] = do_c = grad_out[:, start:stop]  # (B, c, H, v_dim)
                 delta = (do_c.to(acc) * out[:, start:stop].to(acc)).sum(-1, keepdim=True)  # (B, c, H, 1)
-                scores = (q_c @ rows_kv.transpose(-1, -2)).to(acc) * scale  # (B, c, H, K)
-                p = (scores - lse[:, start:stop, :, None]).exp_()
+                scores_dp = (q_do_c @ rows_kv.transpose(-1, -2)).to(acc)  # (B, c, 2H, K)
+                p = (scores_dp[:, :, :H] * scale - lse[:, start:stop, :, None]).exp_()  # (B, c, H, K)
                 p.masked_fill_(~valid[:, start:stop, None, :], 0.0)
-                dp = (do_c @ rows_kv[..., :v_dim].transpose(-1, -2)).to(acc)  # (B, c, H, K)
-                ds = (p * (dp - delta) * scale).to(q.dtype)
+                ds = p * (scores_dp[:, :, H:] - delta) * scale
+                ds_p = torch.cat([ds, p], dim=2).to(q.dtype)  # (B, c, 2H, K)
                 if dq is not None:
-                    dq[:, start:stop] = ds @ rows_kv
-                # d(gathered rows), summed over heads by the matmul: (B, c, K, D), then one index_add per slot
-                d_rows = ds.transpose(-1, -2) @ q_c
-                d_rows[..., :v_dim] += p.to(q.dtype).transpose(-1, -2) @ do_c
+                    dq[:, start:stop] = ds_p[:, :, :H] @ rows_kv
+                # d(gathered rows) = ds^T q + P^T [dO ; 0], summed over heads by the matmul: (B, c, K, D),
+                # then one index_add per selected slot (not per head)
+                d_rows = ds_p.transpose(-1, -2) @ q_do_c
                 dkv.index_add_(0, rows, d_rows.view(-1, D).to(acc))
         return dq, dkv.view_as(kv).to(kv.dtype), None, None, None, None, None, None
 
