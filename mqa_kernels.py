@@ -115,7 +115,8 @@ class _SparseMQA(torch.autograd.Function):
                 stop = min(L, start + chunk)
                 c = stop - start
                 rows = _rows(selected_idx, valid, L, start, stop)
-                rows_kv = torch.index_select(kvf, 0, rows, out=buf[:rows.numel()]).view(B, c, K, D)  # once for all heads
+                # the selected rows, gathered once for all heads: (B, c, K, D)
+                rows_kv = torch.index_select(kvf, 0, rows, out=buf[:rows.numel()]).view(B, c, K, D)
                 ok = valid[:, start:stop, None, :]  # (B, c, 1, K)
                 scores = (q[:, start:stop] @ rows_kv.transpose(-1, -2)).to(acc) * scale  # (B, c, H, K)
                 scores.masked_fill_(~ok, float("-inf"))

@@ -70,7 +70,7 @@ if triton is not None:
             idx = tl.load(idx_base + oj, mask=oj < K, other=-1)  # (BLOCK_K,) token indices, -1 invalid
             ok = idx >= 0
             rows = kv_base + idx.to(tl.int64) * s_kl  # (BLOCK_K,) row pointers: one row for all heads
-            kvv = tl.load(rows[:, None] + odv[None, :], mask=ok[:, None] & dvm[None, :], other=0.0)  # (BLOCK_K, BLOCK_DV)
+            kvv = tl.load(rows[:, None] + odv[None, :], mask=ok[:, None] & dvm[None, :], other=0.0)  # (BK, BDV)
             s = tl.dot(qv, tl.trans(kvv), input_precision=DOT_PREC)  # (BLOCK_H, BLOCK_K) fp32
             if HAS_TAIL:
                 kvt = tl.load(rows[:, None] + odt[None, :], mask=ok[:, None] & dtm[None, :], other=0.0)
@@ -233,7 +233,7 @@ def _meta(q, v_dim: int, block_config: dict | None) -> tuple[dict, dict | None]:
     cfg = dict(block_config or {})
     meta = dict(BLOCK_H=cfg.pop("BLOCK_H", block_h_for(H)), BLOCK_DV=_pow2(v_dim),
                 BLOCK_DT=_pow2(max(1, D - v_dim)), HAS_TAIL=D > v_dim,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if q.dtype == torch.float32 else None)  # exact fp32 dots (no TF32)
     if cfg or not q.is_cuda:  # forced tiles, or the CPU interpreter (no autotuning there)
         cfg.setdefault("BLOCK_K", INTERPRETER_BLOCK_K if not q.is_cuda else 32)
         cfg.setdefault("num_warps", 4)
