@@ -7,11 +7,15 @@ Each sequence (length L) is laid out like Zoology's MQAR:
 
 Keys, values and noise come from disjoint token ranges (token 0 is reserved: the constant filler when
 `noise="constant"`). A query repeats a key from the pair region; the target at the query's position is
-that key's value (teacher forcing: the value also sits in `inputs` right after the query, as in Zoology,
-so the next-token layout stays consistent). Every key is queried at most once, and query slots are drawn
+that key's value. Every key is queried at most once, and query slots are drawn
 uniformly over the whole rest of the sequence, so query-key distances span ~2 .. L: a local window of w
 tokens cannot see the pairs of most queries once L >> w. `distance` records, per answer position, how far
 back the key it asks about sits.
+
+Unlike Zoology, the answer is NOT written into `inputs` after its query by default (`show_answers=False`;
+that position holds noise). With answers shown and every key queried once, the answers already given
+reveal which values are still unasked, and a model reaches mean(1/P, 1/(P-1), ..., 1) accuracy (0.52 for
+P = 4) by elimination, without retrieving anything: measured on the classic model, it plateaus exactly there.
 
 Everything is vectorised across sequences and seeded with a `torch.Generator`: the same seed gives the same
 batch. `MQARStream` draws fresh training batches per (seed, step) and a held-out set from a separate seed
@@ -73,13 +77,15 @@ def token_ranges(vocab_size: int, num_keys: int | None = None, num_values: int |
 
 def make_mqar(n_sequences: int, seq_len: int, num_pairs: int, vocab_size: int, seed: int,
               num_queries: int | None = None, num_keys: int | None = None, num_values: int | None = None,
-              noise: str = "random") -> MQARBatch:
+              noise: str = "random", show_answers: bool = False) -> MQARBatch:
     """Draw `n_sequences` MQAR sequences of length `seq_len` with `num_pairs` key-value pairs each.
 
     num_queries (default num_pairs, at most num_pairs): keys queried per sequence, each once.
     num_keys / num_values: sizes of the key and value token ranges (see `token_ranges`).
     noise: "random" fills free positions with tokens from the noise range (constant filler if that range
     is empty); "constant" fills them with FILLER_TOKEN.
+    show_answers: write each answer into `inputs` right after its query (Zoology's teacher-forced layout;
+    opens the elimination shortcut described in the module docstring).
     """
     num_queries = num_pairs if num_queries is None else num_queries
     if n_sequences < 1:
@@ -119,7 +125,8 @@ def make_mqar(n_sequences: int, seq_len: int, num_pairs: int, vocab_size: int, s
     inputs[:, 1:pair_len:2] = values
     answer = values.gather(1, asked)  # (N, Q)
     inputs[rows, query_pos] = keys.gather(1, asked)
-    inputs[rows, query_pos + 1] = answer
+    if show_answers:
+        inputs[rows, query_pos + 1] = answer
 
     targets = torch.full((N, L), IGNORE_INDEX, dtype=torch.long)
     targets[rows, query_pos] = answer

@@ -5,7 +5,7 @@ import torch
 from mqar import IGNORE_INDEX, MQARBatch, MQARStream, accuracy, make_mqar, token_ranges
 
 
-def _hand_check(batch: MQARBatch, num_pairs: int, vocab_size: int, **kw):
+def _hand_check(batch: MQARBatch, num_pairs: int, vocab_size: int, show_answers=False, **kw):
     """Plain loops: each answer position t holds a key whose first occurrence j < t is in the pair
     region; the target is the token right after that occurrence; distance = t - j; -1 elsewhere."""
     r = token_ranges(vocab_size, kw.get("num_keys"), kw.get("num_values"))
@@ -23,16 +23,21 @@ def _hand_check(batch: MQARBatch, num_pairs: int, vocab_size: int, **kw):
             assert j < t and j < 2 * num_pairs and j % 2 == 0
             assert row_in[j + 1] == tgt, "the target is not the value stored after the key"
             assert d == t - j, f"distance {d} at {t}, expected {t - j}"
-            assert row_in[t + 1] == tgt  # teacher forcing: the answer follows the query in the inputs
+            if show_answers:  # teacher forcing: the answer follows the query in the inputs
+                assert row_in[t + 1] == tgt
+            else:  # the answer never appears outside its pair: no elimination over given answers
+                assert [p for p, x in enumerate(row_in) if x == tgt and p > 0 and row_in[p - 1] == tok] == [j + 1]
+                assert not r.values[0] <= row_in[t + 1] < r.values[1]
     return n_answers
 
 
 @pytest.mark.parametrize("noise", ["random", "constant"])
-def test_answers_and_distances_against_hand_loop(noise):
+@pytest.mark.parametrize("show_answers", [False, True])
+def test_answers_and_distances_against_hand_loop(noise, show_answers):
     kw = dict(num_keys=12, num_values=10)
-    batch = make_mqar(16, 40, 5, 64, seed=3, noise=noise, **kw)
+    batch = make_mqar(16, 40, 5, 64, seed=3, noise=noise, show_answers=show_answers, **kw)
     assert batch.inputs.shape == batch.targets.shape == batch.distance.shape == (16, 40)
-    assert _hand_check(batch, 5, 64, **kw) == 16 * 5  # num_queries defaults to num_pairs
+    assert _hand_check(batch, 5, 64, show_answers, **kw) == 16 * 5  # num_queries defaults to num_pairs
 
 
 def test_token_ranges_disjoint_and_keys_distinct():
