@@ -233,7 +233,7 @@ def selection_quality(args, L: int) -> list[dict]:
     informative indexer (the attention queries and head-mean keys): dense-attention mass inside the selected
     set (recall, rows with t >= k + block) and relative output error vs dense attention. A proxy only: the
     real quality comparison is the trained models' loss (run_experiment.py)."""
-    import kernels
+    from backends import BlockBackend, GatherBackend
     from sparse_attention import causal_attention_probs, sparse_attention_masked
     g = torch.Generator().manual_seed(2)
     B, H, D = 1, args.heads, args.head_dim
@@ -242,7 +242,7 @@ def selection_quality(args, L: int) -> list[dict]:
     dense_p = causal_attention_probs(q, k)  # (B, H, L, L)
     dense_out = dense_p @ v
     rows = []
-    for backend in (kernels.GatherBackend(), kernels.BlockBackend(args.block_size)):
+    for backend in (GatherBackend(), BlockBackend(args.block_size)):
         selection = backend.select_indexed(iq, ik, iw, args.top_k)
         idx, valid = selection.selected_idx, selection.valid
         out, _ = sparse_attention_masked(q, k, v, idx, valid)

@@ -1,8 +1,7 @@
 """Faster sparse-attention paths. Each one is checked against `sparse_attention.sparse_attention_masked`
 (outputs and gradients) in tests/test_kernels.py.
 
-Backends (config.ATTENTION_BACKENDS; each a class with the reference `MaskedBackend`'s methods, picked by
-`models.BACKENDS`):
+Backends (config.ATTENTION_BACKENDS; the classes that combine these paths are in backends.py):
   gather  token-level DSA over exactly the selected tokens; a custom autograd Function that walks
           query chunks small enough that gathered K/V stay in cache, recomputes them in backward
           and scatter-adds dK/dV (never a (L, K, D) tensor).
@@ -21,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import (MaskedBackend, check_no_nan, Selection, TopKTokenSelector, index_scores,
-                              select_top_k)
+from sparse_attention import check_no_nan, index_scores, select_top_k
 
 INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
@@ -351,75 +349,3 @@ def _compiled_flex():
         from torch.nn.attention.flex_attention import flex_attention
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
-
-
-# ----------------------------------------------------------------------------- backends
-def fast_selectable(indexer, selector) -> bool:
-    """A plain lightning indexer (scores = index_scores(*project(x))) with plain top-k: chunked selection applies."""
-    return getattr(indexer, "fast_selectable", False) and type(selector) is TopKTokenSelector
-
-
-class GatherBackend(MaskedBackend):
-    """Token-level DSA over exactly the selected tokens. With the plain lightning indexer and top-k
-    selector, selection is chunked (no L x L tensor) and the sparse KL recomputes index scores at the
-    selected slots only; other indexers and selectors select through the reference path."""
-    name = "gather"
-
-    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
-        if not fast_selectable(indexer, selector):
-            return super().select(indexer, selector, x, shared_scores=shared_scores)
-        iq, ik, iw = indexer.project(x)  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
-        selection = self.select_indexed(iq.detach(), ik.detach(), iw.detach(), selector.top_k)
-        selection.index_inputs = (iq, ik, iw)
-        return selection
-
-    def select_indexed(self, q, k, w, top_k: int) -> Selection:
-        """Top-k from the indexer's projections q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
-        return Selection(*chunked_select(q, k, w, top_k))
-
-    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
-        return sparse_attention_gather(q, k, v, selection.selected_idx, selection.valid, return_probs)
-
-    def selected_scores(self, selection: Selection) -> torch.Tensor:
-        if selection.index_inputs is None:
-            return super().selected_scores(selection)
-        return selected_index_scores(*selection.index_inputs, selection.selected_idx, selection.valid)
-
-
-class BlockBackend(GatherBackend):
-    """Our query-block-shared model: blocks of `block_size` queries share one selected set (block_select),
-    plus causal attention inside their own block. Needs the plain lightning indexer and top-k selector."""
-    name = "block"
-
-    def __init__(self, block_size: int = BLOCK_SIZE):
-        self.block_size = block_size
-
-    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
-        if not fast_selectable(indexer, selector):
-            raise ValueError(f"attention_backend={self.name!r} needs the plain lightning indexer and top-k "
-                             f"selector; use attention_backend='gather' with other indexers or selectors")
-        return super().select(indexer, selector, x)
-
-    def select_indexed(self, q, k, w, top_k: int) -> Selection:
-        block_idx, block_valid = block_select(q, k, w, top_k, self.block_size)
-        selected_idx, valid = expand_block_selection(block_idx, block_valid, self.block_size, q.shape[1])
-        return Selection(selected_idx, valid, block_idx=block_idx, block_valid=block_valid,
-                         block_size=self.block_size)
-
-    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
-        return block_sparse_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
-                                      return_probs)
-
-    def selected_scores(self, selection: Selection) -> torch.Tensor:
-        scores = block_index_scores(*selection.index_inputs, selection.block_idx, selection.block_valid,
-                                    selection.block_size)
-        return scores.masked_fill(~selection.valid, float("-inf"))
-
-
-class FlexBackend(BlockBackend):
-    """The block model through FlexAttention (GPU; CPU forward only)."""
-    name = "flex"
-
-    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
-        return flex_block_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
-                                    return_probs)

@@ -17,14 +17,13 @@ from torch import nn
 from adaptive_selection import build_k_selector
 from config import ModelConfig
 from efficient_patterns import LocalSelector, RandomSelector, build_pattern
-from kernels import BlockBackend, FlexBackend, GatherBackend
+from backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
 from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
                                 RegionRestrictedSelector)
 from rope import RotaryEmbedding
 from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
                               LightningIndexer, MaskedBackend, SparseAttentionLayer, TopKTokenSelector,
                               causal_attention_probs)
-from triton_kernels import TritonBackend
 
 
 class RMSNorm(nn.Module):

@@ -5,7 +5,7 @@ kv row shared by all heads: keys are kv[..., :D], values kv[..., :v_dim] (in MLA
 the latent part of the same row, the last D - v_dim columns are the decoupled RoPE key). A selected row is
 therefore gathered once for all heads and the heads become the rows of one matmul per query.
 
-  sparse_mqa_attention_reference  the masked reference (kv expanded to every head), the yardstick
+  sparse_attention.sparse_mqa_attention_masked  the masked reference (kv expanded to every head)
   sparse_mqa_attention            chunked torch path (CPU and GPU), custom autograd, fp32 statistics
   triton_mqa.sparse_mqa_attention_triton   fused Triton kernels (GPU)
 
@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from sparse_attention import sparse_attention_masked
+from kernels import _one_thread, _query_chunk
 
 MQA_CHUNK_ELEMENTS = 1 << 19  # gathered kv elements per query chunk on CPU (2 MiB fp32: stays in cache)
 MQA_CHUNK_ELEMENTS_CUDA = 1 << 25  # on GPU the budget is memory, not cache (128 MiB fp32 of gathered rows)
@@ -47,47 +47,7 @@ def _scale(scale, D: int) -> float:
     return D ** -0.5 if scale is None else float(scale)
 
 
-# ----------------------------------------------------------------------------- reference
-def sparse_mqa_attention_reference(q, kv, selected_idx, valid, *, v_dim: int, scale=None, return_probs: bool = False):
-    """The masked reference: kv expanded to every head, then `sparse_attention_masked` (dense L x L scores).
-
-    q (B, L, H, D), kv (B, L, D), selected_idx/valid (B, L, K) -> out (B, L, H, v_dim), probs (B, H, L, K) or None.
-    Rows with no valid slot give output 0 (and probs 0) without NaN in values or gradients.
-    """
-    check_mqa_inputs(q, kv, selected_idx, valid, v_dim)
-    B, L, H, D = q.shape
-    empty = ~valid.any(-1)  # (B, L) rows with nothing to attend to
-    if empty.any():  # attend to slot 0 = token 0 there (finite), then zero the row
-        valid = valid.clone()
-        selected_idx = selected_idx.clone()
-        valid[..., 0] |= empty
-        selected_idx[..., 0] = torch.where(empty, 0, selected_idx[..., 0])
-    q_heads = q.transpose(1, 2) * (_scale(scale, D) * D ** 0.5)  # (B, H, L, D); the reference scales by D^-1/2
-    keys = kv[:, None].expand(B, H, L, D)
-    values = kv[:, None, :, :v_dim].expand(B, H, L, v_dim)
-    out, probs = sparse_attention_masked(q_heads, keys, values, selected_idx, valid, return_probs)
-    out = out.transpose(1, 2).masked_fill(empty[:, :, None, None], 0.0)  # (B, L, H, v_dim)
-    if probs is not None:
-        probs = probs.masked_fill(empty[:, None, :, None], 0.0).detach()
-    return out, probs
-
-
 # ----------------------------------------------------------------------------- chunked torch path
-def _query_chunk(L: int, per_query: int, budget: int) -> int:
-    return max(1, min(L, budget // max(1, per_query)))
-
-
-class _one_thread:
-    """CPU: run the per-chunk ops on one thread (with 2 threads each small op pays a parallel-region barrier)."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
-
-
 def _rows(selected_idx, valid, L: int, start: int, stop: int) -> torch.Tensor:
     """Token indices of queries [start, stop) -> row numbers into the flattened (B*L, D) kv table,
     invalid slots -> row 0 of their batch (a harmless finite row: its probability is forced to 0)."""

@@ -157,6 +157,30 @@ def sparse_attention_masked(q, k, v, selected_idx, valid, return_probs: bool = F
     return out, probs.gather(-1, idx) * valid[:, None]
 
 
+def sparse_mqa_attention_masked(q, kv, selected_idx, valid, *, v_dim: int, scale=None, return_probs: bool = False):
+    """Reference for the MQA layout (MLA's absorbed mode): every head attends over one shared row per token,
+    keys kv, values kv[..., :v_dim]; kv expanded to every head, then `sparse_attention_masked`.
+
+    q (B, L, H, D), kv (B, L, D), selected_idx/valid (B, L, K) -> out (B, L, H, v_dim), probs (B, H, L, K) or None.
+    Rows with no valid slot give output 0 (and probs 0) without NaN in values or gradients.
+    """
+    B, L, H, D = q.shape
+    empty = ~valid.any(-1)  # (B, L) rows with nothing to attend to
+    if empty.any():  # attend to slot 0 = token 0 there (finite), then zero the row
+        valid = valid.clone()
+        selected_idx = selected_idx.clone()
+        valid[..., 0] |= empty
+        selected_idx[..., 0] = torch.where(empty, 0, selected_idx[..., 0])
+    q_heads = q.transpose(1, 2) * ((D ** -0.5 if scale is None else scale) * D ** 0.5)  # (B, H, L, D); the reference scales by D^-1/2
+    keys = kv[:, None].expand(B, H, L, D)
+    values = kv[:, None, :, :v_dim].expand(B, H, L, v_dim)
+    out, probs = sparse_attention_masked(q_heads, keys, values, selected_idx, valid, return_probs)
+    out = out.transpose(1, 2).masked_fill(empty[:, :, None, None], 0.0)  # (B, L, H, v_dim)
+    if probs is not None:
+        probs = probs.masked_fill(empty[:, None, :, None], 0.0).detach()
+    return out, probs
+
+
 # ----------------------------------------------------------------------------- indexer losses
 def indexer_kl_dense(attn_probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Warm-up loss: mean over (b, t) of KL(p[t,:] || softmax(I[t,:])) over the causal prefix.
@@ -297,15 +321,9 @@ class MaskedBackend:
         return sparse_attention_masked(q, k, v, selection.selected_idx, selection.valid, return_probs)
 
     def attend_latent(self, q, kv, *, selection: Selection, v_dim: int, scale: float, return_probs: bool = False):
-        """MQA layout (MLA's absorbed mode): every head attends over one shared row per token.
-
-        q (B, L, H, D), kv (B, L, D): keys are kv, values kv[..., :v_dim] -> out (B, L, H, v_dim), probs at
-        the slots (B, H, L, K) | None. Reference: the rows expanded to every head, then the masked path."""
-        B, L, H, D = q.shape
-        keys = kv[:, None].expand(B, H, L, D)
-        out, probs = sparse_attention_masked(q.transpose(1, 2) * (scale * D ** 0.5), keys, keys[..., :v_dim],
-                                             selection.selected_idx, selection.valid, return_probs)
-        return out.transpose(1, 2), probs
+        """MQA layout: q (B, L, H, D), one shared row per token kv (B, L, D) -> out (B, L, H, v_dim), probs."""
+        return sparse_mqa_attention_masked(q, kv, selection.selected_idx, selection.valid, v_dim=v_dim, scale=scale,
+                                           return_probs=return_probs)
 
     def selected_scores(self, selection: Selection) -> torch.Tensor:
         scores = selection.scores.gather(-1, selection.selected_idx.clamp(min=0))

@@ -10,8 +10,7 @@ import os
 
 import torch
 
-from kernels import GatherBackend, _selected_probs, chunked_select
-from sparse_attention import Selection
+from kernels import _selected_probs
 
 try:
     import triton
@@ -173,17 +172,3 @@ def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = F
         return out, None
     with torch.no_grad():  # probs at the slots, from the same scores (for the indexer KL only)
         return out, _selected_probs(q, k, selected_idx, valid)
-
-
-
-
-class TritonBackend(GatherBackend):
-    """Token-level DSA through the Triton kernels; on CUDA the chunked selection scores with the fused
-    indexer kernel."""
-    name = "triton"
-
-    def select_indexed(self, q, k, w, top_k: int) -> Selection:
-        return Selection(*chunked_select(q, k, w, top_k, score_fn=triton_index_scores if q.is_cuda else None))
-
-    def attend(self, q, k, v, *, selection, return_probs: bool = False):
-        return sparse_attention_triton(q, k, v, selection.selected_idx, selection.valid, return_probs)

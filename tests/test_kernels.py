@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from backends import BlockBackend
 import triton_kernels
 from conftest import ROOT, tiny_model_config
 from models import BACKENDS, SparseAttentionMoELLM, build_backend
@@ -284,7 +285,7 @@ def test_block_index_scores_match_the_token_level_recompute():
     q = torch.randn(B, L, H_I, d_I, requires_grad=True)
     k = torch.randn(B, L, d_I, requires_grad=True)
     w = torch.randn(B, L, H_I, requires_grad=True)
-    backend = kernels.BlockBackend(Bq)
+    backend = BlockBackend(Bq)
     selection = backend.select_indexed(q.detach(), k.detach(), w.detach(), 20)
     selection.index_inputs = (q, k, w)
     idx, valid = selection.selected_idx, selection.valid

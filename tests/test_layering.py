@@ -9,6 +9,7 @@ LAYERS = [
     ("plumbing", ["config", "rope", "results_io", "variants", "mqar"]),
     ("reference", ["sparse_attention"]),
     ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
+    ("backends", ["backends"]),
     ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
     ("models", ["models", "hf_interop"]),
     ("data and training", ["data", "train"]),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from mqa_kernels import sparse_mqa_attention, sparse_mqa_attention_reference
+from mqa_kernels import sparse_mqa_attention
+from sparse_attention import sparse_mqa_attention_masked as sparse_mqa_attention_reference
 from sparse_attention import select_top_k
 
 # B, L, H, D, K, v_dim: H=1; odd L with v_dim < D; v_dim == D; K > t+1 on most rows (K clipped to L); odd all
@@ -137,14 +138,14 @@ def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match="kv must be"):
         sparse_mqa_attention(q, kv[:, :5], idx, valid, v_dim=4)
     with pytest.raises(ValueError, match="selected_idx and valid"):
-        sparse_mqa_attention_reference(q, kv, idx[:, :5], valid, v_dim=4)
+        sparse_mqa_attention(q, kv, idx[:, :5], valid, v_dim=4)
 
 
 # ----------------------------------------------------------------------------- Triton (interpreter, subprocess)
 TRITON_SCRIPT = textwrap.dedent("""
     import json, sys, time, torch
     import triton_mqa
-    from mqa_kernels import sparse_mqa_attention_reference
+    from sparse_attention import sparse_mqa_attention_masked as sparse_mqa_attention_reference
     sys.path.insert(0, "tests")
     from test_mqa_kernels import _selection, _inputs
     cases = json.loads(sys.argv[1])

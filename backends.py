@@ -1,0 +1,111 @@
+"""Attention backends: how a DSA layer selects its keys and attends over them, one class per
+config.ATTENTION_BACKENDS name. Every class has the reference `sparse_attention.MaskedBackend`'s methods
+with the same signatures (select, attend, attend_latent, selected_scores); tests/test_kernels.py checks
+that, and that each equals the reference (outputs and gradients).
+
+  gather  token-level: chunked selection (kernels.chunked_select), kernels.sparse_attention_gather (MHA),
+          mqa_kernels.sparse_mqa_attention (MLA's shared latent rows)
+  triton  the same through the Triton kernels (triton_kernels.py, triton_mqa.py)
+  block   the query-block-shared model (kernels.block_*); flex: the block model through FlexAttention
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import (BLOCK_SIZE, block_index_scores, block_select, block_sparse_attention, chunked_select,
+                     expand_block_selection, flex_block_attention, selected_index_scores, sparse_attention_gather)
+from mqa_kernels import sparse_mqa_attention
+from sparse_attention import MaskedBackend, Selection, TopKTokenSelector
+from triton_kernels import sparse_attention_triton, triton_index_scores
+from triton_mqa import sparse_mqa_attention_triton
+
+
+def fast_selectable(indexer, selector) -> bool:
+    """A plain lightning indexer (scores = index_scores(*project(x))) with plain top-k: chunked selection applies."""
+    return getattr(indexer, "fast_selectable", False) and type(selector) is TopKTokenSelector
+
+
+class GatherBackend(MaskedBackend):
+    """Token-level DSA over exactly the selected tokens. With the plain lightning indexer and top-k
+    selector, selection is chunked (no L x L tensor) and the sparse KL recomputes index scores at the
+    selected slots only; other indexers and selectors select through the reference path."""
+    name = "gather"
+
+    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
+        if not fast_selectable(indexer, selector):
+            return super().select(indexer, selector, x, shared_scores=shared_scores)
+        iq, ik, iw = indexer.project(x)  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
+        selection = self.select_indexed(iq.detach(), ik.detach(), iw.detach(), selector.top_k)
+        selection.index_inputs = (iq, ik, iw)
+        return selection
+
+    def select_indexed(self, q, k, w, top_k: int) -> Selection:
+        """Top-k from the indexer's projections q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
+        return Selection(*chunked_select(q, k, w, top_k))
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return sparse_attention_gather(q, k, v, selection.selected_idx, selection.valid, return_probs)
+
+    def attend_latent(self, q, kv, *, selection: Selection, v_dim: int, scale: float, return_probs: bool = False):
+        return sparse_mqa_attention(q, kv, selection.selected_idx, selection.valid, v_dim=v_dim, scale=scale,
+                                    return_probs=return_probs)
+
+    def selected_scores(self, selection: Selection) -> torch.Tensor:
+        if selection.index_inputs is None:
+            return super().selected_scores(selection)
+        return selected_index_scores(*selection.index_inputs, selection.selected_idx, selection.valid)
+
+
+class BlockBackend(GatherBackend):
+    """Our query-block-shared model: blocks of `block_size` queries share one selected set (block_select),
+    plus causal attention inside their own block. Needs the plain lightning indexer and top-k selector."""
+    name = "block"
+
+    def __init__(self, block_size: int = BLOCK_SIZE):
+        self.block_size = block_size
+
+    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
+        if not fast_selectable(indexer, selector):
+            raise ValueError(f"attention_backend={self.name!r} needs the plain lightning indexer and top-k "
+                             f"selector; use attention_backend='gather' with other indexers or selectors")
+        return super().select(indexer, selector, x)
+
+    def select_indexed(self, q, k, w, top_k: int) -> Selection:
+        block_idx, block_valid = block_select(q, k, w, top_k, self.block_size)
+        selected_idx, valid = expand_block_selection(block_idx, block_valid, self.block_size, q.shape[1])
+        return Selection(selected_idx, valid, block_idx=block_idx, block_valid=block_valid,
+                         block_size=self.block_size)
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return block_sparse_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
+                                      return_probs)
+
+    def selected_scores(self, selection: Selection) -> torch.Tensor:
+        scores = block_index_scores(*selection.index_inputs, selection.block_idx, selection.block_valid,
+                                    selection.block_size)
+        return scores.masked_fill(~selection.valid, float("-inf"))
+
+
+class FlexBackend(BlockBackend):
+    """The block model through FlexAttention (GPU; CPU forward only)."""
+    name = "flex"
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        return flex_block_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
+                                    return_probs)
+
+
+class TritonBackend(GatherBackend):
+    """Token-level DSA through the Triton kernels; on CUDA the chunked selection scores with the fused
+    indexer kernel."""
+    name = "triton"
+
+    def select_indexed(self, q, k, w, top_k: int) -> Selection:
+        return Selection(*chunked_select(q, k, w, top_k, score_fn=triton_index_scores if q.is_cuda else None))
+
+    def attend(self, q, k, v, *, selection, return_probs: bool = False):
+        return sparse_attention_triton(q, k, v, selection.selected_idx, selection.valid, return_probs)
+
+    def attend_latent(self, q, kv, *, selection, v_dim: int, scale: float, return_probs: bool = False):
+        return sparse_mqa_attention_triton(q, kv, selection.selected_idx, selection.valid, v_dim=v_dim, scale=scale,
+                                           return_probs=return_probs)
