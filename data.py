@@ -258,10 +258,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- windows + batches
-def make_windows(tokens: np.ndarray, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows of seq_len + 1 tokens (inputs = w[:-1], targets = w[1:]) -> (N, seq_len + 1)."""
-    n = tokens.size // (seq_len + 1)
-    return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
+def make_windows(tokens: np.ndarray, seq_len: int, eos_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of seq_len + 1 tokens (inputs = w[:-1], targets = w[1:]) -> (N, seq_len + 1).
+
+    With `eos_id`, the stream is cut after every EOS (each document ends with one) and windows are taken
+    inside each document only: no window attends across a document boundary. A document's tail shorter
+    than a window is dropped.
+    """
+    width = seq_len + 1
+    if eos_id is None:
+        n = tokens.size // width
+        return torch.from_numpy(tokens[: n * width].astype(np.int64)).view(n, width)
+    ends = np.flatnonzero(tokens == eos_id) + 1  # exclusive end of each document (its EOS included)
+    if ends.size == 0 or ends[-1] != tokens.size:
+        ends = np.append(ends, tokens.size)
+    starts = np.concatenate([[0], ends[:-1]])
+    counts = (ends - starts) // width  # windows per document
+    first = np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)) * width
+    index = first[:, None] + np.arange(width)[None, :]  # (N, width)
+    return torch.from_numpy(tokens[index].astype(np.int64))
 
 
 @dataclass
@@ -272,7 +287,8 @@ class Windows:
 
 
 def build_windows(corpus: Corpus, seq_len: int) -> Windows:
-    train, val = make_windows(corpus.train_tokens, seq_len), make_windows(corpus.val_tokens, seq_len)
+    eos = corpus.tokenizer.eos_id
+    train, val = make_windows(corpus.train_tokens, seq_len, eos), make_windows(corpus.val_tokens, seq_len, eos)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"seq_len={seq_len} leaves no {'training' if len(train) == 0 else 'validation'} "
                          f"window ({corpus.train_tokens.size} train / {corpus.val_tokens.size} val tokens); "

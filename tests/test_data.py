@@ -32,9 +32,10 @@ def test_corpus_windows_never_overlap_and_validation_is_held_out(corpus):
     assert not set(corpus.train_docs) & set(corpus.val_docs)
     assert len(corpus.val_docs) == 4 and corpus.tokenizer.vocab_size == 4096
     w = build_windows(corpus, 64)
-    n = len(w.train)
-    assert torch.equal(w.train.flatten(), torch.from_numpy(corpus.train_tokens[: n * 65].astype(np.int64)))
-    assert torch.equal(w.val.flatten()[:65], torch.from_numpy(corpus.val_tokens[:65].astype(np.int64)))
+    eos = corpus.tokenizer.eos_id
+    assert not (w.train[:, :-1] == eos).any() and not (w.val[:, :-1] == eos).any()  # no window crosses a play's end
+    assert torch.equal(w.val[0], torch.from_numpy(corpus.val_tokens[:65].astype(np.int64)))
+    assert len(w.train) > 0.95 * len(corpus.train_tokens) / 65  # only the plays' tails are dropped
 
 
 def test_overlap_check_catches_a_validation_document_that_duplicates_training():
@@ -96,7 +97,9 @@ def test_missing_path_and_unreachable_hub_name_are_clear_errors(monkeypatch):
 
 
 def test_too_long_seq_len_for_the_data_is_a_clear_error():
-    fake = Corpus(np.arange(30, dtype=np.int32), np.arange(100, 110, dtype=np.int32), ["a"], ["b"], None)
+    from types import SimpleNamespace
+    fake = Corpus(np.arange(30, dtype=np.int32), np.arange(100, 110, dtype=np.int32), ["a"], ["b"],
+                  SimpleNamespace(eos_id=-1))
     with pytest.raises(ValueError, match="leaves no validation window"):
         build_windows(fake, 16)
 
@@ -109,3 +112,20 @@ def test_batch_stream_is_seeded():
         xb, _ = b.next()
         assert torch.equal(xa, xb) and torch.equal(ya, xa + 1)
     assert not torch.equal(BatchStream(windows, 4, 8).next()[0], BatchStream(windows, 4, 7).next()[0])
+
+
+def test_windows_never_cross_a_document_boundary():
+    import numpy as np
+    from data import make_windows
+    eos = 0
+    docs = [np.arange(1, 12), np.arange(20, 25), np.arange(30, 40)]  # lengths 11, 5, 10 (+ EOS each)
+    tokens = np.concatenate([np.append(d, eos) for d in docs]).astype(np.int32)
+    windows = make_windows(tokens, 4, eos)  # width 5: doc 1 gives 2, doc 2 gives 1, doc 3 gives 2
+    assert windows.shape == (5, 5)
+    for w in windows:
+        inner = w[:-1]
+        assert not (inner == eos).any(), f"window {w.tolist()} runs past a document end"
+    assert windows[0].tolist() == [1, 2, 3, 4, 5] and windows[2].tolist() == [20, 21, 22, 23, 24]
+    assert windows[3].tolist() == [30, 31, 32, 33, 34]
+    packed = make_windows(tokens, 4)  # no eos_id: packed windows run across document ends
+    assert (packed[:, :-1] == eos).any()
