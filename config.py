@@ -174,6 +174,7 @@ class ExperimentConfig:
     seq_lens: list[int] = field(default_factory=lambda: [64, 128, 256])
     seeds: list[int] = field(default_factory=lambda: [42])
     top_k_ratio: float = 0.5  # sparse_top_k = round(ratio * L) per sequence length
+    top_k: int | None = None  # a fixed sparse_top_k at every L (wins over top_k_ratio): DSA's regime, k << L
     out: str = "results"
 
     def validate(self) -> None:
@@ -185,6 +186,8 @@ class ExperimentConfig:
             raise ValueError(f"seeds={self.seeds} repeats a seed; a repeated run is not an independent sample")
         if not 0 < self.top_k_ratio <= 1:
             raise ValueError(f"top_k_ratio={self.top_k_ratio} must be in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise ValueError(f"top_k={self.top_k!r} must be a positive integer (or None to use top_k_ratio)")
 
 
 CONFIG_CLASSES = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "experiment": ExperimentConfig}
@@ -248,8 +251,8 @@ def build_configs(overrides: dict | None = None, preset: str | None = None):
 
 def config_for_length(model: ModelConfig, data: DataConfig, exp: ExperimentConfig, seq_len: int,
                       vocab_size: int) -> tuple[ModelConfig, DataConfig]:
-    """Per-length copies: seq_len set, sparse_top_k = ratio * L (at least 1), vocab from the tokenizer."""
-    k = max(1, round(exp.top_k_ratio * seq_len))
+    """Per-length copies: seq_len set, sparse_top_k = top_k, else ratio * L (at least 1), vocab from the tokenizer."""
+    k = exp.top_k if exp.top_k is not None else max(1, round(exp.top_k_ratio * seq_len))
     m = dataclasses.replace(model, sparse_top_k=k, vocab_size=vocab_size)
     m.validate()
     return m, dataclasses.replace(data, seq_len=seq_len)

@@ -158,3 +158,92 @@ def scaling_analysis(summary: dict, names: list[str], lengths: list[int], path: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- long-context study
+LONG_CONTEXT_STYLE = {"dense": "tab:blue", "dsa": "tab:orange", "local": "tab:green", "random": "tab:gray",
+                      "block": "tab:purple"}
+
+
+def _band(ax, lengths, stats, color, label, scale=1.0, floor=None):
+    mean = np.array([s["mean"] * scale if s["mean"] is not None else np.nan for s in stats])
+    ax.plot(lengths, mean, "o-", color=color, label=label)
+    if all(s["ci95"][0] is not None for s in stats):
+        lo = np.array([s["ci95"][0] * scale for s in stats])
+        hi = np.array([s["ci95"][1] * scale for s in stats])
+        ax.fill_between(lengths, lo if floor is None else np.maximum(lo, floor), hi, color=color, alpha=0.2)
+
+
+def long_context(summary: dict, models: list[str], path: str | Path) -> None:
+    """2x2: LM val loss minus dense (paired per seed, 95 % CI band), MQAR accuracy, time per step (band floored
+    at 0), and recall of dense attention mass by query-key distance at the largest LM length."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    res = summary["results"]
+    for ax, task, metric, ylabel in ((axes[0, 0], "lm", "delta_val_loss_vs_dense", "val loss − dense (paired)"),
+                                     (axes[0, 1], "mqar", "accuracy", "MQAR answer accuracy")):
+        if task not in res:
+            ax.set_visible(False)
+            continue
+        lengths = sorted(int(L) for L in res[task])
+        for name in models:
+            if task == "lm" and name == "dense":
+                continue
+            _band(ax, lengths, [res[task][str(L)][name][metric] for L in lengths], LONG_CONTEXT_STYLE[name], name)
+        if task == "lm":
+            ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{L}\n(k/L pairs {res[task][str(L)]['kept_pair_fraction']:.0%})" for L in lengths])
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{task}: k = {res[task][str(lengths[0])]['top_k']}, mean ± 95% CI over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    task = "lm" if "lm" in res else "mqar"
+    lengths = sorted(int(L) for L in res[task])
+    ax = axes[1, 0]
+    for name in models:
+        _band(ax, lengths, [res[task][str(L)][name]["avg_time_per_step"] for L in lengths], LONG_CONTEXT_STYLE[name],
+              name, scale=1000, floor=0.0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(L) for L in lengths])
+    ax.set_ylabel("ms per training step")
+    ax.set_title(f"{task}: time per step (same run)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax = axes[1, 1]
+    L = str(max(lengths))
+    for name in models:
+        recall = res[task][L][name].get("recall_by_distance")
+        if recall:
+            ax.plot([2 ** b for b in range(len(recall))], recall, "o-", color=LONG_CONTEXT_STYLE[name], label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("query − key distance (tokens, bucket start)")
+    ax.set_ylabel("dense attention mass kept")
+    ax.set_title(f"{task} L={L}: recall by distance")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path) -> None:
+    """MQAR accuracy per query-key distance bucket, one panel per length (mean over seeds)."""
+    res = summary["results"]["mqar"]
+    lengths = sorted(int(L) for L in res)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        for name in models:
+            by = res[str(L)][name]["accuracy_by_distance"]
+            starts = [int(k.split("-")[0]) for k in by]
+            ax.plot(starts, list(by.values()), "o-", color=LONG_CONTEXT_STYLE[name], label=name)
+        ax.axvline(res[str(L)]["top_k"], color="black", lw=0.8, ls="--", label="k")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("query − key distance (bucket start)")
+        ax.set_ylabel("answer accuracy")
+        ax.set_title(f"MQAR L={L}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

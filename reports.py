@@ -158,3 +158,82 @@ sparse steps on the same batches. {'Values are mean ± 95 % CI half-width.' if l
 paired 95 % CI of the loss difference excludes 0. Timings are ratios within this run on one machine.
 
 """ + "\n\n".join(sections) + "\n\n![profile](speed_memory_profile.png)\n"
+
+
+# ----------------------------------------------------------------------------- long-context study
+def long_context_tables(summary: dict, models: list[str]) -> str:
+    """Per task: one row per (L, model) with quality, the paired difference vs dense, recall and time."""
+    parts = []
+    for task, by_L in summary["results"].items():
+        if task == "lm":
+            header = ["L", "kept pairs", "model", "val loss", "Δ val loss vs dense (paired)", "accuracy",
+                      "indexer recall", "ms/step", "tokens/s"]
+        else:
+            header = ["L", "kept pairs", "model", "answer accuracy", "Δ accuracy vs dense (paired)", "val loss",
+                      "indexer recall", "ms/step", "tokens/s"]
+        rows = []
+        for L, entry in sorted(by_L.items(), key=lambda kv: int(kv[0])):
+            for name in models:
+                m = entry[name]
+                quality = ([fmt_ci(m["val_loss"]), fmt_ci(m["delta_val_loss_vs_dense"]), fmt_ci(m["val_accuracy"])]
+                           if task == "lm" else
+                           [fmt_ci(m["accuracy"]), fmt_ci(m["delta_accuracy_vs_dense"]), fmt_ci(m["val_loss"])])
+                recall = fmt_ci(m["indexer_recall"]) if "indexer_recall" in m else "—"
+                rows.append([L, f"{entry['kept_pair_fraction']:.1%}", name, *quality, recall,
+                             fmt_ci(m["avg_time_per_step"], 0, 1000), fmt_ci(m["tokens_per_s"], 0)])
+        parts.append(f"### {task} (k = {next(iter(by_L.values()))['top_k']})\n\n" + markdown_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def long_context_findings(summary: dict, models: list[str]) -> list[str]:
+    """From the data: at which L each model falls behind dense (paired 95 % CI excludes 0) and by how much,
+    and from which L its step is faster than dense."""
+    lines = []
+    for task, by_L in summary["results"].items():
+        metric, worse = (("delta_val_loss_vs_dense", 1) if task == "lm" else ("delta_accuracy_vs_dense", -1))
+        lengths = sorted(by_L, key=int)
+        for name in models:
+            if name == "dense":
+                continue
+            behind = [L for L in lengths if by_L[L][name][metric]["ci95"][0] is not None
+                      and worse * by_L[L][name][metric]["ci95"][0 if worse > 0 else 1] > 0]
+            if behind:
+                L = behind[0]
+                lines.append(f"- {task}, {name}: behind dense from L={L} on (paired difference {fmt_ci(by_L[L][name][metric])}"
+                             f"; at L={lengths[-1]}: {fmt_ci(by_L[lengths[-1]][name][metric])}).")
+            else:
+                lines.append(f"- {task}, {name}: no significant difference from dense at any L "
+                             f"(at L={lengths[-1]}: {fmt_ci(by_L[lengths[-1]][name][metric])}; 95 % CI over seeds, "
+                             f"one test per length, uncorrected).")
+            faster = [L for L in lengths
+                      if by_L[L][name]["avg_time_per_step"]["mean"] < by_L[L]["dense"]["avg_time_per_step"]["mean"]]
+            lines.append(f"  time: {'faster than dense per step from L=' + faster[0] if faster else 'not faster than dense per step at any L tested'}"
+                         f" (at L={lengths[-1]}: {by_L[lengths[-1]][name]['avg_time_per_step']['mean'] * 1000:.0f} vs "
+                         f"{by_L[lengths[-1]]['dense']['avg_time_per_step']['mean'] * 1000:.0f} ms).")
+    return lines
+
+
+def long_context_report(summary: dict, models: list[str]) -> str:
+    seeds = summary["seeds"]
+    return "\n".join([
+        "# Long-context study: DSA at a fixed budget k",
+        "",
+        "Every model starts from the same dense branch point per (task, L, seed) and sees the same batches. "
+        "`dsa` = lightning indexer + top-k (dense KL warm-up, then sparse training); `local` = last k tokens; "
+        "`random` = k random past tokens redrawn every step; `block` = our block-shared variant. "
+        "*Kept pairs* = selected causal (query, key) pairs / all causal pairs. Differences vs dense are paired "
+        "by seed (mean ± 95 % Student-t CI); *indexer recall* is the share of dense attention mass inside the "
+        f"selected set (rows with more than k past tokens). Seeds: {seeds}.",
+        "",
+        "## Findings (computed from the table)",
+        "",
+        *long_context_findings(summary, models),
+        "",
+        "## Tables",
+        "",
+        long_context_tables(summary, models),
+        "",
+        "Figures: `long_context.png` (paired differences, MQAR accuracy, time per step, recall by distance), "
+        "`mqar_accuracy_by_distance.png`.",
+        "",
+    ])

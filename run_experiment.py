@@ -28,14 +28,14 @@ CONFIG: dict = {
     # "indexer_heads": 2, "learning_rate": 1e-3, "attention_backend": "gather"
 }
 
-EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization")
+EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context")
 OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", default="sparse_vs_classic", choices=EXPERIMENTS)
-    p.add_argument("--preset", default="default", help="quick | default")
+    p.add_argument("--preset", default="default", help="quick | default (long_context also: cpu)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
     p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
     p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
@@ -43,6 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--top-k-ratio", type=float, help="sparse_top_k = ratio * L")
+    p.add_argument("--top-k", type=int, help="a fixed number of selected keys per query at every L (wins over "
+                                             "--top-k-ratio)")
+    p.add_argument("--attention-type", choices=("mha", "mla"),
+                   help="mha, or mla: DeepSeek's multi-head latent attention (DSA then runs in MQA mode)")
+    p.add_argument("--task", nargs="+", choices=("lm", "mqar"), help="long_context tasks (default: lm mqar)")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="long_context models: dense dsa local random block (default: dense dsa local random)")
     p.add_argument("--backend", dest="attention_backend", help="sparse attention backend (masked, gather, ...)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dataset", help="'shakespeare', a local path, or a hub dataset name")
@@ -58,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def cli_overrides(args: argparse.Namespace) -> dict:
     names = {"seq_lens": "seq_lens", "steps": "steps", "warmup_steps": "warmup_steps",
              "dense_steps": "dense_steps", "batch_size": "batch_size", "seeds": "seeds",
-             "top_k_ratio": "top_k_ratio", "attention_backend": "attention_backend", "device": "device",
+             "top_k_ratio": "top_k_ratio", "top_k": "top_k", "attention_type": "attention_type",
+             "attention_backend": "attention_backend", "device": "device",
              "dataset": "dataset", "tokenizer": "tokenizer", "out": "out"}
     return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
 
@@ -207,6 +215,16 @@ def main(argv=None) -> int:
     def job():
         from config import build_configs
         overrides = {**CONFIG, **cli_overrides(args)}
+        if args.experiment == "long_context":
+            import long_context
+            t0 = time.perf_counter()
+            out = Path(overrides.pop("out", "results/long_context"))
+            check_experiment(out, "long_context")
+            long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
+                                          args.models or list(long_context.DEFAULT_MODELS), overrides, out,
+                                          args.overwrite)
+            print(f"wall time {time.perf_counter() - t0:.0f} s")
+            return
         if args.experiment == "indexer_optimization":
             overrides.setdefault("seq_lens", OPTIMIZATION_SEQ_LENS)
             overrides.setdefault("out", "results/indexer_optimization")

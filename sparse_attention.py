@@ -470,7 +470,17 @@ def selection_recall(q, k, selected_idx, valid) -> dict:
     row_k = valid.sum(-1)  # (B, L)
     local = p.masked_fill(t[None, None, :] <= t[None, :, None] - row_k[..., None], 0.0).sum(-1)  # last k_t
     rows = row_k < t + 1  # (B, L)
+    # dense mass by query-key distance bucket (powers of two: [0], [1], [2, 3], [4, 7], ...), over the same rows
+    bucket = (t[:, None] - t[None, :]).clamp(min=0).add(1).float().log2().floor().long()  # (L, L)
+    n_buckets = int(bucket.max()) + 1
+    in_rows = p * rows[..., None]  # (B, L, L)
+    chosen = in_rows * selection_mask(selected_idx, valid, L)
+    by_bucket = torch.zeros(2, n_buckets, dtype=p.dtype, device=p.device)
+    by_bucket[0].index_add_(0, bucket.flatten(), in_rows.sum(0).flatten())
+    by_bucket[1].index_add_(0, bucket.flatten(), chosen.sum(0).flatten())
     return {
+        "mass_by_distance": by_bucket[0].tolist(),  # dense attention mass per distance bucket
+        "selected_mass_by_distance": by_bucket[1].tolist(),  # ... of which inside S_t
         "rows": int(rows.sum()),
         "recall_sum": float(recall[rows].sum()),
         "local_recall_sum": float(local[rows].sum()),
@@ -487,4 +497,12 @@ def merge_recall_stats(stats: list[dict]) -> dict:
               for name, key in (("indexer_recall", "recall_sum"), ("random_recall", "random_recall_sum"),
                                 ("local_recall", "local_recall_sum"))}
     merged["mean_selected_keys"] = sum(s["selected_sum"] for s in stats) / sum(s["queries"] for s in stats)
+    n = max(len(s["mass_by_distance"]) for s in stats)
+    mass, chosen = [0.0] * n, [0.0] * n
+    for s in stats:
+        for i, (m, c) in enumerate(zip(s["mass_by_distance"], s["selected_mass_by_distance"])):
+            mass[i] += m
+            chosen[i] += c
+    # recall by distance bucket b (keys 2^b - 1 .. 2^(b+1) - 2 tokens back): share of that bucket's dense mass kept
+    merged["recall_by_distance"] = [c / m if m > 0 else math.nan for m, c in zip(mass, chosen)]
     return merged

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model_config
 from rope import RotaryEmbedding
-from sparse_attention import (AttentionMode, DeepSeekSparseAttention, LightningIndexer, TopKTokenSelector,
+from sparse_attention import (AttentionMode, DeepSeekSparseAttention, LightningIndexer, TopKTokenSelector, merge_recall_stats,
                               causal_attention_probs, indexer_kl_dense, indexer_kl_sparse,
                               selection_recall, sparse_attention_masked)
 
@@ -191,3 +191,24 @@ def test_nan_index_scores_are_refused_with_one_clear_error():
     scores[0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="contain NaN"):
         TopKTokenSelector(2)(scores)
+
+
+def test_recall_by_distance_matches_a_hand_count():
+    """Dense mass kept per distance bucket (0, 1, 2-3, 4-7, ...) equals a direct loop over (t, s)."""
+    torch.manual_seed(0)
+    B, H, L, D, K = 2, 2, 12, 4, 3
+    q, k = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    idx, valid = TopKTokenSelector(K)(torch.randn(B, L, L))
+    merged = merge_recall_stats([selection_recall(q, k, idx, valid)])
+    p = causal_attention_probs(q, k).sum(1)
+    p = p / p.sum(-1, keepdim=True)
+    mass, kept = [0.0] * 4, [0.0] * 4
+    for b in range(B):
+        for t in range(K, L):  # rows where selection drops tokens
+            chosen = set(idx[b, t][valid[b, t]].tolist())
+            for s in range(t + 1):
+                bucket = int(math.floor(math.log2(t - s + 1)))
+                mass[bucket] += float(p[b, t, s])
+                kept[bucket] += float(p[b, t, s]) * (s in chosen)
+    expected = [c / m for m, c in zip(mass, kept)]
+    assert merged["recall_by_distance"] == pytest.approx(expected, rel=1e-5)
