@@ -197,12 +197,12 @@ PRESETS: dict[str, dict] = {
     "quick": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
                   indexer_heads=2, indexer_dim=16, indexer_rope_dim=8,
                   batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,
-                  eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43]),
+                  eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43, 44], attention_backend="gather"),
     # The research plan's model (seed documents): d 256, 4 layers, 8 heads, 4 experts top-2.
     "default": dict(d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4, expert_top_k=2,
                     indexer_heads=4, indexer_dim=64, indexer_rope_dim=32,
                     batch_size=16, dense_steps=300, warmup_steps=200, steps=1000, learning_rate=3e-3, eval_every=100,
-                    eval_windows=64, seq_lens=[64, 128, 256], seeds=[42]),
+                    eval_windows=64, seq_lens=[64, 128, 256], seeds=[42], attention_backend="gather"),
 }
 
 

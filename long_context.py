@@ -33,7 +33,7 @@ import reports
 from config import DataConfig, ModelConfig, TrainConfig, build_configs
 from data import BatchStream, build_windows, eval_subset, load_corpus
 from results_io import atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, mean_ci95
-from sparse_attention import AttentionMode
+from sparse_attention import AttentionMode, kept_pair_fraction
 from train import (check_backend_device, dense_stage, evaluate, pick_device, run_stage, sparse_from_state,
                    sparse_stage, warmup_stage)
 
@@ -78,13 +78,6 @@ PRESETS = {
     },
 }
 _TASK_KEYS = ("num_pairs", "num_keys", "num_values", "curriculum_len", "curriculum_steps", "seq_lens")
-
-
-def kept_pair_fraction(L: int, k: int) -> float:
-    """Selected causal (query, key) pairs / all causal pairs: sum_t min(k, t+1) / (L (L+1) / 2)."""
-    full = min(k, L)
-    kept = full * (full + 1) // 2 + (L - full) * full
-    return kept / (L * (L + 1) / 2)
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ MODEL_STYLE = {"classic": {"color": "tab:blue", "label": "classic (dense)"},
                "sparse": {"color": "tab:orange", "label": "sparse (DSA)"}}
 
 
-def _metric_vs_length(ax, summary: dict, metric: str, ylabel: str, scale: float = 1.0) -> None:
+def _metric_vs_length(ax, summary: dict, metric: str, ylabel: str, scale: float = 1.0, floor=None) -> None:
     lengths = summary["sequence_lengths"]
     for model, style in MODEL_STYLE.items():
         stats = [summary["results"][str(L)][model][metric] for L in lengths]
@@ -23,7 +23,8 @@ def _metric_vs_length(ax, summary: dict, metric: str, ylabel: str, scale: float 
         if all(s["ci95"][0] is not None for s in stats):
             lo = np.array([s["ci95"][0] * scale for s in stats])
             hi = np.array([s["ci95"][1] * scale for s in stats])
-            ax.fill_between(lengths, lo, hi, color=style["color"], alpha=0.2)
+            ax.fill_between(lengths, lo if floor is None else np.maximum(lo, floor), hi, color=style["color"],
+                            alpha=0.2)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(L) for L in lengths])
     ax.set_xlabel("sequence length L")
@@ -38,9 +39,22 @@ def sequence_length_comparison(summary: dict, curves_at_largest: dict, path: str
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     n = len(summary["seeds"])
     band = f"mean ± 95% CI over {n} seeds" if n > 1 else "1 seed, no CI"
-    _metric_vs_length(axes[0, 0], summary, "final_val_loss", "final validation loss (lower is better)")
+    lengths = summary["sequence_lengths"]
+    ax = axes[0, 0]
+    deltas = [summary["results"][str(L)]["sparse"].get("delta_val_loss_vs_classic") for L in lengths]
+    if all(deltas):
+        _band(ax, lengths, deltas, MODEL_STYLE["sparse"]["color"], "sparse − classic (paired by seed)")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        kept = [summary["results"][str(L)].get("kept_pair_fraction") for L in lengths]
+        ax.set_xticks(lengths, [f"{L}\nkept {f:.0%}" if f else str(L) for L, f in zip(lengths, kept)])
+        ax.set_ylabel("val loss difference (lower: sparse better)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    else:
+        _metric_vs_length(ax, summary, "final_val_loss", "final validation loss (lower is better)")
     _metric_vs_length(axes[0, 1], summary, "final_val_accuracy", "validation next-token accuracy")
-    _metric_vs_length(axes[1, 0], summary, "avg_time_per_step", "training time per step (ms)", scale=1000)
+    _metric_vs_length(axes[1, 0], summary, "avg_time_per_step", "training time per step (ms)", scale=1000, floor=0.0)
     ax = axes[1, 1]
     L = max(summary["sequence_lengths"])
     for model, style in MODEL_STYLE.items():

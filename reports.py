@@ -43,13 +43,16 @@ def significance(entry: dict) -> str:
 # ----------------------------------------------------------------------------- sparse_vs_classic
 def sweep_table(summary: dict) -> str:
     """The sequence-length sweep, one row per L: classic vs sparse quality, speed and indexer recall."""
-    header = ["L", "k", "classic val loss", "sparse val loss", "classic acc %", "sparse acc %",
-              "classic ms/step", "sparse ms/step", "recall after warm-up", "recall final", "random", "local (last k)"]
+    header = ["L", "k", "kept pairs", "classic val loss", "sparse val loss", "sparse − classic (paired)",
+              "classic acc %", "sparse acc %", "classic ms/step", "sparse ms/step", "recall after warm-up",
+              "recall final", "random", "local (last k)"]
     rows = []
     for L in summary["sequence_lengths"]:
         r = summary["results"][str(L)]
         c, s = r["classic"], r["sparse"]
-        rows.append([L, r["top_k"], fmt_ci(c["final_val_loss"]), fmt_ci(s["final_val_loss"]),
+        kept = f"{r['kept_pair_fraction']:.0%}" if "kept_pair_fraction" in r else "n/a"
+        rows.append([L, r["top_k"], kept, fmt_ci(c["final_val_loss"]), fmt_ci(s["final_val_loss"]),
+                     fmt_ci(s.get("delta_val_loss_vs_classic")),
                      fmt_ci(c["final_val_accuracy"], 1, 100), fmt_ci(s["final_val_accuracy"], 1, 100),
                      fmt_ci(c["avg_time_per_step"], 1, 1000), fmt_ci(s["avg_time_per_step"], 1, 1000),
                      fmt_ci(s["warmup_indexer_recall"]), fmt_ci(s["indexer_recall"]), fmt_ci(s["random_recall"]),
@@ -75,7 +78,10 @@ then trains {t['steps']} sparse steps on the same batches in the same order.
 
 {table}
 
-- *val loss / acc*: held-out documents only, {t['eval_windows']} fixed windows per length.
+- *val loss / acc*: held-out documents only, {t['eval_windows']} fixed windows per length. *sparse − classic
+  (paired)*: the per-seed difference (both models branch from the same weights, so seed noise cancels); a CI
+  that contains 0 means no measurable difference. *kept pairs*: selected causal (query, key) pairs / all causal
+  pairs — with k = L/2 most pairs are kept and sparsity cannot matter; see `--experiment long_context`.
 - *recall*: share of the dense attention mass (summed over heads) that falls inside the indexer's top-k set,
   over query positions with more than k past tokens; *random* is a random k-subset's expected recall, *local*
   the recall of simply keeping the last k tokens. An indexer worth its cost beats both.

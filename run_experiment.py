@@ -73,12 +73,12 @@ def cli_overrides(args: argparse.Namespace) -> dict:
 
 def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool) -> dict:
     """The sequence-length sweep: classic vs sparse per L and seed; writes every result file."""
-    import torch
     from tqdm.auto import tqdm
 
     import plots
     from config import config_for_length
     from data import build_windows, load_corpus
+    from sparse_attention import kept_pair_fraction
     from train import check_backend_device, pick_device, run_seed
 
     device = pick_device(train_cfg.device)
@@ -139,7 +139,11 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
             else:
                 file["dense_pretraining"] = [{"seed": s, **(by_seed[s]["pretrain"] or {})} for s in exp_cfg.seeds]
             atomic_write_json(out / f"seq_{L}" / f"{model}_results.json", file)
-        summary["results"][str(L)] = {"top_k": configs[L]["model"]["sparse_top_k"], **entry}
+        k = configs[L]["model"]["sparse_top_k"]
+        entry["sparse"]["delta_val_loss_vs_classic"] = mean_ci95(  # paired by seed: the shared branch point
+            [by_seed[s]["sparse"]["final"]["val_loss"] - by_seed[s]["classic"]["final"]["val_loss"]
+             for s in exp_cfg.seeds])
+        summary["results"][str(L)] = {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry}
     atomic_write_json(out / "summary.json", summary)
     L_max = max(exp_cfg.seq_lens)
     curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],

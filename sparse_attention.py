@@ -125,6 +125,13 @@ def score_position_key(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | position
 
 
+def kept_pair_fraction(L: int, k: int) -> float:
+    """Selected causal (query, key) pairs / all causal pairs for top-k at length L: sum_t min(k, t+1) / (L(L+1)/2)."""
+    full = min(k, L)
+    kept = full * (full + 1) // 2 + (L - full) * full
+    return kept / (L * (L + 1) / 2)
+
+
 # ----------------------------------------------------------------------------- attention maths
 def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q, k (B, H, L, D) -> causal softmax probabilities (B, H, L, L)."""

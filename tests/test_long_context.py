@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import long_context
+from sparse_attention import kept_pair_fraction
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 TINY = dict(seq_lens=[32, 48], seeds=[1, 2], top_k=8, steps=4, warmup_steps=3, dense_steps=3, curriculum_steps=4,
@@ -15,7 +16,7 @@ TINY = dict(seq_lens=[32, 48], seeds=[1, 2], top_k=8, steps=4, warmup_steps=3, d
 def test_kept_pair_fraction_matches_a_count():
     for L, k in ((10, 3), (64, 64), (100, 7), (5, 20)):
         kept = sum(min(k, t + 1) for t in range(L))
-        assert long_context.kept_pair_fraction(L, k) == pytest.approx(kept / (L * (L + 1) / 2))
+        assert kept_pair_fraction(L, k) == pytest.approx(kept / (L * (L + 1) / 2))
 
 
 def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch):
