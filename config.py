@@ -79,10 +79,10 @@ class ModelConfig:
                   "num_experts", "expert_top_k", "indexer_heads", "indexer_dim")
         if self.sparse_top_k <= 0:
             raise ValueError(f"sparse_top_k={self.sparse_top_k} must be > 0 (e.g. sparse_top_k=seq_len//2)")
-        if self.d_model % self.n_heads:
+        if self.attention_type != "mla" and self.d_model % self.n_heads:  # MLA sizes its heads by its own fields
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                              f"pick n_heads among the divisors of d_model")
-        if (self.d_model // self.n_heads) % 2:
+        if self.attention_type != "mla" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
         if self.expert_top_k > self.num_experts:
             raise ValueError(f"expert_top_k={self.expert_top_k} exceeds num_experts={self.num_experts}")
