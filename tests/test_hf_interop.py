@@ -52,7 +52,12 @@ def rel_err(ours, ref) -> float:
 
 @pytest.mark.parametrize("kind", ["deepseek_v32", "glm_moe_dsa", "deepseek_v3"])
 def test_logits_equal_with_k_at_least_L(kind):
-    hf = tiny_hf(kind)
+    """Also group-limited routing (2 groups, keep 1) and MLA biases, which default to off."""
+    hf = tiny_hf(kind, n_group=2, topk_group=1, attention_bias=True)
+    with torch.no_grad():
+        for module in hf.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
     ours = from_hf(hf)
     assert isinstance(ours, SparseAttentionMoELLM if kind != "deepseek_v3" else ClassicAttentionMoELLM)
     ids = torch.randint(0, 128, (2, L), generator=torch.Generator().manual_seed(1))
