@@ -62,16 +62,27 @@ class ModelConfig:
     v_head_dim: int = 32  # MLA: per-head value dims
     rope_interleaved: bool = False  # MLA main RoPE: True = pairs (2i, 2i+1), as DeepSeek-V3 / GLM-5 ship it
     indexer_rope_interleaved: bool = False  # indexer RoPE: False = DeepSeek-V3.2, True = GLM-MoE-DSA
+    # Exact-mapping options for transformers' DeepSeek-V3 / V3.2 / GLM-MoE-DSA (hf_interop.py); the defaults keep
+    # this lab's own models unchanged.
+    norm_eps: float = 1e-6  # RMSNorm eps of the block norms and the final norm (HF rms_norm_eps)
+    indexer_norm_eps: float = 1e-5  # the indexer's k LayerNorm eps (torch's default; DeepSeek-V3.2 / GLM-5: 1e-6)
+    attention_bias: bool = False  # MLA: biases on q_a_proj, kv_a_proj_with_mqa, o_proj (HF attention_bias)
+    moe_n_group: int = 1  # group-limited routing: experts in this many groups (HF n_group)
+    moe_topk_group: int = 1  # ... a token's experts come from its best this-many groups (HF topk_group)
+    moe_norm_topk_prob: bool = True  # gates = chosen sigmoid scores normalised over the k (HF norm_topk_prob)
+    moe_routed_scaling: float = 1.0  # routed experts' gates multiplied by this (HF routed_scaling_factor)
+    dense_mlp_layers: int = 0  # the first this-many layers use a dense SwiGLU MLP, not the MoE (HF first_k_dense_replace)
+    dense_d_ff: int = 0  # that dense MLP's width (0 = d_ff; HF intermediate_size, d_ff = moe_intermediate_size)
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len",
                   "num_experts", "expert_top_k", "indexer_heads", "indexer_dim")
         if self.sparse_top_k <= 0:
             raise ValueError(f"sparse_top_k={self.sparse_top_k} must be > 0 (e.g. sparse_top_k=seq_len//2)")
-        if self.d_model % self.n_heads:
+        if self.attention_type != "mla" and self.d_model % self.n_heads:  # MLA sizes its heads by its own fields
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                              f"pick n_heads among the divisors of d_model")
-        if (self.d_model // self.n_heads) % 2:
+        if self.attention_type != "mla" and (self.d_model // self.n_heads) % 2:
             raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
         if self.expert_top_k > self.num_experts:
             raise ValueError(f"expert_top_k={self.expert_top_k} exceeds num_experts={self.num_experts}")
@@ -100,6 +111,21 @@ class ModelConfig:
         if self.selection_source != "indexer" and self.attention_backend not in ("masked", "gather", "triton"):
             raise ValueError(f"selection_source={self.selection_source!r} selects per token: use attention_backend "
                              f"masked, gather or triton")
+        if self.moe_n_group <= 0 or self.num_experts % self.moe_n_group or not 0 < self.moe_topk_group <= self.moe_n_group:
+            raise ValueError(f"moe_n_group={self.moe_n_group} must divide num_experts={self.num_experts} and "
+                             f"moe_topk_group={self.moe_topk_group} lie in [1, moe_n_group]; use 1 and 1 to turn it off")
+        if self.moe_n_group > 1 and (self.num_experts // self.moe_n_group < 2
+                                     or self.expert_top_k > self.moe_topk_group * self.num_experts // self.moe_n_group):
+            raise ValueError(f"moe_n_group={self.moe_n_group}: each group needs >= 2 experts and the "
+                             f"moe_topk_group={self.moe_topk_group} kept groups >= expert_top_k={self.expert_top_k} experts")
+        if not (0 <= self.dense_mlp_layers <= self.n_layers) or self.dense_d_ff < 0:
+            raise ValueError(f"dense_mlp_layers={self.dense_mlp_layers} must lie in [0, n_layers={self.n_layers}] "
+                             f"and dense_d_ff={self.dense_d_ff} be >= 0 (0 = d_ff)")
+        if self.norm_eps <= 0 or self.indexer_norm_eps <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps} and indexer_norm_eps={self.indexer_norm_eps} must be > 0")
+        if self.attention_bias and self.attention_type != "mla":
+            raise ValueError("attention_bias=True is an MLA option (q_a_proj, kv_a_proj_with_mqa, o_proj biases); "
+                             "set attention_type='mla' or attention_bias=False")
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type={self.attention_type!r} is unknown; choose one of {', '.join(ATTENTION_TYPES)}")
         if self.attention_type == "mla":

@@ -62,6 +62,8 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.top_k, self.num_experts = cfg.expert_top_k, cfg.num_experts
         self.bias_rate, self.aux_weight = cfg.balance_bias_rate, cfg.balance_aux_weight
+        self.n_group, self.topk_group = cfg.moe_n_group, cfg.moe_topk_group
+        self.norm_topk_prob, self.routed_scaling = cfg.moe_norm_topk_prob, cfg.moe_routed_scaling
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
         self.shared_experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_shared_experts))
@@ -73,9 +75,12 @@ class MoEFeedForward(nn.Module):
         B, L, d = x.shape
         flat = x.reshape(-1, d)  # (N, d)
         scores = torch.sigmoid(self.router(flat))  # (N, E)
-        chosen = (scores + self.balance_bias).topk(self.top_k, dim=-1).indices  # (N, k), selection only
+        chosen = self._limit_groups(scores + self.balance_bias).topk(self.top_k, dim=-1).indices  # (N, k), selection only
         gates = scores.gather(-1, chosen)
-        gates = gates / gates.sum(-1, keepdim=True)
+        if self.norm_topk_prob:
+            gates = gates / gates.sum(-1, keepdim=True)
+        if self.routed_scaling != 1.0:
+            gates = gates * self.routed_scaling
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
@@ -87,6 +92,17 @@ class MoEFeedForward(nn.Module):
         if self.training:
             self.load_counts += counts.detach()
         return out.view(B, L, d), self._sequence_aux_loss(scores.view(B, L, -1), chosen.view(B, L, -1))
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 group-limited routing: (N, E) selection scores -> -inf outside each token's best
+        `topk_group` of `n_group` expert groups (a group scores the sum of its two best experts)."""
+        if self.n_group == 1:
+            return choice
+        N, E = choice.shape
+        grouped = choice.view(N, self.n_group, E // self.n_group)
+        best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros(N, self.n_group, dtype=torch.bool, device=choice.device).scatter_(1, best_groups, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
     def _sequence_aux_loss(self, scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss: weight * sum_i f_i P_i, averaged over sequences."""
@@ -108,11 +124,24 @@ class MoEFeedForward(nn.Module):
         return share
 
 
+class DenseFeedForward(SwiGLU):
+    """A dense SwiGLU MLP in a block's MoE slot (DeepSeek-V3's first `first_k_dense_replace` layers): the same
+    (out, balance_loss) contract as MoEFeedForward, with no router, so no load to balance."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, cfg.dense_d_ff or cfg.d_ff)
+        self.register_buffer("load_counts", torch.zeros(0), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        return super().forward(x), torch.zeros((), device=x.device)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn: nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: nn.Module, dense_mlp: bool = False):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.d_model), attn
-        self.ffn_norm, self.ffn = RMSNorm(cfg.d_model), MoEFeedForward(cfg)
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), attn
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = DenseFeedForward(cfg) if dense_mlp else MoEFeedForward(cfg)
 
     def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None):
         """x (B, L, d_model) -> x, AttentionAux, MoE balance loss."""
@@ -139,13 +168,13 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         H, self.nope, self.rope_dim, self.v_dim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.n_heads, self.kv_rank = H, cfg.kv_lora_rank
         self.scale = (self.nope + self.rope_dim) ** -0.5
-        self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+        self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=cfg.attention_bias)
         self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (self.nope + self.rope_dim), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope_dim, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.d_model, bias=cfg.attention_bias)
         self.rope = RotaryEmbedding(self.rope_dim, cfg.max_seq_len, cfg.rope_base, cfg.rope_interleaved)
 
     def project(self, x: torch.Tensor):
@@ -228,14 +257,19 @@ def build_indexer(cfg: ModelConfig) -> nn.Module:
     sizes = (cfg.d_model, cfg.indexer_heads, cfg.indexer_dim)
     common = dict(precision=cfg.indexer_precision, rope_dim=cfg.indexer_rope_dim,
                   max_seq_len=cfg.max_seq_len, rope_base=cfg.rope_base)
+    mla = cfg.attention_type == "mla"
     if cfg.multiscale_block:
         top_blocks = max(1, math.ceil(MULTISCALE_CANDIDATE_FACTOR * cfg.sparse_top_k / cfg.multiscale_block))
-        return MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
-    if cfg.indexer_precision != "fp32" or cfg.shared_indexer_group > 1:  # a shared leader must return its scores
-        return OptimizedLightningIndexer(*sizes, **common)  # (the plain indexer may take a chunked fast path)
-    return LightningIndexer(*sizes, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base,
-                            q_dim=cfg.q_lora_rank if cfg.attention_type == "mla" else 0,
-                            rope_interleaved=cfg.indexer_rope_interleaved)
+        indexer = MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
+    elif cfg.indexer_precision != "fp32" or (cfg.shared_indexer_group > 1 and not mla):  # a shared leader must
+        indexer = OptimizedLightningIndexer(*sizes, **common)  # return its scores (the plain one may go chunked)
+    else:
+        indexer = LightningIndexer(*sizes, cfg.indexer_rope_dim, cfg.max_seq_len, cfg.rope_base,
+                                   q_dim=cfg.q_lora_rank if mla else 0, rope_interleaved=cfg.indexer_rope_interleaved)
+        if cfg.shared_indexer_group > 1:  # MLA sharing: queries still read the query latent; keep the full scores
+            indexer.fast_selectable = False
+    indexer.k_norm.eps = cfg.indexer_norm_eps
+    return indexer
 
 
 def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
@@ -302,8 +336,9 @@ class _MoELLM(nn.Module):
         attentions: list[nn.Module] = []
         for layer in range(cfg.n_layers):
             attentions.append(self.build_attention(cfg, layer, attentions))
-        self.blocks = nn.ModuleList(Block(cfg, attn) for attn in attentions)
-        self.norm = RMSNorm(cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, attn, dense_mlp=i < cfg.dense_mlp_layers)
+                                    for i, attn in enumerate(attentions))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
@@ -359,8 +394,9 @@ class _MoELLM(nn.Module):
                 module.set_progress(fraction)
 
     def update_balance_bias(self) -> list[list[float]]:
-        """Loss-free balancing step for every MoE layer; returns per-layer expert load shares."""
-        return [block.ffn.update_balance_bias().tolist() for block in self.blocks]
+        """Loss-free balancing step for every MoE layer; returns per-MoE-layer expert load shares (dense-MLP
+        layers have no router and are left out)."""
+        return [block.ffn.update_balance_bias().tolist() for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
 
 
 class ClassicAttentionMoELLM(_MoELLM):

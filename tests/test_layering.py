@@ -13,7 +13,7 @@ LAYERS = [
     ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
     ("models", ["models", "hf_interop"]),
     ("data and training", ["data", "train"]),
-    ("runners", ["ablations", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
+    ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
                  "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
 ]
 LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
