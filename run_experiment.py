@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimization", nargs="+", metavar="NAME",
                    help=f"indexer_optimization strategies (default: {' '.join(DEFAULT_OPTIMIZATIONS)}); "
                         f"see variants.OPTIMIZATIONS")
+    p.add_argument("--init-from-hf", metavar="PATH_OR_NAME",
+                   help="import a transformers DeepSeek-V3.2 / GLM-5 model, warm its indexers up here (dense KL, "
+                        "then --steps sparse steps unless --steps 0) and report recall; use its tokenizer")
+    p.add_argument("--export-hf", metavar="DIR", help="with --init-from-hf: save the trained model for transformers")
     p.add_argument("--overwrite", action="store_true", help="discard finished runs in --out made with another config")
     return p.parse_args(argv)
 
@@ -192,6 +196,35 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     return summary
 
 
+def run_init_from_hf(args, overrides: dict) -> dict:
+    """Import an HF DSA model, warm up its indexers on our data (optionally a sparse stage), report, export."""
+    import hf_warmup
+    from config import build_configs
+    from data import build_windows, load_corpus
+    from hf_interop import to_hf
+    from train import pick_device
+    overrides.setdefault("tokenizer", args.init_from_hf)  # its own vocabulary
+    _, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
+    device = pick_device(train_cfg.device)
+    corpus = load_corpus(data_cfg)
+    L = max(exp_cfg.seq_lens)
+    model_overrides = {k: overrides[k] for k in ("attention_backend",) if k in overrides}
+    if exp_cfg.top_k is not None:
+        model_overrides["sparse_top_k"] = exp_cfg.top_k
+    model, report = hf_warmup.warmup_hf_indexers(args.init_from_hf, build_windows(corpus, L), train_cfg, device,
+                                                 seed=exp_cfg.seeds[0], sparse_steps=train_cfg.steps,
+                                                 **model_overrides)
+    out = Path(exp_cfg.out)
+    atomic_write_json(out / "hf_warmup.json", report)
+    print(f"{report['model_type']} L={L} k={report['sparse_top_k']}: indexer recall {report['recall_before']:.3f} "
+          f"before warm-up -> {report['recall_after']:.3f} after (random {report['random_recall']:.3f}, last-k "
+          f"{report['local_recall']:.3f}); wrote {out / 'hf_warmup.json'}")
+    if args.export_hf:
+        to_hf(model, args.export_hf)
+        print(f"exported to {args.export_hf} (AutoModelForCausalLM.from_pretrained loads it)")
+    return report
+
+
 def check_experiment(out: Path, experiment: str) -> None:
     """Refuse to write one experiment's results over another's in the same folder."""
     summary = out / "summary.json"
@@ -219,6 +252,11 @@ def main(argv=None) -> int:
     def job():
         from config import build_configs
         overrides = {**CONFIG, **cli_overrides(args)}
+        if args.init_from_hf:
+            run_init_from_hf(args, overrides)
+            return
+        if args.export_hf:
+            raise ValueError("--export-hf needs --init-from-hf (the model to export)")
         if args.experiment == "long_context":
             import long_context
             t0 = time.perf_counter()

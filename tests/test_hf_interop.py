@@ -230,3 +230,24 @@ def test_imported_model_indexer_warmup_beats_random_and_its_start(corpus, tmp_pa
     rows = comparable_rows(aux.layers, hf_topk, k=8)  # 2 indexer heads: score ties at 0 are common here
     print(f"reloaded: {int(rows.sum())}/{rows.numel()} rows unambiguous, max rel err {rel_err(logits[rows], ref[rows]):.2e}")
     assert rel_err(logits[rows], ref[rows]) <= 1e-5
+
+
+def test_cli_init_from_hf_warms_up_reports_and_exports(corpus, tmp_path, monkeypatch, capsys):
+    """run_experiment.py --init-from-hf DIR --export-hf OUT: warm-up + sparse steps on our data, a JSON report,
+    a folder transformers loads; --export-hf alone is a one-line error."""
+    import json
+
+    import run_experiment
+    monkeypatch.setattr("data.load_corpus", lambda cfg: corpus)
+    hf = tiny_hf("deepseek_v32", seed=1, vocab_size=corpus.tokenizer.vocab_size, index_topk=8)
+    hf.save_pretrained(tmp_path / "source")
+    argv = ["--init-from-hf", str(tmp_path / "source"), "--tokenizer", "bpe", "--preset", "quick", "--seq-lens", "32",
+            "--top-k", "8", "--warmup-steps", "3", "--steps", "2", "--out", str(tmp_path / "out"),
+            "--export-hf", str(tmp_path / "exported")]
+    assert run_experiment.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "hf_warmup.json").read_text())
+    assert report["sparse_top_k"] == 8 and len(report["indexer_kl"]) == 3 and "sparse" in report
+    assert "indexer recall" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert run_experiment.main(["--export-hf", str(tmp_path / "x")]) == 2
+    assert "needs --init-from-hf" in capsys.readouterr().err
