@@ -154,36 +154,43 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run():
 
 
 def test_time_shares_and_step_time_use_the_right_spans(corpus, monkeypatch):
-    """Shares divide forward sections by the forward time of the same profiled steps; profiled steps (slowed
-    here on purpose) are kept out of avg_time_per_step."""
+    """On a fake clock: each timed section (profiled steps only) lasts 1e6 s, each optimizer update (backward
+    + step) 1e9 s. Shares divide the sections by the *forward* time of the same profiled steps (so they are
+    not ~1e-3), and the profiled steps are kept out of avg_time_per_step (exactly the update's 1e9 s)."""
     import types
 
     import sparse_attention
     import train
-    clock = [0.0]  # train's clock: +1 s per reading, +1000 s inside each profiled section (a deterministic "slow")
+    clock = [0.0]
 
     def perf_counter():
-        clock[0] += 1.0
         return clock[0]
+
+    def advance(seconds, fn):
+        def run(*args):
+            clock[0] += seconds
+            return fn(*args)
+        return run
 
     class SlowTimer(sparse_attention.SectionTimer):
         def time(self, name, fn, *args):
-            clock[0] += 1000.0
-            return super().time(name, fn, *args)
+            return super().time(name, advance(1e6, fn), *args)
 
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    fake_time = types.SimpleNamespace(perf_counter=perf_counter)
+    monkeypatch.setattr(train, "time", fake_time)
+    monkeypatch.setattr(sparse_attention, "time", fake_time)
     monkeypatch.setattr(train, "SectionTimer", SlowTimer)
+    monkeypatch.setattr(train, "_update", advance(1e9, train._update))
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
     _, sparse = build_model_pair(cfg, 0, "cpu")
     windows = build_windows(corpus, 16)
     tcfg = TrainConfig(**{**TINY_TRAIN, "steps": 6, "eval_every": 6, "profile_steps": 2, "eval_windows": 4})
-    from train import sparse_stage
-    f = train.run_stage(sparse, sparse_stage(tcfg), BatchStream(windows.train, 4, 0), windows.val[:4], tcfg,
+    f = train.run_stage(sparse, train.sparse_stage(tcfg), BatchStream(windows.train, 4, 0), windows.val[:4], tcfg,
                         torch.device("cpu"), "timing")["final"]
-    assert f["avg_time_per_step"] < 100  # the profiled steps' +1000 s are not counted
-    assert f["attention_time_share"] == pytest.approx(f["attention_ms"] / f["profiled_forward_ms"], rel=1e-6)
-    assert f["indexer_time_share"] == pytest.approx(f["indexer_ms"] / f["profiled_forward_ms"], rel=1e-6)
-    assert 0 < f["attention_time_share"] < 1 and 0 < f["indexer_time_share"] < 1
+    assert f["avg_time_per_step"] == 1e9  # unprofiled steps only: their update, no section time
+    assert 0.2 < f["attention_time_share"] < 1 and 0.2 < f["indexer_time_share"] < 1
+    assert f["attention_time_share"] + f["indexer_time_share"] == pytest.approx(1.0)  # the forward is its sections
+    assert f["attention_time_share"] == pytest.approx(f["attention_ms"] / f["profiled_forward_ms"])
 
 
 def test_checkpoints_load_weights_only(tmp_path, corpus):
