@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
+import random
 from pathlib import Path
 
 import torch
@@ -33,11 +35,106 @@ def attention_flops_per_token(cfg: ModelConfig, mean_keys: float) -> float:
     return cfg.n_layers * (2 * cfg.d_model * 4 * cfg.d_model + 4 * cfg.d_model * mean_keys)
 
 
+# bits per element of the indexer's q/k operands as the score product reads them, and bytes per scale
+INDEXER_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "mixed": 16, "fp8": 8, "int8": 8, "int4": 4}
+SCALE_BYTES = {"fp8": 1, "int8": 4, "int4": 4}  # fp8: one ue8m0 byte per vector; int: one fp32 per vector
+
+
+def indexer_bytes_per_token(cfg: ModelConfig, L: int) -> float:
+    """Bit-width-aware memory traffic of the indexer's score product per query token, all layers: the keys of
+    the causal prefix (mean (L+1)/2, d_I each) and the query's H_I x d_I, at the precision's bit width, plus
+    their scales (fp8/int) and the fp32 head weights; a shared indexer is counted once per group. The cost
+    quantisation actually saves (its FLOPs are the same), beside wall time (fake quantisation on CPU is slower)."""
+    bits = INDEXER_BITS[cfg.indexer_precision]
+    keys = (L + 1) / 2
+    operands = (keys * cfg.indexer_dim + cfg.indexer_heads * cfg.indexer_dim) * bits / 8
+    scales = (keys + cfg.indexer_heads) * SCALE_BYTES.get(cfg.indexer_precision, 0)
+    groups = math.ceil(cfg.n_layers / cfg.shared_indexer_group)
+    return groups * (operands + scales + 4 * cfg.indexer_heads)
+
+
+def run_environment(device: torch.device) -> dict:
+    """What a timing/memory figure depends on beyond the config: the resolved device, its name, torch, dtype.
+    Stored in every record and part of its key, so resumed runs are never paired across machines."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": "float32"}
+
+
+def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
+    """Peak memory of one sparse training step (forward + backward, gradients included) above what was
+    allocated before it, in MB; the same definition on both devices. CUDA: max_memory_allocated. CPU: the
+    running sum of tensor allocations and frees recorded by the torch profiler (an allocation peak like
+    tracemalloc's; not the process RSS high-water mark, which never goes down)."""
+    import torch.nn.functional as F
+
+    from sparse_attention import AttentionMode
+    mode = AttentionMode(sparse=True, indexer_loss="sparse")
+    was_training = model.training
+    model.train()
+    model.zero_grad(set_to_none=True)
+    inputs, targets = inputs.to(device), targets.to(device)
+
+    def step():
+        logits, aux = model(inputs, mode, return_aux=True)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + aux.balance_loss
+        (loss + aux.indexer_loss).backward()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        current = peak = 0
+        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+            current += event.self_cpu_memory_usage  # allocations (+) and frees (-) in time order
+            peak = max(peak, current)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return peak / 2**20
+
+
+@torch.no_grad()
+def quantization_agreement(model, inputs: torch.Tensor, device: torch.device) -> dict:
+    """Top-k overlap and relative score error of the run's low-precision indexer (first layer) against the
+    same trained indexer in fp32, on held-out inputs (quantization_utils.precision_report). NaN for fp32."""
+    from quantization_utils import precision_report
+    indexer = model.attentions[0].indexer
+    precision = getattr(indexer, "precision", "fp32")
+    if precision == "fp32":
+        return {"quant_topk_overlap": math.nan, "quant_score_rel_error": math.nan}
+    captured = []
+    handle = indexer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        model(inputs.to(device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    report = precision_report(indexer, captured[0], model.cfg.sparse_top_k, precisions=(precision,))[precision]
+    return {"quant_topk_overlap": report["topk_overlap"], "quant_score_rel_error": report["score_rel_error"]}
+
+
 # ----------------------------------------------------------------------------- running
 METRICS = ["val_loss", "val_accuracy", "val_perplexity", "train_loss_variance", "avg_time_per_step", "indexer_ms",
-           "attention_ms", "peak_memory_mb", "process_peak_rss_mb", "indexer_recall", "random_recall", "local_recall",
-           "warmup_indexer_recall", "mean_selected_keys", "params", "indexer_params", "indexer_overhead",
-           "indexer_flops_per_token", "attention_flops_per_token"]
+           "attention_ms", "peak_memory_mb", "process_peak_rss_mb", "step_peak_memory_mb", "indexer_recall",
+           "random_recall", "local_recall", "warmup_indexer_recall", "mean_selected_keys", "params", "indexer_params",
+           "indexer_overhead", "indexer_flops_per_token", "attention_flops_per_token", "total_flops_per_token",
+           "indexer_bytes_per_token", "quant_topk_overlap", "quant_score_rel_error"]
+
+
+def interleaved(names: list[str], L: int, seed: int) -> list[str]:
+    """The variants of one (L, seed) in a shuffled order (seeded by L and seed): no variant — the baseline
+    included — always runs first, in a cold cache or beside a warming machine."""
+    order = list(names)
+    random.Random(f"{L}:{seed}").shuffle(order)
+    return order
 
 
 def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
@@ -50,44 +147,69 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
     from data import build_windows, load_corpus
     from train import check_backend_device, pick_device, train_sparse_from
 
+    from optimized_indexers import check_multiscale
+
     device = pick_device(train_cfg.device)
+    env = run_environment(device)
     corpus = load_corpus(data_cfg)
     vocab = corpus.tokenizer.vocab_size
     records, jobs = [], []
     for L in exp_cfg.seq_lens:
         base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
+        configs = {}
         for name, overrides in variants.items():
             cfg = dataclasses.replace(base_cfg, **overrides)
             cfg.validate()
             check_backend_device(cfg.attention_backend, device)
-            for seed in exp_cfg.seeds:
+            if cfg.multiscale_block:
+                check_multiscale(cfg.sparse_top_k, L, cfg.multiscale_block)  # refuse before any training
+            configs[name] = cfg
+        for seed in exp_cfg.seeds:
+            for name in interleaved(list(variants), L, seed):
+                cfg = configs[name]
                 key = fingerprint([dataclasses.asdict(cfg), dataclasses.asdict(train_cfg), data_cfg.dataset,
-                                    data_cfg.tokenizer, corpus.describe()["train_tokens"]])
+                                   data_cfg.tokenizer, corpus.describe()["train_tokens"], env])
                 jobs.append((L, seed, name, cfg, key))
     stale = check_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, key in jobs}, overwrite)
     branches: dict[tuple[int, int], dict] = {}
+    finished: dict[tuple[str, int], dict] = {}  # (key, seed) -> record: a second name for one config is not rerun
     for L, seed, name, cfg, key in tqdm(jobs, desc="ablation runs"):
         path = record_path(out, name, L, seed)
         if path.exists() and path not in stale:
+            records.append(json.loads(path.read_text()))
+            finished.setdefault((key, seed), records[-1])
+            continue
+        if (key, seed) in finished:  # same config, same seed under another name (e.g. a combination = a quant.)
+            twin = finished[(key, seed)]
+            record = {**twin, "ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
+                      "ablation_config": variants[name], "same_run_as": twin["ablation_name"]}
+            atomic_write_json(path, record)
             records.append(json.loads(path.read_text()))
             continue
         windows = build_windows(corpus, L)
         if (L, seed) not in branches:
             base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
-            data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe()]
-            branches[(L, seed)] = _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id)
+            data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe(), env]
+            branches = {(L, seed): _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id)}
         model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name)
         metrics = {k: result["final"].get(k, math.nan) for k in METRICS}
         total = sum(p.numel() for p in model.parameters())
         indexer = sum(p.numel() for p in model.indexer_parameters())
+        idx_flops = indexer_flops_per_token(cfg, L)
+        attn_flops = attention_flops_per_token(cfg, metrics["mean_selected_keys"])
+        batch = windows.train[:train_cfg.batch_size]
+        val_batch = windows.val[:train_cfg.batch_size, :-1]
         metrics.update(params=total, indexer_params=indexer, indexer_overhead=indexer / total,
-                       indexer_flops_per_token=indexer_flops_per_token(cfg, L),
-                       attention_flops_per_token=attention_flops_per_token(cfg, metrics["mean_selected_keys"]))
+                       indexer_flops_per_token=idx_flops, attention_flops_per_token=attn_flops,
+                       total_flops_per_token=idx_flops + attn_flops, indexer_bytes_per_token=indexer_bytes_per_token(cfg, L),
+                       step_peak_memory_mb=step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device),
+                       **quantization_agreement(model, val_batch, device))
         record = {"ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
                   "ablation_config": variants[name], "sequence_length": L, "seed": seed, "metrics": metrics,
-                  "curves": result["curves"], "config_fingerprint": key}
+                  "curves": result["curves"], "config_fingerprint": key, "environment": env}
         atomic_write_json(path, record)
         records.append(json.loads(path.read_text()))
+        finished[(key, seed)] = records[-1]
     return records
 
 
@@ -103,7 +225,7 @@ def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, devic
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
     if path.exists():
-        return torch.load(path, map_location=device)
+        return torch.load(path, map_location=device, weights_only=True)
     classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device)
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)

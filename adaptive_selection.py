@@ -9,8 +9,17 @@ Strategies (`AdaptiveKSelector(top_k, strategy, ...)`):
                            set_progress(fraction in [0, 1]) (SparseAttentionMoELLM.set_training_progress)
   entropy                  k_t = ceil(top_k * (min_scale + (max_scale - min_scale) * h_t)), h_t the
                            normalised entropy of softmax(I[t, :t+1]) (flat index scores -> more tokens)
-  position                 k_t = ceil(sqrt(top_k * (t+1))): the whole prefix up to top_k, then sublinear
+  position                 k_t = min(t+1, ceil(sqrt(top_k * (t+1)))): the whole prefix up to t+1 = top_k,
+                           then growing as sqrt(t+1) — so k_t > top_k for every t+1 > top_k (top_k is the
+                           crossover, not a cap: this rule uses more keys than fixed top_k)
   dynamic                  as entropy, with h replaced by its running mean over rows <= t of the sequence
+
+budget_matched=True (the `*_matched` variants): k_t of the rule is rescaled causally (`match_budget`) to
+fixed top-k's mean keys, mean_t min(top_k, t+1): to ~1 % (one scale, rounded) for the positional rule,
+by a running ratio for the data-dependent ones (within 8 %, ~2 % at k >= 32; tests check both). The
+rule's shape is kept, not its budget. Without it the entropy/dynamic/position/ratio rules use more or
+fewer keys than the baseline, and a comparison with them is not budget-matched (reports show
+mean_selected_keys beside quality).
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ SELECTION_VARIANTS: dict[str, dict] = {
     **{f"ratio_{p}": {"k_strategy": f"ratio_{p}"} for p in (5, 10, 25, 50, 75, 90)},
     **{f"progressive_{s}": {"k_strategy": f"progressive_{s}"} for s in ("linear", "exponential", "cosine")},
     **{f"adaptive_{s}": {"k_strategy": f"adaptive_{s}"} for s in ("entropy", "position", "dynamic")},
+    **{f"adaptive_{s}_matched": {"k_strategy": f"adaptive_{s}_matched"} for s in ("entropy", "position", "dynamic")},
 }
 
 
@@ -47,7 +57,7 @@ class AdaptiveKSelector(nn.Module):
     """
 
     def __init__(self, top_k: int, strategy: str = "ratio", ratio: float = 0.5, start_fraction: float = 0.25,
-                 min_scale: float = 0.5, max_scale: float = 1.5):
+                 min_scale: float = 0.5, max_scale: float = 1.5, budget_matched: bool = False):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
@@ -61,6 +71,7 @@ class AdaptiveKSelector(nn.Module):
             raise ValueError(f"need 0 < min_scale={min_scale} <= max_scale={max_scale}")
         self.top_k, self.strategy, self.ratio = top_k, strategy, ratio
         self.start_fraction, self.min_scale, self.max_scale = start_fraction, min_scale, max_scale
+        self.budget_matched = budget_matched
         self.progress = 0.0
         self.last_row_k: torch.Tensor | None = None
 
@@ -82,7 +93,15 @@ class AdaptiveKSelector(nn.Module):
         return max(1, min(end, round(k)))
 
     def row_k(self, scores: torch.Tensor) -> torch.Tensor:
-        """scores (B, L, L) -> k_t (B, L) long with 1 <= k_t <= t+1."""
+        """scores (B, L, L) -> k_t (B, L) long with 1 <= k_t <= t+1 (budget-matched when asked)."""
+        k = self.raw_row_k(scores)
+        prefix = torch.arange(1, k.shape[-1] + 1, device=k.device, dtype=torch.float32).expand_as(k)
+        if not self.budget_matched:
+            return torch.minimum(k.clamp_min(1), prefix).long()
+        return match_budget(k, self.top_k, positional=self.strategy in ("ratio", "position"))
+
+    def raw_row_k(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores (B, L, L) -> the rule's k_t (B, L) float, before clamping to [1, t+1]."""
         B, L = scores.shape[:2]
         prefix = torch.arange(1, L + 1, device=scores.device, dtype=torch.float32).expand(B, L)  # t+1
         if self.strategy == "ratio":
@@ -96,7 +115,7 @@ class AdaptiveKSelector(nn.Module):
             if self.strategy == "dynamic":
                 h = h.cumsum(-1) / prefix
             k = torch.ceil(self.top_k * (self.min_scale + (self.max_scale - self.min_scale) * h))
-        return torch.minimum(k.clamp_min(1), prefix).long()
+        return k
 
     def forward(self, scores: torch.Tensor):
         """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool."""
@@ -105,6 +124,33 @@ class AdaptiveKSelector(nn.Module):
         row_k = self.row_k(scores.detach())  # (B, L)
         self.last_row_k = row_k
         return top_k_per_row(scores, row_k)
+
+
+def match_budget(k: torch.Tensor, top_k: int, positional: bool = False) -> torch.Tensor:
+    """Rescale a per-row rule k (B, L) to a budget-matched k_t (B, L) long with 1 <= k_t <= t+1 whose mean
+    over rows is fixed top-k's, mean_u min(top_k, u+1). Causal either way:
+    positional (the rule depends on positions only): one scale c for the length L, found by bisection on
+        positions alone, k_t = clamp(round(c * k_t), 1, t+1) (no token is looked at);
+    otherwise (data-dependent rules): row t's k is scaled by the ratio of fixed top-k's keys to the rule's
+        keys over rows <= t, k_t = clamp(round(k'_t * sum_{u<=t} min(top_k, u+1) / sum_{u<=t} k'_u), 1, t+1),
+        k'_u = clamp(k_u, 1, u+1), so its running total tracks fixed top-k's (only rows <= t are used)."""
+    prefix = torch.arange(1, k.shape[-1] + 1, device=k.device, dtype=torch.float32)
+    rule = torch.minimum(k.float().clamp_min(1), prefix)
+    target = prefix.clamp(max=top_k)
+    if not positional:
+        scale = target.cumsum(-1) / rule.cumsum(-1)
+        return torch.minimum(torch.round(rule * scale).clamp_min(1), prefix).long()
+    row = rule.reshape(-1, rule.shape[-1])[0]  # (L,) the same for every sequence
+
+    def keys(c):
+        return torch.minimum(torch.round(c * row).clamp_min(1), prefix)
+
+    lo, hi = 0.0, float(prefix[-1]) / float(row.min())
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if keys(mid).mean() < target.mean() else (lo, mid)
+    best = min((lo, hi), key=lambda c: abs(float(keys(c).mean() - target.mean())))
+    return keys(best).long().expand_as(k)
 
 
 def top_k_per_row(scores: torch.Tensor, row_k: torch.Tensor):
@@ -130,4 +176,5 @@ def build_k_selector(name: str, top_k: int) -> AdaptiveKSelector:
         raise ValueError(f"k_strategy={name!r} is unknown; choose fixed or one of {', '.join(SELECTION_VARIANTS)}")
     if name.startswith("ratio_"):
         return AdaptiveKSelector(top_k, "ratio", ratio=int(name.split("_")[1]) / 100)
-    return AdaptiveKSelector(top_k, name.removeprefix("adaptive_"))
+    matched = name.endswith("_matched")
+    return AdaptiveKSelector(top_k, name.removeprefix("adaptive_").removesuffix("_matched"), budget_matched=matched)

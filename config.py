@@ -21,7 +21,8 @@ SELECTION_PATTERNS = ("topk", "local_global_10", "local_global_25", "local_globa
                       "hierarchical_5", "strided_2", "strided_4", "strided_8")  # efficient_patterns.py
 K_STRATEGIES = ("fixed", "ratio_5", "ratio_10", "ratio_25", "ratio_50", "ratio_75", "ratio_90",
                 "progressive_linear", "progressive_exponential", "progressive_cosine",
-                "adaptive_entropy", "adaptive_position", "adaptive_dynamic")  # adaptive_selection.py
+                "adaptive_entropy", "adaptive_position", "adaptive_dynamic",
+                "adaptive_entropy_matched", "adaptive_position_matched", "adaptive_dynamic_matched")  # adaptive_selection.py
 
 
 @dataclass

@@ -94,30 +94,56 @@ class LocalGlobalPattern(CandidatePattern):
         return [(local, _full(L, self.local_window, device)), (d >= self.local_window, None)]
 
 
+def span(top_k: int, L: int, factor: float) -> int:
+    """A distance span of about factor * top_k keys that scales with k but never reaches the whole prefix
+    of an L-token row: at most halfway from top_k to L (k + (L - k) // 2), and at least top_k. At the
+    runners' default k = L/2 a factor-2 window is 3/4 of L (not all of it); at a fixed small k it is 2k."""
+    return max(top_k, min(math.ceil(factor * top_k), top_k + (L - top_k) // 2))
+
+
 class SlidingWindowPattern(CandidatePattern):
     """Windows of `window` keys that slide by `stride`: queries in block b = t // stride share the
     window ending at the block's end, [(b+1)*stride - window, (b+1)*stride). The query's own block
     (b*stride <= s <= t) is always kept; the indexer picks the rest of `top_k` inside the window.
-    Keys before the window are never selected.
+    Keys before the window are never selected. window=None: `span(top_k, L, window_factor)` for the
+    row length L seen (so the window scales with k and never covers the whole sequence).
     """
 
-    def __init__(self, window: int, stride: int, top_k: int):
+    def __init__(self, window: int | None, stride: int, top_k: int, window_factor: float = 2.0):
         super().__init__()
-        _positive(window=window, stride=stride, top_k=top_k)
-        if not stride <= window:
-            raise ValueError(f"stride={stride} must be <= window={window}")
+        _positive(stride=stride, top_k=top_k)
+        if window is not None:
+            _positive(window=window)
+            if not stride <= window:
+                raise ValueError(f"stride={stride} must be <= window={window}")
         if stride > top_k:
             raise ValueError(f"stride={stride} must be <= top_k={top_k} (the own block is always kept)")
-        self.window, self.stride, self.top_k = window, stride, top_k
+        if window_factor < 1:
+            raise ValueError(f"window_factor={window_factor} must be >= 1 (a window holds at least top_k keys)")
+        self.window, self.stride, self.top_k, self.window_factor = window, stride, top_k, window_factor
+
+    def window_for(self, L: int) -> int:
+        return self.window if self.window is not None else span(self.top_k, L, self.window_factor)
 
     def levels(self, L: int, device) -> list:
+        window = self.window_for(L)
         positions = torch.arange(L, device=device)
         block_start = (positions // self.stride * self.stride)[:, None]  # (L, 1)
-        window_start = block_start + self.stride - self.window
+        window_start = block_start + self.stride - window
         s = positions[None, :]
         own_block = (s >= block_start) & (s <= positions[:, None])
         in_window = (s >= window_start) & (s < block_start)
         return [(own_block, _full(L, self.stride, device)), (in_window, None)]
+
+
+def band_quotas(scales: tuple[int, ...], top_k: int) -> list[int]:
+    """The budget top_k - scales[0] split evenly over the m bands and the global part, each band's share
+    capped by its width -> (m,) band quotas."""
+    parts = len(scales)  # the m bands after the local one, and the global part
+    remaining = top_k - scales[0]
+    even = [remaining // parts + (i < remaining % parts) for i in range(parts)]
+    widths = [b - a for a, b in zip(scales, scales[1:])]
+    return [min(w, e) for w, e in zip(widths, even)]
 
 
 class HierarchicalPattern(CandidatePattern):
@@ -136,19 +162,35 @@ class HierarchicalPattern(CandidatePattern):
         if scales[0] > top_k:
             raise ValueError(f"the local scale {scales[0]} must be <= top_k={top_k}")
         self.scales, self.top_k = scales, top_k
-        parts = len(scales)  # the m bands after the local one, and the global part
-        remaining = top_k - scales[0]
-        even = [remaining // parts + (i < remaining % parts) for i in range(parts)]
-        widths = [b - a for a, b in zip(scales, scales[1:])]
-        self.band_k = [min(w, e) for w, e in zip(widths, even)]  # (m,) band quotas
+        self.band_k = band_quotas(scales, top_k)  # (m,) band quotas
+
+    def scales_for(self, L: int) -> tuple[tuple[int, ...], list[int]]:
+        """(scales, band quotas) used for rows of length L."""
+        return self.scales, self.band_k
 
     def levels(self, L: int, device) -> list:
+        scales, band_k = self.scales_for(L)
         d = distances(L, device)
-        levels = [((d >= 0) & (d < self.scales[0]), _full(L, self.scales[0], device))]
-        for (near, far), k in zip(zip(self.scales, self.scales[1:]), self.band_k):
+        levels = [((d >= 0) & (d < scales[0]), _full(L, scales[0], device))]
+        for (near, far), k in zip(zip(scales, scales[1:]), band_k):
             levels.append(((d >= near) & (d < far), _full(L, k, device)))
         levels.append((d >= 0, None))  # global: the rest of the budget, anywhere in the prefix
         return levels
+
+
+class ScaledHierarchicalPattern(HierarchicalPattern):
+    """HierarchicalPattern whose scales are fractions of top_k, squeezed for the row length L seen so the
+    outermost band ends at `span(top_k, L, max fraction)` (< L): every band stays a band at k = L/2."""
+
+    def __init__(self, fractions, top_k: int):
+        self.fractions = tuple(sorted(float(f) for f in fractions))
+        super().__init__(_scales(top_k, self.fractions), top_k)
+
+    def scales_for(self, L: int) -> tuple[tuple[int, ...], list[int]]:
+        outer = self.fractions[-1] * self.top_k
+        squeeze = min(1.0, span(self.top_k, L, self.fractions[-1]) / outer)
+        scales = _scales(self.top_k, [f * squeeze for f in self.fractions])
+        return scales, band_quotas(scales, self.top_k)
 
 
 class StridedPattern(CandidatePattern):
@@ -176,23 +218,26 @@ def _share(top_k: int, fraction: float) -> int:
 
 def _scales(top_k: int, fractions) -> tuple[int, ...]:
     """Distance boundaries fraction * top_k, deduplicated (small k) and with the local one <= top_k."""
-    return tuple(sorted({max(1, math.ceil(f * top_k)) for f in fractions}))
+    return tuple(sorted({max(1, math.ceil(f * top_k - 1e-9)) for f in fractions}))
 
 
 # The plan's 13 patterns, each a builder top_k -> selector with total budget top_k (budget-matched
 # with plain top-k at the same sparse_top_k). Numbers in names are % of the budget (local share,
-# sliding stride) or the number of levels (hierarchical) or the stride in tokens (strided).
+# sliding stride) or the number of levels (hierarchical) or the stride in tokens (strided). Sliding
+# windows (2k) and hierarchical bands (up to 2k / 4k) scale with k and are squeezed by `span` for the
+# row length L, so none covers the whole prefix at the runners' default k = L/2 (tests/test_variants.py
+# checks that no two catalogue variants select the same sets there).
 PATTERN_BUILDERS = {
     "local_global_10": lambda k: LocalGlobalPattern(_share(k, 0.10), k - _share(k, 0.10)),
     "local_global_25": lambda k: LocalGlobalPattern(_share(k, 0.25), k - _share(k, 0.25)),
     "local_global_50": lambda k: LocalGlobalPattern(_share(k, 0.50), k - _share(k, 0.50)),
     "local_global_75": lambda k: LocalGlobalPattern(_share(k, 0.75), k - _share(k, 0.75)),
-    "sliding_s25": lambda k: SlidingWindowPattern(2 * k, _share(k, 0.25), k),
-    "sliding_s50": lambda k: SlidingWindowPattern(2 * k, _share(k, 0.50), k),
-    "sliding_s100": lambda k: SlidingWindowPattern(2 * k, k, k),
-    "hierarchical_3": lambda k: HierarchicalPattern(_scales(k, (0.25, 2)), k),
-    "hierarchical_4": lambda k: HierarchicalPattern(_scales(k, (0.125, 0.5, 2)), k),
-    "hierarchical_5": lambda k: HierarchicalPattern(_scales(k, (0.0625, 0.25, 1, 4)), k),
+    "sliding_s25": lambda k: SlidingWindowPattern(None, _share(k, 0.25), k),
+    "sliding_s50": lambda k: SlidingWindowPattern(None, _share(k, 0.50), k),
+    "sliding_s100": lambda k: SlidingWindowPattern(None, k, k),
+    "hierarchical_3": lambda k: ScaledHierarchicalPattern((0.25, 2), k),
+    "hierarchical_4": lambda k: ScaledHierarchicalPattern((0.125, 0.5, 2), k),
+    "hierarchical_5": lambda k: ScaledHierarchicalPattern((0.0625, 0.25, 1, 4), k),
     "strided_2": lambda k: StridedPattern(2, k),
     "strided_4": lambda k: StridedPattern(4, k),
     "strided_8": lambda k: StridedPattern(8, k),

@@ -41,52 +41,92 @@ class OptimizedLightningIndexer(LightningIndexer):
         return precision_index_scores(*self.project(x), self.precision)
 
 
+def region_budget(top_k: int, L: int) -> int:
+    """Tokens the multi-scale regions of a query hold: about MULTISCALE_CANDIDATE_FACTOR x top_k, but never
+    more than halfway from top_k to L (so at k = L/2 the regions are 3/4 of the prefix, not all of it)."""
+    return max(top_k, min(MULTISCALE_CANDIDATE_FACTOR * top_k, top_k + (L - top_k) // 2))
+
+
+def region_blocks(top_k: int, L: int, block_size: int) -> int:
+    """Complete past blocks a query's regions take besides its own block, derived from k and L: the regions
+    (these blocks + the own one) hold about `region_budget(top_k, L)` tokens (at least one past block)."""
+    return max(1, region_budget(top_k, L) // block_size - 1)
+
+
+def check_multiscale(top_k: int, L: int, block_size: int) -> None:
+    """Refuse (ValueError) a multi-scale configuration whose regions cover the whole L-token prefix: there
+    it selects exactly like plain top-k. (A forward with such a k still runs — k >= L must equal dense.)"""
+    blocks = region_blocks(top_k, L, block_size)
+    if (blocks + 1) * block_size >= L:
+        raise ValueError(f"multiscale_block={block_size} at sparse_top_k={top_k} and L={L}: {blocks} region "
+                         f"block(s) + the own block cover the whole prefix, so multi-scale would select like plain "
+                         f"top-k; use a smaller multiscale_block (<= {max(2, region_budget(top_k, L) // 3)}) "
+                         f"or a smaller k")
+
+
 class MultiScaleIndexer(OptimizedLightningIndexer):
     """Two scales. Coarse: each query scores the mean-pooled key of every *completed* block of
-    `block_size` tokens ((j+1)*block_size <= t+1, so only past keys are pooled) with the same q, w and
-    picks the best `top_blocks`; its own, partial block is always a region. Fine: the usual token scores.
+    `block_size` tokens ((j+1)*block_size <= t+1, so only past keys are pooled) with the same q, w; the
+    best blocks (how many: `region_blocks(k, L, block_size)`, capped by `top_blocks` when given) and the
+    query's own, partial block are its regions. Fine: the usual token scores.
 
-    forward returns the fine scores everywhere (the KL losses train them as usual) and leaves the
-    region mask in `last_region_mask` (B, L, L); RegionRestrictedSelector selects only inside it.
+    forward returns the fine scores everywhere (the KL losses train them as usual) and leaves the coarse
+    block scores in `last_block_scores` (B, L, n_blocks); RegionRestrictedSelector, which knows k and L,
+    turns them into the region mask (`region_mask`) and selects only inside it.
     """
 
-    def __init__(self, d_model: int, heads: int, dim: int, block_size: int, top_blocks: int, **kwargs):
+    def __init__(self, d_model: int, heads: int, dim: int, block_size: int, top_blocks: int | None = None,
+                 **kwargs):
         super().__init__(d_model, heads, dim, **kwargs)
-        if block_size < 2 or top_blocks < 1:
+        if block_size < 2 or (top_blocks is not None and top_blocks < 1):
             raise ValueError(f"block_size={block_size} must be >= 2 and top_blocks={top_blocks} >= 1")
         self.block_size, self.top_blocks = block_size, top_blocks
-        self.last_region_mask: torch.Tensor | None = None
+        self.last_block_scores: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, w = self.project(x)
-        self.last_region_mask = self.region_mask(q.detach(), k.detach(), w.detach())
+        self.last_block_scores = self.block_scores(q.detach(), k.detach(), w.detach())
         return precision_index_scores(q, k, w, self.precision)
 
+    def regions_for(self, top_k: int, L: int) -> int:
+        """Past blocks chosen per query at budget top_k and length L."""
+        blocks = region_blocks(top_k, L, self.block_size)
+        return blocks if self.top_blocks is None else min(blocks, self.top_blocks)
+
     @torch.no_grad()
-    def region_mask(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> (B, L, L) bool, True at causal keys inside
-        the query's regions."""
+    def block_scores(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> coarse scores (B, L, L // block_size) of the
+        mean-pooled complete blocks, -inf for a block not yet complete at query t."""
         B, L, d = k.shape
         b = self.block_size
         n_blocks = L // b  # blocks that are complete for some query
         positions = torch.arange(L, device=k.device)
+        pooled = k[:, : n_blocks * b].float().view(B, n_blocks, b, d).mean(2)  # (B, nb, d_I)
+        per_head = torch.einsum("bthd,bjd->bthj", q.float(), pooled).relu()  # (B, L, H_I, nb)
+        coarse = torch.einsum("bthj,bth->btj", per_head, w.float())  # (B, L, nb)
+        complete = (torch.arange(n_blocks, device=k.device)[None, :] + 1) * b <= positions[:, None] + 1
+        return coarse.masked_fill(~complete, float("-inf"))
+
+    @torch.no_grad()
+    def region_mask(self, block_scores: torch.Tensor, top_blocks: int) -> torch.Tensor:
+        """block_scores (B, L, nb) -> (B, L, L) bool, True at causal keys inside the query's regions: its own
+        block and its best `top_blocks` complete blocks."""
+        B, L, n_blocks = block_scores.shape
+        b = self.block_size
+        positions = torch.arange(L, device=block_scores.device)
         block_of_key = positions // b  # (L,)
-        regions = torch.zeros(B, L, L // b + 1, dtype=torch.bool, device=k.device)  # (B, L, blocks incl. partial)
+        regions = torch.zeros(B, L, L // b + 1, dtype=torch.bool, device=block_scores.device)
         regions[:, positions, block_of_key] = True  # the query's own block
         if n_blocks:
-            pooled = k[:, : n_blocks * b].float().view(B, n_blocks, b, d).mean(2)  # (B, nb, d_I)
-            per_head = torch.einsum("bthd,bjd->bthj", q.float(), pooled).relu()  # (B, L, H_I, nb)
-            coarse = torch.einsum("bthj,bth->btj", per_head, w.float())  # (B, L, nb)
-            complete = (torch.arange(n_blocks, device=k.device)[None, :] + 1) * b <= positions[:, None] + 1
-            coarse = coarse.masked_fill(~complete, float("-inf"))
-            values, best = coarse.topk(min(self.top_blocks, n_blocks), dim=-1)  # (B, L, r)
+            values, best = block_scores.topk(min(top_blocks, n_blocks), dim=-1)  # (B, L, r)
             regions.scatter_(-1, torch.where(torch.isfinite(values), best, block_of_key[:, None].expand_as(best)), True)
         in_region = regions.gather(-1, block_of_key.expand(B, L, L))  # (B, L, L): key s's block chosen?
         return in_region & (positions[None, :] <= positions[:, None])
 
 
 class RegionRestrictedSelector(nn.Module):
-    """Any selector, restricted to the regions `region_source.last_region_mask` (a MultiScaleIndexer's)."""
+    """Any selector, restricted to the regions of `region_source` (a MultiScaleIndexer): the number of region
+    blocks comes from this selector's k and the scores' length L (`region_blocks`)."""
 
     def __init__(self, selector: nn.Module, region_source: MultiScaleIndexer):
         super().__init__()
@@ -97,11 +137,20 @@ class RegionRestrictedSelector(nn.Module):
     def top_k(self) -> int:
         return self.selector.top_k
 
-    def forward(self, scores: torch.Tensor):
-        mask = self.region_source.last_region_mask
-        if mask is None or mask.shape != scores.shape:
-            raise RuntimeError("multi-scale region mask is missing or stale: the MultiScaleIndexer's forward "
+    def region_mask(self, L: int) -> torch.Tensor:
+        """(B, L, L) bool: the regions of the indexer's last forward at this selector's k."""
+        source = self.region_source
+        block_scores = source.last_block_scores
+        if block_scores is None or block_scores.shape[1] != L:
+            raise RuntimeError("multi-scale block scores are missing or stale: the MultiScaleIndexer's forward "
                                "must run right before this selector")
+        return source.region_mask(block_scores, source.regions_for(self.top_k, L))
+
+    def forward(self, scores: torch.Tensor):
+        mask = self.region_mask(scores.shape[-1])
+        if mask.shape != scores.shape:
+            raise RuntimeError(f"multi-scale region mask {tuple(mask.shape)} does not match the scores "
+                               f"{tuple(scores.shape)}")
         return self.selector(scores.masked_fill(~mask, float("-inf")))
 
 

@@ -130,34 +130,49 @@ def optimization_comparison(summary: dict, names: list[str], L: int, path: str |
 
 def speed_quality_tradeoffs(summary: dict, names: list[str], lengths: list[int], front_fn, path: str | Path,
                             title: str = "Speed-quality trade-off") -> None:
-    """One panel per length: time/step vs val loss per strategy, Pareto front marked."""
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 5), squeeze=False)
-    for ax, L in zip(axes[0], lengths):
-        present = [n for n in names if str(L) in summary.get(n, {})]
-        pts = {n: (_stat(summary, n, L, "avg_time_per_step", 1000)[0], _stat(summary, n, L, "val_loss")[0])
-               for n in present}
-        front = front_fn(pts)
-        for n, (c, l) in pts.items():
-            ax.scatter(c, l, color="tab:red" if n in front else "tab:gray", zorder=3)
-            ax.annotate(n, (c, l), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        fx = [pts[n] for n in front]
-        ax.plot([p[0] for p in fx], [p[1] for p in fx], "r--", label="Pareto front")
-        ax.set_xlabel("time per training step (ms)")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"L={L}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+    """Rows: cost = time per step, and attention + indexer FLOPs per token (counts the selected keys);
+    one panel per length: cost vs val loss per strategy with 95 % CI error bars on both axes, the Pareto
+    front in red, and front points whose CI boxes overlap another front point's drawn hollow (not separable)."""
+    from reports import overlapping
+    costs = [("avg_time_per_step", "time per training step (ms)", 1000),
+             ("total_flops_per_token", "attention + indexer MFLOP per token", 1e-6)]
+    fig, axes = plt.subplots(len(costs), len(lengths), figsize=(6 * len(lengths), 5 * len(costs)), squeeze=False)
+    for row, (metric, label, scale) in enumerate(costs):
+        for ax, L in zip(axes[row], lengths):
+            present = [n for n in names if str(L) in summary.get(n, {})
+                       and np.isfinite(_stat(summary, n, L, metric, scale)[0])]
+            pts = {n: (_stat(summary, n, L, metric, scale), _stat(summary, n, L, "val_loss")) for n in present}
+            front = front_fn({n: (c[0], l[0]) for n, (c, l) in pts.items()})
+            tied = overlapping({n: (c[0] - c[1], c[0] + c[1], l[0] - l[1], l[0] + l[1]) for n, (c, l) in pts.items()
+                                if n in front}, front)
+            for n, ((c, ce), (l, le)) in pts.items():
+                color = "tab:red" if n in front else "tab:gray"
+                ax.errorbar(c, l, xerr=ce, yerr=le, fmt="o", color=color, ecolor=color, capsize=3, zorder=3,
+                            markerfacecolor="white" if n in tied else color)
+                ax.annotate(n, (c, l), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            fx = [(pts[n][0][0], pts[n][1][0]) for n in front]
+            ax.plot([p[0] for p in fx], [p[1] for p in fx], "r--", label="Pareto front (hollow: CIs overlap)")
+            ax.set_xlabel(label)
+            ax.set_ylabel("validation loss")
+            ax.set_title(f"L={L}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title + " (error bars: 95 % CI over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def scaling_analysis(summary: dict, names: list[str], lengths: list[int], path: str | Path) -> None:
-    """time/step, indexer ms and val loss vs L per strategy (log-log for the costs)."""
+    """time/step, indexer ms, peak step memory, selected keys per query, total FLOPs/token and val loss vs L
+    per strategy (log scale for the costs)."""
     panels = [("avg_time_per_step", "time per step (ms)", 1000, True), ("indexer_ms", "indexer forward (ms/step)", 1, True),
+              ("step_peak_memory_mb", "peak memory of a training step (MB)", 1, True),
+              ("mean_selected_keys", "selected keys per query", 1, True),
+              ("total_flops_per_token", "attention + indexer MFLOP/token", 1e-6, True),
               ("val_loss", "validation loss", 1, False)]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 10))
+    axes = axes.flatten()
     for ax, (metric, label, scale, log) in zip(axes, panels):
         for n in names:
             Ls = [L for L in lengths if str(L) in summary.get(n, {})]

@@ -4,6 +4,10 @@ Everything here reads summaries (dicts of mean_ci95 stats, as written to summary
 """
 from __future__ import annotations
 
+from results_io import holm, paired_t_pvalue
+
+ALPHA = 0.05
+
 
 def fmt_ci(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
     """'mean ± half-width' (or just the mean for one seed)."""
@@ -31,13 +35,76 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n][0])
 
 
-def significance(entry: dict) -> str:
-    """'better' / 'worse' if the paired 95 % CI of the loss difference excludes 0, 'n.s.', or 'untestable'."""
+def significance(entry: dict, p_adjusted: float | None = None) -> str:
+    """'better' / 'worse' / 'n.s.' / 'untestable (1 seed)'. With `p_adjusted` (Holm, from `holm_family`):
+    significant when it is below ALPHA; without it: whether the paired 95 % CI of the loss difference
+    excludes 0 (one comparison on its own, uncorrected)."""
     d = entry.get("delta_val_loss_vs_baseline")
     if not d or d["ci95"][0] is None:
         return "untestable (1 seed)"
+    if p_adjusted is not None:
+        return ("better" if d["mean"] < 0 else "worse") if p_adjusted < ALPHA else "n.s."
     lo, hi = d["ci95"]
     return "better" if hi < 0 else "worse" if lo > 0 else "n.s."
+
+
+def holm_family(summary: dict, names: list[str], lengths: list[int], baseline: str = "baseline") -> dict:
+    """The comparisons of one question: every variant but the baseline at every length, a paired t-test of
+    its per-seed val-loss difference to the baseline, Holm-adjusted across the family.
+    -> {(name, L): {'p': raw, 'p_holm': adjusted}} for the testable ones (>= 2 paired seeds)."""
+    raw = {}
+    for L in lengths:
+        for name in names:
+            if name == baseline or str(L) not in summary.get(name, {}):
+                continue
+            d = summary[name][str(L)].get("delta_val_loss_vs_baseline")
+            p = paired_t_pvalue(d["per_seed"]) if d else None
+            if p is not None:
+                raw[(name, L)] = p
+    adjusted = holm(raw)
+    return {key: {"p": raw[key], "p_holm": adjusted[key]} for key in raw}
+
+
+def family_verdict(family: dict, n_untestable: int) -> str:
+    """One line: how many comparisons were made, the correction, and what was found."""
+    m = len(family)
+    if not m:
+        return (f"No significance test: {n_untestable} comparison(s) with the baseline have one seed each "
+                f"(run more seeds).")
+    hits = sorted(f"{n} (L={L}, p_Holm={v['p_holm']:.3g})" for (n, L), v in family.items() if v["p_holm"] < ALPHA)
+    head = (f"Multiple comparisons: {m} paired t-tests against the baseline (variants x lengths of this question), "
+            f"Holm-Bonferroni corrected, family-wise alpha = {ALPHA}.")
+    if not hits:
+        return head + f" **No significant difference** from the baseline in any of the {m} comparisons."
+    return head + f" Significant after correction ({len(hits)} of {m}): " + ", ".join(hits) + "."
+
+
+def overlapping(boxes: dict[str, tuple[float, float, float, float]], names: list[str]) -> set[str]:
+    """Names among `names` whose 95 % CI box (cost_lo, cost_hi, loss_lo, loss_hi) overlaps another's in both
+    axes: front points that the data cannot tell apart."""
+    out = set()
+    for a in names:
+        for b in names:
+            if a != b:
+                (c0, c1, l0, l1), (d0, d1, m0, m1) = boxes[a], boxes[b]
+                if c0 <= d1 and d0 <= c1 and l0 <= m1 and m0 <= l1:
+                    out.add(a)
+    return out
+
+
+def _box(stat: dict, scale: float = 1.0) -> tuple[float, float]:
+    lo, hi = stat["ci95"]
+    return (stat["mean"] * scale, stat["mean"] * scale) if lo is None else (lo * scale, hi * scale)
+
+
+def front_text(summary: dict, names: list[str], L: int, cost: str) -> str:
+    """Pareto front in (cost, val loss), cheapest first; '≈' marks front points whose CIs overlap another's."""
+    present = [n for n in names if str(L) in summary.get(n, {}) and summary[n][str(L)][cost]["mean"] is not None]
+    front = pareto_front({n: (summary[n][str(L)][cost]["mean"], summary[n][str(L)]["val_loss"]["mean"])
+                          for n in present})
+    boxes = {n: (*_box(summary[n][str(L)][cost]), *_box(summary[n][str(L)]["val_loss"])) for n in front}
+    tied = overlapping(boxes, front)
+    return ", ".join(f"{n}{' ≈' if n in tied else ''}" for n in front)
 
 
 # ----------------------------------------------------------------------------- sparse_vs_classic
@@ -92,34 +159,60 @@ then trains {t['steps']} sparse steps on the same batches in the same order.
 
 
 # ----------------------------------------------------------------------------- variants vs the baseline
-def results_table(summary: dict, names: list[str], L: int) -> str:
-    """Markdown table of the variants at one length, best validation loss first."""
+COLUMNS = """*Δ vs baseline* is paired by seed. *p (Holm)*: paired t-test of the per-seed loss difference, Holm-Bonferroni
+corrected across every comparison of the question (variants x lengths; the count is printed above each
+table); *vs baseline*: better/worse when that corrected p < 0.05, else n.s. *keys/query*: mean selected keys
+per query (a strategy that selects more keys is not budget-matched with the baseline); *attn MFLOP/tok*:
+main attention FLOPs per token over those keys; *indexer MFLOP/tok*: the indexer's projections + scores over
+the causal prefix; *indexer KB/tok*: the indexer's bit-width-aware bytes moved per token (what quantisation
+saves; fake quantisation is not faster on CPU). *step peak MB*: memory allocated during one sparse training
+step (fwd + bwd) above the resident weights (CUDA: max_memory_allocated; CPU: profiler allocation peak).
+*top-k overlap vs fp32*: the low-precision indexer's top-k against the same trained indexer in fp32.
+*indexer ms*: indexer + top-k forward time per step. Timings and memory are from this run's machine (its
+name, torch and dtype are in every record): compare them as ratios."""
+def results_table(summary: dict, names: list[str], L: int, family: dict | None = None) -> str:
+    """Markdown table of the variants at one length, best validation loss first. `family`: holm_family(...)
+    of the question (p and verdict Holm-corrected); without it the verdict is the uncorrected paired CI."""
     rows = []
-    for name in sorted(names, key=lambda n: summary[n][str(L)]["val_loss"]["mean"]):
+    present = [n for n in names if str(L) in summary.get(n, {})]
+    for name in sorted(present, key=lambda n: summary[n][str(L)]["val_loss"]["mean"]):
         e = summary[name][str(L)]
-        rows.append([name, fmt_ci(e["val_loss"]), fmt_ci(e.get("delta_val_loss_vs_baseline")), significance(e),
+        test = (family or {}).get((name, L))
+        p_text = "—" if name == "baseline" else "n/a" if test is None else f"{test['p_holm']:.3g}"
+        rows.append([name, fmt_ci(e["val_loss"]), fmt_ci(e.get("delta_val_loss_vs_baseline")), p_text,
+                     "—" if name == "baseline" else significance(e, test["p_holm"] if test else None),
                      fmt_ci(e["val_accuracy"], 1, 100), fmt_ci(e["avg_time_per_step"], 1, 1000),
-                     fmt_ci(e.get("speedup_vs_baseline"), 2), fmt_ci(e["indexer_ms"], 2), fmt_ci(e["indexer_recall"]),
-                     fmt_ci(e["train_loss_variance"], 4), f"{e['indexer_params']['mean']:,.0f}",
-                     f"{100 * e['indexer_overhead']['mean']:.1f}", f"{e['indexer_flops_per_token']['mean'] / 1e6:.2f}"])
-    header = ["variant", "val loss", "Δ vs baseline", "vs baseline", "acc %", "ms/step", "speed-up", "indexer ms",
-              "recall", "loss var", "indexer params", "overhead %", "indexer MFLOP/tok"]
+                     fmt_ci(e.get("speedup_vs_baseline"), 2), fmt_ci(e.get("mean_selected_keys"), 1),
+                     fmt_ci(e.get("attention_flops_per_token"), 2, 1e-6), fmt_ci(e.get("indexer_flops_per_token"), 2, 1e-6),
+                     fmt_ci(e.get("indexer_bytes_per_token"), 1, 1e-3), fmt_ci(e.get("step_peak_memory_mb"), 1),
+                     fmt_ci(e["indexer_ms"], 2), fmt_ci(e["indexer_recall"]), fmt_ci(e.get("quant_topk_overlap")),
+                     f"{e['indexer_params']['mean']:,.0f}", f"{100 * e['indexer_overhead']['mean']:.1f}"])
+    header = ["variant", "val loss", "Δ vs baseline", "p (Holm)", "vs baseline", "acc %", "ms/step", "speed-up",
+              "keys/query", "attn MFLOP/tok", "indexer MFLOP/tok", "indexer KB/tok", "step peak MB", "indexer ms",
+              "recall", "top-k overlap vs fp32", "indexer params", "overhead %"]
     return markdown_table(header, rows)
 
 
-def findings(summary: dict, names: list[str], lengths: list[int]) -> list[str]:
-    """Findings computed from the data: best per length, whether it beats the baseline, the Pareto front."""
-    lines = []
+def findings(summary: dict, names: list[str], lengths: list[int], family: dict | None = None) -> list[str]:
+    """Findings computed from the data: the multiple-comparison verdict of the question, the lowest loss per
+    length (with its Holm-corrected verdict), and Pareto fronts against two costs: time per step and attention
+    + indexer FLOPs per token (which counts the keys a strategy selects)."""
+    family = holm_family(summary, names, lengths) if family is None else family
+    untestable = sum(1 for L in lengths for n in names if n != "baseline" and str(L) in summary.get(n, {})
+                     and (n, L) not in family)
+    lines = [f"- {family_verdict(family, untestable)}"]
     for L in lengths:
         present = [n for n in names if str(L) in summary.get(n, {})]
         if not present:
             continue
         best = min(present, key=lambda n: summary[n][str(L)]["val_loss"]["mean"])
         e = summary[best][str(L)]
-        front = pareto_front({n: (summary[n][str(L)]["avg_time_per_step"]["mean"],
-                                  summary[n][str(L)]["val_loss"]["mean"]) for n in present})
-        lines.append(f"- L={L}: lowest validation loss **{best}** ({fmt_ci(e['val_loss'])}); against the baseline: "
-                     f"{significance(e)}. Pareto front (time/step vs loss, cheapest first): {', '.join(front)}.")
+        test = family.get((best, L))
+        verdict = "it is the baseline" if best == "baseline" else significance(e, test["p_holm"] if test else None)
+        lines.append(f"- L={L}: lowest mean validation loss **{best}** ({fmt_ci(e['val_loss'])}; against the "
+                     f"baseline: {verdict}). Pareto front, cheapest first (≈: 95 % CIs overlap another front "
+                     f"point's in both axes) — time/step vs loss: {front_text(summary, present, L, 'avg_time_per_step')}; "
+                     f"FLOPs/token vs loss: {front_text(summary, present, L, 'total_flops_per_token')}.")
     return lines
 
 
@@ -127,16 +220,15 @@ def optimization_report(summary: dict) -> str:
     """REPORT.md of run_experiment.py --experiment indexer_optimization, from its summary.json."""
     names, lengths, seeds, t = (summary["strategies"], summary["sequence_lengths"], summary["seeds"],
                                 summary["config"]["train"])
-    tables = "\n\n".join(f"### L = {L}\n\n" + results_table(summary["results"], names, L) for L in lengths)
-    found = "\n".join(findings(summary["results"], names, lengths))
+    family = holm_family(summary["results"], names, lengths)
+    tables = "\n\n".join(f"### L = {L}\n\n" + results_table(summary["results"], names, L, family) for L in lengths)
+    found = "\n".join(findings(summary["results"], names, lengths, family))
     return f"""# Lightning-indexer optimisation
 
 Every strategy starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), warms
 its indexer up for {t['warmup_steps']} steps and trains {t['steps']} sparse steps on the same batches.
 Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI, no significance test'}).
-*Δ vs baseline* is paired by seed; *vs baseline* says whether its 95 % CI excludes 0. *indexer ms* is the
-indexer + top-k forward time per step; *MFLOP/tok* counts the indexer's scoring over the whole causal prefix.
-Timings are from one run on one machine: compare them as ratios.
+{COLUMNS}
 
 ## Findings (computed from the data)
 
@@ -152,16 +244,18 @@ def ablations_report(mode: str, summary: dict, names_by_question: dict[str, tupl
     each section links the figure pareto_<category>.png."""
     sections = []
     for q, (category, names) in names_by_question.items():
-        tables = "\n\n".join(f"#### L = {L}\n\n" + results_table(summary, names, L) for L in lengths)
-        sections.append(f"## {q} ({category})\n\n" + "\n".join(findings(summary, names, lengths))
+        family = holm_family(summary, names, lengths)
+        tables = "\n\n".join(f"#### L = {L}\n\n" + results_table(summary, names, L, family) for L in lengths)
+        sections.append(f"## {q} ({category})\n\n" + "\n".join(findings(summary, names, lengths, family))
                         + f"\n\n![pareto](pareto_{category}.png)\n\n" + tables)
     return f"""# Comprehensive lightning-indexer ablations ({mode} mode)
 
 {n_variants} variants x lengths {lengths} x seeds {seeds}, each from the same dense branch point
 per (L, seed) ({train['dense_steps']} dense steps), {train['warmup_steps']} indexer warm-up steps, {train['steps']}
-sparse steps on the same batches. {'Values are mean ± 95 % CI half-width.' if len(seeds) > 1 else
-'One seed: no CI and no significance test — run --mode research for those.'} *vs baseline*: whether the
-paired 95 % CI of the loss difference excludes 0. Timings are ratios within this run on one machine.
+sparse steps on the same batches, variants in a shuffled order per (L, seed). {'Values are mean ± 95 % CI half-width.' if len(seeds) > 1 else
+'One seed: no CI and no significance test — run --mode research for those.'}
+
+{COLUMNS}
 
 """ + "\n\n".join(sections) + "\n\n![profile](speed_memory_profile.png)\n"
 

@@ -33,6 +33,59 @@ def mean_ci95(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "per_seed": vals}
 
 
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (continued fraction, Numerical Recipes' betacf)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return front * f
+
+
+def paired_t_pvalue(differences: list[float]) -> float | None:
+    """Two-sided p-value of a paired t-test (H0: mean difference 0) from per-seed differences; None with fewer
+    than 2 finite values; 0.0 when all differences are equal and non-zero, 1.0 when all are zero."""
+    vals = [float(v) for v in differences if v is not None and math.isfinite(v)]
+    n = len(vals)
+    if n < 2:
+        return None
+    mean = sum(vals) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / (sd / math.sqrt(n))
+    df = n - 1
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1) for a family of comparisons:
+    the i-th smallest p (0-based) is multiplied by (m - i). Controls the family-wise error rate."""
+    order = sorted(pvalues, key=lambda name: pvalues[name])
+    m, running, adjusted = len(order), 0.0, {}
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
+
+
 # ----------------------------------------------------------------------------- fingerprints
 def fingerprint(obj) -> str:
     """16 hex digits identifying a JSON-able config (dict keys sorted; Paths etc. via str)."""

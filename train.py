@@ -168,13 +168,20 @@ def _param_groups(model, stage: Stage) -> list[dict]:
 
 def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: int) -> None:
     """One optimizer step, gradients clipped per param group (the indexer's KL never scales the main
-    model's update); a NaN/inf loss stops the run naming the step."""
+    model's update); a NaN/inf loss, or a NaN/inf gradient under a finite loss, stops the run naming the
+    step (before the optimizer touches a weight)."""
     if not torch.isfinite(loss):
         raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    for group in opt.param_groups:
-        torch.nn.utils.clip_grad_norm_(group["params"], grad_clip)
+    for i, group in enumerate(opt.param_groups):
+        try:
+            torch.nn.utils.clip_grad_norm_(group["params"], grad_clip, error_if_nonfinite=True)
+        except RuntimeError as e:
+            if "non-finite" not in str(e):
+                raise
+            raise TrainingDiverged(f"{desc}: non-finite gradient (param group {i}) with a finite loss "
+                                   f"{loss.item():.4g} at step {step}; lower the learning rate") from None
     opt.step()
     sched.step()
 
@@ -208,9 +215,10 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     keys += ["indexer_kl"] if stage.mode.indexer_loss else []
     keys += ["indexer_recall", "random_recall", "local_recall", "mean_selected_keys"] if stage.recall else []
     curves = {k: [] for k in keys}
-    step_loss, step_time, step_kl = [], [], []  # one entry per step
+    step_loss, step_time, step_kl = [], [], []  # one entry per step (step_time NaN at profiled steps)
+    forward_time = []  # forward seconds of each profiled step
     timer = SectionTimer(cuda=device.type == "cuda")
-    profile_from = min(10, steps // 2)  # profile a few steps after the first ones settle
+    profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
     profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
     load_sum = 0.0  # (layers, experts): share of routed slots, summed over steps
     if device.type == "cuda":
@@ -227,6 +235,10 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             logits, aux = model(inputs, mode, return_aux=True)
+            if step in profile:  # the span the timer's sections lie in: this forward
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                forward_time.append(time.perf_counter() - start)
             loss = torch.zeros((), device=device)
             if stage.lm_loss:
                 lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -241,7 +253,8 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
                 load_sum = load_sum + torch.tensor(model.update_balance_bias())
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            step_time.append(time.perf_counter() - start)
+            # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
+            step_time.append(math.nan if step in profile else time.perf_counter() - start)
             if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
                 _log_eval(curves, model, val, tcfg, device, stage, step + 1, step_loss, step_time, step_kl)
     if stage.trains == "indexer":  # routing seen while main was frozen must not feed the next balance update
@@ -249,9 +262,11 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
             block.ffn.load_counts.zero_()
     if stage.eval_every is None:
         _log_eval(curves, model, val, tcfg, device, stage, steps, step_loss, step_time, step_kl)
-    profiled = sum(step_time[i] for i in profile)
+    # time shares: attention / indexer forward sections over the forward time of the same profiled steps
+    profiled = sum(forward_time)
     final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
     final.update(avg_time_per_step=_mean(step_time), **peak_memory(device),
+                 profiled_forward_ms=1000 * profiled / max(1, len(forward_time)),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
     if stage.lm_loss:
@@ -300,11 +315,14 @@ def _variance(values: list[float]) -> float:
 
 
 def _mean(values: list[float]) -> float:
+    """Mean of the finite values (NaN marks a step kept out of the figure); NaN when there are none."""
+    values = [v for v in values if math.isfinite(v)]
     return sum(values) / len(values) if values else math.nan
 
 
 def save_checkpoint(model, path: Path, extra: dict) -> None:
-    """Atomic save of weights + model config + whatever rebuilds the run (tokenizer spec, seed, L)."""
+    """Atomic save of weights + model config + whatever rebuilds the run (tokenizer spec, seed, L), all plain
+    data (tensors, dicts, lists, str, numbers) so `load_checkpoint` can read it with weights_only=True."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_state": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
                "model_type": "sparse" if isinstance(model, SparseAttentionMoELLM) else "classic", **extra}
@@ -320,7 +338,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         raise ValueError(f"checkpoint {path} does not exist; run run_experiment.py first (it writes "
                          f"OUT/seq_<L>/checkpoints/*.pt)")
     try:
-        payload = torch.load(path, map_location=device, weights_only=False)
+        payload = torch.load(path, map_location=device, weights_only=True)  # never runs code from the file
     except Exception as e:
         raise ValueError(f"{path} is not a readable dsa-lab checkpoint ({type(e).__name__})") from e
     if not isinstance(payload, dict) or "model_state" not in payload:

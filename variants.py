@@ -22,8 +22,10 @@ def indexer_size(heads: int, dim: int) -> dict:
 SIZES: dict[str, dict] = {"baseline": indexer_size(4, 64), "light": indexer_size(2, 32),
                           "minimal": indexer_size(1, 16), "ultra_light": indexer_size(1, 8)}
 BASELINE = SIZES["baseline"]
-# the full heads x dims grid
-ARCHITECTURES: dict[str, dict] = {f"h{h}_d{d}": indexer_size(h, d) for h in (1, 2, 3, 4) for d in (8, 16, 32, 64)}
+# the heads x dims grid, less h4_d64: that point is the baseline itself (a second name would be a wasted run
+# per length and seed, trained beside an identical one)
+ARCHITECTURES: dict[str, dict] = {f"h{h}_d{d}": indexer_size(h, d) for h in (1, 2, 3, 4) for d in (8, 16, 32, 64)
+                                  if (h, d) != (4, 64)}
 # the plan's 13 candidate patterns (efficient_patterns.py)
 PATTERNS: dict[str, dict] = {p: {"selection_pattern": p} for p in SELECTION_PATTERNS if p != "topk"}
 # simulated low-precision index scores (quantization_utils.py)
@@ -32,7 +34,8 @@ PRECISIONS: dict[str, dict] = {p: {"indexer_precision": p} for p in INDEXER_PREC
 QUANTIZATION: dict[str, dict] = {f"{p}_{size}": {**SIZES[size], **PRECISIONS[p]}
                                  for p in ("fp16", "mixed", "int8", "int4")
                                  for size in ("baseline", "light", "minimal")}
-# adaptive k: fixed ratios, progressive schedules, entropy/position/dynamic rules (adaptive_selection.py)
+# adaptive k: fixed ratios, progressive schedules, entropy/position/dynamic rules, and the budget-matched
+# *_matched versions of the three rules (mean keys rescaled to fixed top-k's) (adaptive_selection.py)
 K_SELECTION: dict[str, dict] = {s: {"k_strategy": s} for s in K_STRATEGIES if s != "fixed"}
 # cross-layer sharing: groups of n consecutive layers use the first layer's index scores
 SHARED: dict[str, dict] = {f"shared_{n}": {"shared_indexer_group": n} for n in (2, 4)}
@@ -87,6 +90,40 @@ OPTIMIZATIONS: dict[str, dict] = on_baseline({
     "shared_indexer": SHARED["shared_2"],
     "multiscale_indexer": MULTISCALE["multiscale_16"],
 })
+# The seed's "Experiment 4" category names (its quick start: --optimization reduced_complexity
+# efficient_patterns quantization adaptive_k); each stands for its OPTIMIZATIONS members. A category name
+# wins over a strategy of the same name: `adaptive_k` the category includes `adaptive_k` the strategy.
+OPTIMIZATION_CATEGORIES: dict[str, list[str]] = {
+    "reduced_complexity": ["light", "minimal", "ultra_light", "shared_indexer", "multiscale_indexer"],
+    "efficient_patterns": ["local_global", "sliding_window", "hierarchical", "strided"],
+    "quantization": ["fp16_indexer", "bf16_indexer", "mixed_precision", "fp8_indexer", "int8_indexer",
+                     "int4_indexer"],
+    "adaptive_k": ["adaptive_k", "progressive_k"],
+}
+
+
+def expand_optimizations(names: list[str]) -> list[str]:
+    """--optimization names (strategies or category names) -> strategies, in order, each once.
+    Raises ValueError naming the unknown ones and the choices."""
+    unknown = [n for n in names if n not in OPTIMIZATION_CATEGORIES and n not in OPTIMIZATIONS]
+    if unknown:
+        raise ValueError(f"unknown --optimization {unknown}; choose a category ({', '.join(OPTIMIZATION_CATEGORIES)}) "
+                         f"or a strategy ({', '.join(OPTIMIZATIONS)})")
+    out: list[str] = []
+    for n in names:
+        for strategy in OPTIMIZATION_CATEGORIES.get(n, [n]):
+            if strategy not in out:
+                out.append(strategy)
+    return out
+
+
+def optimization_help() -> str:
+    """The --optimization help text: the categories with their members, and the strategies."""
+    cats = "; ".join(f"{c} = {' '.join(m)}" for c, m in OPTIMIZATION_CATEGORIES.items())
+    return (f"strategies or category names (default: {' '.join(DEFAULT_OPTIMIZATIONS)}). Categories: {cats}. "
+            f"Strategies: {', '.join(OPTIMIZATIONS)}")
+
+
 DEFAULT_OPTIMIZATIONS = ["baseline", "light", "minimal", "ultra_light", "local_global", "fp16_indexer",
                          "fp8_indexer", "int8_indexer", "adaptive_k"]
 
@@ -104,6 +141,6 @@ QUICK_SUBSET = {  # one or two per family, for --mode quick
     "indexer_architecture": ["h1_d8", "h1_d16", "h2_d32"],
     "attention_patterns": ["local_global_25", "sliding_s50", "hierarchical_3", "strided_4"],
     "quantization": ["fp16_baseline", "int8_baseline", "int4_baseline"],
-    "selection_strategies": ["ratio_25", "progressive_linear", "adaptive_entropy"],
+    "selection_strategies": ["ratio_25", "progressive_linear", "adaptive_entropy", "adaptive_entropy_matched"],
     "combinations": ["light+fp16+topk", "minimal+int8+local_global"],
 }

@@ -24,7 +24,7 @@ def _scores(B=3, seed=0):
 
 
 def test_the_plans_selection_variants_are_configurable():
-    assert len(SELECTION_VARIANTS) == 12 and set(SELECTION_VARIANTS) == set(K_STRATEGIES) - {"fixed"}
+    assert len(SELECTION_VARIANTS) == 15 and set(SELECTION_VARIANTS) == set(K_STRATEGIES) - {"fixed"}
     for overrides in SELECTION_VARIANTS.values():
         dataclasses.replace(ModelConfig(), **overrides).validate()
     with pytest.raises(ValueError, match="k_strategy"):
@@ -109,6 +109,32 @@ def test_position_rule_is_sublinear_and_prefix_consistent():
     expected = torch.minimum(torch.ceil(torch.sqrt(9.0 * (t + 1))).long(), t + 1)
     assert torch.equal(selector.last_row_k[0], expected)
     assert int(expected[35]) == math.ceil(math.sqrt(9 * 36))  # k grows as sqrt(k * (t+1)) past k
+    assert (expected[9:] > 9).all()  # as the module docstring says: top_k is the crossover, not a cap
+    doc = __import__("adaptive_selection").__doc__
+    assert "k_t > top_k for every t+1 > top_k" in doc and "sublinear" not in doc
+
+
+@pytest.mark.parametrize("rule", ["entropy", "position", "dynamic"])
+@pytest.mark.parametrize("top_k", [8, 20])
+def test_budget_matched_rules_use_fixed_top_ks_mean_keys(rule, top_k):
+    """The *_matched variants select, on average, as many keys as fixed top-k (to 1 % for the positional rule,
+    within 8 % (rounding at small k) for the data-dependent ones) while the plain rules do not."""
+    scores = _scores(B=4)
+    fixed = float(torch.arange(1, L + 1).clamp(max=top_k).float().mean())
+    matched = build_k_selector(f"adaptive_{rule}_matched", top_k)
+    idx, valid = matched(scores)
+    assert_selection_contract(idx, valid)
+    assert torch.equal(valid.sum(-1), matched.last_row_k)
+    mean = float(valid.sum(-1).float().mean())
+    if rule == "position":
+        assert mean == pytest.approx(fixed, rel=0.01)  # up to the rounding of one scale c
+        plain = build_k_selector("adaptive_position", top_k)
+        plain(scores)
+        assert plain.last_row_k.float().mean() > 1.1 * fixed  # the unmatched rule uses more keys
+        # shape kept: k_t still grows with t past the crossover
+        assert (matched.last_row_k[0, 1:] >= matched.last_row_k[0, :-1]).all()
+    else:
+        assert mean == pytest.approx(fixed, rel=0.08)
 
 
 @pytest.mark.parametrize("name", SELECTION_VARIANTS)

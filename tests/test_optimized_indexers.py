@@ -21,7 +21,7 @@ def test_variants_cover_the_plans_sizes_and_grid():
     assert {n: (v["indexer_heads"], v["indexer_dim"]) for n, v in SIZES.items()} == {
         "baseline": (4, 64), "light": (2, 32), "minimal": (1, 16), "ultra_light": (1, 8)}
     grid = {(v["indexer_heads"], v["indexer_dim"]) for v in ARCHITECTURES.values()}
-    assert grid == {(h, d) for h in (1, 2, 3, 4) for d in (8, 16, 32, 64)}
+    assert grid | {(4, 64)} == {(h, d) for h in (1, 2, 3, 4) for d in (8, 16, 32, 64)}  # (4, 64): the baseline
     for overrides in {**INDEXER_VARIANTS, **SHARED, **MULTISCALE}.values():
         dataclasses.replace(ModelConfig(), **overrides).validate()
 
@@ -102,7 +102,9 @@ def test_multiscale_regions_are_causal_and_contain_the_selection():
     indexer = MultiScaleIndexer(32, 2, 16, block_size=block, top_blocks=3, max_seq_len=64)
     x = torch.randn(2, L, 32)
     scores = indexer(x)
-    regions = indexer.last_region_mask  # (B, L, L)
+    selector = RegionRestrictedSelector(TopKTokenSelector(6), indexer)
+    assert indexer.regions_for(6, L) == 2  # derived from k and L: budget min(2k, k + (L-k)//2) = 12 tokens -> 2 + own
+    regions = selector.region_mask(L)  # (B, L, L)
     t = torch.arange(L)
     assert not (regions & (t[None, :] > t[:, None])).any()
     own_block = (t[None, :] // block == t[:, None] // block) & (t[None, :] <= t[:, None])
@@ -110,15 +112,14 @@ def test_multiscale_regions_are_causal_and_contain_the_selection():
     blocks = regions[:, :, : (L // block) * block].view(2, L, L // block, block)
     past = torch.arange(L // block)[None, :] < (t // block)[:, None]  # (L, blocks) before the own block
     assert (blocks.all(-1) | ~blocks.any(-1))[:, past].all()  # whole past blocks or nothing
-    assert (regions.sum(-1) <= 4 * block).all()  # 3 chosen blocks + the own one
-    selector = RegionRestrictedSelector(TopKTokenSelector(6), indexer)
+    assert (regions.sum(-1) <= 3 * block).all()  # 2 chosen blocks + the own one
     selected_idx, valid = selector(scores)
     assert_selection_contract(selected_idx, valid, budget=6)
     assert not (selection_mask(selected_idx, valid, L) & ~regions).any()
     changed = x.clone()
     changed[:, 20:] = torch.randn(2, L - 20, 32)
     indexer(changed)
-    assert torch.equal(indexer.last_region_mask[:, :20], regions[:, :20])  # regions of t < 20 ignore the future
+    assert torch.equal(selector.region_mask(L)[:, :20], regions[:, :20])  # regions of t < 20 ignore the future
 
 
 @pytest.mark.parametrize("key,value", [("indexer_precision", "fp12"), ("selection_pattern", "diagonal"),

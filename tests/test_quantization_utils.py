@@ -44,6 +44,16 @@ def test_fp8_quantiser_uses_power_of_two_scales_and_e4m3_values():
     assert rel < 2 ** -3
 
 
+def test_fp8_scale_is_exactly_the_power_of_two_the_format_needs():
+    """amax / scale must land in e4m3's top binade (224, 448]: a scale twice too large loses the smallest
+    subnormal (2^-9 * scale rounds to 0), one half too small overflows amax."""
+    x = torch.tensor([[448.0, 2.0 ** -9, -3.0, 0.0], [288.0 * 4, 4 * 2.0 ** -9, 1.0, 0.0]])  # scales 1 and 4
+    q = fake_quantize_fp8(x)
+    assert torch.equal(q, x)  # every value is on the grid of the right scale
+    y = torch.tensor([[449.0, 1.0]])  # just above 448: the scale must double
+    assert fake_quantize_fp8(y)[0, 0].item() == 448.0  # 449 / 2 = 224.5 -> 224 (e4m3 spacing 16 up there: 448)
+
+
 def test_hadamard_is_orthonormal_and_keeps_dot_products():
     h = hadamard_matrix(16)
     assert torch.allclose(h @ h.T, torch.eye(16), atol=1e-6)
@@ -72,6 +82,8 @@ def test_error_ordering_and_topk_overlap():
     report = precision_report(indexer, torch.randn(4, 64, 64), top_k=16)
     err = {p: r["score_rel_error"] for p, r in report.items()}
     assert err["fp32"] == 0 and report["fp32"]["topk_overlap"] == 1
+    for low in ("fp16", "bf16", "mixed", "fp8", "int8", "int4"):  # a disabled autocast / quantiser shows as 0
+        assert err[low] > 1e-5, low
     assert err["fp16"] < err["int8"] < err["int4"]
     assert err["mixed"] < err["int8"] and err["fp8"] < err["int4"] and err["bf16"] < err["int4"]
     assert report["fp16"]["topk_overlap"] > 0.97

@@ -90,3 +90,14 @@ def test_mean_ci95():
     s = mean_ci95([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
     assert mean_ci95([1.0])["ci95"] == [None, None]
+
+
+def test_paired_t_pvalue_and_holm_on_known_cases():
+    from results_io import holm, paired_t_pvalue
+    assert paired_t_pvalue([1.0, 2.0, 3.0]) == pytest.approx(0.0742, abs=1e-4)  # t = 2 * sqrt(3), df = 2
+    assert paired_t_pvalue([0.5, -0.5, 0.5, -0.5]) == pytest.approx(1.0)  # mean 0
+    assert paired_t_pvalue([2.0, 2.2, 1.8, 2.1, 1.9]) == pytest.approx(9.30e-6, rel=0.01)  # t = 28.28, df = 4
+    assert paired_t_pvalue([1.0]) is None
+    # Holm: sorted p x (m - i), made monotone: 0.01*3, max(0.03*2, .03), max(0.04*1, .06)
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0}

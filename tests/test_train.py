@@ -45,18 +45,52 @@ def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(cor
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
     windows = build_windows(corpus, 16)
     classic, sparse = build_model_pair(cfg, 0, "cpu")
-    main_before = {n: p.clone() for n, p in sparse.named_parameters() if ".indexer." not in n}
     idx_before = [p.clone() for p in sparse.indexer_parameters()]
     tcfg = TrainConfig(**{**TINY_TRAIN, "warmup_steps": 3, "eval_windows": 4})
+    from train import _param_groups, warmup_stage
+    groups = _param_groups(sparse, warmup_stage(tcfg))  # what the warm-up optimizer can move: the indexers only
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in sparse.indexer_parameters()}
     warmup_indexer(sparse, BatchStream(windows.train, 4, 0), windows.val[:4], tcfg, torch.device("cpu"))
-    for n, p in sparse.named_parameters():
-        if ".indexer." not in n:
-            assert torch.equal(p, main_before[n]), n
     assert all(b.ffn.load_counts.sum() == 0 for b in sparse.blocks)  # warm-up routing does not leak into stage 2
     assert all(p.requires_grad for p in sparse.parameters())  # nothing stays frozen after the warm-up
     assert all(not torch.equal(a, b) for a, b in zip(idx_before, sparse.indexer_parameters()))
-    a, b = BatchStream(windows.train, 4, 11), BatchStream(windows.train, 4, 11)
-    assert all(torch.equal(a.next()[0], b.next()[0]) for _ in range(5))
+
+
+def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same_batches(corpus, monkeypatch):
+    """Honesty rule 5, recorded from run_seed itself: the classic continuation and the sparse stage 2 start
+    from the same shared weights and see the same batches in the same order."""
+    import train
+    seen = {}
+    real_run_stage = train.run_stage
+
+    def recording_run_stage(model, stage, stream, val, tcfg, device, desc):
+        shared = {n: p.detach().clone() for n, p in model.named_parameters() if ".indexer." not in n}
+        batches = []
+        real_next = stream.next
+
+        def next_batch():
+            batch = real_next()
+            batches.append(batch[0].clone())
+            return batch
+        stream.next = next_batch
+        result = real_run_stage(model, stage, stream, val, tcfg, device, desc)
+        seen[(stage.name, desc)] = (shared, batches)
+        return result
+
+    monkeypatch.setattr(train, "run_stage", recording_run_stage)
+    cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
+    tcfg = TrainConfig(**{**TINY_TRAIN, "dense_steps": 2, "warmup_steps": 2, "steps": 3, "eval_every": 3,
+                          "eval_windows": 4})
+    run_seed(cfg, build_windows(corpus, 16), tcfg, seed=0, device=torch.device("cpu"))
+    (classic_w, classic_b), = [v for (name, desc), v in seen.items() if name == "dense" and "classic" in desc]
+    (warm_w, _), = [v for (name, _), v in seen.items() if name == "warmup"]
+    (sparse_w, sparse_b), = [v for (name, _), v in seen.items() if name == "sparse"]
+    assert len(classic_b) == len(sparse_b) == 3
+    assert all(torch.equal(a, b) for a, b in zip(classic_b, sparse_b))
+    assert classic_w.keys() == warm_w.keys()
+    assert all(torch.equal(classic_w[n], warm_w[n]) for n in classic_w)  # the branch point: identical weights
+    # ... and the warm-up froze them, so stage 2 starts from them too
+    assert all(torch.equal(classic_w[n], sparse_w[n]) for n in classic_w if "balance_bias" not in n)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(corpus):
@@ -95,13 +129,110 @@ def test_checkpoint_round_trip(tmp_path, corpus):
 
 def test_evaluation_uses_a_fixed_subset_and_lr_schedule_shape(corpus):
     windows = build_windows(corpus, 16)
-    assert torch.equal(eval_subset(windows.val, 8), eval_subset(windows.val, 8))
     classic, _ = build_model_pair(tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16), 0, "cpu")
-    m = evaluate(classic, eval_subset(windows.val, 8), 4, torch.device("cpu"))
-    assert abs(m["val_perplexity"] - math.exp(m["val_loss"])) < 1e-6 * m["val_perplexity"]
+    val = eval_subset(windows.val, 8)
+    m = evaluate(classic, val, 4, torch.device("cpu"))
+    with torch.no_grad():  # the loss against a direct computation over every target token
+        logits = classic.eval()(val[:, :-1])
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).item()
+    assert m["val_loss"] == pytest.approx(expected, rel=1e-5)
     assert lr_multiplier(0, 100, 0.1, 0.1) == pytest.approx(0.1)
     assert lr_multiplier(10, 100, 0.1, 0.1) == pytest.approx(1.0)
     assert lr_multiplier(99, 100, 0.1, 0.1) == pytest.approx(0.1, abs=0.01)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run():
+    from train import _update
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loss = p.sqrt().sum()  # 0.0, finite; d sqrt(p) / dp at 0 = inf
+    assert torch.isfinite(loss)
+    with pytest.raises(TrainingDiverged, match="non-finite gradient.*at step 7"):
+        _update(loss, opt, sched, grad_clip=1.0, desc="grad-test", step=7)
+    assert torch.equal(p.detach(), torch.zeros(3))  # no step was taken
+
+
+def test_time_shares_and_step_time_use_the_right_spans(corpus, monkeypatch):
+    """On a fake clock: each timed section (profiled steps only) lasts 1e6 s, each optimizer update (backward
+    + step) 1e9 s. Shares divide the sections by the *forward* time of the same profiled steps (so they are
+    not ~1e-3), and the profiled steps are kept out of avg_time_per_step (exactly the update's 1e9 s)."""
+    import types
+
+    import sparse_attention
+    import train
+    clock = [0.0]
+
+    def perf_counter():
+        return clock[0]
+
+    def advance(seconds, fn):
+        def run(*args):
+            clock[0] += seconds
+            return fn(*args)
+        return run
+
+    class SlowTimer(sparse_attention.SectionTimer):
+        def time(self, name, fn, *args):
+            return super().time(name, advance(1e6, fn), *args)
+
+    fake_time = types.SimpleNamespace(perf_counter=perf_counter)
+    monkeypatch.setattr(train, "time", fake_time)
+    monkeypatch.setattr(sparse_attention, "time", fake_time)
+    monkeypatch.setattr(train, "SectionTimer", SlowTimer)
+    monkeypatch.setattr(train, "_update", advance(1e9, train._update))
+    cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
+    _, sparse = build_model_pair(cfg, 0, "cpu")
+    windows = build_windows(corpus, 16)
+    tcfg = TrainConfig(**{**TINY_TRAIN, "steps": 6, "eval_every": 6, "profile_steps": 2, "eval_windows": 4})
+    f = train.run_stage(sparse, train.sparse_stage(tcfg), BatchStream(windows.train, 4, 0), windows.val[:4], tcfg,
+                        torch.device("cpu"), "timing")["final"]
+    assert f["avg_time_per_step"] == 1e9  # unprofiled steps only: their update, no section time
+    assert 0.2 < f["attention_time_share"] < 1 and 0.2 < f["indexer_time_share"] < 1
+    assert f["attention_time_share"] + f["indexer_time_share"] == pytest.approx(1.0)  # the forward is its sections
+    assert f["attention_time_share"] == pytest.approx(f["attention_ms"] / f["profiled_forward_ms"])
+
+
+def test_checkpoints_load_weights_only(tmp_path, corpus):
+    """A checkpoint is read with weights_only=True: a pickled object (which could run code) is refused."""
+    cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16)
+    _, sparse = build_model_pair(cfg, 0, "cpu")
+    save_checkpoint(sparse, tmp_path / "s.pt", {"tokenizer": corpus.tokenizer.spec(), "seed": 0})
+    payload = torch.load(tmp_path / "s.pt", weights_only=False)
+    payload["evil"] = Exception("an arbitrary pickled object")
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable dsa-lab checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    load_checkpoint(tmp_path / "s.pt")  # plain data loads
+
+
+def test_recall_sums_match_a_hand_loop():
+    """selection_recall's indexer, local (last k_t) and random sums against an explicit loop over rows."""
+    from sparse_attention import causal_attention_probs, selection_recall
+    torch.manual_seed(0)
+    B, H, L, D, k = 2, 3, 12, 8, 4
+    q, kk = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    scores = torch.randn(B, L, L)
+    idx = scores.masked_fill(torch.ones(L, L).triu(1).bool(), float("-inf")).topk(k, -1).indices
+    valid = idx <= torch.arange(L)[:, None]
+    idx = idx.masked_fill(~valid, -1)
+    stats = selection_recall(q, kk, idx, valid)
+    p = causal_attention_probs(q, kk).sum(1)  # (B, L, L) summed over heads
+    rows = recall = local = random = 0.0
+    for b in range(B):
+        for t in range(L):
+            kt = int(valid[b, t].sum())
+            if kt >= t + 1:
+                continue
+            row = p[b, t, : t + 1] / p[b, t, : t + 1].sum()
+            rows += 1
+            recall += sum(float(row[int(s)]) for s, v in zip(idx[b, t], valid[b, t]) if v)
+            local += float(row[t + 1 - kt: t + 1].sum())
+            random += kt / (t + 1)
+    assert stats["rows"] == rows
+    assert stats["recall_sum"] == pytest.approx(recall, rel=1e-5)
+    assert stats["local_recall_sum"] == pytest.approx(local, rel=1e-5)
+    assert stats["random_recall_sum"] == pytest.approx(random, rel=1e-6)
 
 
 def test_gradients_are_clipped_per_param_group():
