@@ -21,7 +21,7 @@ from pathlib import Path
 import reports
 from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
                         mean_ci95, run_cli)
-from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS
+from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
     # e.g. "sparse_top_k": 32 is set per length from top_k_ratio; try "top_k_ratio": 0.25,
@@ -55,9 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", help="'shakespeare', a local path, or a hub dataset name")
     p.add_argument("--tokenizer", help="'bpe' or a transformers tokenizer name/path")
     p.add_argument("--out", help="output folder (default results)")
-    p.add_argument("--optimization", nargs="+", metavar="NAME",
-                   help=f"indexer_optimization strategies (default: {' '.join(DEFAULT_OPTIMIZATIONS)}); "
-                        f"see variants.OPTIMIZATIONS")
+    p.add_argument("--optimization", nargs="+", metavar="NAME", help=optimization_help())
     p.add_argument("--init-from-hf", metavar="PATH_OR_NAME",
                    help="import a transformers DeepSeek-V3.2 / GLM-5 model, warm its indexers up here (dense KL, "
                         "then --steps sparse steps unless --steps 0) and report recall; use its tokenizer")
@@ -273,8 +271,8 @@ def main(argv=None) -> int:
         model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
         t0 = time.perf_counter()
         if args.experiment == "indexer_optimization":
-            run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg,
-                                     args.optimization or DEFAULT_OPTIMIZATIONS, args.overwrite)
+            names = expand_optimizations(args.optimization) if args.optimization else list(DEFAULT_OPTIMIZATIONS)
+            run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite)
         else:
             run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
         print(f"wall time {time.perf_counter() - t0:.0f} s")

@@ -119,3 +119,14 @@ def test_selection_stats_on_a_known_mask():
     assert s["token_coverage"] == 1.0
     assert s["mean_sparsity"] == pytest.approx(1 - 4 / 6)
     assert s["mean_selected_distance"] == pytest.approx((0 + 1 + 1 + 0) / 4)
+
+
+def test_optimization_accepts_the_plans_category_names(capsys):
+    """--optimization reduced_complexity quantization ... (the research plan's quick start) is accepted and listed
+    in --help; an unknown name is one line, exit 2."""
+    import run_experiment
+    with pytest.raises(SystemExit):
+        run_experiment.parse_args(["--help"])
+    assert "reduced_complexity" in capsys.readouterr().out
+    assert run_experiment.main(["--experiment", "indexer_optimization", "--optimization", "nonsense"]) == 2
+    assert "unknown --optimization" in capsys.readouterr().err
