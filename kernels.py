@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_attention import check_no_nan, index_scores, select_top_k
 
-INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
+INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
+INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (512 MiB fp32)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
 BLOCK_BACKENDS = ("block", "flex")  # backends that run the query-block-shared model
@@ -38,23 +39,84 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     """Causal top-k selection over query chunks: the same set as TopKTokenSelector(index_scores(q, k, w)).
 
     q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> selected_idx (B, L, K) (-1 invalid), valid (B, L, K),
-    K = min(top_k, L). Only one (B, chunk, <=L) block of scores exists at a time, so memory is linear in L.
-    `score_fn(q_chunk, k_prefix, w_chunk)` defaults to `index_scores` (the Triton backend passes its kernel).
+    K = min(top_k, L). A chunk of queries [start, stop) scores only the keys [0, stop) (never the future half),
+    so only one (B, chunk, stop) block of scores exists at a time: memory is linear in L. No host
+    synchronisation per chunk. `chunk` fixes the queries per chunk; by default each chunk's per-head scores
+    (B, chunk * H_I, stop) fill INDEX_CHUNK_ELEMENTS (L2-sized on CPU; INDEX_CHUNK_ELEMENTS_CUDA on GPU), so
+    early chunks, with short key prefixes, hold more queries. On CPU it runs on one thread (see _one_thread:
+    at L=4096 on the shared 2-core machine, load ~5, 0.19 s on one thread vs 3.0 s on two). `score_fn(q_chunk, k_prefix, w_chunk)` replaces the fused
+    torch scoring (`index_scores` maths; the Triton backend passes its kernel).
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
     check_no_nan(q, k, w)  # one check per call, not per chunk (finite inputs give finite or masked scores)
-    score_fn = score_fn or index_scores
-    chunk = chunk or _query_chunk(L, B * H_I * L, INDEX_CHUNK_ELEMENTS * (64 if q.is_cuda else 1))  # GPU: big chunks
+    budget = INDEX_CHUNK_ELEMENTS_CUDA if q.is_cuda else INDEX_CHUNK_ELEMENTS
     selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
-    for start in range(0, L, chunk):
-        stop = min(L, start + chunk)
-        scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
-        idx_c, valid_c = select_top_k(scores, top_k)  # (B, c, min(K, stop))
-        selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c
-        valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+    k_t = k.transpose(1, 2)  # (B, d_I, L)
+    keys = _KeyBuffer(B, L, q.device)
+    with contextlib.nullcontext() if q.is_cuda else _one_thread():
+        _select_chunks(q, k_t, k, w, K, chunk, budget, score_fn, keys, selected_idx, valid)
     return selected_idx, valid
+
+
+def _select_chunks(q, k_t, k, w, K, chunk, budget, score_fn, keys, selected_idx, valid) -> None:
+    B, L, H_I, _ = q.shape
+    start = 0
+    while start < L:
+        c = chunk or _prefix_chunk(start, B * H_I, budget)
+        stop = min(L, start + c)
+        if score_fn is None:
+            scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start)
+        else:
+            scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
+        idx_c = keys.of(scores).topk(min(K, stop), dim=-1).indices  # (B, c, min(K, stop))
+        valid_c = torch.isfinite(scores.gather(-1, idx_c))
+        selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c.masked_fill_(~valid_c, -1)
+        valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+        start = stop
+
+
+def _prefix_chunk(start: int, rows_per_query: int, budget: int) -> int:
+    """Queries per chunk starting at `start` so that rows_per_query * c * (start + c) <= budget (at least 1)."""
+    b = budget / max(1, rows_per_query)
+    c = int((-start + (start * start + 4 * b) ** 0.5) / 2)  # positive root of c^2 + start*c - b = 0
+    return max(1, c)
+
+
+def _causal_prefix_scores(q_c, k_t, w_c, start: int) -> torch.Tensor:
+    """index_scores for queries [start, start + c) over keys [0, stop): q_c (B, c, H_I, d_I), k_t (B, d_I, stop),
+    w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
+    only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor)."""
+    B, c, H_I, d_I = q_c.shape
+    stop = k_t.shape[-1]
+    per_head = torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t).relu_()  # (B, c*H_I, stop): one GEMM
+    scores = torch.bmm(w_c.reshape(B * c, 1, H_I), per_head.view(B * c, H_I, stop)).view(B, c, stop)
+    future = torch.ones(c, c, dtype=torch.bool, device=q_c.device).triu_(1)  # s > t inside the diagonal block
+    scores[:, :, start:].masked_fill_(future, float("-inf"))
+    return scores
+
+
+class _KeyBuffer:
+    """`sparse_attention.score_position_key` of a chunk's scores into one reused int64 buffer: the order-
+    preserving score bits (high 32 bits) in 4 float/int32 passes and the positions (low 32 bits) in one,
+    instead of ~7 passes, several of them over int64. Identical keys, so topk picks the identical set (ties -> most recent)."""
+
+    def __init__(self, B: int, L: int, device):
+        self.positions = torch.arange(L, dtype=torch.int32, device=device)
+        self.buf = torch.empty(0, dtype=torch.int64, device=device)
+
+    def of(self, scores: torch.Tensor) -> torch.Tensor:
+        B, c, S = scores.shape
+        if self.buf.numel() < scores.numel():
+            self.buf = torch.empty(scores.numel(), dtype=torch.int64, device=scores.device)
+        key = self.buf[:scores.numel()].view(B, c, S)
+        words = key.view(torch.int32).view(B, c, S, 2)  # little-endian: [..., 0] low, [..., 1] high
+        bits = (scores.float() + 0.0).view(torch.int32)  # float32 bits as the reference keys them (-0.0 -> +0.0)
+        flip = (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
+        torch.bitwise_xor(bits, flip, out=words[..., 1])
+        words[..., 0] = self.positions[:S]
+        return key
 
 
 def _selected_scores_chunk(q, k, w, idx):

@@ -57,6 +57,26 @@ def test_chunked_select_equals_reference_selector(B, H, L, D, k):
         assert torch.equal(_sorted(idx), _sorted(ref_idx)) and torch.equal(valid.sum(-1), ref_valid.sum(-1))
 
 
+@pytest.mark.parametrize("budget", [1, 40, 700])
+def test_chunked_select_variable_prefix_chunks_equal_reference(monkeypatch, budget):
+    """Default chunking (more queries per chunk while the key prefix is short) picks the reference's set."""
+    monkeypatch.setattr(kernels, "INDEX_CHUNK_ELEMENTS", budget)
+    B, L, k = 2, 57, 9
+    q, kk, w = (t.round() for t in _indexer(B, L))  # many exact ties (ReLU zeros, -0.0 vs +0.0)
+    ref_idx, ref_valid = TopKTokenSelector(k)(index_scores(q, kk, w))
+    idx, valid = kernels.chunked_select(q, kk, w, k)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+
+
+def test_key_buffer_equals_the_reference_score_position_key():
+    from sparse_attention import score_position_key
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])
+    x = torch.cat([special, torch.randn(40, generator=torch.Generator().manual_seed(0))]).view(1, 1, -1).repeat(2, 3, 1)
+    keys = kernels._KeyBuffer(2, x.shape[-1], "cpu")
+    for scores in (x, x[:, :2, :17].contiguous(), x.double(), x[:, :1]):
+        assert torch.equal(keys.of(scores), score_position_key(scores))
+
+
 def test_selected_index_scores_and_grads_match_full_scores():
     B, L = 2, 23
     q, kk, w = (t.requires_grad_() for t in _indexer(B, L))
