@@ -10,13 +10,14 @@ latent rows; the sparse path is the backend's `attend_latent`).
 
 Per backend and length: forward and forward+backward time *including* the indexer and top-k (selection
 runs under no_grad, as in the model), the indexer+top-k time alone, and peak memory. Times are medians
-of `--repeats` runs after one warm-up (CUDA events on GPU). Dense baselines: SDPA causal on the same shapes
+of `--repeats` runs after one warm-up (CUDA events on GPU; on CPU a warm-up slower than 10 s counts as one of
+the runs). Dense baselines: SDPA causal on the same shapes
 (MQA: both with `enable_gqa=True` and with K/V expanded to H heads); on CUDA also each of SDPA's math /
 flash / efficient / cuDNN backends. Every speedup is against the FASTEST dense row at that length, and the
 crossover length of a sparse backend is the smallest measured L from which on (at that L and every longer
 one measured) its fwd+bwd beats that baseline.
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the inputs; on CPU each (backend, L) runs one
-fwd+bwd in a FRESH subprocess: after building the inputs and one warm-up step it resets its peak-RSS counter
+fwd+bwd in a FRESH subprocess: after one warm-up step on a small problem and building the inputs it resets its peak-RSS counter
 (/proc/self/clear_refs) and reads VmHWM after a second step: the high-water mark above the resident set before
 it (incl. allocator slack; blocks >= 128 KiB are mmapped, so freed memory leaves the RSS). (A child's ru_maxrss is not used: on Linux it inherits the parent's peak across fork/vfork + exec.)
 Backends that cannot run on the device are listed with a note, never a number. `--end-to-end` times one
@@ -42,6 +43,7 @@ INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the inde
 SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
 SPARSE_BACKENDS = {"mha": ("gather", "block", "triton", "flex"), "mqa": ("gather", "triton")}
 MEMORY_FLAG = "--_measure-memory"
+SLOW_WARMUP_S = 10.0  # CPU: a warm-up call slower than this counts as one of the --repeats samples
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,9 +92,13 @@ class Meter:
         self.cuda, self.repeats = device == "cuda", repeats
 
     def time_ms(self, fn) -> float:
+        t0 = time.perf_counter()
         fn()  # warm-up (compiles, caches)
-        times = []
-        for _ in range(self.repeats):
+        warm_s = time.perf_counter() - t0
+        times, repeats = [], self.repeats
+        if not self.cuda and warm_s > SLOW_WARMUP_S:  # a very slow call: one-time set-up is noise, keep it as a sample
+            times, repeats = [warm_s * 1e3], self.repeats - 1
+        for _ in range(repeats):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -124,12 +130,12 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def own_peak_mb(fn) -> float:
-    """Peak resident memory of THIS process during fn() above its resident set before it (MiB). fn runs once
-    first (one-time library/thread-pool initialisation is not the step's memory), freed heap pages are
-    returned (malloc_trim), the peak-RSS counter is reset (echo 5 > /proc/self/clear_refs), then VmHWM is
-    read after a second fn()."""
-    fn()
+def own_peak_mb(fn, warmup=None) -> float:
+    """Peak resident memory of THIS process during fn() above its resident set before it (MiB). `warmup` (by
+    default fn itself) runs first (one-time library/thread-pool initialisation is not the step's memory),
+    freed heap pages are returned (malloc_trim), the peak-RSS counter is reset (echo 5 >
+    /proc/self/clear_refs), then VmHWM is read after fn()."""
+    (warmup or fn)()
     _malloc_trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -169,9 +175,11 @@ def cpu_peak_mb_fresh(args, backend: str, L: int) -> float:
 def measure_memory_child(args) -> int:
     """Entry point of the fresh subprocess: build the inputs, run one fwd+bwd, print its peak as JSON."""
     backend, L = args._measure_memory[0], int(args._measure_memory[1])
+    small = make_inputs(args, min(L, 256), args.indexer_heads, args.indexer_dim)  # warm-up on a small problem
+    _, _, warmup = step_fns(backend, args, small)
     inputs = make_inputs(args, L, args.indexer_heads, args.indexer_dim)
     _, _, fwd_bwd = step_fns(backend, args, inputs)
-    print(json.dumps({"backend": backend, "seq_len": L, "peak_mem_mb": own_peak_mb(fwd_bwd)}))
+    print(json.dumps({"backend": backend, "seq_len": L, "peak_mem_mb": own_peak_mb(fwd_bwd, warmup)}))
     return 0
 
 
@@ -453,6 +461,14 @@ def plot_scaling(rows: list[dict], crossover: dict, path: str, title: str = "") 
     plt.close(fig)
 
 
+def _load_avg() -> list[float] | None:
+    """The machine's load average (1, 5, 15 min): timings on a shared CPU are only comparable at low load."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _fmt(x, spec=".1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -484,11 +500,14 @@ def main(argv=None) -> int:
               "head_dim": args.head_dim, "indexer": f"{args.indexer_heads}x{args.indexer_dim}",
               "block_size": args.block_size, "attention": args.attention,
               "peak_mem_method": ("torch.cuda.max_memory_allocated above the inputs" if args.device == "cuda" else
-                                  "fresh subprocess per (backend, L): VmHWM during one fwd+bwd (after a warm-up step; "
+                                  "fresh subprocess per (backend, L): VmHWM during one fwd+bwd (after a small warm-up step; "
                                   "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
+    header["load_avg_start"] = _load_avg()
     if args.end_to_end:
         rows = end_to_end(args, meter)
+        header["load_avg_end"] = _load_avg()
         atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
+        print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
         for r in rows:
             print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
                   f"x classic {r['ratio_vs_classic']:.2f}")
@@ -507,6 +526,7 @@ def main(argv=None) -> int:
             if dense:
                 cost += indexer_cost(args, meter, L, min(dense, key=lambda r: r["fwd_bwd_ms"]))
             del inputs
+    header["load_avg_end"] = _load_avg()
     crossover = crossover_lengths(rows)
     quality = selection_quality(args, min(args.seq_lens[0], 2048))
     atomic_write_json(os.path.join(args.out, "benchmark.json"),
@@ -515,7 +535,8 @@ def main(argv=None) -> int:
     plot_scaling(rows, crossover, os.path.join(args.out, "benchmark_scaling.png"),
                  f"{args.attention.upper()} H={args.heads} d={args.head_dim} k={args.top_k} {args.dtype} ({header['device']})")
     print(f"attention={args.attention} B={args.batch} H={args.heads} d={args.head_dim} k={args.top_k} "
-          f"indexer {header['indexer']} {args.dtype} on {header['device']}")
+          f"indexer {header['indexer']} {args.dtype} on {header['device']}; "
+          f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     print(format_table(rows))
     print(format_crossover(crossover, max(args.seq_lens)))
     print("\nindexer (chunked scores + top-k) cost vs the fastest dense baseline")

@@ -160,84 +160,104 @@ class _one_thread:
 
 
 class _GatherAttention(torch.autograd.Function):
-    """Sparse attention over gathered rows; forward saves only q, k, v, out and the log-sum-exp."""
+    """Sparse attention over gathered token rows. K and V are laid out as (B*L, H*D) token rows, so one
+    index_select fetches every head of a selected token in one contiguous read (and dK/dV are one index_add
+    of whole token rows per selected slot, not one per head); inside a cache-sized query chunk the rows are
+    copied head-major once so the per-head products are batched matmuls. Forward saves the token-major q, k,
+    v, out, the selection and the fp32 log-sum-exp; backward rebuilds the row numbers and recomputes the
+    scores per chunk (nothing of size (B, H, L, K) is saved). Softmax statistics and probabilities are fp32
+    for half inputs; dK/dV accumulate in fp32."""
 
     @staticmethod
     def forward(ctx, q, k, v, selected_idx, valid, return_probs):
         B, H, L, D = q.shape
         K = selected_idx.shape[-1]
-        rows = _head_rows(selected_idx, valid, H, L)  # (B, H, L, K) row numbers into (B*H*L, D)
-        kf, vf = k.reshape(B * H * L, D), v.reshape(B * H * L, D)
-        out = torch.empty_like(q)
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics for half inputs
-        lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, L, H, D): token-major rows
+        out_t = torch.empty_like(qt)
+        lse = torch.empty(B, L, H, dtype=acc, device=q.device)
         probs = torch.zeros(B, H, L, K, dtype=q.dtype, device=q.device) if return_probs else None
         chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
-        kbuf = q.new_empty(B * H * chunk * K, D)
-        vbuf = q.new_empty(B * H * chunk * K, D)
-        with _one_thread() if not q.is_cuda else contextlib.nullcontext():
-            _gather_forward(q, kf, vf, rows, valid, out, lse, probs, kbuf, vbuf, chunk, acc)
-        ctx.save_for_backward(q, k, v, rows, valid, out, lse)
-        ctx.mark_non_differentiable(*(t for t in (probs,) if t is not None))
-        return out, probs
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_probs):
-        q, k, v, rows, valid, out, lse = ctx.saved_tensors
-        B, H, L, D = q.shape
-        K = rows.shape[-1]
-        scale = D ** -0.5
-        grad_out = grad_out.contiguous()
-        acc = lse.dtype
-        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, H, L)
-        kf, vf = k.reshape(B * H * L, D), v.reshape(B * H * L, D)
-        dq = torch.empty_like(q)
-        dk = torch.zeros(B * H * L, D, dtype=acc, device=q.device)
-        dv = torch.zeros(B * H * L, D, dtype=acc, device=q.device)
-        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
-        kbuf, vbuf = q.new_empty(B * H * chunk * K, D), q.new_empty(B * H * chunk * K, D)
-        dkbuf, dvbuf = q.new_empty(B * H * chunk, K, D), q.new_empty(B * H * chunk, K, D)
+        bufs = [q.new_empty(B * chunk * K, H * D) for _ in range(4)]
         with _one_thread() if not q.is_cuda else contextlib.nullcontext():
             for start in range(0, L, chunk):
                 stop = min(L, start + chunk)
-                c, n = stop - start, B * H * (stop - start)
-                r = rows[:, :, start:stop].reshape(-1)
-                k_sel = torch.index_select(kf, 0, r, out=kbuf[:r.numel()]).view(n, K, D)
-                v_sel = torch.index_select(vf, 0, r, out=vbuf[:r.numel()]).view(n, K, D)
-                q_c = q[:, :, start:stop].reshape(n, 1, D)
-                do_c = grad_out[:, :, start:stop].reshape(n, 1, D)
-                scores = (q_c @ k_sel.transpose(1, 2)).view(B, H, c, K) * scale
-                p = (scores - lse[:, :, start:stop, None].to(scores.dtype)).exp_()
-                p.masked_fill_(~valid[:, None, start:stop], 0.0)  # (B, H, c, K)
-                dp = (do_c @ v_sel.transpose(1, 2)).view(B, H, c, K)
-                ds = (p * (dp - delta[:, :, start:stop, None].to(dp.dtype)) * scale).view(n, 1, K)
-                dq[:, :, start:stop] = (ds @ k_sel).view(B, H, c, D)
-                dk.index_add_(0, r, torch.bmm(ds.transpose(1, 2), q_c, out=dkbuf[:n]).view(-1, D).to(acc))
-                dv.index_add_(0, r, torch.bmm(p.view(n, 1, K).transpose(1, 2), do_c, out=dvbuf[:n]).view(-1, D).to(acc))
-        return dq, dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype), None, None, None
+                c = stop - start
+                k_h, v_h, _ = _gather_token_rows(kt, vt, selected_idx, valid, start, stop, bufs)  # (B*c*H, K, D)
+                q_c = qt[:, start:stop].reshape(B * c * H, 1, D)
+                p, lse_c = _chunk_probs(q_c, k_h, valid[:, start:stop], None, acc)  # (B, c, H, K)
+                out_t[:, start:stop] = (p.to(q.dtype).view(B * c * H, 1, K) @ v_h).view(B, c, H, D)
+                lse[:, start:stop] = lse_c
+                if return_probs:
+                    probs[:, :, start:stop] = p.transpose(1, 2)
+        ctx.save_for_backward(qt, kt, vt, selected_idx, valid, out_t, lse)
+        if probs is not None:
+            ctx.mark_non_differentiable(probs)
+        return out_t.transpose(1, 2), probs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):
+        qt, kt, vt, selected_idx, valid, out_t, lse = ctx.saved_tensors
+        B, L, H, D = qt.shape
+        K = selected_idx.shape[-1]
+        scale = D ** -0.5
+        acc, dt = lse.dtype, qt.dtype
+        go_t = grad_out.transpose(1, 2).contiguous()  # (B, L, H, D)
+        delta = (go_t.to(acc) * out_t.to(acc)).sum(-1)  # (B, L, H)
+        dq_t = torch.empty_like(qt)
+        dk = torch.zeros(B * L, H * D, dtype=acc, device=qt.device)
+        dv = torch.zeros(B * L, H * D, dtype=acc, device=qt.device)
+        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+        bufs = [qt.new_empty(B * chunk * K, H * D) for _ in range(4)]
+        with _one_thread() if not qt.is_cuda else contextlib.nullcontext():
+            for start in range(0, L, chunk):
+                stop = min(L, start + chunk)
+                c = stop - start
+                q_c, do_c = qt[:, start:stop], go_t[:, start:stop]  # (B, c, H, D)
+                k_h, v_h, rows = _gather_token_rows(kt, vt, selected_idx, valid, start, stop, bufs)
+                p, _ = _chunk_probs(q_c.reshape(-1, 1, D), k_h, valid[:, start:stop], lse[:, start:stop], acc)
+                dp = (do_c.reshape(-1, 1, D) @ v_h.transpose(1, 2)).view(B, c, H, K).to(acc)
+                ds = (p * (dp - delta[:, start:stop, :, None]) * scale).to(dt)  # (B, c, H, K)
+                dq_t[:, start:stop] = (ds.view(-1, 1, K) @ k_h).view(B, c, H, D)
+                # d(selected token rows), token-major (B, c, K, H, D): one index_add row per selected slot
+                n = rows.numel()  # the token-major gather buffers are free again: write d(rows) there
+                d_rows = torch.mul(ds.transpose(2, 3).unsqueeze(-1), q_c.unsqueeze(2), out=bufs[0][:n].view(B, c, K, H, D))
+                dk.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
+                d_rows = torch.mul(p.to(dt).transpose(2, 3).unsqueeze(-1), do_c.unsqueeze(2),
+                                   out=bufs[1][:n].view(B, c, K, H, D))
+                dv.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
+        dk, dv = (x.view(B, L, H, D).transpose(1, 2).to(dt) for x in (dk, dv))
+        return dq_t.transpose(1, 2), dk, dv, None, None, None
 
 
-def _gather_forward(q, kf, vf, rows, valid, out, lse, probs, kbuf, vbuf, chunk, acc):
-    """Forward chunk loop of _GatherAttention (fills out, lse and optionally probs in place)."""
-    B, H, L, D = q.shape
-    K = rows.shape[-1]
-    scale = D ** -0.5
-    return_probs = probs is not None
-    for start in range(0, L, chunk):
-        stop = min(L, start + chunk)
-        c = stop - start
-        r = rows[:, :, start:stop].reshape(-1)
-        k_sel = torch.index_select(kf, 0, r, out=kbuf[:r.numel()]).view(B * H * c, K, D)
-        q_c = q[:, :, start:stop].reshape(B * H * c, 1, D)
-        scores = (q_c @ k_sel.transpose(1, 2)).view(B, H, c, K) * scale
-        scores.masked_fill_(~valid[:, None, start:stop], float("-inf"))
-        lse_c = scores.to(acc).logsumexp(-1)  # (B, H, c)
-        p = (scores - lse_c[..., None].to(scores.dtype)).exp_()  # (B, H, c, K)
-        v_sel = torch.index_select(vf, 0, r, out=vbuf[:r.numel()]).view(B * H * c, K, D)
-        out[:, :, start:stop] = (p.view(B * H * c, 1, K) @ v_sel).view(B, H, c, D)
-        lse[:, :, start:stop] = lse_c
-        if return_probs:
-            probs[:, :, start:stop] = p
+def _gather_token_rows(kt, vt, selected_idx, valid, start: int, stop: int, bufs):
+    """Selected token rows of queries [start, stop): kt, vt (B, L, H, D) -> k_h, v_h (B*c*H, K, D) head-major
+    copies of the gathered rows, and the row numbers (B*c*K,) into the (B*L, H*D) token table (invalid slots
+    -> row 0 of their batch; their probability is forced to 0)."""
+    B, L, H, D = kt.shape
+    K = selected_idx.shape[-1]
+    c = stop - start
+    base = (torch.arange(B, device=kt.device) * L).view(B, 1, 1)
+    rows = (base + torch.where(valid[:, start:stop], selected_idx[:, start:stop], 0)).reshape(-1)
+    n = rows.numel()
+    out = []
+    for table, gathered, head_major in ((kt, bufs[0], bufs[2]), (vt, bufs[1], bufs[3])):
+        tok = torch.index_select(table.view(B * L, H * D), 0, rows, out=gathered[:n]).view(B * c, K, H, D)
+        out.append(head_major[:n].view(B * c, H, K, D).copy_(tok.transpose(1, 2)).view(B * c * H, K, D))
+    return out[0], out[1], rows
+
+
+def _chunk_probs(q_c, k_h, valid_c, lse_c, acc):
+    """q_c (B*c*H, 1, D), k_h (B*c*H, K, D), valid_c (B, c, K) -> softmax probabilities (B, c, H, K) in `acc`
+    (0 at invalid slots) and the log-sum-exp (B, c, H); with a given lse_c (backward) P is recomputed from it."""
+    B, c, K = valid_c.shape
+    scores = (q_c @ k_h.transpose(1, 2)).view(B, c, -1, K).to(acc) * q_c.shape[-1] ** -0.5  # (B, c, H, K)
+    if lse_c is None:
+        scores.masked_fill_(~valid_c.unsqueeze(2), float("-inf"))
+        lse_c = scores.logsumexp(-1)  # (B, c, H)
+        return (scores - lse_c.unsqueeze(-1)).exp_(), lse_c
+    p = (scores - lse_c.unsqueeze(-1)).exp_()
+    return p.masked_fill_(~valid_c.unsqueeze(2), 0.0), lse_c
 
 
 def _head_rows(selected_idx, valid, H: int, L: int) -> torch.Tensor:
