@@ -292,25 +292,31 @@ TRITON_SCRIPT = textwrap.dedent("""
     import torch, kernels, triton_kernels
     from sparse_attention import index_scores, sparse_attention_masked
     torch.manual_seed(0)
-    B, H, L, D, K = 1, 3, 12, 16, 5
-    q, k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
-    iq, ik, iw = torch.randn(B, L, 2, 16), torch.randn(B, L, 16), torch.randn(B, L, 2)
-    s_ref, s_tri = index_scores(iq[:, 4:], ik, iw[:, 4:]), triton_kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:])
-    assert torch.equal(torch.isinf(s_ref), torch.isinf(s_tri)), "index score mask"
-    fin = torch.isfinite(s_ref)
-    assert torch.allclose(s_ref[fin], s_tri[fin], atol=1e-4), "index scores"
-    sel = kernels.chunked_select(iq, ik, iw, K, score_fn=triton_kernels.triton_index_scores)
-    assert torch.equal(sel[0].sort(-1).values, kernels.chunked_select(iq, ik, iw, K)[0].sort(-1).values)
-    go = torch.randn(B, H, L, D)
-    res = []
-    for fn in (triton_kernels.sparse_attention_triton, sparse_attention_masked):
-        out, probs = fn(q, k, v, *sel, return_probs=True)
-        res.append((out, probs, torch.autograd.grad(out, (q, k, v), go)))
-    (oa, pa, ga), (ob, pb, gb) = res
-    assert torch.allclose(oa, ob, atol=1e-5), "out"
-    assert torch.allclose(pa, pb, atol=1e-5), "probs"
-    for a, b in zip(ga, gb):
-        assert torch.allclose(a, b, atol=1e-4), "grads"
+    # default interpreter tiles, then the CUDA tiles forced (BK=16 slots, BN=32 keys); odd H and D
+    for (B, H, L, D, K), tiles, itiles in [((1, 3, 12, 16, 5), None, None),
+                                          ((2, 3, 21, 12, 19), {"BK": 16}, {"BN": 32}),
+                                          ((1, 17, 9, 8, 4), {"BK": 16}, {"BN": 32})]:
+        q, k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
+        iq, ik, iw = torch.randn(B, L, 2, 16), torch.randn(B, L, 16), torch.randn(B, L, 2)
+        s_ref = index_scores(iq[:, 4:], ik, iw[:, 4:])
+        s_tri = triton_kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:], block_config=itiles)
+        assert torch.equal(torch.isinf(s_ref), torch.isinf(s_tri)), "index score mask"
+        fin = torch.isfinite(s_ref)
+        assert torch.allclose(s_ref[fin], s_tri[fin], atol=1e-4), "index scores"
+        score_fn = lambda a, b, c: triton_kernels.triton_index_scores(a, b, c, block_config=itiles)
+        sel = kernels.chunked_select(iq, ik, iw, K, score_fn=score_fn)
+        assert torch.equal(sel[0].sort(-1).values, kernels.chunked_select(iq, ik, iw, K)[0].sort(-1).values)
+        go = torch.randn(B, H, L, D)
+        res = []
+        for fn in (lambda *a, **kw: triton_kernels.sparse_attention_triton(*a, **kw, block_config=tiles),
+                   sparse_attention_masked):
+            out, probs = fn(q, k, v, *sel, return_probs=True)
+            res.append((out, probs, torch.autograd.grad(out, (q, k, v), go)))
+        (oa, pa, ga), (ob, pb, gb) = res
+        assert torch.allclose(oa, ob, atol=1e-5), "out"
+        assert torch.allclose(pa, pb, atol=1e-5), "probs"
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, atol=1e-4), "grads"
     print("TRITON_OK")
 """)
 
