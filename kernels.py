@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from sparse_attention import check_no_nan, index_scores, select_top_k
 
 INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
+SELECT_WORKERS = 2  # CPU: Python threads scoring chunks concurrently (one intra-op thread each)
 INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (512 MiB fp32)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
@@ -43,9 +44,11 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     so only one (B, chunk, stop) block of scores exists at a time: memory is linear in L. No host
     synchronisation per chunk. `chunk` fixes the queries per chunk; by default each chunk's per-head scores
     (B, chunk * H_I, stop) fill INDEX_CHUNK_ELEMENTS (L2-sized on CPU; INDEX_CHUNK_ELEMENTS_CUDA on GPU), so
-    early chunks, with short key prefixes, hold more queries. On CPU it runs on one thread (see _one_thread:
-    at L=4096 on the shared 2-core machine, load ~5, 0.19 s on one thread vs 3.0 s on two). `score_fn(q_chunk, k_prefix, w_chunk)` replaces the fused
-    torch scoring (`index_scores` maths; the Triton backend passes its kernel).
+    early chunks, with short key prefixes, hold more queries. On CPU the chunks are shared among
+    SELECT_WORKERS Python threads, each with one intra-op thread: torch's own 2 threads pay a barrier per op,
+    which on the shared 2-core machine was measured 10-25x slower under a neighbour's load (L=8192: 0.33 s
+    idle, 5-9 s loaded; one thread 0.62 s either way). `score_fn(q_chunk, k_prefix, w_chunk)` replaces the
+    fused torch scoring (`index_scores` maths; the Triton backend passes its kernel).
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
@@ -54,18 +57,29 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
     k_t = k.transpose(1, 2)  # (B, d_I, L)
-    keys = _KeyBuffer(B, L, q.device)
-    with contextlib.nullcontext() if q.is_cuda else _one_thread():
-        _select_chunks(q, k_t, k, w, K, chunk, budget, score_fn, keys, selected_idx, valid)
+    bounds, start = [], 0
+    while start < L:
+        stop = min(L, start + (chunk or _prefix_chunk(start, B * H_I, budget)))
+        bounds.append((start, stop))
+        start = stop
+    args = (q, k_t, k, w, K, score_fn, selected_idx, valid)
+    if q.is_cuda or SELECT_WORKERS <= 1 or len(bounds) < 2:
+        with contextlib.nullcontext() if q.is_cuda else _one_thread():
+            _select_chunks(*args, bounds)
+        return selected_idx, valid
+    # CPU: independent chunks on SELECT_WORKERS Python threads with ONE intra-op thread each (torch ops release
+    # the GIL): no per-op barrier between cores, so a busy neighbour slows one worker instead of every op
+    from concurrent.futures import ThreadPoolExecutor
+    shares = [bounds[i::SELECT_WORKERS] for i in range(SELECT_WORKERS)]  # interleaved: similar work per worker
+    with _one_thread(), ThreadPoolExecutor(SELECT_WORKERS) as pool:
+        for future in [pool.submit(_select_chunks, *args, share) for share in shares]:
+            future.result()
     return selected_idx, valid
 
 
-def _select_chunks(q, k_t, k, w, K, chunk, budget, score_fn, keys, selected_idx, valid) -> None:
-    B, L, H_I, _ = q.shape
-    start = 0
-    while start < L:
-        c = chunk or _prefix_chunk(start, B * H_I, budget)
-        stop = min(L, start + c)
+def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds) -> None:
+    keys = _KeyBuffer(q.shape[0], q.shape[1], q.device)
+    for start, stop in bounds:
         if score_fn is None:
             scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start)
         else:
@@ -74,7 +88,6 @@ def _select_chunks(q, k_t, k, w, K, chunk, budget, score_fn, keys, selected_idx,
         valid_c = torch.isfinite(scores.gather(-1, idx_c))
         selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c.masked_fill_(~valid_c, -1)
         valid[:, start:stop, :idx_c.shape[-1]] = valid_c
-        start = stop
 
 
 def _prefix_chunk(start: int, rows_per_query: int, budget: int) -> int:
