@@ -1,25 +1,37 @@
 """Speed and memory of attention paths across sequence lengths.
 
-    python benchmark.py [--device cpu|cuda] [--seq-lens 1024 2048 4096 8192 16384] [--top-k 256] [--heads 8]
-                        [--head-dim 64] [--batch 1] [--dtype float32|bfloat16] [--out results] [--end-to-end]
+    python benchmark.py [--attention mha|mqa] [--device cpu|cuda] [--seq-lens 1024 2048 4096 8192 16384]
+                        [--top-k 256] [--heads 8] [--head-dim 64] [--batch 1] [--dtype float32|bfloat16]
+                        [--out results] [--end-to-end [--attention-type mha|mla]]
+
+`--attention mha`: H heads with their own K/V rows (the MHA model). `--attention mqa`: H query heads sharing
+ONE KV row per token of the same head dim (keys = values = that row, as MLA's MQA mode attends over its
+latent rows; the sparse path is the backend's `attend_latent`).
 
 Per backend and length: forward and forward+backward time *including* the indexer and top-k (selection
 runs under no_grad, as in the model), the indexer+top-k time alone, and peak memory. Times are medians
-of `--repeats` runs after one warm-up (CUDA events on GPU). Peak memory: on CUDA
-`torch.cuda.max_memory_allocated` above the inputs; on CPU the resident-set high-water mark sampled
-every millisecond during one fwd+bwd, above the RSS before it (after `malloc_trim`), so it includes
-allocator slack and is approximate. Backends that cannot run on the device are listed with a note,
-never a number. `--end-to-end` times one training step of the sparse vs the classic MoE LLM instead.
+of `--repeats` runs after one warm-up (CUDA events on GPU; on CPU a warm-up slower than 10 s counts as one of
+the runs). Dense baselines: SDPA causal on the same shapes
+(MQA: both with `enable_gqa=True` and with K/V expanded to H heads); on CUDA also each of SDPA's math /
+flash / efficient / cuDNN backends. Every speedup is against the FASTEST dense row at that length, and the
+crossover length of a sparse backend is the smallest measured L from which on (at that L and every longer
+one measured) its fwd+bwd beats that baseline.
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` above the inputs; on CPU each (backend, L) runs one
+fwd+bwd in a FRESH subprocess: after one warm-up step on a small problem and building the inputs it resets its peak-RSS counter
+(/proc/self/clear_refs) and reads VmHWM after a second step: the high-water mark above the resident set before
+it (incl. allocator slack; blocks >= 128 KiB are mmapped, so freed memory leaves the RSS). (A child's ru_maxrss is not used: on Linux it inherits the parent's peak across fork/vfork + exec.)
+Backends that cannot run on the device are listed with a note, never a number. `--end-to-end` times one
+training step of the sparse vs the classic MoE LLM instead (`--attention-type mla`: the MLA models).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
-import math
+import json
 import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
 
 import torch
@@ -28,11 +40,17 @@ import torch.nn.functional as F
 from results_io import OneLineArgumentParser, atomic_write_json
 
 INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the indexer-cost table
+SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
+SPARSE_BACKENDS = {"mha": ("gather", "block", "triton", "flex"), "mqa": ("gather", "triton")}
+MEMORY_FLAG = "--_measure-memory"
+SLOW_WARMUP_S = 10.0  # CPU: a warm-up call slower than this counts as one of the --repeats samples
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from config import ModelConfig
+    from config import ATTENTION_TYPES, ModelConfig
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--attention", default="mha", choices=["mha", "mqa"],
+                   help="mha: per-head K/V; mqa: H query heads sharing one KV row per token")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--top-k", type=int, default=256)
@@ -47,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="results")
     p.add_argument("--end-to-end", action="store_true", help="time one training step, sparse vs classic LLM")
     p.add_argument("--e2e-seq-len", type=int, default=4096)
+    p.add_argument("--attention-type", default="mha", choices=list(ATTENTION_TYPES),
+                   help="--end-to-end only: the MHA or the MLA model pair")
+    p.add_argument(MEMORY_FLAG, nargs=2, metavar=("BACKEND", "L"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("top_k", "heads", "head_dim", "batch", "indexer_heads", "indexer_dim", "block_size", "repeats",
                  "e2e_seq_len"):
@@ -58,20 +79,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.device == "cpu" and args.dtype == "bfloat16":
         p.error("--dtype bfloat16 is for --device cuda (CPU bf16 timings are not meaningful); use float32")
+    if args.attention_type != "mha" and not args.end_to_end:
+        p.error("--attention-type picks the models of --end-to-end; for the kernel tables use --attention mha|mqa")
     return args
 
 
 # ----------------------------------------------------------------------------- measuring
 class Meter:
-    """Median wall time (CUDA events on GPU) and peak memory of a callable."""
+    """Median wall time (CUDA events on GPU) of a callable."""
 
     def __init__(self, device: str, repeats: int):
         self.cuda, self.repeats = device == "cuda", repeats
 
     def time_ms(self, fn) -> float:
+        t0 = time.perf_counter()
         fn()  # warm-up (compiles, caches)
-        times = []
-        for _ in range(self.repeats):
+        warm_s = time.perf_counter() - t0
+        times, repeats = [], self.repeats
+        if not self.cuda and warm_s > SLOW_WARMUP_S:  # a very slow call: one-time set-up is noise, keep it as a sample
+            times, repeats = [warm_s * 1e3], self.repeats - 1
+        for _ in range(repeats):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -85,35 +112,36 @@ class Meter:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    def peak_mb(self, fn) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        _malloc_trim()
-        base = _rss()
-        peak, done = [base], threading.Event()
 
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _rss())
-                time.sleep(0.001)
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            fn()
-        finally:
-            done.set()
-            sampler.join()
-        return max(0, peak[0] - base) / 2**20
+def cuda_peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def own_peak_mb(fn, warmup=None) -> float:
+    """Peak resident memory of THIS process during fn() above its resident set before it (MiB). `warmup` (by
+    default fn itself) runs first (one-time library/thread-pool initialisation is not the step's memory),
+    freed heap pages are returned (malloc_trim), the peak-RSS counter is reset (echo 5 >
+    /proc/self/clear_refs), then VmHWM is read after fn()."""
+    (warmup or fn)()
+    _malloc_trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _proc_status_kib("VmRSS")
+    fn()
+    return max(0, _proc_status_kib("VmHWM") - base) / 1024
 
 
 def _malloc_trim() -> None:
@@ -123,7 +151,54 @@ def _malloc_trim() -> None:
         pass
 
 
+def child_argv(args, backend: str, L: int) -> list[str]:
+    """The command line that re-creates this run's inputs for one (backend, L) in a fresh process."""
+    argv = [sys.executable, os.path.abspath(__file__), "--attention", args.attention, "--device", args.device,
+            "--seq-lens", str(L), "--dtype", args.dtype, "--out", args.out]
+    for name in ("top_k", "heads", "head_dim", "batch", "indexer_heads", "indexer_dim", "block_size"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return argv + [MEMORY_FLAG, backend, str(L)]
+
+
+def cpu_peak_mb_fresh(args, backend: str, L: int) -> float:
+    """Run one fwd+bwd of `backend` at length L in a fresh Python process and return its peak (MiB)."""
+    result = subprocess.run(child_argv(args, backend, L), capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)),
+                                 # big blocks mmapped and unmapped on free: RSS follows live memory
+                                 "MALLOC_MMAP_THRESHOLD_": "131072"})
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"memory subprocess failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(json.loads(lines[-1])["peak_mem_mb"])
+
+
+def measure_memory_child(args) -> int:
+    """Entry point of the fresh subprocess: build the inputs, run one fwd+bwd, print its peak as JSON."""
+    backend, L = args._measure_memory[0], int(args._measure_memory[1])
+    small = make_inputs(args, min(L, 256), args.indexer_heads, args.indexer_dim)  # warm-up on a small problem
+    _, _, warmup = step_fns(backend, args, small)
+    inputs = make_inputs(args, L, args.indexer_heads, args.indexer_dim)
+    _, _, fwd_bwd = step_fns(backend, args, inputs)
+    print(json.dumps({"backend": backend, "seq_len": L, "peak_mem_mb": own_peak_mb(fwd_bwd, warmup)}))
+    return 0
+
+
 # ----------------------------------------------------------------------------- backends
+def dense_backends(attention: str, device: str) -> list[str]:
+    """SDPA rows: 'sdpa' (MHA) or 'sdpa_gqa' / 'sdpa_expand' (MQA), plus each explicit SDPA kernel on CUDA."""
+    forms = ["sdpa"] if attention == "mha" else ["sdpa_gqa", "sdpa_expand"]
+    kinds = [""] + [f"_{k}" for k in SDPA_KERNELS] if device == "cuda" else [""]
+    return [f + k for f in forms for k in kinds]
+
+
+def backend_list(device: str, attention: str = "mha") -> list[str]:
+    return dense_backends(attention, device) + list(SPARSE_BACKENDS[attention])
+
+
+def is_dense(backend: str) -> bool:
+    return backend.startswith("sdpa")
+
+
 def _skip_reason(backend: str, device: str) -> str | None:
     if backend == "triton":
         if device == "cpu":
@@ -134,77 +209,101 @@ def _skip_reason(backend: str, device: str) -> str | None:
             return "triton is not installed"
     if backend == "flex" and device == "cpu":
         return "flex_attention has no backward on CPU"
-    if backend.startswith("sdpa_") and device == "cpu":
-        return "flash/cuDNN SDPA are CUDA backends"
+    if is_dense(backend) and backend.split("_")[-1] in SDPA_KERNELS and device == "cpu":
+        return "explicit SDPA kernels are CUDA rows"
     return None
 
 
-def backend_list(device: str) -> list[str]:
-    dense = ["sdpa", "sdpa_flash", "sdpa_cudnn"] if device == "cuda" else ["sdpa"]
-    return dense + ["gather", "block", "triton", "flex"]
-
-
-def make_inputs(args, L: int, indexer_heads: int, indexer_dim: int, seed: int = 0):
+def make_inputs(args, L: int, indexer_heads: int, indexer_dim: int, seed: int = 0) -> dict:
+    """Inputs of one length. MHA: q, k, v (B, H, L, D). MQA: the sparse layout q (B, L, H, D), kv (B, L, D) and
+    the SDPA layout of the SAME values, q (B, H, L, D), kv (B, 1, L, D) (layout changes are not timed)."""
     g = torch.Generator().manual_seed(seed)
     dev, dt = torch.device(args.device), getattr(torch, args.dtype)
     B, H, D = args.batch, args.heads, args.head_dim
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev, dt)
-    qkv = [rnd(B, H, L, D).requires_grad_() for _ in range(3)]  # (B, H, L, D)
     indexer = (rnd(B, L, indexer_heads, indexer_dim), rnd(B, L, indexer_dim), rnd(B, L, indexer_heads))
-    return qkv, indexer, rnd(B, H, L, D)
+    if args.attention == "mha":
+        qkv = [rnd(B, H, L, D).requires_grad_() for _ in range(3)]  # (B, H, L, D)
+        return {"indexer": indexer, "qkv": qkv, "grad_out": rnd(B, H, L, D)}
+    q, kv, grad_out = rnd(B, L, H, D), rnd(B, L, D), rnd(B, L, H, D)
+    return {"indexer": indexer, "grad_out": grad_out.transpose(1, 2).contiguous(), "grad_out_lhd": grad_out,
+            "q_lhd": q.clone().requires_grad_(), "kv": kv.clone().requires_grad_(),  # sparse layout
+            "q": q.transpose(1, 2).contiguous().requires_grad_(), "kv1": kv[:, None].clone().requires_grad_()}
 
 
 def _sdpa_context(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    if backend == "sdpa_flash":
-        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
-    if backend == "sdpa_cudnn":
-        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+    kind = backend.split("_")[-1]
+    table = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if kind in table:
+        return sdpa_kernel(table[kind])
     import contextlib
     return contextlib.nullcontext()
 
 
-def step_fns(backend: str, args, qkv, indexer, grad_out):
+def step_fns(backend: str, args, inputs: dict):
     """-> (select, forward, forward_backward) closures for one backend (select is None for dense)."""
     from models import BACKENDS
-    q, k, v = qkv
-    if backend.startswith("sdpa"):
+    indexer = inputs["indexer"]
+    select = None
+    if args.attention == "mha":
+        q, k, v = inputs["qkv"]
+        leaves, grad_out = (q, k, v), inputs["grad_out"]
+    elif is_dense(backend):
+        q, kv1 = inputs["q"], inputs["kv1"]
+        leaves, grad_out = (q, kv1), inputs["grad_out"]
+    else:
+        q, kv = inputs["q_lhd"], inputs["kv"]
+        leaves, grad_out = (q, kv), inputs["grad_out_lhd"]
+    if is_dense(backend):
         def fwd():
             with _sdpa_context(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        select = None
+                if args.attention == "mha":
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                if backend.startswith("sdpa_gqa"):
+                    return F.scaled_dot_product_attention(q, kv1, kv1, is_causal=True, enable_gqa=True)
+                kv_h = kv1.expand(-1, args.heads, -1, -1)  # (B, H, L, D): the expand's backward sums over heads
+                return F.scaled_dot_product_attention(q, kv_h, kv_h, is_causal=True)
     else:
         path = BACKENDS[backend](args.block_size) if backend in ("block", "flex") else BACKENDS[backend]()
 
         def select():
             return path.select_indexed(*indexer, args.top_k)
 
-        def fwd():
-            return path.attend(q, k, v, selection=select())[0]
+        if args.attention == "mha":
+            def fwd():
+                return path.attend(q, k, v, selection=select())[0]
+        else:
+            D = args.head_dim
+
+            def fwd():
+                return path.attend_latent(q, kv, selection=select(), v_dim=D, scale=D ** -0.5)[0]
 
     def fwd_only():
         with torch.no_grad():
             fwd()
 
     def fwd_bwd():
-        torch.autograd.grad(fwd(), (q, k, v), grad_out)
+        torch.autograd.grad(fwd(), leaves, grad_out)
     return select, fwd_only, fwd_bwd
 
 
-def measure(args, meter: Meter, backend: str, L: int, qkv, indexer, grad_out) -> dict:
-    row = {"backend": backend, "seq_len": L, "top_k": args.top_k, "fwd_ms": None, "fwd_bwd_ms": None,
-           "peak_mem_mb": None, "indexer_ms": None, "speedup_vs_sdpa": None, "note": ""}
+def measure(args, meter: Meter, backend: str, L: int, inputs: dict) -> dict:
+    row = {"backend": backend, "attention": args.attention, "seq_len": L, "top_k": args.top_k,
+           "dense": is_dense(backend), "fwd_ms": None, "fwd_bwd_ms": None, "peak_mem_mb": None,
+           "indexer_ms": None, "speedup_vs_sdpa": None, "baseline": None, "note": ""}
     reason = _skip_reason(backend, args.device)
     if reason:
         row["note"] = reason
         return row
-    select, fwd_only, fwd_bwd = step_fns(backend, args, qkv, indexer, grad_out)
+    select, fwd_only, fwd_bwd = step_fns(backend, args, inputs)
     try:
         row["fwd_ms"] = meter.time_ms(fwd_only)
         row["fwd_bwd_ms"] = meter.time_ms(fwd_bwd)
-        row["peak_mem_mb"] = meter.peak_mb(fwd_bwd)
+        row["peak_mem_mb"] = cuda_peak_mb(fwd_bwd) if args.device == "cuda" else cpu_peak_mb_fresh(args, backend, L)
         if select is not None:
             row["indexer_ms"] = meter.time_ms(select)
     except (RuntimeError, ValueError) as err:  # e.g. a CUDA SDPA backend unavailable for this shape/GPU
@@ -213,15 +312,46 @@ def measure(args, meter: Meter, backend: str, L: int, qkv, indexer, grad_out) ->
     return row
 
 
-def indexer_cost(args, meter: Meter, L: int, sdpa_row: dict) -> list[dict]:
-    """Token-level chunked indexer + top-k time for several indexer sizes, as a share of dense SDPA."""
+def attach_baseline(rows: list[dict]) -> None:
+    """Per length: the fastest dense row (fwd+bwd) is the baseline; speedup_vs_sdpa = its time / a row's time."""
+    for L in dict.fromkeys(r["seq_len"] for r in rows):
+        at_L = [r for r in rows if r["seq_len"] == L]
+        dense = [r for r in at_L if r["dense"] and r["fwd_bwd_ms"]]
+        if not dense:
+            continue
+        best = min(dense, key=lambda r: r["fwd_bwd_ms"])
+        for r in at_L:
+            if r["fwd_bwd_ms"]:
+                r["speedup_vs_sdpa"] = best["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                r["baseline"] = best["backend"]
+
+
+def crossover_lengths(rows: list[dict]) -> dict[str, int | None]:
+    """Per sparse backend with numbers: the smallest measured L from which on (at L and every longer measured L)
+    its fwd+bwd beats the fastest dense baseline; None if it does not beat it at the longest length."""
+    out = {}
+    for backend in dict.fromkeys(r["backend"] for r in rows if not r["dense"]):
+        pts = sorted((r["seq_len"], r["speedup_vs_sdpa"]) for r in rows if r["backend"] == backend)
+        if not any(s is not None for _, s in pts):
+            continue
+        crossover = None
+        for L, speedup in reversed(pts):
+            if speedup is None or speedup <= 1.0:
+                break
+            crossover = L
+        out[backend] = crossover
+    return out
+
+
+def indexer_cost(args, meter: Meter, L: int, dense_row: dict) -> list[dict]:
+    """Token-level chunked indexer + top-k time for several indexer sizes, as a share of the dense baseline."""
     import kernels
     rows = []
     for heads, dim in INDEXER_SIZES:
-        _, indexer, _ = make_inputs(args, L, heads, dim, seed=1)
+        indexer = make_inputs(args, L, heads, dim, seed=1)["indexer"]
         ms = meter.time_ms(lambda: kernels.chunked_select(*indexer, args.top_k))
-        fwd, fb = sdpa_row.get("fwd_ms"), sdpa_row.get("fwd_bwd_ms")
-        rows.append({"seq_len": L, "indexer": f"{heads}x{dim}", "indexer_ms": ms,
+        fwd, fb = dense_row.get("fwd_ms"), dense_row.get("fwd_bwd_ms")
+        rows.append({"seq_len": L, "indexer": f"{heads}x{dim}", "indexer_ms": ms, "baseline": dense_row["backend"],
                      "share_of_sdpa_fwd": ms / fwd if fwd else None,
                      "share_of_sdpa_fwd_bwd": ms / fb if fb else None})
     return rows
@@ -257,17 +387,22 @@ def selection_quality(args, L: int) -> list[dict]:
 # ----------------------------------------------------------------------------- end to end
 def end_to_end(args, meter: Meter) -> list[dict]:
     """One training step (fwd + bwd + AdamW) of SparseAttentionMoELLM (sparse stage: LM loss + indexer KL)
-    vs ClassicAttentionMoELLM at quick-preset widths, L = --e2e-seq-len, k = --top-k."""
+    vs ClassicAttentionMoELLM at quick-preset widths, L = --e2e-seq-len, k = --top-k. With
+    --attention-type mla: classic MLA (dense, MHA mode) vs sparse MLA (DSA in MQA mode, gather backend), with
+    ModelConfig's MLA fields at their defaults."""
     import dataclasses
     from config import PRESETS, ModelConfig
     from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
     from sparse_attention import DENSE, AttentionMode
     quick = {f.name: PRESETS["quick"][f.name] for f in dataclasses.fields(ModelConfig) if f.name in PRESETS["quick"]}
     L = args.e2e_seq_len
+    variants = [("classic", "masked"), ("sparse_gather", "gather")]
+    if args.attention_type == "mha":
+        variants.append(("sparse_block", "block"))
     rows, base = [], None
-    for name, backend in (("classic", "masked"), ("sparse_gather", "gather"), ("sparse_block", "block")):
+    for name, backend in variants:
         cfg = ModelConfig(vocab_size=4096, max_seq_len=L, sparse_top_k=args.top_k, attention_backend=backend,
-                          sparse_block_size=args.block_size, **quick)
+                          sparse_block_size=args.block_size, attention_type=args.attention_type, **quick)
         torch.manual_seed(0)
         model = (ClassicAttentionMoELLM if name == "classic" else SparseAttentionMoELLM)(cfg).to(args.device)
         mode = AttentionMode(sparse=True, indexer_loss="sparse") if name != "classic" else DENSE
@@ -285,12 +420,13 @@ def end_to_end(args, meter: Meter) -> list[dict]:
             opt.step()
         ms = meter.time_ms(step)
         base = base or ms
-        rows.append({"model": name, "seq_len": L, "top_k": args.top_k, "step_ms": ms, "ratio_vs_classic": ms / base})
+        rows.append({"model": name, "attention_type": args.attention_type, "seq_len": L, "top_k": args.top_k,
+                     "step_ms": ms, "ratio_vs_classic": ms / base})
     return rows
 
 
 # ----------------------------------------------------------------------------- output
-def plot_scaling(rows: list[dict], path: str) -> None:
+def plot_scaling(rows: list[dict], crossover: dict, path: str, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -300,20 +436,37 @@ def plot_scaling(rows: list[dict], path: str) -> None:
         if not pts:
             continue
         Ls = [r["seq_len"] for r in pts]
-        axes[0].plot(Ls, [r["fwd_bwd_ms"] for r in pts], "o-", label=backend)
-        axes[1].plot(Ls, [max(r["peak_mem_mb"], 1e-3) for r in pts], "o-", label=backend)
-    for ax, title, unit in ((axes[0], "fwd+bwd time (incl. indexer + top-k)", "ms"),
-                            (axes[1], "peak memory (fwd+bwd)", "MiB")):
+        label = backend
+        if backend in crossover:
+            label += f" (crossover {crossover[backend] or 'none'})"
+        (line,) = axes[0].plot(Ls, [r["fwd_bwd_ms"] for r in pts], "o-", label=label)
+        if crossover.get(backend):
+            axes[0].axvline(crossover[backend], color=line.get_color(), ls=":", alpha=0.7)
+        mem = [(r["seq_len"], r["peak_mem_mb"]) for r in pts if r["peak_mem_mb"] is not None]
+        if mem:
+            axes[1].plot([m[0] for m in mem], [max(m[1], 1e-3) for m in mem], "o-", label=backend)
+    for ax, t, unit in ((axes[0], "fwd+bwd time (incl. indexer + top-k); dotted: crossover", "ms"),
+                        (axes[1], "peak memory (fwd+bwd)", "MiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(unit)
-        ax.set_title(title)
+        ax.set_title(t, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _load_avg() -> list[float] | None:
+    """The machine's load average (1, 5, 15 min): timings on a shared CPU are only comparable at low load."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _fmt(x, spec=".1f") -> str:
@@ -321,57 +474,76 @@ def _fmt(x, spec=".1f") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'backend':<11}{'L':>7}{'k':>6}{'fwd ms':>11}{'fwd+bwd ms':>12}{'indexer ms':>12}"
-             f"{'peak MiB':>10}{'x sdpa':>8}  note"]
+    lines = [f"{'backend':<14}{'L':>7}{'k':>6}{'fwd ms':>11}{'fwd+bwd ms':>12}{'indexer ms':>12}"
+             f"{'peak MiB':>10}{'x dense':>9}  note"]
     for r in rows:
-        lines.append(f"{r['backend']:<11}{r['seq_len']:>7}{r['top_k']:>6}{_fmt(r['fwd_ms']):>11}"
+        lines.append(f"{r['backend']:<14}{r['seq_len']:>7}{r['top_k']:>6}{_fmt(r['fwd_ms']):>11}"
                      f"{_fmt(r['fwd_bwd_ms']):>12}{_fmt(r['indexer_ms']):>12}{_fmt(r['peak_mem_mb']):>10}"
-                     f"{_fmt(r['speedup_vs_sdpa'], '.2f'):>8}  {r['note']}")
+                     f"{_fmt(r['speedup_vs_sdpa'], '.2f'):>9}  {r['note']}")
     return "\n".join(lines)
+
+
+def format_crossover(crossover: dict, max_len: int) -> str:
+    parts = [f"{b} {L}" if L else f"{b} none up to {max_len}" for b, L in crossover.items()]
+    return ("crossover (smallest L from which fwd+bwd beats the fastest dense baseline): "
+            + ("; ".join(parts) if parts else "no sparse backend ran"))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args._measure_memory:
+        return measure_memory_child(args)
     from tqdm import tqdm
     meter = Meter(args.device, args.repeats)
     header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
               "head_dim": args.head_dim, "indexer": f"{args.indexer_heads}x{args.indexer_dim}",
-              "block_size": args.block_size,
+              "block_size": args.block_size, "attention": args.attention,
               "peak_mem_method": ("torch.cuda.max_memory_allocated above the inputs" if args.device == "cuda" else
-                                  "RSS high-water mark sampled every 1 ms during one fwd+bwd, above RSS before it")}
+                                  "fresh subprocess per (backend, L): VmHWM during one fwd+bwd (after a small warm-up step; "
+                                  "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
+    header["load_avg_start"] = _load_avg()
     if args.end_to_end:
         rows = end_to_end(args, meter)
+        header["load_avg_end"] = _load_avg()
         atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
+        print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
         for r in rows:
-            print(f"{r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
+            print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
                   f"x classic {r['ratio_vs_classic']:.2f}")
         return 0
-    backends = backend_list(args.device)
+    backends = backend_list(args.device, args.attention)
     rows, cost = [], []
     with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
         for L in args.seq_lens:
-            qkv, indexer, grad_out = make_inputs(args, L, args.indexer_heads, args.indexer_dim)
+            inputs = make_inputs(args, L, args.indexer_heads, args.indexer_dim)
             for backend in backends:
                 bar.set_postfix_str(f"L={L} {backend}")
-                rows.append(measure(args, meter, backend, L, qkv, indexer, grad_out))
+                rows.append(measure(args, meter, backend, L, inputs))
                 bar.update()
-            sdpa = next(r for r in rows if r["backend"] == "sdpa" and r["seq_len"] == L)
-            for r in rows:
-                if r["seq_len"] == L and r["fwd_bwd_ms"] and sdpa["fwd_bwd_ms"]:
-                    r["speedup_vs_sdpa"] = sdpa["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-            cost += indexer_cost(args, meter, L, sdpa)
-            del qkv, indexer, grad_out
+            attach_baseline([r for r in rows if r["seq_len"] == L])
+            dense = [r for r in rows if r["seq_len"] == L and r["dense"] and r["fwd_bwd_ms"]]
+            if dense:
+                cost += indexer_cost(args, meter, L, min(dense, key=lambda r: r["fwd_bwd_ms"]))
+            del inputs
+    header["load_avg_end"] = _load_avg()
+    crossover = crossover_lengths(rows)
     quality = selection_quality(args, min(args.seq_lens[0], 2048))
     atomic_write_json(os.path.join(args.out, "benchmark.json"),
-               {**header, "rows": rows, "indexer_cost": cost, "selection_quality": quality})
-    plot_scaling(rows, os.path.join(args.out, "benchmark_scaling.png"))
+                      {**header, "rows": rows, "crossover": crossover, "indexer_cost": cost,
+                       "selection_quality": quality})
+    plot_scaling(rows, crossover, os.path.join(args.out, "benchmark_scaling.png"),
+                 f"{args.attention.upper()} H={args.heads} d={args.head_dim} k={args.top_k} {args.dtype} ({header['device']})")
+    print(f"attention={args.attention} B={args.batch} H={args.heads} d={args.head_dim} k={args.top_k} "
+          f"indexer {header['indexer']} {args.dtype} on {header['device']}; "
+          f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     print(format_table(rows))
-    print("\nindexer (chunked scores + top-k) cost vs dense SDPA causal")
-    print(f"{'L':>7}{'indexer':>9}{'ms':>10}{'/ sdpa fwd':>12}{'/ sdpa fwd+bwd':>16}")
+    print(format_crossover(crossover, max(args.seq_lens)))
+    print("\nindexer (chunked scores + top-k) cost vs the fastest dense baseline")
+    print(f"{'L':>7}{'indexer':>9}{'ms':>10}{'/ dense fwd':>13}{'/ dense fwd+bwd':>17}")
     for c in cost:
-        print(f"{c['seq_len']:>7}{c['indexer']:>9}{c['indexer_ms']:>10.1f}{_fmt(c['share_of_sdpa_fwd'], '.2f'):>12}"
-              f"{_fmt(c['share_of_sdpa_fwd_bwd'], '.2f'):>16}")
+        print(f"{c['seq_len']:>7}{c['indexer']:>9}{c['indexer_ms']:>10.1f}{_fmt(c['share_of_sdpa_fwd'], '.2f'):>13}"
+              f"{_fmt(c['share_of_sdpa_fwd_bwd'], '.2f'):>17}")
     print("\nselection quality proxy (same indexer, same k): token-level DSA vs query-block-shared")
     for qrow in quality:
         print(f"  {qrow['backend']:<7} L={qrow['seq_len']} recall {_fmt(qrow['recall'], '.3f')}  "

@@ -22,7 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_attention import check_no_nan, index_scores, select_top_k
 
-INDEX_CHUNK_ELEMENTS = 1 << 21  # per-head index scores held at once by chunked selection (8 MiB fp32)
+INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
+SELECT_WORKERS = 2  # CPU: Python threads scoring chunks concurrently (one intra-op thread each)
+INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (512 MiB fp32)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
 BLOCK_BACKENDS = ("block", "flex")  # backends that run the query-block-shared model
@@ -38,23 +40,96 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     """Causal top-k selection over query chunks: the same set as TopKTokenSelector(index_scores(q, k, w)).
 
     q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> selected_idx (B, L, K) (-1 invalid), valid (B, L, K),
-    K = min(top_k, L). Only one (B, chunk, <=L) block of scores exists at a time, so memory is linear in L.
-    `score_fn(q_chunk, k_prefix, w_chunk)` defaults to `index_scores` (the Triton backend passes its kernel).
+    K = min(top_k, L). A chunk of queries [start, stop) scores only the keys [0, stop) (never the future half),
+    so only one (B, chunk, stop) block of scores exists at a time: memory is linear in L. No host
+    synchronisation per chunk. `chunk` fixes the queries per chunk; by default each chunk's per-head scores
+    (B, chunk * H_I, stop) fill INDEX_CHUNK_ELEMENTS (L2-sized on CPU; INDEX_CHUNK_ELEMENTS_CUDA on GPU), so
+    early chunks, with short key prefixes, hold more queries. On CPU the chunks are shared among
+    SELECT_WORKERS Python threads, each with one intra-op thread: torch's own 2 threads pay a barrier per op,
+    which on the shared 2-core machine was measured 10-25x slower under a neighbour's load (L=8192: 0.33 s
+    idle, 5-9 s loaded; one thread 0.62 s either way). `score_fn(q_chunk, k_prefix, w_chunk)` replaces the
+    fused torch scoring (`index_scores` maths; the Triton backend passes its kernel).
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
     check_no_nan(q, k, w)  # one check per call, not per chunk (finite inputs give finite or masked scores)
-    score_fn = score_fn or index_scores
-    chunk = chunk or _query_chunk(L, B * H_I * L, INDEX_CHUNK_ELEMENTS * (64 if q.is_cuda else 1))  # GPU: big chunks
+    budget = INDEX_CHUNK_ELEMENTS_CUDA if q.is_cuda else INDEX_CHUNK_ELEMENTS
     selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
-    for start in range(0, L, chunk):
-        stop = min(L, start + chunk)
-        scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
-        idx_c, valid_c = select_top_k(scores, top_k)  # (B, c, min(K, stop))
-        selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c
-        valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+    k_t = k.transpose(1, 2)  # (B, d_I, L)
+    bounds, start = [], 0
+    while start < L:
+        stop = min(L, start + (chunk or _prefix_chunk(start, B * H_I, budget)))
+        bounds.append((start, stop))
+        start = stop
+    args = (q, k_t, k, w, K, score_fn, selected_idx, valid)
+    if q.is_cuda or SELECT_WORKERS <= 1 or len(bounds) < 2:
+        with contextlib.nullcontext() if q.is_cuda else _one_thread():
+            _select_chunks(*args, bounds)
+        return selected_idx, valid
+    # CPU: independent chunks on SELECT_WORKERS Python threads with ONE intra-op thread each (torch ops release
+    # the GIL): no per-op barrier between cores, so a busy neighbour slows one worker instead of every op
+    from concurrent.futures import ThreadPoolExecutor
+    shares = [bounds[i::SELECT_WORKERS] for i in range(SELECT_WORKERS)]  # interleaved: similar work per worker
+    with _one_thread(), ThreadPoolExecutor(SELECT_WORKERS) as pool:
+        for future in [pool.submit(_select_chunks, *args, share) for share in shares]:
+            future.result()
     return selected_idx, valid
+
+
+def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds) -> None:
+    keys = _KeyBuffer(q.shape[0], q.shape[1], q.device)
+    for start, stop in bounds:
+        if score_fn is None:
+            scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start)
+        else:
+            scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
+        idx_c = keys.of(scores).topk(min(K, stop), dim=-1).indices  # (B, c, min(K, stop))
+        valid_c = torch.isfinite(scores.gather(-1, idx_c))
+        selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c.masked_fill_(~valid_c, -1)
+        valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+
+
+def _prefix_chunk(start: int, rows_per_query: int, budget: int) -> int:
+    """Queries per chunk starting at `start` so that rows_per_query * c * (start + c) <= budget (at least 1)."""
+    b = budget / max(1, rows_per_query)
+    c = int((-start + (start * start + 4 * b) ** 0.5) / 2)  # positive root of c^2 + start*c - b = 0
+    return max(1, c)
+
+
+def _causal_prefix_scores(q_c, k_t, w_c, start: int) -> torch.Tensor:
+    """index_scores for queries [start, start + c) over keys [0, stop): q_c (B, c, H_I, d_I), k_t (B, d_I, stop),
+    w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
+    only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor)."""
+    B, c, H_I, d_I = q_c.shape
+    stop = k_t.shape[-1]
+    per_head = torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t).relu_()  # (B, c*H_I, stop): one GEMM
+    scores = torch.bmm(w_c.reshape(B * c, 1, H_I), per_head.view(B * c, H_I, stop)).view(B, c, stop)
+    future = torch.ones(c, c, dtype=torch.bool, device=q_c.device).triu_(1)  # s > t inside the diagonal block
+    scores[:, :, start:].masked_fill_(future, float("-inf"))
+    return scores
+
+
+class _KeyBuffer:
+    """`sparse_attention.score_position_key` of a chunk's scores into one reused int64 buffer: the order-
+    preserving score bits (high 32 bits) in 4 float/int32 passes and the positions (low 32 bits) in one,
+    instead of ~7 passes, several of them over int64. Identical keys, so topk picks the identical set (ties -> most recent)."""
+
+    def __init__(self, B: int, L: int, device):
+        self.positions = torch.arange(L, dtype=torch.int32, device=device)
+        self.buf = torch.empty(0, dtype=torch.int64, device=device)
+
+    def of(self, scores: torch.Tensor) -> torch.Tensor:
+        B, c, S = scores.shape
+        if self.buf.numel() < scores.numel():
+            self.buf = torch.empty(scores.numel(), dtype=torch.int64, device=scores.device)
+        key = self.buf[:scores.numel()].view(B, c, S)
+        words = key.view(torch.int32).view(B, c, S, 2)  # little-endian: [..., 0] low, [..., 1] high
+        bits = (scores.float() + 0.0).view(torch.int32)  # float32 bits as the reference keys them (-0.0 -> +0.0)
+        flip = (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
+        torch.bitwise_xor(bits, flip, out=words[..., 1])
+        words[..., 0] = self.positions[:S]
+        return key
 
 
 def _selected_scores_chunk(q, k, w, idx):
@@ -98,84 +173,104 @@ class _one_thread:
 
 
 class _GatherAttention(torch.autograd.Function):
-    """Sparse attention over gathered rows; forward saves only q, k, v, out and the log-sum-exp."""
+    """Sparse attention over gathered token rows. K and V are laid out as (B*L, H*D) token rows, so one
+    index_select fetches every head of a selected token in one contiguous read (and dK/dV are one index_add
+    of whole token rows per selected slot, not one per head); inside a cache-sized query chunk the rows are
+    copied head-major once so the per-head products are batched matmuls. Forward saves the token-major q, k,
+    v, out, the selection and the fp32 log-sum-exp; backward rebuilds the row numbers and recomputes the
+    scores per chunk (nothing of size (B, H, L, K) is saved). Softmax statistics and probabilities are fp32
+    for half inputs; dK/dV accumulate in fp32."""
 
     @staticmethod
     def forward(ctx, q, k, v, selected_idx, valid, return_probs):
         B, H, L, D = q.shape
         K = selected_idx.shape[-1]
-        rows = _head_rows(selected_idx, valid, H, L)  # (B, H, L, K) row numbers into (B*H*L, D)
-        kf, vf = k.reshape(B * H * L, D), v.reshape(B * H * L, D)
-        out = torch.empty_like(q)
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics for half inputs
-        lse = torch.empty(B, H, L, dtype=acc, device=q.device)
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, L, H, D): token-major rows
+        out_t = torch.empty_like(qt)
+        lse = torch.empty(B, L, H, dtype=acc, device=q.device)
         probs = torch.zeros(B, H, L, K, dtype=q.dtype, device=q.device) if return_probs else None
         chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
-        kbuf = q.new_empty(B * H * chunk * K, D)
-        vbuf = q.new_empty(B * H * chunk * K, D)
-        with _one_thread() if not q.is_cuda else contextlib.nullcontext():
-            _gather_forward(q, kf, vf, rows, valid, out, lse, probs, kbuf, vbuf, chunk, acc)
-        ctx.save_for_backward(q, k, v, rows, valid, out, lse)
-        ctx.mark_non_differentiable(*(t for t in (probs,) if t is not None))
-        return out, probs
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_probs):
-        q, k, v, rows, valid, out, lse = ctx.saved_tensors
-        B, H, L, D = q.shape
-        K = rows.shape[-1]
-        scale = D ** -0.5
-        grad_out = grad_out.contiguous()
-        acc = lse.dtype
-        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, H, L)
-        kf, vf = k.reshape(B * H * L, D), v.reshape(B * H * L, D)
-        dq = torch.empty_like(q)
-        dk = torch.zeros(B * H * L, D, dtype=acc, device=q.device)
-        dv = torch.zeros(B * H * L, D, dtype=acc, device=q.device)
-        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
-        kbuf, vbuf = q.new_empty(B * H * chunk * K, D), q.new_empty(B * H * chunk * K, D)
-        dkbuf, dvbuf = q.new_empty(B * H * chunk, K, D), q.new_empty(B * H * chunk, K, D)
+        bufs = [q.new_empty(B * chunk * K, H * D) for _ in range(4)]
         with _one_thread() if not q.is_cuda else contextlib.nullcontext():
             for start in range(0, L, chunk):
                 stop = min(L, start + chunk)
-                c, n = stop - start, B * H * (stop - start)
-                r = rows[:, :, start:stop].reshape(-1)
-                k_sel = torch.index_select(kf, 0, r, out=kbuf[:r.numel()]).view(n, K, D)
-                v_sel = torch.index_select(vf, 0, r, out=vbuf[:r.numel()]).view(n, K, D)
-                q_c = q[:, :, start:stop].reshape(n, 1, D)
-                do_c = grad_out[:, :, start:stop].reshape(n, 1, D)
-                scores = (q_c @ k_sel.transpose(1, 2)).view(B, H, c, K) * scale
-                p = (scores - lse[:, :, start:stop, None].to(scores.dtype)).exp_()
-                p.masked_fill_(~valid[:, None, start:stop], 0.0)  # (B, H, c, K)
-                dp = (do_c @ v_sel.transpose(1, 2)).view(B, H, c, K)
-                ds = (p * (dp - delta[:, :, start:stop, None].to(dp.dtype)) * scale).view(n, 1, K)
-                dq[:, :, start:stop] = (ds @ k_sel).view(B, H, c, D)
-                dk.index_add_(0, r, torch.bmm(ds.transpose(1, 2), q_c, out=dkbuf[:n]).view(-1, D).to(acc))
-                dv.index_add_(0, r, torch.bmm(p.view(n, 1, K).transpose(1, 2), do_c, out=dvbuf[:n]).view(-1, D).to(acc))
-        return dq, dk.view_as(k).to(k.dtype), dv.view_as(v).to(v.dtype), None, None, None
+                c = stop - start
+                k_h, v_h, _ = _gather_token_rows(kt, vt, selected_idx, valid, start, stop, bufs)  # (B*c*H, K, D)
+                q_c = qt[:, start:stop].reshape(B * c * H, 1, D)
+                p, lse_c = _chunk_probs(q_c, k_h, valid[:, start:stop], None, acc)  # (B, c, H, K)
+                out_t[:, start:stop] = (p.to(q.dtype).view(B * c * H, 1, K) @ v_h).view(B, c, H, D)
+                lse[:, start:stop] = lse_c
+                if return_probs:
+                    probs[:, :, start:stop] = p.transpose(1, 2)
+        ctx.save_for_backward(qt, kt, vt, selected_idx, valid, out_t, lse)
+        if probs is not None:
+            ctx.mark_non_differentiable(probs)
+        return out_t.transpose(1, 2), probs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):
+        qt, kt, vt, selected_idx, valid, out_t, lse = ctx.saved_tensors
+        B, L, H, D = qt.shape
+        K = selected_idx.shape[-1]
+        scale = D ** -0.5
+        acc, dt = lse.dtype, qt.dtype
+        go_t = grad_out.transpose(1, 2).contiguous()  # (B, L, H, D)
+        delta = (go_t.to(acc) * out_t.to(acc)).sum(-1)  # (B, L, H)
+        dq_t = torch.empty_like(qt)
+        dk = torch.zeros(B * L, H * D, dtype=acc, device=qt.device)
+        dv = torch.zeros(B * L, H * D, dtype=acc, device=qt.device)
+        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+        bufs = [qt.new_empty(B * chunk * K, H * D) for _ in range(4)]
+        with _one_thread() if not qt.is_cuda else contextlib.nullcontext():
+            for start in range(0, L, chunk):
+                stop = min(L, start + chunk)
+                c = stop - start
+                q_c, do_c = qt[:, start:stop], go_t[:, start:stop]  # (B, c, H, D)
+                k_h, v_h, rows = _gather_token_rows(kt, vt, selected_idx, valid, start, stop, bufs)
+                p, _ = _chunk_probs(q_c.reshape(-1, 1, D), k_h, valid[:, start:stop], lse[:, start:stop], acc)
+                dp = (do_c.reshape(-1, 1, D) @ v_h.transpose(1, 2)).view(B, c, H, K).to(acc)
+                ds = (p * (dp - delta[:, start:stop, :, None]) * scale).to(dt)  # (B, c, H, K)
+                dq_t[:, start:stop] = (ds.view(-1, 1, K) @ k_h).view(B, c, H, D)
+                # d(selected token rows), token-major (B, c, K, H, D): one index_add row per selected slot
+                n = rows.numel()  # the token-major gather buffers are free again: write d(rows) there
+                d_rows = torch.mul(ds.transpose(2, 3).unsqueeze(-1), q_c.unsqueeze(2), out=bufs[0][:n].view(B, c, K, H, D))
+                dk.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
+                d_rows = torch.mul(p.to(dt).transpose(2, 3).unsqueeze(-1), do_c.unsqueeze(2),
+                                   out=bufs[1][:n].view(B, c, K, H, D))
+                dv.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
+        dk, dv = (x.view(B, L, H, D).transpose(1, 2).to(dt) for x in (dk, dv))
+        return dq_t.transpose(1, 2), dk, dv, None, None, None
 
 
-def _gather_forward(q, kf, vf, rows, valid, out, lse, probs, kbuf, vbuf, chunk, acc):
-    """Forward chunk loop of _GatherAttention (fills out, lse and optionally probs in place)."""
-    B, H, L, D = q.shape
-    K = rows.shape[-1]
-    scale = D ** -0.5
-    return_probs = probs is not None
-    for start in range(0, L, chunk):
-        stop = min(L, start + chunk)
-        c = stop - start
-        r = rows[:, :, start:stop].reshape(-1)
-        k_sel = torch.index_select(kf, 0, r, out=kbuf[:r.numel()]).view(B * H * c, K, D)
-        q_c = q[:, :, start:stop].reshape(B * H * c, 1, D)
-        scores = (q_c @ k_sel.transpose(1, 2)).view(B, H, c, K) * scale
-        scores.masked_fill_(~valid[:, None, start:stop], float("-inf"))
-        lse_c = scores.to(acc).logsumexp(-1)  # (B, H, c)
-        p = (scores - lse_c[..., None].to(scores.dtype)).exp_()  # (B, H, c, K)
-        v_sel = torch.index_select(vf, 0, r, out=vbuf[:r.numel()]).view(B * H * c, K, D)
-        out[:, :, start:stop] = (p.view(B * H * c, 1, K) @ v_sel).view(B, H, c, D)
-        lse[:, :, start:stop] = lse_c
-        if return_probs:
-            probs[:, :, start:stop] = p
+def _gather_token_rows(kt, vt, selected_idx, valid, start: int, stop: int, bufs):
+    """Selected token rows of queries [start, stop): kt, vt (B, L, H, D) -> k_h, v_h (B*c*H, K, D) head-major
+    copies of the gathered rows, and the row numbers (B*c*K,) into the (B*L, H*D) token table (invalid slots
+    -> row 0 of their batch; their probability is forced to 0)."""
+    B, L, H, D = kt.shape
+    K = selected_idx.shape[-1]
+    c = stop - start
+    base = (torch.arange(B, device=kt.device) * L).view(B, 1, 1)
+    rows = (base + torch.where(valid[:, start:stop], selected_idx[:, start:stop], 0)).reshape(-1)
+    n = rows.numel()
+    out = []
+    for table, gathered, head_major in ((kt, bufs[0], bufs[2]), (vt, bufs[1], bufs[3])):
+        tok = torch.index_select(table.view(B * L, H * D), 0, rows, out=gathered[:n]).view(B * c, K, H, D)
+        out.append(head_major[:n].view(B * c, H, K, D).copy_(tok.transpose(1, 2)).view(B * c * H, K, D))
+    return out[0], out[1], rows
+
+
+def _chunk_probs(q_c, k_h, valid_c, lse_c, acc):
+    """q_c (B*c*H, 1, D), k_h (B*c*H, K, D), valid_c (B, c, K) -> softmax probabilities (B, c, H, K) in `acc`
+    (0 at invalid slots) and the log-sum-exp (B, c, H); with a given lse_c (backward) P is recomputed from it."""
+    B, c, K = valid_c.shape
+    scores = (q_c @ k_h.transpose(1, 2)).view(B, c, -1, K).to(acc) * q_c.shape[-1] ** -0.5  # (B, c, H, K)
+    if lse_c is None:
+        scores.masked_fill_(~valid_c.unsqueeze(2), float("-inf"))
+        lse_c = scores.logsumexp(-1)  # (B, c, H)
+        return (scores - lse_c.unsqueeze(-1)).exp_(), lse_c
+    p = (scores - lse_c.unsqueeze(-1)).exp_()
+    return p.masked_fill_(~valid_c.unsqueeze(2), 0.0), lse_c
 
 
 def _head_rows(selected_idx, valid, H: int, L: int) -> torch.Tensor:

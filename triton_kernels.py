@@ -23,20 +23,20 @@ if triton is not None:
     @triton.jit
     def sparse_fwd_kernel(Q, Kt, V, IDX, O, LSE, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l, H, L, K, scale,
                    BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)  # one program per (batch, query token); heads are the tile rows
-        b, t = pid // L, pid % L
+        pid = tl.program_id(0).to(tl.int64)  # one program per (batch, query token); heads are the tile rows
+        b, t = pid // L, pid % L  # int64: offsets below do not overflow past 2^31 elements
         oh, od = tl.arange(0, BH), tl.arange(0, BD)
         hm, dm = oh < H, od < D
-        q = tl.load(Q + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :],
+        q = tl.load(Q + b * sq_b + oh[:, None].to(tl.int64) * sq_h + t * sq_l + od[None, :],
                     mask=hm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BH, BD)
         m = tl.full((BH,), float("-inf"), tl.float32)
         l_sum = tl.zeros((BH,), tl.float32)
         acc = tl.zeros((BH, BD), tl.float32)
         for j0 in range(0, K, BK):
             oj = j0 + tl.arange(0, BK)
-            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)  # (BK,)
+            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1).to(tl.int64)  # (BK,)
             ok = idx >= 0
-            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
+            kv_off = b * sk_b + oh[:, None, None].to(tl.int64) * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
             kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
             kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)  # (BH, BK, BD)
             s = tl.sum(q[:, None, :] * kt, axis=2) * scale  # (BH, BK)
@@ -50,18 +50,18 @@ if triton is not None:
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
         out = acc / l_sum[:, None]
-        tl.store(O + b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :], out.to(O.dtype.element_ty),
+        tl.store(O + b * sq_b + oh[:, None].to(tl.int64) * sq_h + t * sq_l + od[None, :], out.to(O.dtype.element_ty),
                  mask=hm[:, None] & dm[None, :])
-        tl.store(LSE + (b * H + oh) * L + t, m + tl.log(l_sum), mask=hm)
+        tl.store(LSE + (b * H + oh) * L + t, m + tl.log(l_sum), mask=hm)  # (B, H, L)
 
     @triton.jit
     def sparse_bwd_kernel(Q, Kt, V, IDX, DO, LSE, DELTA, DQ, DK, DV, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, si_b, si_l,
                    H, L, K, scale, BH: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
-        pid = tl.program_id(0)
-        b, t = pid // L, pid % L
+        pid = tl.program_id(0).to(tl.int64)
+        b, t = pid // L, pid % L  # int64 offsets
         oh, od = tl.arange(0, BH), tl.arange(0, BD)
         hm, dm = oh < H, od < D
-        qo = b * sq_b + oh[:, None] * sq_h + t * sq_l + od[None, :]
+        qo = b * sq_b + oh[:, None].to(tl.int64) * sq_h + t * sq_l + od[None, :]
         qm = hm[:, None] & dm[None, :]
         q = tl.load(Q + qo, mask=qm, other=0.0).to(tl.float32)  # (BH, BD)
         do = tl.load(DO + qo, mask=qm, other=0.0).to(tl.float32)
@@ -70,9 +70,9 @@ if triton is not None:
         dq = tl.zeros((BH, BD), tl.float32)
         for j0 in range(0, K, BK):
             oj = j0 + tl.arange(0, BK)
-            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1)
+            idx = tl.load(IDX + b * si_b + t * si_l + oj, mask=oj < K, other=-1).to(tl.int64)
             ok = idx >= 0
-            kv_off = b * sk_b + oh[:, None, None] * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
+            kv_off = b * sk_b + oh[:, None, None].to(tl.int64) * sk_h + idx[None, :, None] * sk_l + od[None, None, :]
             kv_m = hm[:, None, None] & ok[None, :, None] & dm[None, None, :]
             kt = tl.load(Kt + kv_off, mask=kv_m, other=0.0).to(tl.float32)
             vt = tl.load(V + kv_off, mask=kv_m, other=0.0).to(tl.float32)
@@ -88,8 +88,8 @@ if triton is not None:
     @triton.jit
     def indexer_scores_kernel(Q, Kt, W, S, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l, Lq, L, HI,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr):
-        b, pm, pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        om, on, od = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BD)
+        b, pm, pn = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
+        om, on, od = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BD)  # int64 rows
         mm, nm, dm = om < Lq, on < L, od < DI
         kt = tl.load(Kt + b * sk_b + on[:, None] * sk_l + od[None, :], mask=nm[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)  # (BN, BD)
@@ -116,7 +116,7 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, 1 << max(0, (n - 1).bit_length()))
 
 
-def triton_index_scores(q, k, w):
+def triton_index_scores(q, k, w, block_config=None):
     """Fused Triton `sparse_attention.index_scores`: q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I)
     -> (B, Lq, L) fp32 with the causal -inf mask (queries are the last Lq of L positions)."""
     _triton_ready(q, k, w)
@@ -124,7 +124,8 @@ def triton_index_scores(q, k, w):
     L = k.shape[1]
     q, k, w = q.contiguous(), k.contiguous(), w.contiguous()
     out = torch.empty(B, Lq, L, dtype=torch.float32, device=q.device)
-    BM, BN = 16, (32 if q.is_cuda else 16)
+    tiles = {"BM": 16, "BN": 32 if q.is_cuda else 16, **(block_config or {})}
+    BM, BN = tiles["BM"], tiles["BN"]
     grid = (B, -(-Lq // BM), -(-L // BN))
     indexer_scores_kernel[grid](q, k, w, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                         w.stride(0), w.stride(1), out.stride(0), out.stride(1), Lq, L, H_I,
@@ -132,42 +133,61 @@ def triton_index_scores(q, k, w):
     return out
 
 
+def _attention_meta(q, block_config: dict | None) -> dict:
+    """Tiles of the MHA kernels: BH = all heads (pow2), BK selected slots per step (16 on CUDA, 8 in the
+    interpreter), BD = D padded; `block_config` forces them (tests run the CUDA tiles in the interpreter)."""
+    H, D = q.shape[1], q.shape[3]  # q (B, H, L, D)
+    meta = dict(BH=_pow2(H), BK=16 if q.is_cuda else 8, BD=_pow2(D, 16), D=D)
+    meta.update(block_config or {})
+    return meta
+
+
 class _TritonSparseAttention(torch.autograd.Function):
+    """The kernels read q, k, v token-major, (B, L, H, D): a selected token's rows for all heads are one
+    contiguous H*D read (the kernels take strides, so any layout is correct; this one is the fast one)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, selected_idx):
+    def forward(ctx, q, k, v, selected_idx, block_config):
         B, H, L, D = q.shape
         K = selected_idx.shape[-1]
-        out = torch.empty_like(q)
+        meta = _attention_meta(q, block_config)
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, L, H, D)
+        out_t = torch.empty_like(qt)
         lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-        meta = dict(BH=_pow2(H), BK=16 if q.is_cuda else 8, BD=_pow2(D, 16), D=D)
-        sparse_fwd_kernel[(B * L,)](q, k, v, selected_idx, out, lse, q.stride(0), q.stride(1), q.stride(2),
-                              k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
-                              selected_idx.stride(1), H, L, K, D ** -0.5, **meta)
-        ctx.save_for_backward(q, k, v, selected_idx, out, lse)
+        sparse_fwd_kernel[(B * L,)](qt, kt, vt, selected_idx, out_t, lse, *_bhl_strides(qt), *_bhl_strides(kt),
+                                    selected_idx.stride(0), selected_idx.stride(1), H, L, K, D ** -0.5, **meta)
+        ctx.save_for_backward(qt, kt, vt, selected_idx, out_t, lse)
         ctx.meta = meta
-        return out
+        return out_t.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, selected_idx, out, lse = ctx.saved_tensors
-        B, H, L, D = q.shape
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-        sparse_bwd_kernel[(B * L,)](q, k, v, selected_idx, grad_out, lse, delta, dq, dk, dv, q.stride(0), q.stride(1),
-                              q.stride(2), k.stride(0), k.stride(1), k.stride(2), selected_idx.stride(0),
-                              selected_idx.stride(1), H, L, selected_idx.shape[-1], D ** -0.5, **ctx.meta)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        qt, kt, vt, selected_idx, out_t, lse = ctx.saved_tensors
+        B, L, H, D = qt.shape
+        go_t = grad_out.transpose(1, 2).contiguous()  # (B, L, H, D), q's layout (the kernel reads dO with q's strides)
+        delta = (go_t.float() * out_t.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, L)
+        dq = torch.empty(qt.shape, dtype=torch.float32, device=qt.device)
+        dk = torch.zeros(kt.shape, dtype=torch.float32, device=qt.device)
+        dv = torch.zeros(vt.shape, dtype=torch.float32, device=qt.device)
+        sparse_bwd_kernel[(B * L,)](qt, kt, vt, selected_idx, go_t, lse, delta, dq, dk, dv, *_bhl_strides(qt),
+                                    *_bhl_strides(kt), selected_idx.stride(0), selected_idx.stride(1), H, L,
+                                    selected_idx.shape[-1], D ** -0.5, **ctx.meta)
+        return (dq.to(qt.dtype).transpose(1, 2), dk.to(kt.dtype).transpose(1, 2), dv.to(vt.dtype).transpose(1, 2),
+                None, None)
 
 
-def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = False):
-    """Fused Triton token-level DSA (fwd + bwd). Same contract as `sparse_attention_gather`."""
+def _bhl_strides(x_t):
+    """Strides (batch, head, position) of a token-major (B, L, H, D) tensor, in the kernels' argument order."""
+    return x_t.stride(0), x_t.stride(2), x_t.stride(1)
+
+
+def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = False, block_config=None):
+    """Fused Triton token-level DSA (fwd + bwd). Same contract as `sparse_attention_gather`; `block_config`
+    forces tiles, e.g. {"BK": 16} (the CUDA tile, for interpreter tests)."""
     _triton_ready(q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     idx = torch.where(valid, selected_idx, -1).contiguous()
-    out = _TritonSparseAttention.apply(q, k, v, idx)
+    out = _TritonSparseAttention.apply(q, k, v, idx, block_config)
     if not return_probs:
         return out, None
     with torch.no_grad():  # probs at the slots, from the same scores (for the indexer KL only)

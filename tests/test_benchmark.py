@@ -1,38 +1,120 @@
-"""benchmark.py: a tiny run writes the JSON rows and the scaling plot; bad CLI input exits 2 with one line."""
+"""benchmark.py: tiny MHA and MQA runs write the JSON rows (with the crossover lengths) and the scaling plot;
+the crossover and baseline logic on synthetic rows; peak memory from a fresh process; bad CLI input exits 2."""
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import benchmark
 from conftest import ROOT
 
 TINY = ["--seq-lens", "128", "256", "--top-k", "16", "--heads", "2", "--head-dim", "16", "--indexer-heads", "2",
         "--indexer-dim", "16", "--block-size", "16", "--repeats", "1"]
-ROW_KEYS = {"backend", "seq_len", "top_k", "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "indexer_ms", "speedup_vs_sdpa"}
+ROW_KEYS = {"backend", "seq_len", "top_k", "fwd_ms", "fwd_bwd_ms", "peak_mem_mb", "indexer_ms", "speedup_vs_sdpa",
+            "baseline", "dense"}
 
 
-def test_tiny_benchmark_writes_json_and_png(tmp_path, capsys):
-    assert benchmark.main(TINY + ["--out", str(tmp_path)]) == 0
+def _check_crossover(rows, crossover):
+    """Independent check: crossover L is measured, every row at L' >= L beats dense, the row before does not."""
+    for backend, L in crossover.items():
+        pts = sorted((r["seq_len"], r["speedup_vs_sdpa"]) for r in rows if r["backend"] == backend)
+        if L is None:
+            assert pts[-1][1] <= 1.0
+            continue
+        i = [p[0] for p in pts].index(L)
+        assert all(s > 1.0 for _, s in pts[i:])
+        assert i == 0 or pts[i - 1][1] <= 1.0
+
+
+def _run_tiny(tmp_path, capsys, extra):
+    assert benchmark.main(TINY + extra + ["--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "benchmark.json").read_text())
-    assert {"device", "torch", "rows"} <= set(data)
+    assert {"device", "torch", "rows", "crossover", "attention"} <= set(data)
     assert (tmp_path / "benchmark_scaling.png").stat().st_size > 0
+    for r in data["rows"]:
+        assert ROW_KEYS <= set(r)
+    for L in (128, 256):  # the speedup is against the fastest dense row at that length
+        at_L = [r for r in data["rows"] if r["seq_len"] == L and r["fwd_bwd_ms"]]
+        best = min(r["fwd_bwd_ms"] for r in at_L if r["dense"])
+        for r in at_L:
+            assert r["speedup_vs_sdpa"] == pytest.approx(best / r["fwd_bwd_ms"])
+    _check_crossover(data["rows"], data["crossover"])
+    printed = capsys.readouterr().out
+    assert "fwd+bwd ms" in printed and "indexer" in printed and "crossover" in printed
+    return data, printed
+
+
+def test_tiny_mha_benchmark_writes_json_and_png(tmp_path, capsys):
+    data, printed = _run_tiny(tmp_path, capsys, [])
     rows = data["rows"]
     assert {(r["backend"], r["seq_len"]) for r in rows} >= {(b, L) for b in ("sdpa", "gather", "block")
                                                             for L in (128, 256)}
     for r in rows:
-        assert ROW_KEYS <= set(r)
         if r["backend"] in ("sdpa", "gather", "block"):
             assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mem_mb"] >= 0
             assert r["speedup_vs_sdpa"] > 0
         else:  # triton / flex cannot run on CPU: a note, never a number
             assert r["fwd_ms"] is None and r["note"]
+    assert set(data["crossover"]) == {"gather", "block"}  # backends that ran; triton/flex have no numbers
     assert all(r["indexer_ms"] > 0 for r in rows if r["backend"] in ("gather", "block"))
     assert {c["indexer"] for c in data["indexer_cost"]} == {"4x64", "2x32", "1x16", "1x8"}
     assert {q["backend"] for q in data["selection_quality"]} == {"gather", "block"}
-    printed = capsys.readouterr().out
-    assert "fwd+bwd ms" in printed and "indexer" in printed
+    for backend in ("gather", "block"):
+        assert f"{backend} " in printed.split("crossover")[1].splitlines()[0]
+
+
+def test_tiny_mqa_benchmark_has_both_dense_forms_and_the_sparse_row(tmp_path, capsys):
+    data, printed = _run_tiny(tmp_path, capsys, ["--attention", "mqa"])
+    assert data["attention"] == "mqa"
+    got = {(r["backend"], r["seq_len"]): r for r in data["rows"]}
+    for L in (128, 256):
+        for backend in ("sdpa_gqa", "sdpa_expand", "gather"):
+            r = got[(backend, L)]
+            assert r["attention"] == "mqa" and r["fwd_bwd_ms"] > 0 and r["peak_mem_mb"] >= 0
+        assert got[("gather", L)]["indexer_ms"] > 0 and not got[("gather", L)]["dense"]
+        assert got[("triton", L)]["fwd_ms"] is None and got[("triton", L)]["note"]
+    assert set(data["crossover"]) == {"gather"}
+    assert "sdpa_gqa" in printed and "sdpa_expand" in printed
+
+
+def _row(backend, L, ms, dense=False):
+    return {"backend": backend, "seq_len": L, "fwd_bwd_ms": ms, "dense": dense, "speedup_vs_sdpa": None,
+            "baseline": None}
+
+
+def test_baseline_is_the_fastest_dense_row_and_crossover_is_from_where_sparse_stays_faster():
+    times = {"sdpa_gqa": [10, 40, 160, 640, 2560], "sdpa_expand": [12, 30, 200, 500, 3000],
+             "fast": [5, 50, 100, 400, 1000],      # wins at 1024, loses at 2048, wins from 4096 on
+             "late": [50, 100, 180, 520, 900],     # wins only from 16384 (beats 500 at 8192? no: 520 > 500)
+             "never": [50, 100, 300, 700, 3500]}
+    Ls = [1024, 2048, 4096, 8192, 16384]
+    rows = [_row(b, L, ms, b.startswith("sdpa")) for b, series in times.items() for L, ms in zip(Ls, series)]
+    benchmark.attach_baseline(rows)
+    base = {L: min(times["sdpa_gqa"][i], times["sdpa_expand"][i]) for i, L in enumerate(Ls)}
+    for r in rows:
+        assert r["speedup_vs_sdpa"] == pytest.approx(base[r["seq_len"]] / r["fwd_bwd_ms"])
+    assert next(r for r in rows if r["backend"] == "fast" and r["seq_len"] == 2048)["baseline"] == "sdpa_expand"
+    crossover = benchmark.crossover_lengths(rows)
+    assert crossover == {"fast": 4096, "late": 16384, "never": None}
+    assert "never none up to 16384" in benchmark.format_crossover(crossover, 16384)
+    rows.append(_row("tie", 1024, base[1024]))  # equal to dense is not beating it
+    benchmark.attach_baseline(rows)
+    assert benchmark.crossover_lengths(rows)["tie"] is None
+
+
+def test_own_peak_memory_sees_an_allocation_and_the_child_is_fresh():
+    def alloc():
+        x = torch.ones(16 * 2**20)  # 64 MiB, touched
+        return float(x[::4096].sum())
+    assert 56 <= benchmark.own_peak_mb(alloc) <= 100
+    assert benchmark.own_peak_mb(lambda: None) < 8
+    hog = torch.ones(64 * 2**20)  # 256 MiB resident in THIS process: a fresh child must not inherit it
+    args = benchmark.parse_args(TINY + ["--attention", "mqa"])
+    small = benchmark.cpu_peak_mb_fresh(args, "sdpa_gqa", 128)
+    assert 0 <= small < 32
+    del hog
 
 
 def test_end_to_end_mode(tmp_path):
@@ -43,8 +125,18 @@ def test_end_to_end_mode(tmp_path):
     assert rows[0]["ratio_vs_classic"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
 
 
+def test_end_to_end_mla(tmp_path, capsys):
+    assert benchmark.main(["--end-to-end", "--attention-type", "mla", "--e2e-seq-len", "64", "--top-k", "16",
+                           "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "benchmark_end_to_end.json").read_text())["rows"]
+    assert [(r["model"], r["attention_type"]) for r in rows] == [("classic", "mla"), ("sparse_gather", "mla")]
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert "mla sparse_gather" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bad", [["--top-k", "0"], ["--seq-lens", "1"], ["--device", "tpu"],
-                                 ["--heads", "x"], ["--dtype", "bfloat16"]])
+                                 ["--heads", "x"], ["--dtype", "bfloat16"], ["--attention", "gqa"],
+                                 ["--attention-type", "mla"]])
 def test_bad_cli_input_is_one_line_and_exit_2(bad, capsys):
     with pytest.raises(SystemExit) as exc:
         benchmark.main(bad)

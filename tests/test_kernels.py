@@ -57,6 +57,26 @@ def test_chunked_select_equals_reference_selector(B, H, L, D, k):
         assert torch.equal(_sorted(idx), _sorted(ref_idx)) and torch.equal(valid.sum(-1), ref_valid.sum(-1))
 
 
+@pytest.mark.parametrize("budget", [1, 40, 700])
+def test_chunked_select_variable_prefix_chunks_equal_reference(monkeypatch, budget):
+    """Default chunking (more queries per chunk while the key prefix is short) picks the reference's set."""
+    monkeypatch.setattr(kernels, "INDEX_CHUNK_ELEMENTS", budget)
+    B, L, k = 2, 57, 9
+    q, kk, w = (t.round() for t in _indexer(B, L))  # many exact ties (ReLU zeros, -0.0 vs +0.0)
+    ref_idx, ref_valid = TopKTokenSelector(k)(index_scores(q, kk, w))
+    idx, valid = kernels.chunked_select(q, kk, w, k)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+
+
+def test_key_buffer_equals_the_reference_score_position_key():
+    from sparse_attention import score_position_key
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])
+    x = torch.cat([special, torch.randn(40, generator=torch.Generator().manual_seed(0))]).view(1, 1, -1).repeat(2, 3, 1)
+    keys = kernels._KeyBuffer(2, x.shape[-1], "cpu")
+    for scores in (x, x[:, :2, :17].contiguous(), x.double(), x[:, :1]):
+        assert torch.equal(keys.of(scores), score_position_key(scores))
+
+
 def test_selected_index_scores_and_grads_match_full_scores():
     B, L = 2, 23
     q, kk, w = (t.requires_grad_() for t in _indexer(B, L))
@@ -89,6 +109,39 @@ def test_gather_small_chunks_and_fp32(monkeypatch):
     torch.testing.assert_close(oa, ob, atol=1e-5, rtol=1e-5)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,H,L,D,k,budget", [(2, 5, 33, 12, 16, 1), (1, 8, 70, 64, 24, 1 << 19),
+                                              (3, 1, 9, 3, 9, 7), (1, 4, 50, 16, 64, 5000)])
+def test_gather_more_shapes_and_chunkings(monkeypatch, B, H, L, D, k, budget):
+    """Odd heads/dims, k > L, one query per chunk and several: outputs, probs and all grads equal the reference."""
+    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", budget)
+    q, kk, v = _qkv(B, H, L, D)
+    idx, valid = kernels.chunked_select(*_indexer(B, L), k)
+    _assert_same(_run(kernels.sparse_attention_gather, q, kk, v, idx, valid),
+                 _run(sparse_attention_masked, q, kk, v, idx, valid))
+
+
+def test_gather_bf16_keeps_fp32_statistics():
+    """bf16 inputs: softmax statistics in fp32, so outputs and grads stay within bf16 rounding of the fp64
+    reference (a bf16 softmax over 200 slots drifts further); dtypes of outputs/grads are the inputs'."""
+    B, H, L, D, k = 1, 4, 300, 32, 200
+    q64, k64, v64 = _qkv(B, H, L, D)
+    idx, valid = kernels.chunked_select(*_indexer(B, L), k)
+    grad_out = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ref_out, _ = sparse_attention_masked(q64, k64, v64, idx, valid)
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), grad_out)
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q64, k64, v64))
+    out, probs = kernels.sparse_attention_gather(qb, kb, vb, idx, valid, return_probs=True)
+    grads = torch.autograd.grad(out, (qb, kb, vb), grad_out.bfloat16())
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+    assert rel(out, ref_out) < 6e-3  # measured 4.3e-3; bf16 probabilities (the old path) gave 9.3e-3
+    torch.testing.assert_close(probs.double().sum(-1), torch.ones(B, H, L, dtype=torch.float64), atol=1e-2, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) < 2e-2
 
 
 @pytest.mark.parametrize("B,H,L,D,k", SHAPES)
@@ -239,25 +292,31 @@ TRITON_SCRIPT = textwrap.dedent("""
     import torch, kernels, triton_kernels
     from sparse_attention import index_scores, sparse_attention_masked
     torch.manual_seed(0)
-    B, H, L, D, K = 1, 3, 12, 16, 5
-    q, k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
-    iq, ik, iw = torch.randn(B, L, 2, 16), torch.randn(B, L, 16), torch.randn(B, L, 2)
-    s_ref, s_tri = index_scores(iq[:, 4:], ik, iw[:, 4:]), triton_kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:])
-    assert torch.equal(torch.isinf(s_ref), torch.isinf(s_tri)), "index score mask"
-    fin = torch.isfinite(s_ref)
-    assert torch.allclose(s_ref[fin], s_tri[fin], atol=1e-4), "index scores"
-    sel = kernels.chunked_select(iq, ik, iw, K, score_fn=triton_kernels.triton_index_scores)
-    assert torch.equal(sel[0].sort(-1).values, kernels.chunked_select(iq, ik, iw, K)[0].sort(-1).values)
-    go = torch.randn(B, H, L, D)
-    res = []
-    for fn in (triton_kernels.sparse_attention_triton, sparse_attention_masked):
-        out, probs = fn(q, k, v, *sel, return_probs=True)
-        res.append((out, probs, torch.autograd.grad(out, (q, k, v), go)))
-    (oa, pa, ga), (ob, pb, gb) = res
-    assert torch.allclose(oa, ob, atol=1e-5), "out"
-    assert torch.allclose(pa, pb, atol=1e-5), "probs"
-    for a, b in zip(ga, gb):
-        assert torch.allclose(a, b, atol=1e-4), "grads"
+    # default interpreter tiles, then the CUDA tiles forced (BK=16 slots, BN=32 keys); odd H and D
+    for (B, H, L, D, K), tiles, itiles in [((1, 3, 12, 16, 5), None, None),
+                                          ((2, 3, 21, 12, 19), {"BK": 16}, {"BN": 32}),
+                                          ((1, 17, 9, 8, 4), {"BK": 16}, {"BN": 32})]:
+        q, k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
+        iq, ik, iw = torch.randn(B, L, 2, 16), torch.randn(B, L, 16), torch.randn(B, L, 2)
+        s_ref = index_scores(iq[:, 4:], ik, iw[:, 4:])
+        s_tri = triton_kernels.triton_index_scores(iq[:, 4:], ik, iw[:, 4:], block_config=itiles)
+        assert torch.equal(torch.isinf(s_ref), torch.isinf(s_tri)), "index score mask"
+        fin = torch.isfinite(s_ref)
+        assert torch.allclose(s_ref[fin], s_tri[fin], atol=1e-4), "index scores"
+        score_fn = lambda a, b, c: triton_kernels.triton_index_scores(a, b, c, block_config=itiles)
+        sel = kernels.chunked_select(iq, ik, iw, K, score_fn=score_fn)
+        assert torch.equal(sel[0].sort(-1).values, kernels.chunked_select(iq, ik, iw, K)[0].sort(-1).values)
+        go = torch.randn(B, H, L, D)
+        res = []
+        for fn in (lambda *a, **kw: triton_kernels.sparse_attention_triton(*a, **kw, block_config=tiles),
+                   sparse_attention_masked):
+            out, probs = fn(q, k, v, *sel, return_probs=True)
+            res.append((out, probs, torch.autograd.grad(out, (q, k, v), go)))
+        (oa, pa, ga), (ob, pb, gb) = res
+        assert torch.allclose(oa, ob, atol=1e-5), "out"
+        assert torch.allclose(pa, pb, atol=1e-5), "probs"
+        for a, b in zip(ga, gb):
+            assert torch.allclose(a, b, atol=1e-4), "grads"
     print("TRITON_OK")
 """)
 
