@@ -394,7 +394,8 @@ def end_to_end(args, meter: Meter) -> list[dict]:
     from config import PRESETS, ModelConfig
     from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
     from sparse_attention import DENSE, AttentionMode
-    quick = {f.name: PRESETS["quick"][f.name] for f in dataclasses.fields(ModelConfig) if f.name in PRESETS["quick"]}
+    quick = {f.name: PRESETS["quick"][f.name] for f in dataclasses.fields(ModelConfig)
+             if f.name in PRESETS["quick"] and f.name != "attention_backend"}  # the backend is what is compared
     L = args.e2e_seq_len
     variants = [("classic", "masked"), ("sparse_gather", "gather")]
     if args.attention_type == "mha":
