@@ -137,6 +137,21 @@ def interleaved(names: list[str], L: int, seed: int) -> list[str]:
     return order
 
 
+def plain_selection(cfg: ModelConfig) -> bool:
+    """The plain lightning indexer with plain top-k: the fast backends select it chunked, without an L x L tensor."""
+    return (cfg.indexer_precision == "fp32" and cfg.selection_pattern == "topk" and cfg.k_strategy == "fixed"
+            and not cfg.multiscale_block and cfg.shared_indexer_group == 1)
+
+
+def one_code_path(configs: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+    """Variants of one comparison run on one code path: when some variant needs the full-score (reference)
+    selection, every variant uses the masked backend, so times compare the optimisations, not two code paths."""
+    backends = {c.attention_backend for c in configs.values()}
+    if all(plain_selection(c) for c in configs.values()) or backends == {"masked"}:
+        return configs
+    return {name: dataclasses.replace(c, attention_backend="masked") for name, c in configs.items()}
+
+
 def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
                  exp_cfg: ExperimentConfig, out: Path, overwrite: bool = False, category_of: dict | None = None
                  ) -> list[dict]:
@@ -164,6 +179,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
             if cfg.multiscale_block:
                 check_multiscale(cfg.sparse_top_k, L, cfg.multiscale_block)  # refuse before any training
             configs[name] = cfg
+        configs = one_code_path(configs)
         for seed in exp_cfg.seeds:
             for name in interleaved(list(variants), L, seed):
                 cfg = configs[name]

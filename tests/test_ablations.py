@@ -240,3 +240,17 @@ def test_multiscale_variant_that_covers_the_prefix_is_refused_before_training(tm
     with pytest.raises(ValueError, match="multiscale_block=16 .*whole prefix"):
         ablations.run_variants({"ms": {"multiscale_block": 16}}, model_cfg, train_cfg, data_cfg, exp_cfg, tmp_path)
     assert not (tmp_path / "records").exists()
+
+
+def test_variants_of_one_comparison_run_on_one_code_path():
+    """A mix of plain and reference-path variants runs every variant on the masked backend (timings compare the
+    optimisations, not a chunked path against a full-score path); an all-plain comparison keeps the fast backend."""
+    import dataclasses
+
+    from ablations import one_code_path
+    from config import ModelConfig
+    base = ModelConfig(attention_backend="gather")
+    mixed = one_code_path({"baseline": base, "fp8": dataclasses.replace(base, indexer_precision="fp8")})
+    assert {c.attention_backend for c in mixed.values()} == {"masked"}
+    plain = one_code_path({"baseline": base, "light": dataclasses.replace(base, indexer_heads=2, indexer_dim=32)})
+    assert {c.attention_backend for c in plain.values()} == {"gather"}
