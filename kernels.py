@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import check_no_nan, index_scores, select_top_k
+from sparse_attention import check_no_nan, select_top_k
 
 INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
 SELECT_WORKERS = 2  # CPU: Python threads scoring chunks concurrently (one intra-op thread each)
