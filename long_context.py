@@ -48,7 +48,11 @@ _LM_WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, ex
 # MQAR (calibrated: d 64 / 2 heads solves 4 pairs after a short-L curriculum; loss on answers only)
 _MQAR_WIDTHS = dict(d_model=64, n_heads=2, n_layers=2, d_ff=128, num_experts=1, expert_top_k=1, num_shared_experts=0,
                     indexer_heads=2, indexer_dim=16, indexer_rope_dim=8)
-_MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curriculum_len=32)
+# The curriculum (L=32) runs in rounds until its held-out accuracy reaches `curriculum_target` (at most
+# curriculum_steps); it is shared by every length of a seed, and each length's dense stage continues from the
+# previous length's branch point (32 -> 256 -> 512 ...), so the longest length gets every shorter one's training.
+_MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curriculum_len=32, curriculum_round=400,
+                  curriculum_target=0.95)
 PRESETS = {
     "quick": {  # a small view, <= 20 min on 2 CPU cores
         "seeds": [42, 43, 44], "top_k": 64,
@@ -59,12 +63,14 @@ PRESETS = {
                      eval_windows=128),
     },
     "cpu": {  # the full CPU study: L 256..2048, 3 seeds, both tasks (resumable; run it in the background)
+        # measured on 2 cores at L=2048, batch 4: dense 0.55 s/step, dsa 0.87, local 0.57, random 0.74;
+        # mqar batches hold batch_tokens tokens (16 sequences at 256 ... 2 at 2048) so a step costs the same at every L
         "seeds": [42, 43, 44], "top_k": 64,
-        "lm": dict(seq_lens=[256, 512, 1024, 2048], **_LM_WIDTHS, batch_size=4, dense_steps=150, warmup_steps=80,
-                   steps=120, learning_rate=3e-3, eval_every=60, eval_windows=16),
-        "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32,
-                     curriculum_steps=2000, dense_steps=150, warmup_steps=80, steps=150, learning_rate=3e-3,
-                     eval_every=150, eval_windows=128),
+        "lm": dict(seq_lens=[256, 512, 1024, 2048], **_LM_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=60,
+                   steps=100, learning_rate=3e-3, eval_every=50, eval_windows=16),
+        "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=4096,
+                     curriculum_steps=2400, dense_steps=100, warmup_steps=60, steps=100, learning_rate=3e-3,
+                     eval_every=100, eval_windows=128),
     },
     "default": {  # the GPU-box preset: the research plan's widths, L up to 8192
         "seeds": [42, 43, 44], "top_k": 256,
@@ -77,7 +83,8 @@ PRESETS = {
                      eval_every=250, eval_windows=256),
     },
 }
-_TASK_KEYS = ("num_pairs", "num_keys", "num_values", "curriculum_len", "curriculum_steps", "seq_lens")
+_TASK_KEYS = ("num_pairs", "num_keys", "num_values", "curriculum_len", "curriculum_steps", "curriculum_round",
+              "curriculum_target", "batch_tokens", "seq_lens")
 
 
 @dataclasses.dataclass
@@ -165,30 +172,82 @@ def model_config(base: ModelConfig, name: str) -> ModelConfig:
     return base
 
 
-def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, path: Path) -> dict:
-    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model (MQAR: a
-    short-length curriculum first). Cached in `path` so a resumed run branches from the same weights."""
+def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, path: Path, fingerprint_: str,
+                 start: dict | None = None) -> dict:
+    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model, from `start`
+    (MQAR: the curriculum, or the previous length's branch point) or from scratch. Cached in `path` so a
+    resumed run branches from the same weights (branch.json beside it carries the config fingerprint, so a
+    branch point left by a killed run with another config is found stale)."""
     if path.exists():
         return torch.load(path, map_location=device, weights_only=True)
     from models import ClassicAttentionMoELLM
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg).to(device)
-    if task.name == "mqar" and options.get("curriculum_steps"):
-        short = options["curriculum_len"]
-        run_stage(classic, dense_stage(tcfg, options["curriculum_steps"]), task.stream(seed, 4, L=short),
-                  _short_val(task, short, tcfg), tcfg, device, f"mqar seed={seed} curriculum L={short}")
+    if start is not None:
+        classic.load_state_dict(start)
     if tcfg.dense_steps:
         run_stage(classic, dense_stage(tcfg, tcfg.dense_steps), task.stream(seed, 3), task.val, tcfg, device,
                   f"{task.name} L={cfg.max_seq_len} seed={seed} dense pre-training")
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)
+    atomic_write_json(path.with_suffix(".json"), {"config_fingerprint": fingerprint_, "seed": seed})
     return state
 
 
-def _short_val(task, L: int, tcfg: TrainConfig):
-    held = mqar.MQARStream(L, task.pairs, task.vocab, tcfg.batch_size, seed=0, **task.options).held_out(
-        tcfg.eval_windows)
-    return held.inputs, held.targets
+def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, folder: Path,
+                    fingerprint_: str) -> dict:
+    """The MQAR curriculum of one seed (shared by every length): dense training at L = curriculum_len in rounds
+    of curriculum_round steps until the held-out answer accuracy reaches curriculum_target or curriculum_steps
+    have run. Cached in `folder` (curriculum.pt + curriculum.json with the accuracy after every round)."""
+    if (folder / "curriculum.pt").exists() and (folder / "curriculum.json").exists():
+        return torch.load(folder / "curriculum.pt", map_location=device, weights_only=True)
+    from models import ClassicAttentionMoELLM
+    short = options["curriculum_len"]
+    short_cfg = dataclasses.replace(cfg, max_seq_len=short)
+    short_task = MQARTask(options, short, tcfg)
+    torch.manual_seed(seed)
+    classic = ClassicAttentionMoELLM(short_cfg).to(device)
+    stream, done, rounds = short_task.stream(seed, 4), 0, []
+    while done < options["curriculum_steps"]:
+        steps = min(options.get("curriculum_round") or options["curriculum_steps"], options["curriculum_steps"] - done)
+        run_stage(classic, dense_stage(tcfg, steps), stream, short_task.val, tcfg, device,
+                  f"mqar seed={seed} curriculum L={short} steps {done}-{done + steps}")
+        done += steps
+        rounds.append({"steps": done, "accuracy": short_task.extra_metrics(classic, device)["accuracy"]})
+        if rounds[-1]["accuracy"] >= options.get("curriculum_target", 1.0):
+            break
+    state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
+    atomic_save_torch(state, folder / "curriculum.pt")
+    atomic_write_json(folder / "curriculum.json", {"config_fingerprint": fingerprint_, "seed": seed,
+                                                   "curriculum_len": short, "rounds": rounds})
+    return state
+
+
+def mqar_branch(L: int, seed: int, settings: "TaskSettings", device, folder: Path, fingerprint_: str) -> dict:
+    """The MQAR branch point at length L: dense training from the branch point of the next shorter length of
+    the sweep (built first if missing), the shortest from the seed's curriculum (none when curriculum_steps=0)."""
+    path = folder / f"L{L}" / f"seed{seed}" / "branch.pt"
+    if path.exists():
+        return torch.load(path, map_location=device, weights_only=True)
+    options = settings.options
+    cfg = dataclasses.replace(settings.model, max_seq_len=L)
+    tcfg = task_train_config(settings.train, options, L)
+    shorter = [length for length in options["seq_lens"] if length < L]
+    if shorter:
+        start = mqar_branch(max(shorter), seed, settings, device, folder, fingerprint_)
+    elif options.get("curriculum_steps"):
+        start = mqar_curriculum(cfg, settings.train, options, seed, device, folder / "curriculum" / f"seed{seed}",
+                                fingerprint_)
+    else:
+        start = None
+    return branch_point(MQARTask(options, L, tcfg), cfg, tcfg, seed, device, path, fingerprint_, start)
+
+
+def task_train_config(tcfg: TrainConfig, options: dict, L: int) -> TrainConfig:
+    """MQAR with `batch_tokens`: batches of about batch_tokens tokens at every length (2 .. batch_size sequences)."""
+    if not options.get("batch_tokens"):
+        return tcfg
+    return dataclasses.replace(tcfg, batch_size=min(tcfg.batch_size, max(2, options["batch_tokens"] // L)))
 
 
 def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device) -> dict:
@@ -252,24 +311,33 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
         shutil.rmtree(stale.parent, ignore_errors=True)  # that (task, L, seed) folder: its runs and branch point
     t0 = time.perf_counter()
     records: dict = {}
-    jobs = [(t, L, s) for t in tasks for L in settings[t].options["seq_lens"] for s in settings[t].seeds]
+    jobs = [(t, L, s) for t in tasks for L in sorted(settings[t].options["seq_lens"]) for s in settings[t].seeds]
     for task_name, L, seed in tqdm(jobs, desc="long context (task, L, seed)"):
-        options, tcfg = settings[task_name].options, settings[task_name].train
+        options = settings[task_name].options
+        tcfg = task_train_config(settings[task_name].train, options, L)
         cfg = dataclasses.replace(settings[task_name].model, max_seq_len=L)
         folder = out / "records" / task_name / f"L{L}" / f"seed{seed}"
         todo = [m for m in models if not (folder / f"{m}.json").exists()]
         if todo:
             task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
-            branch = branch_point(task, cfg, tcfg, options, seed, device, folder / "branch.pt")
+            if task_name == "mqar":
+                branch = mqar_branch(L, seed, settings["mqar"], device, out / "records" / "mqar",
+                                     fingerprint(config_key["mqar"]))
+            else:
+                branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt",
+                                      fingerprint(config_key["lm"]))
             for name in todo:
                 run = train_model(name, task, cfg, tcfg, branch, seed, device)
                 atomic_write_json(folder / f"{name}.json", {"config_fingerprint": fingerprint(config_key[task_name]),
                                                             "task": task_name, "seq_len": L, "seed": seed,
-                                                            "model": name, **run})
+                                                            "batch_size": tcfg.batch_size, "model": name, **run})
         for name in models:
             records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = \
                 json.loads((folder / f"{name}.json").read_text())
     summary = summarise(records, settings, models, config_key)
+    curricula = sorted((out / "records" / "mqar" / "curriculum").glob("seed*/curriculum.json"))
+    if "mqar" in tasks and curricula:
+        summary["mqar_curriculum"] = {c.parent.name: json.loads(c.read_text())["rounds"] for c in curricula}
     summary["wall_time_s"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", summary)
     summary = json.loads((out / "summary.json").read_text())

@@ -60,3 +60,28 @@ def test_controls_share_the_branch_point_and_batches(corpus):
     assert not torch.equal(task.stream(1, 1).next()[0], task.stream(2, 1).next()[0])
     assert long_context.model_config(cfg, "local").selection_source == "local"
     assert long_context.model_config(cfg, "block").attention_backend == "block"
+
+
+def test_mqar_curriculum_is_gated_shared_and_lengths_chain(tmp_path, monkeypatch):
+    """The curriculum stops at the round whose held-out accuracy reaches the target, is trained once per seed,
+    and each length's dense stage starts from the next shorter length's branch point."""
+    settings = long_context.task_settings("quick", "mqar", {**TINY, "curriculum_steps": 6, "curriculum_round": 2,
+                                                            "curriculum_target": 0.0, "batch_tokens": 64})
+    assert long_context.task_train_config(settings.train, settings.options, 32).batch_size == 2
+    starts = {}
+    real = long_context.branch_point
+
+    def spy(task, cfg, tcfg, seed, device, path, fingerprint_, start=None):
+        starts[cfg.max_seq_len] = start
+        return real(task, cfg, tcfg, seed, device, path, fingerprint_, start)
+
+    monkeypatch.setattr(long_context, "branch_point", spy)
+    b48 = long_context.mqar_branch(48, 1, settings, torch.device("cpu"), tmp_path, "fp")
+    rounds = json.loads((tmp_path / "curriculum" / "seed1" / "curriculum.json").read_text())["rounds"]
+    assert [r["steps"] for r in rounds] == [2]  # target 0.0 is reached after the first round
+    curriculum = torch.load(tmp_path / "curriculum" / "seed1" / "curriculum.pt", weights_only=True)
+    b32 = torch.load(tmp_path / "L32" / "seed1" / "branch.pt", weights_only=True)
+    assert all(torch.equal(starts[32][k], curriculum[k]) for k in curriculum)
+    assert all(torch.equal(starts[48][k], b32[k]) for k in b32)
+    assert not all(torch.equal(b48[k], b32[k]) for k in b32)  # 48 trained further
+    assert json.loads((tmp_path / "L48" / "seed1" / "branch.json").read_text())["config_fingerprint"] == "fp"
