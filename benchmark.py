@@ -22,6 +22,9 @@ fwd+bwd in a FRESH subprocess: after one warm-up step on a small problem and bui
 it (incl. allocator slack; blocks >= 128 KiB are mmapped, so freed memory leaves the RSS). (A child's ru_maxrss is not used: on Linux it inherits the parent's peak across fork/vfork + exec.)
 Backends that cannot run on the device are listed with a note, never a number. `--end-to-end` times one
 training step of the sparse vs the classic MoE LLM instead (`--attention-type mla`: the MLA models).
+`--decode` times generation instead (decode.py): per cached prefix L in --seq-lens, the median time of one
+decode step (batch --batch, k = --top-k) of the classic (dense KV cache) vs the sparse model (DSA decode path),
+MHA and MLA, at --decode-preset widths, after one real prefill of L random tokens.
 """
 from __future__ import annotations
 
@@ -67,10 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-seq-len", type=int, default=4096)
     p.add_argument("--attention-type", default="mha", choices=list(ATTENTION_TYPES),
                    help="--end-to-end only: the MHA or the MLA model pair")
+    p.add_argument("--decode", action="store_true", help="decode tokens/s at a cached prefix, dense vs sparse")
+    p.add_argument("--decode-steps", type=int, default=20, help="--decode: timed decode steps per row (median)")
+    p.add_argument("--decode-preset", default="default", choices=["quick", "default"],
+                   help="--decode: the model widths (config.PRESETS)")
     p.add_argument(MEMORY_FLAG, nargs=2, metavar=("BACKEND", "L"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("top_k", "heads", "head_dim", "batch", "indexer_heads", "indexer_dim", "block_size", "repeats",
-                 "e2e_seq_len"):
+                 "e2e_seq_len", "decode_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     if any(L < 2 for L in args.seq_lens):
@@ -426,6 +433,47 @@ def end_to_end(args, meter: Meter) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- decoding
+def decode_speed(args, meter: Meter) -> list[dict]:
+    """Per attention type (MHA, MLA), cached prefix L and model (classic: dense KV cache; sparse: DSA decode path,
+    k = --top-k): one real prefill of L random tokens (timed once), then the median time of a decode step at
+    position L (the step is repeatable: the state is rewound to L before each call, so every timed step attends
+    over the same L + 1 cached positions)."""
+    import dataclasses
+    from config import PRESETS, ModelConfig
+    from decode import decode_step, prefill
+    from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
+    widths = {f.name: PRESETS[args.decode_preset][f.name] for f in dataclasses.fields(ModelConfig)
+              if f.name in PRESETS[args.decode_preset] and f.name != "attention_backend"}
+    rows = []
+    for attention_type in ("mha", "mla"):
+        for L in args.seq_lens:
+            base = None
+            for name, cls in (("dense", ClassicAttentionMoELLM), ("sparse", SparseAttentionMoELLM)):
+                cfg = ModelConfig(vocab_size=4096, max_seq_len=L + 1, sparse_top_k=args.top_k, attention_backend="gather",
+                                  attention_type=attention_type, **widths)
+                torch.manual_seed(0)
+                model = cls(cfg).to(args.device).eval()
+                ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
+                ids = ids.to(args.device)
+                t0 = time.perf_counter()
+                _, state = prefill(model, ids[:, :L])
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                prefill_s = time.perf_counter() - t0
+
+                def step():
+                    state.length = L
+                    decode_step(model, state, ids[:, L:])
+                ms = meter.time_ms(step)
+                base = base or ms
+                rows.append({"attention_type": attention_type, "model": name, "cached_prefix": L,
+                             "top_k": args.top_k if name == "sparse" else None, "batch": args.batch,
+                             "prefill_s": prefill_s, "decode_ms_per_step": ms,
+                             "decode_tokens_per_s": 1e3 * args.batch / ms, "speedup_vs_dense": base / ms})
+    return rows
+
+
 # ----------------------------------------------------------------------------- output
 def plot_scaling(rows: list[dict], crossover: dict, path: str, title: str = "") -> None:
     import matplotlib
@@ -504,6 +552,19 @@ def main(argv=None) -> int:
                                   "fresh subprocess per (backend, L): VmHWM during one fwd+bwd (after a small warm-up step; "
                                   "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
     header["load_avg_start"] = _load_avg()
+    if args.decode:
+        rows = decode_speed(args, Meter(args.device, args.decode_steps))
+        header["load_avg_end"] = _load_avg()
+        header["decode_preset"] = args.decode_preset
+        atomic_write_json(os.path.join(args.out, "benchmark_decode.json"), {**header, "rows": rows})
+        print(f"decode on {header['device']}, {args.decode_preset}-preset widths, batch {args.batch}, median of "
+              f"{args.decode_steps} steps; load avg (1/5/15 min) {header['load_avg_start']} at start, "
+              f"{header['load_avg_end']} at end")
+        for r in rows:
+            print(f"{r['attention_type']} {r['model']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
+                  f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
+                  f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}")
+        return 0
     if args.end_to_end:
         rows = end_to_end(args, meter)
         header["load_avg_end"] = _load_avg()
