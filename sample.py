@@ -51,10 +51,11 @@ def sample(args) -> dict:
     text = tokenizer.decode(prompt + new)
     print(text)
     path = "full recomputation per token" if args.no_cache else (
-        "KV cache + DSA decode (indexer key cache, top-k)" if model.default_mode.sparse else "KV cache, dense")
+        f"KV cache + DSA decode (indexer key cache, top-{model.cfg.sparse_top_k})" if model.default_mode.sparse
+        else "KV cache, dense")
     total_s = timing["prefill_s"] + timing["decode_s"]
     decode_rate = timing["decode_steps"] / timing["decode_s"] if timing["decode_s"] > 0 else float("nan")
-    print(f"--- {payload['model_type']} {model.cfg.attention_type} model, {path}, k={model.cfg.sparse_top_k}, "
+    print(f"--- {payload['model_type']} {model.cfg.attention_type} model, {path}, "
           f"max_seq_len={model.cfg.max_seq_len}, {device}: prompt {len(prompt)} tokens, {len(new)} new; "
           f"{timing['prefills']} prefill(s) {timing['prefill_s'] * 1e3:.1f} ms, {timing['decode_steps']} decode steps "
           f"{decode_rate:.1f} tokens/s; overall {len(new) / total_s:.1f} tokens/s")
