@@ -22,9 +22,10 @@ fwd+bwd in a FRESH subprocess: after one warm-up step on a small problem and bui
 it (incl. allocator slack; blocks >= 128 KiB are mmapped, so freed memory leaves the RSS). (A child's ru_maxrss is not used: on Linux it inherits the parent's peak across fork/vfork + exec.)
 Backends that cannot run on the device are listed with a note, never a number. `--end-to-end` times one
 training step of the sparse vs the classic MoE LLM instead (`--attention-type mla`: the MLA models).
-`--decode` times generation instead (decode.py): per cached prefix L in --seq-lens, the median time of one
-decode step (batch --batch, k = --top-k) of the classic (dense KV cache) vs the sparse model (DSA decode path),
-MHA and MLA, at --decode-preset widths, after one real prefill of L random tokens.
+`--decode` times generation instead (decode.py): per cached prefix L in --seq-lens, MHA and MLA, one sparse
+model at --decode-preset widths prefills L random tokens, then the median time of one decode step (batch
+--batch) on the dense path (attention over every cached key, as the classic model decodes) vs DSA's decode
+path (k = --top-k), the two timed in turns on the same cache.
 """
 from __future__ import annotations
 
@@ -434,43 +435,62 @@ def end_to_end(args, meter: Meter) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode_speed(args, meter: Meter) -> list[dict]:
-    """Per attention type (MHA, MLA), cached prefix L and model (classic: dense KV cache; sparse: DSA decode path,
-    k = --top-k): one real prefill of L random tokens (timed once), then the median time of a decode step at
-    position L (the step is repeatable: the state is rewound to L before each call, so every timed step attends
-    over the same L + 1 cached positions)."""
+def interleaved_ms(fns: dict, repeats: int, cuda: bool) -> dict:
+    """Median wall time (ms) of each callable, timed in turns (a, b, a, b, ...) after one warm-up call each, so
+    that load from other processes on a shared machine falls on all of them alike."""
+    times = {name: [] for name in fns}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if rep:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decode_speed(args) -> list[dict]:
+    """Per attention type (MHA, MLA) and cached prefix L: one SparseAttentionMoELLM (--decode-preset widths,
+    k = --top-k) prefills L random tokens once (timed; the caches hold K/V or MLA latent rows and the indexer
+    keys), then decode steps at position L alternate between the dense path (attention over all L + 1 cached
+    positions: what the classic model's decode does) and DSA's decode path (indexer over the cached keys,
+    top-k, attention over k of them). The state is rewound to L before every step, so each timed step sees the
+    same cache. -> one row per (attention type, L, path) with the median ms per step."""
     import dataclasses
     from config import PRESETS, ModelConfig
     from decode import decode_step, prefill
-    from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
+    from models import SparseAttentionMoELLM
     widths = {f.name: PRESETS[args.decode_preset][f.name] for f in dataclasses.fields(ModelConfig)
               if f.name in PRESETS[args.decode_preset] and f.name != "attention_backend"}
     rows = []
     for attention_type in ("mha", "mla"):
         for L in args.seq_lens:
-            base = None
-            for name, cls in (("dense", ClassicAttentionMoELLM), ("sparse", SparseAttentionMoELLM)):
-                cfg = ModelConfig(vocab_size=4096, max_seq_len=L + 1, sparse_top_k=args.top_k, attention_backend="gather",
-                                  attention_type=attention_type, **widths)
-                torch.manual_seed(0)
-                model = cls(cfg).to(args.device).eval()
-                ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
-                ids = ids.to(args.device)
-                t0 = time.perf_counter()
-                _, state = prefill(model, ids[:, :L])
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                prefill_s = time.perf_counter() - t0
+            cfg = ModelConfig(vocab_size=4096, max_seq_len=L + 1, sparse_top_k=args.top_k, attention_backend="gather",
+                              attention_type=attention_type, **widths)
+            torch.manual_seed(0)
+            model = SparseAttentionMoELLM(cfg).to(args.device).eval()
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
+            ids = ids.to(args.device)
+            t0 = time.perf_counter()
+            _, state = prefill(model, ids[:, :L])
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - t0
 
-                def step():
-                    state.length = L
-                    decode_step(model, state, ids[:, L:])
-                ms = meter.time_ms(step)
-                base = base or ms
-                rows.append({"attention_type": attention_type, "model": name, "cached_prefix": L,
-                             "top_k": args.top_k if name == "sparse" else None, "batch": args.batch,
-                             "prefill_s": prefill_s, "decode_ms_per_step": ms,
-                             "decode_tokens_per_s": 1e3 * args.batch / ms, "speedup_vs_dense": base / ms})
+            def step(sparse: bool):
+                state.length, state.sparse = L, sparse
+                decode_step(model, state, ids[:, L:])
+            ms = interleaved_ms({"dense": lambda: step(False), "sparse": lambda: step(True)}, args.decode_steps,
+                                args.device == "cuda")
+            for path in ("dense", "sparse"):
+                rows.append({"attention_type": attention_type, "decode": path, "cached_prefix": L,
+                             "top_k": args.top_k if path == "sparse" else None, "batch": args.batch,
+                             "prefill_s": prefill_s, "decode_ms_per_step": ms[path],
+                             "decode_tokens_per_s": 1e3 * args.batch / ms[path],
+                             "speedup_vs_dense": ms["dense"] / ms[path]})
     return rows
 
 
@@ -553,15 +573,15 @@ def main(argv=None) -> int:
                                   "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
     header["load_avg_start"] = _load_avg()
     if args.decode:
-        rows = decode_speed(args, Meter(args.device, args.decode_steps))
+        rows = decode_speed(args)
         header["load_avg_end"] = _load_avg()
         header["decode_preset"] = args.decode_preset
         atomic_write_json(os.path.join(args.out, "benchmark_decode.json"), {**header, "rows": rows})
         print(f"decode on {header['device']}, {args.decode_preset}-preset widths, batch {args.batch}, median of "
-              f"{args.decode_steps} steps; load avg (1/5/15 min) {header['load_avg_start']} at start, "
+              f"{args.decode_steps} steps (dense and sparse steps alternate on one model and cache); load avg (1/5/15 min) {header['load_avg_start']} at start, "
               f"{header['load_avg_end']} at end")
         for r in rows:
-            print(f"{r['attention_type']} {r['model']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
+            print(f"{r['attention_type']} {r['decode']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
                   f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
                   f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}")
         return 0

@@ -163,8 +163,8 @@ def test_benchmark_decode_mode_writes_rows(tmp_path, capsys):
     assert benchmark.main(["--decode", "--decode-preset", "quick", "--seq-lens", "48", "--top-k", "8",
                            "--decode-steps", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "benchmark_decode.json").read_text())["rows"]
-    assert [(r["attention_type"], r["model"]) for r in rows] == [("mha", "dense"), ("mha", "sparse"),
-                                                                  ("mla", "dense"), ("mla", "sparse")]
+    assert [(r["attention_type"], r["decode"]) for r in rows] == [("mha", "dense"), ("mha", "sparse"),
+                                                                   ("mla", "dense"), ("mla", "sparse")]
     for r in rows:
         assert r["cached_prefix"] == 48 and r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_step"])
     assert "tokens/s" in capsys.readouterr().out
