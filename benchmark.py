@@ -436,20 +436,22 @@ def end_to_end(args, meter: Meter) -> list[dict]:
 
 # ----------------------------------------------------------------------------- decoding
 def interleaved_ms(fns: dict, repeats: int, cuda: bool) -> dict:
-    """Median wall time (ms) of each callable, timed in turns (a, b, a, b, ...) after one warm-up call each, so
-    that load from other processes on a shared machine falls on all of them alike."""
-    times = {name: [] for name in fns}
+    """{name: (median wall ms, median process-CPU ms)} of each callable, timed in turns (a, b, a, b, ...) after one
+    warm-up call each, so that load from other processes on a shared machine falls on all of them alike. The
+    process CPU time (all threads; None on CUDA) is what a call cost when other processes preempt it."""
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     for rep in range(repeats + 1):
         for name, fn in fns.items():
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if cuda:
                 torch.cuda.synchronize()
             if rep:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    return {name: (statistics.median(wall[name]), None if cuda else statistics.median(cpu[name])) for name in fns}
 
 
 def decode_speed(args) -> list[dict]:
@@ -458,7 +460,7 @@ def decode_speed(args) -> list[dict]:
     keys), then decode steps at position L alternate between the dense path (attention over all L + 1 cached
     positions: what the classic model's decode does) and DSA's decode path (indexer over the cached keys,
     top-k, attention over k of them). The state is rewound to L before every step, so each timed step sees the
-    same cache. -> one row per (attention type, L, path) with the median ms per step."""
+    same cache. -> one row per (attention type, L, path) with the median wall and process-CPU ms per step."""
     import dataclasses
     from config import PRESETS, ModelConfig
     from decode import decode_step, prefill
@@ -486,11 +488,12 @@ def decode_speed(args) -> list[dict]:
             ms = interleaved_ms({"dense": lambda: step(False), "sparse": lambda: step(True)}, args.decode_steps,
                                 args.device == "cuda")
             for path in ("dense", "sparse"):
+                (wall, cpu), (dense_wall, dense_cpu) = ms[path], ms["dense"]
                 rows.append({"attention_type": attention_type, "decode": path, "cached_prefix": L,
                              "top_k": args.top_k if path == "sparse" else None, "batch": args.batch,
-                             "prefill_s": prefill_s, "decode_ms_per_step": ms[path],
-                             "decode_tokens_per_s": 1e3 * args.batch / ms[path],
-                             "speedup_vs_dense": ms["dense"] / ms[path]})
+                             "prefill_s": prefill_s, "decode_ms_per_step": wall,
+                             "decode_tokens_per_s": 1e3 * args.batch / wall, "speedup_vs_dense": dense_wall / wall,
+                             "decode_cpu_ms_per_step": cpu, "cpu_speedup_vs_dense": cpu and dense_cpu / cpu})
     return rows
 
 
@@ -583,7 +586,8 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['attention_type']} {r['decode']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
                   f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
-                  f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}")
+                  f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}  |  process CPU "
+                  f"{_fmt(r['decode_cpu_ms_per_step'], '.2f')} ms/token  x dense {_fmt(r['cpu_speedup_vs_dense'], '.2f')}")
         return 0
     if args.end_to_end:
         rows = end_to_end(args, meter)
