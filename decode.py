@@ -136,7 +136,8 @@ def prefill(model, ids: torch.Tensor, capacity: int | None = None, sparse: bool 
 
     sparse: the DSA decode path (default: the model's own mode). capacity: positions the caches hold (default
     max_seq_len). The forward's attention inputs are kept (forward pre-hooks) and projected once more to fill
-    the caches: one extra pass of the key projections over the prompt, no attention recomputed."""
+    the caches: one extra pass of each layer's projections (attention and indexer) over the prompt; no attention
+    is recomputed."""
     sparse = model.default_mode.sparse if sparse is None else sparse
     check_decodable(model, sparse)
     capacity = capacity or model.cfg.max_seq_len
