@@ -22,6 +22,10 @@ fwd+bwd in a FRESH subprocess: after one warm-up step on a small problem and bui
 it (incl. allocator slack; blocks >= 128 KiB are mmapped, so freed memory leaves the RSS). (A child's ru_maxrss is not used: on Linux it inherits the parent's peak across fork/vfork + exec.)
 Backends that cannot run on the device are listed with a note, never a number. `--end-to-end` times one
 training step of the sparse vs the classic MoE LLM instead (`--attention-type mla`: the MLA models).
+`--decode` times generation instead (decode.py): per cached prefix L in --seq-lens, MHA and MLA, one sparse
+model at --decode-preset widths prefills L random tokens, then the median time of one decode step (batch
+--batch) on the dense path (attention over every cached key, as the classic model decodes) vs DSA's decode
+path (k = --top-k), the two timed in turns on the same cache.
 """
 from __future__ import annotations
 
@@ -67,10 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-seq-len", type=int, default=4096)
     p.add_argument("--attention-type", default="mha", choices=list(ATTENTION_TYPES),
                    help="--end-to-end only: the MHA or the MLA model pair")
+    p.add_argument("--decode", action="store_true", help="decode tokens/s at a cached prefix, dense vs sparse")
+    p.add_argument("--decode-steps", type=int, default=20, help="--decode: timed decode steps per row (median)")
+    p.add_argument("--decode-preset", default="default", choices=["quick", "default"],
+                   help="--decode: the model widths (config.PRESETS)")
     p.add_argument(MEMORY_FLAG, nargs=2, metavar=("BACKEND", "L"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("top_k", "heads", "head_dim", "batch", "indexer_heads", "indexer_dim", "block_size", "repeats",
-                 "e2e_seq_len"):
+                 "e2e_seq_len", "decode_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     if any(L < 2 for L in args.seq_lens):
@@ -426,6 +434,69 @@ def end_to_end(args, meter: Meter) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- decoding
+def interleaved_ms(fns: dict, repeats: int, cuda: bool) -> dict:
+    """{name: (median wall ms, median process-CPU ms)} of each callable, timed in turns (a, b, a, b, ...) after one
+    warm-up call each, so that load from other processes on a shared machine falls on all of them alike. The
+    process CPU time (all threads; None on CUDA) is what a call cost when other processes preempt it."""
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            if rep:
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    return {name: (statistics.median(wall[name]), None if cuda else statistics.median(cpu[name])) for name in fns}
+
+
+def decode_speed(args) -> list[dict]:
+    """Per attention type (MHA, MLA) and cached prefix L: one SparseAttentionMoELLM (--decode-preset widths,
+    k = --top-k) prefills L random tokens once (timed; the caches hold K/V or MLA latent rows and the indexer
+    keys), then decode steps at position L alternate between the dense path (attention over all L + 1 cached
+    positions: what the classic model's decode does) and DSA's decode path (indexer over the cached keys,
+    top-k, attention over k of them). The state is rewound to L before every step, so each timed step sees the
+    same cache. -> one row per (attention type, L, path) with the median wall and process-CPU ms per step."""
+    import dataclasses
+    from config import PRESETS, ModelConfig
+    from decode import decode_step, prefill
+    from models import SparseAttentionMoELLM
+    widths = {f.name: PRESETS[args.decode_preset][f.name] for f in dataclasses.fields(ModelConfig)
+              if f.name in PRESETS[args.decode_preset] and f.name != "attention_backend"}
+    rows = []
+    for attention_type in ("mha", "mla"):
+        for L in args.seq_lens:
+            cfg = ModelConfig(vocab_size=4096, max_seq_len=L + 1, sparse_top_k=args.top_k, attention_backend="gather",
+                              attention_type=attention_type, **widths)
+            torch.manual_seed(0)
+            model = SparseAttentionMoELLM(cfg).to(args.device).eval()
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
+            ids = ids.to(args.device)
+            t0 = time.perf_counter()
+            _, state = prefill(model, ids[:, :L])
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - t0
+
+            def step(sparse: bool):
+                state.length, state.sparse = L, sparse
+                decode_step(model, state, ids[:, L:])
+            ms = interleaved_ms({"dense": lambda: step(False), "sparse": lambda: step(True)}, args.decode_steps,
+                                args.device == "cuda")
+            for path in ("dense", "sparse"):
+                (wall, cpu), (dense_wall, dense_cpu) = ms[path], ms["dense"]
+                rows.append({"attention_type": attention_type, "decode": path, "cached_prefix": L,
+                             "top_k": args.top_k if path == "sparse" else None, "batch": args.batch,
+                             "prefill_s": prefill_s, "decode_ms_per_step": wall,
+                             "decode_tokens_per_s": 1e3 * args.batch / wall, "speedup_vs_dense": dense_wall / wall,
+                             "decode_cpu_ms_per_step": cpu, "cpu_speedup_vs_dense": cpu and dense_cpu / cpu})
+    return rows
+
+
 # ----------------------------------------------------------------------------- output
 def plot_scaling(rows: list[dict], crossover: dict, path: str, title: str = "") -> None:
     import matplotlib
@@ -504,6 +575,20 @@ def main(argv=None) -> int:
                                   "fresh subprocess per (backend, L): VmHWM during one fwd+bwd (after a small warm-up step; "
                                   "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
     header["load_avg_start"] = _load_avg()
+    if args.decode:
+        rows = decode_speed(args)
+        header["load_avg_end"] = _load_avg()
+        header["decode_preset"] = args.decode_preset
+        atomic_write_json(os.path.join(args.out, "benchmark_decode.json"), {**header, "rows": rows})
+        print(f"decode on {header['device']}, {args.decode_preset}-preset widths, batch {args.batch}, median of "
+              f"{args.decode_steps} steps (dense and sparse steps alternate on one model and cache); load avg (1/5/15 min) {header['load_avg_start']} at start, "
+              f"{header['load_avg_end']} at end")
+        for r in rows:
+            print(f"{r['attention_type']} {r['decode']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
+                  f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
+                  f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}  |  process CPU "
+                  f"{_fmt(r['decode_cpu_ms_per_step'], '.2f')} ms/token  x dense {_fmt(r['cpu_speedup_vs_dense'], '.2f')}")
+        return 0
     if args.end_to_end:
         rows = end_to_end(args, meter)
         header["load_avg_end"] = _load_avg()

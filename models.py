@@ -177,14 +177,15 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         self.o_proj = nn.Linear(H * self.v_dim, cfg.d_model, bias=cfg.attention_bias)
         self.rope = RotaryEmbedding(self.rope_dim, cfg.max_seq_len, cfg.rope_base, cfg.rope_interleaved)
 
-    def project(self, x: torch.Tensor):
+    def project(self, x: torch.Tensor, start: int = 0):
         """x (B, L, d_model) -> q_latent (B, L, q_rank), q_nope (B, L, H, nope), q_pe (B, L, H, rope),
-        c (B, L, kv_rank), k_pe (B, L, rope) — RoPE applied to q_pe and k_pe."""
+        c (B, L, kv_rank), k_pe (B, L, rope) — RoPE applied to q_pe and k_pe at positions start..start+L-1."""
         B, L, _ = x.shape
         q_latent = self.q_a_layernorm(self.q_a_proj(x))
         q_nope, q_pe = self.q_b_proj(q_latent).view(B, L, self.n_heads, -1).split([self.nope, self.rope_dim], -1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], -1)
-        return q_latent, q_nope, self.rope(q_pe, seq_dim=1), self.kv_a_layernorm(c), self.rope(k_pe, seq_dim=1)
+        return (q_latent, q_nope, self.rope(q_pe, seq_dim=1, start=start), self.kv_a_layernorm(c),
+                self.rope(k_pe, seq_dim=1, start=start))
 
     def decompress(self, heads):
         """MHA mode: -> q, k (B, H, L, nope + rope), v (B, H, L, v_dim)."""
@@ -219,9 +220,12 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         q, kv = self.absorbed(heads)
         out_latent, probs = backend.attend_latent(q, kv, selection=selection, v_dim=self.kv_rank, scale=self.scale,
                                                   return_probs=return_probs)  # (B, L, H, kv_rank)
+        return self.merge_latent(out_latent), probs
+
+    def merge_latent(self, out_latent: torch.Tensor) -> torch.Tensor:
+        """MQA mode's output: out_latent (B, L, H, kv_rank) -> W_UV per head, then o_proj -> (B, L, d_model)."""
         w_uv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)[:, self.nope:]
-        out = torch.einsum("blhc,hvc->bhlv", out_latent, w_uv)  # (B, H, L, v_dim)
-        return self.merge(out), probs
+        return self.merge(torch.einsum("blhc,hvc->bhlv", out_latent, w_uv))  # via (B, H, L, v_dim)
 
     def recall_inputs(self, heads):
         q, k, _ = self.decompress(heads)

@@ -30,10 +30,10 @@ class OptimizedLightningIndexer(LightningIndexer):
         super().__init__(d_model, heads, dim, rope_dim, max_seq_len, rope_base)
         self.precision = precision
 
-    def project(self, x: torch.Tensor):
+    def project(self, x: torch.Tensor, start: int = 0):
         """x (B, L, d_model) -> q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) as the score product sees them."""
         with indexer_autocast(self.precision, x.device.type):
-            q, k, w = super().project(x)
+            q, k, w = super().project(x, start)
         return quantize_indexer_inputs(q, k, w, self.precision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,15 +28,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.dim, self.interleaved = dim, interleaved
 
-    def forward(self, x: torch.Tensor, seq_dim: int) -> torch.Tensor:
-        """Rotate x, whose dimension `seq_dim` indexes positions 0..L-1 and whose last dim is `dim`."""
+    def forward(self, x: torch.Tensor, seq_dim: int, start: int = 0) -> torch.Tensor:
+        """Rotate x, whose dimension `seq_dim` indexes positions start..start+L-1 (start > 0: tokens decoded
+        after a cached prefix) and whose last dim is `dim`."""
         L = x.shape[seq_dim]
-        if L > self.cos.shape[0]:
-            raise ValueError(f"sequence length {L} exceeds max_seq_len={self.cos.shape[0]}; raise max_seq_len")
+        if start + L > self.cos.shape[0]:
+            raise ValueError(f"sequence length {start + L} exceeds max_seq_len={self.cos.shape[0]}; raise max_seq_len")
         shape = [1] * x.dim()
         shape[seq_dim], shape[-1] = L, self.dim
-        cos = self.cos[:L].view(shape).to(x.dtype)
-        sin = self.sin[:L].view(shape).to(x.dtype)
+        cos = self.cos[start:start + L].view(shape).to(x.dtype)
+        sin = self.sin[start:start + L].view(shape).to(x.dtype)
         if self.interleaved:  # (..., 2i), (..., 2i+1) -> halves
             x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
         x1, x2 = x.chunk(2, dim=-1)

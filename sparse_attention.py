@@ -39,18 +39,19 @@ class LightningIndexer(nn.Module):
         self.weights_proj = nn.Linear(d_model, n_heads, bias=False)
         self.rope = RotaryEmbedding(rope_dim, max_seq_len, rope_base, rope_interleaved) if rope_dim else None
 
-    def _rope(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, ..., d_I), RoPE on the leading rope_dim
+    def _rope(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # (B, L, ..., d_I), RoPE on the leading rope_dim
         if self.rope is None:
             return x
         pe, nope = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
-        return torch.cat([self.rope(pe, seq_dim=1), nope], dim=-1)
+        return torch.cat([self.rope(pe, seq_dim=1, start=start), nope], dim=-1)
 
-    def project(self, x: torch.Tensor):
-        """x (B, L, d_model) [or (B, L, d_model + q_dim)] -> q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
+    def project(self, x: torch.Tensor, start: int = 0):
+        """x (B, L, d_model) [or (B, L, d_model + q_dim)] -> q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I).
+        `start`: position of the first token (> 0 when decoding after a cached prefix)."""
         B, L, _ = x.shape
         x, q_source = x.split([self.d_model, self.q_dim], dim=-1) if self.q_dim else (x, x)
-        q = self._rope(self.q_proj(q_source).view(B, L, self.n_heads, self.head_dim))
-        k = self._rope(self.k_norm(self.k_proj(x)))
+        q = self._rope(self.q_proj(q_source).view(B, L, self.n_heads, self.head_dim), start)
+        k = self._rope(self.k_norm(self.k_proj(x)), start)
         w = self.weights_proj(x) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return q, k, w
 
@@ -355,11 +356,11 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, cfg.max_seq_len, cfg.rope_base)
 
-    def project(self, x: torch.Tensor):
-        """x (B, L, d_model) -> q, k, v (B, H, L, D), RoPE applied to q and k."""
+    def project(self, x: torch.Tensor, start: int = 0):
+        """x (B, L, d_model) -> q, k, v (B, H, L, D), RoPE applied to q and k at positions start..start+L-1."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).unbind(2)  # (B, L, H, D)
-        q, k = self.rope(q, seq_dim=1), self.rope(k, seq_dim=1)
+        q, k = self.rope(q, seq_dim=1, start=start), self.rope(k, seq_dim=1, start=start)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (B, L, d_model)

@@ -1,0 +1,71 @@
+"""Generate text from a checkpoint with the KV cache and, for a sparse model, DSA's decode path (decode.py).
+
+    python sample.py --checkpoint results/seq_256/checkpoints/sparse_seed42.pt --prompt "ROMEO:" \
+        --max-new-tokens 100 [--temperature 0.8 --top-k-sampling 40 --seed 0] [--no-cache] [--device cpu|cuda|auto]
+
+The checkpoint is one that run_experiment.py writes (OUT/seq_<L>/checkpoints/{classic,sparse}_seed<S>.pt, via
+train.save_checkpoint): weights, model config and the tokenizer the run trained (the cached byte-level BPE).
+--temperature 0 is greedy decoding. --no-cache recomputes the whole context for every token (the reference the
+cached path is tested against). A prompt longer than the model's max_seq_len is refused; when prompt + generated
+tokens fill max_seq_len, the context window slides (its last max_seq_len // 2 tokens are prefilled again).
+Prints the text, then the token counts and tokens/s (decode steps alone, and overall with the prefills).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from data import Tokenizer
+from decode import generate
+from results_io import OneLineArgumentParser, run_cli
+from train import load_checkpoint, pick_device
+
+
+def parse_args(argv=None):
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a *.pt written by run_experiment.py")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k-sampling", type=int, default=40, help="sample among the K most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    return p.parse_args(argv)
+
+
+def sample(args) -> dict:
+    """Load, generate, print; -> {'text', 'new_tokens', 'timing'}."""
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give some text to continue")
+    device = pick_device(args.device)
+    model, payload = load_checkpoint(args.checkpoint, str(device))
+    if "tokenizer" not in payload:
+        raise ValueError(f"{args.checkpoint} holds no tokenizer; use a checkpoint written by run_experiment.py")
+    tokenizer = Tokenizer.from_spec(payload["tokenizer"])
+    prompt = tokenizer.encode(args.prompt)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    new, timing = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k_sampling,
+                           generator=generator, use_cache=not args.no_cache)
+    text = tokenizer.decode(prompt + new)
+    print(text)
+    path = "full recomputation per token" if args.no_cache else (
+        f"KV cache + DSA decode (indexer key cache, top-{model.cfg.sparse_top_k})" if model.default_mode.sparse
+        else "KV cache, dense")
+    total_s = timing["prefill_s"] + timing["decode_s"]
+    decode_rate = timing["decode_steps"] / timing["decode_s"] if timing["decode_s"] > 0 else float("nan")
+    print(f"--- {payload['model_type']} {model.cfg.attention_type} model, {path}, "
+          f"max_seq_len={model.cfg.max_seq_len}, {device}: prompt {len(prompt)} tokens, {len(new)} new; "
+          f"{timing['prefills']} prefill(s) {timing['prefill_s'] * 1e3:.1f} ms, {timing['decode_steps']} decode steps "
+          f"{decode_rate:.1f} tokens/s; overall {len(new) / total_s:.1f} tokens/s")
+    return {"text": text, "new_tokens": new, "timing": timing}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_cli(lambda: sample(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
