@@ -276,3 +276,67 @@ def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+ADAPTIVE_STYLE = {"dense": "tab:blue", "fixed25": "tab:green", "fixed50": "tab:olive", "fixed75": "tab:brown",
+                  "adaptive": "tab:red", "matched": "tab:purple"}
+
+
+def adaptive_sparsity(summary: dict, models: list[str], path: str | Path) -> None:
+    """2x3 for the adaptive-sparsity experiment (mean ± 95 % CI bands over seeds): val loss − dense and − matched
+    (paired by seed), time per step, share of causal pairs kept vs L (adaptive's spread of k as error bars), the
+    adaptive model's kept share vs the complexity it measured (one point per held-out window), and its kept share
+    over training."""
+    res = summary["results"]
+    lengths = sorted(int(L) for L in res)
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+
+    def by_length(ax, name, metric, scale=1.0, floor=None):
+        if all(metric in res[str(L)][name] for L in lengths):
+            _band(ax, lengths, [res[str(L)][name][metric] for L in lengths], ADAPTIVE_STYLE[name], name, scale, floor)
+
+    for ax, metric, ylabel, skip in ((axes[0, 0], "delta_val_loss_vs_dense", "val loss − dense (paired)", "dense"),
+                                     (axes[0, 1], "delta_val_loss_vs_matched", "val loss − matched (paired)", "matched")):
+        for name in models:
+            if name not in ("dense", skip):
+                by_length(ax, name, metric)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel(ylabel)
+    for name in models:
+        by_length(axes[0, 2], name, "avg_time_per_step", 1000, 0.0)
+        by_length(axes[1, 0], name, "kept_pair_fraction")
+    axes[0, 2].set_ylabel("ms per training step (same run)")
+    axes[1, 0].set_ylabel("selected keys / causal prefix (mean over queries)")
+    if "adaptive" in models:
+        share = [res[str(L)]["adaptive"]["kept_pair_fraction"]["mean"] for L in lengths]
+        spread = [res[str(L)]["adaptive"]["k_std"]["mean"] / ((L + 1) / 2) for L in lengths]
+        axes[1, 0].errorbar(lengths, share, yerr=spread, fmt="none", color=ADAPTIVE_STYLE["adaptive"], capsize=4,
+                            label="adaptive: ± std of k_t")
+        for L in lengths:
+            points = np.array(res[str(L)]["adaptive"]["k_vs_complexity"]).reshape(-1, 3)
+            axes[1, 1].scatter(points[:, 0], points[:, 2] / ((L + 1) / 2), s=12, alpha=0.6, label=f"L={L}")
+            curve = res[str(L)]["adaptive"]["k_curve"]
+            axes[1, 2].plot(curve["steps"], np.array(curve["k_mean"]) / ((L + 1) / 2), "o-", label=f"adaptive L={L}")
+            if "matched" in models:
+                matched = res[str(L)]["matched"]["k_curve"]
+                axes[1, 2].plot(matched["steps"], np.array(matched["k_mean"]) / ((L + 1) / 2), "--", color="gray",
+                                label=f"matched L={L}")
+    axes[1, 1].set_xlabel("complexity the controller measured (window mean)")
+    axes[1, 1].set_ylabel("adaptive: keys / causal prefix (window mean)")
+    axes[1, 1].set_title("chosen k vs complexity (held-out windows, all seeds)")
+    axes[1, 2].set_xlabel("sparse-training step")
+    axes[1, 2].set_ylabel("keys / causal prefix (held-out, mean over seeds)")
+    axes[1, 2].set_title("chosen k over training")
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0]):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.set_xlabel("sequence length L")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    n = len(summary["seeds"])
+    fig.suptitle(f"Adaptive vs fixed sparsity on held-out text — {f'mean ± 95% CI over {n} seeds' if n > 1 else '1 seed'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from adaptive_selection import fit_monotone, normalised_entropy, prefix_share, top_k_per_row
-from sparse_attention import future_mask
+from sparse_attention import check_no_nan, future_mask
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,7 @@ class DynamicSparsityController(nn.Module):
     def forward(self, scores: torch.Tensor):
         L = scores.shape[-1]
         scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
+        check_no_nan(scores)
         decision = self.decide(scores)
         if self.log is not None:
             k = decision.k.float()
