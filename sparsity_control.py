@@ -6,8 +6,9 @@ Causal throughout: for query t of a sequence, in a layer, k_t depends on positio
                               add-alpha unigram count model over the prefix, or the model's own logits when
                               given) and hidden-state variance (over the layer's inputs at positions <= t)
                               -> complexity c_t in [0, 1]
-  AttentionEntropyEstimator   normalised entropy of softmax over the *indexer's* causal scores I[t, :t+1]
-                              (never full attention) -> h_t in [0, 1]
+  AttentionEntropyEstimator   the effective share of the prefix that softmax over the *indexer's* causal
+                              scores I[t, :t+1] spreads over, exp(entropy) / (t+1) (never full attention)
+                              -> h_t in (0, 1]
   AdaptiveKCalculator         demand d_t = w c_t + (1 - w) h_t, share f_t = min_fraction + (max_fraction -
                               min_fraction) d_t, k_t = clamp(ceil(f_t (t+1)^length_exponent), k_min, k_max),
                               then at most t+1
@@ -149,17 +150,20 @@ class ContentComplexityAnalyzer:
 
 
 class AttentionEntropyEstimator:
-    """Entropy of the attention a query will need, estimated from the lightning indexer's causal scores (the
-    indexer is trained so that softmax(I[t, :t+1]) matches the attention distribution): normalised entropy
-    H(softmax(I[t, :t+1])) / log(t+1) in [0, 1] (B, L); with smooth=True its running mean over rows <= t."""
+    """How widely a query's attention spreads, estimated from the lightning indexer's causal scores (the indexer
+    is trained so that softmax(I[t, :t+1]) matches the attention distribution, so no attention is computed): the
+    effective number of keys exp(H(softmax(I[t, :t+1]))) over the prefix length t+1, i.e. (t+1)^(h_t - 1) with
+    h_t the normalised entropy — in (0, 1], 1 for a flat row, 1/(t+1) for a one-hot one (B, L). A share of the
+    prefix, like k_t's, with more range than h_t (a row spread evenly over 10 % of 256 keys has h = 0.58 but
+    share 0.1). With smooth=True: its running mean over rows <= t."""
 
     def __init__(self, smooth: bool = False):
         self.smooth = smooth
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         """scores (B, L, L) with -inf where s > t -> (B, L)."""
-        entropy = normalised_entropy(scores)
-        return running_mean(entropy) if self.smooth else entropy
+        share = _positions(scores.shape[-1], scores.device) ** (normalised_entropy(scores) - 1)
+        return running_mean(share) if self.smooth else share
 
 
 class AdaptiveKCalculator:

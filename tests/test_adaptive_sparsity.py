@@ -79,6 +79,19 @@ def test_unigram_surprise_and_diversity_by_hand():
         analyzer.surprise(ids, torch.randn(1, 4, V + 1))
 
 
+def test_entropy_estimate_is_the_effective_share_of_the_prefix():
+    """A row whose index scores spread evenly over m keys (the rest -inf-like) covers m / (t+1) of the prefix."""
+    scores = torch.full((1, L, L), -1e4).masked_fill(future_mask(L, L, "cpu"), float("-inf"))
+    t = torch.arange(L)
+    m = (t + 1 + 3) // 4  # a quarter of each prefix, rounded up
+    scores[0][torch.arange(L)[None, :] > (t - m)[:, None]] = 0.0  # the last m keys of row t
+    scores = scores.masked_fill(future_mask(L, L, "cpu"), float("-inf"))
+    share = AttentionEntropyEstimator()(scores)[0]
+    torch.testing.assert_close(share, m / (t + 1.0), atol=1e-4, rtol=1e-4)
+    smooth = AttentionEntropyEstimator(smooth=True)(scores)[0]
+    torch.testing.assert_close(smooth, (m / (t + 1.0)).cumsum(0) / (t + 1), atol=1e-4, rtol=1e-4)
+
+
 def test_every_component_is_causal():
     """Changing tokens, index scores and hidden states after position T changes nothing at positions <= T."""
     ids, scores, hidden = _ids(), _scores(), torch.randn(3, L, 16)
