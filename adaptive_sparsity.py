@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -52,18 +53,22 @@ WARMUP_SHARE = 0.5  # the selector of the shared warm-up (it only shapes the war
 
 _WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2, indexer_heads=2,
                indexer_dim=16, indexer_rope_dim=8)
-# Calibration (this 2-core CPU, shared, one torch thread; quick widths, batch 4, gather backend, forward + backward):
+# Calibration (this 2-core CPU, shared, one torch thread; quick widths, batch 4, gather backend, forward + backward
+# alone, a lightly loaded machine):
 # L=256: dense ~0.12 s, sparse 0.22-0.38 s per step; L=1024: dense ~0.8 s (MLA ~1.6 s), fixed25 ~2.5-2.9 s,
-# fixed75 / adaptive ~3.9-4.5 s per step (selection from full index scores + per-row top-k dominates on CPU).
+# fixed75 / adaptive ~3.9-4.5 s per step (per-row top-k over full index scores ~20 %, gather attention over up to
+# 0.75 L keys ~40 % of a sparse step: on CPU every sparse model is slower per step than dense).
 PRESETS = {
-    "quick": dict(  # a small view: L 256, 3 seeds, short stages; about 6 min here (the README has the measured time)
+    "quick": dict(  # a small view: L 256, 3 seeds, short stages (~6 min here; the README has the measured time)
         seq_lens=[256], seeds=[42, 43, 44], **_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=20, steps=30,
         learning_rate=3e-3, eval_every=15, eval_windows=16),
-    "cpu": dict(  # L 256 and 1024, 3 seeds; budget per attention type ~25-30 min here: per seed at L=1024 about
-        # 60 dense x 0.9 s + 20 warm-up x 1.5 s + 20 dense + 5 sparse models x 20 steps x ~3.5 s + evaluations
-        # ~ 500 s, x 3 seeds ~ 25 min, plus L=256 ~ 4 min (run it in the background; it resumes)
-        seq_lens=[256, 1024], seeds=[42, 43, 44], **_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=20,
-        steps=20, learning_rate=3e-3, eval_every=10, eval_windows=16),
+    "cpu": dict(  # L 256 and 1024, 3 seeds, ~30 min per attention type on this loaded CPU (run it in the background;
+        # it resumes). Budget per seed at L=1024, measured under load (~half a core): steps 0.8 s dense, ~2 s
+        # warm-up, ~4 s sparse; an evaluation of 8 windows with recall ~5 s, k profile ~4 s, the CPU peak-memory
+        # probe ~20 s per model (first seed only): 40 + 16 x 2 + 16 x 0.8 + 5 models x (16 x 4 + 2 evals + k) ~ 8 min,
+        # x 3 seeds ~ 25 min, plus L=256 ~ 4 min
+        seq_lens=[256, 1024], seeds=[42, 43, 44], **_WIDTHS, batch_size=4, dense_steps=40, warmup_steps=16,
+        steps=16, learning_rate=3e-3, eval_every=8, eval_windows=8),
     "default": dict(  # the GPU-box preset: the research plan's widths and lengths
         seq_lens=[64, 128, 256, 512, 1024, 2048], seeds=[42, 43, 44], d_model=256, n_heads=8, n_layers=4, d_ff=512,
         num_experts=4, expert_top_k=2, indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, batch_size=8,
@@ -169,8 +174,9 @@ def k_profile(model, val: torch.Tensor, batch_size: int, device) -> dict:
 
 
 def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, warm: dict | None, seed: int,
-                device, k_config: AdaptiveKConfig, budget: float | None) -> dict:
-    """One compared model from the branch point (sparse: from the warm-up) -> its record body."""
+                device, k_config: AdaptiveKConfig, budget: float | None, memory: bool = True) -> dict:
+    """One compared model from the branch point (sparse: from the warm-up) -> its record body. `memory`: measure
+    the step peak memory (NaN otherwise: on CPU the profiler that measures it costs more than the step)."""
     L = cfg.max_seq_len
     build = builder(name, k_config, budget)
     if name == "dense":
@@ -185,7 +191,8 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     final = result["final"]
     final["tokens_per_s"] = tcfg.batch_size * L / final["avg_time_per_step"]
     batch = task.windows.train[:tcfg.batch_size]
-    final["step_peak_memory_mb"] = step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device, mode)
+    final["step_peak_memory_mb"] = (step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device, mode)
+                                    if memory else math.nan)
     record = {"final": final, "curves": result["curves"]}
     if name == "dense":
         keys = (L + 1) / 2
@@ -237,7 +244,8 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
             warm = warm_start(task, cfg, st.train, branch, seed, device, folder, key) if todo != ["dense"] else None
             for name in todo:
                 budget = json.loads((folder / "adaptive.json").read_text())["budget_keys"] if name == "matched" else None
-                run = train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget)
+                memory = device.type == "cuda" or seed == st.seeds[0]  # a property of the shapes: once on CPU
+                run = train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget, memory)
                 atomic_write_json(folder / f"{name}.json", {"config_fingerprint": key, "seq_len": L, "seed": seed,
                                                             "model": name, **run})
         for name in models:

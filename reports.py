@@ -347,7 +347,8 @@ only); *kept*: keys/query over the dense model's (L+1)/2. *MFLOP/tok*: attention
 indexer (analytic, `ablations.attention_flops_per_token` — the MHA formula, also for MLA — and
 `indexer_flops_per_token`). *ms/step*, *tokens/s*: training steps of this run on this machine (compare as ratios);
 every sparse model selects from full index scores and attends with the same backend. *step peak MB*: memory of
-one training step above the resident weights (CUDA: max_memory_allocated; CPU: profiler allocation peak).
+one training step above the resident weights (CUDA: max_memory_allocated; CPU: profiler allocation peak, on the
+first seed only — a property of the shapes, and the profiler costs more than the step).
 *recall*: share of dense attention mass inside the selected set (rows that drop tokens)."""
 
 

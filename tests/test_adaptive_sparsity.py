@@ -250,7 +250,10 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
                 continue
             stat = entry[name][metric]
             assert len(stat["per_seed"]) == 2, (name, metric)
-            assert metric == "peak_memory_mb" or stat["ci95"][0] is not None, (name, metric)  # that one: CUDA only
+            if metric == "step_peak_memory_mb":  # on CPU measured for the first seed only (the profiler is slow)
+                assert stat["per_seed"][0] > 0 and stat["per_seed"][1] is None
+            elif metric != "peak_memory_mb":  # that one is CUDA's allocator peak (NaN on CPU)
+                assert stat["ci95"][0] is not None, (name, metric)
     assert entry["dense"]["delta_val_loss_vs_dense"]["mean"] == 0 and entry["matched"]["time_ratio_vs_matched"]["mean"] == 1
     a, m = entry["adaptive"], entry["matched"]
     assert len(a["k_curve"]["steps"]) == TINY["steps"] and len(a["k_vs_complexity"]) == 2 * TINY["eval_windows"]
