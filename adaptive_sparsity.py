@@ -148,26 +148,30 @@ def warm_start(task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: in
 
 @torch.no_grad()
 def k_profile(model, val: torch.Tensor, batch_size: int, device) -> dict:
-    """The chosen k on the held-out windows (read from each layer's selected slots): mean and spread over every
-    query of every layer, mean per layer; for the adaptive model also one (complexity, entropy, mean k) point per
-    window (means over positions and layers, from the controller's log)."""
+    """The chosen k on the held-out windows (read from each layer's selected slots): mean and spread of k_t over
+    every query of every layer, mean per layer, and mean and spread of the share k_t / (t+1) over the second half
+    of each window (where a share is not forced by the bounds: its spread is what adapts); for the adaptive model
+    also one (complexity, entropy, mean k) point per window (means over positions and layers, from its log)."""
     was_training = model.training
     model.eval()
-    ks, by_layer, points = [], [], []
+    ks, shares, by_layer, points = [], [], [], []
     for inputs, _ in eval_batches(val, batch_size):
         recording = model.recording_k() if isinstance(model, AdaptiveMoELLM) else contextlib.nullcontext({})
         with recording as log:
             _, aux = model(inputs.to(device), return_aux=True)
         k = torch.stack([(layer.selected_idx >= 0).sum(-1) for layer in aux.layers]).float()  # (layers, B, L)
         ks.append(k.flatten(1))
+        L = k.shape[-1]
+        shares.append((k / torch.arange(1, L + 1, device=k.device))[..., L // 2:].flatten(1))
         by_layer.append(k.mean((1, 2)))
         if log:
             records = [log[layer][0] for layer in sorted(log)]
             for b in range(inputs.shape[0]):
                 points.append([sum(r[f][b] for r in records) / len(records) for f in ("complexity", "entropy", "k_mean")])
     model.train(was_training)
-    k = torch.cat(ks, 1)
-    result = {"k_mean": float(k.mean()), "k_std": float(k.std()), "k_by_layer": torch.stack(by_layer).mean(0).tolist()}
+    k, share = torch.cat(ks, 1), torch.cat(shares, 1)
+    result = {"k_mean": float(k.mean()), "k_std": float(k.std()), "k_by_layer": torch.stack(by_layer).mean(0).tolist(),
+              "share_mean": float(share.mean()), "share_std": float(share.std())}
     if points:
         result["k_vs_complexity"] = points
     return result
@@ -196,11 +200,13 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     record = {"final": final, "curves": result["curves"]}
     if name == "dense":
         keys = (L + 1) / 2
-        final.update(k_mean=keys, k_std=float(torch.arange(1.0, L + 1).std()), indexer_flops_per_token=0.0)
+        final.update(k_mean=keys, k_std=float(torch.arange(1.0, L + 1).std()), share_mean=1.0, share_std=0.0,
+                     indexer_flops_per_token=0.0)
     else:
         record["k"] = k_profile(model, task.val, tcfg.batch_size, device)
         keys = record["k"]["k_mean"]
-        final.update(k_mean=keys, k_std=record["k"]["k_std"], indexer_flops_per_token=indexer_flops_per_token(cfg, L))
+        final.update(indexer_flops_per_token=indexer_flops_per_token(cfg, L),
+                     **{m: record["k"][m] for m in ("k_mean", "k_std", "share_mean", "share_std")})
     final.update(kept_pair_fraction=keys / ((L + 1) / 2), attention_flops_per_token=attention_flops_per_token(cfg, keys))
     final["total_flops_per_token"] = final["attention_flops_per_token"] + final["indexer_flops_per_token"]
     if name == "adaptive":  # the budget the matched model is given: keys per query over the sparse stage
@@ -267,8 +273,9 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
 
 # every model and L in summary.json: each {"mean", "ci95", "per_seed"} over seeds
 METRICS = ("val_loss", "val_accuracy", "val_perplexity", "avg_time_per_step", "tokens_per_s", "step_peak_memory_mb",
-           "peak_memory_mb", "process_peak_rss_mb", "k_mean", "k_std", "kept_pair_fraction", "attention_flops_per_token",
-           "indexer_flops_per_token", "total_flops_per_token", "indexer_recall", "random_recall", "local_recall")
+           "peak_memory_mb", "process_peak_rss_mb", "k_mean", "k_std", "share_mean", "share_std", "kept_pair_fraction",
+           "attention_flops_per_token", "indexer_flops_per_token", "total_flops_per_token", "indexer_recall",
+           "random_recall", "local_recall")
 PAIRED = ("delta_val_loss_vs_dense", "delta_val_loss_vs_matched", "time_ratio_vs_dense", "time_ratio_vs_matched")
 
 

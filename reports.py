@@ -343,7 +343,8 @@ def long_context_report(summary: dict, models: list[str]) -> str:
 ADAPTIVE_COLUMNS = """*Δ vs dense / vs matched*: per-seed val-loss difference (every model branches from the same dense weights and
 sees the same batches), mean ± 95 % CI. *keys/query*: mean selected keys per query over every layer, held-out
 windows (dense: (L+1)/2); *k spread*: standard deviation of k_t over those queries (a fixed share varies with t
-only); *kept*: keys/query over the dense model's (L+1)/2. *MFLOP/tok*: attention over the selected keys plus the
+only); *share sd*: standard deviation of k_t / (t+1) over the second half of each window (what adapts; a fixed
+share: rounding only); *kept*: keys/query over the dense model's (L+1)/2. *MFLOP/tok*: attention over the selected keys plus the
 indexer (analytic, `ablations.attention_flops_per_token` — the MHA formula, also for MLA — and
 `indexer_flops_per_token`). *ms/step*, *tokens/s*: training steps of this run on this machine (compare as ratios);
 every sparse model selects from full index scores and attends with the same backend. *step peak MB*: memory of
@@ -354,7 +355,7 @@ first seed only — a property of the shapes, and the profiler costs more than t
 
 def adaptive_sparsity_tables(summary: dict, models: list[str]) -> str:
     """One table per length: quality, paired differences, keys and FLOPs, time and memory per model."""
-    header = ["model", "val loss", "Δ vs dense", "Δ vs matched", "acc %", "keys/query", "k spread", "kept %",
+    header = ["model", "val loss", "Δ vs dense", "Δ vs matched", "acc %", "keys/query", "k spread", "share sd", "kept %",
               "MFLOP/tok", "ms/step", "tokens/s", "step peak MB", "recall"]
     parts = []
     for L, entry in sorted(summary["results"].items(), key=lambda kv: int(kv[0])):
@@ -363,7 +364,8 @@ def adaptive_sparsity_tables(summary: dict, models: list[str]) -> str:
             m = entry[name]
             rows.append([name, fmt_ci(m["val_loss"]), fmt_ci(m.get("delta_val_loss_vs_dense")),
                          fmt_ci(m.get("delta_val_loss_vs_matched")), fmt_ci(m["val_accuracy"], 1, 100),
-                         fmt_ci(m["k_mean"], 1), fmt_ci(m["k_std"], 1), fmt_ci(m["kept_pair_fraction"], 1, 100),
+                         fmt_ci(m["k_mean"], 1), fmt_ci(m["k_std"], 1), fmt_ci(m["share_std"]),
+                         fmt_ci(m["kept_pair_fraction"], 1, 100),
                          fmt_ci(m["total_flops_per_token"], 2, 1e-6), fmt_ci(m["avg_time_per_step"], 0, 1000),
                          fmt_ci(m["tokens_per_s"], 0), fmt_ci(m["step_peak_memory_mb"], 1),
                          fmt_ci(m["indexer_recall"]) if "indexer_recall" in m else "—"])
@@ -406,7 +408,8 @@ def adaptive_sparsity_findings(summary: dict) -> list[str]:
             continue
         a = entry["adaptive"]
         parts = [f"- **L = {L}**: adaptive kept {fmt_ci(a['k_mean'], 1)} keys/query ({fmt_ci(a['kept_pair_fraction'], 1, 100)} % "
-                 f"of the causal prefix, spread {fmt_ci(a['k_std'], 1)})."]
+                 f"of dense's; over the second half of the windows a share k_t/(t+1) of {fmt_ci(a['share_mean'])} "
+                 f"with a spread over queries of {fmt_ci(a['share_std'])})."]
         quality_win = speed_win = False
         if "matched" in entry:
             m, t = entry["matched"], tests.get((int(L), "matched"))
