@@ -221,6 +221,7 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     """Every (L, seed, model) run (read back when finished), then summary.json, the figure and REPORT.md."""
     models = check_models(models)
     st = experiment_settings(preset, overrides)
+    check_plain_dsa(st.model, "adaptive_sparsity")  # refuse a config these models cannot run, before any work
     device = pick_device(st.train.device)
     check_backend_device(st.model.attention_backend, device)
     corpus = load_corpus(st.data)
@@ -230,7 +231,6 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     config_key = {L: {"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
                       "train": dataclasses.asdict(st.train), "adaptive": dataclasses.asdict(st.k_config), **env}
                   for L in st.seq_lens}
-    check_plain_dsa(base, "adaptive_sparsity")  # refuse a config these models cannot run, before any training
     expected = {}
     for L in st.seq_lens:
         key = fingerprint(config_key[L])
