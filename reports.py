@@ -411,6 +411,7 @@ def adaptive_sparsity_findings(summary: dict) -> list[str]:
                  f"of dense's; over the second half of the windows a share k_t/(t+1) of {fmt_ci(a['share_mean'])} "
                  f"with a spread over queries of {fmt_ci(a['share_std'])})."]
         quality_win = speed_win = False
+        quality, speed = "not tested", "not measured"
         if "matched" in entry:
             m, t = entry["matched"], tests.get((int(L), "matched"))
             ratio = _paired_ratio(a["avg_time_per_step"], m["avg_time_per_step"])
@@ -419,6 +420,7 @@ def adaptive_sparsity_findings(summary: dict) -> list[str]:
                          f"{fmt_ci(a['delta_val_loss_vs_matched'])} ({t['verdict'] if t else 'not tested'}); "
                          f"time per step adaptive / matched = {fmt_ci(ratio, 2)}.")
             quality_win = bool(t) and t["verdict"] == "adaptive better"
+            quality = t["verdict"] if t else quality
         if (int(L), "best_fixed") in tests:
             t = tests[(int(L), "best_fixed")]
             best = entry[t["rival"]]
@@ -427,11 +429,13 @@ def adaptive_sparsity_findings(summary: dict) -> list[str]:
                          f"Δ val loss {fmt_ci(t['delta_val_loss'])} ({t['verdict']}), time per step ratio "
                          f"{fmt_ci(ratio, 2)}.")
             speed_win = ratio["ci95"][1] is not None and ratio["ci95"][1] < 1
+            speed = "faster" if speed_win else "not faster (paired 95 % CI of the time ratio reaches 1 or above)"
         verdict = ("supported (better at equal budget and faster than the best fixed share)" if quality_win and speed_win
                    else "partly: better at equal budget, not faster than the best fixed share" if quality_win
                    else "partly: faster than the best fixed share, not better at equal budget" if speed_win
                    else "not supported")
-        parts.append(f"Hypothesis at this length: **{verdict}**.")
+        parts.append(f"Hypothesis at this length: **{verdict}** (quality at equal budget: {quality}; speed against the "
+                     f"best fixed share: {speed}).")
         lines.append(" ".join(parts))
     return lines
 
