@@ -60,15 +60,17 @@ def run_environment(device: torch.device) -> dict:
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": "float32"}
 
 
-def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
+def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
+                        mode=None) -> float:
     """Peak memory of one sparse training step (forward + backward, gradients included) above what was
     allocated before it, in MB; the same definition on both devices. CUDA: max_memory_allocated. CPU: the
     running sum of tensor allocations and frees recorded by the torch profiler (an allocation peak like
-    tracemalloc's; not the process RSS high-water mark, which never goes down)."""
+    tracemalloc's; not the process RSS high-water mark, which never goes down). `mode`: what the step computes
+    (default sparse attention + the sparse indexer KL; sparse_attention.DENSE for a classic model)."""
     import torch.nn.functional as F
 
     from sparse_attention import AttentionMode
-    mode = AttentionMode(sparse=True, indexer_loss="sparse")
+    mode = AttentionMode(sparse=True, indexer_loss="sparse") if mode is None else mode
     was_training = model.training
     model.train()
     model.zero_grad(set_to_none=True)
@@ -77,7 +79,7 @@ def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, devi
     def step():
         logits, aux = model(inputs, mode, return_aux=True)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + aux.balance_loss
-        (loss + aux.indexer_loss).backward()
+        (loss + aux.indexer_loss if mode.indexer_loss else loss).backward()
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

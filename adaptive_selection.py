@@ -105,7 +105,7 @@ class AdaptiveKSelector(nn.Module):
         B, L = scores.shape[:2]
         prefix = torch.arange(1, L + 1, device=scores.device, dtype=torch.float32).expand(B, L)  # t+1
         if self.strategy == "ratio":
-            k = torch.ceil(self.ratio * prefix - 1e-6)
+            k = prefix_share(prefix, self.ratio)
         elif self.strategy.startswith("progressive"):
             k = torch.full_like(prefix, self.scheduled_k())
         elif self.strategy == "position":
@@ -145,12 +145,22 @@ def match_budget(k: torch.Tensor, top_k: int, positional: bool = False) -> torch
     def keys(c):
         return torch.minimum(torch.round(c * row).clamp_min(1), prefix)
 
-    lo, hi = 0.0, float(prefix[-1]) / float(row.min())
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if keys(mid).mean() < target.mean() else (lo, mid)
-    best = min((lo, hi), key=lambda c: abs(float(keys(c).mean() - target.mean())))
+    best = fit_monotone(lambda c: float(keys(c).mean()), float(target.mean()), 0.0, float(prefix[-1]) / float(row.min()))
     return keys(best).long().expand_as(k)
+
+
+def prefix_share(prefix: torch.Tensor, ratio: float) -> torch.Tensor:
+    """k_t = ceil(ratio * (t+1)) for prefix = t+1 (any shape, float); 1e-6 keeps exact products from rounding up."""
+    return torch.ceil(ratio * prefix - 1e-6)
+
+
+def fit_monotone(mean_of, target: float, lo: float, hi: float, iterations: int = 50) -> float:
+    """The argument c in [lo, hi] of a non-decreasing (step) function `mean_of(c)` whose value is closest to
+    `target`, by bisection (the two ends of the last bracket are compared)."""
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_of(mid) < target else (lo, mid)
+    return min((lo, hi), key=lambda c: abs(mean_of(c) - target))
 
 
 def top_k_per_row(scores: torch.Tensor, row_k: torch.Tensor):

@@ -276,3 +276,78 @@ def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+ADAPTIVE_STYLE = {"dense": "tab:blue", "fixed25": "tab:green", "fixed50": "tab:olive", "fixed75": "tab:brown",
+                  "adaptive": "tab:red", "matched": "tab:purple"}
+
+
+def _errorbars(ax, lengths, stats, color, label, offset: float = 0.0, scale: float = 1.0, spread=None):
+    """Means vs L with 95 % CI error bars (or `spread`: per-L half-widths), x nudged by 2**offset (log axis)."""
+    x = [L * 2 ** offset for L in lengths]
+    mean = np.array([s["mean"] * scale if s["mean"] is not None else np.nan for s in stats])
+    if spread is not None:
+        err = np.array([spread, spread]) * scale
+    elif all(s["ci95"][0] is not None for s in stats):
+        err = np.abs(np.array([[s["ci95"][0] * scale for s in stats], [s["ci95"][1] * scale for s in stats]]) - mean)
+    else:
+        err = None
+    ax.errorbar(x, mean, yerr=err, fmt="o-", color=color, label=label, capsize=3)
+
+
+def adaptive_sparsity(summary: dict, models: list[str], path: str | Path) -> None:
+    """2x3 for the adaptive-sparsity experiment, vs L (mean, 95 % CI error bars over seeds, models nudged apart):
+    val loss − dense and − matched (paired by seed), time per step, the share k_t / (t+1) kept over the second half
+    of the windows (error bars: its spread over queries, what adapts); the adaptive model's kept share vs the
+    complexity it measured (one point per held-out window) and its kept share over training."""
+    res = summary["results"]
+    lengths = sorted(int(L) for L in res)
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    offsets = {name: 0.04 * (i - (len(models) - 1) / 2) for i, name in enumerate(models)}
+
+    def by_length(ax, name, metric, scale=1.0, spread=None):
+        if all(metric in res[str(L)][name] for L in lengths):
+            _errorbars(ax, lengths, [res[str(L)][name][metric] for L in lengths], ADAPTIVE_STYLE[name], name,
+                       offsets[name], scale, spread)
+
+    for ax, metric, ylabel, skip in ((axes[0, 0], "delta_val_loss_vs_dense", "val loss − dense (paired)", "dense"),
+                                     (axes[0, 1], "delta_val_loss_vs_matched", "val loss − matched (paired)", "matched")):
+        for name in models:
+            if name not in ("dense", skip):
+                by_length(ax, name, metric)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel(ylabel)
+    for name in models:
+        by_length(axes[0, 2], name, "avg_time_per_step", 1000)
+        by_length(axes[1, 0], name, "share_mean", spread=[res[str(L)][name]["share_std"]["mean"] for L in lengths])
+    axes[0, 2].set_ylabel("ms per training step (same run)")
+    axes[1, 0].set_ylabel("k_t / (t+1), second half of the windows (bars: spread)")
+    if "adaptive" in models:
+        for L in lengths:
+            points = np.array(res[str(L)]["adaptive"]["k_vs_complexity"]).reshape(-1, 3)
+            axes[1, 1].scatter(points[:, 0], points[:, 2] / ((L + 1) / 2), s=12, alpha=0.6, label=f"L={L}")
+            curve = res[str(L)]["adaptive"]["k_curve"]
+            axes[1, 2].plot(curve["steps"], np.array(curve["k_mean"]) / ((L + 1) / 2), "o-", label=f"adaptive L={L}")
+            if "matched" in models:
+                matched = res[str(L)]["matched"]["k_curve"]
+                axes[1, 2].plot(matched["steps"], np.array(matched["k_mean"]) / ((L + 1) / 2), "--", color="gray",
+                                label=f"matched L={L}")
+    axes[1, 1].set_xlabel("complexity the controller measured (window mean)")
+    axes[1, 1].set_ylabel("adaptive: keys / dense keys (window mean)")
+    axes[1, 1].set_title("chosen k vs complexity (held-out windows, all seeds)")
+    axes[1, 2].set_xlabel("sparse-training step")
+    axes[1, 2].set_ylabel("keys / dense keys (held-out, mean over seeds)")
+    axes[1, 2].set_title("chosen k over training")
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0]):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.set_xlabel("sequence length L")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    n = len(summary["seeds"])
+    fig.suptitle(f"Adaptive vs fixed sparsity on held-out text — {f'mean ± 95% CI over {n} seeds' if n > 1 else '1 seed'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,7 +4,7 @@ Everything here reads summaries (dicts of mean_ci95 stats, as written to summary
 """
 from __future__ import annotations
 
-from results_io import holm, paired_t_pvalue
+from results_io import holm, mean_ci95, paired_t_pvalue
 
 ALPHA = 0.05
 
@@ -335,5 +335,156 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "",
         "Figures: `long_context.png` (paired differences, MQAR accuracy, time per step, recall by distance), "
         "`mqar_accuracy_by_distance.png`.",
+        "",
+    ])
+
+
+# ----------------------------------------------------------------------------- adaptive sparsity
+ADAPTIVE_COLUMNS = """*Δ vs dense / vs matched*: per-seed val-loss difference (every model branches from the same dense weights and
+sees the same batches), mean ± 95 % CI. *keys/query*: mean selected keys per query over every layer, held-out
+windows (dense: (L+1)/2); *k spread*: standard deviation of k_t over those queries (a fixed share varies with t
+only); *share sd*: standard deviation of k_t / (t+1) over the second half of each window (what adapts; a fixed
+share: rounding only); *kept*: keys/query over the dense model's (L+1)/2. *MFLOP/tok*: attention over the selected keys plus the
+indexer (analytic, `ablations.attention_flops_per_token` — the MHA formula, also for MLA — and
+`indexer_flops_per_token`). *ms/step*, *tokens/s*: training steps of this run on this machine (compare as ratios);
+every sparse model selects from full index scores and attends with the same backend. *step peak MB*: memory of
+one training step above the resident weights (CUDA: max_memory_allocated; CPU: profiler allocation peak, on the
+first seed only — a property of the shapes, and the profiler costs more than the step).
+*recall*: share of dense attention mass inside the selected set (rows that drop tokens)."""
+
+
+def adaptive_sparsity_tables(summary: dict, models: list[str]) -> str:
+    """One table per length: quality, paired differences, keys and FLOPs, time and memory per model."""
+    header = ["model", "val loss", "Δ vs dense", "Δ vs matched", "acc %", "keys/query", "k spread", "share sd", "kept %",
+              "MFLOP/tok", "ms/step", "tokens/s", "step peak MB", "recall"]
+    parts = []
+    for L, entry in sorted(summary["results"].items(), key=lambda kv: int(kv[0])):
+        rows = []
+        for name in models:
+            m = entry[name]
+            rows.append([name, fmt_ci(m["val_loss"]), fmt_ci(m.get("delta_val_loss_vs_dense")),
+                         fmt_ci(m.get("delta_val_loss_vs_matched")), fmt_ci(m["val_accuracy"], 1, 100),
+                         fmt_ci(m["k_mean"], 1), fmt_ci(m["k_std"], 1), fmt_ci(m["share_std"]),
+                         fmt_ci(m["kept_pair_fraction"], 1, 100),
+                         fmt_ci(m["total_flops_per_token"], 2, 1e-6), fmt_ci(m["avg_time_per_step"], 0, 1000),
+                         fmt_ci(m["tokens_per_s"], 0), fmt_ci(m["step_peak_memory_mb"], 1),
+                         fmt_ci(m["indexer_recall"]) if "indexer_recall" in m else "—"])
+        budget = ""
+        if "matched" in entry:
+            budget = (f" — matched share {fmt_ci(entry['matched']['fraction'])} of the prefix for adaptive's budget of "
+                      f"{fmt_ci(entry['adaptive']['budget_keys'], 1)} keys/query")
+        parts.append(f"### L = {L}{budget}\n\n" + markdown_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def adaptive_sparsity_significance(summary: dict) -> str:
+    """The paired tests of adaptive vs the best fixed share and vs matched, Holm-corrected, as a table + count."""
+    sig = summary["significance"]
+    if not sig["tests"]:
+        return "No significance test (no adaptive model in this run)."
+    rows = [[t["L"], f"{t['vs']} ({t['rival']})", fmt_ci(t["delta_val_loss"]),
+             "n/a" if t["p"] is None else f"{t['p']:.3g}", "n/a" if t["p_holm"] is None else f"{t['p_holm']:.3g}",
+             t["verdict"]] for t in sig["tests"]]
+    head = (f"{sig['n_tests']} paired t-test(s) of adaptive's per-seed val loss against its rival, Holm-Bonferroni "
+            f"corrected across all of them, family-wise alpha = {sig['alpha']}."
+            if sig["n_tests"] else "One seed: the comparisons cannot be tested (run more seeds).")
+    return head + "\n\n" + markdown_table(["L", "adaptive vs", "Δ val loss (adaptive − rival)", "p", "p (Holm)",
+                                           "verdict"], rows)
+
+
+def _paired_ratio(a: dict, b: dict) -> dict:
+    """mean ± CI of the per-seed ratio a/b of two mean_ci95 stats over the same seeds."""
+    return mean_ci95([x / y for x, y in zip(a["per_seed"], b["per_seed"])])
+
+
+def adaptive_sparsity_findings(summary: dict) -> list[str]:
+    """The plan's hypothesis — adaptive beats fixed sparsity in both training speed and quality — per length,
+    from the data: quality at the same budget (vs matched) and vs the best fixed share (Holm-corrected tests),
+    speed as paired time-per-step ratios, and whether the budget matching held."""
+    tests = {(t["L"], t["vs"]): t for t in summary["significance"]["tests"]}
+    lines = []
+    for L, entry in sorted(summary["results"].items(), key=lambda kv: int(kv[0])):
+        if "adaptive" not in entry:
+            continue
+        a = entry["adaptive"]
+        parts = [f"- **L = {L}**: adaptive kept {fmt_ci(a['k_mean'], 1)} keys/query ({fmt_ci(a['kept_pair_fraction'], 1, 100)} % "
+                 f"of dense's; over the second half of the windows a share k_t/(t+1) of {fmt_ci(a['share_mean'])} "
+                 f"with a spread over queries of {fmt_ci(a['share_std'])})."]
+        quality_win = speed_win = False
+        quality, speed = "not tested", "not measured"
+        if "matched" in entry:
+            m, t = entry["matched"], tests.get((int(L), "matched"))
+            ratio = _paired_ratio(a["avg_time_per_step"], m["avg_time_per_step"])
+            parts.append(f"Budget matching: matched kept {fmt_ci(m['k_mean'], 1)} keys/query (share "
+                         f"{fmt_ci(m['fraction'])}). At that budget adaptive − matched val loss = "
+                         f"{fmt_ci(a['delta_val_loss_vs_matched'])} ({t['verdict'] if t else 'not tested'}); "
+                         f"time per step adaptive / matched = {fmt_ci(ratio, 2)}.")
+            quality_win = bool(t) and t["verdict"] == "adaptive better"
+            quality = t["verdict"] if t else quality
+        if (int(L), "best_fixed") in tests:
+            t = tests[(int(L), "best_fixed")]
+            best = entry[t["rival"]]
+            ratio = _paired_ratio(a["avg_time_per_step"], best["avg_time_per_step"])
+            parts.append(f"Against the best fixed share ({t['rival']}, {fmt_ci(best['k_mean'], 1)} keys/query): "
+                         f"Δ val loss {fmt_ci(t['delta_val_loss'])} ({t['verdict']}), time per step ratio "
+                         f"{fmt_ci(ratio, 2)}.")
+            speed_win = ratio["ci95"][1] is not None and ratio["ci95"][1] < 1
+            speed = "faster" if speed_win else "not faster (paired 95 % CI of the time ratio reaches 1 or above)"
+        verdict = ("supported (better at equal budget and faster than the best fixed share)" if quality_win and speed_win
+                   else "partly: better at equal budget, not faster than the best fixed share" if quality_win
+                   else "partly: faster than the best fixed share, not better at equal budget" if speed_win
+                   else "not supported")
+        parts.append(f"Hypothesis at this length: **{verdict}** (quality at equal budget: {quality}; speed against the "
+                     f"best fixed share: {speed}).")
+        lines.append(" ".join(parts))
+    return lines
+
+
+def adaptive_sparsity_report(summary: dict, models: list[str]) -> str:
+    """REPORT.md of run_experiment.py --experiment adaptive_sparsity, from its summary.json."""
+    cfg = next(iter(summary["config"].values()))
+    m, t, k = cfg["model"], cfg["train"], cfg["adaptive"]
+    seeds = summary["seeds"]
+    warm = [f"L={L}: {fmt_ci(e['warmup']['recall_after'])} (random {fmt_ci(e['warmup']['random_recall'])}, last-k "
+            f"{fmt_ci(e['warmup']['local_recall'])})" for L, e in sorted(summary["results"].items(), key=lambda kv: int(kv[0]))
+            if "warmup" in e]
+    return "\n".join([
+        "# Adaptive sparsity (research plan Experiment 3)",
+        "",
+        "**Hypothesis (the plan's):** adaptive sparsity that adjusts to sequence characteristics (length, content "
+        "complexity, attention entropy) outperforms fixed sparsity in both training speed and model quality.",
+        "",
+        f"Models ({', '.join(models)}): `dense` continues dense training; `fixedP` keeps k_t = ceil(P % · (t+1)) keys "
+        "for query t; `adaptive` sets k_t per query, sequence and layer from the prefix only — complexity (token "
+        "diversity, a unigram-count perplexity estimate, hidden-state variance) and the entropy of the indexer's "
+        f"scores: share = {k['min_fraction']} + ({k['max_fraction']} − {k['min_fraction']}) · (w·complexity + (1−w)·entropy), "
+        f"w = {k['complexity_weight']}, k_t in [{k['k_min']}, {k['k_max'] or 't+1'}]; `matched` keeps a fixed share "
+        "chosen so that its mean keys per query equals adaptive's measured mean of the same seed (the budget-matched "
+        "comparison: without it, better could just mean kept more).",
+        "",
+        f"Every model starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), sparse "
+        f"models from one shared indexer warm-up ({t['warmup_steps']} steps, dense KL, main model frozen), then "
+        f"{t['steps']} steps on the same batches, batch {t['batch_size']}. Model: {m['attention_type'].upper()}, d_model "
+        f"{m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, {m['num_experts']} experts top-{m['expert_top_k']}, "
+        f"indexer {m['indexer_heads']}×{m['indexer_dim']}, backend `{m['attention_backend']}`. Data: `{cfg['dataset']}` "
+        f"(held-out documents for validation). Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI'}).",
+        "",
+        "Indexer recall after the shared warm-up (fixed 50 % selection): " + ("; ".join(warm) if warm else "n/a") + ".",
+        "",
+        "## Findings (computed from the data)",
+        "",
+        *adaptive_sparsity_findings(summary),
+        "",
+        "## Significance",
+        "",
+        adaptive_sparsity_significance(summary),
+        "",
+        "## Tables",
+        "",
+        ADAPTIVE_COLUMNS,
+        "",
+        adaptive_sparsity_tables(summary, models),
+        "",
+        "![adaptive sparsity](adaptive_sparsity.png)",
         "",
     ])

@@ -28,14 +28,14 @@ CONFIG: dict = {
     # "indexer_heads": 2, "learning_rate": 1e-3, "attention_backend": "gather"
 }
 
-EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context")
+EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity")
 OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", default="sparse_vs_classic", choices=EXPERIMENTS)
-    p.add_argument("--preset", default="default", help="quick | default (long_context also: cpu)")
+    p.add_argument("--preset", default="default", help="quick | default (long_context, adaptive_sparsity also: cpu)")
     p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
     p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
     p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mha, or mla: DeepSeek's multi-head latent attention (DSA then runs in MQA mode)")
     p.add_argument("--task", nargs="+", choices=("lm", "mqar"), help="long_context tasks (default: lm mqar)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="long_context models: dense dsa local random block (default: dense dsa local random)")
+                   help="long_context models: dense dsa local random block (default: dense dsa local random); "
+                        "adaptive_sparsity models: dense fixed25 fixed50 fixed75 adaptive matched (default: all)")
     p.add_argument("--backend", dest="attention_backend", help="sparse attention backend (masked, gather, ...)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dataset", help="'shakespeare', a local path, or a hub dataset name")
@@ -263,6 +264,15 @@ def main(argv=None) -> int:
             long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
                                           args.models or list(long_context.DEFAULT_MODELS), overrides, out,
                                           args.overwrite)
+            print(f"wall time {time.perf_counter() - t0:.0f} s")
+            return
+        if args.experiment == "adaptive_sparsity":
+            import adaptive_sparsity
+            t0 = time.perf_counter()
+            out = Path(overrides.pop("out", f"results/adaptive_sparsity/{overrides.get('attention_type', 'mha')}"))
+            check_experiment(out, "adaptive_sparsity")
+            adaptive_sparsity.run_adaptive_sparsity(args.preset, args.models or list(adaptive_sparsity.MODELS),
+                                                    overrides, out, args.overwrite)
             print(f"wall time {time.perf_counter() - t0:.0f} s")
             return
         if args.experiment == "indexer_optimization":

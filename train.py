@@ -54,10 +54,11 @@ def build_model_pair(cfg: ModelConfig, seed: int, device: torch.device):
     return classic.to(device), sparse_from_state(cfg, classic.state_dict(), seed).to(device)
 
 
-def sparse_from_state(cfg: ModelConfig, state: dict, seed: int) -> SparseAttentionMoELLM:
-    """A sparse model holding every shared weight of `state`; its indexers get their own seeded init."""
+def sparse_from_state(cfg: ModelConfig, state: dict, seed: int, build=SparseAttentionMoELLM) -> SparseAttentionMoELLM:
+    """A sparse model holding every shared weight of `state`; its indexers get their own seeded init.
+    `build(cfg)` makes the model (any SparseAttentionMoELLM subclass with its parameter names)."""
     torch.manual_seed(seed + 1_000_003)
-    sparse = SparseAttentionMoELLM(cfg)
+    sparse = build(cfg)
     missing, unexpected = sparse.load_state_dict(state, strict=False)
     assert not unexpected and all(".indexer." in k for k in missing), (missing, unexpected)
     return sparse

@@ -1,6 +1,7 @@
 """Imports only point down: every project module sits in a declared layer and imports nothing above it
 (function-level imports included), there is no import cycle, and no module imports a runner script."""
 import ast
+import re
 
 from conftest import ROOT
 
@@ -10,8 +11,9 @@ LAYERS = [
     ("reference", ["sparse_attention"]),
     ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
     ("backends", ["backends"]),
-    ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
-    ("models", ["models", "hf_interop"]),
+    ("variants", ["quantization_utils", "adaptive_selection", "sparsity_control", "efficient_patterns",
+                  "optimized_indexers"]),
+    ("models", ["models", "adaptive_models", "hf_interop"]),
     ("decoding", ["decode"]),
     ("data and training", ["data", "train"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
@@ -86,3 +88,15 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     tree = ast.parse("def f():\n    import models\n")
     assert imported_project_modules(tree, {"models"}) == {"models"}  # a function-level import counts
     assert LAYER_OF["models"] > LAYER_OF["sparse_attention"]
+
+
+def test_readme_layout_and_packaging_name_every_module():
+    """The README's layout list and pyproject's py-modules name every module of LAYERS (and only those)."""
+    declared = {m for _, modules in LAYERS for m in modules} & set(project_modules())
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    missing = sorted(m for m in declared if f"`{m}.py`" not in layout)
+    assert not missing, f"README ## Layout does not name: {missing}"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"(\w+)"', pyproject[pyproject.index("py-modules"):pyproject.index("]", pyproject.index("py-modules"))]))
+    assert listed == declared, f"pyproject py-modules differs: missing {sorted(declared - listed)}, extra {sorted(listed - declared)}"

@@ -2,9 +2,11 @@
 import pytest
 import torch
 
+from adaptive_models import AdaptiveMoELLM, FixedSparseMoELLM
 from config import CPU_TRAINABLE_BACKENDS
 from conftest import tiny_model_config
 from models import ClassicAttentionMoELLM, MoEFeedForward, SparseAttentionMoELLM
+from sparsity_control import AdaptiveKConfig
 from sparse_attention import DENSE, AttentionMode
 from train import build_model_pair
 
@@ -31,6 +33,23 @@ def test_sparse_model_is_causal(backend, k):
     torch.manual_seed(0)
     model = SparseAttentionMoELLM(tiny_model_config(sparse_top_k=k, attention_backend=backend)).eval()
     _assert_causal(model)
+
+
+ADAPTIVE_BUILDS = {"adaptive": lambda c: AdaptiveMoELLM(c, AdaptiveKConfig(k_min=1)),
+                   "adaptive_k_min_3L": lambda c: AdaptiveMoELLM(c, AdaptiveKConfig(k_min=3 * L)),
+                   "fixed25": lambda c: FixedSparseMoELLM(c, 0.25), "fixed100": lambda c: FixedSparseMoELLM(c, 1.0),
+                   "matched": lambda c: FixedSparseMoELLM(c, mean_keys=5.0)}
+MLA_DIMS = dict(q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+
+
+@pytest.mark.parametrize("attention_type", ["mha", "mla"])
+@pytest.mark.parametrize("backend", ["masked", "gather"])
+@pytest.mark.parametrize("name", ADAPTIVE_BUILDS)
+def test_adaptive_and_fixed_share_models_are_causal(name, backend, attention_type):
+    torch.manual_seed(0)
+    cfg = tiny_model_config(attention_backend=backend, attention_type=attention_type,
+                            **(MLA_DIMS if attention_type == "mla" else {}))
+    _assert_causal(ADAPTIVE_BUILDS[name](cfg).eval())
 
 
 def test_classic_model_and_dense_mode_are_causal():
