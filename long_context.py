@@ -66,12 +66,12 @@ PRESETS = {
     },
     "cpu": {  # the full CPU study: L 256..2048, 3 seeds, both tasks (resumable; run it in the background)
         # measured on 2 cores at L=2048, batch 4: dense 0.55 s/step, dsa 0.87, local 0.57, random 0.74;
-        # mqar batches hold batch_tokens tokens (16 sequences at 256 ... 2 at 2048) so a step costs the same at every L
+        # mqar batches hold batch_tokens tokens (8 sequences at 256 ... 2 at 1024 and 2048) so a step costs about the same
         "seeds": [42, 43, 44], "top_k": 64,
         "lm": dict(seq_lens=[256, 512, 1024, 2048], **_LM_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=60,
                    steps=100, learning_rate=3e-3, eval_every=50, eval_windows=16),
-        "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=4096,
-                     curriculum_steps=3600, dense_steps=100, warmup_steps=60, steps=100, learning_rate=3e-3,
+        "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=2048,
+                     curriculum_steps=3600, dense_steps=80, warmup_steps=40, steps=80, learning_rate=3e-3,
                      eval_every=100, eval_windows=128),
     },
     "default": {  # the GPU-box preset: the research plan's widths, L up to 8192
