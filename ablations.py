@@ -8,7 +8,6 @@ back on resume. `aggregate` turns the records into per-variant statistics; repor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import random
@@ -17,7 +16,8 @@ from pathlib import Path
 import torch
 
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from results_io import atomic_save_torch, atomic_write_json, check_stale, fingerprint, mean_ci95
+from results_io import (atomic_save_torch, atomic_write_json, check_stale, fingerprint, load_torch, mean_ci95,
+                        read_json)
 
 
 # ----------------------------------------------------------------------------- analytic costs
@@ -192,7 +192,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
     for L, seed, name, cfg, key in tqdm(jobs, desc="ablation runs"):
         path = record_path(out, name, L, seed)
         if path.exists() and path not in stale:
-            records.append(json.loads(path.read_text()))
+            records.append(read_json(path))
             finished.setdefault((key, seed), records[-1])
             continue
         if (key, seed) in finished:  # same config, same seed under another name (e.g. a combination = a quant.)
@@ -200,7 +200,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
             record = {**twin, "ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
                       "ablation_config": variants[name], "same_run_as": twin["ablation_name"]}
             atomic_write_json(path, record)
-            records.append(json.loads(path.read_text()))
+            records.append(read_json(path))
             continue
         windows = build_windows(corpus, L)
         if (L, seed) not in branches:
@@ -224,7 +224,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
                   "ablation_config": variants[name], "sequence_length": L, "seed": seed, "metrics": metrics,
                   "curves": result["curves"], "config_fingerprint": key, "environment": env}
         atomic_write_json(path, record)
-        records.append(json.loads(path.read_text()))
+        records.append(read_json(path))
         finished[(key, seed)] = records[-1]
     return records
 
@@ -241,7 +241,7 @@ def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, devic
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_torch(path, device, fix="delete it (the branch point is retrained)")
     classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device)
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)

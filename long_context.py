@@ -18,7 +18,6 @@ mqar_accuracy_by_distance.png and REPORT.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -32,7 +31,8 @@ import plots
 import reports
 from config import DataConfig, ModelConfig, TrainConfig, build_configs
 from data import BatchStream, build_windows, eval_subset, load_corpus
-from results_io import atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, mean_ci95
+from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, load_torch,
+                        mean_ci95, read_json)
 from sparse_attention import AttentionMode, kept_pair_fraction
 from train import (check_backend_device, dense_stage, evaluate, pick_device, run_stage, sparse_from_state,
                    sparse_stage, warmup_stage)
@@ -169,7 +169,7 @@ def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed:
     """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model (MQAR: a
     short-length curriculum first). Cached in `path` so a resumed run branches from the same weights."""
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_torch(path, device, fix="delete it (the branch point is retrained)")
     from models import ClassicAttentionMoELLM
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg).to(device)
@@ -268,11 +268,11 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
                                                             "model": name, **run})
         for name in models:
             records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = \
-                json.loads((folder / f"{name}.json").read_text())
+                read_json(folder / f"{name}.json")
     summary = summarise(records, settings, models, config_key)
     summary["wall_time_s"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", summary)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     plots.long_context(summary, models, out / "long_context.png")
     if "mqar" in summary["results"]:
         plots.mqar_accuracy_by_distance(summary, models, out / "mqar_accuracy_by_distance.png")

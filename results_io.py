@@ -1,6 +1,7 @@
-"""Run plumbing shared by every runner: config fingerprints, atomic JSON/text/torch saves, the refusal to
-mix finished runs made with another config, one-line CLI errors (`OneLineArgumentParser`, `run_cli`),
-and mean with a 95 % confidence interval over seeds. Layer 1: imports only the standard library and torch.
+"""Run plumbing shared by every runner: config fingerprints, atomic JSON/text/torch saves, reading them back
+(a truncated or corrupt file is one line naming it and the fix), the refusal to mix finished runs made with
+another config, one-line CLI errors (`OneLineArgumentParser`, `run_cli`), and mean with a 95 % confidence
+interval over seeds. Layer 1: imports only the standard library and torch.
 """
 from __future__ import annotations
 
@@ -126,6 +127,44 @@ def atomic_save_torch(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+class CorruptFile(ValueError):
+    """A results/checkpoint file that cannot be read back (half-written, truncated, not what it should be)."""
+
+    def __init__(self, path: Path, detail: str, fix: str):
+        super().__init__(f"{path} is truncated or corrupt ({detail}); {fix}")
+        self.path = path
+
+
+RECORD_FIX = "delete it or pass --overwrite (only that run is redone; the other finished runs are kept)"
+
+
+def read_json(path: str | Path, fix: str = RECORD_FIX) -> dict:
+    """The JSON object in `path`; a truncated/corrupt file raises CorruptFile (a ValueError) naming the path
+    and `fix` — never a bare "Expecting ':' delimiter"."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFile(path, f"{e.msg} at line {e.lineno} column {e.colno}", fix) from None
+    except UnicodeDecodeError:
+        raise CorruptFile(path, "not UTF-8 text", fix) from None
+    if not isinstance(obj, dict):
+        raise CorruptFile(path, f"a JSON {type(obj).__name__}, not an object", fix)
+    return obj
+
+
+def load_torch(path: str | Path, map_location=None, fix: str = "delete it (it is recomputed)"):
+    """torch.load(weights_only=True) of a file written by atomic_save_torch; a truncated/corrupt file raises
+    CorruptFile (a ValueError) naming the path and `fix`."""
+    import torch
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)  # never runs code from the file
+    except Exception as e:  # a truncated zip, an unpickling error, a foreign file: all one line for the user
+        lines = str(e).strip().splitlines()
+        raise CorruptFile(path, f"{type(e).__name__}: {lines[0][:120]}" if lines else type(e).__name__, fix) from None
+
+
 def _clean(obj):
     """NaN/inf -> None so the JSON stays standard."""
     if isinstance(obj, float):
@@ -141,9 +180,22 @@ def _clean(obj):
 def check_stale(out: str | Path, expected: Mapping[Path, str], overwrite: bool) -> list[Path]:
     """The run records among `expected` ({record path: fingerprint of the config it must have been made
     with}) that exist with another `config_fingerprint`. Refuses (ValueError) if there are any and
-    `overwrite` is false: finished runs are never silently mixed with or replaced by another config's."""
-    stale = [p for p, key in expected.items()
-             if p.exists() and json.loads(p.read_text()).get("config_fingerprint") != key]
+    `overwrite` is false: finished runs are never silently mixed with or replaced by another config's. A
+    truncated/corrupt record is refused naming it (CorruptFile), or with `overwrite` deleted alone (not returned)."""
+    stale = []
+    for p, key in expected.items():
+        if not p.exists():
+            continue
+        try:
+            found = read_json(p).get("config_fingerprint")
+        except CorruptFile:
+            if not overwrite:
+                raise
+            p.unlink()  # only this run is redone; every other finished run is kept
+            print(f"removed the corrupt run record {p} (--overwrite): that run is redone", file=sys.stderr)
+            continue
+        if found != key:
+            stale.append(p)
     if stale and not overwrite:
         raise ValueError(f"{out} holds {len(stale)} finished run(s) made with a different config "
                          f"(e.g. {stale[0]}); use another --out or pass --overwrite to replace them")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import reports
 from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
-                        mean_ci95, run_cli)
+                        mean_ci95, read_json, run_cli)
 from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
@@ -105,7 +104,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
         record_path = out / f"seq_{L}" / "runs" / f"seed_{seed}.json"
         key = fingerprint(configs[L])
         if record_path.exists():
-            record = json.loads(record_path.read_text())
+            record = read_json(record_path)
             print(f"L={L} seed={seed}: finished run read back from {record_path}", flush=True)
         else:
             m, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
@@ -151,7 +150,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],
                    "val_loss": per_length[L_max][s][m]["curves"]["val_loss"]} for s in exp_cfg.seeds]
               for m in ("classic", "sparse")}
-    summary_json = json.loads((out / "summary.json").read_text())  # None-cleaned copy for plotting
+    summary_json = read_json(out / "summary.json")  # None-cleaned copy for plotting
     plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
     table = reports.sweep_table(summary_json)
     atomic_write_text(out / "REPORT.md", reports.sweep_report(summary_json, table))
@@ -181,7 +180,7 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
                           "data": dataclasses.asdict(data_cfg)},
                "results": by_name}
     atomic_write_json(out / "summary.json", summary)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     L_max = max(exp_cfg.seq_lens)
     plots.optimization_comparison(summary["results"], names, L_max, out / "optimization_comparison.png")
     plots.speed_quality_tradeoffs(summary["results"], names, exp_cfg.seq_lens, reports.pareto_front,
@@ -227,7 +226,7 @@ def check_experiment(out: Path, experiment: str) -> None:
     """Refuse to write one experiment's results over another's in the same folder."""
     summary = out / "summary.json"
     if summary.exists():
-        found = json.loads(summary.read_text()).get("experiment")
+        found = read_json(summary, fix="delete it (summary.json is rebuilt from the finished runs)").get("experiment")
         if found != experiment:
             raise ValueError(f"{out} holds results of experiment {found!r}; give --experiment {experiment} "
                              f"its own --out folder")

@@ -60,3 +60,11 @@ def test_controls_share_the_branch_point_and_batches(corpus):
     assert not torch.equal(task.stream(1, 1).next()[0], task.stream(2, 1).next()[0])
     assert long_context.model_config(cfg, "local").selection_source == "local"
     assert long_context.model_config(cfg, "block").attention_backend == "block"
+
+
+def test_a_truncated_branch_point_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "branch.pt"
+    path.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(ValueError, match="branch.pt is truncated or corrupt .*delete it") as info:
+        long_context.branch_point(None, None, None, {}, 1, "cpu", path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
