@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+import results_io
 from results_io import (atomic_save_torch, atomic_write_json, check_stale, fingerprint, load_torch, mean_ci95,
                         read_json)
 
@@ -54,10 +55,11 @@ def indexer_bytes_per_token(cfg: ModelConfig, L: int) -> float:
 
 
 def run_environment(device: torch.device) -> dict:
-    """What a timing/memory figure depends on beyond the config: the resolved device, its name, torch, dtype.
-    Stored in every record and part of its key, so resumed runs are never paired across machines."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": "float32"}
+    """What a timing/memory figure depends on beyond the config: the resolved device, its name, torch, dtype
+    (from results_io.run_environment). Part of every record's key, so resumed runs are never paired across
+    machines; the record stores the full results_io.run_environment beside it."""
+    env = results_io.run_environment(device)
+    return {"device": env["device"], "device_name": env["device_name"], "torch": env["torch"], "dtype": "float32"}
 
 
 def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> float:
@@ -202,6 +204,7 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
             atomic_write_json(path, record)
             records.append(read_json(path))
             continue
+        t0 = time.perf_counter()
         windows = build_windows(corpus, L)
         if (L, seed) not in branches:
             base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
@@ -222,7 +225,10 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
                        **quantization_agreement(model, val_batch, device))
         record = {"ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
                   "ablation_config": variants[name], "sequence_length": L, "seed": seed, "metrics": metrics,
-                  "curves": result["curves"], "config_fingerprint": key, "environment": env}
+                  "curves": result["curves"], "config_fingerprint": key, "wall_time_s": time.perf_counter() - t0,
+                  "config": {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
+                             "data": dataclasses.asdict(data_cfg)},
+                  "environment": {**results_io.run_environment(device), **env}}
         atomic_write_json(path, record)
         records.append(read_json(path))
         finished[(key, seed)] = records[-1]

@@ -32,7 +32,7 @@ import reports
 from config import DataConfig, ModelConfig, TrainConfig, build_configs
 from data import BatchStream, build_windows, eval_subset, load_corpus
 from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, load_torch,
-                        mean_ci95, read_json)
+                        mean_ci95, read_json, run_environment)
 from sparse_attention import AttentionMode, kept_pair_fraction
 from train import (check_backend_device, dense_stage, evaluate, pick_device, run_stage, sparse_from_state,
                    sparse_stage, warmup_stage)
@@ -262,15 +262,20 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
             task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
             branch = branch_point(task, cfg, tcfg, options, seed, device, folder / "branch.pt")
             for name in todo:
+                started = time.perf_counter()
                 run = train_model(name, task, cfg, tcfg, branch, seed, device)
                 atomic_write_json(folder / f"{name}.json", {"config_fingerprint": fingerprint(config_key[task_name]),
                                                             "task": task_name, "seq_len": L, "seed": seed,
-                                                            "model": name, **run})
+                                                            "model": name, **run,
+                                                            "wall_time_s": time.perf_counter() - started,
+                                                            "config": config_key[task_name],
+                                                            "environment": run_environment(device)})
         for name in models:
             records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = \
                 read_json(folder / f"{name}.json")
     summary = summarise(records, settings, models, config_key)
     summary["wall_time_s"] = time.perf_counter() - t0
+    summary["environment"] = run_environment(device)
     atomic_write_json(out / "summary.json", summary)
     summary = read_json(out / "summary.json")
     plots.long_context(summary, models, out / "long_context.png")

@@ -1,7 +1,8 @@
 """Run plumbing shared by every runner: config fingerprints, atomic JSON/text/torch saves, reading them back
 (a truncated or corrupt file is one line naming it and the fix), the refusal to mix finished runs made with
 another config, one-line CLI errors (`OneLineArgumentParser`, `run_cli`), and mean with a 95 % confidence
-interval over seeds. Layer 1: imports only the standard library and torch.
+interval over seeds, and `run_environment` (what every results folder records about the machine and code).
+Layer 1: imports only the standard library, torch and `distributed` (rank 0 alone writes files).
 """
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+import distributed
 
 # two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (then the normal 1.96)
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -93,6 +98,43 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- self-logging
+def run_environment(device=None) -> dict:
+    """What a run's numbers may depend on beyond its config, recorded in every summary.json and run record
+    (never part of a config fingerprint): python, torch, triton (None when not installed), CUDA and the
+    device name, the git commit and whether tracked files differ from it (None outside a git checkout),
+    the command line and the torchrun world size."""
+    import torch
+    from importlib import metadata
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    commit, dirty = _git_state()
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
+            "cuda": torch.version.cuda, "device": None if device is None else str(device), "device_name": name,
+            "git_commit": commit, "git_dirty": dirty, "command_line": list(sys.argv),
+            "world_size": distributed.world_size()}
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """(HEAD commit, tracked files modified?) of the checkout holding this file; (None, None) without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(status.strip())
+
+
 # ----------------------------------------------------------------------------- atomic saves
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -109,20 +151,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    """Standard JSON (NaN/inf written as null), indent 2, written atomically."""
+    """Standard JSON (NaN/inf written as null), indent 2, written atomically (by rank 0 only under torchrun)."""
     text = json.dumps(_clean(obj), indent=2, allow_nan=False)
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text, written atomically (by rank 0 only under torchrun)."""
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def atomic_save_torch(obj, path: str | Path) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically (by rank 0 only under torchrun)."""
     import torch
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

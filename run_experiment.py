@@ -19,7 +19,7 @@ from pathlib import Path
 
 import reports
 from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
-                        mean_ci95, read_json, run_cli)
+                        mean_ci95, read_json, run_cli, run_environment)
 from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
@@ -98,6 +98,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
                       "corpus": {k: v for k, v in corpus.describe().items()}}
     check_existing(out, configs, overwrite)
 
+    started = time.perf_counter()
     per_length: dict[int, dict[int, dict]] = {}
     jobs = [(L, s) for L in exp_cfg.seq_lens for s in exp_cfg.seeds]
     for L, seed in tqdm(jobs, desc="sweep (length, seed)", disable=len(jobs) == 1):
@@ -113,12 +114,14 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
             results = run_seed(m, windows, train_cfg, seed, device, checkpoint_dir=out / f"seq_{L}" / "checkpoints",
                                extra={"tokenizer": corpus.tokenizer.spec()})
             record = {"config_fingerprint": key, "seed": seed, "sequence_length": L,
-                      "wall_time_s": time.perf_counter() - t0, "results": results}
+                      "wall_time_s": time.perf_counter() - t0, "config": configs[L],
+                      "environment": run_environment(device), "results": results}
             atomic_write_json(record_path, record)
         per_length.setdefault(L, {})[seed] = record["results"]
 
     summary = {"experiment": "sparse_vs_classic", "config": configs[max(exp_cfg.seq_lens)],
-               "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens), "results": {}}
+               "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens),
+               "environment": run_environment(device), "wall_time_s": time.perf_counter() - started, "results": {}}
     metrics = {"classic": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
                            "attention_time_share", "peak_memory_mb", "process_peak_rss_mb"],
                "sparse": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
@@ -163,6 +166,7 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
     import ablations
     import plots
+    from train import pick_device
 
     unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
@@ -171,10 +175,13 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
         names = ["baseline", *names]  # speed-ups are relative to it
     out = Path(exp_cfg.out)
     check_experiment(out, "indexer_optimization")
+    started = time.perf_counter()
     records = ablations.run_variants({n: OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg, exp_cfg,
                                      out, overwrite)
     by_name = ablations.aggregate(records)
     summary = {"experiment": "indexer_optimization", "seeds": list(exp_cfg.seeds),
+               "environment": run_environment(pick_device(train_cfg.device)),
+               "wall_time_s": time.perf_counter() - started,
                "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names,
                "config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
                           "data": dataclasses.asdict(data_cfg)},

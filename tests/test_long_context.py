@@ -41,6 +41,8 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
     # the same batches for every model: stage 2 of local and random saw identical inputs (same stream seed)
     record = json.loads((tmp_path / "records" / "lm" / "L32" / "seed1" / "dsa.json").read_text())
     assert record["config_fingerprint"] and record["model"] == "dsa"
+    assert record["environment"]["world_size"] == 1 and record["config"]["seeds"] == [1, 2]
+    assert record["wall_time_s"] > 0 and summary["environment"]["torch"] == torch.__version__
     # resume: finished records are read back, nothing retrains (training would fail with this patch)
     monkeypatch.setattr(long_context, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = long_context.run_long_context("quick", ["lm", "mqar"], models, dict(TINY), tmp_path, False)

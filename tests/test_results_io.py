@@ -135,3 +135,23 @@ def test_check_stale_refuses_a_corrupt_record_and_overwrite_removes_only_it(tmp_
     assert bad.exists() and good.exists()
     assert check_stale(tmp_path, {good: "k", bad: "k"}, overwrite=True) == []
     assert not bad.exists() and json.loads(good.read_text()) == {"config_fingerprint": "k"}
+
+
+def test_run_environment_records_versions_git_state_and_command_line(monkeypatch):
+    import subprocess
+    import sys
+
+    from results_io import run_environment
+    env = run_environment("cpu")
+    assert env["torch"] == torch.__version__ and env["python"].count(".") == 2 and env["device"] == "cpu"
+    assert env["world_size"] == 1 and env["command_line"] == sys.argv and env["device_name"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)
+    json.dumps(env)  # plain JSON
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    env = run_environment()
+    assert env["git_commit"] is None and env["git_dirty"] is None and env["device"] is None

@@ -1,5 +1,6 @@
 """The CLI end to end on the embedded corpus: result files and their shape, resume, refusals, errors."""
 import json
+import sys
 
 import pytest
 
@@ -41,6 +42,11 @@ def test_summary_json_has_the_documented_shape(results):
         for m in ("indexer_recall", "random_recall"):
             assert _is_stat(r["sparse"][m])
     assert s["results"]["32"]["top_k"] == 16
+    for env in (s["environment"], json.loads((results / "seq_16" / "runs" / "seed_2.json").read_text())["environment"]):
+        assert env["world_size"] == 1 and env["device"] == "cpu" and env["command_line"] == sys.argv  # the process's
+        assert {"python", "torch", "triton", "cuda", "device_name", "git_commit", "git_dirty"} <= set(env)
+    record = json.loads((results / "seq_32" / "runs" / "seed_1.json").read_text())
+    assert record["config"] == s["config"] and record["wall_time_s"] > 0 and s["wall_time_s"] > 0
 
 
 def test_per_length_files_figure_and_report(results):
