@@ -336,3 +336,12 @@ class BatchStream:
         self._pos += self.batch_size
         batch = self.windows[idx]
         return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        """Where the stream stands (generator state, this epoch's order, position in it): a new stream over the
+        same windows given it by `load_state_dict` continues with exactly the batches this one would."""
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._pos = state["order"].clone(), int(state["pos"])

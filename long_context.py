@@ -114,6 +114,12 @@ class TaskStream:
         self.step += 1
         return batch.inputs, batch.targets
 
+    def state_dict(self) -> dict:
+        return {"step": self.step}  # a batch is a pure function of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
 
 class LMTask:
     name = "lm"
