@@ -155,20 +155,28 @@ def one_code_path(configs: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
 
 
 def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
-                 exp_cfg: ExperimentConfig, out: Path, overwrite: bool = False, category_of: dict | None = None
-                 ) -> list[dict]:
-    """Train every variant for every length and seed (resumable) -> list of records."""
+                 exp_cfg: ExperimentConfig, out: Path, overwrite: bool = False, category_of: dict | None = None,
+                 run=None) -> list[dict]:
+    """Train every variant for every length and seed (resumable: finished runs are read back; with `run`
+    (train.Execution) checkpointing, an interrupted one continues from OUT/resume/) -> list of records."""
     from tqdm.auto import tqdm
 
+    import distributed
     from config import config_for_length
     from data import build_windows, load_corpus
-    from train import check_backend_device, pick_device, train_sparse_from
+    from train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device, train_sparse_from
 
     from optimized_indexers import check_multiscale
 
+    run = run or Execution()
     device = pick_device(train_cfg.device)
+    run.validate(device)
+    distributed.check_batch(train_cfg.batch_size)
     env = run_environment(device)
-    corpus = load_corpus(data_cfg)
+    if run.dtype != "fp32":  # part of every key: a bf16 run is never paired with an fp32 one
+        env["dtype"] = {"bf16": "bfloat16"}[run.dtype]
+    with distributed.main_first():  # rank 0 builds the caches, the others read them
+        corpus = load_corpus(data_cfg)
     vocab = corpus.tokenizer.vocab_size
     records, jobs = [], []
     for L in exp_cfg.seq_lens:
@@ -188,7 +196,8 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
                 key = fingerprint([dataclasses.asdict(cfg), dataclasses.asdict(train_cfg), data_cfg.dataset,
                                    data_cfg.tokenizer, corpus.describe()["train_tokens"], env])
                 jobs.append((L, seed, name, cfg, key))
-    stale = check_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, key in jobs}, overwrite)
+    with distributed.main_first():  # rank 0 removes corrupt records (--overwrite) before the others look
+        stale = check_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, key in jobs}, overwrite)
     branches: dict[tuple[int, int], dict] = {}
     finished: dict[tuple[str, int], dict] = {}  # (key, seed) -> record: a second name for one config is not rerun
     for L, seed, name, cfg, key in tqdm(jobs, desc="ablation runs"):
@@ -201,16 +210,18 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
             twin = finished[(key, seed)]
             record = {**twin, "ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
                       "ablation_config": variants[name], "same_run_as": twin["ablation_name"]}
-            atomic_write_json(path, record)
-            records.append(read_json(path))
+            records.append(_write_and_read(path, record))
             continue
         t0 = time.perf_counter()
         windows = build_windows(corpus, L)
         if (L, seed) not in branches:
             base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
             data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe(), env]
-            branches = {(L, seed): _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id)}
-        model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name)
+            branches = {(L, seed): _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id,
+                                                 run=run, overwrite=overwrite)}
+        this_run = checkpointed(run, out / "resume" / path.stem, key, overwrite)
+        model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name,
+                                          run=this_run)
         metrics = {k: result["final"].get(k, math.nan) for k in METRICS}
         total = sum(p.numel() for p in model.parameters())
         indexer = sum(p.numel() for p in model.indexer_parameters())
@@ -229,28 +240,39 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
                   "config": {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
                              "data": dataclasses.asdict(data_cfg)},
                   "environment": {**results_io.run_environment(device), **env}}
-        atomic_write_json(path, record)
-        records.append(read_json(path))
+        records.append(_write_and_read(path, record))
+        discard_checkpoints(this_run)
         finished[(key, seed)] = records[-1]
     return records
+
+
+def _write_and_read(path: Path, record: dict) -> dict:
+    """Write a record (rank 0) and read it back on every rank (the JSON-cleaned copy the summary uses)."""
+    import distributed
+    atomic_write_json(path, record)
+    distributed.barrier()
+    return read_json(path)
 
 
 def record_path(out: Path, name: str, L: int, seed: int) -> Path:
     return out / "records" / f"{name.replace('+', '-')}__L{L}__seed{seed}.json"
 
 
-def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id) -> dict:
+def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id,
+                  run=None, overwrite: bool = False) -> dict:
     """The dense branch point for (L, seed), cached on disk so a resumed ablation does not redo it; keyed on
     everything that shapes it (model, data, every training setting but the later stages' lengths)."""
-    from train import dense_pretrain
+    from train import Execution, checkpointed, discard_checkpoints, dense_pretrain
     train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("steps", "warmup_steps", "profile_steps")}
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
     if path.exists():
         return load_torch(path, device, fix="delete it (the branch point is retrained)")
-    classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device)
+    this_run = checkpointed(run or Execution(), out / "resume" / path.stem, key, overwrite)
+    classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device, run=this_run)
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)
+    discard_checkpoints(this_run)
     return state
 
 

@@ -34,8 +34,9 @@ from data import BatchStream, build_windows, eval_subset, load_corpus
 from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, load_torch,
                         mean_ci95, read_json, run_environment)
 from sparse_attention import AttentionMode, kept_pair_fraction
-from train import (check_backend_device, dense_stage, evaluate, pick_device, run_stage, sparse_from_state,
-                   sparse_stage, warmup_stage)
+import distributed
+from train import (Execution, check_backend_device, checkpointed, dense_stage, discard_checkpoints, evaluate,
+                   pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
 
 TASKS = ("lm", "mqar")
 MODELS = ("dense", "dsa", "local", "random", "block")
@@ -171,9 +172,11 @@ def model_config(base: ModelConfig, name: str) -> ModelConfig:
     return base
 
 
-def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, path: Path) -> dict:
+def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, path: Path,
+                 run: Execution = Execution()) -> dict:
     """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model (MQAR: a
-    short-length curriculum first). Cached in `path` so a resumed run branches from the same weights."""
+    short-length curriculum first). Cached in `path` so a resumed run branches from the same weights; `run`
+    may checkpoint it on the way (stages 'curriculum', 'pretrain')."""
     if path.exists():
         return load_torch(path, device, fix="delete it (the branch point is retrained)")
     from models import ClassicAttentionMoELLM
@@ -182,10 +185,11 @@ def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed:
     if task.name == "mqar" and options.get("curriculum_steps"):
         short = options["curriculum_len"]
         run_stage(classic, dense_stage(tcfg, options["curriculum_steps"]), task.stream(seed, 4, L=short),
-                  _short_val(task, short, tcfg), tcfg, device, f"mqar seed={seed} curriculum L={short}")
+                  _short_val(task, short, tcfg), tcfg, device, f"mqar seed={seed} curriculum L={short}",
+                  run=run.named("curriculum"))
     if tcfg.dense_steps:
         run_stage(classic, dense_stage(tcfg, tcfg.dense_steps), task.stream(seed, 3), task.val, tcfg, device,
-                  f"{task.name} L={cfg.max_seq_len} seed={seed} dense pre-training")
+                  f"{task.name} L={cfg.max_seq_len} seed={seed} dense pre-training", run=run.named("pretrain"))
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)
     return state
@@ -197,9 +201,10 @@ def _short_val(task, L: int, tcfg: TrainConfig):
     return held.inputs, held.targets
 
 
-def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device) -> dict:
+def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device,
+                run: Execution = Execution()) -> dict:
     """One compared model from the branch point -> {"final", "curves", "warmup"}: stage 2 uses the seed's
-    stream 1 (the same batches for every model)."""
+    stream 1 (the same batches for every model). `run`: precision, compile, checkpoints ('warmup', 'train')."""
     from models import ClassicAttentionMoELLM
     desc = f"{task.name} L={cfg.max_seq_len} seed={seed} {name}"
     if name == "dense":
@@ -215,24 +220,24 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
         else:
             stage = sparse_stage(tcfg)
             warm = run_stage(model, warmup_stage(tcfg), task.stream(seed, 2), task.val, tcfg, device,
-                             desc + " indexer warm-up")
+                             desc + " indexer warm-up", run=run.named("warmup"))
             warmup = {"indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
                       "recall_after": warm["final"]["indexer_recall"], "random_recall": warm["final"]["random_recall"],
                       "local_recall": warm["final"]["local_recall"]}
-    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, desc)
+    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, desc, run=run.named("train"))
     final = result["final"]
     if name != "dense":  # recall by distance (and per layer) on the held-out set, with the trained selection
         stats = evaluate(model, task.val, tcfg.batch_size, device, recall=True)
         final["recall_by_distance"] = stats["recall_by_distance"]
-    final["tokens_per_s"] = tcfg.batch_size * cfg.max_seq_len / final["avg_time_per_step"]
     final.update(task.extra_metrics(model, device))
     return {"final": final, "curves": result["curves"], "warmup": warmup}
 
 
 # ----------------------------------------------------------------------------- the experiment
 def run_long_context(preset: str, tasks: list[str], models: list[str], overrides: dict, out: Path,
-                     overwrite: bool) -> dict:
-    """Every (task, L, seed, model) run (read back when finished), then summary.json, plots, REPORT.md."""
+                     overwrite: bool, run: Execution = Execution()) -> dict:
+    """Every (task, L, seed, model) run (read back when finished), then summary.json, plots, REPORT.md. `run`:
+    precision, compile, and resume checkpoints (records/<task>/L<L>/seed<S>/resume/<model>/)."""
     bad = [t for t in tasks if t not in TASKS] + [m for m in models if m not in MODELS]
     if bad:
         raise ValueError(f"unknown task/model {bad}; tasks: {', '.join(TASKS)}; models: {', '.join(MODELS)}")
@@ -242,20 +247,28 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
     device = pick_device(settings[tasks[0]].train.device)
     for task_settings_ in settings.values():
         check_backend_device(task_settings_.model.attention_backend, device)
+        distributed.check_batch(task_settings_.train.batch_size)
+    run.validate(device)
     if "lm" in tasks:
         data_keys = {f.name for f in dataclasses.fields(DataConfig)}
-        corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
+        with distributed.main_first():  # rank 0 builds the caches, the others read them
+            corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
         settings["lm"].model = dataclasses.replace(settings["lm"].model, vocab_size=corpus.tokenizer.vocab_size)
     config_key = {t: {"options": st.options, "model": dataclasses.asdict(st.model), "train": dataclasses.asdict(st.train),
                       "seeds": st.seeds, "device": str(device), "torch": torch.__version__,
                       "corpus": corpus.describe() if t == "lm" else None}
                   for t, st in settings.items()}
+    if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
+        for key in config_key.values():
+            key["dtype"] = run.dtype
     expected = {}
     for t in tasks:
         key = fingerprint(config_key[t])
         expected.update({p: key for p in sorted((out / "records" / t).glob("*/*/*.json"))})
-    for stale in check_stale(out, expected, overwrite):
-        shutil.rmtree(stale.parent, ignore_errors=True)  # that (task, L, seed) folder: its runs and branch point
+    with distributed.main_first():  # rank 0 clears stale runs before the others look
+        for stale in check_stale(out, expected, overwrite):
+            if distributed.is_main():
+                shutil.rmtree(stale.parent, ignore_errors=True)  # that (task, L, seed) folder: runs, branch point
     t0 = time.perf_counter()
     records: dict = {}
     jobs = [(t, L, s) for t in tasks for L in settings[t].options["seq_lens"] for s in settings[t].seeds]
@@ -266,19 +279,27 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
         todo = [m for m in models if not (folder / f"{m}.json").exists()]
         if todo:
             task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
-            branch = branch_point(task, cfg, tcfg, options, seed, device, folder / "branch.pt")
+            key = fingerprint(config_key[task_name])
+            branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
+            branch = branch_point(task, cfg, tcfg, options, seed, device, folder / "branch.pt", run=branch_run)
+            discard_checkpoints(branch_run)
             for name in todo:
                 started = time.perf_counter()
-                run = train_model(name, task, cfg, tcfg, branch, seed, device)
+                model_run = checkpointed(run, folder / "resume" / name, key, overwrite)
+                result = train_model(name, task, cfg, tcfg, branch, seed, device, run=model_run)
                 atomic_write_json(folder / f"{name}.json", {"config_fingerprint": fingerprint(config_key[task_name]),
                                                             "task": task_name, "seq_len": L, "seed": seed,
-                                                            "model": name, **run,
+                                                            "model": name, **result,
                                                             "wall_time_s": time.perf_counter() - started,
                                                             "config": config_key[task_name],
                                                             "environment": run_environment(device)})
+                discard_checkpoints(model_run)
+            distributed.barrier()  # the others read what rank 0 wrote
         for name in models:
             records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = \
                 read_json(folder / f"{name}.json")
+    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
+        return {}
     summary = summarise(records, settings, models, config_key)
     summary["wall_time_s"] = time.perf_counter() - t0
     summary["environment"] = run_environment(device)
@@ -293,8 +314,8 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
     return summary
 
 
-METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "indexer_recall", "random_recall",
-           "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
+METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "model_flops_utilization", "indexer_recall",
+           "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
 
 
 def summarise(records: dict, settings: dict, models: list[str], config_key: dict) -> dict:

@@ -123,3 +123,95 @@ def test_overwrite_discards_an_interrupted_runs_checkpoints(tmp_path):
     (folder / "sparse.step000000001.pt").write_bytes(b"x")
     run = checkpointed(Execution(checkpoint_every=1), folder, "key", overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["run.json"] and run.folder == folder and run.key == "key"
+
+
+def _killing_stream(after_calls: int):
+    """A data.BatchStream whose process 'dies' (KeyboardInterrupt, as Ctrl-C or a kill would) at its
+    `after_calls`-th batch, counted over every stream of the process."""
+    from data import BatchStream as Real
+    calls = [0]
+
+    class Killing(Real):
+        def next(self):
+            if calls[0] == after_calls:
+                raise KeyboardInterrupt("killed")
+            calls[0] += 1
+            return super().next()
+    Killing.calls = calls
+    return Killing
+
+
+def _losses(record: dict) -> str:
+    """Every logged loss/metric of a run record, timings left out (repr: exact, NaN == NaN)."""
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items()
+                    if "time" not in k and not k.endswith("_ms") and "memory" not in k and "rss" not in k
+                    and "tokens_per_s" not in k
+                    and k not in ("wall_time_s", "environment", "profiled_forward_ms")}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+    return repr(strip(record))
+
+
+def test_sparse_vs_classic_killed_in_the_sparse_stage_resumes_to_the_same_record(tmp_path, corpus, monkeypatch,
+                                                                                   capsys):
+    """run_experiment.py --checkpoint-every 2, killed at step 3 of the sparse stage (pre-training, classic and
+    warm-up finished), then --resume: the run record equals an uninterrupted run's in every logged number."""
+    import json
+
+    import run_experiment
+    from test_run_experiment import TINY
+    argv = ["--preset", "quick", "--seq-lens", "16", "--steps", "4", "--warmup-steps", "3", "--dense-steps", "5",
+            "--seeds", "1", "--device", "cpu"]
+    monkeypatch.setattr(run_experiment, "CONFIG", {**TINY, "cache_dir": str(tmp_path / "cache")})
+    assert run_experiment.main(argv + ["--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "killed"
+    monkeypatch.setattr(train, "BatchStream", _killing_stream(5 + 4 + 3 + 3))
+    assert run_experiment.main(argv + ["--out", str(out), "--checkpoint-every", "2"]) == 130
+    folder = out / "seq_16" / "resume" / "seed_1"
+    assert sorted(p.name for p in folder.iterdir()) == ["classic.done.pt", "pretrain.done.pt", "run.json",
+                                                        "sparse.step000000002.pt", "warmup.done.pt"]
+    monkeypatch.setattr(train, "BatchStream", BatchStream)
+    capsys.readouterr()
+    assert run_experiment.main(argv + ["--out", str(out), "--checkpoint-every", "2"]) == 2  # no silent restart
+    err = capsys.readouterr().err.strip()
+    assert str(folder) in err and "--resume" in err and "\n" not in err
+    counting = _killing_stream(-1)
+    monkeypatch.setattr(train, "BatchStream", counting)
+    assert run_experiment.main(argv + ["--out", str(out), "--checkpoint-every", "2", "--resume"]) == 0
+    assert counting.calls == [2]  # finished stages replayed from disk; the sparse stage went on from step 2
+    assert not (out / "seq_16" / "resume" / "seed_1").exists()  # a finished run keeps no resume checkpoints
+    ref = json.loads((tmp_path / "ref" / "seq_16" / "runs" / "seed_1.json").read_text())
+    got = json.loads((out / "seq_16" / "runs" / "seed_1.json").read_text())
+    assert _losses(got["results"]) == _losses(ref["results"])
+    assert got["results"]["sparse"]["curves"]["train_loss"] == ref["results"]["sparse"]["curves"]["train_loss"]
+
+
+def test_long_context_killed_inside_a_model_resumes_to_the_same_record(tmp_path, corpus, monkeypatch):
+    import json
+
+    import long_context
+    from test_long_context import TINY
+    monkeypatch.setattr(long_context, "load_corpus", lambda cfg: corpus)
+    settings = {**TINY, "seq_lens": [32], "seeds": [1]}
+    long_context.run_long_context("quick", ["lm"], ["dense", "dsa"], dict(settings), tmp_path / "ref", False)
+    out = tmp_path / "killed"
+    monkeypatch.setattr(long_context, "BatchStream", _killing_stream(3 + 4 + 3 + 3))  # branch, dense, warm-up, dsa
+    with pytest.raises(KeyboardInterrupt):
+        long_context.run_long_context("quick", ["lm"], ["dense", "dsa"], dict(settings), out, False,
+                                      run=Execution(checkpoint_every=2))
+    folder = out / "records" / "lm" / "L32" / "seed1"
+    assert (folder / "dense.json").exists() and not (folder / "dsa.json").exists()
+    assert sorted(p.name for p in (folder / "resume" / "dsa").iterdir()) == ["run.json", "train.step000000002.pt",
+                                                                             "warmup.done.pt"]
+    counting = _killing_stream(-1)
+    monkeypatch.setattr(long_context, "BatchStream", counting)
+    long_context.run_long_context("quick", ["lm"], ["dense", "dsa"], dict(settings), out, False,
+                                  run=Execution(checkpoint_every=2, resume=True))
+    for name in ("dense", "dsa"):
+        ref = json.loads((tmp_path / "ref" / "records" / "lm" / "L32" / "seed1" / f"{name}.json").read_text())
+        got = json.loads((folder / f"{name}.json").read_text())
+        assert _losses(got) == _losses(ref), name
+    assert not (folder / "resume" / "dsa").exists() and counting.calls == [2]  # dsa went on from step 2 of 4
