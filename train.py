@@ -400,9 +400,14 @@ def _wrap(model, device: torch.device, run: Execution):
     ranks; an expert no token of a rank's slice chose is an unused parameter there), torch.compile when asked."""
     net = model
     if distributed.world_size() > 1:
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
+        # buffers are not broadcast at each forward: the MoE loads are per rank until _sum_expert_loads adds them
+        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False, find_unused_parameters=True)
+                                      find_unused_parameters=True, **buffers)
     if run.compile:
         net = torch.compile(net)
     return net
