@@ -115,6 +115,8 @@ def discard_checkpoints(run: Execution) -> None:
     """A finished run (its record written) needs its resume checkpoints no more."""
     if run.folder is not None and distributed.is_main():
         shutil.rmtree(run.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run.folder.parent.rmdir()  # the resume/ folder, once no run holds checkpoints in it
 
 
 def build_model_pair(cfg: ModelConfig, seed: int, device: torch.device):

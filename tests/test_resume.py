@@ -182,7 +182,7 @@ def test_sparse_vs_classic_killed_in_the_sparse_stage_resumes_to_the_same_record
     monkeypatch.setattr(train, "BatchStream", counting)
     assert run_experiment.main(argv + ["--out", str(out), "--checkpoint-every", "2", "--resume"]) == 0
     assert counting.calls == [2]  # finished stages replayed from disk; the sparse stage went on from step 2
-    assert not (out / "seq_16" / "resume" / "seed_1").exists()  # a finished run keeps no resume checkpoints
+    assert not (out / "seq_16" / "resume").exists()  # a finished run keeps no resume checkpoints
     ref = json.loads((tmp_path / "ref" / "seq_16" / "runs" / "seed_1.json").read_text())
     got = json.loads((out / "seq_16" / "runs" / "seed_1.json").read_text())
     assert _losses(got["results"]) == _losses(ref["results"])
