@@ -12,8 +12,7 @@ LAYERS = [
     ("backends", ["backends"]),
     ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
     ("models", ["models", "hf_interop"]),
-    ("token files", ["token_files"]),
-    ("data and training", ["data", "train"]),
+    ("data and training", ["token_files", "data", "train"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
                  "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
 ]
