@@ -263,16 +263,20 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def run_cli(job: Callable[[], object], failures: tuple[type[BaseException], ...] = ()) -> int:
     """Run `job()` the way every CLI here does: a user error (ValueError) is one line and exit 2; an
     exception of a `failures` type (e.g. train.TrainingDiverged) one line and exit 1; Ctrl-C keeps what is
-    finished (exit 130); anything else is a bug and shows its traceback."""
+    finished (exit 130); anything else is a bug and shows its traceback. Under torchrun the line comes from
+    rank 0 only (every rank meets the same user error)."""
+    def say(line: str) -> None:
+        if distributed.is_main():
+            print(line, file=sys.stderr)
     try:
         job()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except failures as e:
-        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
+        say(f"error: {e} (finished runs are kept)")
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
+        say("interrupted: finished runs are kept and will be read back next time")
         return 130
     return 0

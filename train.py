@@ -491,21 +491,25 @@ def _rng_state(model) -> dict:
              "modules": {f"{owner}:{attr}:{key}": {"device": str(g.device), "state": g.get_state()}
                          for (owner, attr, key), g in _module_generators(model).items()}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU (under torchrun: its rank's)
     return state
 
 
 def _set_rng_state(model, state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     for name, saved in state["modules"].items():
         owner, attr, key = name.split(":", 2)
         holder = getattr(model.get_submodule(owner), attr)
-        generator = torch.Generator(device=saved["device"])
+        device = saved["device"]
+        if device.startswith("cuda"):  # saved by rank 0: onto this rank's GPU (a key naming the device follows it)
+            here = f"cuda:{torch.cuda.current_device()}"
+            key, device = (here if key == device else key), here
+        generator = torch.Generator(device=device)
         generator.set_state(saved["state"])
         if key:
             holder[key] = generator
