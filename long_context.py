@@ -18,7 +18,6 @@ mqar_accuracy_by_distance.png and REPORT.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -32,10 +31,12 @@ import plots
 import reports
 from config import DataConfig, ModelConfig, TrainConfig, build_configs
 from data import BatchStream, build_windows, eval_subset, load_corpus
-from results_io import atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, mean_ci95
+from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, load_torch,
+                        mean_ci95, read_json, run_environment)
 from sparse_attention import AttentionMode, kept_pair_fraction
-from train import (check_backend_device, dense_stage, evaluate, pick_device, run_stage, sparse_from_state,
-                   sparse_stage, warmup_stage)
+import distributed
+from train import (Execution, check_backend_device, checkpointed, dense_stage, discard_checkpoints, evaluate,
+                   pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
 
 TASKS = ("lm", "mqar")
 MODELS = ("dense", "dsa", "local", "random", "block")
@@ -123,6 +124,12 @@ class TaskStream:
         self.step += 1
         return batch.inputs, batch.targets
 
+    def state_dict(self) -> dict:
+        return {"step": self.step}  # a batch is a pure function of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
 
 class LMTask:
     name = "lm"
@@ -175,13 +182,13 @@ def model_config(base: ModelConfig, name: str) -> ModelConfig:
 
 
 def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, path: Path, fingerprint_: str,
-                 start: dict | None = None) -> dict:
+                 start: dict | None = None, run: Execution = Execution()) -> dict:
     """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model, from `start`
     (MQAR: the curriculum, or the previous length's branch point) or from scratch. Cached in `path` so a
     resumed run branches from the same weights (branch.json beside it carries the config fingerprint, so a
-    branch point left by a killed run with another config is found stale)."""
+    branch point left by a killed run with another config is found stale); `run` may checkpoint it on the way."""
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_torch(path, device, fix="delete it (the branch point is retrained)")
     from models import ClassicAttentionMoELLM
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg).to(device)
@@ -189,7 +196,8 @@ def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, p
         classic.load_state_dict(start)
     if tcfg.dense_steps:
         run_stage(classic, dense_stage(tcfg, tcfg.dense_steps), task.stream(seed, 3), task.val, tcfg, device,
-                  f"{task.name} L={cfg.max_seq_len} seed={seed} dense pre-training")
+                  f"{task.name} L={cfg.max_seq_len} seed={seed} dense pre-training",
+                  run=run.named(f"pretrain_L{cfg.max_seq_len}"))
     state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     atomic_save_torch(state, path)
     atomic_write_json(path.with_suffix(".json"), {"config_fingerprint": fingerprint_, "seed": seed})
@@ -197,12 +205,12 @@ def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, p
 
 
 def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, folder: Path,
-                    fingerprint_: str) -> dict:
+                    fingerprint_: str, run: Execution = Execution()) -> dict:
     """The MQAR curriculum of one seed (shared by every length): dense training at L = curriculum_len in rounds
     of curriculum_round steps until the held-out answer accuracy reaches curriculum_target or curriculum_steps
     have run. Cached in `folder` (curriculum.pt + curriculum.json with the accuracy after every round)."""
     if (folder / "curriculum.pt").exists() and (folder / "curriculum.json").exists():
-        return torch.load(folder / "curriculum.pt", map_location=device, weights_only=True)
+        return load_torch(folder / "curriculum.pt", device, fix="delete it (the curriculum is retrained)")
     from models import ClassicAttentionMoELLM
     short = options["curriculum_len"]
     short_cfg = dataclasses.replace(cfg, max_seq_len=short)
@@ -213,7 +221,7 @@ def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: in
     while done < options["curriculum_steps"]:
         steps = min(options.get("curriculum_round") or options["curriculum_steps"], options["curriculum_steps"] - done)
         run_stage(classic, dense_stage(tcfg, steps), stream, short_task.val, tcfg, device,
-                  f"mqar seed={seed} curriculum L={short} steps {done}-{done + steps}")
+                  f"mqar seed={seed} curriculum L={short} steps {done}-{done + steps}", run=run.named(f"curriculum_{done}"))
         done += steps
         rounds.append({"steps": done, "accuracy": short_task.extra_metrics(classic, device)["accuracy"]})
         if rounds[-1]["accuracy"] >= options.get("curriculum_target", 1.0):
@@ -225,24 +233,25 @@ def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: in
     return state
 
 
-def mqar_branch(L: int, seed: int, settings: "TaskSettings", device, folder: Path, fingerprint_: str) -> dict:
+def mqar_branch(L: int, seed: int, settings: "TaskSettings", device, folder: Path, fingerprint_: str,
+                run: Execution = Execution()) -> dict:
     """The MQAR branch point at length L: dense training from the branch point of the next shorter length of
     the sweep (built first if missing), the shortest from the seed's curriculum (none when curriculum_steps=0)."""
     path = folder / f"L{L}" / f"seed{seed}" / "branch.pt"
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_torch(path, device, fix="delete it (the branch point is retrained)")
     options = settings.options
     cfg = dataclasses.replace(settings.model, max_seq_len=L)
     tcfg = task_train_config(settings.train, options, L)
     shorter = [length for length in options["seq_lens"] if length < L]
     if shorter:
-        start = mqar_branch(max(shorter), seed, settings, device, folder, fingerprint_)
+        start = mqar_branch(max(shorter), seed, settings, device, folder, fingerprint_, run)
     elif options.get("curriculum_steps"):
         start = mqar_curriculum(cfg, settings.train, options, seed, device, folder / "curriculum" / f"seed{seed}",
-                                fingerprint_)
+                                fingerprint_, run)
     else:
         start = None
-    return branch_point(MQARTask(options, L, tcfg), cfg, tcfg, seed, device, path, fingerprint_, start)
+    return branch_point(MQARTask(options, L, tcfg), cfg, tcfg, seed, device, path, fingerprint_, start, run)
 
 
 def task_train_config(tcfg: TrainConfig, options: dict, L: int) -> TrainConfig:
@@ -252,9 +261,10 @@ def task_train_config(tcfg: TrainConfig, options: dict, L: int) -> TrainConfig:
     return dataclasses.replace(tcfg, batch_size=min(tcfg.batch_size, max(2, options["batch_tokens"] // L)))
 
 
-def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device) -> dict:
+def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device,
+                run: Execution = Execution()) -> dict:
     """One compared model from the branch point -> {"final", "curves", "warmup"}: stage 2 uses the seed's
-    stream 1 (the same batches for every model)."""
+    stream 1 (the same batches for every model). `run`: precision, compile, checkpoints ('warmup', 'train')."""
     from models import ClassicAttentionMoELLM
     desc = f"{task.name} L={cfg.max_seq_len} seed={seed} {name}"
     if name == "dense":
@@ -270,24 +280,24 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
         else:
             stage = sparse_stage(tcfg)
             warm = run_stage(model, warmup_stage(tcfg), task.stream(seed, 2), task.val, tcfg, device,
-                             desc + " indexer warm-up")
+                             desc + " indexer warm-up", run=run.named("warmup"))
             warmup = {"indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
                       "recall_after": warm["final"]["indexer_recall"], "random_recall": warm["final"]["random_recall"],
                       "local_recall": warm["final"]["local_recall"]}
-    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, desc)
+    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, desc, run=run.named("train"))
     final = result["final"]
     if name != "dense":  # recall by distance (and per layer) on the held-out set, with the trained selection
         stats = evaluate(model, task.val, tcfg.batch_size, device, recall=True)
         final["recall_by_distance"] = stats["recall_by_distance"]
-    final["tokens_per_s"] = tcfg.batch_size * cfg.max_seq_len / final["avg_time_per_step"]
     final.update(task.extra_metrics(model, device))
     return {"final": final, "curves": result["curves"], "warmup": warmup}
 
 
 # ----------------------------------------------------------------------------- the experiment
 def run_long_context(preset: str, tasks: list[str], models: list[str], overrides: dict, out: Path,
-                     overwrite: bool) -> dict:
-    """Every (task, L, seed, model) run (read back when finished), then summary.json, plots, REPORT.md."""
+                     overwrite: bool, run: Execution = Execution()) -> dict:
+    """Every (task, L, seed, model) run (read back when finished), then summary.json, plots, REPORT.md. `run`:
+    precision, compile, and resume checkpoints (records/<task>/L<L>/seed<S>/resume/<model>/)."""
     bad = [t for t in tasks if t not in TASKS] + [m for m in models if m not in MODELS]
     if bad:
         raise ValueError(f"unknown task/model {bad}; tasks: {', '.join(TASKS)}; models: {', '.join(MODELS)}")
@@ -297,20 +307,28 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
     device = pick_device(settings[tasks[0]].train.device)
     for task_settings_ in settings.values():
         check_backend_device(task_settings_.model.attention_backend, device)
+        distributed.check_batch(task_settings_.train.batch_size)
+    run.validate(device)
     if "lm" in tasks:
         data_keys = {f.name for f in dataclasses.fields(DataConfig)}
-        corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
+        with distributed.main_first():  # rank 0 builds the caches, the others read them
+            corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
         settings["lm"].model = dataclasses.replace(settings["lm"].model, vocab_size=corpus.tokenizer.vocab_size)
     config_key = {t: {"options": st.options, "model": dataclasses.asdict(st.model), "train": dataclasses.asdict(st.train),
                       "seeds": st.seeds, "device": str(device), "torch": torch.__version__,
                       "corpus": corpus.describe() if t == "lm" else None}
                   for t, st in settings.items()}
+    if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
+        for key in config_key.values():
+            key["dtype"] = run.dtype
     expected = {}
     for t in tasks:
         key = fingerprint(config_key[t])
         expected.update({p: key for p in sorted((out / "records" / t).glob("*/*/*.json"))})
-    for stale in check_stale(out, expected, overwrite):
-        shutil.rmtree(stale.parent, ignore_errors=True)  # that (task, L, seed) folder: its runs and branch point
+    with distributed.main_first():  # rank 0 clears stale runs before the others look
+        for stale in check_stale(out, expected, overwrite):
+            if distributed.is_main():
+                shutil.rmtree(stale.parent, ignore_errors=True)  # that (task, L, seed) folder: runs, branch point
     t0 = time.perf_counter()
     records: dict = {}
     jobs = [(t, L, s) for t in tasks for L in sorted(settings[t].options["seq_lens"]) for s in settings[t].seeds]
@@ -322,27 +340,38 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
         todo = [m for m in models if not (folder / f"{m}.json").exists()]
         if todo:
             task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
+            key = fingerprint(config_key[task_name])
+            branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
             if task_name == "mqar":
-                branch = mqar_branch(L, seed, settings["mqar"], device, out / "records" / "mqar",
-                                     fingerprint(config_key["mqar"]))
+                branch = mqar_branch(L, seed, settings["mqar"], device, out / "records" / "mqar", key, branch_run)
             else:
-                branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt",
-                                      fingerprint(config_key["lm"]))
+                branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt", key, run=branch_run)
+            discard_checkpoints(branch_run)
             for name in todo:
-                run = train_model(name, task, cfg, tcfg, branch, seed, device)
+                started = time.perf_counter()
+                model_run = checkpointed(run, folder / "resume" / name, key, overwrite)
+                result = train_model(name, task, cfg, tcfg, branch, seed, device, run=model_run)
                 atomic_write_json(folder / f"{name}.json", {"config_fingerprint": fingerprint(config_key[task_name]),
                                                             "task": task_name, "seq_len": L, "seed": seed,
-                                                            "batch_size": tcfg.batch_size, "model": name, **run})
+                                                            "batch_size": tcfg.batch_size, "model": name, **result,
+                                                            "wall_time_s": time.perf_counter() - started,
+                                                            "config": config_key[task_name],
+                                                            "environment": run_environment(device)})
+                discard_checkpoints(model_run)
+            distributed.barrier()  # the others read what rank 0 wrote
         for name in models:
             records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = \
-                json.loads((folder / f"{name}.json").read_text())
+                read_json(folder / f"{name}.json")
+    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
+        return {}
     summary = summarise(records, settings, models, config_key)
     curricula = sorted((out / "records" / "mqar" / "curriculum").glob("seed*/curriculum.json"))
     if "mqar" in tasks and curricula:
-        summary["mqar_curriculum"] = {c.parent.name: json.loads(c.read_text())["rounds"] for c in curricula}
+        summary["mqar_curriculum"] = {c.parent.name: read_json(c)["rounds"] for c in curricula}
     summary["wall_time_s"] = time.perf_counter() - t0
+    summary["environment"] = run_environment(device)
     atomic_write_json(out / "summary.json", summary)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     plots.long_context(summary, models, out / "long_context.png")
     if "mqar" in summary["results"]:
         plots.mqar_accuracy_by_distance(summary, models, out / "mqar_accuracy_by_distance.png")
@@ -352,8 +381,8 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
     return summary
 
 
-METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "indexer_recall", "random_recall",
-           "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
+METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "model_flops_utilization", "indexer_recall",
+           "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
 
 
 def summarise(records: dict, settings: dict, models: list[str], config_key: dict) -> dict:

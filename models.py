@@ -85,7 +85,7 @@ class MoEFeedForward(nn.Module):
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
             if token.numel():
-                out = out.index_add(0, token, expert(flat[token]) * gates[token, slot, None])
+                out = out.index_add(0, token, (expert(flat[token]) * gates[token, slot, None]).to(out.dtype))  # autocast
         for expert in self.shared_experts:
             out = out + expert(flat)
         counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).to(scores.dtype)  # (E,)
@@ -214,7 +214,7 @@ class MultiHeadLatentAttention(CausalSelfAttention):
         _, q_nope, q_pe, c, k_pe = heads
         w_uk = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)[:, :self.nope]
         q = torch.cat([torch.einsum("blhn,hnc->blhc", q_nope, w_uk), q_pe], -1)
-        return q, torch.cat([c, k_pe], -1)
+        return q, torch.cat([c, k_pe], -1).to(q.dtype)  # one dtype for the MQA kernels (bf16 under autocast)
 
     def attend_selected(self, heads, backend, selection, return_probs: bool):
         q, kv = self.absorbed(heads)

@@ -1,6 +1,8 @@
-"""Run plumbing shared by every runner: config fingerprints, atomic JSON/text/torch saves, the refusal to
-mix finished runs made with another config, one-line CLI errors (`OneLineArgumentParser`, `run_cli`),
-and mean with a 95 % confidence interval over seeds. Layer 1: imports only the standard library and torch.
+"""Run plumbing shared by every runner: config fingerprints, atomic JSON/text/torch saves, reading them back
+(a truncated or corrupt file is one line naming it and the fix), the refusal to mix finished runs made with
+another config, one-line CLI errors (`OneLineArgumentParser`, `run_cli`), and mean with a 95 % confidence
+interval over seeds, and `run_environment` (what every results folder records about the machine and code).
+Layer 1: imports only the standard library, torch and `distributed` (rank 0 alone writes files).
 """
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+
+import distributed
 
 # two-sided 95 % Student-t quantiles for 1..30 degrees of freedom (then the normal 1.96)
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -92,6 +98,43 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- self-logging
+def run_environment(device=None) -> dict:
+    """What a run's numbers may depend on beyond its config, recorded in every summary.json and run record
+    (never part of a config fingerprint): python, torch, triton (None when not installed), CUDA and the
+    device name, the git commit and whether tracked files differ from it (None outside a git checkout),
+    the command line and the torchrun world size."""
+    import torch
+    from importlib import metadata
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    commit, dirty = _git_state()
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
+            "cuda": torch.version.cuda, "device": None if device is None else str(device), "device_name": name,
+            "git_commit": commit, "git_dirty": dirty, "command_line": list(sys.argv),
+            "world_size": distributed.world_size()}
+
+
+def _git_state() -> tuple[str | None, bool | None]:
+    """(HEAD commit, tracked files modified?) of the checkout holding this file; (None, None) without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(status.strip())
+
+
 # ----------------------------------------------------------------------------- atomic saves
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -108,22 +151,67 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    """Standard JSON (NaN/inf written as null), indent 2, written atomically."""
+    """Standard JSON (NaN/inf written as null), indent 2, written atomically (by rank 0 only under torchrun)."""
     text = json.dumps(_clean(obj), indent=2, allow_nan=False)
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text, written atomically (by rank 0 only under torchrun)."""
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def atomic_save_torch(obj, path: str | Path) -> None:
-    """torch.save, atomically."""
+    """torch.save, atomically (by rank 0 only under torchrun)."""
     import torch
+    if not distributed.is_main():
+        return
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class CorruptFile(ValueError):
+    """A results/checkpoint file that cannot be read back (half-written, truncated, not what it should be)."""
+
+    def __init__(self, path: Path, detail: str, fix: str):
+        super().__init__(f"{path} is truncated or corrupt ({detail}); {fix}")
+        self.path = path
+
+
+RECORD_FIX = "delete it or pass --overwrite (only that run is redone; the other finished runs are kept)"
+
+
+def read_json(path: str | Path, fix: str = RECORD_FIX) -> dict:
+    """The JSON object in `path`; a truncated/corrupt file raises CorruptFile (a ValueError) naming the path
+    and `fix` — never a bare "Expecting ':' delimiter"."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFile(path, f"{e.msg} at line {e.lineno} column {e.colno}", fix) from None
+    except UnicodeDecodeError:
+        raise CorruptFile(path, "not UTF-8 text", fix) from None
+    if not isinstance(obj, dict):
+        raise CorruptFile(path, f"a JSON {type(obj).__name__}, not an object", fix)
+    return obj
+
+
+def load_torch(path: str | Path, map_location=None, fix: str = "delete it (it is recomputed)"):
+    """torch.load(weights_only=True) of a file written by atomic_save_torch; a truncated/corrupt file raises
+    CorruptFile (a ValueError) naming the path and `fix`."""
+    import torch
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)  # never runs code from the file
+    except Exception as e:  # a truncated zip, an unpickling error, a foreign file: all one line for the user
+        lines = str(e).strip().splitlines()
+        raise CorruptFile(path, f"{type(e).__name__}: {lines[0][:120]}" if lines else type(e).__name__, fix) from None
 
 
 def _clean(obj):
@@ -141,9 +229,22 @@ def _clean(obj):
 def check_stale(out: str | Path, expected: Mapping[Path, str], overwrite: bool) -> list[Path]:
     """The run records among `expected` ({record path: fingerprint of the config it must have been made
     with}) that exist with another `config_fingerprint`. Refuses (ValueError) if there are any and
-    `overwrite` is false: finished runs are never silently mixed with or replaced by another config's."""
-    stale = [p for p, key in expected.items()
-             if p.exists() and json.loads(p.read_text()).get("config_fingerprint") != key]
+    `overwrite` is false: finished runs are never silently mixed with or replaced by another config's. A
+    truncated/corrupt record is refused naming it (CorruptFile), or with `overwrite` deleted alone (not returned)."""
+    stale = []
+    for p, key in expected.items():
+        if not p.exists():
+            continue
+        try:
+            found = read_json(p).get("config_fingerprint")
+        except CorruptFile:
+            if not overwrite:
+                raise
+            p.unlink()  # only this run is redone; every other finished run is kept
+            print(f"removed the corrupt run record {p} (--overwrite): that run is redone", file=sys.stderr)
+            continue
+        if found != key:
+            stale.append(p)
     if stale and not overwrite:
         raise ValueError(f"{out} holds {len(stale)} finished run(s) made with a different config "
                          f"(e.g. {stale[0]}); use another --out or pass --overwrite to replace them")
@@ -162,16 +263,20 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def run_cli(job: Callable[[], object], failures: tuple[type[BaseException], ...] = ()) -> int:
     """Run `job()` the way every CLI here does: a user error (ValueError) is one line and exit 2; an
     exception of a `failures` type (e.g. train.TrainingDiverged) one line and exit 1; Ctrl-C keeps what is
-    finished (exit 130); anything else is a bug and shows its traceback."""
+    finished (exit 130); anything else is a bug and shows its traceback. Under torchrun the line comes from
+    rank 0 only (every rank meets the same user error)."""
+    def say(line: str) -> None:
+        if distributed.is_main():
+            print(line, file=sys.stderr)
     try:
         job()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except failures as e:
-        print(f"error: {e} (finished runs are kept)", file=sys.stderr)
+        say(f"error: {e} (finished runs are kept)")
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished runs are kept and will be read back next time", file=sys.stderr)
+        say("interrupted: finished runs are kept and will be read back next time")
         return 130
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import reports
 from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
-                        mean_ci95, run_cli)
+                        mean_ci95, read_json, run_cli, run_environment)
 from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
@@ -61,8 +60,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="import a transformers DeepSeek-V3.2 / GLM-5 model, warm its indexers up here (dense KL, "
                         "then --steps sparse steps unless --steps 0) and report recall; use its tokenizer")
     p.add_argument("--export-hf", metavar="DIR", help="with --init-from-hf: save the trained model for transformers")
-    p.add_argument("--overwrite", action="store_true", help="discard finished runs in --out made with another config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the whole training state every N steps (atomically, newest two kept) so a killed run "
+                        "loses at most N steps; 0 = off")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (to the same numbers, bit for bit on CPU)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: CUDA autocast of the forward with fp32 master weights (refused on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; refused on CPU)")
     return p.parse_args(argv)
+
+
+def execution(args: argparse.Namespace):
+    """How the runs execute (train.Execution): precision, compile, resume checkpoints."""
+    from train import Execution
+    return Execution(dtype=args.dtype, compile=args.compile, checkpoint_every=args.checkpoint_every,
+                     resume=args.resume)
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -74,21 +89,27 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
 
 
-def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool) -> dict:
-    """The sequence-length sweep: classic vs sparse per L and seed; writes every result file."""
+def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool, run=None) -> dict:
+    """The sequence-length sweep: classic vs sparse per L and seed; writes every result file. `run`
+    (train.Execution): precision, compile and resume checkpoints (OUT/seq_<L>/resume/seed_<S>/)."""
     from tqdm.auto import tqdm
 
+    import distributed
     import plots
     from config import config_for_length
     from data import build_windows, load_corpus
     from sparse_attention import kept_pair_fraction
-    from train import check_backend_device, pick_device, run_seed
+    from train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device, run_seed
 
+    run = run or Execution()
     device = pick_device(train_cfg.device)
     check_backend_device(model_cfg.attention_backend, device)
+    run.validate(device)
+    distributed.check_batch(train_cfg.batch_size)
     out = Path(exp_cfg.out)
     check_experiment(out, "sparse_vs_classic")
-    corpus = load_corpus(data_cfg)
+    with distributed.main_first():  # rank 0 builds the tokenizer and token caches, the others read them
+        corpus = load_corpus(data_cfg)
     print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
           f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
           f"vocab {corpus.tokenizer.vocab_size}; device {device}", flush=True)
@@ -98,33 +119,45 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
         configs[L] = {"model": dataclasses.asdict(m), "train": dataclasses.asdict(train_cfg),
                       "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"},
                       "corpus": {k: v for k, v in corpus.describe().items()}}
-    check_existing(out, configs, overwrite)
+        if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
+            configs[L]["dtype"] = run.dtype
+    with distributed.main_first():  # rank 0 clears stale runs before the others look
+        check_existing(out, configs, overwrite)
 
+    started = time.perf_counter()
     per_length: dict[int, dict[int, dict]] = {}
     jobs = [(L, s) for L in exp_cfg.seq_lens for s in exp_cfg.seeds]
     for L, seed in tqdm(jobs, desc="sweep (length, seed)", disable=len(jobs) == 1):
         record_path = out / f"seq_{L}" / "runs" / f"seed_{seed}.json"
         key = fingerprint(configs[L])
         if record_path.exists():
-            record = json.loads(record_path.read_text())
+            record = read_json(record_path)
             print(f"L={L} seed={seed}: finished run read back from {record_path}", flush=True)
         else:
             m, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
             windows = build_windows(corpus, L)
             t0 = time.perf_counter()
+            this_run = checkpointed(run, out / f"seq_{L}" / "resume" / f"seed_{seed}", key, overwrite)
             results = run_seed(m, windows, train_cfg, seed, device, checkpoint_dir=out / f"seq_{L}" / "checkpoints",
-                               extra={"tokenizer": corpus.tokenizer.spec()})
+                               extra={"tokenizer": corpus.tokenizer.spec()}, run=this_run)
             record = {"config_fingerprint": key, "seed": seed, "sequence_length": L,
-                      "wall_time_s": time.perf_counter() - t0, "results": results}
+                      "wall_time_s": time.perf_counter() - t0, "config": configs[L],
+                      "environment": run_environment(device), "results": results}
             atomic_write_json(record_path, record)
+            discard_checkpoints(this_run)
         per_length.setdefault(L, {})[seed] = record["results"]
+    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
+        return {}
 
     summary = {"experiment": "sparse_vs_classic", "config": configs[max(exp_cfg.seq_lens)],
-               "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens), "results": {}}
+               "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens),
+               "environment": run_environment(device), "wall_time_s": time.perf_counter() - started, "results": {}}
     metrics = {"classic": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
-                           "attention_time_share", "peak_memory_mb", "process_peak_rss_mb"],
+                           "tokens_per_s", "model_flops_utilization", "attention_time_share", "peak_memory_mb",
+                           "process_peak_rss_mb"],
                "sparse": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
-                          "attention_time_share", "peak_memory_mb", "process_peak_rss_mb", "indexer_time_share",
+                          "tokens_per_s", "model_flops_utilization", "attention_time_share", "peak_memory_mb",
+                          "process_peak_rss_mb", "indexer_time_share",
                           "indexer_recall",
                           "random_recall", "local_recall", "warmup_indexer_recall", "warmup_random_recall",
                           "warmup_local_recall"]}
@@ -152,7 +185,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],
                    "val_loss": per_length[L_max][s][m]["curves"]["val_loss"]} for s in exp_cfg.seeds]
               for m in ("classic", "sparse")}
-    summary_json = json.loads((out / "summary.json").read_text())  # None-cleaned copy for plotting
+    summary_json = read_json(out / "summary.json")  # None-cleaned copy for plotting
     plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
     table = reports.sweep_table(summary_json)
     atomic_write_text(out / "REPORT.md", reports.sweep_report(summary_json, table))
@@ -161,10 +194,13 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     return summary_json
 
 
-def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool) -> dict:
+def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,
+                             run=None) -> dict:
     """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
     import ablations
+    import distributed
     import plots
+    from train import pick_device
 
     unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
@@ -173,16 +209,21 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
         names = ["baseline", *names]  # speed-ups are relative to it
     out = Path(exp_cfg.out)
     check_experiment(out, "indexer_optimization")
+    started = time.perf_counter()
     records = ablations.run_variants({n: OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg, exp_cfg,
-                                     out, overwrite)
+                                     out, overwrite, run=run)
+    if not distributed.is_main():
+        return {}
     by_name = ablations.aggregate(records)
     summary = {"experiment": "indexer_optimization", "seeds": list(exp_cfg.seeds),
+               "environment": run_environment(pick_device(train_cfg.device)),
+               "wall_time_s": time.perf_counter() - started,
                "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names,
                "config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
                           "data": dataclasses.asdict(data_cfg)},
                "results": by_name}
     atomic_write_json(out / "summary.json", summary)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     L_max = max(exp_cfg.seq_lens)
     plots.optimization_comparison(summary["results"], names, L_max, out / "optimization_comparison.png")
     plots.speed_quality_tradeoffs(summary["results"], names, exp_cfg.seq_lens, reports.pareto_front,
@@ -228,14 +269,15 @@ def check_experiment(out: Path, experiment: str) -> None:
     """Refuse to write one experiment's results over another's in the same folder."""
     summary = out / "summary.json"
     if summary.exists():
-        found = json.loads(summary.read_text()).get("experiment")
+        found = read_json(summary, fix="delete it (summary.json is rebuilt from the finished runs)").get("experiment")
         if found != experiment:
             raise ValueError(f"{out} holds results of experiment {found!r}; give --experiment {experiment} "
                              f"its own --out folder")
 
 
 def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
-    """Refuse to mix runs made with another config into `out` (or clear them with --overwrite)."""
+    """Refuse to mix runs made with another config into `out` (or clear them with --overwrite; their
+    folders hold their resume checkpoints too)."""
     expected = {}
     for L, cfg in configs.items():
         key = fingerprint(cfg)
@@ -249,9 +291,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
+        import distributed
         from config import build_configs
         overrides = {**CONFIG, **cli_overrides(args)}
+        if distributed.init_from_env(overrides.get("device", "auto")) > 1 and args.init_from_hf:
+            raise ValueError("--init-from-hf runs in one process; start it without torchrun")
         if args.init_from_hf:
+            if args.resume or args.checkpoint_every or args.dtype != "fp32" or args.compile:
+                raise ValueError("--resume, --checkpoint-every, --dtype bf16 and --compile are not supported with "
+                                 "--init-from-hf; leave them out")
             run_init_from_hf(args, overrides)
             return
         if args.export_hf:
@@ -263,7 +311,7 @@ def main(argv=None) -> int:
             check_experiment(out, "long_context")
             long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
                                           args.models or list(long_context.DEFAULT_MODELS), overrides, out,
-                                          args.overwrite)
+                                          args.overwrite, run=execution(args))
             print(f"wall time {time.perf_counter() - t0:.0f} s")
             return
         if args.experiment == "adaptive_sparsity":
@@ -282,12 +330,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if args.experiment == "indexer_optimization":
             names = expand_optimizations(args.optimization) if args.optimization else list(DEFAULT_OPTIMIZATIONS)
-            run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite)
+            run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite,
+                                     run=execution(args))
         else:
-            run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite)
+            run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite, run=execution(args))
         print(f"wall time {time.perf_counter() - t0:.0f} s")
+    import distributed
     from train import TrainingDiverged
-    return run_cli(job, failures=(TrainingDiverged,))
+    try:
+        return run_cli(job, failures=(TrainingDiverged,))
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -11,19 +11,24 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed
 from config import ModelConfig, TrainConfig
 from data import BatchStream, Windows, eval_subset
 from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
+from results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
 from sparse_attention import DENSE, AttentionMode, SectionTimer, merge_recall_stats
 
 
@@ -40,11 +45,78 @@ def check_backend_device(backend: str, device: torch.device) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> the device (under torchrun with CUDA: this rank's GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available; use --device cpu or auto")
+    if name == "cuda" and distributed.world_size() > 1:
+        return torch.device("cuda", torch.cuda.current_device())  # set per rank by distributed.init_from_env
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- how a run executes
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How stages run, not what they compute (so none of it is in a config fingerprint; a runner adds a non-fp32
+    dtype to its own): `dtype` 'fp32' or 'bf16' (CUDA autocast of the forward, fp32 master weights and loss),
+    `compile` (torch.compile of the model), resume checkpoints every `checkpoint_every` steps (0: none) kept in
+    `folder` and tagged with the run's config fingerprint `key`, `resume` (continue from them), and `name`, the
+    stage's name inside its run (unique per run: it names the checkpoint files)."""
+    dtype: str = "fp32"
+    compile: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+    folder: Path | None = None
+    key: str = ""
+    name: str = ""
+
+    def validate(self, device: torch.device) -> None:
+        """Refuse, before any work, what cannot run here (never silently ignored)."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if self.dtype == "bf16" and device.type != "cuda":
+            raise ValueError("--dtype bf16 runs CUDA autocast and needs a GPU; on CPU use --dtype fp32")
+        if self.compile and device.type != "cuda":
+            raise ValueError("--compile (torch.compile) is for CUDA runs; on CPU leave it out")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (0: no checkpoints)")
+
+    def named(self, name: str) -> "Execution":
+        return dataclasses.replace(self, name=name)
+
+
+def checkpointed(run: Execution, folder: Path, key: str, overwrite: bool) -> Execution:
+    """`run` keeping this run's resume checkpoints in `folder`, tagged with its config fingerprint `key`.
+    Checkpoints an interrupted run left there are continued with `resume`, discarded with `overwrite`, and
+    otherwise refused in one line (hours of training are never dropped silently); ones made with another
+    config are never continued."""
+    marker = folder / "run.json"
+    with distributed.main_first():  # rank 0 clears a folder before the others look at it
+        if marker.exists():
+            found = read_json(marker, fix=f"delete the folder {folder} (that run restarts)").get("config_fingerprint")
+            if found != key or not run.resume:
+                if not overwrite:
+                    what = "made with a different config" if found != key else "of an interrupted run"
+                    hint = "pass --resume to continue it, or " if found == key else ""
+                    raise ValueError(f"{folder} holds checkpoints {what}; {hint}pass --overwrite to start that run "
+                                     f"again")
+                if distributed.is_main():
+                    shutil.rmtree(folder)
+    if run.checkpoint_every:
+        atomic_write_json(marker, {"config_fingerprint": key})
+    return dataclasses.replace(run, folder=folder, key=key)
+
+
+def discard_checkpoints(run: Execution) -> None:
+    """A finished run (its record written) needs its resume checkpoints no more."""
+    if run.folder is not None and distributed.is_main():
+        shutil.rmtree(run.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run.folder.parent.rmdir()  # the resume/ folder, once no run holds checkpoints in it
 
 
 def build_model_pair(cfg: ModelConfig, seed: int, device: torch.device):
@@ -167,12 +239,14 @@ def _param_groups(model, stage: Stage) -> list[dict]:
             {"params": model.indexer_parameters(), "lr": stage.indexer_lr, "weight_decay": 0.0}]
 
 
-def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: int) -> None:
+def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: int,
+            reported: torch.Tensor | None = None) -> None:
     """One optimizer step, gradients clipped per param group (the indexer's KL never scales the main
-    model's update); a NaN/inf loss, or a NaN/inf gradient under a finite loss, stops the run naming the
-    step (before the optimizer touches a weight)."""
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
+    model's update); a NaN/inf loss (`reported`: the loss over all ranks, so every rank stops together), or a
+    NaN/inf gradient under a finite loss, stops the run naming the step (before the optimizer touches a weight)."""
+    reported = loss if reported is None else reported
+    if not torch.isfinite(reported):
+        raise TrainingDiverged(f"{desc}: loss became {reported.item()} at step {step}; lower the learning rate")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     for i, group in enumerate(opt.param_groups):
@@ -201,82 +275,305 @@ def _frozen_main(model, frozen: bool):
 
 
 def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig,
-              device: torch.device, desc: str) -> dict:
+              device: torch.device, desc: str, run: Execution = Execution()) -> dict:
     """Train `model` through one stage (a fresh AdamW and lr schedule) -> {"curves", "final", "before"}.
 
     Curves at every evaluation: steps, train_loss (LM), val_loss, val_accuracy, val_perplexity,
     time_per_step; with an indexer loss also indexer_kl (per-step in `step_indexer_kl`); with recall also
     indexer_recall, random_recall, local_recall, mean_selected_keys. `before` is the evaluation before
-    the first step when the stage evaluates only at its ends.
+    the first step when the stage evaluates only at its ends. `final` also holds tokens_per_s (and on CUDA
+    model_flops_utilization).
+
+    `run` (Execution) says how: dtype, torch.compile, and resume checkpoints (`run.folder`): every
+    `checkpoint_every` steps the whole training state (model, optimizer, schedule, stream position, every RNG,
+    the curves so far) is saved atomically (newest two kept), and a finished stage leaves its result and end
+    state; with `run.resume` the stage continues from there, to the bit the numbers an uninterrupted run gives.
+    Under torchrun every rank trains on its slice of each global batch (distributed.shard) in
+    DistributedDataParallel; the logged losses are the global-batch means, identical on every rank.
     """
     steps = stage.steps
-    before = evaluate(model, val, tcfg.batch_size, device, recall=stage.recall) if stage.eval_every is None else None
+    distributed.check_batch(tcfg.batch_size)
+    saved = _resume_point(run, model, stream) if run.folder is not None and run.resume else None
+    if saved is not None and saved.get("result") is not None:  # the stage finished before the interruption
+        return saved["result"]
+    before = None
+    if saved is None and stage.eval_every is None:
+        before = evaluate(model, val, tcfg.batch_size, device, recall=stage.recall)
     opt, sched = _optimizer(_param_groups(model, stage), tcfg, steps)
     keys = ["steps", "train_loss", "val_loss", "val_accuracy", "val_perplexity", "time_per_step"]
     keys += ["indexer_kl"] if stage.mode.indexer_loss else []
     keys += ["indexer_recall", "random_recall", "local_recall", "mean_selected_keys"] if stage.recall else []
-    curves = {k: [] for k in keys}
-    step_loss, step_time, step_kl = [], [], []  # one entry per step (step_time NaN at profiled steps)
-    forward_time = []  # forward seconds of each profiled step
+    log = {"curves": {k: [] for k in keys}, "before": before,
+           "step_loss": [], "step_time": [], "step_kl": [],  # one entry per step (step_time NaN at profiled steps)
+           "forward_time": [],  # forward seconds of each profiled step
+           "load_sum": 0.0,  # (layers, experts): share of routed slots, summed over steps
+           "timer": {}}
+    first = 0
+    if saved is not None:  # mid-stage: the optimizer, schedule and log as they were after step saved["step"]
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        log, first = saved["log"], saved["step"]
+    curves, step_loss, step_time, step_kl = log["curves"], log["step_loss"], log["step_time"], log["step_kl"]
     timer = SectionTimer(cuda=device.type == "cuda")
+    timer.totals = log["timer"]
     profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
     profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
-    load_sum = 0.0  # (layers, experts): share of routed slots, summed over steps
+    world, seq_len = distributed.world_size(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if stage.lm_loss:
         model.train()
     with _frozen_main(model, stage.trains == "indexer"):
-        for step in tqdm(range(steps), desc=desc, leave=False, disable=steps == 0):
-            inputs, targets = (t.to(device) for t in stream.next())
+        net = _wrap(model, device, run)
+        for step in tqdm(range(first, steps), desc=desc, leave=False, initial=first, total=steps,
+                         disable=steps == 0 or not distributed.is_main()):
+            inputs, targets = (distributed.shard(t).to(device) for t in stream.next())
+            seq_len = inputs.shape[1]
             mode = dataclasses.replace(stage.mode, timer=timer if step in profile else None)
             if stage.mode.sparse:  # progressive-k schedules follow the sparse stage
                 model.set_training_progress(step / steps)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            logits, aux = model(inputs, mode, return_aux=True)
+            with _autocast(device, run.dtype):
+                logits, aux = net(inputs, mode, return_aux=True)
             if step in profile:  # the span the timer's sections lie in: this forward
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                forward_time.append(time.perf_counter() - start)
+                log["forward_time"].append(time.perf_counter() - start)
             loss = torch.zeros((), device=device)
             if stage.lm_loss:
-                lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                lm_loss, lm_logged = _lm_loss(logits, targets, world)
                 loss = lm_loss + aux.balance_loss
-                step_loss.append(lm_loss.item())
+                step_loss.append(lm_logged.item())
             if stage.mode.indexer_loss:
                 kl = aux.indexer_loss  # touches indexer params only (detached input and targets)
                 loss = loss + kl
-                step_kl.append(kl.item())
-            _update(loss, opt, sched, tcfg.grad_clip, desc, step)
+                step_kl.append(_rank_mean(kl).item())
+            _update(loss, opt, sched, tcfg.grad_clip, desc, step, _rank_mean(loss) if world > 1 else None)
             if stage.trains == "all":
-                load_sum = load_sum + torch.tensor(model.update_balance_bias())
+                _sum_expert_loads(model)
+                log["load_sum"] = log["load_sum"] + torch.tensor(model.update_balance_bias())
             if device.type == "cuda":
                 torch.cuda.synchronize()
             # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
             step_time.append(math.nan if step in profile else time.perf_counter() - start)
             if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
                 _log_eval(curves, model, val, tcfg, device, stage, step + 1, step_loss, step_time, step_kl)
+            if run.folder is not None and run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 \
+                    and step + 1 < steps:
+                _save_step(run, step + 1, model, opt, sched, stream, log)
     if stage.trains == "indexer":  # routing seen while main was frozen must not feed the next balance update
         for block in model.blocks:
             block.ffn.load_counts.zero_()
     if stage.eval_every is None:
         _log_eval(curves, model, val, tcfg, device, stage, steps, step_loss, step_time, step_kl)
     # time shares: attention / indexer forward sections over the forward time of the same profiled steps
+    forward_time, load_sum = log["forward_time"], log["load_sum"]
     profiled = sum(forward_time)
     final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
     final.update(avg_time_per_step=_mean(step_time), **peak_memory(device),
                  profiled_forward_ms=1000 * profiled / max(1, len(forward_time)),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
+    final.update(throughput(model, tcfg.batch_size, seq_len, final["avg_time_per_step"],
+                            final.get("mean_selected_keys"), device))
     if stage.lm_loss:
         final.update(train_loss_variance=_variance(step_loss[-max(10, steps // 10):]),
                      expert_load=(load_sum / max(1, steps)).tolist() if steps else [])
     if stage.mode.needs_indexer:
         final["indexer_time_share"] = timer.totals.get("indexer", math.nan) / profiled if profiled else math.nan
         final["indexer_ms"] = 1000 * timer.totals.get("indexer", math.nan) / max(1, len(profile))
-    return {"curves": curves, "final": final, "before": before, "step_indexer_kl": step_kl}
+    result = {"curves": curves, "final": final, "before": log["before"], "step_indexer_kl": step_kl}
+    if run.folder is not None and run.checkpoint_every:
+        _save_finished(run, model, stream, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- precision, compile, DDP
+def _autocast(device: torch.device, dtype: str):
+    """bf16 autocast of the forward (weights, optimizer state and the loss stay fp32); fp32: nothing."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _wrap(model, device: torch.device, run: Execution):
+    """The module a training step calls: DistributedDataParallel under torchrun (gradients averaged over
+    ranks; an expert no token of a rank's slice chose is an unused parameter there), torch.compile when asked."""
+    net = model
+    if distributed.world_size() > 1:
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+        # buffers are not broadcast at each forward: the MoE loads are per rank until _sum_expert_loads adds them
+        buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True, **buffers)
+    if run.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (the loss to differentiate, the global-batch mean LM loss to log). One process: the mean over the
+    scored targets (-100 = not scored). Under DDP, which averages gradients over ranks: this slice's summed
+    loss over the global count of scored targets, times world, so the gradient is the global mean's even when
+    the ranks' slices hold different numbers of scored targets."""
+    flat_logits, flat_targets = logits.flatten(0, 1).float(), targets.flatten()
+    if world == 1:
+        loss = F.cross_entropy(flat_logits, flat_targets)
+        return loss, loss.detach()
+    total = F.cross_entropy(flat_logits, flat_targets, reduction="sum")
+    count = distributed.all_reduce_sum((flat_targets != -100).sum().to(total.dtype))
+    return total * world / count, distributed.all_reduce_sum(total.detach().clone()) / count
+
+
+def _rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a per-rank mean (equal slices: the global-batch mean); itself in one process."""
+    world = distributed.world_size()
+    return value.detach() if world == 1 else distributed.all_reduce_sum(value.detach().clone()) / world
+
+
+def _sum_expert_loads(model) -> None:
+    """Under DDP every rank balances its experts on the loads of the whole global batch (same bias everywhere,
+    equal to a single process's)."""
+    if distributed.world_size() > 1:
+        for block in model.blocks:
+            distributed.all_reduce_sum(block.ffn.load_counts)
+
+
+# peak dense bf16 tensor-core FLOP/s by device name (vendor datasheets); an unknown GPU gets no MFU
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12,
+                   "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The datasheet peak for a CUDA device name (first matching key, most specific first); None if unknown."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
+
+
+def model_flops_per_token(model, seq_len: int, mean_keys: float | None = None) -> float:
+    """Training FLOPs per token: 6 x the parameters a token activates (MoE: shared + top-k routed experts,
+    embeddings and indexers included) + attention's QK^T and PV, forward and backward (12 x layers x attended
+    keys x query/value width; attended keys = the mean selected keys, or (L+1)/2 causal dense)."""
+    cfg = model.cfg
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and "shared" not in n)
+    active = sum(p.numel() for p in model.parameters()) - routed * (1 - cfg.expert_top_k / cfg.num_experts)
+    keys = mean_keys if mean_keys is not None and math.isfinite(mean_keys) else (seq_len + 1) / 2
+    if cfg.attention_type == "mla":
+        width = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2
+    else:
+        width = cfg.d_model
+    return 6 * active + 12 * cfg.n_layers * width * keys
+
+
+def throughput(model, batch_size: int, seq_len: int, time_per_step: float, mean_keys: float | None,
+               device: torch.device) -> dict:
+    """{'tokens_per_s': global-batch tokens per second of training, 'model_flops_utilization': achieved model
+    FLOP/s over the devices' peak bf16 FLOP/s (CUDA with a known device name; NaN otherwise)}."""
+    tokens_per_s = batch_size * seq_len / time_per_step if time_per_step and math.isfinite(time_per_step) else math.nan
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    mfu = math.nan
+    if peak and math.isfinite(tokens_per_s):
+        mfu = model_flops_per_token(model, seq_len, mean_keys) * tokens_per_s / (peak * distributed.world_size())
+    return {"tokens_per_s": tokens_per_s, "model_flops_utilization": mfu}
+
+
+# ----------------------------------------------------------------------------- resume checkpoints
+def _rng_state(model) -> dict:
+    """Every RNG a step may draw from: torch (CPU and each CUDA device), python, numpy, and the generators
+    modules hold themselves (e.g. the random-selection control's)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "modules": {f"{owner}:{attr}:{key}": {"device": str(g.device), "state": g.get_state()}
+                         for (owner, attr, key), g in _module_generators(model).items()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU (under torchrun: its rank's)
+    return state
+
+
+def _set_rng_state(model, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    for name, saved in state["modules"].items():
+        owner, attr, key = name.split(":", 2)
+        holder = getattr(model.get_submodule(owner), attr)
+        device = saved["device"]
+        if device.startswith("cuda"):  # saved by rank 0: onto this rank's GPU (a key naming the device follows it)
+            here = f"cuda:{torch.cuda.current_device()}"
+            key, device = (here if key == device else key), here
+        generator = torch.Generator(device=device)
+        generator.set_state(saved["state"])
+        if key:
+            holder[key] = generator
+        else:
+            setattr(model.get_submodule(owner), attr, generator)
+
+
+def _module_generators(model) -> dict[tuple[str, str, str], torch.Generator]:
+    """{(module name, attribute, dict key or ''): generator} for every torch.Generator a module holds."""
+    found = {}
+    for owner, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Generator):
+                found[(owner, attr, "")] = value
+            elif isinstance(value, dict):
+                found.update({(owner, attr, str(k)): g for k, g in value.items() if isinstance(g, torch.Generator)})
+    return found
+
+
+def _stream_state(stream) -> dict:
+    if not hasattr(stream, "state_dict"):
+        raise ValueError(f"{type(stream).__name__} has no state_dict(): a checkpointed stage needs a batch stream "
+                         f"that can say where it stands (see data.BatchStream); run without --checkpoint-every")
+    return stream.state_dict()
+
+
+def _save_step(run: Execution, step: int, model, opt, sched, stream, log: dict) -> None:
+    """A mid-stage checkpoint after `step` steps (atomic; rank 0); the newest two are kept."""
+    atomic_save_torch({"key": run.key, "stage": run.name, "step": step, "model": model.state_dict(),
+                       "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stream": _stream_state(stream),
+                       "rng": _rng_state(model), "log": log}, run.folder / f"{run.name}.step{step:09d}.pt")
+    if distributed.is_main():
+        for old in sorted(run.folder.glob(f"{run.name}.step*.pt"))[:-2]:
+            old.unlink()
+
+
+def _save_finished(run: Execution, model, stream, result: dict) -> None:
+    """A finished stage: its result and the state it ends in (model, stream, RNGs); its step checkpoints go."""
+    atomic_save_torch({"key": run.key, "stage": run.name, "model": model.state_dict(), "stream": _stream_state(stream),
+                       "rng": _rng_state(model), "result": result}, run.folder / f"{run.name}.done.pt")
+    if distributed.is_main():
+        for old in run.folder.glob(f"{run.name}.step*.pt"):
+            old.unlink()
+
+
+def _resume_point(run: Execution, model, stream) -> dict | None:
+    """The newest checkpoint of this stage (finished, else mid-stage), with the model, stream and RNGs
+    restored from it; None when the stage has none. A checkpoint of another config is refused."""
+    done = run.folder / f"{run.name}.done.pt"
+    steps = sorted(run.folder.glob(f"{run.name}.step*.pt"))
+    path = done if done.exists() else (steps[-1] if steps else None)
+    if path is None:
+        return None
+    fix = ("delete it (the run resumes from the checkpoint before it)" if len(steps) > 1 and path != done
+           else "delete it (that stage restarts)")
+    saved = load_torch(path, "cpu", fix=fix)
+    if not isinstance(saved, dict) or saved.get("key") != run.key or saved.get("stage") != run.name:
+        raise ValueError(f"{path} is a checkpoint of another config or stage; pass --overwrite to start that run "
+                         f"again")
+    model.load_state_dict(saved["model"])
+    stream.load_state_dict(saved["stream"])
+    _set_rng_state(model, saved["rng"])
+    return saved
 
 
 def _log_eval(curves, model, val, tcfg, device, stage: Stage, step: int, step_loss, step_time, step_kl) -> None:
@@ -294,9 +591,9 @@ def _log_eval(curves, model, val, tcfg, device, stage: Stage, step: int, step_lo
 
 
 def warmup_indexer(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,
-                   desc: str = "warm-up") -> dict:
+                   desc: str = "warm-up", run: Execution = Execution()) -> dict:
     """Stage 1 (warmup_stage): recall measured on the sparse model's own selection before and after."""
-    result = run_stage(model, warmup_stage(tcfg), stream, val, tcfg, device, desc)
+    result = run_stage(model, warmup_stage(tcfg), stream, val, tcfg, device, desc, run=run)
     after = result["final"]
     return {"indexer_kl": result["step_indexer_kl"], "recall_before": result["before"]["indexer_recall"],
             "recall_after": after["indexer_recall"], "random_recall": after["random_recall"],
@@ -304,9 +601,9 @@ def warmup_indexer(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainCon
 
 
 def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,
-             desc: str, stage: Stage | None = None) -> dict:
+             desc: str, stage: Stage | None = None, run: Execution = Execution()) -> dict:
     """Dense training (default: `dense_stage(tcfg)`) or any stage with the LM loss -> {"curves", "final"}."""
-    result = run_stage(model, stage or dense_stage(tcfg), stream, val, tcfg, device, desc)
+    result = run_stage(model, stage or dense_stage(tcfg), stream, val, tcfg, device, desc, run=run)
     return {"curves": result["curves"], "final": result["final"]}
 
 
@@ -324,12 +621,9 @@ def _mean(values: list[float]) -> float:
 def save_checkpoint(model, path: Path, extra: dict) -> None:
     """Atomic save of weights + model config + whatever rebuilds the run (tokenizer spec, seed, L), all plain
     data (tensors, dicts, lists, str, numbers) so `load_checkpoint` can read it with weights_only=True."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_state": model.state_dict(), "model_config": dataclasses.asdict(model.cfg),
                "model_type": "sparse" if isinstance(model, SparseAttentionMoELLM) else "classic", **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_save_torch(payload, path)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
@@ -350,7 +644,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return model.to(device).eval(), payload
 
 
-def dense_pretrain(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, device: torch.device):
+def dense_pretrain(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, device: torch.device,
+                   run: Execution = Execution()):
     """Stage 0: the classic model from the seed's init, trained densely for `dense_steps` -> (model, record)."""
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg).to(device)
@@ -359,12 +654,13 @@ def dense_pretrain(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: 
     record = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 3),
                       eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
                       desc=f"L={windows.seq_len} seed={seed} dense pre-training",
-                      stage=dense_stage(tcfg, tcfg.dense_steps))
+                      stage=dense_stage(tcfg, tcfg.dense_steps), run=run.named("pretrain"))
     return classic, record
 
 
 def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int,
-                      device: torch.device, desc: str = "sparse") -> tuple[SparseAttentionMoELLM, dict]:
+                      device: torch.device, desc: str = "sparse", run: Execution = Execution()
+                      ) -> tuple[SparseAttentionMoELLM, dict]:
     """A sparse model from the branch-point weights: indexer warm-up, then sparse training -> (model, result).
 
     Stage 2 uses the seed's stage-2 batch stream: the same batches, in the same order, as the classic
@@ -374,9 +670,9 @@ def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tc
     val = eval_subset(windows.val, tcfg.eval_windows)
     L, bs = windows.seq_len, tcfg.batch_size
     warmup = warmup_indexer(sparse, BatchStream(windows.train, bs, seed * 1000 + 2), val, tcfg, device,
-                            desc=f"L={L} seed={seed} {desc} indexer warm-up")
+                            desc=f"L={L} seed={seed} {desc} indexer warm-up", run=run.named("warmup"))
     result = train_lm(sparse, BatchStream(windows.train, bs, seed * 1000 + 1), val, tcfg, device,
-                      desc=f"L={L} seed={seed} {desc}", stage=sparse_stage(tcfg))
+                      desc=f"L={L} seed={seed} {desc}", stage=sparse_stage(tcfg), run=run.named("sparse"))
     result["warmup"] = warmup
     result["final"].update(warmup_indexer_recall=warmup["recall_after"], warmup_random_recall=warmup["random_recall"],
                            warmup_local_recall=warmup["local_recall"])
@@ -384,7 +680,7 @@ def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tc
 
 
 def run_seed(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, device: torch.device,
-             checkpoint_dir: Path | None = None, extra: dict | None = None) -> dict:
+             checkpoint_dir: Path | None = None, extra: dict | None = None, run: Execution = Execution()) -> dict:
     """One seed of the comparison, as DeepSeek-V3.2 did it (sparse continued from a dense model):
 
     stage 0  shared dense pre-training of the classic model (`dense_steps`);
@@ -392,14 +688,16 @@ def run_seed(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, d
     classic  continues dense training for `steps`;
     sparse   stage 1 indexer warm-up (`warmup_steps`, main frozen), stage 2 sparse training for `steps`
              on the very same batches in the same order as the classic continuation.
+    `run` (Execution): dtype, compile, and this run's resume checkpoints (its stages named pretrain, classic,
+    warmup, sparse).
     """
-    classic, pretrain = dense_pretrain(cfg, windows, tcfg, seed, device)
+    classic, pretrain = dense_pretrain(cfg, windows, tcfg, seed, device, run=run)
     branch_state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
     results = {"pretrain": pretrain}
     results["classic"] = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 1),
                                   eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
-                                  desc=f"L={windows.seq_len} seed={seed} classic")
-    sparse, results["sparse"] = train_sparse_from(branch_state, cfg, windows, tcfg, seed, device)
+                                  desc=f"L={windows.seq_len} seed={seed} classic", run=run.named("classic"))
+    sparse, results["sparse"] = train_sparse_from(branch_state, cfg, windows, tcfg, seed, device, run=run)
     if checkpoint_dir is not None:
         for name, model in (("classic", classic), ("sparse", sparse)):
             save_checkpoint(model, checkpoint_dir / f"{name}_seed{seed}.pt",

@@ -55,6 +55,8 @@ def test_ablation_records_are_resumed_not_redone(tmp_path, monkeypatch, corpus, 
     assert 0 < m["quant_topk_overlap"] <= 1 and m["quant_score_rel_error"] > 0  # recorded per run
     assert m["step_peak_memory_mb"] > 0 and m["total_flops_per_token"] > m["attention_flops_per_token"]
     assert record["environment"]["device"] == "cpu" and record["environment"]["torch"] == torch.__version__
+    assert "git_commit" in record["environment"] and record["environment"]["world_size"] == 1
+    assert record["config"]["model"]["indexer_precision"] == "int4" and record["wall_time_s"] > 0
     base = json.loads((tmp_path / "abl" / "records" / "baseline__L32__seed1.json").read_text())
     assert base["metrics"]["indexer_bytes_per_token"] > m["indexer_bytes_per_token"]  # 4-bit minimal moves less
     report = (tmp_path / "abl" / "REPORT.md").read_text()

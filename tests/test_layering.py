@@ -7,7 +7,7 @@ from conftest import ROOT
 
 # Layer order, bottom first (DESIGN.md "Layers"). A module may import modules of its own or a lower layer.
 LAYERS = [
-    ("plumbing", ["config", "rope", "results_io", "variants", "mqar"]),
+    ("plumbing", ["config", "rope", "distributed", "results_io", "variants", "mqar"]),
     ("reference", ["sparse_attention"]),
     ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
     ("backends", ["backends"]),
@@ -15,7 +15,7 @@ LAYERS = [
                   "optimized_indexers"]),
     ("models", ["models", "adaptive_models", "hf_interop"]),
     ("decoding", ["decode"]),
-    ("data and training", ["data", "train"]),
+    ("data and training", ["token_files", "data", "train"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
                  "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
 ]

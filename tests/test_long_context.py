@@ -41,6 +41,8 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
     # the same batches for every model: stage 2 of local and random saw identical inputs (same stream seed)
     record = json.loads((tmp_path / "records" / "lm" / "L32" / "seed1" / "dsa.json").read_text())
     assert record["config_fingerprint"] and record["model"] == "dsa"
+    assert record["environment"]["world_size"] == 1 and record["config"]["seeds"] == [1, 2]
+    assert record["wall_time_s"] > 0 and summary["environment"]["torch"] == torch.__version__
     # resume: finished records are read back, nothing retrains (training would fail with this patch)
     monkeypatch.setattr(long_context, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = long_context.run_long_context("quick", ["lm", "mqar"], models, dict(TINY), tmp_path, False)
@@ -71,9 +73,9 @@ def test_mqar_curriculum_is_gated_shared_and_lengths_chain(tmp_path, monkeypatch
     starts = {}
     real = long_context.branch_point
 
-    def spy(task, cfg, tcfg, seed, device, path, fingerprint_, start=None):
+    def spy(task, cfg, tcfg, seed, device, path, fingerprint_, start=None, run=long_context.Execution()):
         starts[cfg.max_seq_len] = start
-        return real(task, cfg, tcfg, seed, device, path, fingerprint_, start)
+        return real(task, cfg, tcfg, seed, device, path, fingerprint_, start, run)
 
     monkeypatch.setattr(long_context, "branch_point", spy)
     b48 = long_context.mqar_branch(48, 1, settings, torch.device("cpu"), tmp_path, "fp")
@@ -85,3 +87,11 @@ def test_mqar_curriculum_is_gated_shared_and_lengths_chain(tmp_path, monkeypatch
     assert all(torch.equal(starts[48][k], b32[k]) for k in b32)
     assert not all(torch.equal(b48[k], b32[k]) for k in b32)  # 48 trained further
     assert json.loads((tmp_path / "L48" / "seed1" / "branch.json").read_text())["config_fingerprint"] == "fp"
+
+
+def test_a_truncated_branch_point_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "branch.pt"
+    path.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(ValueError, match="branch.pt is truncated or corrupt .*delete it") as info:
+        long_context.branch_point(None, None, None, 1, "cpu", path, "fp")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

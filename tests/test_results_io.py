@@ -101,3 +101,57 @@ def test_paired_t_pvalue_and_holm_on_known_cases():
     # Holm: sorted p x (m - i), made monotone: 0.01*3, max(0.03*2, .03), max(0.04*1, .06)
     assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
     assert holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0}
+
+
+def test_a_truncated_record_or_checkpoint_is_one_line_naming_the_path_and_the_fix(tmp_path):
+    from results_io import CorruptFile, load_torch, read_json
+    record = tmp_path / "runs" / "seed_42.json"
+    atomic_write_json(record, {"config_fingerprint": "k", "results": [1, 2, 3]})
+    assert read_json(record)["config_fingerprint"] == "k"
+    record.write_text(record.read_text()[:25])  # a half-written file (a crash before atomic writes existed)
+    with pytest.raises(CorruptFile) as info:
+        read_json(record)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and str(record) in msg and "--overwrite" in msg and "\n" not in msg
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(CorruptFile, match="not an object"):
+        read_json(tmp_path / "list.json")
+    ckpt = tmp_path / "branch.pt"
+    atomic_save_torch({"w": torch.ones(3)}, ckpt)
+    assert torch.equal(load_torch(ckpt)["w"], torch.ones(3))
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(CorruptFile) as info:
+        load_torch(ckpt, fix="delete it (the branch point is retrained)")
+    assert str(ckpt) in str(info.value) and "branch point is retrained" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_check_stale_refuses_a_corrupt_record_and_overwrite_removes_only_it(tmp_path):
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    atomic_write_json(good, {"config_fingerprint": "k"})
+    bad.write_text('{"config_fingerprint" "k"')
+    with pytest.raises(ValueError, match="bad.json is truncated or corrupt"):
+        check_stale(tmp_path, {good: "k", bad: "k"}, overwrite=False)
+    assert bad.exists() and good.exists()
+    assert check_stale(tmp_path, {good: "k", bad: "k"}, overwrite=True) == []
+    assert not bad.exists() and json.loads(good.read_text()) == {"config_fingerprint": "k"}
+
+
+def test_run_environment_records_versions_git_state_and_command_line(monkeypatch):
+    import subprocess
+    import sys
+
+    from results_io import run_environment
+    env = run_environment("cpu")
+    assert env["torch"] == torch.__version__ and env["python"].count(".") == 2 and env["device"] == "cpu"
+    assert env["world_size"] == 1 and env["command_line"] == sys.argv and env["device_name"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert env["git_commit"] == head and isinstance(env["git_dirty"], bool)
+    json.dumps(env)  # plain JSON
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    env = run_environment()
+    assert env["git_commit"] is None and env["git_dirty"] is None and env["device"] is None

@@ -1,5 +1,6 @@
 """The CLI end to end on the embedded corpus: result files and their shape, resume, refusals, errors."""
 import json
+import sys
 
 import pytest
 
@@ -41,6 +42,11 @@ def test_summary_json_has_the_documented_shape(results):
         for m in ("indexer_recall", "random_recall"):
             assert _is_stat(r["sparse"][m])
     assert s["results"]["32"]["top_k"] == 16
+    for env in (s["environment"], json.loads((results / "seq_16" / "runs" / "seed_2.json").read_text())["environment"]):
+        assert env["world_size"] == 1 and env["device"] == "cpu" and env["command_line"] == sys.argv  # the process's
+        assert {"python", "torch", "triton", "cuda", "device_name", "git_commit", "git_dirty"} <= set(env)
+    record = json.loads((results / "seq_32" / "runs" / "seed_1.json").read_text())
+    assert record["config"] == s["config"] and record["wall_time_s"] > 0 and s["wall_time_s"] > 0
 
 
 def test_per_length_files_figure_and_report(results):
@@ -69,6 +75,25 @@ def test_finished_runs_are_read_back_and_another_config_is_refused(results, caps
     code = run_experiment.main(ARGS + ["--experiment", "indexer_optimization", "--out", str(results)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "holds results of experiment 'sparse_vs_classic'" in err
+
+
+def test_a_half_written_run_record_is_named_with_the_fix_and_other_runs_are_kept(results, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(results, out)
+    bad, good = out / "seq_16" / "runs" / "seed_1.json", out / "seq_16" / "runs" / "seed_2.json"
+    original = json.loads(bad.read_text())["results"]
+    bad.write_text(bad.read_text()[:200])  # a record cut short (e.g. written by an older version, disk full)
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != bad}
+    code = run_experiment.main(ARGS + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and str(bad) in err and "--overwrite" in err and "\n" not in err and "Traceback" not in err
+    assert all(p.read_bytes() == data for p, data in kept.items())  # nothing was touched
+    assert run_experiment.main(ARGS + ["--out", str(out), "--overwrite"]) == 0  # only that run is redone
+    assert good.read_bytes() == kept[good] and (out / "seq_32" / "runs" / "seed_1.json").read_bytes() == \
+        kept[out / "seq_32" / "runs" / "seed_1.json"]
+    redone = json.loads(bad.read_text())["results"]
+    assert redone["sparse"]["curves"]["val_loss"] == original["sparse"]["curves"]["val_loss"]
 
 
 @pytest.mark.parametrize("argv, fragment", [

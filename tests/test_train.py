@@ -63,7 +63,7 @@ def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same
     seen = {}
     real_run_stage = train.run_stage
 
-    def recording_run_stage(model, stage, stream, val, tcfg, device, desc):
+    def recording_run_stage(model, stage, stream, val, tcfg, device, desc, **kwargs):
         shared = {n: p.detach().clone() for n, p in model.named_parameters() if ".indexer." not in n}
         batches = []
         real_next = stream.next
@@ -73,7 +73,7 @@ def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same
             batches.append(batch[0].clone())
             return batch
         stream.next = next_batch
-        result = real_run_stage(model, stage, stream, val, tcfg, device, desc)
+        result = real_run_stage(model, stage, stream, val, tcfg, device, desc, **kwargs)
         seen[(stage.name, desc)] = (shared, batches)
         return result
 
