@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import distributed
 import plots
 import reports
 from ablations import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
@@ -41,11 +41,11 @@ from data import load_corpus
 from long_context import LMTask, branch_point
 from models import ClassicAttentionMoELLM
 from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, holm,
-                        mean_ci95, paired_t_pvalue)
+                        load_torch, mean_ci95, paired_t_pvalue, read_json, run_environment)
 from sparse_attention import DENSE
 from sparsity_control import AdaptiveKConfig
-from train import (check_backend_device, dense_stage, eval_batches, pick_device, run_stage, sparse_from_state,
-                   sparse_stage, warmup_stage)
+from train import (Execution, check_backend_device, checkpointed, dense_stage, discard_checkpoints, eval_batches,
+                   pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
 
 FIXED = {"fixed25": 0.25, "fixed50": 0.5, "fixed75": 0.75}
 MODELS = ("dense", *FIXED, "adaptive", "matched")  # run in this order: matched needs adaptive's budget
@@ -127,15 +127,15 @@ def builder(name: str, k_config: AdaptiveKConfig, budget: float | None = None):
 
 
 def warm_start(task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device, folder: Path,
-               key: str) -> dict:
+               key: str, run: Execution = Execution()) -> dict:
     """Stage 1, shared by every sparse model of this (L, seed): the indexers warmed up (dense KL, main model
     frozen) on the seed's stream 2. Cached in folder/warm.pt (+ warmup.json, its record)."""
     path = folder / "warm.pt"
     if path.exists():
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_torch(path, device, fix="delete it (the warm-up is redone)")
     model = sparse_from_state(cfg, branch, seed, builder(f"fixed{round(100 * WARMUP_SHARE)}", None)).to(device)
     warm = run_stage(model, warmup_stage(tcfg), task.stream(seed, 2), task.val, tcfg, device,
-                     f"L={cfg.max_seq_len} seed={seed} indexer warm-up")
+                     f"L={cfg.max_seq_len} seed={seed} indexer warm-up", run=run.named("warmup"))
     atomic_write_json(folder / "warmup.json", {
         "config_fingerprint": key, "seq_len": cfg.max_seq_len, "seed": seed, "selector_share": WARMUP_SHARE,
         "indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
@@ -178,9 +178,11 @@ def k_profile(model, val: torch.Tensor, batch_size: int, device) -> dict:
 
 
 def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, warm: dict | None, seed: int,
-                device, k_config: AdaptiveKConfig, budget: float | None, memory: bool = True) -> dict:
+                device, k_config: AdaptiveKConfig, budget: float | None, memory: bool = True,
+                run: Execution = Execution()) -> dict:
     """One compared model from the branch point (sparse: from the warm-up) -> its record body. `memory`: measure
-    the step peak memory (NaN otherwise: on CPU the profiler that measures it costs more than the step)."""
+    the step peak memory (NaN otherwise: on CPU the profiler that measures it costs more than the step); `run`:
+    precision, compile, resume checkpoints."""
     L = cfg.max_seq_len
     build = builder(name, k_config, budget)
     if name == "dense":
@@ -191,7 +193,8 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     else:
         model = sparse_from_state(cfg, warm, seed, build).to(device)
         stage, mode = sparse_stage(tcfg), None
-    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, f"L={L} seed={seed} {name}")
+    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, f"L={L} seed={seed} {name}",
+                       run=run.named("train"))
     final = result["final"]
     final["tokens_per_s"] = tcfg.batch_size * L / final["avg_time_per_step"]
     batch = task.windows.train[:tcfg.batch_size]
@@ -217,13 +220,18 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
 
 
 # ----------------------------------------------------------------------------- the experiment
-def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: Path, overwrite: bool) -> dict:
-    """Every (L, seed, model) run (read back when finished), then summary.json, the figure and REPORT.md."""
+def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: Path, overwrite: bool,
+                          run: Execution = Execution()) -> dict:
+    """Every (L, seed, model) run (read back when finished), then summary.json, the figure and REPORT.md.
+    `run`: precision, compile and resume checkpoints (records/L<L>/seed<S>/resume/<model>/)."""
+    if distributed.world_size() > 1:
+        raise ValueError("adaptive_sparsity runs in one process; start it with python, not torchrun")
     models = check_models(models)
     st = experiment_settings(preset, overrides)
     check_plain_dsa(st.model, "adaptive_sparsity")  # refuse a config these models cannot run, before any work
     device = pick_device(st.train.device)
     check_backend_device(st.model.attention_backend, device)
+    run.validate(device)
     corpus = load_corpus(st.data)
     base = dataclasses.replace(st.model, vocab_size=corpus.tokenizer.vocab_size)
     env = {"device": str(device), "torch": torch.__version__, "corpus": corpus.describe(),
@@ -231,6 +239,9 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     config_key = {L: {"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
                       "train": dataclasses.asdict(st.train), "adaptive": dataclasses.asdict(st.k_config), **env}
                   for L in st.seq_lens}
+    if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
+        for key in config_key.values():
+            key["dtype"] = run.dtype
     expected = {}
     for L in st.seq_lens:
         key = fingerprint(config_key[L])
@@ -246,23 +257,33 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
         todo = [m for m in models if not (folder / f"{m}.json").exists()]
         if todo:
             task = LMTask(corpus, L, st.train)
-            branch = branch_point(task, cfg, st.train, seed, device, folder / "branch.pt", key)
-            warm = warm_start(task, cfg, st.train, branch, seed, device, folder, key) if todo != ["dense"] else None
+            branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
+            branch = branch_point(task, cfg, st.train, seed, device, folder / "branch.pt", key, run=branch_run)
+            warm = (warm_start(task, cfg, st.train, branch, seed, device, folder, key, branch_run)
+                    if todo != ["dense"] else None)
+            discard_checkpoints(branch_run)
             for name in todo:
-                budget = json.loads((folder / "adaptive.json").read_text())["budget_keys"] if name == "matched" else None
+                budget = read_json(folder / "adaptive.json")["budget_keys"] if name == "matched" else None
                 memory = device.type == "cuda" or seed == st.seeds[0]  # a property of the shapes: once on CPU
-                run = train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget, memory)
+                started, model_run = time.perf_counter(), checkpointed(run, folder / "resume" / name, key, overwrite)
+                result = train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget,
+                                     memory, model_run)
                 atomic_write_json(folder / f"{name}.json", {"config_fingerprint": key, "seq_len": L, "seed": seed,
-                                                            "model": name, **run})
+                                                            "model": name, **result,
+                                                            "wall_time_s": time.perf_counter() - started,
+                                                            "config": config_key[L],
+                                                            "environment": run_environment(device)})
+                discard_checkpoints(model_run)
         for name in models:
-            records.setdefault(L, {}).setdefault(name, {})[seed] = json.loads((folder / f"{name}.json").read_text())
+            records.setdefault(L, {}).setdefault(name, {})[seed] = read_json(folder / f"{name}.json")
         warmup = folder / "warmup.json"
         if warmup.exists():
-            records[L].setdefault("_warmup", {})[seed] = json.loads(warmup.read_text())
+            records[L].setdefault("_warmup", {})[seed] = read_json(warmup)
     summary = summarise(records, st, models, config_key)
     summary["wall_time_s"] = time.perf_counter() - t0
+    summary["environment"] = run_environment(device)
     atomic_write_json(out / "summary.json", summary)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_json(out / "summary.json")
     plots.adaptive_sparsity(summary, models, out / "adaptive_sparsity.png")
     atomic_write_text(out / "REPORT.md", reports.adaptive_sparsity_report(summary, models))
     print("\n" + reports.adaptive_sparsity_tables(summary, models))

@@ -320,7 +320,7 @@ def main(argv=None) -> int:
             out = Path(overrides.pop("out", f"results/adaptive_sparsity/{overrides.get('attention_type', 'mha')}"))
             check_experiment(out, "adaptive_sparsity")
             adaptive_sparsity.run_adaptive_sparsity(args.preset, args.models or list(adaptive_sparsity.MODELS),
-                                                    overrides, out, args.overwrite)
+                                                    overrides, out, args.overwrite, run=execution(args))
             print(f"wall time {time.perf_counter() - t0:.0f} s")
             return
         if args.experiment == "indexer_optimization":

@@ -215,3 +215,33 @@ def test_long_context_killed_inside_a_model_resumes_to_the_same_record(tmp_path,
         got = json.loads((folder / f"{name}.json").read_text())
         assert _losses(got) == _losses(ref), name
     assert not (folder / "resume" / "dsa").exists() and counting.calls == [2]  # dsa went on from step 2 of 4
+
+
+def test_adaptive_sparsity_killed_inside_a_model_resumes_to_the_same_record(tmp_path, corpus, monkeypatch):
+    """Killed at step 3 of the adaptive model's sparse stage, then resumed: every record equals an uninterrupted
+    run's in every logged number, and only the remaining step's batch is drawn."""
+    import json
+
+    import adaptive_sparsity
+    import long_context
+    from test_adaptive_sparsity import TINY
+    monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
+    settings, models = {**TINY, "seeds": [1], "steps": 4}, ["dense", "adaptive"]
+    adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(settings), tmp_path / "ref", False)
+    out = tmp_path / "killed"
+    monkeypatch.setattr(long_context, "BatchStream", _killing_stream(2 + 2 + 4 + 3))  # branch, warm-up, dense, adaptive
+    with pytest.raises(KeyboardInterrupt):
+        adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(settings), out, False,
+                                                run=Execution(checkpoint_every=2))
+    folder = out / "records" / "L32" / "seed1"
+    assert (folder / "dense.json").exists() and not (folder / "adaptive.json").exists()
+    assert sorted(p.name for p in (folder / "resume" / "adaptive").iterdir()) == ["run.json", "train.step000000002.pt"]
+    counting = _killing_stream(-1)
+    monkeypatch.setattr(long_context, "BatchStream", counting)
+    adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(settings), out, False,
+                                            run=Execution(checkpoint_every=2, resume=True))
+    for name in models:
+        ref = json.loads((tmp_path / "ref" / "records" / "L32" / "seed1" / f"{name}.json").read_text())
+        got = json.loads((folder / f"{name}.json").read_text())
+        assert _losses(got) == _losses(ref), name
+    assert not (folder / "resume").exists() and counting.calls == [2]  # adaptive went on from step 2 of 4
