@@ -95,3 +95,13 @@ def test_a_truncated_branch_point_is_named_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="branch.pt is truncated or corrupt .*delete it") as info:
         long_context.branch_point(None, None, None, 1, "cpu", path, "fp")
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_curriculum_below_target_restarts_from_a_fresh_initialisation(tmp_path, monkeypatch):
+    monkeypatch.setattr(long_context, "CURRICULUM_RESTARTS", 1)
+    settings = long_context.task_settings("quick", "mqar", {**TINY, "curriculum_steps": 2, "curriculum_round": 1,
+                                                            "curriculum_target": 2.0})  # never reached
+    cfg = settings.model.__class__(**{**settings.model.__dict__, "max_seq_len": 32})
+    long_context.mqar_curriculum(cfg, settings.train, settings.options, 1, torch.device("cpu"), tmp_path, "fp")
+    rounds = json.loads((tmp_path / "curriculum.json").read_text())["rounds"]
+    assert [(r["attempt"], r["steps"]) for r in rounds] == [(0, 1), (0, 2), (1, 1), (1, 2)]
