@@ -44,8 +44,8 @@ from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text,
                         load_torch, mean_ci95, paired_t_pvalue, read_json, run_environment)
 from sparse_attention import DENSE
 from sparsity_control import AdaptiveKConfig
-from train import (Execution, check_backend_device, checkpointed, dense_stage, discard_checkpoints, eval_batches,
-                   pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
+from train import (Execution, check_backend_device, checkpointed, classic_from_state, dense_stage, discard_checkpoints,
+                   eval_batches, pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
 
 FIXED = {"fixed25": 0.25, "fixed50": 0.5, "fixed75": 0.75}
 MODELS = ("dense", *FIXED, "adaptive", "matched")  # run in this order: matched needs adaptive's budget
@@ -186,9 +186,7 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     L = cfg.max_seq_len
     build = builder(name, k_config, budget)
     if name == "dense":
-        torch.manual_seed(seed)
-        model = build(cfg).to(device)
-        model.load_state_dict(branch)
+        model = classic_from_state(cfg, branch, seed, build).to(device)
         stage, mode = dense_stage(tcfg), DENSE
     else:
         model = sparse_from_state(cfg, warm, seed, build).to(device)
@@ -196,7 +194,6 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, f"L={L} seed={seed} {name}",
                        run=run.named("train"))
     final = result["final"]
-    final["tokens_per_s"] = tcfg.batch_size * L / final["avg_time_per_step"]
     batch = task.windows.train[:tcfg.batch_size]
     final["step_peak_memory_mb"] = (step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device, mode)
                                     if memory else math.nan)

@@ -35,8 +35,8 @@ from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text,
                         mean_ci95, read_json, run_environment)
 from sparse_attention import AttentionMode, kept_pair_fraction
 import distributed
-from train import (Execution, check_backend_device, checkpointed, dense_stage, discard_checkpoints, evaluate,
-                   pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
+from train import (Execution, check_backend_device, checkpointed, classic_from_state, dense_stage,
+                   discard_checkpoints, evaluate, pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
 
 TASKS = ("lm", "mqar")
 MODELS = ("dense", "dsa", "local", "random", "block")
@@ -276,12 +276,9 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
                 run: Execution = Execution()) -> dict:
     """One compared model from the branch point -> {"final", "curves", "warmup"}: stage 2 uses the seed's
     stream 1 (the same batches for every model). `run`: precision, compile, checkpoints ('warmup', 'train')."""
-    from models import ClassicAttentionMoELLM
     desc = f"{task.name} L={cfg.max_seq_len} seed={seed} {name}"
     if name == "dense":
-        torch.manual_seed(seed)
-        model = ClassicAttentionMoELLM(cfg).to(device)
-        model.load_state_dict(branch)
+        model = classic_from_state(cfg, branch, seed).to(device)
         stage, warmup = dense_stage(tcfg), None
     else:
         model = sparse_from_state(model_config(cfg, name), branch, seed).to(device)

@@ -126,6 +126,14 @@ def build_model_pair(cfg: ModelConfig, seed: int, device: torch.device):
     return classic.to(device), sparse_from_state(cfg, classic.state_dict(), seed).to(device)
 
 
+def classic_from_state(cfg: ModelConfig, state: dict, seed: int, build=ClassicAttentionMoELLM):
+    """A dense model holding `state` (built after torch.manual_seed(seed), as every runner's dense model is)."""
+    torch.manual_seed(seed)
+    classic = build(cfg)
+    classic.load_state_dict(state)
+    return classic
+
+
 def sparse_from_state(cfg: ModelConfig, state: dict, seed: int, build=SparseAttentionMoELLM) -> SparseAttentionMoELLM:
     """A sparse model holding every shared weight of `state`; its indexers get their own seeded init.
     `build(cfg)` makes the model (any SparseAttentionMoELLM subclass with its parameter names)."""
