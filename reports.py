@@ -287,7 +287,7 @@ def long_context_tables(summary: dict, models: list[str]) -> str:
 
 def long_context_findings(summary: dict, models: list[str]) -> list[str]:
     """From the data: at which L each model falls behind dense (paired 95 % CI excludes 0) and by how much,
-    and from which L its step is faster than dense."""
+    and its time per step over dense's (per-seed ratios: the runs of one seed ran back to back)."""
     lines = []
     for task, by_L in summary["results"].items():
         metric, worse = (("delta_val_loss_vs_dense", 1) if task == "lm" else ("delta_accuracy_vs_dense", -1))
@@ -295,21 +295,23 @@ def long_context_findings(summary: dict, models: list[str]) -> list[str]:
         for name in models:
             if name == "dense":
                 continue
-            behind = [L for L in lengths if by_L[L][name][metric]["ci95"][0] is not None
-                      and worse * by_L[L][name][metric]["ci95"][0 if worse > 0 else 1] > 0]
-            if behind:
-                L = behind[0]
-                lines.append(f"- {task}, {name}: behind dense from L={L} on (paired difference {fmt_ci(by_L[L][name][metric])}"
-                             f"; at L={lengths[-1]}: {fmt_ci(by_L[lengths[-1]][name][metric])}).")
-            else:
-                lines.append(f"- {task}, {name}: no significant difference from dense at any L "
-                             f"(at L={lengths[-1]}: {fmt_ci(by_L[lengths[-1]][name][metric])}; 95 % CI over seeds, "
-                             f"one test per length, uncorrected).")
-            faster = [L for L in lengths
-                      if by_L[L][name]["avg_time_per_step"]["mean"] < by_L[L]["dense"]["avg_time_per_step"]["mean"]]
-            lines.append(f"  time: {'faster than dense per step from L=' + faster[0] if faster else 'not faster than dense per step at any L tested'}"
-                         f" (at L={lengths[-1]}: {by_L[lengths[-1]][name]['avg_time_per_step']['mean'] * 1000:.0f} vs "
-                         f"{by_L[lengths[-1]]['dense']['avg_time_per_step']['mean'] * 1000:.0f} ms).")
+            ci = {L: by_L[L][name][metric]["ci95"] for L in lengths if by_L[L][name][metric]["ci95"][0] is not None}
+            behind = [L for L, (lo, hi) in ci.items() if (lo > 0 if worse > 0 else hi < 0)]
+            ahead = [L for L, (lo, hi) in ci.items() if (hi < 0 if worse > 0 else lo > 0)]
+            per_L = ", ".join(f"L={L} {fmt_ci(by_L[L][name][metric])}" for L in lengths)
+            verdict = "; ".join([f"behind dense (paired 95 % CI excludes 0) at L = {', '.join(behind)}"] * bool(behind)
+                                + [f"ahead of dense at L = {', '.join(ahead)}"] * bool(ahead)) or \
+                "no significant difference from dense at any L"
+            lines.append(f"- {task}, {name}: {verdict}; paired difference per L: {per_L} (one test per length, "
+                         f"uncorrected).")
+            ratios = {L: mean_ci95([t / d for t, d in zip(by_L[L][name]["avg_time_per_step"]["per_seed"],
+                                                         by_L[L]["dense"]["avg_time_per_step"]["per_seed"])])
+                      for L in lengths}
+            faster = [L for L in lengths if ratios[L]["ci95"][1] is not None and ratios[L]["ci95"][1] < 1]
+            lines.append("  time per step / dense's (per-seed ratio): "
+                         + ", ".join(f"L={L} {fmt_ci(ratios[L], 2)}" for L in lengths)
+                         + "; faster than dense (ratio's 95 % CI below 1) at "
+                         + (f"L = {', '.join(faster)}." if faster else "no L tested."))
     return lines
 
 

@@ -105,3 +105,19 @@ def test_a_curriculum_below_target_restarts_from_a_fresh_initialisation(tmp_path
     long_context.mqar_curriculum(cfg, settings.train, settings.options, 1, torch.device("cpu"), tmp_path, "fp")
     rounds = json.loads((tmp_path / "curriculum.json").read_text())["rounds"]
     assert [(r["attempt"], r["steps"]) for r in rounds] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+def test_findings_name_each_length_and_never_call_a_slower_model_faster():
+    import reports
+    from results_io import mean_ci95
+
+    def entry(delta, dense_t, model_t):
+        return {"dense": {"avg_time_per_step": mean_ci95(dense_t)},
+                "dsa": {"delta_val_loss_vs_dense": mean_ci95(delta), "avg_time_per_step": mean_ci95(model_t)}}
+    summary = {"results": {"lm": {"256": entry([0.1, 0.11, 0.12], [1, 1, 1], [0.5, 0.6, 0.55]),
+                                  "512": entry([-0.1, -0.11, -0.12], [1, 1, 1], [2.0, 2.1, 2.2]),
+                                  "1024": entry([-0.1, 0.2, 0.0], [1, 1, 1], [0.9, 1.3, 1.1])}}}
+    (quality, time), = [reports.long_context_findings(summary, ["dense", "dsa"])]
+    assert "behind dense (paired 95 % CI excludes 0) at L = 256;" in quality and "ahead of dense at L = 512;" in quality
+    assert "L=1024 0.033 ± " in quality
+    assert time.endswith("faster than dense (ratio's 95 % CI below 1) at L = 256.") and "L=512 2.10 ± " in time
