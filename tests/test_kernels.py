@@ -371,25 +371,3 @@ def test_block_fused_path_matches_the_explicit_probs_path(block_size):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_top_k_returns_the_key_top_k_exactly():
-    """kernels._top_k_cpu (float top-k, keys only for the winners and for tied boundaries) returns the indices of
-    the one-pass (score, position) key top-k: same set and same order, on tie-heavy rows, -0.0 vs +0.0, float64
-    scores that tie in float32, -inf (future) keys and rows with fewer finite keys than k."""
-    g = torch.Generator().manual_seed(3)
-    B, c, S = 2, 7, 40
-    scores = torch.randint(-2, 3, (B, c, S), generator=g).double()  # many exact ties
-    scores[0, 0] = 0.0
-    scores[0, 1, ::2] = -0.0
-    scores[1, 0] = torch.randn(S, generator=g, dtype=torch.float64)
-    scores[1, 1] = 1.0 + (S - torch.arange(S, dtype=torch.float64)) * 1e-12  # float64: earliest largest; float32: tied
-    scores[:, 2:, 30:] = float("-inf")
-    scores[1, 3, 3:] = float("-inf")  # 3 finite keys, k = 8
-    keys = kernels._KeyBuffer(B, S, "cpu")
-    for k in (1, 8, 25, S):
-        expected = keys.of(scores).topk(k, dim=-1).indices
-        got = kernels._top_k_cpu(scores, k, keys)
-        finite = torch.isfinite(scores.gather(-1, expected))
-        assert torch.equal(got.masked_fill(~finite, -1), expected.masked_fill(~finite, -1)), k
-        assert torch.equal(finite, torch.isfinite(scores.gather(-1, got)))
