@@ -244,15 +244,20 @@ def long_context(summary: dict, models: list[str], path: str | Path) -> None:
         recall = res[task][L][name].get("recall_by_distance")
         if recall:
             ax.plot([2 ** b for b in range(len(recall))], recall, "o-", color=LONG_CONTEXT_STYLE[name], label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("query − key distance (tokens, bucket start)")
-    ax.set_ylabel("dense attention mass kept")
-    ax.set_title(f"{task} L={L}: recall by distance")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _distance_axes(ax, "dense attention mass kept", f"{task} L={L}: recall by distance")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _distance_axes(ax, ylabel: str, title: str) -> None:
+    """A panel over power-of-two query-key distance buckets: log2 x axis, labels, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("query − key distance (tokens, bucket start)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path) -> None:
@@ -266,13 +271,8 @@ def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path
             starts = [int(k.split("-")[0]) for k in by]
             ax.plot(starts, list(by.values()), "o-", color=LONG_CONTEXT_STYLE[name], label=name)
         ax.axvline(res[str(L)]["top_k"], color="black", lw=0.8, ls="--", label="k")
-        ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("query − key distance (bucket start)")
-        ax.set_ylabel("answer accuracy")
-        ax.set_title(f"MQAR L={L}")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _distance_axes(ax, "answer accuracy", f"MQAR L={L}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
