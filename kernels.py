@@ -25,6 +25,7 @@ from sparse_attention import check_no_nan, select_top_k
 INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
 SELECT_WORKERS = 2  # CPU: Python threads scoring chunks concurrently (one intra-op thread each)
 INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (512 MiB fp32)
+SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
 BLOCK_BACKENDS = ("block", "flex")  # backends that run the query-block-shared model
@@ -84,10 +85,38 @@ def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds) -> No
             scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start)
         else:
             scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
-        idx_c = keys.of(scores).topk(min(K, stop), dim=-1).indices  # (B, c, min(K, stop))
-        valid_c = torch.isfinite(scores.gather(-1, idx_c))
+        idx_c, valid_c = _chunk_top_k(scores, min(K, stop), keys)  # (B, c, min(K, stop))
         selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c.masked_fill_(~valid_c, -1)
         valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+
+
+def _chunk_top_k(scores, K: int, keys: "_KeyBuffer"):
+    """scores (B, c, S), -inf at forbidden keys -> the top-K (score, position) keys' positions (B, c, K), in the
+    reference's order (`select_top_k`: descending, ties toward the most recent), and their validity (finite).
+
+    Exact block-max prefilter: split each row into blocks of SELECT_BLOCK keys and keep the K blocks with the
+    largest maximum (ties toward the later block); every top-K element lies in them (a block left out has K
+    blocks above it, each holding an element above all of its own), so one top-K over their K * SELECT_BLOCK
+    keys gives the row's top-K. Used where it shrinks the row at least twofold (measured at L=16384, k=256,
+    one thread: 0.72 vs 1.12 s for keys + top-k over all chunks).
+    """
+    B, c, S = scores.shape
+    b = SELECT_BLOCK
+    nb = -(-S // b)  # blocks; the last one may be short
+    if nb <= K or 2 * K * b > S:
+        top = keys.of(scores).topk(K, dim=-1).indices
+        return top, torch.isfinite(scores.gather(-1, top))
+    full = S // b * b
+    maxima = scores[..., :full].unflatten(-1, (S // b, b)).amax(-1)  # (B, c, S // b)
+    if full < S:
+        maxima = torch.cat([maxima, scores[..., full:].amax(-1, keepdim=True)], dim=-1)  # (B, c, nb)
+    blocks = keys.of(maxima).topk(K, dim=-1, sorted=False).indices  # (B, c, K): (max, block index) keys
+    positions = (blocks.unsqueeze(-1) * b + torch.arange(b, device=scores.device)).view(B, c, K * b)
+    candidates = scores.gather(-1, positions.clamp(max=S - 1))  # (B, c, K*b)
+    if full < S:  # slots past the end of a short last block: never selected as valid
+        candidates.masked_fill_(positions >= S, float("-inf"))
+    slot = keys.of(candidates, positions).topk(K, dim=-1).indices  # (B, c, K) into the candidates
+    return positions.gather(-1, slot), torch.isfinite(candidates.gather(-1, slot))
 
 
 def _prefix_chunk(start: int, rows_per_query: int, budget: int) -> int:
@@ -119,7 +148,8 @@ class _KeyBuffer:
         self.positions = torch.arange(L, dtype=torch.int32, device=device)
         self.buf = torch.empty(0, dtype=torch.int64, device=device)
 
-    def of(self, scores: torch.Tensor) -> torch.Tensor:
+    def of(self, scores: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """scores (B, c, S) -> int64 keys (B, c, S); `positions` (B, c, S) replaces 0..S-1 (a gathered subset)."""
         B, c, S = scores.shape
         if self.buf.numel() < scores.numel():
             self.buf = torch.empty(scores.numel(), dtype=torch.int64, device=scores.device)
@@ -128,7 +158,7 @@ class _KeyBuffer:
         bits = (scores.float() + 0.0).view(torch.int32)  # float32 bits as the reference keys them (-0.0 -> +0.0)
         flip = (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
         torch.bitwise_xor(bits, flip, out=words[..., 1])
-        words[..., 0] = self.positions[:S]
+        words[..., 0] = self.positions[:S] if positions is None else positions
         return key
 
 
