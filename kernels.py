@@ -60,7 +60,11 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     k_t = k.transpose(1, 2)  # (B, d_I, L)
     bounds, start = [], 0
     while start < L:
-        stop = min(L, start + (chunk or _prefix_chunk(start, B * H_I, budget)))
+        if chunk:
+            stop = min(L, start + chunk)
+        else:  # ends on a multiple of SELECT_BLOCK: no short last block for _chunk_top_k's prefilter
+            stop = min(L, start + _prefix_chunk(start, B * H_I, budget))
+            stop = min(L, stop + -stop % SELECT_BLOCK)
         bounds.append((start, stop))
         start = stop
     args = (q, k_t, k, w, K, score_fn, selected_idx, valid)
@@ -80,9 +84,10 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
 
 def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds) -> None:
     keys = _KeyBuffer(q.shape[0], q.shape[1], q.device)
+    work = [q.new_empty(0), q.new_empty(0)]  # reused score buffers (fresh ones cost ~7 % of the scoring on CPU)
     for start, stop in bounds:
         if score_fn is None:
-            scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start)
+            scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start, work)
         else:
             scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
         idx_c, valid_c = _chunk_top_k(scores, min(K, stop), keys)  # (B, c, min(K, stop))
@@ -106,15 +111,13 @@ def _chunk_top_k(scores, K: int, keys: "_KeyBuffer"):
     if nb <= K or 2 * K * b > S:
         top = keys.of(scores).topk(K, dim=-1).indices
         return top, torch.isfinite(scores.gather(-1, top))
-    full = S // b * b
-    maxima = scores[..., :full].unflatten(-1, (S // b, b)).amax(-1)  # (B, c, S // b)
-    if full < S:
-        maxima = torch.cat([maxima, scores[..., full:].amax(-1, keepdim=True)], dim=-1)  # (B, c, nb)
+    maxima = F.max_pool1d(scores, b, ceil_mode=True)  # (B, c, nb) (3x faster than amax over (nb, b) on CPU)
     blocks = keys.of(maxima).topk(K, dim=-1, sorted=False).indices  # (B, c, K): (max, block index) keys
     positions = (blocks.unsqueeze(-1) * b + torch.arange(b, device=scores.device)).view(B, c, K * b)
-    candidates = scores.gather(-1, positions.clamp(max=S - 1))  # (B, c, K*b)
-    if full < S:  # slots past the end of a short last block: never selected as valid
-        candidates.masked_fill_(positions >= S, float("-inf"))
+    if S % b:  # slots past the end of the short last block: read a real key, then never selected as valid
+        candidates = scores.gather(-1, positions.clamp(max=S - 1)).masked_fill_(positions >= S, float("-inf"))
+    else:
+        candidates = scores.gather(-1, positions)  # (B, c, K*b)
     slot = keys.of(candidates, positions).topk(K, dim=-1).indices  # (B, c, K) into the candidates
     return positions.gather(-1, slot), torch.isfinite(candidates.gather(-1, slot))
 
@@ -126,14 +129,21 @@ def _prefix_chunk(start: int, rows_per_query: int, budget: int) -> int:
     return max(1, c)
 
 
-def _causal_prefix_scores(q_c, k_t, w_c, start: int) -> torch.Tensor:
+def _causal_prefix_scores(q_c, k_t, w_c, start: int, work: list) -> torch.Tensor:
     """index_scores for queries [start, start + c) over keys [0, stop): q_c (B, c, H_I, d_I), k_t (B, d_I, stop),
     w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
-    only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor)."""
+    only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor).
+    `work`: two flat buffers, grown as needed and written in place, that hold the per-head and the summed
+    scores (the result is a view of work[1])."""
     B, c, H_I, d_I = q_c.shape
     stop = k_t.shape[-1]
-    per_head = torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t).relu_()  # (B, c*H_I, stop): one GEMM
-    scores = torch.bmm(w_c.reshape(B * c, 1, H_I), per_head.view(B * c, H_I, stop)).view(B, c, stop)
+    for i, n in enumerate((B * c * H_I * stop, B * c * stop)):
+        if work[i].numel() < n:
+            work[i] = q_c.new_empty(n)
+    per_head = torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t,
+                         out=work[0][:B * c * H_I * stop].view(B, c * H_I, stop)).relu_()  # one GEMM
+    scores = torch.bmm(w_c.reshape(B * c, 1, H_I), per_head.view(B * c, H_I, stop),
+                       out=work[1][:B * c * stop].view(B * c, 1, stop)).view(B, c, stop)
     future = torch.ones(c, c, dtype=torch.bool, device=q_c.device).triu_(1)  # s > t inside the diagonal block
     scores[:, :, start:].masked_fill_(future, float("-inf"))
     return scores

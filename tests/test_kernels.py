@@ -68,6 +68,23 @@ def test_chunked_select_variable_prefix_chunks_equal_reference(monkeypatch, budg
     assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.parametrize("weights", ["random", "zero"])
+def test_block_max_prefilter_picks_the_reference_set_and_order(monkeypatch, chunk, weights):
+    """Rows long enough for `_chunk_top_k`'s block prefilter, with many exact ties (integer inputs; zero weights tie
+    every key at +-0.0, so only the tie-break toward recent tokens decides) and short last blocks (chunk=5)."""
+    B, L, k = 2, 203, 6
+    q, kk, w = (t.round() for t in _indexer(B, L))
+    w = w * 0 if weights == "zero" else w
+    pooled = []
+    pool = kernels.F.max_pool1d
+    monkeypatch.setattr(kernels.F, "max_pool1d", lambda x, *a, **kw: pooled.append(x.shape[-1]) or pool(x, *a, **kw))
+    ref_idx, ref_valid = TopKTokenSelector(k)(index_scores(q, kk, w))
+    idx, valid = kernels.chunked_select(q, kk, w, k, chunk=chunk)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+    assert max(pooled) == L and (chunk is None or any(S % kernels.SELECT_BLOCK for S in pooled))  # the path ran
+
+
 def test_key_buffer_equals_the_reference_score_position_key():
     from sparse_attention import score_position_key
     special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3.4e38, -3.4e38])
