@@ -15,11 +15,9 @@ Valid slots of a row must name distinct tokens (top-k selections do). A row with
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from kernels import _one_thread, _query_chunk
+from kernels import _chunk_bounds, _query_chunk, run_chunks
 
 MQA_CHUNK_ELEMENTS = 1 << 19  # gathered kv elements per query chunk on CPU (2 MiB fp32: stays in cache)
 MQA_CHUNK_ELEMENTS_CUDA = 1 << 25  # on GPU the budget is memory, not cache (128 MiB fp32 of gathered rows)
@@ -69,10 +67,10 @@ class _SparseMQA(torch.autograd.Function):
         out = q.new_empty(B, L, H, v_dim)
         lse = torch.empty(B, L, H, dtype=acc, device=q.device)
         probs = q.new_zeros(B, H, L, K) if return_probs else None
-        buf = q.new_empty(B * chunk * K, D)
-        with contextlib.nullcontext() if q.is_cuda else _one_thread():
-            for start in range(0, L, chunk):
-                stop = min(L, start + chunk)
+
+        def forward_chunks(share):  # writes the share's rows of out, lse, probs
+            buf = q.new_empty(B * chunk * K, D)
+            for start, stop in share:
                 c = stop - start
                 rows = _rows(selected_idx, valid, L, start, stop)
                 # the selected rows, gathered once for all heads: (B, c, K, D)
@@ -87,6 +85,8 @@ class _SparseMQA(torch.autograd.Function):
                 lse[:, start:stop] = lse_c
                 if return_probs:
                     probs[:, :, start:stop] = p.transpose(1, 2)
+
+        run_chunks(forward_chunks, _chunk_bounds(L, chunk), q.device)
         ctx.save_for_backward(q, kv, selected_idx, valid, out, lse)
         ctx.args = (v_dim, scale, chunk)
         if probs is not None:
@@ -103,12 +103,12 @@ class _SparseMQA(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         kvf = kv.reshape(B * L, D)
         dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
-        dkv = torch.zeros(B * L, D, dtype=acc, device=q.device)  # accumulated in fp32 (fp64 for fp64)
-        buf = q.new_empty(B * chunk * K, D)
-        q_do = q.new_zeros(B, chunk, 2 * H, D)  # per query [q ; dO padded to D]: scores and dP in one matmul
-        with contextlib.nullcontext() if q.is_cuda else _one_thread():
-            for start in range(0, L, chunk):
-                stop = min(L, start + chunk)
+
+        def backward_chunks(share):  # writes the share's rows of dq; returns its own dkv accumulator
+            dkv = torch.zeros(B * L, D, dtype=acc, device=q.device)  # accumulated in fp32 (fp64 for fp64)
+            buf = q.new_empty(B * chunk * K, D)
+            q_do = q.new_zeros(B, chunk, 2 * H, D)  # per query [q ; dO padded to D]: scores and dP in one matmul
+            for start, stop in share:
                 c = stop - start
                 rows = _rows(selected_idx, valid, L, start, stop)
                 rows_kv = torch.index_select(kvf, 0, rows, out=buf[:rows.numel()]).view(B, c, K, D)
@@ -127,7 +127,10 @@ class _SparseMQA(torch.autograd.Function):
                 # then one index_add per selected slot (not per head)
                 d_rows = ds_p.transpose(-1, -2) @ q_do_c
                 dkv.index_add_(0, rows, d_rows.view(-1, D).to(acc))
-        return dq, dkv.view_as(kv).to(kv.dtype), None, None, None, None, None, None
+            return dkv
+
+        parts = run_chunks(backward_chunks, _chunk_bounds(L, chunk), q.device)
+        return dq, sum(parts[1:], parts[0]).view_as(kv).to(kv.dtype), None, None, None, None, None, None
 
 
 def sparse_mqa_attention(q, kv, selected_idx, valid, *, v_dim: int, scale=None, return_probs: bool = False,
