@@ -87,18 +87,24 @@ if triton is not None:
 
     @triton.jit
     def indexer_scores_kernel(Q, Kt, W, S, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l, Lq, L, HI,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DI: tl.constexpr, HALF: tl.constexpr):
         b, pm, pn = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
         om, on, od = pm * BM + tl.arange(0, BM), pn * BN + tl.arange(0, BN), tl.arange(0, BD)  # int64 rows
         mm, nm, dm = om < Lq, on < L, od < DI
         kt = tl.load(Kt + b * sk_b + on[:, None] * sk_l + od[None, :], mask=nm[:, None] & dm[None, :],
-                     other=0.0).to(tl.float32)  # (BN, BD)
+                     other=0.0)  # (BN, BD) in the input dtype
+        if not HALF:
+            kt = kt.to(tl.float32)
         acc = tl.zeros((BM, BN), tl.float32)
         for j in range(0, HI):
             qj = tl.load(Q + b * sq_b + om[:, None] * sq_l + j * sq_h + od[None, :],
-                         mask=mm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # (BM, BD)
+                         mask=mm[:, None] & dm[None, :], other=0.0)  # (BM, BD)
             wj = tl.load(W + b * sw_b + om * sw_l + j, mask=mm, other=0.0).to(tl.float32)  # (BM,)
-            acc += tl.maximum(tl.dot(qj, tl.trans(kt), input_precision="ieee"), 0.0) * wj[:, None]
+            if HALF:  # bf16/fp16 operands on the tensor cores, fp32 accumulation
+                dot = tl.dot(qj, tl.trans(kt))
+            else:  # fp32 inputs: full-precision products, as the torch reference computes them
+                dot = tl.dot(qj.to(tl.float32), tl.trans(kt), input_precision="ieee")
+            acc += tl.maximum(dot, 0.0) * wj[:, None]
         future = on[None, :] > (om[:, None] + (L - Lq))  # queries are the last Lq of L positions
         acc = tl.where(future, float("-inf"), acc)
         tl.store(S + b * ss_b + om[:, None] * ss_l + on[None, :], acc, mask=mm[:, None] & nm[None, :])
@@ -118,7 +124,10 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 def triton_index_scores(q, k, w, block_config=None):
     """Fused Triton `sparse_attention.index_scores`: q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I)
-    -> (B, Lq, L) fp32 with the causal -inf mask (queries are the last Lq of L positions)."""
+    -> (B, Lq, L) fp32 with the causal -inf mask (queries are the last Lq of L positions). bf16/fp16 q and k
+    take `tl.dot` on their own dtype with fp32 accumulation and no rounding of the per-head scores (the torch
+    reference rounds each product matrix to the input dtype, so scores differ in the last bf16 bits); fp32 inputs
+    take IEEE fp32 products. (The FP8 indexer stays simulated in quantization_utils.)"""
     _triton_ready(q, k, w)
     B, Lq, H_I, d_I = q.shape
     L = k.shape[1]
@@ -129,7 +138,8 @@ def triton_index_scores(q, k, w, block_config=None):
     grid = (B, -(-Lq // BM), -(-L // BN))
     indexer_scores_kernel[grid](q, k, w, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                         w.stride(0), w.stride(1), out.stride(0), out.stride(1), Lq, L, H_I,
-                        BM=BM, BN=BN, BD=_pow2(d_I, 16), DI=d_I)
+                        BM=BM, BN=BN, BD=_pow2(d_I, 16), DI=d_I,
+                        HALF=q.dtype == k.dtype and q.dtype in (torch.bfloat16, torch.float16))
     return out
 
 

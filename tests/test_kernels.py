@@ -334,6 +334,15 @@ TRITON_SCRIPT = textwrap.dedent("""
         assert torch.allclose(pa, pb, atol=1e-5), "probs"
         for a, b in zip(ga, gb):
             assert torch.allclose(a, b, atol=1e-4), "grads"
+    # half indexer operands: tl.dot on fp16 with fp32 accumulation = fp32 scores of the fp16-rounded inputs (no
+    # rounding of the per-head scores). bf16 takes the same code, but the interpreter's numpy dot cannot do bf16
+    # (it returned values off by 1e10 here), so bf16 is left for a CUDA run.
+    iq, ik, iw = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 16), torch.randn(1, 40, 2)
+    hq, hk = iq.half(), ik.half()
+    s_half = triton_kernels.triton_index_scores(hq, hk, iw, block_config={"BN": 32})
+    s_ref = index_scores(hq.float(), hk.float(), iw)
+    fin = torch.isfinite(s_ref)
+    assert torch.equal(fin, torch.isfinite(s_half)) and torch.allclose(s_half[fin], s_ref[fin], atol=1e-4), "fp16"
     print("TRITON_OK")
 """)
 
@@ -388,3 +397,38 @@ def test_block_fused_path_matches_the_explicit_probs_path(block_size):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_worker_threads_equal_one_thread(monkeypatch):
+    """run_chunks deals the chunks to CPU worker threads, each with its own dK/dV accumulator: the selection,
+    outputs, probs and every gradient of the MHA gather and the MQA path equal the one-thread run (fp64), and
+    two shares really ran."""
+    import mqa_kernels
+    shares = []
+    real = kernels.run_chunks
+
+    def spy(work, bounds, device):
+        parts = real(work, bounds, device)
+        shares.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(kernels, "run_chunks", spy)
+    monkeypatch.setattr(mqa_kernels, "run_chunks", spy)
+    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", 64)
+    B, H, L, D, k = 2, 3, 23, 8, 5
+    threads, results = torch.get_num_threads(), {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            idx, valid = kernels.chunked_select(*_indexer(B, L), k, chunk=4)
+            q, kv = (torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64,
+                                 requires_grad=True) for shape in ((B, L, H, D), (B, L, D)))
+            out, probs = mqa_kernels.sparse_mqa_attention(q, kv, idx, valid, v_dim=6, return_probs=True, chunk=4)
+            mqa = (out, probs, torch.autograd.grad(out, (q, kv), torch.ones_like(out)))
+            results[n] = (idx, _run(kernels.sparse_attention_gather, *_qkv(B, H, L, D), idx, valid), mqa)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[1][0], results[2][0])
+    _assert_same(results[1][1], results[2][1], atol=1e-12)
+    _assert_same(results[1][2], results[2][2], atol=1e-12)
+    assert set(shares) == {1, 2}
