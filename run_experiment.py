@@ -165,6 +165,12 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
         entry = {}
         for model in ("classic", "sparse"):
             finals = [by_seed[s][model]["final"] for s in exp_cfg.seeds]
+            for seed, final in zip(exp_cfg.seeds, finals):
+                missing = [m for m in metrics[model] if m.removeprefix("final_") not in final]
+                if missing:  # a record from an older dsa-lab: same config, fewer metrics
+                    raise ValueError(f"{out / f'seq_{L}' / 'runs' / f'seed_{seed}.json'} was written by an older "
+                                     f"version (no {model} {missing[0]!r}); delete {out / f'seq_{L}'} to redo "
+                                     f"those runs, or use another --out")
             entry[model] = {m: mean_ci95([f[m.removeprefix("final_")] for f in finals]) for m in metrics[model]}
             runs = [{"seed": s, **by_seed[s][model]["curves"], "final": by_seed[s][model]["final"]}
                     for s in exp_cfg.seeds]

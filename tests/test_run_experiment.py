@@ -96,6 +96,25 @@ def test_a_half_written_run_record_is_named_with_the_fix_and_other_runs_are_kept
     assert redone["sparse"]["curves"]["val_loss"] == original["sparse"]["curves"]["val_loss"]
 
 
+def test_a_record_from_an_older_version_is_named_with_the_fix(results, tmp_path, capsys):
+    """Same config fingerprint but a metric the summary now reads is missing: one line naming the record and the
+    folder to delete, exit 2, nothing touched (was a KeyError traceback)."""
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(results, out)
+    old = out / "seq_32" / "runs" / "seed_2.json"
+    record = json.loads(old.read_text())
+    del record["results"]["sparse"]["final"]["tokens_per_s"]
+    old.write_text(json.dumps(record))
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code = run_experiment.main(ARGS + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()  # the sweep's progress bar, then the error line
+    line = err.splitlines()[-1]
+    assert code == 2 and str(old) in line and "tokens_per_s" in line and str(out / "seq_32") in line
+    assert line.startswith("error:") and "Traceback" not in err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--seq-lens", "1"], "seq_lens"),
     (["--preset", "huge"], "preset='huge'"),
