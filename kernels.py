@@ -24,6 +24,8 @@ from sparse_attention import check_no_nan, select_top_k
 
 INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
 MAX_CPU_WORKERS = 8  # CPU: at most this many Python threads share a chunk loop (run_chunks; measured on 2 cores only)
+MIN_PARALLEL_CHUNKS = 16  # fewer chunks run on one thread (a quick-width MLA step at L=256, 6 chunks per call: 2
+#                           workers made the call 2x slower, 47 vs 38 ms per training step)
 INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (512 MiB fp32)
 SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
@@ -73,7 +75,8 @@ def run_chunks(work, bounds: list, device) -> list:
     """Run `work(share)` over shares of the query-chunk `bounds` [(start, stop), ...]; return each share's result.
 
     GPU: one call with every chunk. CPU: the chunks are dealt round-robin (shares of similar cost) to
-    min(torch.get_num_threads(), MAX_CPU_WORKERS) Python threads that run ONE intra-op thread each: torch ops
+    min(torch.get_num_threads(), MAX_CPU_WORKERS) Python threads (when there are MIN_PARALLEL_CHUNKS chunks or
+    more; small calls stay on one) that run ONE intra-op thread each: torch ops
     release the GIL, so the workers use the cores without torch's per-op parallel-region barrier, which on the
     shared 2-core machine was measured 10-25x slower under a neighbour's load (selection at L=8192: 0.33 s
     idle, 5-9 s loaded; one thread 0.62 s either way). Shares must write disjoint outputs (or return their
@@ -81,7 +84,7 @@ def run_chunks(work, bounds: list, device) -> list:
     """
     if device.type != "cpu":
         return [work(bounds)]
-    workers = min(torch.get_num_threads(), MAX_CPU_WORKERS, len(bounds))
+    workers = min(torch.get_num_threads(), MAX_CPU_WORKERS, len(bounds)) if len(bounds) >= MIN_PARALLEL_CHUNKS else 1
     grad = torch.is_grad_enabled()
 
     def in_caller_grad_mode(share):
