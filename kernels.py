@@ -75,9 +75,9 @@ def run_chunks(work, bounds: list, device) -> list:
     """Run `work(share)` over shares of the query-chunk `bounds` [(start, stop), ...]; return each share's result.
 
     GPU: one call with every chunk. CPU: the chunks are dealt round-robin (shares of similar cost) to
-    min(torch.get_num_threads(), MAX_CPU_WORKERS) Python threads (when there are MIN_PARALLEL_CHUNKS chunks or
-    more; small calls stay on one) that run ONE intra-op thread each: torch ops
-    release the GIL, so the workers use the cores without torch's per-op parallel-region barrier, which on the
+    min(torch.get_num_threads(), MAX_CPU_WORKERS) Python threads (from MIN_PARALLEL_CHUNKS chunks on; smaller
+    calls stay on one) that run ONE intra-op thread each: torch ops release the GIL, so the workers use the
+    cores without torch's per-op parallel-region barrier, which on the
     shared 2-core machine was measured 10-25x slower under a neighbour's load (selection at L=8192: 0.33 s
     idle, 5-9 s loaded; one thread 0.62 s either way). Shares must write disjoint outputs (or return their
     own accumulators for the caller to add). Grad mode is thread-local: the workers take the caller's.
@@ -232,8 +232,8 @@ class _GatherAttention(torch.autograd.Function):
     """Sparse attention over the gathered selected keys. Per cache-sized query chunk the selected K and V rows are
     gathered straight into the (query, head)-major layout of batched per-head matmuls; dK/dV are one index_add of
     whole token rows (H*D) per selected slot, not one per head (2.4x faster measured). Chunks run on
-    `run_chunks`' CPU worker threads, each with its own dK/dV accumulator. Forward saves the token-major q, k, v,
-    out, the selection and the fp32 log-sum-exp; backward rebuilds the row numbers and recomputes the scores
+    `run_chunks`' CPU worker threads, each with its own dK/dV accumulator. Forward saves the token-major q, the
+    head-major k and v (the gather tables), out, the selection and the fp32 log-sum-exp; backward rebuilds the row numbers and recomputes the scores
     per chunk (nothing of size (B, H, L, K) is saved). Softmax statistics and probabilities are fp32 for half
     inputs; dK/dV accumulate in fp32."""
 
