@@ -279,6 +279,31 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
 
 
 
+
+def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, corpus, monkeypatch):
+    """Both tiny seeds measure the same adaptive mean (12.375 keys), so the adaptive budget is shifted by the seed
+    here (11.375, 10.375): each seed's matched model must be given, record and run at its own seed's budget."""
+    monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
+    real, given = adaptive_sparsity.train_model, {}
+
+    def budget_by_seed(name, task, cfg, tcfg, branch, warm, seed, device, k_config, budget, *args, **kwargs):
+        if name == "matched":
+            given[seed] = budget
+        record = real(name, task, cfg, tcfg, branch, warm, seed, device, k_config, budget, *args, **kwargs)
+        if name == "adaptive":
+            record["budget_keys"] -= seed
+        return record
+
+    monkeypatch.setattr(adaptive_sparsity, "train_model", budget_by_seed)
+    summary = adaptive_sparsity.run_adaptive_sparsity("quick", ["adaptive", "matched"], dict(TINY), tmp_path, False)
+    entry = summary["results"]["32"]
+    own = entry["adaptive"]["budget_keys"]["per_seed"]
+    assert own[0] != own[1], "the seeds' budgets must differ for this test to tell them apart"
+    assert [given[s] for s in TINY["seeds"]] == own
+    assert entry["matched"]["target_mean_keys"]["per_seed"] == own
+    for k_mean, budget in zip(entry["matched"]["k_mean"]["per_seed"], own):  # each run at its own budget
+        assert k_mean == pytest.approx(budget, rel=0.03)
+
 def _holm_by_hand(pvalues: list[float]) -> list[float]:
     """Holm over the whole family, written out: the i-th smallest p (0-based) adjusted to
     min(1, max over j <= i of (m - j) * p_(j))."""
