@@ -278,6 +278,65 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
         adaptive_sparsity.run_adaptive_sparsity("quick", models, {**TINY, "max_fraction": 0.5}, tmp_path, False)
 
 
+
+
+def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, corpus, monkeypatch):
+    """Both tiny seeds measure the same adaptive mean (12.375 keys), so the adaptive budget is shifted by the seed
+    here (11.375, 10.375): each seed's matched model must be given, record and run at its own seed's budget."""
+    monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
+    real, given = adaptive_sparsity.train_model, {}
+
+    def budget_by_seed(name, task, cfg, tcfg, branch, warm, seed, device, k_config, budget, *args, **kwargs):
+        if name == "matched":
+            given[seed] = budget
+        record = real(name, task, cfg, tcfg, branch, warm, seed, device, k_config, budget, *args, **kwargs)
+        if name == "adaptive":
+            record["budget_keys"] -= seed
+        return record
+
+    monkeypatch.setattr(adaptive_sparsity, "train_model", budget_by_seed)
+    summary = adaptive_sparsity.run_adaptive_sparsity("quick", ["adaptive", "matched"], dict(TINY), tmp_path, False)
+    entry = summary["results"]["32"]
+    own = entry["adaptive"]["budget_keys"]["per_seed"]
+    assert own[0] != own[1], "the seeds' budgets must differ for this test to tell them apart"
+    assert [given[s] for s in TINY["seeds"]] == own
+    assert entry["matched"]["target_mean_keys"]["per_seed"] == own
+    for k_mean, budget in zip(entry["matched"]["k_mean"]["per_seed"], own):  # each run at its own budget
+        assert k_mean == pytest.approx(budget, rel=0.03)
+
+def _holm_by_hand(pvalues: list[float]) -> list[float]:
+    """Holm over the whole family, written out: the i-th smallest p (0-based) adjusted to
+    min(1, max over j <= i of (m - j) * p_(j))."""
+    m, order = len(pvalues), sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    for rank, i in enumerate(order):
+        adjusted[i] = min(1.0, max((m - j) * pvalues[order[j]] for j in range(rank + 1)))
+    return adjusted
+
+
+def test_significance_is_holm_corrected_over_every_test_of_every_length():
+    """Adaptive vs best fixed and vs matched at two lengths: 4 tests, each raw p the paired t-test of its per-seed
+    differences, each p_holm the Holm correction of all 4 (one of them raised by the step-down's monotonicity)."""
+    from results_io import paired_t_pvalue
+    seeds = [1, 2, 3]
+    loss = {32: {"fixed25": [3.0, 3.1, 3.2], "fixed50": [2.9, 3.0, 3.05], "fixed75": [2.95, 3.0, 3.1],
+                 "adaptive": [2.80, 2.93, 2.99], "matched": [2.85, 2.90, 3.06]},
+            64: {"fixed25": [2.8, 2.9, 3.0], "fixed50": [2.7, 2.75, 2.9], "fixed75": [2.72, 2.8, 2.85],
+                 "adaptive": [2.6, 2.649, 2.801], "matched": [2.65, 2.70, 2.78]}}
+    models = ["fixed25", "fixed50", "fixed75", "adaptive", "matched"]
+    records = {L: {n: {s: {"final": {"val_loss": v}} for s, v in zip(seeds, vals)} for n, vals in by.items()}
+               for L, by in loss.items()}
+    sig = adaptive_sparsity.significance_tests(records, seeds, models)
+    tests = sig["tests"]
+    assert [(t["L"], t["vs"], t["rival"]) for t in tests] == [(32, "best_fixed", "fixed50"), (32, "matched", "matched"),
+                                                              (64, "best_fixed", "fixed50"), (64, "matched", "matched")]
+    raw = [paired_t_pvalue([a - b for a, b in zip(loss[t["L"]]["adaptive"], loss[t["L"]][t["rival"]])]) for t in tests]
+    assert [t["p"] for t in tests] == pytest.approx(raw, rel=1e-9)
+    assert sig["n_tests"] == 4 and sig["correction"] == "holm"
+    assert [t["p_holm"] for t in tests] == pytest.approx(_holm_by_hand(raw), rel=1e-9)
+    assert raw[0] < 0.05 < tests[0]["p_holm"]  # significant uncorrected, not after the correction of 4 tests
+    assert [t["verdict"] for t in tests] == ["n.s.", "n.s.", "adaptive better", "n.s."]
+
 @pytest.mark.parametrize("argv, message", [
     (["--models", "dense", "fixed33"], "unknown model"),
     (["--models", "dense", "matched"], "add adaptive"),

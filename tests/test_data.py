@@ -129,3 +129,27 @@ def test_windows_never_cross_a_document_boundary():
     assert windows[3].tolist() == [30, 31, 32, 33, 34]
     packed = make_windows(tokens, 4)  # no eos_id: packed windows run across document ends
     assert (packed[:, :-1] == eos).any()
+
+
+def test_consecutive_windows_of_a_document_are_disjoint_and_start_L_plus_1_apart():
+    """Each document's windows start at its first token, then every L+1 tokens (inputs and shifted targets of
+    neighbouring windows share no token), as many as fit; the packed cut (no EOS) follows the same rule."""
+    seq_len, width, eos = 4, 5, 0
+    lengths = [11, 5, 3, 10, 16]  # with EOS: 2, 1, 0, 2, 3 windows (3 is shorter than a window)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.arange(1, offsets[-1] + 1, dtype=np.int32)  # token at position i is i + 1: a window names its start
+    tokens[offsets[1:] - 1] = eos  # each document ends with its EOS
+    windows = make_windows(tokens, seq_len, eos)
+    starts = (windows[:, 0] - 1).tolist()
+    expected = [int(a) + j * width for a, b in zip(offsets[:-1], offsets[1:]) for j in range((b - a) // width)]
+    assert starts == expected, f"window starts {starts}, expected {expected} (every L+1 = {width} tokens per document)"
+    for w, s in zip(windows, starts):
+        assert w.tolist() == tokens[s: s + width].tolist()
+    doc_of = np.searchsorted(offsets, starts, side="right") - 1
+    for i in range(len(starts) - 1):
+        if doc_of[i] == doc_of[i + 1]:  # neighbours in one document: disjoint, L+1 apart
+            assert starts[i + 1] - starts[i] == width
+            assert not set(windows[i].tolist()) & set(windows[i + 1].tolist())
+    packed = make_windows(tokens, seq_len)  # no EOS: windows at 0, L+1, 2(L+1), ... of the whole stream
+    assert len(packed) == tokens.size // width
+    assert torch.equal(packed, torch.from_numpy(tokens[: len(packed) * width].astype(np.int64)).view(-1, width))

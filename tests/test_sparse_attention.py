@@ -159,6 +159,29 @@ def test_recall_counts_attention_mass_inside_the_selection():
     assert math.isclose(stats["random_recall_sum"], expected_random, rel_tol=1e-6)
 
 
+
+def test_recall_sum_equals_a_loop_over_the_rows_where_selection_drops_tokens():
+    """recall_sum and rows: a per-row loop over (b, t) with k_t < t+1 only (k_t = the row's valid slots), with
+    plain top-k and with slots masked row by row (per-row k, as adaptive k gives)."""
+    torch.manual_seed(0)
+    B, H, L, D, K = 2, 2, 12, 4, 5
+    q, k = torch.randn(B, H, L, D), torch.randn(B, H, L, D)
+    p = causal_attention_probs(q, k).sum(1)
+    p = p / p.sum(-1, keepdim=True)
+    idx, valid = TopKTokenSelector(K)(torch.randn(B, L, L))
+    dropped = valid & (torch.rand(B, L, K, generator=torch.Generator().manual_seed(1)) < 0.3)
+    for row_valid in (valid, valid & ~dropped):
+        stats = selection_recall(q, k, idx, row_valid)
+        expected, rows = 0.0, 0
+        for b in range(B):
+            for t in range(L):
+                chosen = idx[b, t][row_valid[b, t]].tolist()
+                if len(chosen) < t + 1:  # selection drops tokens in this row
+                    expected += sum(float(p[b, t, s]) for s in chosen)
+                    rows += 1
+        assert 0 < rows < B * L and stats["rows"] == rows
+        assert stats["recall_sum"] == pytest.approx(expected, rel=1e-5)
+
 def test_indexer_input_is_detached_and_lm_loss_never_reaches_it():
     torch.manual_seed(0)
     attn = DeepSeekSparseAttention(tiny_model_config(sparse_top_k=3))

@@ -118,3 +118,25 @@ def test_token_dtype_and_errors(tmp_path):
     (tmp_path / "mixed" / "a.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="has no field 'text'"):
         load_corpus(DataConfig(dataset=str(tmp_path / "mixed"), cache_dir=str(tmp_path / "c")))
+
+
+def test_token_file_windows_of_a_document_are_disjoint_and_start_L_plus_1_apart():
+    """The token-file cutter on its own: each document's windows start at its first token, then every L+1 tokens
+    (no token shared by neighbouring windows), as many as fit, and read back the tokens at those positions."""
+    seq_len, width, eos = 4, 5, 0
+    lengths = [11, 5, 3, 10, 16]  # with EOS: 2, 1, 0, 2, 3 windows (3 is shorter than a window)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.arange(1, offsets[-1] + 1, dtype=np.uint16)  # token at position i is i + 1
+    tokens[offsets[1:] - 1] = eos
+    windows = token_files.TokenFile(tokens, offsets).windows(seq_len)
+    expected = [int(a) + j * width for a, b in zip(offsets[:-1], offsets[1:]) for j in range((b - a) // width)]
+    starts = windows.starts.tolist()
+    assert starts == expected, f"every L+1 = {width} tokens per document, got {starts}"
+    assert windows.shape == (len(expected), width)
+    rows = windows[torch.arange(len(windows))]
+    for w, s in zip(rows, starts):
+        assert w.tolist() == tokens[s: s + width].tolist()
+    doc_of = np.searchsorted(offsets, starts, side="right") - 1
+    for i in range(len(starts) - 1):
+        if doc_of[i] == doc_of[i + 1]:  # neighbours in one document: disjoint, L+1 apart
+            assert starts[i + 1] - starts[i] == width and not set(rows[i].tolist()) & set(rows[i + 1].tolist())
