@@ -85,14 +85,12 @@ class Settings:
 
 def experiment_settings(preset: str, overrides: dict) -> Settings:
     """The preset's settings, then `overrides` (CONFIG keys, CLI flags, and AdaptiveKConfig fields)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown for adaptive_sparsity; choose one of {', '.join(PRESETS)}")
     for key in ("top_k", "top_k_ratio", "sparse_top_k"):
         if key in overrides:
             raise ValueError(f"{key} does not apply to adaptive_sparsity (k is a share of the prefix or set by the "
                              f"controller); drop it, or set the controller's k_min / k_max / min_fraction / "
                              f"max_fraction in CONFIG")
-    merged = {**PRESETS[preset], **overrides}
+    merged = experiment.preset_settings(PRESETS, preset, "adaptive_sparsity", overrides)
     k_config = AdaptiveKConfig(**{k: merged.pop(k) for k in list(merged) if k in ADAPTIVE_KEYS})
     k_config.validate()
     merged.setdefault("attention_backend", "gather")  # token-level attention over exactly the selected keys

@@ -34,6 +34,14 @@ def prepare(device_name: str, run: Execution | None, backends: Iterable[str], ba
     return device, run
 
 
+def preset_settings(presets: dict, preset: str, experiment: str, overrides: dict) -> dict:
+    """An experiment's preset (a dict of config keys) with `overrides` (CONFIG keys, CLI flags) on top; an unknown
+    preset is refused naming the experiment's presets."""
+    if preset not in presets:
+        raise ValueError(f"preset={preset!r} is unknown for {experiment}; choose one of {', '.join(presets)}")
+    return {**presets[preset], **overrides}
+
+
 def check_experiment(out: Path, experiment: str) -> None:
     """Refuse to write one experiment's results over another's in the same folder."""
     summary = out / "summary.json"

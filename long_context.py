@@ -102,11 +102,10 @@ class TaskSettings:
 
 def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     """One task's settings: the preset's, then `overrides` (CONFIG keys and CLI flags)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown for long_context; choose one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset][task], "seeds": PRESETS[preset]["seeds"], **overrides}
+    presets = {name: {**p[task], "seeds": p["seeds"], "top_k": p["top_k"]} for name, p in PRESETS.items()}
+    merged = experiment.preset_settings(presets, preset, "long_context", overrides)
     options = {k: merged.pop(k) for k in _TASK_KEYS if k in merged}
-    top_k = merged.pop("top_k", PRESETS[preset]["top_k"])
+    top_k = merged.pop("top_k")
     merged.setdefault("attention_backend", "gather")  # the fastest faithful token-level path on CPU and GPU
     model, train, _, exp = build_configs({**merged, "seq_lens": options["seq_lens"], "sparse_top_k": top_k,
                                           "max_seq_len": max(options["seq_lens"])})
