@@ -18,8 +18,7 @@ import experiment
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length
 from data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
 from results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
-from train import (check_backend_device, checkpointed, dense_pretrain, discard_checkpoints, state_of,
-                   train_sparse_from)
+from train import check_backend_device, dense_pretrain, state_of, train_sparse_from
 
 
 # ----------------------------------------------------------------------------- analytic costs
@@ -263,11 +262,10 @@ def branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
 
     def compute():
-        this_run = checkpointed(run, out / "resume" / path.stem, key, overwrite)
         stream = BatchStream(windows.train, tcfg.batch_size, stream_seed(seed, STREAM_PRETRAIN))
-        classic, _ = dense_pretrain(cfg, stream, eval_subset(windows.val, tcfg.eval_windows), tcfg, seed, device,
-                                    f"L={windows.seq_len} seed={seed}", run=this_run)
-        discard_checkpoints(this_run)
+        with experiment.checkpointing(run, out / "resume" / path.stem, key, overwrite) as this_run:
+            classic, _ = dense_pretrain(cfg, stream, eval_subset(windows.val, tcfg.eval_windows), tcfg, seed, device,
+                                        f"L={windows.seq_len} seed={seed}", run=this_run)
         return state_of(classic), {"seed": seed}
     return experiment.cached_state(path, key, compute, device)
 

@@ -42,8 +42,8 @@ from models import ClassicAttentionMoELLM
 from results_io import mean_ci95, read_json
 from sparse_attention import DENSE
 from sparsity_control import AdaptiveKConfig
-from train import (Execution, checkpointed, classic_from_state, dense_stage, discard_checkpoints, eval_batches,
-                   run_stage, sparse_from_state, sparse_stage, state_of, warmup_indexer)
+from train import (Execution, classic_from_state, dense_stage, eval_batches, run_stage, sparse_from_state, sparse_stage,
+                   state_of, warmup_indexer)
 
 FIXED = {"fixed25": 0.25, "fixed50": 0.5, "fixed75": 0.75}
 MODELS = ("dense", *FIXED, "adaptive", "matched")  # run in this order: matched needs adaptive's budget
@@ -177,8 +177,8 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     else:
         model = sparse_from_state(cfg, warm, seed, build).to(device)
         stage, mode = sparse_stage(tcfg), None
-    result = run_stage(model, stage, task.stream(seed, STREAM_TRAIN), task.val, tcfg, device, f"L={L} seed={seed} {name}",
-                       run=run.named("train"))
+    result = run_stage(model, stage, task.stream(seed, STREAM_TRAIN), task.val, tcfg, device,
+                       f"L={L} seed={seed} {name}", run=run.named("train"))
     final = result["final"]
     batch = task.windows.train[:tcfg.batch_size]
     final["step_peak_memory_mb"] = (step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device, mode)
@@ -216,7 +216,8 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     corpus = load_corpus(st.data)
     base = dataclasses.replace(st.model, vocab_size=corpus.tokenizer.vocab_size)
     keyed = {L: experiment.config_key({"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
-                                       "train": dataclasses.asdict(st.train), "adaptive": dataclasses.asdict(st.k_config),
+                                       "train": dataclasses.asdict(st.train),
+                                       "adaptive": dataclasses.asdict(st.k_config),
                                        "corpus": corpus.describe(), "dataset": st.data.dataset,
                                        "tokenizer": st.data.tokenizer}, device, run)
              for L in st.seq_lens}
@@ -250,11 +251,10 @@ def run_group(L: int, seed: int, models: list[str], st: Settings, corpus, base: 
     task = branch = warm = None
     if todo:
         task = LMTask(corpus, L, st.train)
-        branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
-        branch = branch_point(task, cfg, st.train, seed, device, folder / "branch.pt", key, run=branch_run)
-        warm = (warm_start(task, cfg, st.train, branch, seed, device, folder, key, branch_run)
-                if todo != ["dense"] else None)
-        discard_checkpoints(branch_run)
+        with experiment.checkpointing(run, folder / "resume" / "branch", key, overwrite) as branch_run:
+            branch = branch_point(task, cfg, st.train, seed, device, folder / "branch.pt", key, run=branch_run)
+            warm = (warm_start(task, cfg, st.train, branch, seed, device, folder, key, branch_run)
+                    if todo != ["dense"] else None)
     group = {}
     for name in models:
         def compute(this_run, name=name):

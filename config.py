@@ -235,8 +235,8 @@ QUICK_WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, 
 
 PRESETS: dict[str, dict] = {
     # Tiny model: the whole 3-length sweep on 2 CPU cores in a few minutes.
-    "quick": dict(**QUICK_WIDTHS, batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,
-                  eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43, 44], attention_backend="gather"),
+    "quick": dict(**QUICK_WIDTHS, batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3,
+                  eval_every=50, eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43, 44], attention_backend="gather"),
     # The research plan's model (seed documents): d 256, 4 layers, 8 heads, 4 experts top-2.
     "default": dict(d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4, expert_top_k=2,
                     indexer_heads=4, indexer_dim=64, indexer_rope_dim=32,

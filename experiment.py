@@ -2,18 +2,20 @@
 the same way, written once.
 
 A runner declares what is its own — presets, models or variants, task, extra metrics, figures — and calls:
-`prepare` (device and execution checks before any work), `config_key` (the config plus the run fingerprint:
-device, device name, torch, dtype), `clear_stale` (finished runs of another config are refused or cleared),
-`run_record` (one resumable run record with its resume checkpoints), `cached_state` (a branch point or a warm
-start cached as <name>.pt + <name>.json), `paired_differences` (`delta_<metric>_vs_<reference>`,
-`time_ratio_vs_<reference>`), `significance` (paired t-tests, Holm-corrected across the family), `summary_head`
-and `finish` (summary.json -> read back -> figures -> REPORT.md -> table).
+`preset_settings` (its preset with the overrides on top), `prepare` (device and execution checks before any
+work), `config_key` (the config plus the run fingerprint: device, device name, torch, dtype), `clear_stale`
+(finished runs of another config are refused or cleared), `run_record` (one resumable run record; its resume
+checkpoints through `checkpointing`), `cached_state` (a branch point or a warm start cached as <name>.pt +
+<name>.json), `paired_differences` (`delta_<metric>_vs_<reference>`, `time_ratio_vs_<reference>`),
+`significance` (paired t-tests, Holm-corrected across the family), `summary_head` and `finish` (summary.json ->
+read back -> figures -> REPORT.md -> table).
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import distributed
@@ -73,6 +75,15 @@ def clear_stale(out: Path, expected: Mapping[Path, str], overwrite: bool,
                     target.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def checkpointing(run: Execution, folder: Path, key: str, overwrite: bool) -> Iterator[Execution]:
+    """`run` keeping its resume checkpoints in `folder` (train.checkpointed) for the span of the block; they are
+    discarded when the block finishes (an exception keeps them for --resume)."""
+    this_run = checkpointed(run, folder, key, overwrite)
+    yield this_run
+    discard_checkpoints(this_run)
+
+
 def run_record(path: Path, key: str, labels: dict, compute: Callable[[Execution], dict], run: Execution,
                resume: Path, overwrite: bool, config: dict, device) -> dict:
     """The run record at `path`, read back when finished; else `compute(run)` (its checkpoints in `resume`) -> the
@@ -81,12 +92,12 @@ def run_record(path: Path, key: str, labels: dict, compute: Callable[[Execution]
         record = read_json(path)
         print(f"{path}: finished run read back", flush=True)
         return record
-    this_run = checkpointed(run, resume, key, overwrite)
-    started = time.perf_counter()
-    body = compute(this_run)
-    atomic_write_json(path, {"config_fingerprint": key, **labels, **body, "wall_time_s": time.perf_counter() - started,
-                             "config": config, "environment": run_environment(device)})
-    discard_checkpoints(this_run)
+    with checkpointing(run, resume, key, overwrite) as this_run:
+        started = time.perf_counter()
+        body = compute(this_run)
+        atomic_write_json(path, {"config_fingerprint": key, **labels, **body,
+                                 "wall_time_s": time.perf_counter() - started, "config": config,
+                                 "environment": run_environment(device)})
     distributed.barrier()  # the others read what rank 0 wrote
     return read_json(path)
 

@@ -34,8 +34,8 @@ from data import (STREAM_CURRICULUM, STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMU
 from results_io import load_torch, mean_ci95, read_json
 from sparse_attention import AttentionMode, kept_pair_fraction
 import distributed
-from train import (Execution, checkpointed, classic_from_state, dense_pretrain, dense_stage, discard_checkpoints,
-                   evaluate, run_stage, sparse_from_state, sparse_stage, state_of, warmup_indexer)
+from train import (Execution, classic_from_state, dense_pretrain, dense_stage, evaluate, run_stage, sparse_from_state,
+                   sparse_stage, state_of, warmup_indexer)
 
 TASKS = ("lm", "mqar")
 MODELS = ("dense", "dsa", "local", "random", "block")
@@ -184,9 +184,10 @@ def model_config(base: ModelConfig, name: str) -> ModelConfig:
 
 def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, path: Path, fingerprint_: str,
                  start: dict | None = None, run: Execution = Execution()) -> dict:
-    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model (train.dense_pretrain),
-    from `start` (MQAR: the curriculum, or the previous length's branch point) or from scratch, on the seed's
-    STREAM_PRETRAIN. Cached as `path` + its .json (experiment.cached_state); `run` may checkpoint it on the way."""
+    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model
+    (train.dense_pretrain) on the seed's STREAM_PRETRAIN, from `start` (MQAR: the curriculum, or the previous
+    length's branch point) or from scratch. Cached as `path` + its .json (experiment.cached_state); `run` may
+    checkpoint it on the way."""
     def compute():
         classic, _ = dense_pretrain(cfg, task.stream(seed, STREAM_PRETRAIN), task.val, tcfg, seed, device,
                                     f"{task.name} L={cfg.max_seq_len} seed={seed}", run, start,
@@ -316,13 +317,15 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
                                        "train": dataclasses.asdict(st.train), "seeds": st.seeds,
                                        "corpus": corpus.describe() if t == "lm" else None}, device, run)
              for t, st in settings.items()}
-    experiment.clear_stale(out, {p: keyed[t][1] for t in tasks for p in sorted((out / "records" / t).glob("*/*/*.json"))},
-                           overwrite, folder_of=lambda record: record.parent)  # (task, L, seed): runs, branch point
+    expected = {p: keyed[t][1] for t in tasks for p in sorted((out / "records" / t).glob("*/*/*.json"))}
+    experiment.clear_stale(out, expected, overwrite,
+                           folder_of=lambda record: record.parent)  # (task, L, seed): its runs and branch point
     started = time.perf_counter()
     records: dict = {}
     jobs = [(t, L, s) for t in tasks for L in sorted(settings[t].options["seq_lens"]) for s in settings[t].seeds]
     for task_name, L, seed in tqdm(jobs, desc="long context (task, L, seed)"):
-        by_model = run_group(task_name, L, seed, models, settings, corpus, keyed[task_name], out, overwrite, run, device)
+        by_model = run_group(task_name, L, seed, models, settings, corpus, keyed[task_name], out, overwrite, run,
+                             device)
         for name, record in by_model.items():
             records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = record
     if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
@@ -349,12 +352,11 @@ def run_group(task_name: str, L: int, seed: int, models: list[str], settings: di
     task = branch = None
     if any(not (folder / f"{m}.json").exists() for m in models):
         task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
-        branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
-        if task_name == "mqar":
-            branch = mqar_branch(L, seed, settings["mqar"], device, out / "records" / "mqar", key, branch_run)
-        else:
-            branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt", key, run=branch_run)
-        discard_checkpoints(branch_run)
+        with experiment.checkpointing(run, folder / "resume" / "branch", key, overwrite) as branch_run:
+            if task_name == "mqar":
+                branch = mqar_branch(L, seed, settings["mqar"], device, out / "records" / "mqar", key, branch_run)
+            else:
+                branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt", key, run=branch_run)
     labels = {"task": task_name, "seq_len": L, "seed": seed, "batch_size": tcfg.batch_size}
     return {name: experiment.run_record(folder / f"{name}.json", key, {**labels, "model": name},
                                         lambda this_run, name=name: train_model(name, task, cfg, tcfg, branch, seed,
@@ -399,8 +401,9 @@ def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -
     """One model at one (task, L): its metrics over seeds, paired differences vs dense, by-distance curves."""
     finals = [by_model[name][s]["final"] for s in seeds]
     metrics = {m: mean_ci95([f.get(m) for f in finals]) for m in METRICS if finals[0].get(m) is not None}
+    quality = ("val_loss", "accuracy") if task_name == "mqar" else ("val_loss",)
     metrics.update(experiment.paired_differences(finals, [by_model["dense"][s]["final"] for s in seeds], "dense",
-                                                 metrics=("val_loss", "accuracy") if task_name == "mqar" else ("val_loss",)))
+                                                 metrics=quality))
     if task_name == "mqar":
         metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
     if "recall_by_distance" in finals[0]:

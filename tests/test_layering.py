@@ -119,3 +119,23 @@ def test_every_function_is_at_most_60_lines():
     planted = ast.parse("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)  # the detector itself: 61 lines
     assert long_functions(planted) == [("f", MAX_FUNCTION_LINES + 1)]
     assert long_functions(ast.parse("def g():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1))) == []
+
+
+# Each piece of the experiment skeleton lives in these modules only; a runner that re-implements one is caught here.
+SKELETON_OWNERS = {"check_stale(": {"results_io", "experiment"}, "checkpointed(": {"train", "experiment"},
+                   "discard_checkpoints(": {"train", "experiment"}, "holm(": {"results_io"},
+                   "paired_t_pvalue(": {"results_io"}, '"summary.json"': {"experiment"},
+                   "* 1000 +": set()}  # stream offsets: data.stream_seed and its named STREAM_* constants
+
+
+def skeleton_copies(sources: dict[str, str]) -> list[str]:
+    """'module: pattern' for every skeleton piece found outside the modules that own it."""
+    return [f"{module}: {pattern}" for pattern, owners in SKELETON_OWNERS.items()
+            for module, text in sources.items() if pattern in text and module not in owners]
+
+
+def test_the_experiment_skeleton_exists_once():
+    sources = {path.stem: path.read_text() for path in sorted(ROOT.glob("*.py"))}
+    assert not skeleton_copies(sources), "skeleton pieces re-implemented:\n" + "\n".join(skeleton_copies(sources))
+    planted = {"long_context": 'atomic_write_json(out / "summary.json", summary)\nseed * 1000 + 2'}
+    assert skeleton_copies(planted) == ['long_context: "summary.json"', "long_context: * 1000 +"]
