@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
 
-from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-import results_io
-from results_io import (atomic_save_torch, atomic_write_json, check_stale, fingerprint, load_torch, mean_ci95,
-                        read_json)
+import experiment
+from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length
+from data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
+from results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
+from train import check_backend_device, dense_pretrain, state_of, train_sparse_from
 
 
 # ----------------------------------------------------------------------------- analytic costs
@@ -52,14 +52,6 @@ def indexer_bytes_per_token(cfg: ModelConfig, L: int) -> float:
     scales = (keys + cfg.indexer_heads) * SCALE_BYTES.get(cfg.indexer_precision, 0)
     groups = math.ceil(cfg.n_layers / cfg.shared_indexer_group)
     return groups * (operands + scales + 4 * cfg.indexer_heads)
-
-
-def run_environment(device: torch.device) -> dict:
-    """What a timing/memory figure depends on beyond the config: the resolved device, its name, torch, dtype
-    (from results_io.run_environment). Part of every record's key, so resumed runs are never paired across
-    machines; the record stores the full results_io.run_environment beside it."""
-    env = results_io.run_environment(device)
-    return {"device": env["device"], "device_name": env["device_name"], "torch": env["torch"], "dtype": "float32"}
 
 
 def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
@@ -164,25 +156,52 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
     from tqdm.auto import tqdm
 
     import distributed
-    from config import config_for_length
-    from data import build_windows, load_corpus
-    from train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device, train_sparse_from
+    from data import load_corpus
 
-    from optimized_indexers import check_multiscale
-
-    run = run or Execution()
-    device = pick_device(train_cfg.device)
-    run.validate(device)
-    distributed.check_batch(train_cfg.batch_size)
-    env = run_environment(device)
-    if run.dtype != "fp32":  # part of every key: a bf16 run is never paired with an fp32 one
-        env["dtype"] = {"bf16": "bfloat16"}[run.dtype]
+    device, run = experiment.prepare(train_cfg.device, run, [], [train_cfg.batch_size])
     with distributed.main_first():  # rank 0 builds the caches, the others read them
         corpus = load_corpus(data_cfg)
-    vocab = corpus.tokenizer.vocab_size
-    records, jobs = [], []
+    jobs = variant_jobs(variants, model_cfg, train_cfg, data_cfg, exp_cfg, corpus, device, run)
+    experiment.clear_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, (_, key) in jobs},
+                           overwrite)  # a stale record is removed (with --overwrite) and that run redone
+    branches: dict[tuple[int, int], dict] = {}
+    finished: dict[tuple[str, int], dict] = {}  # (key, seed) -> record: a second name for one config is not rerun
+    records = []
+    for L, seed, name, cfg, (config, key) in tqdm(jobs, desc="ablation runs"):
+        path = record_path(out, name, L, seed)
+        labels = {"ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
+                  "ablation_config": variants[name], "sequence_length": L, "seed": seed}
+        if not path.exists() and (key, seed) in finished:  # same config and seed under another name
+            twin = finished[(key, seed)]
+            records.append(_write_and_read(path, {**twin, **labels, "same_run_as": twin["ablation_name"]}))
+            continue
+
+        def compute(this_run, L=L, seed=seed, name=name, cfg=cfg):
+            windows = build_windows(corpus, L)
+            if (L, seed) not in branches:  # one branch point in memory at a time
+                base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
+                data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe(), run_fingerprint(device, run.dtype)]
+                branches.clear()
+                branches[(L, seed)] = branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id, run,
+                                                   overwrite)
+            model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name,
+                                              run=this_run)
+            return {"metrics": variant_metrics(model, result, cfg, windows, train_cfg, device),
+                    "curves": result["curves"]}
+        records.append(experiment.run_record(path, key, labels, compute, run, out / "resume" / path.stem, overwrite,
+                                             config, device))
+        finished.setdefault((key, seed), records[-1])
+    return records
+
+
+def variant_jobs(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
+                 exp_cfg: ExperimentConfig, corpus, device, run) -> list[tuple]:
+    """Every (L, seed, name, config, (keyed config, key)) in run order, each variant's config checked before any
+    training; the variants of one (L, seed) interleaved."""
+    from optimized_indexers import check_multiscale
+    jobs = []
     for L in exp_cfg.seq_lens:
-        base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
+        base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
         configs = {}
         for name, overrides in variants.items():
             cfg = dataclasses.replace(base_cfg, **overrides)
@@ -194,58 +213,31 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
         configs = one_code_path(configs)
         for seed in exp_cfg.seeds:
             for name in interleaved(list(variants), L, seed):
-                cfg = configs[name]
-                key = fingerprint([dataclasses.asdict(cfg), dataclasses.asdict(train_cfg), data_cfg.dataset,
-                                   data_cfg.tokenizer, corpus.describe()["train_tokens"], env])
-                jobs.append((L, seed, name, cfg, key))
-    with distributed.main_first():  # rank 0 removes corrupt records (--overwrite) before the others look
-        stale = check_stale(out, {record_path(out, name, L, seed): key for L, seed, name, _, key in jobs}, overwrite)
-    branches: dict[tuple[int, int], dict] = {}
-    finished: dict[tuple[str, int], dict] = {}  # (key, seed) -> record: a second name for one config is not rerun
-    for L, seed, name, cfg, key in tqdm(jobs, desc="ablation runs"):
-        path = record_path(out, name, L, seed)
-        if path.exists() and path not in stale:
-            records.append(read_json(path))
-            finished.setdefault((key, seed), records[-1])
-            continue
-        if (key, seed) in finished:  # same config, same seed under another name (e.g. a combination = a quant.)
-            twin = finished[(key, seed)]
-            record = {**twin, "ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
-                      "ablation_config": variants[name], "same_run_as": twin["ablation_name"]}
-            records.append(_write_and_read(path, record))
-            continue
-        t0 = time.perf_counter()
-        windows = build_windows(corpus, L)
-        if (L, seed) not in branches:
-            base_cfg, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, vocab)
-            data_id = [data_cfg.dataset, data_cfg.tokenizer, corpus.describe(), env]
-            branches = {(L, seed): _branch_state(base_cfg, windows, train_cfg, seed, device, out, data_id,
-                                                 run=run, overwrite=overwrite)}
-        this_run = checkpointed(run, out / "resume" / path.stem, key, overwrite)
-        model, result = train_sparse_from(branches[(L, seed)], cfg, windows, train_cfg, seed, device, desc=name,
-                                          run=this_run)
-        metrics = {k: result["final"].get(k, math.nan) for k in METRICS}
-        total = sum(p.numel() for p in model.parameters())
-        indexer = sum(p.numel() for p in model.indexer_parameters())
-        idx_flops = indexer_flops_per_token(cfg, L)
-        attn_flops = attention_flops_per_token(cfg, metrics["mean_selected_keys"])
-        batch = windows.train[:train_cfg.batch_size]
-        val_batch = windows.val[:train_cfg.batch_size, :-1]
-        metrics.update(params=total, indexer_params=indexer, indexer_overhead=indexer / total,
-                       indexer_flops_per_token=idx_flops, attention_flops_per_token=attn_flops,
-                       total_flops_per_token=idx_flops + attn_flops, indexer_bytes_per_token=indexer_bytes_per_token(cfg, L),
-                       step_peak_memory_mb=step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device),
-                       **quantization_agreement(model, val_batch, device))
-        record = {"ablation_name": name, "category": (category_of or {}).get(name, "optimization"),
-                  "ablation_config": variants[name], "sequence_length": L, "seed": seed, "metrics": metrics,
-                  "curves": result["curves"], "config_fingerprint": key, "wall_time_s": time.perf_counter() - t0,
-                  "config": {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
-                             "data": dataclasses.asdict(data_cfg)},
-                  "environment": {**results_io.run_environment(device), **env}}
-        records.append(_write_and_read(path, record))
-        discard_checkpoints(this_run)
-        finished[(key, seed)] = records[-1]
-    return records
+                keyed = experiment.config_key({"seq_len": L, "model": dataclasses.asdict(configs[name]),
+                                               "train": dataclasses.asdict(train_cfg), "dataset": data_cfg.dataset,
+                                               "tokenizer": data_cfg.tokenizer,
+                                               "train_tokens": corpus.describe()["train_tokens"]}, device, run)
+                jobs.append((L, seed, name, configs[name], keyed))
+    return jobs
+
+
+def variant_metrics(model, result: dict, cfg: ModelConfig, windows, train_cfg: TrainConfig, device) -> dict:
+    """A trained variant's METRICS: its final quality and speed, parameter counts, analytic FLOPs and bytes per
+    token, one step's peak memory, and its quantised indexer's agreement with fp32."""
+    L = windows.seq_len
+    metrics = {k: result["final"].get(k, math.nan) for k in METRICS}
+    total = sum(p.numel() for p in model.parameters())
+    indexer = sum(p.numel() for p in model.indexer_parameters())
+    idx_flops = indexer_flops_per_token(cfg, L)
+    attn_flops = attention_flops_per_token(cfg, metrics["mean_selected_keys"])
+    batch = windows.train[:train_cfg.batch_size]
+    val_batch = windows.val[:train_cfg.batch_size, :-1]
+    metrics.update(params=total, indexer_params=indexer, indexer_overhead=indexer / total,
+                   indexer_flops_per_token=idx_flops, attention_flops_per_token=attn_flops,
+                   total_flops_per_token=idx_flops + attn_flops, indexer_bytes_per_token=indexer_bytes_per_token(cfg, L),
+                   step_peak_memory_mb=step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device),
+                   **quantization_agreement(model, val_batch, device))
+    return metrics
 
 
 def _write_and_read(path: Path, record: dict) -> dict:
@@ -260,29 +252,29 @@ def record_path(out: Path, name: str, L: int, seed: int) -> Path:
     return out / "records" / f"{name.replace('+', '-')}__L{L}__seed{seed}.json"
 
 
-def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id,
-                  run=None, overwrite: bool = False) -> dict:
-    """The dense branch point for (L, seed), cached on disk so a resumed ablation does not redo it; keyed on
-    everything that shapes it (model, data, every training setting but the later stages' lengths)."""
-    from train import Execution, checkpointed, discard_checkpoints, dense_pretrain
+def branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device, out: Path, data_id, run,
+                 overwrite: bool = False) -> dict:
+    """The dense branch point for (L, seed) (train.dense_pretrain), cached as branch_points/L<L>_seed<S>_<key>.pt
+    (experiment.cached_state) so a resumed ablation does not redo it; keyed on everything that shapes it (model,
+    data, the machine, every training setting but the later stages' lengths)."""
     train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("steps", "warmup_steps", "profile_steps")}
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
-    if path.exists():
-        return load_torch(path, device, fix="delete it (the branch point is retrained)")
-    this_run = checkpointed(run or Execution(), out / "resume" / path.stem, key, overwrite)
-    classic, _ = dense_pretrain(cfg, windows, tcfg, seed, device, run=this_run)
-    state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
-    atomic_save_torch(state, path)
-    discard_checkpoints(this_run)
-    return state
+
+    def compute():
+        stream = BatchStream(windows.train, tcfg.batch_size, stream_seed(seed, STREAM_PRETRAIN))
+        with experiment.checkpointing(run, out / "resume" / path.stem, key, overwrite) as this_run:
+            classic, _ = dense_pretrain(cfg, stream, eval_subset(windows.val, tcfg.eval_windows), tcfg, seed, device,
+                                        f"L={windows.seq_len} seed={seed}", run=this_run)
+        return state_of(classic), {"seed": seed}
+    return experiment.cached_state(path, key, compute, device)
 
 
 # ----------------------------------------------------------------------------- analysis
 def aggregate(records: list[dict], baseline: str = "baseline") -> dict:
-    """-> {name: {L: {metric: mean_ci95, 'speedup_vs_baseline', 'delta_val_loss_vs_baseline', ...}}}.
+    """-> {name: {L: {metric: mean_ci95, 'time_ratio_vs_baseline', 'delta_val_loss_vs_baseline', ...}}}.
 
-    Speed-up and loss difference are paired by seed against the baseline run of the same (L, seed).
+    Time ratio and loss difference are paired by seed against the baseline run of the same (L, seed).
     """
     by = {}
     for r in records:
@@ -298,11 +290,8 @@ def aggregate(records: list[dict], baseline: str = "baseline") -> dict:
             base = by.get(baseline, {}).get(L, {})
             paired = [s for s in seeds if s in base]
             if paired:
-                entry["speedup_vs_baseline"] = mean_ci95(
-                    [base[s]["metrics"]["avg_time_per_step"] / per_seed[s]["metrics"]["avg_time_per_step"]
-                     for s in paired])
-                entry["delta_val_loss_vs_baseline"] = mean_ci95(
-                    [per_seed[s]["metrics"]["val_loss"] - base[s]["metrics"]["val_loss"] for s in paired])
+                entry.update(experiment.paired_differences([per_seed[s]["metrics"] for s in paired],
+                                                           [base[s]["metrics"] for s in paired], baseline))
             summary[name][str(L)] = entry
     return summary
 

@@ -53,7 +53,7 @@ def normalised_entropy(scores: torch.Tensor) -> torch.Tensor:
 class AdaptiveKSelector(nn.Module):
     """Per-row k_t, then the indexer's top-k_t of the causal prefix (TopKTokenSelector contract).
 
-    K slots = max_t k_t; slots beyond a row's k_t are invalid. `last_row_k` (B, L) keeps the k_t used.
+    K slots = max_t k_t; slots beyond a row's k_t are invalid (a row's k_t is its count of valid slots).
     """
 
     def __init__(self, top_k: int, strategy: str = "ratio", ratio: float = 0.5, start_fraction: float = 0.25,
@@ -73,7 +73,6 @@ class AdaptiveKSelector(nn.Module):
         self.start_fraction, self.min_scale, self.max_scale = start_fraction, min_scale, max_scale
         self.budget_matched = budget_matched
         self.progress = 0.0
-        self.last_row_k: torch.Tensor | None = None
 
     def set_progress(self, fraction: float) -> None:
         """Training progress in [0, 1] for the progressive schedules (ignored by the other strategies)."""
@@ -121,9 +120,7 @@ class AdaptiveKSelector(nn.Module):
         """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K) bool."""
         L = scores.shape[-1]
         scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
-        row_k = self.row_k(scores.detach())  # (B, L)
-        self.last_row_k = row_k
-        return top_k_per_row(scores, row_k)
+        return top_k_per_row(scores, self.row_k(scores.detach()))  # row_k: (B, L)
 
 
 def match_budget(k: torch.Tensor, top_k: int, positional: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ order (stage 2: the seed's stream 1):
 Sparse models: indexer warm-up (dense KL, main model frozen), then sparse training (the paper's two stages). The
 warm-up does not depend on the selector (dense attention, dense KL), so it runs once per (L, seed) and every sparse
 model starts from its weights (a test checks that two selectors warm up to the same indexer).
-Writes OUT/summary.json, records/L<L>/seed<S>/ (branch.pt, warm.pt, warmup.json, <model>.json: resumable),
+Writes OUT/summary.json, records/L<L>/seed<S>/ (branch.pt + .json, warmup.pt + .json, <model>.json: resumable),
 adaptive_sparsity.png and REPORT.md.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -32,27 +31,24 @@ import torch
 from tqdm.auto import tqdm
 
 import distributed
-import plots
+import experiment
 import reports
 from ablations import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
 from adaptive_models import AdaptiveMoELLM, FixedSparseMoELLM, check_plain_dsa
-from config import DataConfig, ModelConfig, TrainConfig, build_configs
-from data import load_corpus
+from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
+from data import STREAM_TRAIN, STREAM_WARMUP, load_corpus
 from long_context import LMTask, branch_point
 from models import ClassicAttentionMoELLM
-from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, holm,
-                        load_torch, mean_ci95, paired_t_pvalue, read_json, run_environment)
+from results_io import mean_ci95, read_json
 from sparse_attention import DENSE
 from sparsity_control import AdaptiveKConfig
-from train import (Execution, check_backend_device, checkpointed, classic_from_state, dense_stage, discard_checkpoints,
-                   eval_batches, pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
+from train import (Execution, classic_from_state, dense_stage, eval_batches, run_stage, sparse_from_state, sparse_stage,
+                   state_of, warmup_indexer)
 
 FIXED = {"fixed25": 0.25, "fixed50": 0.5, "fixed75": 0.75}
 MODELS = ("dense", *FIXED, "adaptive", "matched")  # run in this order: matched needs adaptive's budget
 WARMUP_SHARE = 0.5  # the selector of the shared warm-up (it only shapes the warm-up's recall figures)
 
-_WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2, indexer_heads=2,
-               indexer_dim=16, indexer_rope_dim=8)
 # Calibration (this 2-core CPU, shared, one torch thread; quick widths, batch 4, gather backend, forward + backward
 # alone, a lightly loaded machine):
 # L=256: dense ~0.12 s, sparse 0.22-0.38 s per step; L=1024: dense ~0.8 s (MLA ~1.6 s), fixed25 ~2.5-2.9 s,
@@ -60,14 +56,14 @@ _WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, exper
 # 0.75 L keys ~40 % of a sparse step: on CPU every sparse model is slower per step than dense).
 PRESETS = {
     "quick": dict(  # a small view: L 256, 3 seeds, short stages (~6 min here; the README has the measured time)
-        seq_lens=[256], seeds=[42, 43, 44], **_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=20, steps=30,
+        seq_lens=[256], seeds=[42, 43, 44], **QUICK_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=20, steps=30,
         learning_rate=3e-3, eval_every=15, eval_windows=16),
     "cpu": dict(  # L 256 and 1024, 3 seeds, ~30 min per attention type on this loaded CPU (run it in the background;
         # it resumes). Budget per seed at L=1024, measured under load (~half a core): steps 0.8 s dense, ~2 s
         # warm-up, ~4 s sparse; an evaluation of 8 windows with recall ~5 s, k profile ~4 s, the CPU peak-memory
         # probe ~20 s per model (first seed only): 40 + 16 x 2 + 16 x 0.8 + 5 models x (16 x 4 + 2 evals + k) ~ 8 min,
         # x 3 seeds ~ 25 min, plus L=256 ~ 4 min
-        seq_lens=[256, 1024], seeds=[42, 43, 44], **_WIDTHS, batch_size=4, dense_steps=40, warmup_steps=16,
+        seq_lens=[256, 1024], seeds=[42, 43, 44], **QUICK_WIDTHS, batch_size=4, dense_steps=40, warmup_steps=16,
         steps=16, learning_rate=3e-3, eval_every=8, eval_windows=8),
     "default": dict(  # the GPU-box preset: the research plan's widths and lengths
         seq_lens=[64, 128, 256, 512, 1024, 2048], seeds=[42, 43, 44], d_model=256, n_heads=8, n_layers=4, d_ff=512,
@@ -89,14 +85,12 @@ class Settings:
 
 def experiment_settings(preset: str, overrides: dict) -> Settings:
     """The preset's settings, then `overrides` (CONFIG keys, CLI flags, and AdaptiveKConfig fields)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown for adaptive_sparsity; choose one of {', '.join(PRESETS)}")
     for key in ("top_k", "top_k_ratio", "sparse_top_k"):
         if key in overrides:
             raise ValueError(f"{key} does not apply to adaptive_sparsity (k is a share of the prefix or set by the "
                              f"controller); drop it, or set the controller's k_min / k_max / min_fraction / "
                              f"max_fraction in CONFIG")
-    merged = {**PRESETS[preset], **overrides}
+    merged = experiment.preset_settings(PRESETS, preset, "adaptive_sparsity", overrides)
     k_config = AdaptiveKConfig(**{k: merged.pop(k) for k in list(merged) if k in ADAPTIVE_KEYS})
     k_config.validate()
     merged.setdefault("attention_backend", "gather")  # token-level attention over exactly the selected keys
@@ -129,21 +123,13 @@ def builder(name: str, k_config: AdaptiveKConfig, budget: float | None = None):
 def warm_start(task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device, folder: Path,
                key: str, run: Execution = Execution()) -> dict:
     """Stage 1, shared by every sparse model of this (L, seed): the indexers warmed up (dense KL, main model
-    frozen) on the seed's stream 2. Cached in folder/warm.pt (+ warmup.json, its record)."""
-    path = folder / "warm.pt"
-    if path.exists():
-        return load_torch(path, device, fix="delete it (the warm-up is redone)")
-    model = sparse_from_state(cfg, branch, seed, builder(f"fixed{round(100 * WARMUP_SHARE)}", None)).to(device)
-    warm = run_stage(model, warmup_stage(tcfg), task.stream(seed, 2), task.val, tcfg, device,
-                     f"L={cfg.max_seq_len} seed={seed} indexer warm-up", run=run.named("warmup"))
-    atomic_write_json(folder / "warmup.json", {
-        "config_fingerprint": key, "seq_len": cfg.max_seq_len, "seed": seed, "selector_share": WARMUP_SHARE,
-        "indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
-        "recall_after": warm["final"]["indexer_recall"], "random_recall": warm["final"]["random_recall"],
-        "local_recall": warm["final"]["local_recall"]})
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    atomic_save_torch(state, path)
-    return state
+    frozen) on the seed's STREAM_WARMUP. Cached as folder/warmup.pt + warmup.json (its record)."""
+    def compute():
+        model = sparse_from_state(cfg, branch, seed, builder(f"fixed{round(100 * WARMUP_SHARE)}", None)).to(device)
+        record = warmup_indexer(model, task.stream(seed, STREAM_WARMUP), task.val, tcfg, device,
+                                f"L={cfg.max_seq_len} seed={seed} indexer warm-up", run=run.named("warmup"))
+        return state_of(model), {"seq_len": cfg.max_seq_len, "seed": seed, "selector_share": WARMUP_SHARE, **record}
+    return experiment.cached_state(folder / "warmup.pt", key, compute, device)
 
 
 @torch.no_grad()
@@ -191,8 +177,8 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     else:
         model = sparse_from_state(cfg, warm, seed, build).to(device)
         stage, mode = sparse_stage(tcfg), None
-    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, f"L={L} seed={seed} {name}",
-                       run=run.named("train"))
+    result = run_stage(model, stage, task.stream(seed, STREAM_TRAIN), task.val, tcfg, device,
+                       f"L={L} seed={seed} {name}", run=run.named("train"))
     final = result["final"]
     batch = task.windows.train[:tcfg.batch_size]
     final["step_peak_memory_mb"] = (step_peak_memory_mb(model, batch[:, :-1], batch[:, 1:], device, mode)
@@ -226,67 +212,61 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     models = check_models(models)
     st = experiment_settings(preset, overrides)
     check_plain_dsa(st.model, "adaptive_sparsity")  # refuse a config these models cannot run, before any work
-    device = pick_device(st.train.device)
-    check_backend_device(st.model.attention_backend, device)
-    run.validate(device)
+    device, run = experiment.prepare(st.train.device, run, [st.model.attention_backend], [])
     corpus = load_corpus(st.data)
     base = dataclasses.replace(st.model, vocab_size=corpus.tokenizer.vocab_size)
-    env = {"device": str(device), "torch": torch.__version__, "corpus": corpus.describe(),
-           "dataset": st.data.dataset, "tokenizer": st.data.tokenizer}
-    config_key = {L: {"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
-                      "train": dataclasses.asdict(st.train), "adaptive": dataclasses.asdict(st.k_config), **env}
-                  for L in st.seq_lens}
-    if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
-        for key in config_key.values():
-            key["dtype"] = run.dtype
-    expected = {}
-    for L in st.seq_lens:
-        key = fingerprint(config_key[L])
-        expected.update({p: key for p in sorted((out / "records" / f"L{L}").glob("seed*/*.json"))})
-    for stale in check_stale(out, expected, overwrite):
-        shutil.rmtree(stale.parent, ignore_errors=True)  # that (L, seed) folder: its runs, branch and warm-up
-    t0 = time.perf_counter()
+    keyed = {L: experiment.config_key({"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
+                                       "train": dataclasses.asdict(st.train),
+                                       "adaptive": dataclasses.asdict(st.k_config),
+                                       "corpus": corpus.describe(), "dataset": st.data.dataset,
+                                       "tokenizer": st.data.tokenizer}, device, run)
+             for L in st.seq_lens}
+    experiment.clear_stale(out, {p: keyed[L][1] for L in st.seq_lens
+                                 for p in sorted((out / "records" / f"L{L}").glob("seed*/*.json"))},
+                           overwrite, folder_of=lambda record: record.parent)  # (L, seed): runs, branch, warm-up
+    started = time.perf_counter()
     records: dict = {}
-    jobs = [(L, s) for L in st.seq_lens for s in st.seeds]
-    for L, seed in tqdm(jobs, desc="adaptive sparsity (L, seed)"):
-        cfg, key = dataclasses.replace(base, max_seq_len=L), fingerprint(config_key[L])
-        folder = out / "records" / f"L{L}" / f"seed{seed}"
-        todo = [m for m in models if not (folder / f"{m}.json").exists()]
-        if todo:
-            task = LMTask(corpus, L, st.train)
-            branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
+    for L, seed in tqdm([(L, s) for L in st.seq_lens for s in st.seeds], desc="adaptive sparsity (L, seed)"):
+        for name, record in run_group(L, seed, models, st, corpus, base, keyed[L], out, overwrite, run, device).items():
+            records.setdefault(L, {}).setdefault(name, {})[seed] = record
+    summary = {**experiment.summary_head("adaptive_sparsity", {str(L): keyed[L][0] for L in st.seq_lens}, st.seeds,
+                                         device, started), **summarise(records, st, models)}
+
+    def figures(summary_json):
+        import plots
+        plots.adaptive_sparsity(summary_json, models, out / "adaptive_sparsity.png")
+        return ["adaptive_sparsity.png"]
+    return experiment.finish(out, summary, figures, lambda s: reports.adaptive_sparsity_report(s, models),
+                             lambda s: reports.adaptive_sparsity_tables(s, models) + "\n\n"
+                             + reports.adaptive_sparsity_significance(s))
+
+
+def run_group(L: int, seed: int, models: list[str], st: Settings, corpus, base: ModelConfig, keyed: tuple, out: Path,
+              overwrite: bool, run: Execution, device) -> dict:
+    """Every model of one (L, seed): the branch point and the shared warm-up (only when a model is still to run),
+    then each model -> {model: its record, "_warmup": the warm-up record when there is one}."""
+    (config, key), cfg = keyed, dataclasses.replace(base, max_seq_len=L)
+    folder = out / "records" / f"L{L}" / f"seed{seed}"
+    todo = [m for m in models if not (folder / f"{m}.json").exists()]
+    task = branch = warm = None
+    if todo:
+        task = LMTask(corpus, L, st.train)
+        with experiment.checkpointing(run, folder / "resume" / "branch", key, overwrite) as branch_run:
             branch = branch_point(task, cfg, st.train, seed, device, folder / "branch.pt", key, run=branch_run)
             warm = (warm_start(task, cfg, st.train, branch, seed, device, folder, key, branch_run)
                     if todo != ["dense"] else None)
-            discard_checkpoints(branch_run)
-            for name in todo:
-                budget = read_json(folder / "adaptive.json")["budget_keys"] if name == "matched" else None
-                memory = device.type == "cuda" or seed == st.seeds[0]  # a property of the shapes: once on CPU
-                started, model_run = time.perf_counter(), checkpointed(run, folder / "resume" / name, key, overwrite)
-                result = train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget,
-                                     memory, model_run)
-                atomic_write_json(folder / f"{name}.json", {"config_fingerprint": key, "seq_len": L, "seed": seed,
-                                                            "model": name, **result,
-                                                            "wall_time_s": time.perf_counter() - started,
-                                                            "config": config_key[L],
-                                                            "environment": run_environment(device)})
-                discard_checkpoints(model_run)
-        for name in models:
-            records.setdefault(L, {}).setdefault(name, {})[seed] = read_json(folder / f"{name}.json")
-        warmup = folder / "warmup.json"
-        if warmup.exists():
-            records[L].setdefault("_warmup", {})[seed] = read_json(warmup)
-    summary = summarise(records, st, models, config_key)
-    summary["wall_time_s"] = time.perf_counter() - t0
-    summary["environment"] = run_environment(device)
-    atomic_write_json(out / "summary.json", summary)
-    summary = read_json(out / "summary.json")
-    plots.adaptive_sparsity(summary, models, out / "adaptive_sparsity.png")
-    atomic_write_text(out / "REPORT.md", reports.adaptive_sparsity_report(summary, models))
-    print("\n" + reports.adaptive_sparsity_tables(summary, models))
-    print("\n" + reports.adaptive_sparsity_significance(summary))
-    print(f"\nwrote {out}/summary.json, adaptive_sparsity.png, REPORT.md")
-    return summary
+    group = {}
+    for name in models:
+        def compute(this_run, name=name):
+            budget = group["adaptive"]["budget_keys"] if name == "matched" else None
+            memory = device.type == "cuda" or seed == st.seeds[0]  # a property of the shapes: once on CPU
+            return train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget, memory,
+                               this_run)
+        group[name] = experiment.run_record(folder / f"{name}.json", key, {"seq_len": L, "seed": seed, "model": name},
+                                            compute, run, folder / "resume" / name, overwrite, config, device)
+    if (folder / "warmup.json").exists():
+        group["_warmup"] = read_json(folder / "warmup.json")
+    return group
 
 
 # every model and L in summary.json: each {"mean", "ci95", "per_seed"} over seeds
@@ -294,69 +274,54 @@ METRICS = ("val_loss", "val_accuracy", "val_perplexity", "avg_time_per_step", "t
            "peak_memory_mb", "process_peak_rss_mb", "k_mean", "k_std", "share_mean", "share_std", "kept_pair_fraction",
            "attention_flops_per_token", "indexer_flops_per_token", "total_flops_per_token", "indexer_recall",
            "random_recall", "local_recall")
-PAIRED = ("delta_val_loss_vs_dense", "delta_val_loss_vs_matched", "time_ratio_vs_dense", "time_ratio_vs_matched")
 
 
-def summarise(records: dict, st: Settings, models: list[str], config_key: dict) -> dict:
+def summarise(records: dict, st: Settings, models: list[str]) -> dict:
     """Per L and model: every metric and the paired differences as mean ± 95 % CI over seeds; adaptive's k over
     training and k vs complexity; the significance tests of adaptive vs the best fixed share and vs matched."""
     results = {}
     for L, by_model in sorted(records.items()):
-        seeds = st.seeds
-        entry = {}
-        for name in models:
-            finals = [by_model[name][s]["final"] for s in seeds]
-            metrics = {m: mean_ci95([f.get(m) for f in finals]) for m in METRICS if m in finals[0]}
-            for other in ("dense", "matched"):
-                if other in by_model:
-                    ref = [by_model[other][s]["final"] for s in seeds]
-                    metrics[f"delta_val_loss_vs_{other}"] = mean_ci95([f["val_loss"] - r["val_loss"]
-                                                                       for f, r in zip(finals, ref)])
-                    metrics[f"time_ratio_vs_{other}"] = mean_ci95([f["avg_time_per_step"] / r["avg_time_per_step"]
-                                                                   for f, r in zip(finals, ref)])
-            runs = [by_model[name][s] for s in seeds]
-            if "k" in runs[0]:
-                metrics["k_by_layer"] = [sum(v) / len(v) for v in zip(*[r["k"]["k_by_layer"] for r in runs])]
-                curves = [r["curves"] for r in runs]
-                metrics["k_curve"] = {"steps": curves[0]["steps"],
-                                      "k_mean": [sum(v) / len(v) for v in zip(*[c["mean_selected_keys"] for c in curves])]}
-            if name == "adaptive":
-                metrics["budget_keys"] = mean_ci95([r["budget_keys"] for r in runs])
-                metrics["k_vs_complexity"] = [p for r in runs for p in r["k"]["k_vs_complexity"]]
-            if name == "matched":
-                metrics["fraction"] = mean_ci95([r["fraction"] for r in runs])
-                metrics["target_mean_keys"] = mean_ci95([r["target_mean_keys"] for r in runs])
-            entry[name] = metrics
+        entry = {name: model_metrics(by_model, name, st.seeds) for name in models}
         if "_warmup" in by_model:
-            warm = [by_model["_warmup"][s] for s in seeds if s in by_model["_warmup"]]
+            warm = [by_model["_warmup"][s] for s in st.seeds if s in by_model["_warmup"]]
             entry["warmup"] = {k: mean_ci95([w[k] for w in warm]) for k in ("recall_before", "recall_after",
                                                                             "random_recall", "local_recall")}
         results[str(L)] = entry
-    return {"experiment": "adaptive_sparsity", "config": {str(L): c for L, c in config_key.items()}, "seeds": st.seeds,
-            "models": models, "results": results, "significance": significance_tests(records, st.seeds, models)}
+    return {"models": models, "results": results, "significance": significance_tests(records, st.seeds, models)}
+
+
+def model_metrics(by_model: dict, name: str, seeds: list[int]) -> dict:
+    """One model at one L: its metrics over seeds, paired differences vs dense and matched, its k profile."""
+    finals = [by_model[name][s]["final"] for s in seeds]
+    metrics = {m: mean_ci95([f.get(m) for f in finals]) for m in METRICS if m in finals[0]}
+    for other in ("dense", "matched"):
+        if other in by_model:
+            metrics.update(experiment.paired_differences(finals, [by_model[other][s]["final"] for s in seeds], other))
+    runs = [by_model[name][s] for s in seeds]
+    if "k" in runs[0]:
+        metrics["k_by_layer"] = [sum(v) / len(v) for v in zip(*[r["k"]["k_by_layer"] for r in runs])]
+        curves = [r["curves"] for r in runs]
+        metrics["k_curve"] = {"steps": curves[0]["steps"],
+                              "k_mean": [sum(v) / len(v) for v in zip(*[c["mean_selected_keys"] for c in curves])]}
+    if name == "adaptive":
+        metrics["budget_keys"] = mean_ci95([r["budget_keys"] for r in runs])
+        metrics["k_vs_complexity"] = [p for r in runs for p in r["k"]["k_vs_complexity"]]
+    if name == "matched":
+        metrics["fraction"] = mean_ci95([r["fraction"] for r in runs])
+        metrics["target_mean_keys"] = mean_ci95([r["target_mean_keys"] for r in runs])
+    return metrics
 
 
 def significance_tests(records: dict, seeds: list[int], models: list[str]) -> dict:
     """Paired t-tests (per-seed val-loss differences) of adaptive vs the best fixed share (lowest mean val loss at
-    that L) and vs matched, at every L; Holm-Bonferroni corrected across all of them."""
-    if "adaptive" not in models:
-        return {"tests": [], "n_tests": 0, "correction": "holm", "alpha": reports.ALPHA}
-    tests = []
-    for L, by_model in sorted(records.items()):
+    that L) and vs matched, at every L; Holm-Bonferroni corrected across all of them (experiment.significance)."""
+    comparisons = []
+    for L, by_model in sorted(records.items()) if "adaptive" in models else ():
         loss = {name: [by_model[name][s]["final"]["val_loss"] for s in seeds] for name in models}
         fixed = [n for n in FIXED if n in models]
-        rivals = []
-        if fixed:
-            rivals.append(("best_fixed", min(fixed, key=lambda n: sum(loss[n]) / len(seeds))))
-        if "matched" in models:
-            rivals.append(("matched", "matched"))
-        for role, rival in rivals:
-            diffs = [a - b for a, b in zip(loss["adaptive"], loss[rival])]
-            tests.append({"L": L, "vs": role, "rival": rival, "delta_val_loss": mean_ci95(diffs),
-                          "p": paired_t_pvalue(diffs)})
-    adjusted = holm({i: t["p"] for i, t in enumerate(tests) if t["p"] is not None})
-    for i, t in enumerate(tests):
-        t["p_holm"] = adjusted.get(i)
-        t["verdict"] = ("untestable (1 seed)" if t["p_holm"] is None else "n.s." if t["p_holm"] >= reports.ALPHA
-                        else "adaptive better" if t["delta_val_loss"]["mean"] < 0 else "adaptive worse")
-    return {"tests": tests, "n_tests": len(adjusted), "correction": "holm", "alpha": reports.ALPHA}
+        rivals = [("best_fixed", min(fixed, key=lambda n: sum(loss[n]) / len(seeds)))] if fixed else []
+        rivals += [("matched", "matched")] if "matched" in models else []
+        comparisons += [{"L": L, "vs": role, "rival": rival, "metric": "val_loss", "lower_is_better": True,
+                         "differences": [a - b for a, b in zip(loss["adaptive"], loss[rival])]}
+                        for role, rival in rivals]
+    return experiment.significance(comparisons)

@@ -81,8 +81,7 @@ class BlockBackend(GatherBackend):
                                       return_probs)
 
     def selected_scores(self, selection: Selection) -> torch.Tensor:
-        scores = block_index_scores(*selection.index_inputs, selection.block_idx, selection.block_valid,
-                                    selection.block_size)
+        scores = block_index_scores(*selection.index_inputs, selection.block_idx, selection.block_size)
         return scores.masked_fill(~selection.valid, float("-inf"))
 
 

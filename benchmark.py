@@ -565,7 +565,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args._measure_memory:
         return measure_memory_child(args)
-    from tqdm import tqdm
     meter = Meter(args.device, args.repeats)
     header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
@@ -576,28 +575,45 @@ def main(argv=None) -> int:
                                   "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
     header["load_avg_start"] = _load_avg()
     if args.decode:
-        rows = decode_speed(args)
-        header["load_avg_end"] = _load_avg()
-        header["decode_preset"] = args.decode_preset
-        atomic_write_json(os.path.join(args.out, "benchmark_decode.json"), {**header, "rows": rows})
-        print(f"decode on {header['device']}, {args.decode_preset}-preset widths, batch {args.batch}, median of "
-              f"{args.decode_steps} steps (dense and sparse steps alternate on one model and cache); load avg (1/5/15 min) {header['load_avg_start']} at start, "
-              f"{header['load_avg_end']} at end")
-        for r in rows:
-            print(f"{r['attention_type']} {r['decode']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
-                  f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
-                  f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}  |  process CPU "
-                  f"{_fmt(r['decode_cpu_ms_per_step'], '.2f')} ms/token  x dense {_fmt(r['cpu_speedup_vs_dense'], '.2f')}")
-        return 0
-    if args.end_to_end:
-        rows = end_to_end(args, meter)
-        header["load_avg_end"] = _load_avg()
-        atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
-        print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
-        for r in rows:
-            print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
-                  f"x classic {r['ratio_vs_classic']:.2f}")
-        return 0
+        run_decode(args, header)
+    elif args.end_to_end:
+        run_end_to_end(args, meter, header)
+    else:
+        run_kernels(args, meter, header)
+    return 0
+
+
+def run_decode(args, header: dict) -> None:
+    """--decode: dense vs DSA decode steps -> benchmark_decode.json and a printed table."""
+    rows = decode_speed(args)
+    header["load_avg_end"] = _load_avg()
+    header["decode_preset"] = args.decode_preset
+    atomic_write_json(os.path.join(args.out, "benchmark_decode.json"), {**header, "rows": rows})
+    print(f"decode on {header['device']}, {args.decode_preset}-preset widths, batch {args.batch}, median of "
+          f"{args.decode_steps} steps (dense and sparse steps alternate on one model and cache); load avg (1/5/15 min) {header['load_avg_start']} at start, "
+          f"{header['load_avg_end']} at end")
+    for r in rows:
+        print(f"{r['attention_type']} {r['decode']:<7} prefix {r['cached_prefix']:>6} k={r['top_k'] or '-':<5} "
+              f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
+              f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}  |  process CPU "
+              f"{_fmt(r['decode_cpu_ms_per_step'], '.2f')} ms/token  x dense {_fmt(r['cpu_speedup_vs_dense'], '.2f')}")
+
+
+def run_end_to_end(args, meter, header: dict) -> None:
+    """--end-to-end: whole training steps, classic vs sparse -> benchmark_end_to_end.json and a printed table."""
+    rows = end_to_end(args, meter)
+    header["load_avg_end"] = _load_avg()
+    atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
+    print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
+    for r in rows:
+        print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
+              f"x classic {r['ratio_vs_classic']:.2f}")
+
+
+def run_kernels(args, meter, header: dict) -> None:
+    """The attention backends per L: rows, crossover, indexer cost, selection quality -> benchmark.json, the
+    scaling figure and the printed tables."""
+    from tqdm import tqdm
     backends = backend_list(args.device, args.attention)
     rows, cost = [], []
     with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
@@ -625,6 +641,11 @@ def main(argv=None) -> int:
           f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     print(format_table(rows))
     print(format_crossover(crossover, max(args.seq_lens)))
+    print_costs(cost, quality)
+
+
+def print_costs(cost: list[dict], quality: list[dict]) -> None:
+    """The indexer's cost against the fastest dense baseline, and the selection-quality proxy."""
     print("\nindexer (chunked scores + top-k) cost vs the fastest dense baseline")
     print(f"{'L':>7}{'indexer':>9}{'ms':>10}{'/ dense fwd':>13}{'/ dense fwd+bwd':>17}")
     for c in cost:
@@ -634,7 +655,6 @@ def main(argv=None) -> int:
     for qrow in quality:
         print(f"  {qrow['backend']:<7} L={qrow['seq_len']} recall {_fmt(qrow['recall'], '.3f')}  "
               f"rel. error vs dense {qrow['rel_err_vs_dense']:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

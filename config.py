@@ -76,6 +76,12 @@ class ModelConfig:
     dense_d_ff: int = 0  # that dense MLP's width (0 = d_ff; HF intermediate_size, d_ff = moe_intermediate_size)
 
     def validate(self) -> None:
+        """Refuse a bad value (ValueError naming the key and the fix): sizes, then selection, then MoE and MLA."""
+        self._validate_sizes()
+        self._validate_selection()
+        self._validate_moe_and_layout()
+
+    def _validate_sizes(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len",
                   "num_experts", "expert_top_k", "indexer_heads", "indexer_dim")
         if self.sparse_top_k <= 0:
@@ -92,6 +98,8 @@ class ModelConfig:
         if not (0 <= self.indexer_rope_dim <= self.indexer_dim) or self.indexer_rope_dim % 2:
             raise ValueError(f"indexer_rope_dim={self.indexer_rope_dim} must be even and within "
                              f"[0, indexer_dim={self.indexer_dim}]")
+
+    def _validate_selection(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r} is unknown; "
                              f"choose one of {', '.join(ATTENTION_BACKENDS)}")
@@ -112,6 +120,8 @@ class ModelConfig:
         if self.selection_source != "indexer" and self.attention_backend not in ("masked", "gather", "triton"):
             raise ValueError(f"selection_source={self.selection_source!r} selects per token: use attention_backend "
                              f"masked, gather or triton")
+
+    def _validate_moe_and_layout(self) -> None:
         if self.moe_n_group <= 0 or self.num_experts % self.moe_n_group or not 0 < self.moe_topk_group <= self.moe_n_group:
             raise ValueError(f"moe_n_group={self.moe_n_group} must divide num_experts={self.num_experts} and "
                              f"moe_topk_group={self.moe_topk_group} lie in [1, moe_n_group]; use 1 and 1 to turn it off")
@@ -219,12 +229,14 @@ class ExperimentConfig:
 
 CONFIG_CLASSES = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "experiment": ExperimentConfig}
 
+# The quick presets' model widths (the sweep's, long_context's LM task, adaptive_sparsity's): one definition
+QUICK_WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
+                    indexer_heads=2, indexer_dim=16, indexer_rope_dim=8)
+
 PRESETS: dict[str, dict] = {
     # Tiny model: the whole 3-length sweep on 2 CPU cores in a few minutes.
-    "quick": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
-                  indexer_heads=2, indexer_dim=16, indexer_rope_dim=8,
-                  batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,
-                  eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43, 44], attention_backend="gather"),
+    "quick": dict(**QUICK_WIDTHS, batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3,
+                  eval_every=50, eval_windows=32, seq_lens=[64, 128, 256], seeds=[42, 43, 44], attention_backend="gather"),
     # The research plan's model (seed documents): d 256, 4 layers, 8 heads, 4 experts top-2.
     "default": dict(d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4, expert_top_k=2,
                     indexer_heads=4, indexer_dim=64, indexer_rope_dim=32,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import random
 import re
@@ -22,6 +21,7 @@ import torch
 
 import token_files
 from config import DataConfig
+from results_io import atomic_write_text, fingerprint
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -215,10 +215,6 @@ class Corpus:
                 "vocab_size": self.tokenizer.vocab_size, "val_doc_ids": self.val_docs}
 
 
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Documents -> split -> tokenizer (trained on train docs only, cached) -> cached token streams. A folder of
     parquet/jsonl shards or a hub dataset goes through token files instead (`token_file_corpus`)."""
@@ -229,18 +225,18 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     cache = Path(cfg.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    content_id = _fingerprint([(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in train_docs],
-                              [(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in val_docs])
+    content_id = fingerprint([[(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in train_docs],
+                              [(i, hashlib.sha1(t.encode()).hexdigest()) for i, t in val_docs]])
     if cfg.tokenizer == "bpe":
         tok_path = cache / f"bpe_{cfg.bpe_vocab_size}_{content_id}.json"
         if tok_path.exists():
             tokenizer = Tokenizer.from_spec({"kind": "bpe", "json": tok_path.read_text()})
         else:
             tokenizer = train_bpe([t for _, t in train_docs], cfg.bpe_vocab_size)
-            _atomic_write_text(tok_path, tokenizer.backend.to_str())
+            atomic_write_text(tok_path, tokenizer.backend.to_str())
     else:
         tokenizer = load_hf_tokenizer(cfg.tokenizer)
-    tokens_path = cache / f"tokens_{_fingerprint(content_id, tokenizer.spec())}.npz"
+    tokens_path = cache / f"tokens_{fingerprint([content_id, tokenizer.spec()])}.npz"
     if tokens_path.exists():
         arrays = np.load(tokens_path)
         train_tokens, val_tokens = arrays["train"], arrays["val"]
@@ -290,7 +286,7 @@ def token_file_corpus(cfg: DataConfig, source: list) -> Corpus:
         return tasks
 
     if cfg.tokenizer == "bpe":
-        tok_path = cache / f"bpe_{cfg.bpe_vocab_size}_{_fingerprint(source, cfg.text_field, cfg.val_fraction)}.json"
+        tok_path = cache / f"bpe_{cfg.bpe_vocab_size}_{fingerprint([source, cfg.text_field, cfg.val_fraction])}.json"
         if tok_path.exists():
             tokenizer = Tokenizer.from_spec({"kind": "bpe", "json": tok_path.read_text()})
         else:
@@ -298,7 +294,7 @@ def token_file_corpus(cfg: DataConfig, source: list) -> Corpus:
             if not sample:
                 raise ValueError(f"dataset {cfg.dataset!r} has no training document with text in {cfg.text_field!r}")
             tokenizer = train_bpe(sample, cfg.bpe_vocab_size)
-            _atomic_write_text(tok_path, tokenizer.backend.to_str())
+            atomic_write_text(tok_path, tokenizer.backend.to_str())
     else:
         tokenizer = load_hf_tokenizer(cfg.tokenizer)
     folder = token_files.cache_folder(cache, source, tokenizer.spec(), cfg.text_field, cfg.max_tokens, cfg.val_fraction)
@@ -321,12 +317,6 @@ def _stream(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     eos = tokenizer.eos_id
     ids = [np.asarray(e + [eos], dtype=np.int32) for e in tokenizer.encode_batch(texts)]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- windows + batches
@@ -393,6 +383,18 @@ def eval_subset(val: torch.Tensor, n: int) -> torch.Tensor:
     if len(val) <= n:
         return val if isinstance(val, torch.Tensor) else val[torch.arange(len(val))]  # memory-mapped: read them
     return val[torch.linspace(0, len(val) - 1, n).long()]
+
+
+# The batch streams of one seed: a stream's generator seed is stream_seed(seed, purpose). Every compared model of a
+# seed trains on TRAIN (the same batches in the same order); WARMUP feeds the indexer warm-up, PRETRAIN the shared
+# dense stage before the branch point, CURRICULUM the MQAR curriculum.
+STREAM_TRAIN, STREAM_WARMUP, STREAM_PRETRAIN, STREAM_CURRICULUM = 1, 2, 3, 4
+STREAMS_PER_SEED = 1000
+
+
+def stream_seed(seed: int, purpose: int) -> int:
+    """The generator seed of a seed's stream for `purpose` (one of the STREAM_* constants)."""
+    return seed * STREAMS_PER_SEED + purpose
 
 
 class BatchStream:

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from config import TrainConfig
-from data import BatchStream, Windows, eval_subset
+from data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
 from hf_interop import from_hf
 from models import SparseAttentionMoELLM
 from train import sparse_stage, train_lm, warmup_indexer
@@ -40,12 +40,12 @@ def warmup_hf_indexers(model_or_path, windows: Windows, tcfg: TrainConfig, devic
     torch.manual_seed(seed)
     val = eval_subset(windows.val, tcfg.eval_windows)
     L, bs = windows.seq_len, tcfg.batch_size
-    warm = warmup_indexer(model, BatchStream(windows.train, bs, seed * 1000 + 2), val, tcfg, device,
+    warm = warmup_indexer(model, BatchStream(windows.train, bs, stream_seed(seed, STREAM_WARMUP)), val, tcfg, device,
                           desc=f"L={L} imported model indexer warm-up")
     report = {**warm, "seq_len": L, "sparse_top_k": model.cfg.sparse_top_k, "model_type": model.hf_config["model_type"]}
     if sparse_steps:
         stage_cfg = dataclasses.replace(tcfg, steps=sparse_steps)
-        result = train_lm(model, BatchStream(windows.train, bs, seed * 1000 + 1), val, stage_cfg, device,
+        result = train_lm(model, BatchStream(windows.train, bs, stream_seed(seed, STREAM_TRAIN)), val, stage_cfg, device,
                           desc=f"L={L} imported model sparse", stage=sparse_stage(stage_cfg))
         report["sparse"] = result["final"]
     return model.eval(), report

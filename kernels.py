@@ -30,7 +30,6 @@ INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (5
 SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
-BLOCK_BACKENDS = ("block", "flex")  # backends that run the query-block-shared model
 
 
 # ----------------------------------------------------------------------------- chunked indexer + top-k
@@ -434,11 +433,11 @@ def block_sparse_attention(q, k, v, block_idx, block_valid, block_size: int = BL
     return out, probs.reshape(B, H, nb * Bq, Kb + Bq)[:, :, :L]
 
 
-def block_index_scores(q, k, w, block_idx, block_valid, block_size: int = BLOCK_SIZE):
+def block_index_scores(q, k, w, block_idx, block_size: int = BLOCK_SIZE):
     """I[t, s] at the block model's slots (its Kb shared past tokens, then its own block), differentiable:
     one batched matmul per block instead of a per-token gather (the block's keys are shared).
 
-    q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I), block_idx/valid (B, nb, Kb)
+    q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I), block_idx (B, nb, Kb)
     -> (B, L, Kb + Bq) in `expand_block_selection` slot order (invalid slots hold finite garbage: mask them).
     """
     B, L, H_I, d_I = q.shape

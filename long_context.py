@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+import experiment
 import mqar
-import plots
 import reports
-from config import DataConfig, ModelConfig, TrainConfig, build_configs
-from data import BatchStream, build_windows, eval_subset, load_corpus
-from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, load_torch,
-                        mean_ci95, read_json, run_environment)
+from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
+from data import (STREAM_CURRICULUM, STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, build_windows,
+                  eval_subset, load_corpus, stream_seed)
+from results_io import load_torch, mean_ci95, read_json
 from sparse_attention import AttentionMode, kept_pair_fraction
 import distributed
-from train import (Execution, check_backend_device, checkpointed, classic_from_state, dense_stage,
-                   discard_checkpoints, evaluate, pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
+from train import (Execution, classic_from_state, dense_pretrain, dense_stage, evaluate, run_stage, sparse_from_state,
+                   sparse_stage, state_of, warmup_indexer)
 
 TASKS = ("lm", "mqar")
 MODELS = ("dense", "dsa", "local", "random", "block")
@@ -44,8 +43,6 @@ DEFAULT_MODELS = ("dense", "dsa", "local", "random")
 
 # Per preset and task: model widths and an explicit step budget per stage (the same at every length).
 # CPU calibration (this 2-core machine): a quick-width classic model at L=1024 takes ~0.55 s per step at batch 8.
-_LM_WIDTHS = dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
-                  indexer_heads=2, indexer_dim=16, indexer_rope_dim=8)
 # MQAR (calibrated: d 64 / 2 heads solves 4 pairs after a short-L curriculum; loss on answers only)
 _MQAR_WIDTHS = dict(d_model=64, n_heads=2, n_layers=2, d_ff=128, num_experts=1, expert_top_k=1, num_shared_experts=0,
                     indexer_heads=2, indexer_dim=16, indexer_rope_dim=8)
@@ -64,7 +61,7 @@ _MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curri
 PRESETS = {
     "quick": {  # a small view, <= 20 min on 2 CPU cores
         "seeds": [42, 43, 44], "top_k": 64,
-        "lm": dict(seq_lens=[256, 1024], **_LM_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=40, steps=60,
+        "lm": dict(seq_lens=[256, 1024], **QUICK_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=40, steps=60,
                    learning_rate=3e-3, eval_every=60, eval_windows=16),
         "mqar": dict(seq_lens=[256], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, curriculum_steps=2400,
                      dense_steps=100, warmup_steps=60, steps=100, learning_rate=3e-3, eval_every=100,
@@ -74,7 +71,7 @@ PRESETS = {
         # measured on 2 cores at L=2048, batch 4: dense 0.55 s/step, dsa 0.87, local 0.57, random 0.74;
         # mqar batches hold batch_tokens tokens (8 sequences at 256 ... 2 at 1024 and 2048) so a step costs about the same
         "seeds": [42, 43, 44], "top_k": 64,
-        "lm": dict(seq_lens=[256, 512, 1024, 2048], **_LM_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=60,
+        "lm": dict(seq_lens=[256, 512, 1024, 2048], **QUICK_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=60,
                    steps=100, learning_rate=3e-3, eval_every=50, eval_windows=16),
         "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=2048,
                      curriculum_steps=3600, dense_steps=80, warmup_steps=40, steps=80, learning_rate=3e-3,
@@ -105,11 +102,10 @@ class TaskSettings:
 
 def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     """One task's settings: the preset's, then `overrides` (CONFIG keys and CLI flags)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown for long_context; choose one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset][task], "seeds": PRESETS[preset]["seeds"], **overrides}
+    presets = {name: {**p[task], "seeds": p["seeds"], "top_k": p["top_k"]} for name, p in PRESETS.items()}
+    merged = experiment.preset_settings(presets, preset, "long_context", overrides)
     options = {k: merged.pop(k) for k in _TASK_KEYS if k in merged}
-    top_k = merged.pop("top_k", PRESETS[preset]["top_k"])
+    top_k = merged.pop("top_k")
     merged.setdefault("attention_backend", "gather")  # the fastest faithful token-level path on CPU and GPU
     model, train, _, exp = build_configs({**merged, "seq_lens": options["seq_lens"], "sparse_top_k": top_k,
                                           "max_seq_len": max(options["seq_lens"])})
@@ -145,7 +141,7 @@ class LMTask:
         self.batch_size = tcfg.batch_size
 
     def stream(self, seed: int, purpose: int):
-        return BatchStream(self.windows.train, self.batch_size, seed * 1000 + purpose)
+        return BatchStream(self.windows.train, self.batch_size, stream_seed(seed, purpose))
 
     def extra_metrics(self, model, device) -> dict:
         return {}
@@ -164,7 +160,7 @@ class MQARTask:
 
     def stream(self, seed: int, purpose: int, L: int | None = None):
         return TaskStream(mqar.MQARStream(L or self.L, self.pairs, self.vocab, self.batch_size,
-                                          seed=seed * 1000 + purpose, **self.options))
+                                          seed=stream_seed(seed, purpose), **self.options))
 
     @torch.no_grad()
     def extra_metrics(self, model, device) -> dict:
@@ -188,40 +184,38 @@ def model_config(base: ModelConfig, name: str) -> ModelConfig:
 
 def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, path: Path, fingerprint_: str,
                  start: dict | None = None, run: Execution = Execution()) -> dict:
-    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model, from `start`
-    (MQAR: the curriculum, or the previous length's branch point) or from scratch. Cached in `path` so a
-    resumed run branches from the same weights (branch.json beside it carries the config fingerprint, so a
-    branch point left by a killed run with another config is found stale); `run` may checkpoint it on the way."""
-    if path.exists():
-        return load_torch(path, device, fix="delete it (the branch point is retrained)")
-    from models import ClassicAttentionMoELLM
-    torch.manual_seed(seed)
-    classic = ClassicAttentionMoELLM(cfg).to(device)
-    if start is not None:
-        classic.load_state_dict(start)
-    if tcfg.dense_steps:
-        run_stage(classic, dense_stage(tcfg, tcfg.dense_steps), task.stream(seed, 3), task.val, tcfg, device,
-                  f"{task.name} L={cfg.max_seq_len} seed={seed} dense pre-training",
-                  run=run.named(f"pretrain_L{cfg.max_seq_len}"))
-    state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
-    atomic_save_torch(state, path)
-    atomic_write_json(path.with_suffix(".json"), {"config_fingerprint": fingerprint_, "seed": seed})
-    return state
+    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model
+    (train.dense_pretrain) on the seed's STREAM_PRETRAIN, from `start` (MQAR: the curriculum, or the previous
+    length's branch point) or from scratch. Cached as `path` + its .json (experiment.cached_state); `run` may
+    checkpoint it on the way."""
+    def compute():
+        classic, _ = dense_pretrain(cfg, task.stream(seed, STREAM_PRETRAIN), task.val, tcfg, seed, device,
+                                    f"{task.name} L={cfg.max_seq_len} seed={seed}", run, start,
+                                    name=f"pretrain_L{cfg.max_seq_len}")
+        return state_of(classic), {"seed": seed}
+    return experiment.cached_state(path, fingerprint_, compute, device)
 
 
 def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, folder: Path,
                     fingerprint_: str, run: Execution = Execution()) -> dict:
     """The MQAR curriculum of one seed (shared by every length): dense training at L = curriculum_len in rounds
     of curriculum_round steps until the held-out answer accuracy reaches curriculum_target or curriculum_steps
-    have run (then a fresh initialisation, up to CURRICULUM_RESTARTS times). Cached in `folder` (curriculum.pt +
-    curriculum.json with the accuracy after every round of every attempt)."""
-    if (folder / "curriculum.pt").exists() and (folder / "curriculum.json").exists():
-        return load_torch(folder / "curriculum.pt", device, fix="delete it (the curriculum is retrained)")
+    have run (then a fresh initialisation, up to CURRICULUM_RESTARTS times). Cached as folder/curriculum.pt +
+    curriculum.json (with the accuracy after every round of every attempt)."""
+    def compute():
+        state, rounds = _curriculum(cfg, tcfg, options, seed, device, run)
+        return state, {"seed": seed, "curriculum_len": options["curriculum_len"], "rounds": rounds}
+    return experiment.cached_state(folder / "curriculum.pt", fingerprint_, compute, device)
+
+
+def _curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, run: Execution):
+    """-> (the curriculum's final state, its rounds: attempt, steps so far, held-out accuracy)."""
     from models import ClassicAttentionMoELLM
     short = options["curriculum_len"]
     short_cfg = dataclasses.replace(cfg, max_seq_len=short)
     short_task = MQARTask(options, short, tcfg)
-    stream, rounds = short_task.stream(seed, 4), []
+    stream, rounds = short_task.stream(seed, STREAM_CURRICULUM), []
+    target = options.get("curriculum_target", 1.0)
     for attempt in range(CURRICULUM_RESTARTS + 1):
         torch.manual_seed(seed + 1000 * attempt)
         classic, done = ClassicAttentionMoELLM(short_cfg).to(device), 0
@@ -233,15 +227,11 @@ def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: in
             done += steps
             rounds.append({"attempt": attempt, "steps": done,
                            "accuracy": short_task.extra_metrics(classic, device)["accuracy"]})
-            if rounds[-1]["accuracy"] >= options.get("curriculum_target", 1.0):
+            if rounds[-1]["accuracy"] >= target:
                 break
-        if rounds[-1]["accuracy"] >= options.get("curriculum_target", 1.0):
+        if rounds[-1]["accuracy"] >= target:
             break
-    state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
-    atomic_save_torch(state, folder / "curriculum.pt")
-    atomic_write_json(folder / "curriculum.json", {"config_fingerprint": fingerprint_, "seed": seed,
-                                                   "curriculum_len": short, "rounds": rounds})
-    return state
+    return state_of(classic), rounds
 
 
 def mqar_branch(L: int, seed: int, settings: "TaskSettings", device, folder: Path, fingerprint_: str,
@@ -287,12 +277,10 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
             warmup = None
         else:
             stage = sparse_stage(tcfg)
-            warm = run_stage(model, warmup_stage(tcfg), task.stream(seed, 2), task.val, tcfg, device,
-                             desc + " indexer warm-up", run=run.named("warmup"))
-            warmup = {"indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
-                      "recall_after": warm["final"]["indexer_recall"], "random_recall": warm["final"]["random_recall"],
-                      "local_recall": warm["final"]["local_recall"]}
-    result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, desc, run=run.named("train"))
+            warmup = warmup_indexer(model, task.stream(seed, STREAM_WARMUP), task.val, tcfg, device,
+                                    desc + " indexer warm-up", run=run.named("warmup"))
+    result = run_stage(model, stage, task.stream(seed, STREAM_TRAIN), task.val, tcfg, device, desc,
+                       run=run.named("train"))
     final = result["final"]
     if name != "dense":  # recall by distance (and per layer) on the held-out set, with the trained selection
         stats = evaluate(model, task.val, tcfg.batch_size, device, recall=True)
@@ -302,124 +290,129 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
 
 
 # ----------------------------------------------------------------------------- the experiment
+def check_models(tasks: list[str], models: list[str]) -> list[str]:
+    """The asked models, dense first when missing (every difference is paired against it)."""
+    bad = [t for t in tasks if t not in TASKS] + [m for m in models if m not in MODELS]
+    if bad:
+        raise ValueError(f"unknown task/model {bad}; tasks: {', '.join(TASKS)}; models: {', '.join(MODELS)}")
+    return models if "dense" in models else ["dense", *models]
+
+
 def run_long_context(preset: str, tasks: list[str], models: list[str], overrides: dict, out: Path,
                      overwrite: bool, run: Execution = Execution()) -> dict:
     """Every (task, L, seed, model) run (read back when finished), then summary.json, plots, REPORT.md. `run`:
     precision, compile, and resume checkpoints (records/<task>/L<L>/seed<S>/resume/<model>/)."""
-    bad = [t for t in tasks if t not in TASKS] + [m for m in models if m not in MODELS]
-    if bad:
-        raise ValueError(f"unknown task/model {bad}; tasks: {', '.join(TASKS)}; models: {', '.join(MODELS)}")
-    if "dense" not in models:
-        models = ["dense", *models]  # every difference is paired against it
+    models = check_models(tasks, models)
     settings = {t: task_settings(preset, t, overrides) for t in tasks}
-    device = pick_device(settings[tasks[0]].train.device)
-    for task_settings_ in settings.values():
-        check_backend_device(task_settings_.model.attention_backend, device)
-        distributed.check_batch(task_settings_.train.batch_size)
-    run.validate(device)
+    device, run = experiment.prepare(settings[tasks[0]].train.device, run,
+                                     [st.model.attention_backend for st in settings.values()],
+                                     [st.train.batch_size for st in settings.values()])
+    corpus = None
     if "lm" in tasks:
         data_keys = {f.name for f in dataclasses.fields(DataConfig)}
         with distributed.main_first():  # rank 0 builds the caches, the others read them
             corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
         settings["lm"].model = dataclasses.replace(settings["lm"].model, vocab_size=corpus.tokenizer.vocab_size)
-    config_key = {t: {"options": st.options, "model": dataclasses.asdict(st.model), "train": dataclasses.asdict(st.train),
-                      "seeds": st.seeds, "device": str(device), "torch": torch.__version__,
-                      "corpus": corpus.describe() if t == "lm" else None}
-                  for t, st in settings.items()}
-    if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
-        for key in config_key.values():
-            key["dtype"] = run.dtype
-    expected = {}
-    for t in tasks:
-        key = fingerprint(config_key[t])
-        expected.update({p: key for p in sorted((out / "records" / t).glob("*/*/*.json"))})
-    with distributed.main_first():  # rank 0 clears stale runs before the others look
-        for stale in check_stale(out, expected, overwrite):
-            if distributed.is_main():
-                shutil.rmtree(stale.parent, ignore_errors=True)  # that (task, L, seed) folder: runs, branch point
-    t0 = time.perf_counter()
+    keyed = {t: experiment.config_key({"options": st.options, "model": dataclasses.asdict(st.model),
+                                       "train": dataclasses.asdict(st.train), "seeds": st.seeds,
+                                       "corpus": corpus.describe() if t == "lm" else None}, device, run)
+             for t, st in settings.items()}
+    expected = {p: keyed[t][1] for t in tasks for p in sorted((out / "records" / t).glob("*/*/*.json"))}
+    experiment.clear_stale(out, expected, overwrite,
+                           folder_of=lambda record: record.parent)  # (task, L, seed): its runs and branch point
+    started = time.perf_counter()
     records: dict = {}
     jobs = [(t, L, s) for t in tasks for L in sorted(settings[t].options["seq_lens"]) for s in settings[t].seeds]
     for task_name, L, seed in tqdm(jobs, desc="long context (task, L, seed)"):
-        options = settings[task_name].options
-        tcfg = task_train_config(settings[task_name].train, options, L)
-        cfg = dataclasses.replace(settings[task_name].model, max_seq_len=L)
-        folder = out / "records" / task_name / f"L{L}" / f"seed{seed}"
-        todo = [m for m in models if not (folder / f"{m}.json").exists()]
-        if todo:
-            task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
-            key = fingerprint(config_key[task_name])
-            branch_run = checkpointed(run, folder / "resume" / "branch", key, overwrite)
+        by_model = run_group(task_name, L, seed, models, settings, corpus, keyed[task_name], out, overwrite, run,
+                             device)
+        for name, record in by_model.items():
+            records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = record
+    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
+        return {}
+    summary = {**experiment.summary_head("long_context", {t: keyed[t][0] for t in tasks},
+                                         {t: settings[t].seeds for t in tasks}, device, started),
+               **summarise(records, settings, models)}
+    curricula = sorted((out / "records" / "mqar" / "curriculum").glob("seed*/curriculum.json"))
+    if "mqar" in tasks and curricula:
+        summary["mqar_curriculum"] = {c.parent.name: read_json(c)["rounds"] for c in curricula}
+    return experiment.finish(out, summary, lambda s: figures(s, models, out),
+                             lambda s: reports.long_context_report(s, models),
+                             lambda s: reports.long_context_tables(s, models))
+
+
+def run_group(task_name: str, L: int, seed: int, models: list[str], settings: dict, corpus, keyed: tuple, out: Path,
+              overwrite: bool, run: Execution, device) -> dict:
+    """Every model of one (task, L, seed) from its branch point (trained only when a model is still to run)
+    -> {model: its record}."""
+    options, (config, key) = settings[task_name].options, keyed
+    tcfg = task_train_config(settings[task_name].train, options, L)
+    cfg = dataclasses.replace(settings[task_name].model, max_seq_len=L)
+    folder = out / "records" / task_name / f"L{L}" / f"seed{seed}"
+    task = branch = None
+    if any(not (folder / f"{m}.json").exists() for m in models):
+        task = LMTask(corpus, L, tcfg) if task_name == "lm" else MQARTask(options, L, tcfg)
+        with experiment.checkpointing(run, folder / "resume" / "branch", key, overwrite) as branch_run:
             if task_name == "mqar":
                 branch = mqar_branch(L, seed, settings["mqar"], device, out / "records" / "mqar", key, branch_run)
             else:
                 branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt", key, run=branch_run)
-            discard_checkpoints(branch_run)
-            for name in todo:
-                started = time.perf_counter()
-                model_run = checkpointed(run, folder / "resume" / name, key, overwrite)
-                result = train_model(name, task, cfg, tcfg, branch, seed, device, run=model_run)
-                atomic_write_json(folder / f"{name}.json", {"config_fingerprint": fingerprint(config_key[task_name]),
-                                                            "task": task_name, "seq_len": L, "seed": seed,
-                                                            "batch_size": tcfg.batch_size, "model": name, **result,
-                                                            "wall_time_s": time.perf_counter() - started,
-                                                            "config": config_key[task_name],
-                                                            "environment": run_environment(device)})
-                discard_checkpoints(model_run)
-            distributed.barrier()  # the others read what rank 0 wrote
-        for name in models:
-            records.setdefault(task_name, {}).setdefault(L, {}).setdefault(name, {})[seed] = \
-                read_json(folder / f"{name}.json")
-    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
-        return {}
-    summary = summarise(records, settings, models, config_key)
-    curricula = sorted((out / "records" / "mqar" / "curriculum").glob("seed*/curriculum.json"))
-    if "mqar" in tasks and curricula:
-        summary["mqar_curriculum"] = {c.parent.name: read_json(c)["rounds"] for c in curricula}
-    summary["wall_time_s"] = time.perf_counter() - t0
-    summary["environment"] = run_environment(device)
-    atomic_write_json(out / "summary.json", summary)
-    summary = read_json(out / "summary.json")
+    labels = {"task": task_name, "seq_len": L, "seed": seed, "batch_size": tcfg.batch_size}
+    return {name: experiment.run_record(folder / f"{name}.json", key, {**labels, "model": name},
+                                        lambda this_run, name=name: train_model(name, task, cfg, tcfg, branch, seed,
+                                                                                device, run=this_run),
+                                        run, folder / "resume" / name, overwrite, config, device)
+            for name in models}
+
+
+def figures(summary: dict, models: list[str], out: Path) -> list[str]:
+    """long_context.png, and mqar_accuracy_by_distance.png when MQAR ran."""
+    import plots
     plots.long_context(summary, models, out / "long_context.png")
-    if "mqar" in summary["results"]:
-        plots.mqar_accuracy_by_distance(summary, models, out / "mqar_accuracy_by_distance.png")
-    atomic_write_text(out / "REPORT.md", reports.long_context_report(summary, models))
-    print("\n" + reports.long_context_tables(summary, models))
-    print(f"\nwrote {out}/summary.json, long_context.png, REPORT.md")
-    return summary
+    if "mqar" not in summary["results"]:
+        return ["long_context.png"]
+    plots.mqar_accuracy_by_distance(summary, models, out / "mqar_accuracy_by_distance.png")
+    return ["long_context.png", "mqar_accuracy_by_distance.png"]
 
 
 METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "model_flops_utilization", "indexer_recall",
            "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
+QUALITY = {"lm": "val_loss", "mqar": "accuracy"}  # each task's quality metric (its paired tests compare it)
 
 
-def summarise(records: dict, settings: dict, models: list[str], config_key: dict) -> dict:
-    """Per task, L and model: every metric as mean ± 95 % CI over seeds, and paired differences vs dense."""
-    results = {}
+def summarise(records: dict, settings: dict, models: list[str]) -> dict:
+    """Per task, L and model: every metric as mean ± 95 % CI over seeds and the paired differences vs dense; per
+    task the paired tests of every model against dense at every L on the task's quality metric (Holm)."""
+    results, significance = {}, {}
     for task_name, by_L in records.items():
         seeds, top_k = settings[task_name].seeds, settings[task_name].model.sparse_top_k
-        results[task_name] = {}
-        for L, by_model in sorted(by_L.items()):
-            entry = {"top_k": top_k, "kept_pair_fraction": kept_pair_fraction(L, top_k)}
-            dense = [by_model["dense"][s]["final"] for s in seeds]
-            for name in models:
-                finals = [by_model[name][s]["final"] for s in seeds]
-                metrics = {m: mean_ci95([f.get(m) for f in finals]) for m in METRICS if finals[0].get(m) is not None}
-                metrics["delta_val_loss_vs_dense"] = mean_ci95([f["val_loss"] - d["val_loss"] for f, d in zip(finals, dense)])
-                if task_name == "mqar":
-                    metrics["delta_accuracy_vs_dense"] = mean_ci95([f["accuracy"] - d["accuracy"]
-                                                                    for f, d in zip(finals, dense)])
-                    metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
-                if "recall_by_distance" in finals[0]:
-                    metrics["recall_by_distance"] = [_nanmean(v) for v in zip(*[f["recall_by_distance"] for f in finals])]
-                warm = [by_model[name][s].get("warmup") for s in seeds]
-                if warm[0]:
-                    metrics["warmup_recall_after"] = mean_ci95([w["recall_after"] for w in warm])
-                    metrics["warmup_kl_curve"] = [_nanmean(v) for v in zip(*[w["indexer_kl"] for w in warm])]
-                entry[name] = metrics
-            results[task_name][str(L)] = entry
-    return {"experiment": "long_context", "config": config_key, "seeds": {t: settings[t].seeds for t in records},
-            "results": results}
+        results[task_name] = {str(L): {"top_k": top_k, "kept_pair_fraction": kept_pair_fraction(L, top_k),
+                                       **{name: model_metrics(task_name, by_model, name, seeds) for name in models}}
+                              for L, by_model in sorted(by_L.items())}
+        quality = QUALITY[task_name]
+        significance[task_name] = experiment.significance([
+            {"L": int(L), "model": name, "vs": "dense", "metric": quality, "lower_is_better": quality == "val_loss",
+             "differences": entry[name][f"delta_{quality}_vs_dense"]["per_seed"]}
+            for L, entry in results[task_name].items() for name in models if name != "dense"])
+    return {"results": results, "significance": significance}
+
+
+def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -> dict:
+    """One model at one (task, L): its metrics over seeds, paired differences vs dense, by-distance curves."""
+    finals = [by_model[name][s]["final"] for s in seeds]
+    metrics = {m: mean_ci95([f.get(m) for f in finals]) for m in METRICS if finals[0].get(m) is not None}
+    quality = ("val_loss", "accuracy") if task_name == "mqar" else ("val_loss",)
+    metrics.update(experiment.paired_differences(finals, [by_model["dense"][s]["final"] for s in seeds], "dense",
+                                                 metrics=quality))
+    if task_name == "mqar":
+        metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
+    if "recall_by_distance" in finals[0]:
+        metrics["recall_by_distance"] = [_nanmean(v) for v in zip(*[f["recall_by_distance"] for f in finals])]
+    warm = [by_model[name][s].get("warmup") for s in seeds]
+    if warm[0]:
+        metrics["warmup_recall_after"] = mean_ci95([w["recall_after"] for w in warm])
+        metrics["warmup_kl_curve"] = [_nanmean(v) for v in zip(*[w["indexer_kl"] for w in warm])]
+    return metrics
 
 
 def _nanmean(values) -> float:

@@ -6,7 +6,6 @@ The sparse model's indexer, selector and backend come from the config through on
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -415,27 +414,3 @@ class SparseAttentionMoELLM(_MoELLM):
     def build_attention(self, cfg: ModelConfig, layer: int, earlier: list[nn.Module]) -> nn.Module:
         leader = indexer_leaders(cfg.n_layers, cfg.shared_indexer_group)[layer]
         return build_sparse_attention(cfg, earlier[leader] if leader != layer else None)
-
-
-# ----------------------------------------------------------------------------- parameter reports
-def indexer_parameter_report(model) -> dict:
-    """Indexer parameters of a SparseAttentionMoELLM and their share of all its parameters."""
-    indexer = sum(p.numel() for p in model.indexer_parameters())
-    total = sum(p.numel() for p in model.parameters())
-    owners = sum(1 for a in model.attentions if a.indexer is not None)
-    return {"indexer_params": indexer, "total_params": total, "indexer_share": indexer / total,
-            "indexers": owners, "params_per_indexer": indexer // max(1, owners)}
-
-
-def variant_parameter_reports(base_cfg: ModelConfig, variants: dict[str, dict]) -> dict[str, dict]:
-    """{variant name: indexer_parameter_report + reduction vs base_cfg's indexer} for ModelConfig
-    override dicts. Models are built on the meta
-    device: no memory, no time."""
-    with torch.device("meta"):
-        base = indexer_parameter_report(SparseAttentionMoELLM(base_cfg))["indexer_params"]
-        reports = {}
-        for name, overrides in variants.items():
-            report = indexer_parameter_report(SparseAttentionMoELLM(dataclasses.replace(base_cfg, **overrides)))
-            report["indexer_param_reduction"] = 1 - report["indexer_params"] / base
-            reports[name] = report
-    return reports

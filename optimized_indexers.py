@@ -152,9 +152,3 @@ class RegionRestrictedSelector(nn.Module):
             raise RuntimeError(f"multi-scale region mask {tuple(mask.shape)} does not match the scores "
                                f"{tuple(scores.shape)}")
         return self.selector(scores.masked_fill(~mask, float("-inf")))
-
-
-# ----------------------------------------------------------------------------- parameter counts
-def indexer_param_count(d_model: int, heads: int, dim: int) -> int:
-    """Parameters of one indexer: q_proj d*H*d_I + k_proj d*d_I + LayerNorm 2*d_I + weights_proj d*H."""
-    return d_model * heads * dim + d_model * dim + 2 * dim + d_model * heads

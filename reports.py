@@ -4,9 +4,7 @@ Everything here reads summaries (dicts of mean_ci95 stats, as written to summary
 """
 from __future__ import annotations
 
-from results_io import holm, mean_ci95, paired_t_pvalue
-
-ALPHA = 0.05
+from results_io import ALPHA, mean_ci95, paired_tests
 
 
 def fmt_ci(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
@@ -24,6 +22,21 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def significance_text(sig: dict, question: str) -> str:
+    """The paired tests of one question (experiment.significance) as a line with their count and correction, and
+    a table: the comparison's labels, Δ (comparison − reference, mean ± CI), p, p (Holm), verdict."""
+    tests = sig["tests"]
+    if not tests:
+        return "No significance test (nothing to compare in this run)."
+    labels = [k for k in tests[0] if k not in ("delta", "p", "p_holm", "verdict")]
+    head = (f"{sig['n_tests']} paired t-test(s) ({question}), Holm-Bonferroni corrected across all of them, "
+            f"family-wise alpha = {sig['alpha']}." if sig["n_tests"]
+            else "One seed: the comparisons cannot be tested (run more seeds).")
+    rows = [[*(t[k] for k in labels), fmt_ci(t["delta"]), "n/a" if t["p"] is None else f"{t['p']:.3g}",
+             "n/a" if t["p_holm"] is None else f"{t['p_holm']:.3g}", t["verdict"]] for t in tests]
+    return head + "\n\n" + markdown_table([*labels, "Δ (paired)", "p", "p (Holm)", "verdict"], rows)
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -52,17 +65,16 @@ def holm_family(summary: dict, names: list[str], lengths: list[int], baseline: s
     """The comparisons of one question: every variant but the baseline at every length, a paired t-test of
     its per-seed val-loss difference to the baseline, Holm-adjusted across the family.
     -> {(name, L): {'p': raw, 'p_holm': adjusted}} for the testable ones (>= 2 paired seeds)."""
-    raw = {}
+    differences = {}
     for L in lengths:
         for name in names:
             if name == baseline or str(L) not in summary.get(name, {}):
                 continue
-            d = summary[name][str(L)].get("delta_val_loss_vs_baseline")
-            p = paired_t_pvalue(d["per_seed"]) if d else None
-            if p is not None:
-                raw[(name, L)] = p
-    adjusted = holm(raw)
-    return {key: {"p": raw[key], "p_holm": adjusted[key]} for key in raw}
+            d = summary[name][str(L)].get(f"delta_val_loss_vs_{baseline}")
+            if d:
+                differences[(name, L)] = d["per_seed"]
+    tested = paired_tests(differences)
+    return {key: {"p": t["p"], "p_holm": t["p_holm"]} for key, t in tested.items() if t["p"] is not None}
 
 
 def family_verdict(family: dict, n_untestable: int) -> str:
@@ -145,6 +157,8 @@ then trains {t['steps']} sparse steps on the same batches in the same order.
 
 {table}
 
+{significance_text(summary["significance"], "sparse vs classic val loss at every length")}
+
 - *val loss / acc*: held-out documents only, {t['eval_windows']} fixed windows per length. *sparse − classic
   (paired)*: the per-seed difference (both models branch from the same weights, so seed noise cancels); a CI
   that contains 0 means no measurable difference. *kept pairs*: selected causal (query, key) pairs / all causal
@@ -182,12 +196,12 @@ def results_table(summary: dict, names: list[str], L: int, family: dict | None =
         rows.append([name, fmt_ci(e["val_loss"]), fmt_ci(e.get("delta_val_loss_vs_baseline")), p_text,
                      "—" if name == "baseline" else significance(e, test["p_holm"] if test else None),
                      fmt_ci(e["val_accuracy"], 1, 100), fmt_ci(e["avg_time_per_step"], 1, 1000),
-                     fmt_ci(e.get("speedup_vs_baseline"), 2), fmt_ci(e.get("mean_selected_keys"), 1),
+                     fmt_ci(e.get("time_ratio_vs_baseline"), 2), fmt_ci(e.get("mean_selected_keys"), 1),
                      fmt_ci(e.get("attention_flops_per_token"), 2, 1e-6), fmt_ci(e.get("indexer_flops_per_token"), 2, 1e-6),
                      fmt_ci(e.get("indexer_bytes_per_token"), 1, 1e-3), fmt_ci(e.get("step_peak_memory_mb"), 1),
                      fmt_ci(e["indexer_ms"], 2), fmt_ci(e["indexer_recall"]), fmt_ci(e.get("quant_topk_overlap")),
                      f"{e['indexer_params']['mean']:,.0f}", f"{100 * e['indexer_overhead']['mean']:.1f}"])
-    header = ["variant", "val loss", "Δ vs baseline", "p (Holm)", "vs baseline", "acc %", "ms/step", "speed-up",
+    header = ["variant", "val loss", "Δ vs baseline", "p (Holm)", "vs baseline", "acc %", "ms/step", "time / baseline",
               "keys/query", "attn MFLOP/tok", "indexer MFLOP/tok", "indexer KB/tok", "step peak MB", "indexer ms",
               "recall", "top-k overlap vs fp32", "indexer params", "overhead %"]
     return markdown_table(header, rows)
@@ -286,27 +300,30 @@ def long_context_tables(summary: dict, models: list[str]) -> str:
 
 
 def long_context_findings(summary: dict, models: list[str]) -> list[str]:
-    """From the data: at which L each model falls behind dense (paired 95 % CI excludes 0) and by how much,
-    and its time per step over dense's (per-seed ratios: the runs of one seed ran back to back)."""
+    """From the data: at which L each model falls behind dense (paired t-test, Holm-corrected across the task's
+    models and lengths) and by how much, and its time per step over dense's (per-seed ratios: the runs of one seed
+    ran back to back)."""
     lines = []
     for task, by_L in summary["results"].items():
-        metric, worse = (("delta_val_loss_vs_dense", 1) if task == "lm" else ("delta_accuracy_vs_dense", -1))
+        sig = summary["significance"][task]
+        tests = {(t["model"], str(t["L"])): t for t in sig["tests"]}
+        metric = f"delta_{sig['tests'][0]['metric']}_vs_dense" if sig["tests"] else "delta_val_loss_vs_dense"
         lengths = sorted(by_L, key=int)
+        lines.append(f"- {task}: {sig['n_tests']} paired t-test(s) against dense (models x lengths), Holm-Bonferroni "
+                     f"corrected, family-wise alpha = {sig['alpha']}.")
         for name in models:
             if name == "dense":
                 continue
-            ci = {L: by_L[L][name][metric]["ci95"] for L in lengths if by_L[L][name][metric]["ci95"][0] is not None}
-            behind = [L for L, (lo, hi) in ci.items() if (lo > 0 if worse > 0 else hi < 0)]
-            ahead = [L for L, (lo, hi) in ci.items() if (hi < 0 if worse > 0 else lo > 0)]
-            per_L = ", ".join(f"L={L} {fmt_ci(by_L[L][name][metric])}" for L in lengths)
-            verdict = "; ".join([f"behind dense (paired 95 % CI excludes 0) at L = {', '.join(behind)}"] * bool(behind)
+            behind = [L for L in lengths if tests[(name, L)]["verdict"] == "worse"]
+            ahead = [L for L in lengths if tests[(name, L)]["verdict"] == "better"]
+            per_L = ", ".join(f"L={L} {fmt_ci(by_L[L][name][metric])} (p_Holm "
+                              f"{'n/a' if tests[(name, L)]['p_holm'] is None else format(tests[(name, L)]['p_holm'], '.3g')})"
+                              for L in lengths)
+            verdict = "; ".join([f"behind dense at L = {', '.join(behind)}"] * bool(behind)
                                 + [f"ahead of dense at L = {', '.join(ahead)}"] * bool(ahead)) or \
                 "no significant difference from dense at any L"
-            lines.append(f"- {task}, {name}: {verdict}; paired difference per L: {per_L} (one test per length, "
-                         f"uncorrected).")
-            ratios = {L: mean_ci95([t / d for t, d in zip(by_L[L][name]["avg_time_per_step"]["per_seed"],
-                                                         by_L[L]["dense"]["avg_time_per_step"]["per_seed"])])
-                      for L in lengths}
+            lines.append(f"- {task}, {name}: {verdict}; paired difference per L: {per_L}.")
+            ratios = {L: by_L[L][name]["time_ratio_vs_dense"] for L in lengths}
             faster = [L for L in lengths if ratios[L]["ci95"][1] is not None and ratios[L]["ci95"][1] < 1]
             lines.append("  time per step / dense's (per-seed ratio): "
                          + ", ".join(f"L={L} {fmt_ci(ratios[L], 2)}" for L in lengths)
@@ -381,22 +398,16 @@ def adaptive_sparsity_tables(summary: dict, models: list[str]) -> str:
 
 def adaptive_sparsity_significance(summary: dict) -> str:
     """The paired tests of adaptive vs the best fixed share and vs matched, Holm-corrected, as a table + count."""
-    sig = summary["significance"]
-    if not sig["tests"]:
-        return "No significance test (no adaptive model in this run)."
-    rows = [[t["L"], f"{t['vs']} ({t['rival']})", fmt_ci(t["delta_val_loss"]),
-             "n/a" if t["p"] is None else f"{t['p']:.3g}", "n/a" if t["p_holm"] is None else f"{t['p_holm']:.3g}",
-             t["verdict"]] for t in sig["tests"]]
-    head = (f"{sig['n_tests']} paired t-test(s) of adaptive's per-seed val loss against its rival, Holm-Bonferroni "
-            f"corrected across all of them, family-wise alpha = {sig['alpha']}."
-            if sig["n_tests"] else "One seed: the comparisons cannot be tested (run more seeds).")
-    return head + "\n\n" + markdown_table(["L", "adaptive vs", "Δ val loss (adaptive − rival)", "p", "p (Holm)",
-                                           "verdict"], rows)
+    return significance_text(summary["significance"], "adaptive's per-seed val loss against its rival")
 
 
 def _paired_ratio(a: dict, b: dict) -> dict:
     """mean ± CI of the per-seed ratio a/b of two mean_ci95 stats over the same seeds."""
     return mean_ci95([x / y for x, y in zip(a["per_seed"], b["per_seed"])])
+
+
+def _adaptive(verdict: str) -> str:
+    return f"adaptive {verdict}" if verdict in ("better", "worse") else verdict
 
 
 def adaptive_sparsity_findings(summary: dict) -> list[str]:
@@ -419,16 +430,16 @@ def adaptive_sparsity_findings(summary: dict) -> list[str]:
             ratio = _paired_ratio(a["avg_time_per_step"], m["avg_time_per_step"])
             parts.append(f"Budget matching: matched kept {fmt_ci(m['k_mean'], 1)} keys/query (share "
                          f"{fmt_ci(m['fraction'])}). At that budget adaptive − matched val loss = "
-                         f"{fmt_ci(a['delta_val_loss_vs_matched'])} ({t['verdict'] if t else 'not tested'}); "
+                         f"{fmt_ci(a['delta_val_loss_vs_matched'])} ({_adaptive(t['verdict']) if t else 'not tested'}); "
                          f"time per step adaptive / matched = {fmt_ci(ratio, 2)}.")
-            quality_win = bool(t) and t["verdict"] == "adaptive better"
-            quality = t["verdict"] if t else quality
+            quality_win = bool(t) and t["verdict"] == "better"
+            quality = _adaptive(t["verdict"]) if t else quality
         if (int(L), "best_fixed") in tests:
             t = tests[(int(L), "best_fixed")]
             best = entry[t["rival"]]
             ratio = _paired_ratio(a["avg_time_per_step"], best["avg_time_per_step"])
             parts.append(f"Against the best fixed share ({t['rival']}, {fmt_ci(best['k_mean'], 1)} keys/query): "
-                         f"Δ val loss {fmt_ci(t['delta_val_loss'])} ({t['verdict']}), time per step ratio "
+                         f"Δ val loss {fmt_ci(t['delta'])} ({_adaptive(t['verdict'])}), time per step ratio "
                          f"{fmt_ci(ratio, 2)}.")
             speed_win = ratio["ci95"][1] is not None and ratio["ci95"][1] < 1
             speed = "faster" if speed_win else "not faster (paired 95 % CI of the time ratio reaches 1 or above)"

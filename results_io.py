@@ -92,10 +92,31 @@ def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
     return adjusted
 
 
+ALPHA = 0.05  # family-wise significance level of every report's paired tests
+
+
+def paired_tests(differences: Mapping, alpha: float = ALPHA) -> dict:
+    """One family of paired comparisons {name: per-seed differences} -> {name: {'p', 'p_holm', 'significant'}}:
+    a paired t-test each, Holm-corrected across the testable ones (>= 2 finite differences); an untestable one
+    gets None for all three."""
+    raw = {name: paired_t_pvalue(list(diffs)) for name, diffs in differences.items()}
+    adjusted = holm({name: p for name, p in raw.items() if p is not None})
+    return {name: {"p": raw[name], "p_holm": adjusted.get(name),
+                   "significant": None if raw[name] is None else adjusted[name] < alpha} for name in differences}
+
+
 # ----------------------------------------------------------------------------- fingerprints
 def fingerprint(obj) -> str:
     """16 hex digits identifying a JSON-able config (dict keys sorted; Paths etc. via str)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_fingerprint(device, dtype: str = "fp32") -> dict:
+    """What a run's numbers depend on beyond its config, and part of every run's config fingerprint (so resumed
+    runs are never paired across machines or precisions): the resolved device, its name, torch, the dtype."""
+    import torch
+    return {"device": str(torch.device(device)), "device_name": device_name(device), "torch": torch.__version__,
+            "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------- self-logging
@@ -111,15 +132,21 @@ def run_environment(device=None) -> dict:
     except metadata.PackageNotFoundError:
         triton = None
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
     commit, dirty = _git_state()
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
-            "cuda": torch.version.cuda, "device": None if device is None else str(device), "device_name": name,
+            "cuda": torch.version.cuda, "device": None if device is None else str(device),
+            "device_name": device_name(device),
             "git_commit": commit, "git_dirty": dirty, "command_line": list(sys.argv),
             "world_size": distributed.world_size()}
+
+
+def device_name(device=None) -> str:
+    """The CUDA device's name, else the CPU's (platform.processor(), or the machine type)."""
+    import torch
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def _git_state() -> tuple[str | None, bool | None]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import reports
-from results_io import OneLineArgumentParser, atomic_write_json, atomic_write_text, run_cli
+from results_io import OneLineArgumentParser, run_cli
 from variants import BASELINE, CATEGORIES, QUESTIONS, QUICK_SUBSET
 
 MODES = {
@@ -66,8 +66,9 @@ def main(argv=None) -> int:
 
 def run(args) -> None:
     import ablations
-    import plots
+    import experiment
     from config import build_configs
+    from train import pick_device
     mode = MODES[args.mode]
     overrides = {"seq_lens": args.seq_lens or mode["seq_lens"], "seeds": args.seeds or mode["seeds"],
                  "out": args.out, **mode["overrides"]}
@@ -81,22 +82,25 @@ def run(args) -> None:
     t0 = time.perf_counter()
     records = ablations.run_variants(variants, model_cfg, train_cfg, data_cfg, exp_cfg, out, args.overwrite,
                                      category_of)
-    summary = ablations.aggregate(records)
-    atomic_write_json(out / "summary.json", {"mode": args.mode, "questions": questions, "seeds": exp_cfg.seeds,
-                                             "sequence_lengths": exp_cfg.seq_lens, "results": summary})
-    names_by_question = {}
-    for q in questions:
-        category = QUESTIONS[q]
-        names = ["baseline"] + [n for n, c in category_of.items() if c == category]
-        names_by_question[q] = (category, names)
-        plots.speed_quality_tradeoffs(summary, names, exp_cfg.seq_lens, reports.pareto_front,
-                                      out / f"pareto_{category}.png", f"{category}: speed vs quality")
-    plots.scaling_analysis(summary, list(variants), exp_cfg.seq_lens, out / "speed_memory_profile.png")
-    atomic_write_text(out / "REPORT.md", reports.ablations_report(args.mode, summary, names_by_question, len(variants),
-                                                                  exp_cfg.seq_lens, exp_cfg.seeds,
-                                                                  dataclasses.asdict(train_cfg)))
-    print(f"{len(records)} runs ({len(variants)} variants) in {time.perf_counter() - t0:.0f} s; "
-          f"wrote {out}/REPORT.md, summary.json, pareto_*.png, speed_memory_profile.png")
+    names_by_question = {q: (QUESTIONS[q], ["baseline"] + [n for n, c in category_of.items() if c == QUESTIONS[q]])
+                         for q in questions}
+    summary = {**experiment.summary_head("ablations", dataclasses.asdict(train_cfg), exp_cfg.seeds,
+                                         pick_device(train_cfg.device), t0),
+               "mode": args.mode, "questions": questions, "sequence_lengths": exp_cfg.seq_lens,
+               "results": ablations.aggregate(records)}
+
+    def figures(summary_json):
+        import plots
+        results = summary_json["results"]
+        for category, names in names_by_question.values():
+            plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,
+                                          out / f"pareto_{category}.png", f"{category}: speed vs quality")
+        plots.scaling_analysis(results, list(variants), exp_cfg.seq_lens, out / "speed_memory_profile.png")
+        return [f"pareto_{category}.png" for category, _ in names_by_question.values()] + ["speed_memory_profile.png"]
+    experiment.finish(out, summary, figures,
+                      lambda s: reports.ablations_report(args.mode, s["results"], names_by_question, len(variants),
+                                                         exp_cfg.seq_lens, exp_cfg.seeds, dataclasses.asdict(train_cfg)),
+                      lambda s: f"{len(records)} runs ({len(variants)} variants) in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

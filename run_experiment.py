@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
 
+import experiment
 import reports
-from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
-                        mean_ci95, read_json, run_cli, run_environment)
+from results_io import OneLineArgumentParser, atomic_write_json, mean_ci95, run_cli
 from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
@@ -89,115 +88,112 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
 
 
+SWEEP_METRICS = ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step", "tokens_per_s",
+                 "model_flops_utilization", "attention_time_share", "peak_memory_mb", "process_peak_rss_mb"]
+METRICS = {"classic": SWEEP_METRICS,
+           "sparse": [*SWEEP_METRICS, "indexer_time_share", "indexer_recall", "random_recall", "local_recall",
+                      "warmup_indexer_recall", "warmup_random_recall", "warmup_local_recall"]}
+
+
 def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool, run=None) -> dict:
     """The sequence-length sweep: classic vs sparse per L and seed; writes every result file. `run`
     (train.Execution): precision, compile and resume checkpoints (OUT/seq_<L>/resume/seed_<S>/)."""
     from tqdm.auto import tqdm
 
     import distributed
-    import plots
     from config import config_for_length
-    from data import build_windows, load_corpus
-    from sparse_attention import kept_pair_fraction
-    from train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device, run_seed
+    from data import build_windows
+    from train import run_seed
 
-    run = run or Execution()
-    device = pick_device(train_cfg.device)
-    check_backend_device(model_cfg.attention_backend, device)
-    run.validate(device)
-    distributed.check_batch(train_cfg.batch_size)
+    device, run = experiment.prepare(train_cfg.device, run, [model_cfg.attention_backend], [train_cfg.batch_size])
     out = Path(exp_cfg.out)
-    check_experiment(out, "sparse_vs_classic")
-    with distributed.main_first():  # rank 0 builds the tokenizer and token caches, the others read them
-        corpus = load_corpus(data_cfg)
-    print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
-          f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
-          f"vocab {corpus.tokenizer.vocab_size}; device {device}", flush=True)
-    configs = {}
+    experiment.check_experiment(out, "sparse_vs_classic")
+    corpus = load_corpus_once(data_cfg, device)
+    models, configs, keys = {}, {}, {}
     for L in exp_cfg.seq_lens:
-        m, d = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
-        configs[L] = {"model": dataclasses.asdict(m), "train": dataclasses.asdict(train_cfg),
-                      "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"},
-                      "corpus": {k: v for k, v in corpus.describe().items()}}
-        if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
-            configs[L]["dtype"] = run.dtype
-    with distributed.main_first():  # rank 0 clears stale runs before the others look
-        check_existing(out, configs, overwrite)
-
+        models[L], d = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
+        configs[L], keys[L] = experiment.config_key(
+            {"model": dataclasses.asdict(models[L]),
+             "train": dataclasses.asdict(train_cfg), "corpus": corpus.describe(),
+             "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"}}, device, run)
+    experiment.clear_stale(out, {record: keys[L] for L in exp_cfg.seq_lens
+                                 for record in sorted((out / f"seq_{L}" / "runs").glob("seed_*.json"))},
+                           overwrite, folder_of=lambda record: record.parent.parent)  # seq_<L>: runs, checkpoints
     started = time.perf_counter()
     per_length: dict[int, dict[int, dict]] = {}
     jobs = [(L, s) for L in exp_cfg.seq_lens for s in exp_cfg.seeds]
     for L, seed in tqdm(jobs, desc="sweep (length, seed)", disable=len(jobs) == 1):
-        record_path = out / f"seq_{L}" / "runs" / f"seed_{seed}.json"
-        key = fingerprint(configs[L])
-        if record_path.exists():
-            record = read_json(record_path)
-            print(f"L={L} seed={seed}: finished run read back from {record_path}", flush=True)
-        else:
-            m, _ = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
-            windows = build_windows(corpus, L)
-            t0 = time.perf_counter()
-            this_run = checkpointed(run, out / f"seq_{L}" / "resume" / f"seed_{seed}", key, overwrite)
-            results = run_seed(m, windows, train_cfg, seed, device, checkpoint_dir=out / f"seq_{L}" / "checkpoints",
+        def compute(this_run, L=L, seed=seed):
+            results = run_seed(models[L], build_windows(corpus, L),
+                               train_cfg, seed, device, checkpoint_dir=out / f"seq_{L}" / "checkpoints",
                                extra={"tokenizer": corpus.tokenizer.spec()}, run=this_run)
-            record = {"config_fingerprint": key, "seed": seed, "sequence_length": L,
-                      "wall_time_s": time.perf_counter() - t0, "config": configs[L],
-                      "environment": run_environment(device), "results": results}
-            atomic_write_json(record_path, record)
-            discard_checkpoints(this_run)
+            return {"results": results}
+        record = experiment.run_record(out / f"seq_{L}" / "runs" / f"seed_{seed}.json", keys[L],
+                                       {"seed": seed, "sequence_length": L}, compute, run,
+                                       out / f"seq_{L}" / "resume" / f"seed_{seed}", overwrite, configs[L], device)
         per_length.setdefault(L, {})[seed] = record["results"]
     if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
         return {}
-
-    summary = {"experiment": "sparse_vs_classic", "config": configs[max(exp_cfg.seq_lens)],
-               "seeds": list(exp_cfg.seeds), "sequence_lengths": list(exp_cfg.seq_lens),
-               "environment": run_environment(device), "wall_time_s": time.perf_counter() - started, "results": {}}
-    metrics = {"classic": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
-                           "tokens_per_s", "model_flops_utilization", "attention_time_share", "peak_memory_mb",
-                           "process_peak_rss_mb"],
-               "sparse": ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step",
-                          "tokens_per_s", "model_flops_utilization", "attention_time_share", "peak_memory_mb",
-                          "process_peak_rss_mb", "indexer_time_share",
-                          "indexer_recall",
-                          "random_recall", "local_recall", "warmup_indexer_recall", "warmup_random_recall",
-                          "warmup_local_recall"]}
-    for L, by_seed in per_length.items():
-        entry = {}
-        for model in ("classic", "sparse"):
-            finals = [by_seed[s][model]["final"] for s in exp_cfg.seeds]
-            for seed, final in zip(exp_cfg.seeds, finals):
-                missing = [m for m in metrics[model] if m.removeprefix("final_") not in final]
-                if missing:  # a record from an older dsa-lab: same config, fewer metrics
-                    raise ValueError(f"{out / f'seq_{L}' / 'runs' / f'seed_{seed}.json'} was written by an older "
-                                     f"version (no {model} {missing[0]!r}); delete {out / f'seq_{L}'} to redo "
-                                     f"those runs, or use another --out")
-            entry[model] = {m: mean_ci95([f[m.removeprefix("final_")] for f in finals]) for m in metrics[model]}
-            runs = [{"seed": s, **by_seed[s][model]["curves"], "final": by_seed[s][model]["final"]}
-                    for s in exp_cfg.seeds]
-            file = {"model": model, "sequence_length": L, "config": configs[L], "runs": runs,
-                    "final": {m: entry[model][m] for m in metrics[model]}}
-            if model == "sparse":
-                file["warmup"] = [{"seed": s, **by_seed[s]["sparse"]["warmup"]} for s in exp_cfg.seeds]
-            else:
-                file["dense_pretraining"] = [{"seed": s, **(by_seed[s]["pretrain"] or {})} for s in exp_cfg.seeds]
-            atomic_write_json(out / f"seq_{L}" / f"{model}_results.json", file)
-        k = configs[L]["model"]["sparse_top_k"]
-        entry["sparse"]["delta_val_loss_vs_classic"] = mean_ci95(  # paired by seed: the shared branch point
-            [by_seed[s]["sparse"]["final"]["val_loss"] - by_seed[s]["classic"]["final"]["val_loss"]
-             for s in exp_cfg.seeds])
-        summary["results"][str(L)] = {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry}
-    atomic_write_json(out / "summary.json", summary)
     L_max = max(exp_cfg.seq_lens)
+    summary = {**experiment.summary_head("sparse_vs_classic", configs[L_max], list(exp_cfg.seeds), device, started),
+               "sequence_lengths": list(exp_cfg.seq_lens),
+               "results": {str(L): sweep_entry(out, L, by_seed, configs[L], exp_cfg.seeds)
+                           for L, by_seed in per_length.items()}}
+    summary["significance"] = experiment.significance([
+        {"L": L, "model": "sparse", "vs": "classic", "metric": "val_loss", "lower_is_better": True,
+         "differences": summary["results"][str(L)]["sparse"]["delta_val_loss_vs_classic"]["per_seed"]}
+        for L in exp_cfg.seq_lens])
     curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],
                    "val_loss": per_length[L_max][s][m]["curves"]["val_loss"]} for s in exp_cfg.seeds]
               for m in ("classic", "sparse")}
-    summary_json = read_json(out / "summary.json")  # None-cleaned copy for plotting
-    plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
-    table = reports.sweep_table(summary_json)
-    atomic_write_text(out / "REPORT.md", reports.sweep_report(summary_json, table))
-    print("\n" + table)
-    print(f"\nwrote {out}/summary.json, {out}/sequence_length_comparison.png, {out}/REPORT.md")
-    return summary_json
+
+    def figures(summary_json):
+        import plots
+        plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
+        return ["sequence_length_comparison.png"]
+    return experiment.finish(out, summary, figures, lambda s: reports.sweep_report(s, reports.sweep_table(s)),
+                             reports.sweep_table)
+
+
+def load_corpus_once(data_cfg, device):
+    """The corpus (rank 0 builds the tokenizer and token caches, the others read them), described in one line."""
+    import distributed
+    from data import load_corpus
+    with distributed.main_first():
+        corpus = load_corpus(data_cfg)
+    print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
+          f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
+          f"vocab {corpus.tokenizer.vocab_size}; device {device}", flush=True)
+    return corpus
+
+
+def sweep_entry(out: Path, L: int, by_seed: dict, config: dict, seeds: list[int]) -> dict:
+    """One length of the sweep: each model's metrics (mean ± CI over seeds; also written to
+    seq_<L>/<model>_results.json with the curves), the sparse model's paired differences vs classic."""
+    from sparse_attention import kept_pair_fraction
+    entry = {}
+    for model in ("classic", "sparse"):
+        finals = [by_seed[s][model]["final"] for s in seeds]
+        for seed, final in zip(seeds, finals):
+            missing = [m for m in METRICS[model] if m.removeprefix("final_") not in final]
+            if missing:  # a record from an older dsa-lab: same config, fewer metrics
+                raise ValueError(f"{out / f'seq_{L}' / 'runs' / f'seed_{seed}.json'} was written by an older "
+                                 f"version (no {model} {missing[0]!r}); delete {out / f'seq_{L}'} to redo "
+                                 f"those runs, or use another --out")
+        entry[model] = {m: mean_ci95([f[m.removeprefix("final_")] for f in finals]) for m in METRICS[model]}
+        file = {"model": model, "sequence_length": L, "config": config,
+                "runs": [{"seed": s, **by_seed[s][model]["curves"], "final": by_seed[s][model]["final"]} for s in seeds],
+                "final": dict(entry[model])}
+        if model == "sparse":
+            file["warmup"] = [{"seed": s, **by_seed[s]["sparse"]["warmup"]} for s in seeds]
+        else:
+            file["dense_pretraining"] = [{"seed": s, **(by_seed[s]["pretrain"] or {})} for s in seeds]
+        atomic_write_json(out / f"seq_{L}" / f"{model}_results.json", file)
+    entry["sparse"].update(experiment.paired_differences(  # paired by seed: the shared branch point
+        [by_seed[s]["sparse"]["final"] for s in seeds], [by_seed[s]["classic"]["final"] for s in seeds], "classic",
+        metrics=("val_loss", "val_accuracy")))
+    k = config["model"]["sparse_top_k"]
+    return {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry}
 
 
 def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,
@@ -205,41 +201,37 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
     import ablations
     import distributed
-    import plots
     from train import pick_device
 
     unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
         raise ValueError(f"unknown --optimization {unknown}; choose from {', '.join(OPTIMIZATIONS)}")
     if "baseline" not in names:
-        names = ["baseline", *names]  # speed-ups are relative to it
+        names = ["baseline", *names]  # time ratios and differences are relative to it
     out = Path(exp_cfg.out)
-    check_experiment(out, "indexer_optimization")
+    experiment.check_experiment(out, "indexer_optimization")
     started = time.perf_counter()
     records = ablations.run_variants({n: OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg, exp_cfg,
                                      out, overwrite, run=run)
     if not distributed.is_main():
         return {}
-    by_name = ablations.aggregate(records)
-    summary = {"experiment": "indexer_optimization", "seeds": list(exp_cfg.seeds),
-               "environment": run_environment(pick_device(train_cfg.device)),
-               "wall_time_s": time.perf_counter() - started,
-               "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names,
-               "config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
-                          "data": dataclasses.asdict(data_cfg)},
-               "results": by_name}
-    atomic_write_json(out / "summary.json", summary)
-    summary = read_json(out / "summary.json")
+    config = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
+              "data": dataclasses.asdict(data_cfg)}
+    summary = {**experiment.summary_head("indexer_optimization", config, list(exp_cfg.seeds),
+                                         pick_device(train_cfg.device), started),
+               "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names, "results": ablations.aggregate(records)}
     L_max = max(exp_cfg.seq_lens)
-    plots.optimization_comparison(summary["results"], names, L_max, out / "optimization_comparison.png")
-    plots.speed_quality_tradeoffs(summary["results"], names, exp_cfg.seq_lens, reports.pareto_front,
-                                  out / "speed_quality_tradeoffs.png", "Indexer strategies: speed vs quality")
-    plots.scaling_analysis(summary["results"], names, exp_cfg.seq_lens, out / "scaling_analysis.png")
-    atomic_write_text(out / "REPORT.md", reports.optimization_report(summary))
-    print("\n" + reports.results_table(summary["results"], names, L_max))
-    print(f"\nwrote {out}/summary.json, optimization_comparison.png, speed_quality_tradeoffs.png, "
-          f"scaling_analysis.png, REPORT.md")
-    return summary
+
+    def figures(summary_json):
+        import plots
+        results = summary_json["results"]
+        plots.optimization_comparison(results, names, L_max, out / "optimization_comparison.png")
+        plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,
+                                      out / "speed_quality_tradeoffs.png", "Indexer strategies: speed vs quality")
+        plots.scaling_analysis(results, names, exp_cfg.seq_lens, out / "scaling_analysis.png")
+        return ["optimization_comparison.png", "speed_quality_tradeoffs.png", "scaling_analysis.png"]
+    return experiment.finish(out, summary, figures, reports.optimization_report,
+                             lambda s: reports.results_table(s["results"], names, L_max))
 
 
 def run_init_from_hf(args, overrides: dict) -> dict:
@@ -271,26 +263,48 @@ def run_init_from_hf(args, overrides: dict) -> dict:
     return report
 
 
-def check_experiment(out: Path, experiment: str) -> None:
-    """Refuse to write one experiment's results over another's in the same folder."""
-    summary = out / "summary.json"
-    if summary.exists():
-        found = read_json(summary, fix="delete it (summary.json is rebuilt from the finished runs)").get("experiment")
-        if found != experiment:
-            raise ValueError(f"{out} holds results of experiment {found!r}; give --experiment {experiment} "
-                             f"its own --out folder")
+# CLI flags that only some experiments read: any other experiment refuses them in one line (never ignores them)
+FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adaptive_sparsity"),
+                    "optimization": ("indexer_optimization",),
+                    "top_k_ratio": ("sparse_vs_classic", "indexer_optimization"),
+                    "top_k": ("sparse_vs_classic", "indexer_optimization", "long_context")}
 
 
-def check_existing(out: Path, configs: dict, overwrite: bool) -> None:
-    """Refuse to mix runs made with another config into `out` (or clear them with --overwrite; their
-    folders hold their resume checkpoints too)."""
-    expected = {}
-    for L, cfg in configs.items():
-        key = fingerprint(cfg)
-        expected.update({record: key for record in sorted((out / f"seq_{L}" / "runs").glob("seed_*.json"))})
-    stale = check_stale(out, expected, overwrite)
-    for folder in {record.parent.parent for record in stale}:
-        shutil.rmtree(folder)  # the whole seq_<L> folder: its runs, checkpoints and files
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse a flag the chosen experiment does not use, naming the experiments it applies to."""
+    for attr, experiments in FLAG_EXPERIMENTS.items():
+        if getattr(args, attr) is not None and args.experiment not in experiments:
+            raise ValueError(f"--{attr.replace('_', '-')} applies to --experiment {' / '.join(experiments)}, not "
+                             f"{args.experiment}; leave it out")
+
+
+def dispatch(args: argparse.Namespace, overrides: dict) -> None:
+    """Run the chosen experiment with `overrides` (CONFIG, then the CLI flags)."""
+    from config import build_configs
+    if args.experiment == "long_context":
+        import long_context
+        out = Path(overrides.pop("out", "results/long_context"))
+        experiment.check_experiment(out, "long_context")
+        long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
+                                      args.models or list(long_context.DEFAULT_MODELS), overrides, out, args.overwrite,
+                                      run=execution(args))
+        return
+    if args.experiment == "adaptive_sparsity":
+        import adaptive_sparsity
+        out = Path(overrides.pop("out", f"results/adaptive_sparsity/{overrides.get('attention_type', 'mha')}"))
+        experiment.check_experiment(out, "adaptive_sparsity")
+        adaptive_sparsity.run_adaptive_sparsity(args.preset, args.models or list(adaptive_sparsity.MODELS), overrides,
+                                                out, args.overwrite, run=execution(args))
+        return
+    if args.experiment == "indexer_optimization":
+        overrides.setdefault("seq_lens", OPTIMIZATION_SEQ_LENS)
+        overrides.setdefault("out", "results/indexer_optimization")
+    model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
+    if args.experiment == "indexer_optimization":
+        names = expand_optimizations(args.optimization) if args.optimization else list(DEFAULT_OPTIMIZATIONS)
+        run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite, run=execution(args))
+    else:
+        run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite, run=execution(args))
 
 
 def main(argv=None) -> int:
@@ -298,8 +312,8 @@ def main(argv=None) -> int:
 
     def job():
         import distributed
-        from config import build_configs
         overrides = {**CONFIG, **cli_overrides(args)}
+        check_flags(args)
         if distributed.init_from_env(overrides.get("device", "auto")) > 1 and args.init_from_hf:
             raise ValueError("--init-from-hf runs in one process; start it without torchrun")
         if args.init_from_hf:
@@ -310,36 +324,8 @@ def main(argv=None) -> int:
             return
         if args.export_hf:
             raise ValueError("--export-hf needs --init-from-hf (the model to export)")
-        if args.experiment == "long_context":
-            import long_context
-            t0 = time.perf_counter()
-            out = Path(overrides.pop("out", "results/long_context"))
-            check_experiment(out, "long_context")
-            long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
-                                          args.models or list(long_context.DEFAULT_MODELS), overrides, out,
-                                          args.overwrite, run=execution(args))
-            print(f"wall time {time.perf_counter() - t0:.0f} s")
-            return
-        if args.experiment == "adaptive_sparsity":
-            import adaptive_sparsity
-            t0 = time.perf_counter()
-            out = Path(overrides.pop("out", f"results/adaptive_sparsity/{overrides.get('attention_type', 'mha')}"))
-            check_experiment(out, "adaptive_sparsity")
-            adaptive_sparsity.run_adaptive_sparsity(args.preset, args.models or list(adaptive_sparsity.MODELS),
-                                                    overrides, out, args.overwrite, run=execution(args))
-            print(f"wall time {time.perf_counter() - t0:.0f} s")
-            return
-        if args.experiment == "indexer_optimization":
-            overrides.setdefault("seq_lens", OPTIMIZATION_SEQ_LENS)
-            overrides.setdefault("out", "results/indexer_optimization")
-        model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
         t0 = time.perf_counter()
-        if args.experiment == "indexer_optimization":
-            names = expand_optimizations(args.optimization) if args.optimization else list(DEFAULT_OPTIMIZATIONS)
-            run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite,
-                                     run=execution(args))
-        else:
-            run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite, run=execution(args))
+        dispatch(args, overrides)
         print(f"wall time {time.perf_counter() - t0:.0f} s")
     import distributed
     from train import TrainingDiverged

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import distributed
 from config import ModelConfig, TrainConfig
-from data import BatchStream, Windows, eval_subset
+from data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
 from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
 from results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
@@ -117,13 +117,6 @@ def discard_checkpoints(run: Execution) -> None:
         shutil.rmtree(run.folder, ignore_errors=True)
         with contextlib.suppress(OSError):
             run.folder.parent.rmdir()  # the resume/ folder, once no run holds checkpoints in it
-
-
-def build_model_pair(cfg: ModelConfig, seed: int, device: torch.device):
-    """Classic and sparse models with identical shared weights (only the indexers are extra)."""
-    torch.manual_seed(seed)
-    classic = ClassicAttentionMoELLM(cfg)
-    return classic.to(device), sparse_from_state(cfg, classic.state_dict(), seed).to(device)
 
 
 def classic_from_state(cfg: ModelConfig, state: dict, seed: int, build=ClassicAttentionMoELLM):
@@ -304,29 +297,12 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     saved = _resume_point(run, model, stream) if run.folder is not None and run.resume else None
     if saved is not None and saved.get("result") is not None:  # the stage finished before the interruption
         return saved["result"]
-    before = None
-    if saved is None and stage.eval_every is None:
-        before = evaluate(model, val, tcfg.batch_size, device, recall=stage.recall)
-    opt, sched = _optimizer(_param_groups(model, stage), tcfg, steps)
-    keys = ["steps", "train_loss", "val_loss", "val_accuracy", "val_perplexity", "time_per_step"]
-    keys += ["indexer_kl"] if stage.mode.indexer_loss else []
-    keys += ["indexer_recall", "random_recall", "local_recall", "mean_selected_keys"] if stage.recall else []
-    log = {"curves": {k: [] for k in keys}, "before": before,
-           "step_loss": [], "step_time": [], "step_kl": [],  # one entry per step (step_time NaN at profiled steps)
-           "forward_time": [],  # forward seconds of each profiled step
-           "load_sum": 0.0,  # (layers, experts): share of routed slots, summed over steps
-           "timer": {}}
-    first = 0
-    if saved is not None:  # mid-stage: the optimizer, schedule and log as they were after step saved["step"]
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        log, first = saved["log"], saved["step"]
-    curves, step_loss, step_time, step_kl = log["curves"], log["step_loss"], log["step_time"], log["step_kl"]
+    opt, sched, log, first = _stage_start(model, stage, val, tcfg, device, saved)
     timer = SectionTimer(cuda=device.type == "cuda")
     timer.totals = log["timer"]
     profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
     profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
-    world, seq_len = distributed.world_size(), 0
+    seq_len = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if stage.lm_loss:
@@ -335,39 +311,11 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
         net = _wrap(model, device, run)
         for step in tqdm(range(first, steps), desc=desc, leave=False, initial=first, total=steps,
                          disable=steps == 0 or not distributed.is_main()):
-            inputs, targets = (distributed.shard(t).to(device) for t in stream.next())
-            seq_len = inputs.shape[1]
-            mode = dataclasses.replace(stage.mode, timer=timer if step in profile else None)
-            if stage.mode.sparse:  # progressive-k schedules follow the sparse stage
-                model.set_training_progress(step / steps)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with _autocast(device, run.dtype):
-                logits, aux = net(inputs, mode, return_aux=True)
-            if step in profile:  # the span the timer's sections lie in: this forward
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                log["forward_time"].append(time.perf_counter() - start)
-            loss = torch.zeros((), device=device)
-            if stage.lm_loss:
-                lm_loss, lm_logged = _lm_loss(logits, targets, world)
-                loss = lm_loss + aux.balance_loss
-                step_loss.append(lm_logged.item())
-            if stage.mode.indexer_loss:
-                kl = aux.indexer_loss  # touches indexer params only (detached input and targets)
-                loss = loss + kl
-                step_kl.append(_rank_mean(kl).item())
-            _update(loss, opt, sched, tcfg.grad_clip, desc, step, _rank_mean(loss) if world > 1 else None)
-            if stage.trains == "all":
-                _sum_expert_loads(model)
-                log["load_sum"] = log["load_sum"] + torch.tensor(model.update_balance_bias())
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
-            step_time.append(math.nan if step in profile else time.perf_counter() - start)
+            seq_len = _train_step(net, model, stage, stream.next(), opt, sched, tcfg, device, run, log,
+                                  timer if step in profile else None, step, desc)
             if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
-                _log_eval(curves, model, val, tcfg, device, stage, step + 1, step_loss, step_time, step_kl)
+                _log_eval(log["curves"], model, val, tcfg, device, stage, step + 1, log["step_loss"], log["step_time"],
+                          log["step_kl"])
             if run.folder is not None and run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 \
                     and step + 1 < steps:
                 _save_step(run, step + 1, model, opt, sched, stream, log)
@@ -375,12 +323,84 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
         for block in model.blocks:
             block.ffn.load_counts.zero_()
     if stage.eval_every is None:
-        _log_eval(curves, model, val, tcfg, device, stage, steps, step_loss, step_time, step_kl)
-    # time shares: attention / indexer forward sections over the forward time of the same profiled steps
-    forward_time, load_sum = log["forward_time"], log["load_sum"]
+        _log_eval(log["curves"], model, val, tcfg, device, stage, steps, log["step_loss"], log["step_time"],
+                  log["step_kl"])
+    result = {"curves": log["curves"], "final": _final_metrics(model, stage, log, timer, profile, tcfg, seq_len, device),
+              "before": log["before"], "step_indexer_kl": log["step_kl"]}
+    if run.folder is not None and run.checkpoint_every:
+        _save_finished(run, model, stream, result)
+    return result
+
+
+def _stage_start(model, stage: Stage, val, tcfg: TrainConfig, device: torch.device, saved: dict | None):
+    """-> (optimizer, schedule, log, first step): fresh (after the `before` evaluation of a stage that evaluates
+    only at its ends), or as they were at the mid-stage checkpoint `saved`."""
+    before = None
+    if saved is None and stage.eval_every is None:
+        before = evaluate(model, val, tcfg.batch_size, device, recall=stage.recall)
+    opt, sched = _optimizer(_param_groups(model, stage), tcfg, stage.steps)
+    keys = ["steps", "train_loss", "val_loss", "val_accuracy", "val_perplexity", "time_per_step"]
+    keys += ["indexer_kl"] if stage.mode.indexer_loss else []
+    keys += ["indexer_recall", "random_recall", "local_recall", "mean_selected_keys"] if stage.recall else []
+    log = {"curves": {k: [] for k in keys}, "before": before,
+           "step_loss": [], "step_time": [], "step_kl": [],  # one entry per step (step_time NaN at profiled steps)
+           "forward_time": [],  # forward seconds of each profiled step
+           "load_sum": 0.0,  # (layers, experts): share of routed slots, summed over steps
+           "timer": {}}
+    if saved is None:
+        return opt, sched, log, 0
+    opt.load_state_dict(saved["optimizer"])  # mid-stage: as they were after step saved["step"]
+    sched.load_state_dict(saved["scheduler"])
+    return opt, sched, saved["log"], saved["step"]
+
+
+def _train_step(net, model, stage: Stage, batch, opt, sched, tcfg: TrainConfig, device: torch.device, run: Execution,
+                log: dict, timer: SectionTimer | None, step: int, desc: str) -> int:
+    """One training step on `batch` (the stage's losses, the update, the MoE balance), logged into `log`; `timer`
+    set on a profiled step (its sections are timed and its step time kept out of the figures). -> the length L."""
+    world = distributed.world_size()
+    inputs, targets = (distributed.shard(t).to(device) for t in batch)
+    mode = dataclasses.replace(stage.mode, timer=timer)
+    if stage.mode.sparse:  # progressive-k schedules follow the sparse stage
+        model.set_training_progress(step / stage.steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with _autocast(device, run.dtype):
+        logits, aux = net(inputs, mode, return_aux=True)
+    if timer is not None:  # the span the timer's sections lie in: this forward
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        log["forward_time"].append(time.perf_counter() - start)
+    loss = torch.zeros((), device=device)
+    if stage.lm_loss:
+        lm_loss, lm_logged = _lm_loss(logits, targets, world)
+        loss = lm_loss + aux.balance_loss
+        log["step_loss"].append(lm_logged.item())
+    if stage.mode.indexer_loss:
+        kl = aux.indexer_loss  # touches indexer params only (detached input and targets)
+        loss = loss + kl
+        log["step_kl"].append(_rank_mean(kl).item())
+    _update(loss, opt, sched, tcfg.grad_clip, desc, step, _rank_mean(loss) if world > 1 else None)
+    if stage.trains == "all":
+        _sum_expert_loads(model)
+        log["load_sum"] = log["load_sum"] + torch.tensor(model.update_balance_bias())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
+    log["step_time"].append(math.nan if timer is not None else time.perf_counter() - start)
+    return inputs.shape[1]
+
+
+def _final_metrics(model, stage: Stage, log: dict, timer: SectionTimer, profile: range, tcfg: TrainConfig,
+                   seq_len: int, device: torch.device) -> dict:
+    """A finished stage's `final`: the last evaluation, mean step time, memory, time shares (attention and indexer
+    forward sections over the forward time of the same profiled steps), throughput, loss variance, expert loads."""
+    curves, steps = log["curves"], stage.steps
+    forward_time, load_sum, step_loss = log["forward_time"], log["load_sum"], log["step_loss"]
     profiled = sum(forward_time)
     final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
-    final.update(avg_time_per_step=_mean(step_time), **peak_memory(device),
+    final.update(avg_time_per_step=_mean(log["step_time"]), **peak_memory(device),
                  profiled_forward_ms=1000 * profiled / max(1, len(forward_time)),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
@@ -392,10 +412,7 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     if stage.mode.needs_indexer:
         final["indexer_time_share"] = timer.totals.get("indexer", math.nan) / profiled if profiled else math.nan
         final["indexer_ms"] = 1000 * timer.totals.get("indexer", math.nan) / max(1, len(profile))
-    result = {"curves": curves, "final": final, "before": log["before"], "step_indexer_kl": step_kl}
-    if run.folder is not None and run.checkpoint_every:
-        _save_finished(run, model, stream, result)
-    return result
+    return final
 
 
 # ----------------------------------------------------------------------------- precision, compile, DDP
@@ -600,8 +617,12 @@ def _log_eval(curves, model, val, tcfg, device, stage: Stage, step: int, step_lo
 
 def warmup_indexer(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,
                    desc: str = "warm-up", run: Execution = Execution()) -> dict:
-    """Stage 1 (warmup_stage): recall measured on the sparse model's own selection before and after."""
-    result = run_stage(model, warmup_stage(tcfg), stream, val, tcfg, device, desc, run=run)
+    """Stage 1 (warmup_stage) -> the warm-up record: recall on the sparse model's own selection before and after."""
+    return warmup_record(run_stage(model, warmup_stage(tcfg), stream, val, tcfg, device, desc, run=run))
+
+
+def warmup_record(result: dict) -> dict:
+    """The record of a warm-up stage's result: its per-step KL, recall before and after, the controls' recall."""
     after = result["final"]
     return {"indexer_kl": result["step_indexer_kl"], "recall_before": result["before"]["indexer_recall"],
             "recall_after": after["indexer_recall"], "random_recall": after["random_recall"],
@@ -652,18 +673,25 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return model.to(device).eval(), payload
 
 
-def dense_pretrain(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, device: torch.device,
-                   run: Execution = Execution()):
-    """Stage 0: the classic model from the seed's init, trained densely for `dense_steps` -> (model, record)."""
+def dense_pretrain(cfg: ModelConfig, stream, val, tcfg: TrainConfig, seed: int, device: torch.device, desc: str,
+                   run: Execution = Execution(), start: dict | None = None, name: str = "pretrain"):
+    """The branch point (stage 0): the classic model from the seed's init (or holding `start`), trained densely for
+    `dense_steps` on `stream` (the seed's STREAM_PRETRAIN) -> (model, record or None); `name`: the stage's name in
+    `run`'s checkpoints."""
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg).to(device)
+    if start is not None:
+        classic.load_state_dict(start)
     if not tcfg.dense_steps:
         return classic, None
-    record = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 3),
-                      eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
-                      desc=f"L={windows.seq_len} seed={seed} dense pre-training",
-                      stage=dense_stage(tcfg, tcfg.dense_steps), run=run.named("pretrain"))
+    record = train_lm(classic, stream, val, tcfg, device, desc=f"{desc} dense pre-training",
+                      stage=dense_stage(tcfg, tcfg.dense_steps), run=run.named(name))
     return classic, record
+
+
+def state_of(model) -> dict:
+    """A detached copy of a model's state (the branch point every compared model starts from)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int,
@@ -677,9 +705,9 @@ def train_sparse_from(branch_state: dict, cfg: ModelConfig, windows: Windows, tc
     sparse = sparse_from_state(cfg, branch_state, seed).to(device)
     val = eval_subset(windows.val, tcfg.eval_windows)
     L, bs = windows.seq_len, tcfg.batch_size
-    warmup = warmup_indexer(sparse, BatchStream(windows.train, bs, seed * 1000 + 2), val, tcfg, device,
+    warmup = warmup_indexer(sparse, BatchStream(windows.train, bs, stream_seed(seed, STREAM_WARMUP)), val, tcfg, device,
                             desc=f"L={L} seed={seed} {desc} indexer warm-up", run=run.named("warmup"))
-    result = train_lm(sparse, BatchStream(windows.train, bs, seed * 1000 + 1), val, tcfg, device,
+    result = train_lm(sparse, BatchStream(windows.train, bs, stream_seed(seed, STREAM_TRAIN)), val, tcfg, device,
                       desc=f"L={L} seed={seed} {desc}", stage=sparse_stage(tcfg), run=run.named("sparse"))
     result["warmup"] = warmup
     result["final"].update(warmup_indexer_recall=warmup["recall_after"], warmup_random_recall=warmup["random_recall"],
@@ -699,11 +727,14 @@ def run_seed(cfg: ModelConfig, windows: Windows, tcfg: TrainConfig, seed: int, d
     `run` (Execution): dtype, compile, and this run's resume checkpoints (its stages named pretrain, classic,
     warmup, sparse).
     """
-    classic, pretrain = dense_pretrain(cfg, windows, tcfg, seed, device, run=run)
-    branch_state = {k: v.detach().clone() for k, v in classic.state_dict().items()}
+    val = eval_subset(windows.val, tcfg.eval_windows)
+    classic, pretrain = dense_pretrain(cfg, BatchStream(windows.train, tcfg.batch_size,
+                                                        stream_seed(seed, STREAM_PRETRAIN)),
+                                       val, tcfg, seed, device, f"L={windows.seq_len} seed={seed}", run=run)
+    branch_state = state_of(classic)
     results = {"pretrain": pretrain}
-    results["classic"] = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, seed * 1000 + 1),
-                                  eval_subset(windows.val, tcfg.eval_windows), tcfg, device,
+    results["classic"] = train_lm(classic, BatchStream(windows.train, tcfg.batch_size, stream_seed(seed, STREAM_TRAIN)),
+                                  val, tcfg, device,
                                   desc=f"L={windows.seq_len} seed={seed} classic", run=run.named("classic"))
     sparse, results["sparse"] = train_sparse_from(branch_state, cfg, windows, tcfg, seed, device, run=run)
     if checkpoint_dir is not None:

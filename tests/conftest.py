@@ -25,3 +25,44 @@ def corpus(tmp_path_factory):
     """The embedded Shakespeare corpus with the default BPE (trained once per test session)."""
     from data import load_corpus
     return load_corpus(DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache"))))
+
+
+def model_pair(cfg: ModelConfig, seed: int, device="cpu"):
+    """Classic and sparse models with identical shared weights (only the indexers are extra), as every runner
+    builds them: the classic model after torch.manual_seed(seed), the sparse one from its state."""
+    import torch
+    from models import ClassicAttentionMoELLM
+    from train import sparse_from_state
+    torch.manual_seed(seed)
+    classic = ClassicAttentionMoELLM(cfg)
+    return classic.to(device), sparse_from_state(cfg, classic.state_dict(), seed).to(device)
+
+
+def indexer_param_count(d_model: int, heads: int, dim: int) -> int:
+    """Parameters of one indexer: q_proj d*H*d_I + k_proj d*d_I + LayerNorm 2*d_I + weights_proj d*H."""
+    return d_model * heads * dim + d_model * dim + 2 * dim + d_model * heads
+
+
+def indexer_parameter_report(model) -> dict:
+    """Indexer parameters of a SparseAttentionMoELLM and their share of all its parameters."""
+    indexer = sum(p.numel() for p in model.indexer_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    owners = sum(1 for a in model.attentions if a.indexer is not None)
+    return {"indexer_params": indexer, "total_params": total, "indexer_share": indexer / total,
+            "indexers": owners, "params_per_indexer": indexer // max(1, owners)}
+
+
+def variant_parameter_reports(base_cfg: ModelConfig, variants: dict[str, dict]) -> dict[str, dict]:
+    """{variant name: indexer_parameter_report + reduction vs base_cfg's indexer}, models built on the meta device."""
+    import dataclasses
+
+    import torch
+    from models import SparseAttentionMoELLM
+    with torch.device("meta"):
+        base = indexer_parameter_report(SparseAttentionMoELLM(base_cfg))["indexer_params"]
+        reports = {}
+        for name, overrides in variants.items():
+            report = indexer_parameter_report(SparseAttentionMoELLM(dataclasses.replace(base_cfg, **overrides)))
+            report["indexer_param_reduction"] = 1 - report["indexer_params"] / base
+            reports[name] = report
+    return reports

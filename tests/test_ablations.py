@@ -32,10 +32,10 @@ def test_indexer_optimization_writes_summary_figures_and_report(optimization):
     light = s["results"]["light"]["32"]
     for m in ("val_loss", "val_accuracy", "val_perplexity", "train_loss_variance", "avg_time_per_step", "indexer_ms",
               "peak_memory_mb", "indexer_flops_per_token", "attention_flops_per_token", "params", "indexer_params",
-              "indexer_overhead", "indexer_recall", "speedup_vs_baseline"):
+              "indexer_overhead", "indexer_recall", "time_ratio_vs_baseline"):
         assert set(light[m]) == {"mean", "ci95", "per_seed"} and len(light[m]["per_seed"]) == 2, m
     assert light["indexer_params"]["mean"] < s["results"]["baseline"]["32"]["indexer_params"]["mean"]
-    assert s["results"]["baseline"]["32"]["speedup_vs_baseline"]["mean"] == pytest.approx(1.0)
+    assert s["results"]["baseline"]["32"]["time_ratio_vs_baseline"]["mean"] == pytest.approx(1.0)
     for png in ("optimization_comparison.png", "speed_quality_tradeoffs.png", "scaling_analysis.png"):
         assert (optimization / png).stat().st_size > 10_000
     assert "Pareto front" in (optimization / "REPORT.md").read_text()
@@ -71,9 +71,8 @@ def test_ablation_records_are_resumed_not_redone(tmp_path, monkeypatch, corpus, 
     assert run_comprehensive_ablations.main(argv + ["--steps", "5"]) == 2  # a changed config is refused
     err = capsys.readouterr().err
     assert "made with a different config" in err and "--overwrite" in err
-    import ablations  # another machine (device name in the key) is a different config too: never paired
-    real_env = ablations.run_environment
-    monkeypatch.setattr(ablations, "run_environment", lambda device: {**real_env(device), "device_name": "other"})
+    import results_io  # another machine (device name in the key) is a different config too: never paired
+    monkeypatch.setattr(results_io, "device_name", lambda device=None: "other")
     assert run_comprehensive_ablations.main(argv) == 2
     assert "made with a different config" in capsys.readouterr().err
     assert (tmp_path / "abl" / "records" / "int4_minimal__L32__seed1.json").stat().st_mtime_ns == stamp
@@ -119,7 +118,7 @@ def test_aggregate_pairs_by_seed_not_by_position():
     records += [_record("v", 32, s, loss, time) for s, loss, time in ((3, 3.5, 2.0), (1, 1.5, 0.5))]  # no seed 2
     entry = ablations.aggregate(records)["v"]["32"]
     assert entry["delta_val_loss_vs_baseline"]["per_seed"] == [0.5, 0.5]  # seeds 1 and 3, each with its own
-    assert entry["speedup_vs_baseline"]["per_seed"] == [2.0, 0.5]
+    assert entry["time_ratio_vs_baseline"]["per_seed"] == [0.5, 2.0]  # variant time / the same seed's baseline time
 
 
 def _summary(deltas: dict[str, list[float]], L=64):
@@ -175,7 +174,7 @@ def test_flop_and_parameter_formulas_match_counts_from_the_modules():
     import ablations
     from config import ModelConfig
     from models import SparseAttentionMoELLM, build_indexer
-    from optimized_indexers import indexer_param_count
+    from conftest import indexer_param_count
     cfg = ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_len=16, num_experts=2,
                       expert_top_k=1, indexer_heads=3, indexer_dim=8, indexer_rope_dim=4, sparse_top_k=4)
     L, H, d = 16, cfg.indexer_heads, cfg.indexer_dim

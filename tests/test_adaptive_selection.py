@@ -31,6 +31,11 @@ def test_the_plans_selection_variants_are_configurable():
         build_k_selector("ratio_33", 8)
 
 
+def _row_k(selector, scores):
+    """The k_t (B, L) the selector's rule gives on `scores` with their future positions masked (as forward does)."""
+    return selector.row_k(scores.masked_fill(future_mask(L, L, scores.device), float("-inf")))
+
+
 @pytest.mark.parametrize("name", SELECTION_VARIANTS)
 @pytest.mark.parametrize("top_k", [1, 6, 64])
 def test_k_within_bounds_and_slots_match(name, top_k):
@@ -39,7 +44,7 @@ def test_k_within_bounds_and_slots_match(name, top_k):
     scores = _scores()
     selected_idx, valid = selector(scores)
     assert_selection_contract(selected_idx, valid)
-    row_k = selector.last_row_k
+    row_k = _row_k(selector, scores)
     t = torch.arange(L)
     assert (row_k >= 1).all() and (row_k <= t + 1).all()
     assert torch.equal(valid.sum(-1), row_k)  # exactly k_t valid slots per row
@@ -67,9 +72,10 @@ def test_top_k_per_row_takes_the_best_k_t():
 
 def test_ratio_k_is_a_share_of_the_causal_prefix():
     selector = AdaptiveKSelector(8, "ratio", ratio=0.25)
-    selector(_scores())
+    scores = _scores()
     expected = torch.ceil(0.25 * torch.arange(1, L + 1) - 1e-6).clamp_min(1).long()
-    assert torch.equal(selector.last_row_k[0], expected)
+    assert torch.equal(_row_k(selector, scores)[0], expected)
+    assert torch.equal(selector(scores)[1].sum(-1)[0], expected)  # what forward selects
 
 
 @pytest.mark.parametrize("schedule", ["linear", "exponential", "cosine"])
@@ -93,10 +99,8 @@ def test_entropy_rules_give_flat_rows_more_tokens():
     assert (h_peaked[0, 1:] < 1e-3).all()
     for strategy in ("entropy", "dynamic"):
         selector = AdaptiveKSelector(8, strategy, min_scale=0.5, max_scale=1.5)
-        selector(flat)
-        k_flat = selector.last_row_k
-        selector(peaked)
-        k_peaked = selector.last_row_k
+        k_flat = selector(flat)[1].sum(-1)  # valid slots per row: the k_t forward used
+        k_peaked = selector(peaked)[1].sum(-1)
         t = torch.arange(L)
         assert torch.equal(k_flat[0], torch.clamp(t + 1, max=12))  # ceil(8 * 1.5)
         assert (k_peaked[0, 8:] <= 5).all()  # ~ceil(8 * 0.5), dynamic averages row 0's h = 1 in
@@ -104,10 +108,9 @@ def test_entropy_rules_give_flat_rows_more_tokens():
 
 def test_position_rule_is_sublinear_and_prefix_consistent():
     selector = AdaptiveKSelector(9, "position")
-    selector(_scores())
     t = torch.arange(L)
     expected = torch.minimum(torch.ceil(torch.sqrt(9.0 * (t + 1))).long(), t + 1)
-    assert torch.equal(selector.last_row_k[0], expected)
+    assert torch.equal(selector(_scores())[1].sum(-1)[0], expected)
     assert int(expected[35]) == math.ceil(math.sqrt(9 * 36))  # k grows as sqrt(k * (t+1)) past k
     assert (expected[9:] > 9).all()  # as the module docstring says: top_k is the crossover, not a cap
     doc = __import__("adaptive_selection").__doc__
@@ -124,15 +127,15 @@ def test_budget_matched_rules_use_fixed_top_ks_mean_keys(rule, top_k):
     matched = build_k_selector(f"adaptive_{rule}_matched", top_k)
     idx, valid = matched(scores)
     assert_selection_contract(idx, valid)
-    assert torch.equal(valid.sum(-1), matched.last_row_k)
+    assert torch.equal(valid.sum(-1), _row_k(matched, scores))
     mean = float(valid.sum(-1).float().mean())
     if rule == "position":
         assert mean == pytest.approx(fixed, rel=0.01)  # up to the rounding of one scale c
         plain = build_k_selector("adaptive_position", top_k)
-        plain(scores)
-        assert plain.last_row_k.float().mean() > 1.1 * fixed  # the unmatched rule uses more keys
+        assert plain(scores)[1].sum(-1).float().mean() > 1.1 * fixed  # the unmatched rule uses more keys
         # shape kept: k_t still grows with t past the crossover
-        assert (matched.last_row_k[0, 1:] >= matched.last_row_k[0, :-1]).all()
+        k = valid.sum(-1)
+        assert (k[0, 1:] >= k[0, :-1]).all()
     else:
         assert mean == pytest.approx(fixed, rel=0.08)
 
@@ -153,8 +156,8 @@ def test_training_progress_reaches_every_layer():
     assert all(a.selector.scheduled_k() == 4 for a in model.attentions)
     model.set_training_progress(1.0)
     assert all(a.selector.scheduled_k() == 16 for a in model.attentions)
-    model(torch.randint(0, 64, (1, 24)))
-    assert all(int(a.selector.last_row_k.max()) == 16 for a in model.attentions)
+    _, aux = model(torch.randint(0, 64, (1, 24)), return_aux=True)
+    assert all(int((layer.selected_idx >= 0).sum(-1).max()) == 16 for layer in aux.layers)
     with pytest.raises(ValueError, match="fraction"):
         model.set_training_progress(-0.1)
 

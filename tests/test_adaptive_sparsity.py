@@ -244,7 +244,8 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
     entry = summary["results"]["32"]
     recall = ("indexer_recall", "random_recall", "local_recall")
     for name in models:
-        for metric in adaptive_sparsity.METRICS + adaptive_sparsity.PAIRED:  # the documented keys
+        paired = ("delta_val_loss_vs_dense", "delta_val_loss_vs_matched", "time_ratio_vs_dense", "time_ratio_vs_matched")
+        for metric in adaptive_sparsity.METRICS + paired:  # the documented keys
             if name == "dense" and metric in recall:
                 assert metric not in entry[name]
                 continue
@@ -266,7 +267,7 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
     assert all(t["p_holm"] >= t["p"] for t in sig["tests"])
     assert entry["warmup"]["recall_after"]["mean"] is not None
     for name in ("summary.json", "adaptive_sparsity.png", "REPORT.md", "records/L32/seed1/branch.pt",
-                 "records/L32/seed1/warm.pt", "records/L32/seed2/matched.json"):
+                 "records/L32/seed1/warmup.pt", "records/L32/seed2/matched.json"):
         assert (tmp_path / name).exists(), name
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Findings" in report and "Hypothesis at this length" in report and "Holm" in report
@@ -340,7 +341,7 @@ def test_significance_is_holm_corrected_over_every_test_of_every_length():
 @pytest.mark.parametrize("argv, message", [
     (["--models", "dense", "fixed33"], "unknown model"),
     (["--models", "dense", "matched"], "add adaptive"),
-    (["--top-k", "16"], "top_k does not apply"),
+    (["--top-k", "16"], "--top-k applies to --experiment sparse_vs_classic / indexer_optimization / long_context"),
     (["--preset", "huge"], "preset='huge' is unknown"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):

@@ -16,6 +16,7 @@ LAYERS = [
     ("models", ["models", "adaptive_models", "hf_interop"]),
     ("decoding", ["decode"]),
     ("data and training", ["token_files", "data", "train"]),
+    ("experiment skeleton", ["experiment"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
                  "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
 ]
@@ -100,3 +101,41 @@ def test_readme_layout_and_packaging_name_every_module():
     pyproject = (ROOT / "pyproject.toml").read_text()
     listed = set(re.findall(r'"(\w+)"', pyproject[pyproject.index("py-modules"):pyproject.index("]", pyproject.index("py-modules"))]))
     assert listed == declared, f"pyproject py-modules differs: missing {sorted(declared - listed)}, extra {sorted(listed - declared)}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(tree: ast.Module, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method longer than `limit` lines (docstring and decorators' body included)."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_every_function_is_at_most_60_lines():
+    too_long = [f"{module}.{name}: {lines} lines" for module, tree in project_modules().items()
+                for name, lines in long_functions(tree)]
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them):\n" + "\n".join(too_long)
+    planted = ast.parse("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)  # the detector itself: 61 lines
+    assert long_functions(planted) == [("f", MAX_FUNCTION_LINES + 1)]
+    assert long_functions(ast.parse("def g():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1))) == []
+
+
+# Each piece of the experiment skeleton lives in these modules only; a runner that re-implements one is caught here.
+SKELETON_OWNERS = {"check_stale(": {"results_io", "experiment"}, "checkpointed(": {"train", "experiment"},
+                   "discard_checkpoints(": {"train", "experiment"}, "holm(": {"results_io"},
+                   "paired_t_pvalue(": {"results_io"}, '"summary.json"': {"experiment"},
+                   "* 1000 +": set()}  # stream offsets: data.stream_seed and its named STREAM_* constants
+
+
+def skeleton_copies(sources: dict[str, str]) -> list[str]:
+    """'module: pattern' for every skeleton piece found outside the modules that own it."""
+    return [f"{module}: {pattern}" for pattern, owners in SKELETON_OWNERS.items()
+            for module, text in sources.items() if pattern in text and module not in owners]
+
+
+def test_the_experiment_skeleton_exists_once():
+    sources = {path.stem: path.read_text() for path in sorted(ROOT.glob("*.py"))}
+    assert not skeleton_copies(sources), "skeleton pieces re-implemented:\n" + "\n".join(skeleton_copies(sources))
+    planted = {"long_context": 'atomic_write_json(out / "summary.json", summary)\nseed * 1000 + 2'}
+    assert skeleton_copies(planted) == ['long_context: "summary.json"', "long_context: * 1000 +"]

@@ -38,6 +38,11 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         assert (tmp_path / name).exists()
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Findings" in report and "| 48 |" in report
+    for task, quality in (("lm", "val_loss"), ("mqar", "accuracy")):  # every model vs dense at every L, Holm
+        sig = summary["significance"][task]
+        assert sig["n_tests"] == 2 * (len(models) - 1) and {t["metric"] for t in sig["tests"]} == {quality}
+        assert all(t["p_holm"] >= t["p"] for t in sig["tests"])
+    assert "Holm-Bonferroni" in report
     # the same batches for every model: stage 2 of local and random saw identical inputs (same stream seed)
     record = json.loads((tmp_path / "records" / "lm" / "L32" / "seed1" / "dsa.json").read_text())
     assert record["config_fingerprint"] and record["model"] == "dsa"
@@ -108,16 +113,18 @@ def test_a_curriculum_below_target_restarts_from_a_fresh_initialisation(tmp_path
 
 
 def test_findings_name_each_length_and_never_call_a_slower_model_faster():
+    import experiment
     import reports
     from results_io import mean_ci95
-
-    def entry(delta, dense_t, model_t):
-        return {"dense": {"avg_time_per_step": mean_ci95(dense_t)},
-                "dsa": {"delta_val_loss_vs_dense": mean_ci95(delta), "avg_time_per_step": mean_ci95(model_t)}}
-    summary = {"results": {"lm": {"256": entry([0.1, 0.11, 0.12], [1, 1, 1], [0.5, 0.6, 0.55]),
-                                  "512": entry([-0.1, -0.11, -0.12], [1, 1, 1], [2.0, 2.1, 2.2]),
-                                  "1024": entry([-0.1, 0.2, 0.0], [1, 1, 1], [0.9, 1.3, 1.1])}}}
-    (quality, time), = [reports.long_context_findings(summary, ["dense", "dsa"])]
-    assert "behind dense (paired 95 % CI excludes 0) at L = 256;" in quality and "ahead of dense at L = 512;" in quality
-    assert "L=1024 0.033 ± " in quality
+    deltas = {"256": [0.1, 0.11, 0.12], "512": [-0.1, -0.11, -0.12], "1024": [-0.1, 0.2, 0.0]}
+    ratios = {"256": [0.5, 0.6, 0.55], "512": [2.0, 2.1, 2.2], "1024": [0.9, 1.3, 1.1]}
+    results = {"lm": {L: {"dense": {}, "dsa": {"delta_val_loss_vs_dense": mean_ci95(deltas[L]),
+                                               "time_ratio_vs_dense": mean_ci95(ratios[L])}} for L in deltas}}
+    sig = experiment.significance([{"L": int(L), "model": "dsa", "vs": "dense", "metric": "val_loss",
+                                    "lower_is_better": True, "differences": d} for L, d in deltas.items()])
+    head, quality, time = reports.long_context_findings({"results": results, "significance": {"lm": sig}},
+                                                        ["dense", "dsa"])
+    assert "3 paired t-test(s) against dense" in head and "Holm-Bonferroni" in head
+    assert "behind dense at L = 256;" in quality and "ahead of dense at L = 512;" in quality
+    assert "L=1024 0.033 ± " in quality and "p_Holm" in quality
     assert time.endswith("faster than dense (ratio's 95 % CI below 1) at L = 256.") and "L=512 2.10 ± " in time

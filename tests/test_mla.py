@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from config import CPU_TRAINABLE_BACKENDS
-from conftest import tiny_model_config
+from conftest import model_pair, tiny_model_config
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM, SparseLatentAttention
 from rope import RotaryEmbedding
 from sparse_attention import DENSE, AttentionMode, MaskedBackend, Selection, TopKTokenSelector
-from train import build_model_pair
 
 L = 24
 MLA = dict(attention_type="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -48,7 +47,7 @@ def test_absorbed_mqa_mode_equals_decompressed_mha_mode_outputs_and_grads():
 
 @pytest.mark.parametrize("backend", CPU_TRAINABLE_BACKENDS)
 def test_sparse_mla_with_k_at_least_L_equals_classic_mla(backend):
-    classic, sparse = build_model_pair(mla_config(sparse_top_k=L, attention_backend=backend), 0, "cpu")
+    classic, sparse = model_pair(mla_config(sparse_top_k=L, attention_backend=backend), 0, "cpu")
     ids = torch.randint(0, 64, (2, L), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(sparse.eval()(ids), classic.eval()(ids), atol=1e-5, rtol=1e-5)

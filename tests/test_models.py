@@ -4,11 +4,10 @@ import torch
 
 from adaptive_models import AdaptiveMoELLM, FixedSparseMoELLM
 from config import CPU_TRAINABLE_BACKENDS
-from conftest import tiny_model_config
+from conftest import model_pair, tiny_model_config
 from models import ClassicAttentionMoELLM, MoEFeedForward, SparseAttentionMoELLM
 from sparsity_control import AdaptiveKConfig
 from sparse_attention import DENSE, AttentionMode
-from train import build_model_pair
 
 L = 24
 
@@ -61,7 +60,7 @@ def test_classic_model_and_dense_mode_are_causal():
 
 @pytest.mark.parametrize("backend", CPU_TRAINABLE_BACKENDS)
 def test_sparse_with_k_at_least_L_equals_classic_with_the_same_weights(backend):
-    classic, sparse = build_model_pair(tiny_model_config(sparse_top_k=L, attention_backend=backend), 0, "cpu")
+    classic, sparse = model_pair(tiny_model_config(sparse_top_k=L, attention_backend=backend), 0, "cpu")
     ids = torch.randint(0, 64, (2, L))
     with torch.no_grad():
         assert torch.allclose(sparse.eval()(ids), classic.eval()(ids), atol=1e-5)
@@ -69,7 +68,7 @@ def test_sparse_with_k_at_least_L_equals_classic_with_the_same_weights(backend):
 
 
 def test_small_k_really_changes_the_output():
-    classic, sparse = build_model_pair(tiny_model_config(sparse_top_k=2), 0, "cpu")
+    classic, sparse = model_pair(tiny_model_config(sparse_top_k=2), 0, "cpu")
     ids = torch.randint(0, 64, (2, L))
     with torch.no_grad():
         assert not torch.allclose(sparse.eval()(ids), classic.eval()(ids), atol=1e-4)

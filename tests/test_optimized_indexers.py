@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from config import ModelConfig
-from conftest import tiny_model_config
-from models import SparseAttentionMoELLM, indexer_parameter_report, variant_parameter_reports
-from optimized_indexers import (MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector,
-                                indexer_param_count)
+from conftest import indexer_param_count, indexer_parameter_report, tiny_model_config, variant_parameter_reports
+from models import SparseAttentionMoELLM
+from optimized_indexers import MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import AttentionMode, LightningIndexer, TopKTokenSelector, selection_mask

@@ -42,6 +42,15 @@ def test_summary_json_has_the_documented_shape(results):
         for m in ("indexer_recall", "random_recall"):
             assert _is_stat(r["sparse"][m])
     assert s["results"]["32"]["top_k"] == 16
+    for L in ("16", "32"):  # paired by seed against classic, in the one vocabulary
+        sparse = s["results"][L]["sparse"]
+        assert _is_stat(sparse["delta_val_loss_vs_classic"]) and _is_stat(sparse["time_ratio_vs_classic"])
+        assert sparse["delta_val_loss_vs_classic"]["mean"] == pytest.approx(
+            sparse["final_val_loss"]["mean"] - s["results"][L]["classic"]["final_val_loss"]["mean"])
+    sig = s["significance"]  # sparse vs classic at every length: Holm-corrected paired t-tests
+    assert sig["correction"] == "holm" and sig["n_tests"] == 2 and [t["L"] for t in sig["tests"]] == [16, 32]
+    assert all(t["p_holm"] >= t["p"] for t in sig["tests"])
+    assert s["config"]["run"]["device"] == "cpu" and s["config"]["run"]["dtype"] == "fp32"  # part of the key
     for env in (s["environment"], json.loads((results / "seq_16" / "runs" / "seed_2.json").read_text())["environment"]):
         assert env["world_size"] == 1 and env["device"] == "cpu" and env["command_line"] == sys.argv  # the process's
         assert {"python", "torch", "triton", "cuda", "device_name", "git_commit", "git_dirty"} <= set(env)
@@ -60,7 +69,7 @@ def test_per_length_files_figure_and_report(results):
             assert (results / f"seq_{L}" / "checkpoints" / f"{model}_seed1.pt").exists()
     assert (results / "sequence_length_comparison.png").stat().st_size > 10_000
     report = (results / "REPORT.md").read_text()
-    assert "| 32 | 16 |" in report and "recall" in report
+    assert "| 32 | 16 |" in report and "recall" in report and "Holm-Bonferroni" in report
 
 
 def test_finished_runs_are_read_back_and_another_config_is_refused(results, capsys):
@@ -174,3 +183,25 @@ def test_optimization_accepts_the_plans_category_names(capsys):
     assert "reduced_complexity" in capsys.readouterr().out
     assert run_experiment.main(["--experiment", "indexer_optimization", "--optimization", "nonsense"]) == 2
     assert "unknown --optimization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, applies_to", [
+    (["--models", "dsa"], "long_context / adaptive_sparsity"),
+    (["--task", "mqar"], "long_context"),
+    (["--experiment", "long_context", "--optimization", "light"], "indexer_optimization"),
+    (["--experiment", "long_context", "--top-k-ratio", "0.5"], "sparse_vs_classic / indexer_optimization"),
+    (["--experiment", "adaptive_sparsity", "--top-k", "8"], "sparse_vs_classic / indexer_optimization / long_context"),
+])
+def test_a_flag_the_experiment_does_not_read_is_refused_in_one_line(argv, applies_to, capsys):
+    """Never silently ignored: one line naming the experiments the flag applies to, exit 2, before any work."""
+    assert run_experiment.main(argv + ["--device", "cpu", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"applies to --experiment {applies_to}," in err and "\n" not in err
+
+
+def test_every_experiment_specific_flag_is_declared():
+    """Each flag in FLAG_EXPERIMENTS is a parser flag that is None unless given, naming only known experiments."""
+    defaults = run_experiment.parse_args([])
+    for flag, experiments in run_experiment.FLAG_EXPERIMENTS.items():
+        assert set(experiments) <= set(run_experiment.EXPERIMENTS), flag
+        assert hasattr(defaults, flag) and getattr(defaults, flag) is None, flag

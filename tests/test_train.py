@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from config import TrainConfig
-from conftest import tiny_model_config
+from conftest import model_pair, tiny_model_config
 from data import BatchStream, build_windows, eval_subset
-from train import (TrainingDiverged, build_model_pair, evaluate, load_checkpoint, lr_multiplier, run_seed,
-                   save_checkpoint, train_lm, warmup_indexer)
+from train import (TrainingDiverged, evaluate, load_checkpoint, lr_multiplier, run_seed, save_checkpoint, train_lm,
+                   warmup_indexer)
 
 TINY_TRAIN = dict(batch_size=8, dense_steps=150, warmup_steps=40, steps=20, learning_rate=1e-2, warmup_lr=1e-2,
                   eval_every=10, eval_windows=16, profile_steps=2)
@@ -44,7 +44,7 @@ def test_indexer_recall_after_warmup_beats_random_and_its_own_start(run):
 def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(corpus):
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
     windows = build_windows(corpus, 16)
-    classic, sparse = build_model_pair(cfg, 0, "cpu")
+    classic, sparse = model_pair(cfg, 0, "cpu")
     idx_before = [p.clone() for p in sparse.indexer_parameters()]
     tcfg = TrainConfig(**{**TINY_TRAIN, "warmup_steps": 3, "eval_windows": 4})
     from train import _param_groups, warmup_stage
@@ -95,7 +95,7 @@ def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same
 
 def test_a_nan_loss_stops_the_run_naming_the_step(corpus):
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16)
-    classic, _ = build_model_pair(cfg, 0, "cpu")
+    classic, _ = model_pair(cfg, 0, "cpu")
     with torch.no_grad():
         classic.norm.weight.fill_(float("nan"))
     windows = build_windows(corpus, 16)
@@ -113,7 +113,7 @@ def test_backends_that_cannot_train_on_cpu_are_refused_up_front():
 
 def test_checkpoint_round_trip(tmp_path, corpus):
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16)
-    _, sparse = build_model_pair(cfg, 0, "cpu")
+    _, sparse = model_pair(cfg, 0, "cpu")
     save_checkpoint(sparse, tmp_path / "s.pt", {"tokenizer": corpus.tokenizer.spec()})
     loaded, payload = load_checkpoint(tmp_path / "s.pt")
     ids = torch.randint(0, 100, (1, 16))
@@ -129,7 +129,7 @@ def test_checkpoint_round_trip(tmp_path, corpus):
 
 def test_evaluation_uses_a_fixed_subset_and_lr_schedule_shape(corpus):
     windows = build_windows(corpus, 16)
-    classic, _ = build_model_pair(tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16), 0, "cpu")
+    classic, _ = model_pair(tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16), 0, "cpu")
     val = eval_subset(windows.val, 8)
     m = evaluate(classic, val, 4, torch.device("cpu"))
     with torch.no_grad():  # the loss against a direct computation over every target token
@@ -182,7 +182,7 @@ def test_time_shares_and_step_time_use_the_right_spans(corpus, monkeypatch):
     monkeypatch.setattr(train, "SectionTimer", SlowTimer)
     monkeypatch.setattr(train, "_update", advance(1e9, train._update))
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
-    _, sparse = build_model_pair(cfg, 0, "cpu")
+    _, sparse = model_pair(cfg, 0, "cpu")
     windows = build_windows(corpus, 16)
     tcfg = TrainConfig(**{**TINY_TRAIN, "steps": 6, "eval_every": 6, "profile_steps": 2, "eval_windows": 4})
     f = train.run_stage(sparse, train.sparse_stage(tcfg), BatchStream(windows.train, 4, 0), windows.val[:4], tcfg,
@@ -196,7 +196,7 @@ def test_time_shares_and_step_time_use_the_right_spans(corpus, monkeypatch):
 def test_checkpoints_load_weights_only(tmp_path, corpus):
     """A checkpoint is read with weights_only=True: a pickled object (which could run code) is refused."""
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16)
-    _, sparse = build_model_pair(cfg, 0, "cpu")
+    _, sparse = model_pair(cfg, 0, "cpu")
     save_checkpoint(sparse, tmp_path / "s.pt", {"tokenizer": corpus.tokenizer.spec(), "seed": 0})
     payload = torch.load(tmp_path / "s.pt", weights_only=False)
     payload["evil"] = Exception("an arbitrary pickled object")
