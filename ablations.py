@@ -265,7 +265,9 @@ def _branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, devic
     """The dense branch point for (L, seed), cached on disk so a resumed ablation does not redo it; keyed on
     everything that shapes it (model, data, every training setting but the later stages' lengths)."""
     from train import Execution, checkpointed, discard_checkpoints, dense_pretrain
-    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("steps", "warmup_steps", "profile_steps")}
+    later = ("steps", "warmup_steps", "profile_steps", "warmup_until_plateau", "warmup_eval_every",
+             "warmup_plateau_window", "warmup_min_rel_improvement", "warmup_eval_windows")  # the warm-up's rule too
+    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in later}
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
     if path.exists():

@@ -140,7 +140,7 @@ def warm_start(task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: in
         "config_fingerprint": key, "seq_len": cfg.max_seq_len, "seed": seed, "selector_share": WARMUP_SHARE,
         "indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
         "recall_after": warm["final"]["indexer_recall"], "random_recall": warm["final"]["random_recall"],
-        "local_recall": warm["final"]["local_recall"]})
+        "local_recall": warm["final"]["local_recall"], "plateau": warm["plateau"]})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atomic_save_torch(state, path)
     return state
@@ -331,6 +331,8 @@ def summarise(records: dict, st: Settings, models: list[str], config_key: dict) 
             warm = [by_model["_warmup"][s] for s in seeds if s in by_model["_warmup"]]
             entry["warmup"] = {k: mean_ci95([w[k] for w in warm]) for k in ("recall_before", "recall_after",
                                                                             "random_recall", "local_recall")}
+            entry["warmup_plateau"] = {str(s): by_model["_warmup"][s].get("plateau") for s in seeds
+                                       if s in by_model["_warmup"]}
         results[str(L)] = entry
     return {"experiment": "adaptive_sparsity", "config": {str(L): c for L, c in config_key.items()}, "seeds": st.seeds,
             "models": models, "results": results, "significance": significance_tests(records, st.seeds, models)}

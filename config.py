@@ -148,7 +148,15 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 16
     dense_steps: int = 300  # stage 0: shared dense pre-training; both models branch from its weights
-    warmup_steps: int = 200  # stage 1: dense warm-up, only the indexer trains (KL to dense attention)
+    warmup_steps: int = 200  # stage 1: dense warm-up, only the indexer trains (KL to dense attention); the cap
+    # when warmup_until_plateau (plateau.py): stop once the held-out dense KL, measured every warmup_eval_every steps
+    # on warmup_eval_windows held-out windows, improved by < warmup_min_rel_improvement over warmup_plateau_window
+    # evaluations. On by default (DESIGN: a warm-up is finished at its plateau); False: exactly warmup_steps steps.
+    warmup_until_plateau: bool = True
+    warmup_eval_every: int = 20
+    warmup_plateau_window: int = 3
+    warmup_min_rel_improvement: float = 0.02
+    warmup_eval_windows: int = 16
     warmup_lr: float = 1e-3  # the paper's warm-up learning rate
     steps: int = 1000  # stage 2 (sparse) steps; the classic baseline trains the same number
     learning_rate: float = 3e-3
@@ -172,8 +180,18 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 <= self.lr_warmup_fraction < 1:
             raise ValueError(f"lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1)")
+        self._validate_warmup_rule()
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r} is unknown; choose auto, cpu or cuda")
+
+    def _validate_warmup_rule(self) -> None:
+        if not isinstance(self.warmup_until_plateau, bool):
+            raise ValueError(f"warmup_until_plateau={self.warmup_until_plateau!r} must be True (stop at the held-out "
+                             f"KL plateau, warmup_steps the cap) or False (exactly warmup_steps steps)")
+        _positive(self, "warmup_eval_every", "warmup_plateau_window", "warmup_eval_windows")
+        if not 0 <= self.warmup_min_rel_improvement < 1:
+            raise ValueError(f"warmup_min_rel_improvement={self.warmup_min_rel_improvement} must be in [0, 1) "
+                             f"(a relative improvement, e.g. 0.02)")
 
 
 @dataclass

@@ -291,7 +291,7 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
                              desc + " indexer warm-up", run=run.named("warmup"))
             warmup = {"indexer_kl": warm["step_indexer_kl"], "recall_before": warm["before"]["indexer_recall"],
                       "recall_after": warm["final"]["indexer_recall"], "random_recall": warm["final"]["random_recall"],
-                      "local_recall": warm["final"]["local_recall"]}
+                      "local_recall": warm["final"]["local_recall"], "plateau": warm["plateau"]}
     result = run_stage(model, stage, task.stream(seed, 1), task.val, tcfg, device, desc, run=run.named("train"))
     final = result["final"]
     if name != "dense":  # recall by distance (and per layer) on the held-out set, with the trained selection
@@ -416,6 +416,7 @@ def summarise(records: dict, settings: dict, models: list[str], config_key: dict
                 if warm[0]:
                     metrics["warmup_recall_after"] = mean_ci95([w["recall_after"] for w in warm])
                     metrics["warmup_kl_curve"] = [_nanmean(v) for v in zip(*[w["indexer_kl"] for w in warm])]
+                    metrics["warmup_plateau"] = {str(s): w.get("plateau") for s, w in zip(seeds, warm)}
                 entry[name] = metrics
             results[task_name][str(L)] = entry
     return {"experiment": "long_context", "config": config_key, "seeds": {t: settings[t].seeds for t in records},

@@ -107,6 +107,32 @@ def front_text(summary: dict, names: list[str], L: int, cost: str) -> str:
     return ", ".join(f"{n}{' ≈' if n in tied else ''}" for n in front)
 
 
+def warmup_phrase(train: dict) -> str:
+    """How long the indexer warm-up ran, from a run's train config (older runs had no rule: a fixed count)."""
+    if train.get("warmup_until_plateau", False):
+        return f"until its held-out KL plateaus (at most {train['warmup_steps']} steps)"
+    return f"for {train['warmup_steps']} steps"
+
+
+def warmup_table(runs: list[tuple[list, dict | None]], labels: list[str]) -> str:
+    """The warm-ups' stopping record (train.run_stage's `plateau`, one row per run keyed by `labels`): steps used,
+    why it stopped (plateau: the rule; step_cap: still improving at warmup_steps; fixed_steps: the rule was off) and
+    the held-out KL curve's first, lowest and last values. The rule is stated above the table."""
+    rows = []
+    for key, record in runs:
+        if not record:
+            rows.append([*key, "n/a", "n/a (a record without the warm-up curve)", ""])
+            continue
+        kl = record["held_out_kl"]
+        curve = f"{kl[0]:.4g} → {kl[-1]:.4g} (lowest {min(kl):.4g}, {len(kl)} evaluations)" if kl else "not measured"
+        rows.append([*key, record["steps_used"], record["stop_reason"] or "no steps", curve])
+    rules = sorted({record["rule"] for _, record in runs if record})
+    stopped = sum(1 for _, record in runs if record and record["stop_reason"] == "plateau")
+    head = (f"Warm-up rule: {'; '.join(rules) or 'n/a'}. Ended by the plateau rule: {stopped} of {len(runs)} "
+            f"warm-ups (the others ran to the cap, or a fixed count).")
+    return head + "\n\n" + markdown_table([*labels, "steps used", "stopped by", "held-out KL (first → last)"], rows)
+
+
 # ----------------------------------------------------------------------------- sparse_vs_classic
 def sweep_table(summary: dict) -> str:
     """The sequence-length sweep, one row per L: classic vs sparse quality, speed and indexer recall."""
@@ -140,8 +166,8 @@ documents ({cfg['corpus']['train_tokens']:,} / {cfg['corpus']['val_tokens']:,} t
 backend `{m['attention_backend']}`. Seeds {summary['seeds']} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI'}).
 
 Schedule per seed: {t['dense_steps']} shared dense pre-training steps -> branch; classic trains {t['steps']} more
-dense steps; sparse warms its indexer up for {t['warmup_steps']} steps (main model frozen, KL to dense attention),
-then trains {t['steps']} sparse steps on the same batches in the same order.
+dense steps; sparse warms its indexer up (main model frozen, KL to dense attention) {warmup_phrase(t)} (see
+*Warm-up* below), then trains {t['steps']} sparse steps on the same batches in the same order.
 
 {table}
 
@@ -155,7 +181,19 @@ then trains {t['steps']} sparse steps on the same batches in the same order.
 - *ms/step*: wall time of a training step on this machine, measured in the same run for both models.
   The `masked` backend computes dense scores and masks them, so it cannot be faster than dense; speed comes
   from the sparse kernels (see benchmark.py).
+
+## Warm-up
+
+{sweep_warmups(summary)}
 """
+
+
+def sweep_warmups(summary: dict) -> str:
+    """One row per (L, seed): how the sparse model's indexer warm-up ended."""
+    runs = [([L, seed], (entry.get("warmup") or {}).get(seed))
+            for L, entry in sorted(summary["results"].items(), key=lambda kv: int(kv[0]))
+            for seed in map(str, summary["seeds"])]
+    return warmup_table(runs, ["L", "seed"])
 
 
 # ----------------------------------------------------------------------------- variants vs the baseline
@@ -226,7 +264,7 @@ def optimization_report(summary: dict) -> str:
     return f"""# Lightning-indexer optimisation
 
 Every strategy starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), warms
-its indexer up for {t['warmup_steps']} steps and trains {t['steps']} sparse steps on the same batches.
+its indexer up {warmup_phrase(t)} and trains {t['steps']} sparse steps on the same batches.
 Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI, no significance test'}).
 {COLUMNS}
 
@@ -251,7 +289,7 @@ def ablations_report(mode: str, summary: dict, names_by_question: dict[str, tupl
     return f"""# Comprehensive lightning-indexer ablations ({mode} mode)
 
 {n_variants} variants x lengths {lengths} x seeds {seeds}, each from the same dense branch point
-per (L, seed) ({train['dense_steps']} dense steps), {train['warmup_steps']} indexer warm-up steps, {train['steps']}
+per (L, seed) ({train['dense_steps']} dense steps), indexer warm-up {warmup_phrase(train)}, {train['steps']}
 sparse steps on the same batches, variants in a shuffled order per (L, seed). {'Values are mean ± 95 % CI half-width.' if len(seeds) > 1 else
 'One seed: no CI and no significance test — run --mode research for those.'}
 
@@ -335,10 +373,22 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "",
         long_context_tables(summary, models),
         "",
+        "## Warm-up",
+        "",
+        long_context_warmups(summary, models),
+        "",
         "Figures: `long_context.png` (paired differences, MQAR accuracy, time per step, recall by distance), "
         "`mqar_accuracy_by_distance.png`.",
         "",
     ])
+
+
+def long_context_warmups(summary: dict, models: list[str]) -> str:
+    """One row per (task, L, model with an indexer, seed): how its warm-up ended."""
+    runs = [([task, L, name, seed], record) for task, by_L in summary["results"].items()
+            for L, entry in sorted(by_L.items(), key=lambda kv: int(kv[0])) for name in models
+            if "warmup_plateau" in entry.get(name, {}) for seed, record in entry[name]["warmup_plateau"].items()]
+    return warmup_table(runs, ["task", "L", "model", "seed"]) if runs else "No model with an indexer was run."
 
 
 # ----------------------------------------------------------------------------- adaptive sparsity
@@ -465,13 +515,16 @@ def adaptive_sparsity_report(summary: dict, models: list[str]) -> str:
         "comparison: without it, better could just mean kept more).",
         "",
         f"Every model starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), sparse "
-        f"models from one shared indexer warm-up ({t['warmup_steps']} steps, dense KL, main model frozen), then "
+        f"models from one shared indexer warm-up (dense KL, main model frozen, {warmup_phrase(t)}), then "
         f"{t['steps']} steps on the same batches, batch {t['batch_size']}. Model: {m['attention_type'].upper()}, d_model "
         f"{m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, {m['num_experts']} experts top-{m['expert_top_k']}, "
         f"indexer {m['indexer_heads']}×{m['indexer_dim']}, backend `{m['attention_backend']}`. Data: `{cfg['dataset']}` "
         f"(held-out documents for validation). Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI'}).",
         "",
         "Indexer recall after the shared warm-up (fixed 50 % selection): " + ("; ".join(warm) if warm else "n/a") + ".",
+        "",
+        warmup_table([([L, seed], record) for L, e in sorted(summary["results"].items(), key=lambda kv: int(kv[0]))
+                      for seed, record in e.get("warmup_plateau", {}).items()], ["L", "seed"]),
         "",
         "## Findings (computed from the data)",
         "",

@@ -186,6 +186,8 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
             [by_seed[s]["sparse"]["final"]["val_loss"] - by_seed[s]["classic"]["final"]["val_loss"]
              for s in exp_cfg.seeds])
         summary["results"][str(L)] = {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry}
+        summary["results"][str(L)]["warmup"] = {str(s): by_seed[s]["sparse"]["warmup"].get("plateau")
+                                                for s in exp_cfg.seeds}  # how each warm-up ended (the report's table)
     atomic_write_json(out / "summary.json", summary)
     L_max = max(exp_cfg.seq_lens)
     curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],

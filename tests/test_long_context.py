@@ -38,6 +38,7 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         assert (tmp_path / name).exists()
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Findings" in report and "| 48 |" in report
+    assert "| mqar | 48 | block | 2 | 3 | step_cap |" in report  # every indexer warm-up: steps used, why it ended
     # the same batches for every model: stage 2 of local and random saw identical inputs (same stream seed)
     record = json.loads((tmp_path / "records" / "lm" / "L32" / "seed1" / "dsa.json").read_text())
     assert record["config_fingerprint"] and record["model"] == "dsa"
