@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 # masked = reference; gather/triton = token-level DSA (kernels.py); block/flex = query-block-shared selection
 ATTENTION_TYPES = ("mha", "mla")
-SELECTION_SOURCES = ("indexer", "local", "random")  # who picks S_t: the lightning indexer, last k, random k
+SELECTION_SOURCES = ("indexer", "local", "random", "oracle")  # who picks S_t: the lightning indexer, last k, random k,
+# or the oracle (top-k of the layer's true head-summed attention: the ceiling of any shared index set)
 ATTENTION_BACKENDS = ("masked", "gather", "block", "triton", "flex")
 CPU_TRAINABLE_BACKENDS = ("masked", "gather", "block")  # triton needs CUDA (or TRITON_INTERPRET=1); flex: no CPU backward
 # Indexer-optimisation choices (seed "Experiment 4"); the modules that implement them test these names.

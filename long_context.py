@@ -8,7 +8,8 @@ same dense branch point and sees the same batches in the same order:
   dense   the classic model continues dense training
   dsa     token-level DSA: indexer warm-up (dense KL), then sparse training (the paper's two stages)
   local   each query keeps its last k tokens (no indexer)        \\ controls that need no indexer,
-  random  k random past tokens, redrawn every step (no indexer)  /  trained the same way
+  random  k random past tokens, redrawn every step (no indexer)  |  trained the same way
+  oracle  top-k of the layer's true head-summed attention       /  (the ceiling of any shared index set at k)
   block   our query-block-shared variant (blocks of queries share one selected set)
 Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
@@ -39,8 +40,8 @@ from train import (Execution, check_backend_device, checkpointed, classic_from_s
                    discard_checkpoints, evaluate, pick_device, run_stage, sparse_from_state, sparse_stage, warmup_stage)
 
 TASKS = ("lm", "mqar")
-MODELS = ("dense", "dsa", "local", "random", "block")
-DEFAULT_MODELS = ("dense", "dsa", "local", "random")
+MODELS = ("dense", "dsa", "local", "random", "oracle", "block")
+DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 
 # Per preset and task: model widths and an explicit step budget per stage (the same at every length).
 # CPU calibration (this 2-core machine): a quick-width classic model at L=1024 takes ~0.55 s per step at batch 8.
@@ -179,7 +180,7 @@ class MQARTask:
 # ----------------------------------------------------------------------------- one (task, L, seed)
 def model_config(base: ModelConfig, name: str) -> ModelConfig:
     """The config of one compared model (dense uses the classic model; the rest the sparse one)."""
-    if name == "local" or name == "random":
+    if name in ("local", "random", "oracle"):
         return dataclasses.replace(base, selection_source=name)
     if name == "block":
         return dataclasses.replace(base, attention_backend="block")
@@ -282,7 +283,7 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
         stage, warmup = dense_stage(tcfg), None
     else:
         model = sparse_from_state(model_config(cfg, name), branch, seed).to(device)
-        if name in ("local", "random"):  # no indexer: no warm-up, no KL
+        if name in ("local", "random", "oracle"):  # no indexer: no warm-up, no KL
             stage = dataclasses.replace(sparse_stage(tcfg), mode=AttentionMode(sparse=True), indexer_lr=None)
             warmup = None
         else:
@@ -297,6 +298,10 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     if name != "dense":  # recall by distance (and per layer) on the held-out set, with the trained selection
         stats = evaluate(model, task.val, tcfg.batch_size, device, recall=True)
         final["recall_by_distance"] = stats["recall_by_distance"]
+        final.update(oracle_recall=stats["oracle_recall"], oracle_recall_by_distance=stats["oracle_recall_by_distance"],
+                     recall_share_of_oracle=stats["indexer_recall"] / stats["oracle_recall"],  # the same evaluation
+                     recall_share_of_oracle_by_distance=[r / o if o > 0 else math.nan for r, o in zip(
+                         stats["recall_by_distance"], stats["oracle_recall_by_distance"])])
     final.update(task.extra_metrics(model, device))
     return {"final": final, "curves": result["curves"], "warmup": warmup}
 
@@ -390,7 +395,8 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
 
 
 METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "model_flops_utilization", "indexer_recall",
-           "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
+           "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb",
+           "oracle_recall", "recall_share_of_oracle")
 
 
 def summarise(records: dict, settings: dict, models: list[str], config_key: dict) -> dict:
@@ -410,8 +416,9 @@ def summarise(records: dict, settings: dict, models: list[str], config_key: dict
                     metrics["delta_accuracy_vs_dense"] = mean_ci95([f["accuracy"] - d["accuracy"]
                                                                     for f, d in zip(finals, dense)])
                     metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
-                if "recall_by_distance" in finals[0]:
-                    metrics["recall_by_distance"] = [_nanmean(v) for v in zip(*[f["recall_by_distance"] for f in finals])]
+                for curve in ("recall_by_distance", "oracle_recall_by_distance", "recall_share_of_oracle_by_distance"):
+                    if curve in finals[0]:  # per distance bucket, mean over seeds
+                        metrics[curve] = [_nanmean(v) for v in zip(*[f[curve] for f in finals])]
                 warm = [by_model[name][s].get("warmup") for s in seeds]
                 if warm[0]:
                     metrics["warmup_recall_after"] = mean_ci95([w["recall_after"] for w in warm])
