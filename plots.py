@@ -250,7 +250,8 @@ def _long_context_quality(ax, summary: dict, models: list[str], task: str) -> No
     ax.set_ylabel(ylabel)
     ax.set_title(f"{task}: k = {res[str(lengths[0])]['top_k']}, {_seeds_note(summary, task)}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # LM with dense alone: nothing to label
+        ax.legend()
 
 
 def _long_context_time(ax, summary: dict, models: list[str], task: str) -> None:
