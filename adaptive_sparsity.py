@@ -72,7 +72,7 @@ PRESETS = {
     "default": dict(  # the GPU-box preset: the research plan's widths and lengths
         seq_lens=[64, 128, 256, 512, 1024, 2048], seeds=[42, 43, 44], d_model=256, n_heads=8, n_layers=4, d_ff=512,
         num_experts=4, expert_top_k=2, indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, batch_size=8,
-        dense_steps=1000, warmup_steps=300, steps=1000, learning_rate=1e-3, eval_every=250, eval_windows=32),
+        dense_steps=1000, warmup_steps=1000, steps=1000, learning_rate=1e-3, eval_every=250, eval_windows=32),
 }
 ADAPTIVE_KEYS = {f.name for f in dataclasses.fields(AdaptiveKConfig)}
 

@@ -239,7 +239,9 @@ class ExperimentConfig:
 CONFIG_CLASSES = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "experiment": ExperimentConfig}
 
 PRESETS: dict[str, dict] = {
-    # Tiny model: the whole 3-length sweep on 2 CPU cores in a few minutes.
+    # Tiny model: the whole 3-length sweep on 2 CPU cores in a few minutes. Its 60 warm-up steps end at the cap, short
+    # of the plateau (L=256, seed 42, cap 600: the rule stopped at step 380, held-out KL 1.15 -> 0.114; the report
+    # shows each warm-up's stop). The default preset keeps the research plan's 200 as its cap.
     "quick": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, num_experts=4, expert_top_k=2,
                   indexer_heads=2, indexer_dim=16, indexer_rope_dim=8,
                   batch_size=8, dense_steps=100, warmup_steps=60, steps=150, learning_rate=3e-3, eval_every=50,

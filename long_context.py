@@ -63,7 +63,7 @@ CURRICULUM_RESTARTS = 2
 _MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curriculum_len=32, curriculum_round=1200,
                   curriculum_target=0.95)
 PRESETS = {
-    "quick": {  # a small view, <= 20 min on 2 CPU cores
+    "quick": {  # a small view, <= 20 min on 2 CPU cores (warm-ups short of their plateau: the report says step_cap)
         "seeds": [42, 43, 44], "top_k": 64,
         "lm": dict(seq_lens=[256, 1024], **_LM_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=40, steps=60,
                    learning_rate=3e-3, eval_every=60, eval_windows=16),
@@ -75,20 +75,22 @@ PRESETS = {
         # measured on 2 cores at L=2048, batch 4: dense 0.55 s/step, dsa 0.87, local 0.57, random 0.74;
         # mqar batches hold batch_tokens tokens (8 sequences at 256 ... 2 at 1024 and 2048) so a step costs about the same
         "seeds": [42, 43, 44], "top_k": 64,
-        "lm": dict(seq_lens=[256, 512, 1024, 2048], **_LM_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=60,
+        # warm-up caps of 600: the plateau rule (TrainConfig.warmup_until_plateau), not the cap, should end them
+        # (measured on main: MQAR L=1024 plateaus from ~300 steps; the quick sweep at L=256 stopped at 380)
+        "lm": dict(seq_lens=[256, 512, 1024, 2048], **_LM_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=600,
                    steps=100, learning_rate=3e-3, eval_every=50, eval_windows=16),
         "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=2048,
-                     curriculum_steps=3600, dense_steps=80, warmup_steps=40, steps=80, learning_rate=3e-3,
+                     curriculum_steps=3600, dense_steps=80, warmup_steps=600, steps=80, learning_rate=3e-3,
                      eval_every=100, eval_windows=128),
     },
     "default": {  # the GPU-box preset: the research plan's widths, L up to 8192
         "seeds": [42, 43, 44], "top_k": 256,
         "lm": dict(seq_lens=[1024, 2048, 4096, 8192], d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4,
                    expert_top_k=2, indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, batch_size=8,
-                   dense_steps=1000, warmup_steps=300, steps=1000, learning_rate=1e-3, eval_every=250,
+                   dense_steps=1000, warmup_steps=1000, steps=1000, learning_rate=1e-3, eval_every=250,
                    eval_windows=32),
         "mqar": dict(seq_lens=[1024, 2048, 4096, 8192], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32,
-                     curriculum_steps=3000, dense_steps=500, warmup_steps=200, steps=500, learning_rate=3e-3,
+                     curriculum_steps=3000, dense_steps=500, warmup_steps=1000, steps=500, learning_rate=3e-3,
                      eval_every=250, eval_windows=256),
     },
 }

@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mha, or mla: DeepSeek's multi-head latent attention (DSA then runs in MQA mode)")
     p.add_argument("--task", nargs="+", choices=("lm", "mqar"), help="long_context tasks (default: lm mqar)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="long_context models: dense dsa local random block (default: dense dsa local random); "
+                   help="long_context models: dense dsa local random oracle block (default: dense dsa local random "
+                        "oracle); "
                         "adaptive_sparsity models: dense fixed25 fixed50 fixed75 adaptive matched (default: all)")
     p.add_argument("--backend", dest="attention_backend", help="sparse attention backend (masked, gather, ...)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
