@@ -420,8 +420,8 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "",
         long_context_warmups(summary, models),
         "",
-        "Figures: `long_context.png` (paired differences, MQAR accuracy, time per step, recall by distance), "
-        "`mqar_accuracy_by_distance.png`.",
+        "Figures: `long_context.png` (per task run: its quality vs L; time per step; recall by distance)"
+        + (", `mqar_accuracy_by_distance.png`." if "mqar" in summary["results"] else "."),
         "",
     ])
 

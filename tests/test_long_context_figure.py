@@ -53,3 +53,17 @@ def test_no_recall_panel_when_no_model_selects():
 def test_the_written_figure_is_a_png(tmp_path):
     plots.long_context(_summary(["mqar"], [42]), ["dense", "dsa"], tmp_path / "long_context.png")
     assert (tmp_path / "long_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_only_the_figures_written():
+    from reports import long_context_report
+    for tasks, mqar_figure in ((["lm"], False), (["lm", "mqar"], True)):
+        summary = _summary(tasks, [42])
+        for by_L in summary["results"].values():
+            for entry in by_L.values():
+                for m in entry.values():
+                    if isinstance(m, dict):
+                        m.update(val_loss=m["accuracy"], delta_accuracy_vs_dense=m["delta_val_loss_vs_dense"],
+                                 val_accuracy=m["accuracy"], tokens_per_s=m["avg_time_per_step"])
+        text = long_context_report({**summary, "seeds": {t: [42] for t in tasks}}, ["dense", "dsa"])
+        assert ("mqar_accuracy_by_distance.png" in text) == mqar_figure
