@@ -257,7 +257,9 @@ def branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device
     """The dense branch point for (L, seed) (train.dense_pretrain), cached as branch_points/L<L>_seed<S>_<key>.pt
     (experiment.cached_state) so a resumed ablation does not redo it; keyed on everything that shapes it (model,
     data, the machine, every training setting but the later stages' lengths)."""
-    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("steps", "warmup_steps", "profile_steps")}
+    later = ("steps", "warmup_steps", "profile_steps", "warmup_until_plateau", "warmup_eval_every",
+             "warmup_plateau_window", "warmup_min_rel_improvement", "warmup_eval_windows")  # the warm-up's rule too
+    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in later}
     key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
 

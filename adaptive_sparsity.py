@@ -68,7 +68,7 @@ PRESETS = {
     "default": dict(  # the GPU-box preset: the research plan's widths and lengths
         seq_lens=[64, 128, 256, 512, 1024, 2048], seeds=[42, 43, 44], d_model=256, n_heads=8, n_layers=4, d_ff=512,
         num_experts=4, expert_top_k=2, indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, batch_size=8,
-        dense_steps=1000, warmup_steps=300, steps=1000, learning_rate=1e-3, eval_every=250, eval_windows=32),
+        dense_steps=1000, warmup_steps=1000, steps=1000, learning_rate=1e-3, eval_every=250, eval_windows=32),
 }
 ADAPTIVE_KEYS = {f.name for f in dataclasses.fields(AdaptiveKConfig)}
 
@@ -286,6 +286,8 @@ def summarise(records: dict, st: Settings, models: list[str]) -> dict:
             warm = [by_model["_warmup"][s] for s in st.seeds if s in by_model["_warmup"]]
             entry["warmup"] = {k: mean_ci95([w[k] for w in warm]) for k in ("recall_before", "recall_after",
                                                                             "random_recall", "local_recall")}
+            entry["warmup_plateau"] = {str(s): by_model["_warmup"][s].get("plateau") for s in seeds
+                                       if s in by_model["_warmup"]}
         results[str(L)] = entry
     return {"models": models, "results": results, "significance": significance_tests(records, st.seeds, models)}
 

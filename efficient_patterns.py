@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from adaptive_selection import top_k_per_row
-from sparse_attention import future_mask, select_top_k, selection_mask
+from sparse_attention import causal_attention_probs, future_mask, select_top_k, selection_mask
 
 
 def distances(L: int, device) -> torch.Tensor:
@@ -300,3 +300,31 @@ class RandomSelector(PositionalSelector):
             idx_c, valid_c = select_top_k(scores, K)  # (B, c, min(K, stop))
             idx[:, start:stop, :idx_c.shape[-1]], valid[:, start:stop, :idx_c.shape[-1]] = idx_c, valid_c
         return idx.expand(B, L, K), valid.expand(B, L, K)
+
+
+class OracleSelector(PositionalSelector):
+    """The selection's ceiling (a control, not a method): query t keeps the top-k keys of the layer's own causal
+    attention summed over its heads (q, k detached) — the most attention mass any one index set shared by the heads
+    can keep at k. Indexer-free like the positional controls (no indexer, no KL); rows with t+1 <= k keep their
+    whole prefix and the other slots are invalid, never a future token. Reads the layer's (q, k): the layer passes
+    `attention=(q, k)` (B, H, L, D) because `reads_attention` is set."""
+    reads_attention = True
+    CHUNK_ELEMENTS = 1 << 24  # attention probabilities (B x H x queries x keys) held at once
+
+    @torch.no_grad()
+    def select(self, B: int, L: int, device, attention=None):
+        if attention is None:
+            raise ValueError("OracleSelector needs the layer's attention inputs: select(B, L, device, attention=(q, k))")
+        q, k = (t.detach().float() for t in attention)  # (B, H, L, D); fp32 as selection_recall measures
+        K = min(self.top_k, L)
+        idx = torch.full((B, L, K), -1, dtype=torch.long, device=device)
+        valid = torch.zeros(B, L, K, dtype=torch.bool, device=device)
+        chunk = max(1, self.CHUNK_ELEMENTS // (B * q.shape[1] * L))
+        for start in range(0, L, chunk):  # query blocks: memory B x H x chunk x L, not x L
+            stop = min(L, start + chunk)
+            scores = (q[:, :, start:stop] @ k[:, :, :stop].transpose(-1, -2)) * q.shape[-1] ** -0.5
+            future = future_mask(stop - start, stop, device)
+            mass = scores.masked_fill(future, float("-inf")).softmax(-1).sum(1)  # (B, c, stop) head-summed
+            idx_c, valid_c = select_top_k(mass.masked_fill(future, float("-inf")), K)
+            idx[:, start:stop, :idx_c.shape[-1]], valid[:, start:stop, :idx_c.shape[-1]] = idx_c, valid_c
+        return idx, valid

@@ -8,7 +8,8 @@ same dense branch point and sees the same batches in the same order:
   dense   the classic model continues dense training
   dsa     token-level DSA: indexer warm-up (dense KL), then sparse training (the paper's two stages)
   local   each query keeps its last k tokens (no indexer)        \\ controls that need no indexer,
-  random  k random past tokens, redrawn every step (no indexer)  /  trained the same way
+  random  k random past tokens, redrawn every step (no indexer)  |  trained the same way
+  oracle  top-k of the layer's true head-summed attention       /  (the ceiling of any shared index set at k)
   block   our query-block-shared variant (blocks of queries share one selected set)
 Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
@@ -38,8 +39,8 @@ from train import (Execution, classic_from_state, dense_pretrain, dense_stage, e
                    sparse_stage, state_of, warmup_indexer)
 
 TASKS = ("lm", "mqar")
-MODELS = ("dense", "dsa", "local", "random", "block")
-DEFAULT_MODELS = ("dense", "dsa", "local", "random")
+MODELS = ("dense", "dsa", "local", "random", "oracle", "block")
+DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 
 # Per preset and task: model widths and an explicit step budget per stage (the same at every length).
 # CPU calibration (this 2-core machine): a quick-width classic model at L=1024 takes ~0.55 s per step at batch 8.
@@ -59,7 +60,7 @@ CURRICULUM_RESTARTS = 2
 _MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curriculum_len=32, curriculum_round=1200,
                   curriculum_target=0.95)
 PRESETS = {
-    "quick": {  # a small view, <= 20 min on 2 CPU cores
+    "quick": {  # a small view, <= 20 min on 2 CPU cores (warm-ups short of their plateau: the report says step_cap)
         "seeds": [42, 43, 44], "top_k": 64,
         "lm": dict(seq_lens=[256, 1024], **QUICK_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=40, steps=60,
                    learning_rate=3e-3, eval_every=60, eval_windows=16),
@@ -71,20 +72,22 @@ PRESETS = {
         # measured on 2 cores at L=2048, batch 4: dense 0.55 s/step, dsa 0.87, local 0.57, random 0.74;
         # mqar batches hold batch_tokens tokens (8 sequences at 256 ... 2 at 1024 and 2048) so a step costs about the same
         "seeds": [42, 43, 44], "top_k": 64,
-        "lm": dict(seq_lens=[256, 512, 1024, 2048], **QUICK_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=60,
+        # warm-up caps of 600: the plateau rule (TrainConfig.warmup_until_plateau), not the cap, should end them
+        # (measured on main: MQAR L=1024 plateaus from ~300 steps; the quick sweep at L=256 stopped at 380)
+        "lm": dict(seq_lens=[256, 512, 1024, 2048], **QUICK_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=600,
                    steps=100, learning_rate=3e-3, eval_every=50, eval_windows=16),
         "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=2048,
-                     curriculum_steps=3600, dense_steps=80, warmup_steps=40, steps=80, learning_rate=3e-3,
+                     curriculum_steps=3600, dense_steps=80, warmup_steps=600, steps=80, learning_rate=3e-3,
                      eval_every=100, eval_windows=128),
     },
     "default": {  # the GPU-box preset: the research plan's widths, L up to 8192
         "seeds": [42, 43, 44], "top_k": 256,
         "lm": dict(seq_lens=[1024, 2048, 4096, 8192], d_model=256, n_heads=8, n_layers=4, d_ff=512, num_experts=4,
                    expert_top_k=2, indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, batch_size=8,
-                   dense_steps=1000, warmup_steps=300, steps=1000, learning_rate=1e-3, eval_every=250,
+                   dense_steps=1000, warmup_steps=1000, steps=1000, learning_rate=1e-3, eval_every=250,
                    eval_windows=32),
         "mqar": dict(seq_lens=[1024, 2048, 4096, 8192], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32,
-                     curriculum_steps=3000, dense_steps=500, warmup_steps=200, steps=500, learning_rate=3e-3,
+                     curriculum_steps=3000, dense_steps=500, warmup_steps=1000, steps=500, learning_rate=3e-3,
                      eval_every=250, eval_windows=256),
     },
 }
@@ -175,7 +178,7 @@ class MQARTask:
 # ----------------------------------------------------------------------------- one (task, L, seed)
 def model_config(base: ModelConfig, name: str) -> ModelConfig:
     """The config of one compared model (dense uses the classic model; the rest the sparse one)."""
-    if name == "local" or name == "random":
+    if name in ("local", "random", "oracle"):
         return dataclasses.replace(base, selection_source=name)
     if name == "block":
         return dataclasses.replace(base, attention_backend="block")
@@ -272,7 +275,7 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
         stage, warmup = dense_stage(tcfg), None
     else:
         model = sparse_from_state(model_config(cfg, name), branch, seed).to(device)
-        if name in ("local", "random"):  # no indexer: no warm-up, no KL
+        if name in ("local", "random", "oracle"):  # no indexer: no warm-up, no KL
             stage = dataclasses.replace(sparse_stage(tcfg), mode=AttentionMode(sparse=True), indexer_lr=None)
             warmup = None
         else:
@@ -285,6 +288,10 @@ def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: di
     if name != "dense":  # recall by distance (and per layer) on the held-out set, with the trained selection
         stats = evaluate(model, task.val, tcfg.batch_size, device, recall=True)
         final["recall_by_distance"] = stats["recall_by_distance"]
+        final.update(oracle_recall=stats["oracle_recall"], oracle_recall_by_distance=stats["oracle_recall_by_distance"],
+                     recall_share_of_oracle=stats["indexer_recall"] / stats["oracle_recall"],  # the same evaluation
+                     recall_share_of_oracle_by_distance=[r / o if o > 0 else math.nan for r, o in zip(
+                         stats["recall_by_distance"], stats["oracle_recall_by_distance"])])
     final.update(task.extra_metrics(model, device))
     return {"final": final, "curves": result["curves"], "warmup": warmup}
 
@@ -376,7 +383,8 @@ def figures(summary: dict, models: list[str], out: Path) -> list[str]:
 
 
 METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "model_flops_utilization", "indexer_recall",
-           "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb")
+           "random_recall", "local_recall", "mean_selected_keys", "accuracy", "peak_memory_mb", "process_peak_rss_mb",
+           "oracle_recall", "recall_share_of_oracle")
 QUALITY = {"lm": "val_loss", "mqar": "accuracy"}  # each task's quality metric (its paired tests compare it)
 
 
@@ -406,12 +414,14 @@ def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -
                                                  metrics=quality))
     if task_name == "mqar":
         metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
-    if "recall_by_distance" in finals[0]:
-        metrics["recall_by_distance"] = [_nanmean(v) for v in zip(*[f["recall_by_distance"] for f in finals])]
+    for curve in ("recall_by_distance", "oracle_recall_by_distance", "recall_share_of_oracle_by_distance"):
+        if curve in finals[0]:  # per distance bucket, mean over seeds
+            metrics[curve] = [_nanmean(v) for v in zip(*[f[curve] for f in finals])]
     warm = [by_model[name][s].get("warmup") for s in seeds]
     if warm[0]:
         metrics["warmup_recall_after"] = mean_ci95([w["recall_after"] for w in warm])
         metrics["warmup_kl_curve"] = [_nanmean(v) for v in zip(*[w["indexer_kl"] for w in warm])]
+        metrics["warmup_plateau"] = {str(s): w.get("plateau") for s, w in zip(seeds, warm)}
     return metrics
 
 

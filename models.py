@@ -15,7 +15,7 @@ from torch import nn
 
 from adaptive_selection import build_k_selector
 from config import ModelConfig
-from efficient_patterns import LocalSelector, RandomSelector, build_pattern
+from efficient_patterns import LocalSelector, OracleSelector, RandomSelector, build_pattern
 from backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
 from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
                                 RegionRestrictedSelector)
@@ -299,7 +299,8 @@ def build_sparse_attention(cfg: ModelConfig, leader: DeepSeekSparseAttention | N
     """A layer's DSA module; `leader` is its group leader's module when it shares that indexer."""
     layer = SparseLatentAttention if cfg.attention_type == "mla" else DeepSeekSparseAttention
     if cfg.selection_source != "indexer":  # indexer-free controls: no indexer parameters at all
-        selector = (LocalSelector if cfg.selection_source == "local" else RandomSelector)(cfg.sparse_top_k)
+        selector = {"local": LocalSelector, "random": RandomSelector, "oracle": OracleSelector}[cfg.selection_source](
+            cfg.sparse_top_k)
         return layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
     if leader is not None:
         selector = build_selector(cfg, leader.indexer)

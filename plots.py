@@ -191,7 +191,7 @@ def scaling_analysis(summary: dict, names: list[str], lengths: list[int], path: 
 
 # ----------------------------------------------------------------------------- long-context study
 LONG_CONTEXT_STYLE = {"dense": "tab:blue", "dsa": "tab:orange", "local": "tab:green", "random": "tab:gray",
-                      "block": "tab:purple"}
+                      "block": "tab:purple", "oracle": "tab:red"}
 
 
 def _band(ax, lengths, stats, color, label, scale=1.0, floor=None):
@@ -204,33 +204,61 @@ def _band(ax, lengths, stats, color, label, scale=1.0, floor=None):
 
 
 def long_context(summary: dict, models: list[str], path: str | Path) -> None:
-    """2x2: LM val loss minus dense (paired per seed, 95 % CI band), MQAR accuracy, time per step (band floored
-    at 0), and recall of dense attention mass by query-key distance at the largest LM length."""
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    """long_context_figure(...) written to `path`."""
+    fig = long_context_figure(summary, models)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def long_context_figure(summary: dict, models: list[str]):
+    """The panels of what was run: per task run its quality vs L (LM: val loss − dense, paired per seed; MQAR: answer
+    accuracy; 95 % CI bands with several seeds), time per step (band floored at 0), and recall of dense attention mass
+    by query-key distance at the largest length (with DSA's ceiling, the oracle top-k, dashed) when a model selects."""
     res = summary["results"]
-    for ax, task, metric, ylabel in ((axes[0, 0], "lm", "delta_val_loss_vs_dense", "val loss − dense (paired)"),
-                                     (axes[0, 1], "mqar", "accuracy", "MQAR answer accuracy")):
-        if task not in res:
-            ax.set_visible(False)
-            continue
-        lengths = sorted(int(L) for L in res[task])
-        for name in models:
-            if task == "lm" and name == "dense":
-                continue
-            _band(ax, lengths, [res[task][str(L)][name][metric] for L in lengths], LONG_CONTEXT_STYLE[name], name)
-        if task == "lm":
-            ax.axhline(0, color="black", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{L}\n(k/L pairs {res[task][str(L)]['kept_pair_fraction']:.0%})" for L in lengths])
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{task}: k = {res[task][str(lengths[0])]['top_k']}, mean ± 95% CI over seeds")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    panels = [(_long_context_quality, task) for task in ("lm", "mqar") if task in res]
     task = "lm" if "lm" in res else "mqar"
-    lengths = sorted(int(L) for L in res[task])
-    ax = axes[1, 0]
+    panels.append((_long_context_time, task))
+    if any("recall_by_distance" in res[task][str(max(map(int, res[task])))].get(name, {}) for name in models):
+        panels.append((_long_context_recall, task))
+    cols = len(panels) if len(panels) <= 3 else 2
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(6.5 * cols, 4.5 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, (draw, task) in zip(axes.flat, panels):
+        draw(ax, summary, models, task)
+    fig.tight_layout()
+    return fig
+
+
+def _seeds_note(summary: dict, task: str) -> str:
+    seeds = summary.get("seeds", {}).get(task, [])
+    return "mean ± 95% CI over seeds" if len(seeds) > 1 else "one seed (no CI)"
+
+
+def _long_context_quality(ax, summary: dict, models: list[str], task: str) -> None:
+    res = summary["results"][task]
+    metric, ylabel = (("delta_val_loss_vs_dense", "val loss − dense (paired)") if task == "lm"
+                      else ("accuracy", "MQAR answer accuracy"))
+    lengths = sorted(int(L) for L in res)
     for name in models:
-        _band(ax, lengths, [res[task][str(L)][name]["avg_time_per_step"] for L in lengths], LONG_CONTEXT_STYLE[name],
+        if task == "lm" and name == "dense":
+            continue
+        _band(ax, lengths, [res[str(L)][name][metric] for L in lengths], LONG_CONTEXT_STYLE[name], name)
+    if task == "lm":
+        ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{L}\n(k/L pairs {res[str(L)]['kept_pair_fraction']:.0%})" for L in lengths])
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{task}: k = {res[str(lengths[0])]['top_k']}, {_seeds_note(summary, task)}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # LM with dense alone: nothing to label
+        ax.legend()
+
+
+def _long_context_time(ax, summary: dict, models: list[str], task: str) -> None:
+    res = summary["results"][task]
+    lengths = sorted(int(L) for L in res)
+    for name in models:
+        _band(ax, lengths, [res[str(L)][name]["avg_time_per_step"] for L in lengths], LONG_CONTEXT_STYLE[name],
               name, scale=1000, floor=0.0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(L) for L in lengths])
@@ -238,16 +266,20 @@ def long_context(summary: dict, models: list[str], path: str | Path) -> None:
     ax.set_title(f"{task}: time per step (same run)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax = axes[1, 1]
-    L = str(max(lengths))
+
+
+def _long_context_recall(ax, summary: dict, models: list[str], task: str) -> None:
+    res = summary["results"][task]
+    L = str(max(int(length) for length in res))
     for name in models:
-        recall = res[task][L][name].get("recall_by_distance")
+        recall = res[L][name].get("recall_by_distance")
         if recall:
             ax.plot([2 ** b for b in range(len(recall))], recall, "o-", color=LONG_CONTEXT_STYLE[name], label=name)
+        ceiling = res[L][name].get("oracle_recall_by_distance")
+        if name == "dsa" and ceiling:
+            ax.plot([2 ** b for b in range(len(ceiling))], ceiling, "--", color=LONG_CONTEXT_STYLE[name],
+                    label="dsa's ceiling (oracle top-k of its attention)")
     _distance_axes(ax, "dense attention mass kept", f"{task} L={L}: recall by distance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _distance_axes(ax, ylabel: str, title: str) -> None:

@@ -4,6 +4,8 @@ Everything here reads summaries (dicts of mean_ci95 stats, as written to summary
 """
 from __future__ import annotations
 
+import math
+
 from results_io import ALPHA, mean_ci95, paired_tests
 
 
@@ -119,6 +121,32 @@ def front_text(summary: dict, names: list[str], L: int, cost: str) -> str:
     return ", ".join(f"{n}{' ≈' if n in tied else ''}" for n in front)
 
 
+def warmup_phrase(train: dict) -> str:
+    """How long the indexer warm-up ran, from a run's train config (older runs had no rule: a fixed count)."""
+    if train.get("warmup_until_plateau", False):
+        return f"until its held-out KL plateaus (at most {train['warmup_steps']} steps)"
+    return f"for {train['warmup_steps']} steps"
+
+
+def warmup_table(runs: list[tuple[list, dict | None]], labels: list[str]) -> str:
+    """The warm-ups' stopping record (train.run_stage's `plateau`, one row per run keyed by `labels`): steps used,
+    why it stopped (plateau: the rule; step_cap: still improving at warmup_steps; fixed_steps: the rule was off) and
+    the held-out KL curve's first, lowest and last values. The rule is stated above the table."""
+    rows = []
+    for key, record in runs:
+        if not record:
+            rows.append([*key, "n/a", "n/a (a record without the warm-up curve)", ""])
+            continue
+        kl = record["held_out_kl"]
+        curve = f"{kl[0]:.4g} → {kl[-1]:.4g} (lowest {min(kl):.4g}, {len(kl)} evaluations)" if kl else "not measured"
+        rows.append([*key, record["steps_used"], record["stop_reason"] or "no steps", curve])
+    rules = sorted({record["rule"] for _, record in runs if record})
+    stopped = sum(1 for _, record in runs if record and record["stop_reason"] == "plateau")
+    head = (f"Warm-up rule: {'; '.join(rules) or 'n/a'}. Ended by the plateau rule: {stopped} of {len(runs)} "
+            f"warm-ups (the others ran to the cap, or a fixed count).")
+    return head + "\n\n" + markdown_table([*labels, "steps used", "stopped by", "held-out KL (first → last)"], rows)
+
+
 # ----------------------------------------------------------------------------- sparse_vs_classic
 def sweep_table(summary: dict) -> str:
     """The sequence-length sweep, one row per L: classic vs sparse quality, speed and indexer recall."""
@@ -152,8 +180,8 @@ documents ({cfg['corpus']['train_tokens']:,} / {cfg['corpus']['val_tokens']:,} t
 backend `{m['attention_backend']}`. Seeds {summary['seeds']} ({'mean ± 95 % CI half-width' if n > 1 else 'one seed: no CI'}).
 
 Schedule per seed: {t['dense_steps']} shared dense pre-training steps -> branch; classic trains {t['steps']} more
-dense steps; sparse warms its indexer up for {t['warmup_steps']} steps (main model frozen, KL to dense attention),
-then trains {t['steps']} sparse steps on the same batches in the same order.
+dense steps; sparse warms its indexer up (main model frozen, KL to dense attention) {warmup_phrase(t)} (see
+*Warm-up* below), then trains {t['steps']} sparse steps on the same batches in the same order.
 
 {table}
 
@@ -169,7 +197,19 @@ then trains {t['steps']} sparse steps on the same batches in the same order.
 - *ms/step*: wall time of a training step on this machine, measured in the same run for both models.
   The `masked` backend computes dense scores and masks them, so it cannot be faster than dense; speed comes
   from the sparse kernels (see benchmark.py).
+
+## Warm-up
+
+{sweep_warmups(summary)}
 """
+
+
+def sweep_warmups(summary: dict) -> str:
+    """One row per (L, seed): how the sparse model's indexer warm-up ended."""
+    runs = [([L, seed], (entry.get("warmup") or {}).get(seed))
+            for L, entry in sorted(summary["results"].items(), key=lambda kv: int(kv[0]))
+            for seed in map(str, summary["seeds"])]
+    return warmup_table(runs, ["L", "seed"])
 
 
 # ----------------------------------------------------------------------------- variants vs the baseline
@@ -240,7 +280,7 @@ def optimization_report(summary: dict) -> str:
     return f"""# Lightning-indexer optimisation
 
 Every strategy starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), warms
-its indexer up for {t['warmup_steps']} steps and trains {t['steps']} sparse steps on the same batches.
+its indexer up {warmup_phrase(t)} and trains {t['steps']} sparse steps on the same batches.
 Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI, no significance test'}).
 {COLUMNS}
 
@@ -265,7 +305,7 @@ def ablations_report(mode: str, summary: dict, names_by_question: dict[str, tupl
     return f"""# Comprehensive lightning-indexer ablations ({mode} mode)
 
 {n_variants} variants x lengths {lengths} x seeds {seeds}, each from the same dense branch point
-per (L, seed) ({train['dense_steps']} dense steps), {train['warmup_steps']} indexer warm-up steps, {train['steps']}
+per (L, seed) ({train['dense_steps']} dense steps), indexer warm-up {warmup_phrase(train)}, {train['steps']}
 sparse steps on the same batches, variants in a shuffled order per (L, seed). {'Values are mean ± 95 % CI half-width.' if len(seeds) > 1 else
 'One seed: no CI and no significance test — run --mode research for those.'}
 
@@ -281,10 +321,10 @@ def long_context_tables(summary: dict, models: list[str]) -> str:
     for task, by_L in summary["results"].items():
         if task == "lm":
             header = ["L", "kept pairs", "model", "val loss", "Δ val loss vs dense (paired)", "accuracy",
-                      "indexer recall", "ms/step", "tokens/s"]
+                      "recall (ceiling; share of it)", "ms/step", "tokens/s"]
         else:
             header = ["L", "kept pairs", "model", "answer accuracy", "Δ accuracy vs dense (paired)", "val loss",
-                      "indexer recall", "ms/step", "tokens/s"]
+                      "recall (ceiling; share of it)", "ms/step", "tokens/s"]
         rows = []
         for L, entry in sorted(by_L.items(), key=lambda kv: int(kv[0])):
             for name in models:
@@ -292,11 +332,39 @@ def long_context_tables(summary: dict, models: list[str]) -> str:
                 quality = ([fmt_ci(m["val_loss"]), fmt_ci(m["delta_val_loss_vs_dense"]), fmt_ci(m["val_accuracy"])]
                            if task == "lm" else
                            [fmt_ci(m["accuracy"]), fmt_ci(m["delta_accuracy_vs_dense"]), fmt_ci(m["val_loss"])])
-                recall = fmt_ci(m["indexer_recall"]) if "indexer_recall" in m else "—"
+                recall = recall_with_ceiling(m)
                 rows.append([L, f"{entry['kept_pair_fraction']:.1%}", name, *quality, recall,
                              fmt_ci(m["avg_time_per_step"], 0, 1000), fmt_ci(m["tokens_per_s"], 0)])
         parts.append(f"### {task} (k = {next(iter(by_L.values()))['top_k']})\n\n" + markdown_table(header, rows))
     return "\n\n".join(parts)
+
+
+def recall_with_ceiling(m: dict) -> str:
+    """A model's recall beside its ceiling (the oracle top-k of the same model's attention, same evaluation) and
+    recall as a share of that ceiling (per-seed ratios); '—' without a selection."""
+    if "indexer_recall" not in m:
+        return "—"
+    if "oracle_recall" not in m:  # a record from before the ceiling was measured
+        return fmt_ci(m["indexer_recall"])
+    return f"{fmt_ci(m['indexer_recall'])} ({fmt_ci(m['oracle_recall'])}; {fmt_ci(m['recall_share_of_oracle'], 2)})"
+
+
+def recall_share_by_distance(summary: dict, models: list[str]) -> str:
+    """Per task: recall as a share of its ceiling (the oracle top-k of the same model) by query-key distance bucket
+    (columns: the bucket's first distance), one row per (L, model with a selection), mean over seeds. A bucket's
+    share can exceed 1: the ceiling maximises the mass kept over all distances, not in each bucket."""
+    parts = []
+    for task, by_L in summary["results"].items():
+        rows = [[L, name, *[f"{v:.2f}" if v is not None and math.isfinite(v) else "—"
+                            for v in by_L[L][name]["recall_share_of_oracle_by_distance"]]]
+                for L in sorted(by_L, key=int) for name in models
+                if name != "oracle" and "recall_share_of_oracle_by_distance" in by_L[L].get(name, {})]
+        rows = [r for r in rows if any(v != "—" for v in r[2:])]  # a model whose recall was not measured
+        if rows:
+            width = max(len(r) for r in rows) - 2
+            rows = [r + ["—"] * (width + 2 - len(r)) for r in rows]
+            parts.append(f"### {task}\n\n" + markdown_table(["L", "model", *[str(2 ** b - 1) for b in range(width)]], rows))
+    return "\n\n".join(parts) or "No model with a selection was run."
 
 
 def long_context_findings(summary: dict, models: list[str]) -> list[str]:
@@ -339,10 +407,15 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "",
         "Every model starts from the same dense branch point per (task, L, seed) and sees the same batches. "
         "`dsa` = lightning indexer + top-k (dense KL warm-up, then sparse training); `local` = last k tokens; "
-        "`random` = k random past tokens redrawn every step; `block` = our block-shared variant. "
+        "`random` = k random past tokens redrawn every step; `oracle` = the top-k keys of the layer's own dense "
+        "attention summed over heads (no indexer: the best any index set shared by the heads can keep at k — DSA vs "
+        "oracle is what the indexer loses, oracle vs dense what top-k itself loses); `block` = our block-shared "
+        "variant. "
         "*Kept pairs* = selected causal (query, key) pairs / all causal pairs. Differences vs dense are paired "
-        "by seed (mean ± 95 % Student-t CI); *indexer recall* is the share of dense attention mass inside the "
-        f"selected set (rows with more than k past tokens). Seeds: {seeds}.",
+        "by seed (mean ± 95 % Student-t CI); *recall* is the share of dense attention mass inside the "
+        "selected set (rows with more than k past tokens), beside its ceiling (the same model's own top-k of that "
+        "mass, same evaluation) and recall as a share of the ceiling (by distance: `recall_share_of_oracle_by_distance` "
+        f"in summary.json). Seeds: {seeds}.",
         "",
         "## Findings (computed from the table)",
         "",
@@ -352,10 +425,30 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "",
         long_context_tables(summary, models),
         "",
-        "Figures: `long_context.png` (paired differences, MQAR accuracy, time per step, recall by distance), "
-        "`mqar_accuracy_by_distance.png`.",
+        "## Recall as a share of its ceiling, by query-key distance",
+        "",
+        "Columns: the distance bucket's first distance (bucket b holds distances 2^b − 1 … 2^(b+1) − 2). Above 1: "
+        "that model keeps more of the bucket's mass than the ceiling's set, which maximises the mass over all "
+        "distances.",
+        "",
+        recall_share_by_distance(summary, models),
+        "",
+        "## Warm-up",
+        "",
+        long_context_warmups(summary, models),
+        "",
+        "Figures: `long_context.png` (per task run: its quality vs L; time per step; recall by distance)"
+        + (", `mqar_accuracy_by_distance.png`." if "mqar" in summary["results"] else "."),
         "",
     ])
+
+
+def long_context_warmups(summary: dict, models: list[str]) -> str:
+    """One row per (task, L, model with an indexer, seed): how its warm-up ended."""
+    runs = [([task, L, name, seed], record) for task, by_L in summary["results"].items()
+            for L, entry in sorted(by_L.items(), key=lambda kv: int(kv[0])) for name in models
+            if "warmup_plateau" in entry.get(name, {}) for seed, record in entry[name]["warmup_plateau"].items()]
+    return warmup_table(runs, ["task", "L", "model", "seed"]) if runs else "No model with an indexer was run."
 
 
 # ----------------------------------------------------------------------------- adaptive sparsity
@@ -476,13 +569,16 @@ def adaptive_sparsity_report(summary: dict, models: list[str]) -> str:
         "comparison: without it, better could just mean kept more).",
         "",
         f"Every model starts from the same dense branch point per (L, seed) ({t['dense_steps']} dense steps), sparse "
-        f"models from one shared indexer warm-up ({t['warmup_steps']} steps, dense KL, main model frozen), then "
+        f"models from one shared indexer warm-up (dense KL, main model frozen, {warmup_phrase(t)}), then "
         f"{t['steps']} steps on the same batches, batch {t['batch_size']}. Model: {m['attention_type'].upper()}, d_model "
         f"{m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, {m['num_experts']} experts top-{m['expert_top_k']}, "
         f"indexer {m['indexer_heads']}×{m['indexer_dim']}, backend `{m['attention_backend']}`. Data: `{cfg['dataset']}` "
         f"(held-out documents for validation). Seeds {seeds} ({'mean ± 95 % CI half-width' if len(seeds) > 1 else 'one seed: no CI'}).",
         "",
         "Indexer recall after the shared warm-up (fixed 50 % selection): " + ("; ".join(warm) if warm else "n/a") + ".",
+        "",
+        warmup_table([([L, seed], record) for L, e in sorted(summary["results"].items(), key=lambda kv: int(kv[0]))
+                      for seed, record in e.get("warmup_plateau", {}).items()], ["L", "seed"]),
         "",
         "## Findings (computed from the data)",
         "",

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mha, or mla: DeepSeek's multi-head latent attention (DSA then runs in MQA mode)")
     p.add_argument("--task", nargs="+", choices=("lm", "mqar"), help="long_context tasks (default: lm mqar)")
     p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="long_context models: dense dsa local random block (default: dense dsa local random); "
+                   help="long_context models: dense dsa local random oracle block (default: dense dsa local random "
+                        "oracle); "
                         "adaptive_sparsity models: dense fixed25 fixed50 fixed75 adaptive matched (default: all)")
     p.add_argument("--backend", dest="attention_backend", help="sparse attention backend (masked, gather, ...)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -193,7 +194,8 @@ def sweep_entry(out: Path, L: int, by_seed: dict, config: dict, seeds: list[int]
         [by_seed[s]["sparse"]["final"] for s in seeds], [by_seed[s]["classic"]["final"] for s in seeds], "classic",
         metrics=("val_loss", "val_accuracy")))
     k = config["model"]["sparse_top_k"]
-    return {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry}
+    warmups = {str(s): by_seed[s]["sparse"]["warmup"].get("plateau") for s in seeds}  # how each warm-up ended
+    return {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry, "warmup": warmups}
 
 
 def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,

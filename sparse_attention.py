@@ -420,9 +420,10 @@ class SparseAttentionLayer:
             return timed(mode.timer, "attention", self.attend_dense, heads), AttentionAux()
         aux = AttentionAux()
         index_input = self.indexer_input(x, heads)
-        if positional:
+        if positional:  # the oracle control also reads the layer's own (q, k)
+            extra = {"attention": self.recall_inputs(heads)} if getattr(self.selector, "reads_attention", False) else {}
             selection = timed(mode.timer, "indexer", lambda: Selection(*self.selector.select(
-                x.shape[0], x.shape[1], x.device)))
+                x.shape[0], x.shape[1], x.device, **extra)))
         elif mode.sparse:
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "sparse"):
                 selection = timed(mode.timer, "indexer", lambda: self.backend.select(
@@ -468,7 +469,8 @@ def selection_recall(q, k, selected_idx, valid) -> dict:
 
     k_t = the row's valid slots (K = min(k, t+1) for plain top-k; per row for adaptive k and patterns).
     Counted only over query rows with k_t < t+1, where selection actually drops tokens.
-    Random recall is its exact expectation k_t/(t+1). Returns sums and the row count (so batches add up).
+    Random recall is its exact expectation k_t/(t+1); oracle recall, the ceiling, is the mass of the row's own top-k_t
+    keys of the dense attention. Returns sums and the row count (so batches add up).
     """
     L = q.shape[2]
     p = causal_attention_probs(q.float(), k.float()).sum(1)
@@ -478,17 +480,24 @@ def selection_recall(q, k, selected_idx, valid) -> dict:
     row_k = valid.sum(-1)  # (B, L)
     local = p.masked_fill(t[None, None, :] <= t[None, :, None] - row_k[..., None], 0.0).sum(-1)  # last k_t
     rows = row_k < t + 1  # (B, L)
+    # the ceiling at each row's budget k_t: its top-k_t keys of p itself (what OracleSelector keeps)
+    order = p.masked_fill(future_mask(L, L, q.device), -1.0).argsort(-1, descending=True)  # (B, L, L)
+    in_top = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, order, t[None, None, :] < row_k[..., None])
+    oracle = (p * in_top).sum(-1)  # (B, L)
     # dense mass by query-key distance bucket (powers of two: [0], [1], [2, 3], [4, 7], ...), over the same rows
     bucket = (t[:, None] - t[None, :]).clamp(min=0).add(1).float().log2().floor().long()  # (L, L)
     n_buckets = int(bucket.max()) + 1
     in_rows = p * rows[..., None]  # (B, L, L)
     chosen = in_rows * selection_mask(selected_idx, valid, L)
-    by_bucket = torch.zeros(2, n_buckets, dtype=p.dtype, device=p.device)
+    by_bucket = torch.zeros(3, n_buckets, dtype=p.dtype, device=p.device)
     by_bucket[0].index_add_(0, bucket.flatten(), in_rows.sum(0).flatten())
     by_bucket[1].index_add_(0, bucket.flatten(), chosen.sum(0).flatten())
+    by_bucket[2].index_add_(0, bucket.flatten(), (in_rows * in_top).sum(0).flatten())
     return {
         "mass_by_distance": by_bucket[0].tolist(),  # dense attention mass per distance bucket
         "selected_mass_by_distance": by_bucket[1].tolist(),  # ... of which inside S_t
+        "oracle_mass_by_distance": by_bucket[2].tolist(),  # ... of which inside the oracle's top-k_t
+        "oracle_recall_sum": float(oracle[rows].sum()),
         "rows": int(rows.sum()),
         "recall_sum": float(recall[rows].sum()),
         "local_recall_sum": float(local[rows].sum()),
@@ -499,18 +508,22 @@ def selection_recall(q, k, selected_idx, valid) -> dict:
 
 
 def merge_recall_stats(stats: list[dict]) -> dict:
-    """Add per-layer/per-batch recall sums -> {'indexer_recall', 'random_recall', 'local_recall'}."""
+    """Add per-layer/per-batch recall sums -> {'indexer_recall', 'random_recall', 'local_recall', 'oracle_recall'},
+    mean_selected_keys, and recall_by_distance / oracle_recall_by_distance."""
     rows = sum(s["rows"] for s in stats)
     merged = {name: sum(s[key] for s in stats) / rows if rows else math.nan
               for name, key in (("indexer_recall", "recall_sum"), ("random_recall", "random_recall_sum"),
-                                ("local_recall", "local_recall_sum"))}
+                                ("local_recall", "local_recall_sum"), ("oracle_recall", "oracle_recall_sum"))}
     merged["mean_selected_keys"] = sum(s["selected_sum"] for s in stats) / sum(s["queries"] for s in stats)
     n = max(len(s["mass_by_distance"]) for s in stats)
-    mass, chosen = [0.0] * n, [0.0] * n
+    mass, chosen, best = [0.0] * n, [0.0] * n, [0.0] * n
     for s in stats:
-        for i, (m, c) in enumerate(zip(s["mass_by_distance"], s["selected_mass_by_distance"])):
+        for i, (m, c, o) in enumerate(zip(s["mass_by_distance"], s["selected_mass_by_distance"],
+                                          s["oracle_mass_by_distance"])):
             mass[i] += m
             chosen[i] += c
+            best[i] += o
     # recall by distance bucket b (keys 2^b - 1 .. 2^(b+1) - 2 tokens back): share of that bucket's dense mass kept
     merged["recall_by_distance"] = [c / m if m > 0 else math.nan for m, c in zip(mass, chosen)]
+    merged["oracle_recall_by_distance"] = [o / m if m > 0 else math.nan for m, o in zip(mass, best)]  # the ceiling's
     return merged

@@ -28,6 +28,7 @@ from config import ModelConfig, TrainConfig
 from data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
 from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
+from plateau import PlateauRule, PlateauTracker
 from results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
 from sparse_attention import DENSE, AttentionMode, SectionTimer, merge_recall_stats
 
@@ -193,6 +194,26 @@ def evaluate(model, val, batch_size: int, device: torch.device, recall: bool = F
     return result
 
 
+def _first_windows(val, n: int):
+    """The first n held-out windows of `val` (windows, or an (inputs, targets) pair)."""
+    return val[:n] if isinstance(val, torch.Tensor) else tuple(part[:n] for part in val)
+
+
+@torch.no_grad()
+def held_out_indexer_kl(model, val, batch_size: int, device: torch.device) -> float:
+    """The warm-up loss on held-out windows: dense attention, KL(p || softmax(I)) summed over layers, mean over
+    windows (what the plateau rule watches)."""
+    was_training = model.training
+    model.eval()
+    mode = AttentionMode(sparse=False, indexer_loss="dense")
+    total, windows = 0.0, 0
+    for inputs, _ in eval_batches(val, batch_size):
+        total += model(inputs.to(device), mode, return_aux=True)[1].indexer_loss.item() * len(inputs)
+        windows += len(inputs)
+    model.train(was_training)
+    return total / windows
+
+
 # ----------------------------------------------------------------------------- stages as data
 @dataclass(frozen=True)
 class Stage:
@@ -210,6 +231,7 @@ class Stage:
     weight_decay: float = 0.0
     recall: bool = False
     eval_every: int | None = None
+    plateau: PlateauRule | None = None  # the warm-up's stopping rule (`steps` is its cap); None: a plain stage
 
 
 def dense_stage(tcfg: TrainConfig, steps: int | None = None) -> Stage:
@@ -221,7 +243,32 @@ def dense_stage(tcfg: TrainConfig, steps: int | None = None) -> Stage:
 def warmup_stage(tcfg: TrainConfig) -> Stage:
     """Stage 1: dense attention, main model frozen, indexers trained on the dense KL at warmup_lr."""
     return Stage("warmup", tcfg.warmup_steps, "indexer", AttentionMode(sparse=False, indexer_loss="dense"),
-                 lm_loss=False, lr=tcfg.warmup_lr, recall=True)
+                 lm_loss=False, lr=tcfg.warmup_lr, recall=True, plateau=warmup_rule(tcfg))
+
+
+def warmup_rule(tcfg: TrainConfig) -> PlateauRule:
+    """The warm-up's stopping rule from the config (warmup_steps is the cap; a fixed count when the rule is off)."""
+    return PlateauRule(max_steps=tcfg.warmup_steps, eval_every=tcfg.warmup_eval_every,
+                       window=tcfg.warmup_plateau_window, min_rel_improvement=tcfg.warmup_min_rel_improvement,
+                       enabled=tcfg.warmup_until_plateau)
+
+
+def _plateau_tracker(stage: Stage, log: dict) -> PlateauTracker | None:
+    """The stage's tracker; its curve lives in `log` (so a resume checkpoint carries it)."""
+    if stage.plateau is None:
+        return None
+    tracker = PlateauTracker(stage.plateau)
+    state = log.setdefault("plateau", {"steps": [], "kl": []})
+    tracker.steps, tracker.kl = state["steps"], state["kl"]
+    return tracker
+
+
+def _plateau_stop(tracker: PlateauTracker, model, val, tcfg: TrainConfig, device, step: int) -> bool:
+    """At the rule's evaluation steps: measure the held-out KL; True when the warm-up is finished."""
+    if not tracker.is_eval_step(step):
+        return False
+    kl = held_out_indexer_kl(model, _first_windows(val, tcfg.warmup_eval_windows), tcfg.batch_size, device)
+    return tracker.update(step, kl)
 
 
 def sparse_stage(tcfg: TrainConfig) -> Stage:
@@ -281,9 +328,9 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
 
     Curves at every evaluation: steps, train_loss (LM), val_loss, val_accuracy, val_perplexity,
     time_per_step; with an indexer loss also indexer_kl (per-step in `step_indexer_kl`); with recall also
-    indexer_recall, random_recall, local_recall, mean_selected_keys. `before` is the evaluation before
-    the first step when the stage evaluates only at its ends. `final` also holds tokens_per_s (and on CUDA
-    model_flops_utilization).
+    indexer_recall, random_recall, local_recall, mean_selected_keys. `before`: the evaluation before the first
+    step of a stage that evaluates only at its ends. `final` also holds tokens_per_s (CUDA: MFU); a warm-up
+    stage with a plateau rule stops where the rule says and records it in `plateau` (steps, KL curve, reason).
 
     `run` (Execution) says how: dtype, torch.compile, and resume checkpoints (`run.folder`): every
     `checkpoint_every` steps the whole training state (model, optimizer, schedule, stream position, every RNG,
@@ -298,6 +345,7 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     if saved is not None and saved.get("result") is not None:  # the stage finished before the interruption
         return saved["result"]
     opt, sched, log, first = _stage_start(model, stage, val, tcfg, device, saved)
+    tracker = _plateau_tracker(stage, log)
     timer = SectionTimer(cuda=device.type == "cuda")
     timer.totals = log["timer"]
     profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
@@ -316,6 +364,9 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
             if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
                 _log_eval(log["curves"], model, val, tcfg, device, stage, step + 1, log["step_loss"], log["step_time"],
                           log["step_kl"])
+            if tracker is not None and _plateau_stop(tracker, model, val, tcfg, device, step + 1):
+                steps = step + 1  # the rule ended the stage here: what follows counts the steps run
+                break
             if run.folder is not None and run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 \
                     and step + 1 < steps:
                 _save_step(run, step + 1, model, opt, sched, stream, log)
@@ -327,6 +378,7 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
                   log["step_kl"])
     result = {"curves": log["curves"], "final": _final_metrics(model, stage, log, timer, profile, tcfg, seq_len, device),
               "before": log["before"], "step_indexer_kl": log["step_kl"]}
+    result.update({"plateau": tracker.record()} if tracker is not None else {})
     if run.folder is not None and run.checkpoint_every:
         _save_finished(run, model, stream, result)
     return result
@@ -626,7 +678,7 @@ def warmup_record(result: dict) -> dict:
     after = result["final"]
     return {"indexer_kl": result["step_indexer_kl"], "recall_before": result["before"]["indexer_recall"],
             "recall_after": after["indexer_recall"], "random_recall": after["random_recall"],
-            "local_recall": after["local_recall"]}
+            "local_recall": after["local_recall"], "plateau": result["plateau"]}
 
 
 def train_lm(model, stream: BatchStream, val: torch.Tensor, tcfg: TrainConfig, device: torch.device,

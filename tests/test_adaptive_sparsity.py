@@ -271,6 +271,7 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
         assert (tmp_path / name).exists(), name
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Findings" in report and "Hypothesis at this length" in report and "Holm" in report
+    assert "| 32 | 2 | 2 | step_cap |" in report  # the shared warm-up of (L, seed): steps used, why it ended
     # resume: every record is read back, nothing trains (training would raise here)
     monkeypatch.setattr(adaptive_sparsity, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(TINY), tmp_path, False)

@@ -21,7 +21,7 @@ def test_kept_pair_fraction_matches_a_count():
 
 def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(long_context, "load_corpus", lambda cfg: corpus)
-    models = ["dense", "dsa", "local", "random", "block"]
+    models = ["dense", "dsa", "local", "random", "oracle", "block"]
     summary = long_context.run_long_context("quick", ["lm", "mqar"], models, dict(TINY), tmp_path, False)
     for task in ("lm", "mqar"):
         for L in ("32", "48"):
@@ -33,6 +33,10 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
             assert entry["dense"]["delta_val_loss_vs_dense"]["mean"] == 0
             assert entry["dsa"]["warmup_recall_after"]["mean"] is not None
             assert len(entry["local"]["recall_by_distance"]) > 3
+            for name in ("dsa", "local", "oracle"):  # recall beside its ceiling (the same evaluation): never above it
+                shares = entry[name]["recall_share_of_oracle"]["per_seed"]
+                assert all(0 < s <= 1 + 1e-6 for s in shares) and len(entry[name]["oracle_recall_by_distance"]) > 3
+            assert entry["oracle"]["recall_share_of_oracle"]["mean"] == pytest.approx(1, abs=1e-5)
     assert "accuracy_by_distance" in summary["results"]["mqar"]["48"]["dsa"]
     for name in ("summary.json", "long_context.png", "mqar_accuracy_by_distance.png", "REPORT.md"):
         assert (tmp_path / name).exists()
@@ -43,6 +47,8 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         assert sig["n_tests"] == 2 * (len(models) - 1) and {t["metric"] for t in sig["tests"]} == {quality}
         assert all(t["p_holm"] >= t["p"] for t in sig["tests"])
     assert "Holm-Bonferroni" in report
+    assert "| mqar | 48 | block | 2 | 3 | step_cap |" in report  # every indexer warm-up: steps used, why it ended
+    assert "## Recall as a share of its ceiling" in report and "| L | model | 0 | 1 | 3 | 7 | 15 | 31 |" in report
     # the same batches for every model: stage 2 of local and random saw identical inputs (same stream seed)
     record = json.loads((tmp_path / "records" / "lm" / "L32" / "seed1" / "dsa.json").read_text())
     assert record["config_fingerprint"] and record["model"] == "dsa"

@@ -70,6 +70,7 @@ def test_per_length_files_figure_and_report(results):
     assert (results / "sequence_length_comparison.png").stat().st_size > 10_000
     report = (results / "REPORT.md").read_text()
     assert "| 32 | 16 |" in report and "recall" in report and "Holm-Bonferroni" in report
+    assert "## Warm-up" in report and "| 32 | 2 | 3 | step_cap |" in report  # each seed's warm-up: steps, why it ended
 
 
 def test_finished_runs_are_read_back_and_another_config_is_refused(results, capsys):

@@ -1,0 +1,69 @@
+"""long_context's figure shows what was run: only the panels of the tasks run, no empty panel, CI wording by seeds."""
+import matplotlib.pyplot as plt
+import pytest
+
+import plots
+
+
+def _stat(mean, seeds):
+    return {"mean": mean, "ci95": [mean - 0.1, mean + 0.1] if len(seeds) > 1 else [None, None],
+            "per_seed": [mean] * len(seeds)}
+
+
+def _summary(tasks, seeds, models=("dense", "dsa")):
+    results = {}
+    for task in tasks:
+        results[task] = {}
+        for L in (256, 512):
+            entry = {"top_k": 64, "kept_pair_fraction": 0.4}
+            for name in models:
+                m = {"delta_val_loss_vs_dense": _stat(0.01, seeds), "accuracy": _stat(0.9, seeds),
+                     "avg_time_per_step": _stat(0.2, seeds)}
+                if name != "dense":
+                    m.update(recall_by_distance=[0.9, 0.7, 0.5], oracle_recall_by_distance=[0.95, 0.8, 0.6])
+                entry[name] = m
+            results[task][str(L)] = entry
+    return {"results": results, "seeds": {t: seeds for t in tasks}}
+
+
+@pytest.mark.parametrize("tasks, seeds, titles", [
+    (["mqar"], [42], ["mqar: k = 64, one seed (no CI)", "mqar: time per step (same run)", "mqar L=512: recall by distance"]),
+    (["lm"], [42, 43], ["lm: k = 64, mean ± 95% CI over seeds", "lm: time per step (same run)",
+                        "lm L=512: recall by distance"]),
+    (["lm", "mqar"], [42, 43], ["lm: k = 64, mean ± 95% CI over seeds", "mqar: k = 64, mean ± 95% CI over seeds",
+                                "lm: time per step (same run)", "lm L=512: recall by distance"]),
+])
+def test_the_figure_has_only_the_panels_of_what_was_run(tasks, seeds, titles):
+    fig = plots.long_context_figure(_summary(tasks, seeds), ["dense", "dsa"])
+    try:
+        assert [ax.get_title() for ax in fig.axes] == titles  # no panel for a task not run, none left empty
+        assert all(ax.get_visible() and ax.lines for ax in fig.axes)
+    finally:
+        plt.close(fig)
+
+
+def test_no_recall_panel_when_no_model_selects():
+    fig = plots.long_context_figure(_summary(["lm"], [42], models=("dense",)), ["dense"])
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["lm: k = 64, one seed (no CI)", "lm: time per step (same run)"]
+    finally:
+        plt.close(fig)
+
+
+def test_the_written_figure_is_a_png(tmp_path):
+    plots.long_context(_summary(["mqar"], [42]), ["dense", "dsa"], tmp_path / "long_context.png")
+    assert (tmp_path / "long_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_only_the_figures_written():
+    from reports import long_context_report
+    for tasks, mqar_figure in ((["lm"], False), (["lm", "mqar"], True)):
+        summary = _summary(tasks, [42])
+        for by_L in summary["results"].values():
+            for entry in by_L.values():
+                for m in entry.values():
+                    if isinstance(m, dict):
+                        m.update(val_loss=m["accuracy"], delta_accuracy_vs_dense=m["delta_val_loss_vs_dense"],
+                                 val_accuracy=m["accuracy"], tokens_per_s=m["avg_time_per_step"])
+        text = long_context_report({**summary, "seeds": {t: [42] for t in tasks}}, ["dense", "dsa"])
+        assert ("mqar_accuracy_by_distance.png" in text) == mqar_figure
