@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rope import RotaryEmbedding
+from work_sizes import prefix_bounds, work_budget
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -135,10 +136,10 @@ def kept_pair_fraction(L: int, k: int) -> float:
 
 # ----------------------------------------------------------------------------- attention maths
 def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q, k (B, H, L, D) -> causal softmax probabilities (B, H, L, L)."""
-    L = q.shape[2]
+    """q (B, H, Lq, D), k (B, H, L, D) -> causal softmax probabilities (B, H, Lq, L); the queries are the last Lq
+    of the L positions (Lq == L for a full sequence)."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(future_mask(L, L, q.device), float("-inf")).softmax(-1)
+    return scores.masked_fill(future_mask(q.shape[2], k.shape[2], q.device), float("-inf")).softmax(-1)
 
 
 def selection_mask(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> torch.Tensor:
@@ -462,9 +463,57 @@ class DeepSeekSparseAttention(SparseAttentionLayer, CausalSelfAttention):
         self.init_sparse(cfg, indexer, selector, backend, shares_indexer)
 
 
+def recall_bounds(B: int, H: int, L: int, device) -> list:
+    """Query chunks of `selection_recall`: each chunk's dense probabilities (B, H, c, stop) within the 'recall'
+    work budget (work_sizes.py)."""
+    return prefix_bounds(L, B * H, work_budget(device, "recall"))
+
+
 @torch.no_grad()
 def selection_recall(q, k, selected_idx, valid) -> dict:
     """Share of dense attention mass inside S_t, vs a random and a local (last-k_t) selection of equal size.
+
+    k_t = the row's valid slots (K = min(k, t+1) for plain top-k; per row for adaptive k and patterns).
+    Counted only over query rows with k_t < t+1, where selection actually drops tokens.
+    Random recall is its exact expectation k_t/(t+1). Returns sums and the row count (so batches add up).
+    q, k (B, H, L, D). Chunked over queries (`recall_bounds`): the fp32 probabilities exist one (B, H, c, stop)
+    block at a time, never (B, H, L, L); `selection_recall_dense` is the unchunked reference.
+    """
+    B, H, L, _ = q.shape
+    t = torch.arange(L, device=q.device)
+    row_k = valid.sum(-1)  # (B, L)
+    rows = row_k < t + 1  # (B, L)
+    recall = torch.empty(B, L, device=q.device)
+    local = torch.empty(B, L, device=q.device)
+    by_bucket = torch.zeros(2, L.bit_length(), device=q.device)  # distance buckets [0], [1], [2, 3], ... < L
+    qf, kf = q.float(), k.float()
+    for start, stop in recall_bounds(B, H, L, q.device):
+        p = causal_attention_probs(qf[:, :, start:stop], kf[:, :, :stop]).sum(1)
+        p = p / p.sum(-1, keepdim=True)  # (B, c, stop)
+        idx_c, valid_c, t_c = selected_idx[:, start:stop], valid[:, start:stop], t[start:stop]
+        recall[:, start:stop] = (p.gather(-1, idx_c.clamp(min=0)) * valid_c).sum(-1)
+        local[:, start:stop] = p.masked_fill(t[None, None, :stop] <= (t_c[None, :, None] - row_k[:, start:stop, None]),
+                                             0.0).sum(-1)  # last k_t
+        bucket = (t_c[:, None] - t[None, :stop]).clamp(min=0).add(1).float().log2().floor().long()  # (c, stop)
+        in_rows = p * rows[:, start:stop, None]  # (B, c, stop)
+        chosen = in_rows * selection_mask(idx_c, valid_c, stop)
+        by_bucket[0].index_add_(0, bucket.flatten(), in_rows.sum(0).flatten())
+        by_bucket[1].index_add_(0, bucket.flatten(), chosen.sum(0).flatten())
+    return {
+        "mass_by_distance": by_bucket[0].tolist(),  # dense attention mass per distance bucket
+        "selected_mass_by_distance": by_bucket[1].tolist(),  # ... of which inside S_t
+        "rows": int(rows.sum()),
+        "recall_sum": float(recall[rows].sum()),
+        "local_recall_sum": float(local[rows].sum()),
+        "random_recall_sum": float((row_k / (t + 1.0))[rows].sum()),
+        "queries": row_k.numel(),
+        "selected_sum": int(row_k.sum()),
+    }
+
+
+@torch.no_grad()
+def selection_recall_dense(q, k, selected_idx, valid) -> dict:
+    """The reference twin of `selection_recall` (builds (B, H, L, L) fp32 at once). Share of dense attention mass inside S_t, vs a random and a local (last-k_t) selection of equal size.
 
     k_t = the row's valid slots (K = min(k, t+1) for plain top-k; per row for adaptive k and patterns).
     Counted only over query rows with k_t < t+1, where selection actually drops tokens.

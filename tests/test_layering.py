@@ -7,7 +7,7 @@ from conftest import ROOT
 
 # Layer order, bottom first (DESIGN.md "Layers"). A module may import modules of its own or a lower layer.
 LAYERS = [
-    ("plumbing", ["config", "rope", "distributed", "results_io", "variants", "mqar", "plateau"]),
+    ("plumbing", ["config", "rope", "distributed", "results_io", "variants", "mqar", "plateau", "work_sizes"]),
     ("reference", ["sparse_attention"]),
     ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
     ("backends", ["backends"]),
