@@ -69,12 +69,22 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
     check_no_nan(q, k, w)  # one check per call, not per chunk (finite inputs give finite or masked scores)
+    dtype = score_dtype(q, k, w)  # one explicit dtype for the score buffers (CUDA autocast: fp32 k, bf16 q and w)
+    q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
     selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
     k_t = k.transpose(1, 2)  # (B, d_I, L)
     bounds = _chunk_bounds(L, chunk) if chunk else selection_bounds(B, L, H_I, q.device)
     run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share), bounds, q.device)
     return selected_idx, valid
+
+
+def score_dtype(q, k, w) -> torch.dtype:
+    """The dtype `index_scores` computes in: autocast's on q's device when it is on (under CUDA autocast the
+    indexer's LayerNorm'd k is fp32 while q and w are bf16, and the matmuls run in bf16), else the promoted one."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype)
 
 
 def run_chunks(work, bounds: list, device) -> list:
@@ -149,7 +159,8 @@ def _causal_prefix_scores(q_c, k_t, w_c, start: int, work: list) -> torch.Tensor
     w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
     only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor).
     `work`: two flat buffers, grown as needed and written in place, that hold the per-head and the summed
-    scores (the result is a view of work[1])."""
+    scores (the result is a view of work[1]). q_c, k_t and w_c share one dtype (`score_dtype`): out= skips
+    autocast, so a buffer in q's dtype next to an autocast-fp32 k would be refused."""
     B, c, H_I, d_I = q_c.shape
     stop = k_t.shape[-1]
     for i, n in enumerate((B * c * H_I * stop, B * c * stop)):

@@ -477,8 +477,14 @@ def selection_recall(q, k, selected_idx, valid) -> dict:
     Counted only over query rows with k_t < t+1, where selection actually drops tokens.
     Random recall is its exact expectation k_t/(t+1). Returns sums and the row count (so batches add up).
     q, k (B, H, L, D). Chunked over queries (`recall_bounds`): the fp32 probabilities exist one (B, H, c, stop)
-    block at a time, never (B, H, L, L); `selection_recall_dense` is the unchunked reference.
+    block at a time, never (B, H, L, L); `selection_recall_dense` is the unchunked reference. Always fp32, also
+    under autocast (a statistic, not part of the model).
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _selection_recall_chunked(q, k, selected_idx, valid)
+
+
+def _selection_recall_chunked(q, k, selected_idx, valid) -> dict:
     B, H, L, _ = q.shape
     t = torch.arange(L, device=q.device)
     row_k = valid.sum(-1)  # (B, L)
@@ -520,7 +526,8 @@ def selection_recall_dense(q, k, selected_idx, valid) -> dict:
     Random recall is its exact expectation k_t/(t+1). Returns sums and the row count (so batches add up).
     """
     L = q.shape[2]
-    p = causal_attention_probs(q.float(), k.float()).sum(1)
+    with torch.autocast(q.device.type, enabled=False):
+        p = causal_attention_probs(q.float(), k.float()).sum(1)
     p = p / p.sum(-1, keepdim=True)  # (B, L, L)
     recall = (p.gather(-1, selected_idx.clamp(min=0)) * valid).sum(-1)  # (B, L)
     t = torch.arange(L, device=q.device)
