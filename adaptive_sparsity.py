@@ -41,7 +41,7 @@ from data import load_corpus
 from long_context import LMTask, branch_point
 from models import ClassicAttentionMoELLM
 from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, holm,
-                        load_torch, mean_ci95, paired_t_pvalue, read_json, run_environment)
+                        load_torch, machine_key, mean_ci95, paired_t_pvalue, read_json, run_environment)
 from sparse_attention import DENSE
 from sparsity_control import AdaptiveKConfig
 from train import (Execution, check_backend_device, checkpointed, classic_from_state, dense_stage, discard_checkpoints,
@@ -231,7 +231,7 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     run.validate(device)
     corpus = load_corpus(st.data)
     base = dataclasses.replace(st.model, vocab_size=corpus.tokenizer.vocab_size)
-    env = {"device": str(device), "torch": torch.__version__, "corpus": corpus.describe(),
+    env = {**machine_key(device), "corpus": corpus.describe(),
            "dataset": st.data.dataset, "tokenizer": st.data.tokenizer}
     config_key = {L: {"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
                       "train": dataclasses.asdict(st.train), "adaptive": dataclasses.asdict(st.k_config), **env}

@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from results_io import OneLineArgumentParser, atomic_write_json
+from results_io import OneLineArgumentParser, atomic_write_json, device_name
 
 INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the indexer-cost table
 SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
@@ -568,7 +568,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     meter = Meter(args.device, args.repeats)
     header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
+              "device_name": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
+              "batch": args.batch, "heads": args.heads,
               "head_dim": args.head_dim, "indexer": f"{args.indexer_heads}x{args.indexer_dim}",
               "block_size": args.block_size, "attention": args.attention,
               "peak_mem_method": ("torch.cuda.max_memory_allocated above the inputs" if args.device == "cuda" else

@@ -32,7 +32,7 @@ import reports
 from config import DataConfig, ModelConfig, TrainConfig, build_configs
 from data import BatchStream, build_windows, eval_subset, load_corpus
 from results_io import (atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint, load_torch,
-                        mean_ci95, read_json, run_environment)
+                        machine_key, mean_ci95, read_json, run_environment)
 from sparse_attention import AttentionMode, kept_pair_fraction
 import distributed
 from train import (Execution, check_backend_device, checkpointed, classic_from_state, dense_stage,
@@ -323,7 +323,7 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
             corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
         settings["lm"].model = dataclasses.replace(settings["lm"].model, vocab_size=corpus.tokenizer.vocab_size)
     config_key = {t: {"options": st.options, "model": dataclasses.asdict(st.model), "train": dataclasses.asdict(st.train),
-                      "seeds": st.seeds, "device": str(device), "torch": torch.__version__,
+                      "seeds": st.seeds, **machine_key(device),
                       "corpus": corpus.describe() if t == "lm" else None}
                   for t, st in settings.items()}
     if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)

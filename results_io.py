@@ -111,15 +111,41 @@ def run_environment(device=None) -> dict:
     except metadata.PackageNotFoundError:
         triton = None
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
+    name = device_name(device)
     commit, dirty = _git_state()
     return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
             "cuda": torch.version.cuda, "device": None if device is None else str(device), "device_name": name,
             "git_commit": commit, "git_dirty": dirty, "command_line": list(sys.argv),
             "world_size": distributed.world_size()}
+
+
+def cpu_model() -> str:
+    """The processor model ('model name' in /proc/cpuinfo on Linux; else platform's), e.g. 'AMD EPYC 7B13'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device) -> str:
+    """A CUDA device's name, or on CPU the processor model (so figures from different machines are not mixed)."""
+    import torch
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model() if device.type == "cpu" else device.type
+
+
+def machine_key(device) -> dict:
+    """The part of every run fingerprint that says where it ran: the resolved device (never 'auto'), its name
+    and the torch version. A finished run from another machine or torch is then stale, never read back into
+    this one's summary (its ms/step, memory and numerics belong to that machine)."""
+    import torch
+    device = torch.device(device)
+    return {"device": device.type, "device_name": device_name(device), "torch": torch.__version__}
 
 
 def _git_state() -> tuple[str | None, bool | None]:

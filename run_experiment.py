@@ -19,7 +19,7 @@ from pathlib import Path
 
 import reports
 from results_io import (OneLineArgumentParser, atomic_write_json, atomic_write_text, check_stale, fingerprint,
-                        mean_ci95, read_json, run_cli, run_environment)
+                        machine_key, mean_ci95, read_json, run_cli, run_environment)
 from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
@@ -118,7 +118,8 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
         m, d = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
         configs[L] = {"model": dataclasses.asdict(m), "train": dataclasses.asdict(train_cfg),
                       "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"},
-                      "corpus": {k: v for k, v in corpus.describe().items()}}
+                      "corpus": {k: v for k, v in corpus.describe().items()},
+                      "machine": machine_key(device)}  # train.device is 'auto': say where it really ran
         if run.dtype != "fp32":  # a bf16 run is not an fp32 run (fp32 keeps the fingerprints runs on disk carry)
             configs[L]["dtype"] = run.dtype
     with distributed.main_first():  # rank 0 clears stale runs before the others look

@@ -160,11 +160,33 @@ def _optimizer(groups: list[dict], tcfg: TrainConfig, steps: int):
     return opt, sched
 
 
-def peak_memory(device: torch.device) -> dict:
-    """{'peak_memory_mb': CUDA peak allocated in this run (NaN on CPU), 'process_peak_rss_mb': the process's
-    lifetime peak RSS — on CPU the only figure, and it never goes down, so runs later in a process inherit it}."""
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+def peak_memory(device: torch.device, step_peak: "StepPeak | None" = None) -> dict:
+    """{'peak_memory_mb': CUDA peak allocated over the stage's training steps (`step_peak`; evaluation is not
+    counted; NaN on CPU), 'process_peak_rss_mb': the process's lifetime peak RSS — on CPU the only figure, and it
+    never goes down, so runs later in a process inherit it}."""
+    cuda = step_peak.mb() if step_peak is not None else (
+        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan)
     return {"peak_memory_mb": cuda, "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class StepPeak:
+    """Peak CUDA memory over training steps only: each step starts from a reset of the allocator's peak and its
+    peak is kept after the step, before any evaluation (whose dense recall and full-batch forwards would
+    otherwise count). On CPU nothing is measured (NaN)."""
+
+    def __init__(self, device: torch.device, peak_bytes: int = 0):
+        self.cuda, self.device, self.peak_bytes = device.type == "cuda", device, peak_bytes
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+
+    def mb(self) -> float:
+        return self.peak_bytes / 2**20 if self.cuda else math.nan
 
 
 def eval_batches(val, batch_size: int):
@@ -327,8 +349,7 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
     profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
     world, seq_len = distributed.world_size(), 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    step_peak = StepPeak(device, log.get("peak_bytes", 0))
     if stage.lm_loss:
         model.train()
     with _frozen_main(model, stage.trains == "indexer"):
@@ -342,6 +363,7 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
                 model.set_training_progress(step / steps)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            step_peak.start()
             start = time.perf_counter()
             with _autocast(device, run.dtype):
                 logits, aux = net(inputs, mode, return_aux=True)
@@ -366,6 +388,8 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
                 torch.cuda.synchronize()
             # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
             step_time.append(math.nan if step in profile else time.perf_counter() - start)
+            step_peak.stop()
+            log["peak_bytes"] = step_peak.peak_bytes  # kept in resume checkpoints
             if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
                 _log_eval(curves, model, val, tcfg, device, stage, step + 1, step_loss, step_time, step_kl)
             if run.folder is not None and run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 \
@@ -380,7 +404,7 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     forward_time, load_sum = log["forward_time"], log["load_sum"]
     profiled = sum(forward_time)
     final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
-    final.update(avg_time_per_step=_mean(step_time), **peak_memory(device),
+    final.update(avg_time_per_step=_mean(step_time), **peak_memory(device, step_peak),
                  profiled_forward_ms=1000 * profiled / max(1, len(forward_time)),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))

@@ -276,6 +276,11 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
     assert again["results"] == json.loads((tmp_path / "summary.json").read_text())["results"]
     with pytest.raises(ValueError, match="different config"):
         adaptive_sparsity.run_adaptive_sparsity("quick", models, {**TINY, "max_fraction": 0.5}, tmp_path, False)
+    # another machine (device name in the key) is a different config too: its runs are never read back here
+    monkeypatch.setattr(adaptive_sparsity, "machine_key", lambda device: {"device": "cpu", "device_name": "other",
+                                                                         "torch": "x"})
+    with pytest.raises(ValueError, match="different config"):
+        adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(TINY), tmp_path, False)
 
 
 @pytest.mark.parametrize("argv, message", [
