@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import check_no_nan, select_top_k
+from sparse_attention import certify_selection, check_no_nan, check_selection, select_top_k
 from work_sizes import chunk_bounds as _chunk_bounds
 from work_sizes import prefix_bounds, query_chunk as _query_chunk, work_budget
 
@@ -76,7 +76,7 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     k_t = k.transpose(1, 2)  # (B, d_I, L)
     bounds = _chunk_bounds(L, chunk) if chunk else selection_bounds(B, L, H_I, q.device)
     run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share), bounds, q.device)
-    return selected_idx, valid
+    return certify_selection(selected_idx, valid), valid  # distinct top-k positions, -1 exactly at invalid slots
 
 
 def score_dtype(q, k, w) -> torch.dtype:
@@ -355,7 +355,9 @@ def _head_rows(selected_idx, valid, H: int, L: int) -> torch.Tensor:
 
 def sparse_attention_gather(q, k, v, selected_idx, valid, return_probs: bool = False):
     """Token-level DSA touching only the selected keys. q, k, v (B, H, L, D); selected_idx, valid (B, L, K)
-    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached) or None."""
+    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached) or None. The selection must keep
+    `sparse_attention`'s contract (invalid = -1, valid positions in [0, L) and distinct per row)."""
+    check_selection(selected_idx, valid, q.shape[2])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _GatherAttention.apply(q, k, v, selected_idx, valid, return_probs)
 

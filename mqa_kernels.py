@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from kernels import run_chunks
+from sparse_attention import check_selection
 from work_sizes import chunk_bounds as _chunk_bounds
 from work_sizes import query_chunk, work_budget
 
@@ -38,6 +39,7 @@ def check_mqa_inputs(q, kv, selected_idx, valid, v_dim: int) -> None:
         raise ValueError(f"v_dim={v_dim} must be in [1, D={D}] (values are kv[..., :v_dim])")
     if q.dtype != kv.dtype:
         raise ValueError(f"q and kv must share a dtype; got {q.dtype} and {kv.dtype}")
+    check_selection(selected_idx, valid, L)  # invalid = -1, valid positions in [0, L) and distinct per row
 
 
 def mqa_chunk(B: int, L: int, H: int, K: int, D: int, device) -> int:

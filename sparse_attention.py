@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,51 @@ def select_top_k(scores: torch.Tensor, top_k: int):
     K = min(top_k, scores.shape[-1])
     selected_idx = score_position_key(scores).topk(K, dim=-1).indices  # (..., Lq, K)
     valid = torch.isfinite(scores.gather(-1, selected_idx))
-    return selected_idx.masked_fill(~valid, -1), valid
+    selected_idx = selected_idx.masked_fill(~valid, -1)
+    return certify_selection(selected_idx, valid), valid
+
+
+# ----------------------------------------------------------------------------- the selection contract
+# Every path (masked reference, gather, MQA, Triton) takes a selection as selected_idx (B, L, K) long and valid
+# (B, L, K) bool with: a slot is invalid exactly when its index is -1 (no other marker, e.g. FlashMLA-style
+# out-of-range positions); valid indices lie in [0, L); a row's valid indices are distinct (a repeated key would
+# count once in the masked path and twice in the gathering ones). Anything else is refused by check_selection.
+# A selection made by a top-k (select_top_k, kernels.chunked_select) satisfies it by construction and is
+# certified, so the hot paths skip the check (a sort over K per row) while those tensors are unmodified.
+_CERTIFIED: dict[int, tuple] = {}  # id(selected_idx) -> (ref to it, its _version, ref to valid, valid's _version)
+
+
+def certify_selection(selected_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Record that (selected_idx, valid), as they are now, satisfy the selection contract; returns selected_idx."""
+    key = id(selected_idx)
+    _CERTIFIED[key] = (weakref.ref(selected_idx, lambda _, key=key: _CERTIFIED.pop(key, None)),
+                       selected_idx._version, weakref.ref(valid), valid._version)
+    return selected_idx
+
+
+def _certified(selected_idx: torch.Tensor, valid: torch.Tensor) -> bool:
+    entry = _CERTIFIED.get(id(selected_idx))
+    return (entry is not None and entry[0]() is selected_idx and entry[1] == selected_idx._version
+            and entry[2]() is valid and entry[3] == valid._version)
+
+
+def check_selection(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> None:
+    """Refuse (ValueError, one line) a selection that breaks the contract above; certify one that keeps it."""
+    if _certified(selected_idx, valid):
+        return
+    if valid.dtype != torch.bool or selected_idx.dtype not in (torch.long, torch.int32) or valid.shape != selected_idx.shape:
+        raise ValueError(f"selection: selected_idx must be long and valid bool of one shape (B, L, K); got "
+                         f"{selected_idx.dtype} {tuple(selected_idx.shape)} and {valid.dtype} {tuple(valid.shape)}")
+    if bool(((selected_idx == -1) == valid).any()):
+        raise ValueError("selection: invalid slots must hold index -1 and valid ones a position >= 0 (no other "
+                         "marker, e.g. an out-of-range position); set selected_idx = selected_idx.masked_fill(~valid, -1)")
+    if bool((selected_idx >= L).any() | (selected_idx < -1).any()):
+        raise ValueError(f"selection: a valid index lies outside [0, L={L}); select positions of this sequence only")
+    ordered = selected_idx.sort(-1).values
+    if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+        raise ValueError("selection: a row selects the same position twice; give each row distinct positions "
+                         "(a repeated key would be counted twice by the gathering paths and once by the masked one)")
+    certify_selection(selected_idx, valid)
 
 
 def check_no_nan(*tensors: torch.Tensor) -> None:
@@ -156,6 +201,7 @@ def sparse_attention_masked(q, k, v, selected_idx, valid, return_probs: bool = F
     the probabilities at the selected slots (B, H, L, K) (0 at invalid slots).
     """
     L = q.shape[2]
+    check_selection(selected_idx, valid, L)
     allowed = selection_mask(selected_idx, valid, L)[:, None]  # (B, 1, L, L)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, L, L)
@@ -174,6 +220,7 @@ def sparse_mqa_attention_masked(q, kv, selected_idx, valid, *, v_dim: int, scale
     Rows with no valid slot give output 0 (and probs 0) without NaN in values or gradients.
     """
     B, L, H, D = q.shape
+    check_selection(selected_idx, valid, L)
     empty = ~valid.any(-1)  # (B, L) rows with nothing to attend to
     if empty.any():  # attend to slot 0 = token 0 there (finite), then zero the row
         valid = valid.clone()
