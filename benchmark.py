@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     if any(L < 2 for L in args.seq_lens):
         p.error(f"--seq-lens {args.seq_lens} must all be >= 2")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error(f"benchmark.py runs in one process (one device), but WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                f"(torchrun); start it with python")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.device == "cpu" and args.dtype == "bfloat16":
