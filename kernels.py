@@ -500,7 +500,9 @@ def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOC
         qb = q_idx // block_size
         return table[b, qb, kv_idx] | ((kv_idx // block_size == qb) & (kv_idx <= q_idx))
 
-    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128)
+    # GPU: the mask is built by a compiled mask_mod (no dense B x L x L evaluation in Python); CPU: eager
+    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128,
+                             _compile=q.is_cuda)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(q, k, v, block_mask=mask)
     if not return_probs:
