@@ -98,7 +98,7 @@ def run_chunks(work, bounds: list, device) -> list:
     idle, 5-9 s loaded; one thread 0.62 s either way). Shares must write disjoint outputs (or return their
     own accumulators for the caller to add). Grad mode is thread-local: the workers take the caller's.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # compiled: one traced loop, no threads
         return [work(bounds)]
     workers = min(torch.get_num_threads(), MAX_CPU_WORKERS, len(bounds)) if len(bounds) >= MIN_PARALLEL_CHUNKS else 1
     grad = torch.is_grad_enabled()
@@ -193,7 +193,10 @@ class _KeyBuffer:
         words = key.view(torch.int32).view(B, c, S, 2)  # little-endian: [..., 0] low, [..., 1] high
         bits = (scores.float() + 0.0).view(torch.int32)  # float32 bits as the reference keys them (-0.0 -> +0.0)
         flip = (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
-        torch.bitwise_xor(bits, flip, out=words[..., 1])
+        if torch.compiler.is_compiling():  # out= into a strided view breaks a compiled graph
+            words[..., 1] = torch.bitwise_xor(bits, flip)
+        else:
+            torch.bitwise_xor(bits, flip, out=words[..., 1])
         words[..., 0] = self.positions[:S] if positions is None else positions
         return key
 

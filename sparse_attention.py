@@ -124,7 +124,10 @@ _CERTIFIED: dict[int, tuple] = {}  # id(selected_idx) -> (ref to it, its _versio
 
 
 def certify_selection(selected_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Record that (selected_idx, valid), as they are now, satisfy the selection contract; returns selected_idx."""
+    """Record that (selected_idx, valid), as they are now, satisfy the selection contract; returns selected_idx.
+    Not under torch.compile (no bookkeeping in a graph; check_selection is skipped there too)."""
+    if torch.compiler.is_compiling():
+        return selected_idx
     key = id(selected_idx)
     _CERTIFIED[key] = (weakref.ref(selected_idx, lambda _, key=key: _CERTIFIED.pop(key, None)),
                        selected_idx._version, weakref.ref(valid), valid._version)
@@ -138,8 +141,10 @@ def _certified(selected_idx: torch.Tensor, valid: torch.Tensor) -> bool:
 
 
 def check_selection(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> None:
-    """Refuse (ValueError, one line) a selection that breaks the contract above; certify one that keeps it."""
-    if _certified(selected_idx, valid):
+    """Refuse (ValueError, one line) a selection that breaks the contract above; certify one that keeps it.
+    Skipped under torch.compile: a host-synchronising check would break the graph (a compiled training step
+    attends over the top-k selections it made itself)."""
+    if torch.compiler.is_compiling() or _certified(selected_idx, valid):
         return
     if valid.dtype != torch.bool or selected_idx.dtype not in (torch.long, torch.int32) or valid.shape != selected_idx.shape:
         raise ValueError(f"selection: selected_idx must be long and valid bool of one shape (B, L, K); got "
@@ -157,7 +162,11 @@ def check_selection(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> 
 
 
 def check_no_nan(*tensors: torch.Tensor) -> None:
-    """NaN index scores (or indexer inputs) would sort above +inf: refuse them with one clear error."""
+    """NaN index scores (or indexer inputs) would sort above +inf: refuse them with one clear error. Skipped under
+    torch.compile (a host-synchronising branch breaks the graph; a diverged indexer still ends the run through the
+    non-finite loss check of train._update)."""
+    if torch.compiler.is_compiling():
+        return
     if any(torch.isnan(t).any() for t in tensors):
         raise ValueError("index scores contain NaN: the indexer diverged or its input holds NaN/inf; lower the "
                          "indexer learning rate or check the model's activations")

@@ -15,6 +15,7 @@ import random
 import resource
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -444,8 +445,22 @@ def _wrap(model, device: torch.device, run: Execution):
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=True, **buffers)
     if run.compile:
-        net = torch.compile(net)
+        net = compiled(net)
     return net
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled(net, **options):
+    """torch.compile once per module (every stage of a model reuses it; a fresh wrapper per stage x length x seed
+    ran into dynamo's recompile limit and fell back to eager). The MoE's per-expert token lists are dynamic-shape
+    outputs: captured in the graph (capture_dynamic_output_shape_ops) instead of breaking it. The token-level
+    training paths (selection, gather, MQA) trace without graph breaks (tests/test_compile.py)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    if net not in _COMPILED:
+        _COMPILED[net] = torch.compile(net, **options)
+    return _COMPILED[net]
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
