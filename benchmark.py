@@ -1,5 +1,6 @@
 """Speed and memory of attention paths across sequence lengths.
 
+    python benchmark.py --gpu-check [--dataset PATH]   # the one GPU check (gpu_check.py)
     python benchmark.py [--attention mha|mqa] [--device cpu|cuda] [--seq-lens 1024 2048 4096 8192 16384]
                         [--top-k 256] [--heads 8] [--head-dim 64] [--batch 1] [--dtype float32|bfloat16]
                         [--out results] [--end-to-end [--attention-type mha|mla]]
@@ -565,6 +566,10 @@ def format_crossover(crossover: dict, max_len: int) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu-check" in argv:  # the one GPU check (gpu_check.py): its own small argument set and imports
+        import gpu_check
+        return gpu_check.main([a for a in argv if a != "--gpu-check"])
     args = parse_args(argv)
     if args._measure_memory:
         return measure_memory_child(args)

@@ -17,7 +17,7 @@ LAYERS = [
     ("decoding", ["decode"]),
     ("data and training", ["token_files", "data", "train"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
-                 "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
+                 "sample", "visualize_attention", "long_context", "adaptive_sparsity", "gpu_check"]),
 ]
 LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
 
