@@ -286,7 +286,7 @@ def summarise(records: dict, st: Settings, models: list[str]) -> dict:
             warm = [by_model["_warmup"][s] for s in st.seeds if s in by_model["_warmup"]]
             entry["warmup"] = {k: mean_ci95([w[k] for w in warm]) for k in ("recall_before", "recall_after",
                                                                             "random_recall", "local_recall")}
-            entry["warmup_plateau"] = {str(s): by_model["_warmup"][s].get("plateau") for s in seeds
+            entry["warmup_plateau"] = {str(s): by_model["_warmup"][s].get("plateau") for s in st.seeds
                                        if s in by_model["_warmup"]}
         results[str(L)] = entry
     return {"models": models, "results": results, "significance": significance_tests(records, st.seeds, models)}

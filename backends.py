@@ -93,6 +93,11 @@ class FlexBackend(BlockBackend):
         return flex_block_attention(q, k, v, selection.block_idx, selection.block_valid, selection.block_size,
                                     return_probs)
 
+    def attend_latent(self, q, kv, *, selection: Selection, v_dim: int, scale: float, return_probs: bool = False):
+        """MLA's shared latent rows are not FlexAttention's per-head K/V: refused, never run by another path."""
+        raise ValueError("attention_backend='flex' runs FlexAttention over per-head K/V (MHA); with attention_type='mla' use "
+                         "'block' (the same block model over MLA's shared latent rows) or 'gather'")
+
 
 class TritonBackend(GatherBackend):
     """Token-level DSA through the Triton kernels; on CUDA the chunked selection scores with the fused

@@ -1,5 +1,6 @@
 """Speed and memory of attention paths across sequence lengths.
 
+    python benchmark.py --gpu-check [--dataset PATH]   # the one GPU check (gpu_check.py)
     python benchmark.py [--attention mha|mqa] [--device cpu|cuda] [--seq-lens 1024 2048 4096 8192 16384]
                         [--top-k 256] [--heads 8] [--head-dim 64] [--batch 1] [--dtype float32|bfloat16]
                         [--out results] [--end-to-end [--attention-type mha|mla]]
@@ -41,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from results_io import OneLineArgumentParser, atomic_write_json
+from results_io import OneLineArgumentParser, atomic_write_json, device_name
 
 INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the indexer-cost table
 SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
@@ -83,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     if any(L < 2 for L in args.seq_lens):
         p.error(f"--seq-lens {args.seq_lens} must all be >= 2")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error(f"benchmark.py runs in one process (one device), but WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                f"(torchrun); start it with python")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.device == "cpu" and args.dtype == "bfloat16":
@@ -562,12 +566,17 @@ def format_crossover(crossover: dict, max_len: int) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu-check" in argv:  # the one GPU check (gpu_check.py): its own small argument set and imports
+        import gpu_check
+        return gpu_check.main([a for a in argv if a != "--gpu-check"])
     args = parse_args(argv)
     if args._measure_memory:
         return measure_memory_child(args)
     meter = Meter(args.device, args.repeats)
     header = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "heads": args.heads,
+              "device_name": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
+              "batch": args.batch, "heads": args.heads,
               "head_dim": args.head_dim, "indexer": f"{args.indexer_heads}x{args.indexer_dim}",
               "block_size": args.block_size, "attention": args.attention,
               "peak_mem_method": ("torch.cuda.max_memory_allocated above the inputs" if args.device == "cuda" else

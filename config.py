@@ -147,6 +147,9 @@ class ModelConfig:
             if self.indexer_precision != "fp32" or self.multiscale_block:
                 raise ValueError("attention_type='mla' uses the plain lightning indexer (queries from the query "
                                  "latent): set indexer_precision='fp32' and multiscale_block=0")
+            if self.attention_backend == "flex":  # never silently another path
+                raise ValueError("attention_backend='flex' runs FlexAttention over per-head K/V (MHA); with attention_type='mla' use "
+                             "'block' (the same block model over MLA's shared latent rows) or 'gather'")
         if self.attention_backend in ("block", "flex") and (
                 self.selection_pattern != "topk" or self.k_strategy != "fixed" or self.multiscale_block
                 or self.shared_indexer_group != 1):

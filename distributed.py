@@ -58,6 +58,15 @@ def init_from_env(device: str = "auto") -> int:
     return world_size()
 
 
+def refuse_torchrun(script: str) -> None:
+    """For the runners that run in one process: refuse (ValueError, one line) to start under torchrun, where
+    WORLD_SIZE > 1 processes would each run the whole job and write the same files."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1:
+        raise ValueError(f"{script} runs in one process, but WORLD_SIZE={size} (torchrun); start it with python "
+                         f"(the experiments of run_experiment.py and run_comprehensive_ablations.py run under torchrun)")
+
+
 def shutdown() -> None:
     dist = _dist()
     if dist:

@@ -3,7 +3,7 @@
 
 Backends (config.ATTENTION_BACKENDS; the classes that combine these paths are in backends.py):
   gather  token-level DSA over exactly the selected tokens; a custom autograd Function that walks
-          query chunks small enough that gathered K/V stay in cache, recomputes them in backward
+          query chunks sized by work_sizes.py (cache on CPU, memory on GPU), recomputes them in backward
           and scatter-adds dK/dV (never a (L, K, D) tensor).
   triton  the same maths as fused Triton kernels (triton_kernels.py).
   block   our query-block-shared variant (a different model): the Bq queries of a block share one
@@ -20,21 +20,36 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_attention import check_no_nan, select_top_k
+from sparse_attention import certify_selection, check_no_nan, check_selection, select_top_k
+from work_sizes import chunk_bounds as _chunk_bounds
+from work_sizes import prefix_bounds, query_chunk as _query_chunk, work_budget
 
-INDEX_CHUNK_ELEMENTS = 1 << 19  # per-head index scores held at once by chunked selection on CPU (2 MiB fp32: L2)
 MAX_CPU_WORKERS = 8  # CPU: at most this many Python threads share a chunk loop (run_chunks; measured on 2 cores only)
 MIN_PARALLEL_CHUNKS = 16  # fewer chunks run on one thread (a quick-width MLA step at L=256, 6 chunks per call: 2
 #                           workers made the call 2x slower, 47 vs 38 ms per training step)
-INDEX_CHUNK_ELEMENTS_CUDA = 1 << 27  # on GPU the budget is memory, not cache (512 MiB fp32)
 SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
-GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered K (or V) elements per chunk (2 MiB fp32: stays in cache)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
 
 
+# ----------------------------------------------------------------------------- chunk plans (work_sizes.py budgets)
+def selection_bounds(B: int, L: int, H_I: int, device) -> list:
+    """chunked_select's query chunks: each chunk's per-head scores (B, c * H_I, stop) within the 'index' budget,
+    every stop but L on a multiple of SELECT_BLOCK (no short last block for _chunk_top_k's prefilter)."""
+    return prefix_bounds(L, B * H_I, work_budget(device, "index"), SELECT_BLOCK)
+
+
+def gather_chunk(B: int, H: int, L: int, K: int, D: int, device) -> int:
+    """Queries per chunk of the MHA gather path (forward, backward, slot probabilities): gathered K (or V)
+    (B, c, H, K, D) within the 'gather' budget."""
+    return _query_chunk(L, B * H * K * D, work_budget(device, "gather"))
+
+
+def selected_scores_chunk(B: int, L: int, K: int, H_I: int, d_I: int, device) -> int:
+    """Queries per chunk of `selected_index_scores`: (B, c, K, d_I + H_I) within the 'selected_scores' budget."""
+    return _query_chunk(L, B * K * (d_I + H_I), work_budget(device, "selected_scores"))
+
+
 # ----------------------------------------------------------------------------- chunked indexer + top-k
-def _query_chunk(L: int, per_query: int, budget: int) -> int:
-    return max(1, min(L, budget // max(1, per_query)))
 
 
 @torch.no_grad()
@@ -45,7 +60,7 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     K = min(top_k, L). A chunk of queries [start, stop) scores only the keys [0, stop) (never the future half),
     so only one (B, chunk, stop) block of scores exists at a time: memory is linear in L. No host
     synchronisation per chunk. `chunk` fixes the queries per chunk; by default each chunk's per-head scores
-    (B, chunk * H_I, stop) fill INDEX_CHUNK_ELEMENTS (L2-sized on CPU; INDEX_CHUNK_ELEMENTS_CUDA on GPU), so
+    (B, chunk * H_I, stop) fill the 'index' work budget (work_sizes.py: L2-sized on CPU, memory on GPU), so
     early chunks, with short key prefixes, hold more queries; on CPU they run on `run_chunks`' worker threads.
     `score_fn(q_chunk, k_prefix, w_chunk)` replaces the
     fused torch scoring (`index_scores` maths; the Triton backend passes its kernel).
@@ -53,21 +68,22 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
     check_no_nan(q, k, w)  # one check per call, not per chunk (finite inputs give finite or masked scores)
-    budget = INDEX_CHUNK_ELEMENTS_CUDA if q.is_cuda else INDEX_CHUNK_ELEMENTS
+    dtype = score_dtype(q, k, w)  # one explicit dtype for the score buffers (CUDA autocast: fp32 k, bf16 q and w)
+    q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
     selected_idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
     k_t = k.transpose(1, 2)  # (B, d_I, L)
-    bounds, start = [], 0
-    while start < L:
-        if chunk:
-            stop = min(L, start + chunk)
-        else:  # ends on a multiple of SELECT_BLOCK: no short last block for _chunk_top_k's prefilter
-            stop = min(L, start + _prefix_chunk(start, B * H_I, budget))
-            stop = min(L, stop + -stop % SELECT_BLOCK)
-        bounds.append((start, stop))
-        start = stop
+    bounds = _chunk_bounds(L, chunk) if chunk else selection_bounds(B, L, H_I, q.device)
     run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share), bounds, q.device)
-    return selected_idx, valid
+    return certify_selection(selected_idx, valid), valid  # distinct top-k positions, -1 exactly at invalid slots
+
+
+def score_dtype(q, k, w) -> torch.dtype:
+    """The dtype `index_scores` computes in: autocast's on q's device when it is on (under CUDA autocast the
+    indexer's LayerNorm'd k is fp32 while q and w are bf16, and the matmuls run in bf16), else the promoted one."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), w.dtype)
 
 
 def run_chunks(work, bounds: list, device) -> list:
@@ -81,7 +97,7 @@ def run_chunks(work, bounds: list, device) -> list:
     idle, 5-9 s loaded; one thread 0.62 s either way). Shares must write disjoint outputs (or return their
     own accumulators for the caller to add). Grad mode is thread-local: the workers take the caller's.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # compiled: one traced loop, no threads
         return [work(bounds)]
     workers = min(torch.get_num_threads(), MAX_CPU_WORKERS, len(bounds)) if len(bounds) >= MIN_PARALLEL_CHUNKS else 1
     grad = torch.is_grad_enabled()
@@ -137,19 +153,13 @@ def _chunk_top_k(scores, K: int, keys: "_KeyBuffer"):
     return positions.gather(-1, slot), torch.isfinite(candidates.gather(-1, slot))
 
 
-def _prefix_chunk(start: int, rows_per_query: int, budget: int) -> int:
-    """Queries per chunk starting at `start` so that rows_per_query * c * (start + c) <= budget (at least 1)."""
-    b = budget / max(1, rows_per_query)
-    c = int((-start + (start * start + 4 * b) ** 0.5) / 2)  # positive root of c^2 + start*c - b = 0
-    return max(1, c)
-
-
 def _causal_prefix_scores(q_c, k_t, w_c, start: int, work: list) -> torch.Tensor:
     """index_scores for queries [start, start + c) over keys [0, stop): q_c (B, c, H_I, d_I), k_t (B, d_I, stop),
     w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
     only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor).
     `work`: two flat buffers, grown as needed and written in place, that hold the per-head and the summed
-    scores (the result is a view of work[1])."""
+    scores (the result is a view of work[1]). q_c, k_t and w_c share one dtype (`score_dtype`): out= skips
+    autocast, so a buffer in q's dtype next to an autocast-fp32 k would be refused."""
     B, c, H_I, d_I = q_c.shape
     stop = k_t.shape[-1]
     for i, n in enumerate((B * c * H_I * stop, B * c * stop)):
@@ -182,7 +192,10 @@ class _KeyBuffer:
         words = key.view(torch.int32).view(B, c, S, 2)  # little-endian: [..., 0] low, [..., 1] high
         bits = (scores.float() + 0.0).view(torch.int32)  # float32 bits as the reference keys them (-0.0 -> +0.0)
         flip = (bits >> 31) & 0x7FFFFFFF  # negative floats: reverse their magnitude order
-        torch.bitwise_xor(bits, flip, out=words[..., 1])
+        if torch.compiler.is_compiling():  # out= into a strided view breaks a compiled graph
+            words[..., 1] = torch.bitwise_xor(bits, flip)
+        else:
+            torch.bitwise_xor(bits, flip, out=words[..., 1])
         words[..., 0] = self.positions[:S] if positions is None else positions
         return key
 
@@ -203,7 +216,7 @@ def selected_index_scores(q, k, w, selected_idx, valid):
     """
     B, L, K = selected_idx.shape
     safe = selected_idx.clamp(min=0)
-    chunk = _query_chunk(L, B * K * (k.shape[-1] + q.shape[2]), GATHER_CHUNK_ELEMENTS * 4)
+    chunk = selected_scores_chunk(B, L, K, q.shape[2], k.shape[-1], q.device)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or w.requires_grad)
     parts = []
     for start in range(0, L, chunk):
@@ -245,7 +258,7 @@ class _GatherAttention(torch.autograd.Function):
         out_t = torch.empty_like(qt)
         lse = torch.empty(B, L, H, dtype=acc, device=q.device)
         probs = torch.zeros(B, H, L, K, dtype=q.dtype, device=q.device) if return_probs else None
-        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+        chunk = gather_chunk(B, H, L, K, D, q.device)
 
         def forward_chunks(share):  # writes the share's rows of out_t, lse, probs
             bufs = [q.new_empty(B * chunk * K * H * D) for _ in range(2)]  # flat: gathered K, V
@@ -275,7 +288,7 @@ class _GatherAttention(torch.autograd.Function):
         go_t = grad_out.transpose(1, 2).contiguous()  # (B, L, H, D)
         delta = (go_t.to(acc) * out_t.to(acc)).sum(-1)  # (B, L, H)
         dq_t = torch.empty_like(qt)
-        chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+        chunk = gather_chunk(B, H, L, K, D, qt.device)
 
         def backward_chunks(share):  # writes the share's rows of dq_t; returns its own dK, dV accumulators
             dk = torch.zeros(B * L, H * D, dtype=acc, device=qt.device)
@@ -302,11 +315,6 @@ class _GatherAttention(torch.autograd.Function):
         parts = run_chunks(backward_chunks, _chunk_bounds(L, chunk), qt.device)
         dk, dv = (sum(x[1:], x[0]).view(B, L, H, D).transpose(1, 2).to(dt) for x in zip(*parts))
         return dq_t.transpose(1, 2), dk, dv, None, None, None
-
-
-def _chunk_bounds(L: int, chunk: int) -> list:
-    """[(start, stop), ...] of `chunk` queries each (the last one shorter)."""
-    return [(start, min(L, start + chunk)) for start in range(0, L, chunk)]
 
 
 def _gather_rows(k, v, selected_idx, valid, start: int, stop: int, bufs):
@@ -349,7 +357,9 @@ def _head_rows(selected_idx, valid, H: int, L: int) -> torch.Tensor:
 
 def sparse_attention_gather(q, k, v, selected_idx, valid, return_probs: bool = False):
     """Token-level DSA touching only the selected keys. q, k, v (B, H, L, D); selected_idx, valid (B, L, K)
-    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached) or None."""
+    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached) or None. The selection must keep
+    `sparse_attention`'s contract (invalid = -1, valid positions in [0, L) and distinct per row)."""
+    check_selection(selected_idx, valid, q.shape[2])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _GatherAttention.apply(q, k, v, selected_idx, valid, return_probs)
 
@@ -460,7 +470,7 @@ def _selected_probs(q, k, selected_idx, valid):
     rows = _head_rows(selected_idx, valid, H, L)
     kf = k.reshape(B * H * L, D)
     probs = torch.empty(B, H, L, K, dtype=q.dtype, device=q.device)
-    chunk = _query_chunk(L, B * H * K * D, GATHER_CHUNK_ELEMENTS)
+    chunk = gather_chunk(B, H, L, K, D, q.device)
     for start in range(0, L, chunk):
         stop = min(L, start + chunk)
         n = B * H * (stop - start)
@@ -492,7 +502,9 @@ def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOC
         qb = q_idx // block_size
         return table[b, qb, kv_idx] | ((kv_idx // block_size == qb) & (kv_idx <= q_idx))
 
-    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128)
+    # GPU: the mask is built by a compiled mask_mod (no dense B x L x L evaluation in Python); CPU: eager
+    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128,
+                             _compile=q.is_cuda)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(q, k, v, block_mask=mask)
     if not return_probs:

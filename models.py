@@ -83,7 +83,7 @@ class MoEFeedForward(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
+            if torch.compiler.is_compiling() or token.numel():  # compiled: no data-dependent branch
                 out = out.index_add(0, token, (expert(flat[token]) * gates[token, slot, None]).to(out.dtype))  # autocast
         for expert in self.shared_experts:
             out = out + expert(flat)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels import _chunk_bounds, _query_chunk, run_chunks
-
-MQA_CHUNK_ELEMENTS = 1 << 19  # gathered kv elements per query chunk on CPU (2 MiB fp32: stays in cache)
-MQA_CHUNK_ELEMENTS_CUDA = 1 << 25  # on GPU the budget is memory, not cache (128 MiB fp32 of gathered rows)
+from kernels import run_chunks
+from sparse_attention import check_selection
+from work_sizes import chunk_bounds as _chunk_bounds
+from work_sizes import query_chunk, work_budget
 
 
 def check_mqa_inputs(q, kv, selected_idx, valid, v_dim: int) -> None:
@@ -39,6 +39,13 @@ def check_mqa_inputs(q, kv, selected_idx, valid, v_dim: int) -> None:
         raise ValueError(f"v_dim={v_dim} must be in [1, D={D}] (values are kv[..., :v_dim])")
     if q.dtype != kv.dtype:
         raise ValueError(f"q and kv must share a dtype; got {q.dtype} and {kv.dtype}")
+    check_selection(selected_idx, valid, L)  # invalid = -1, valid positions in [0, L) and distinct per row
+
+
+def mqa_chunk(B: int, L: int, H: int, K: int, D: int, device) -> int:
+    """Queries per chunk: the gathered rows (B, c, K, D) and the scores (B, c, H, K) within the 'mqa' budget
+    (work_sizes.py)."""
+    return query_chunk(L, B * K * max(D, H), work_budget(device, "mqa"))
 
 
 def _scale(scale, D: int) -> float:
@@ -139,13 +146,12 @@ def sparse_mqa_attention(q, kv, selected_idx, valid, *, v_dim: int, scale=None, 
 
     q (B, L, H, D), kv (B, L, D), selected_idx/valid (B, L, K) -> out (B, L, H, v_dim),
     probs (B, H, L, K) at the selected slots (detached, 0 at invalid) or None. `chunk` (queries per chunk)
-    defaults to a memory budget: the chunk's gathered rows (B, chunk, K, D) stay within MQA_CHUNK_ELEMENTS.
+    defaults to `mqa_chunk` (the device's work budget, work_sizes.py).
     """
     check_mqa_inputs(q, kv, selected_idx, valid, v_dim)
     B, L, H, D = q.shape
     K = selected_idx.shape[-1]
-    budget = MQA_CHUNK_ELEMENTS_CUDA if q.is_cuda else MQA_CHUNK_ELEMENTS
-    chunk = min(L, chunk or _query_chunk(L, B * K * max(D, H), budget))
+    chunk = min(L, chunk or mqa_chunk(B, L, H, K, D, q.device))
     out, probs = _SparseMQA.apply(q.contiguous(), kv.contiguous(), selected_idx, valid, v_dim,
                                   _scale(scale, D), return_probs, chunk)
     return out, probs

@@ -114,9 +114,7 @@ def fingerprint(obj) -> str:
 def run_fingerprint(device, dtype: str = "fp32") -> dict:
     """What a run's numbers depend on beyond its config, and part of every run's config fingerprint (so resumed
     runs are never paired across machines or precisions): the resolved device, its name, torch, the dtype."""
-    import torch
-    return {"device": str(torch.device(device)), "device_name": device_name(device), "torch": torch.__version__,
-            "dtype": dtype}
+    return {**machine_key(device), "dtype": dtype}
 
 
 # ----------------------------------------------------------------------------- self-logging
@@ -140,13 +138,33 @@ def run_environment(device=None) -> dict:
             "world_size": distributed.world_size()}
 
 
-def device_name(device=None) -> str:
-    """The CUDA device's name, else the CPU's (platform.processor(), or the machine type)."""
+def cpu_model() -> str:
+    """The processor model ('model name' in /proc/cpuinfo on Linux; else platform's), e.g. 'AMD EPYC 7B13'."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device) -> str:
+    """A CUDA device's name, or on CPU the processor model (so figures from different machines are not mixed)."""
     import torch
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return cpu_model() if device.type == "cpu" else device.type
+
+
+def machine_key(device) -> dict:
+    """The part of every run fingerprint that says where it ran: the resolved device (never 'auto'), its name
+    and the torch version. A finished run from another machine or torch is then stale, never read back into
+    this one's summary (its ms/step, memory and numerics belong to that machine)."""
+    import torch
+    device = torch.device(device)
+    return {"device": device.type, "device_name": device_name(device), "torch": torch.__version__}
 
 
 def _git_state() -> tuple[str | None, bool | None]:

@@ -60,12 +60,24 @@ def selected_variants(subset: bool, questions: list[str]) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, gloo on CPU) and trains
+    its slice of every global batch; rank 0 alone writes records, summary, figures and the report."""
+    import distributed
     from train import TrainingDiverged
-    return run_cli(lambda: run(parse_args(argv)), failures=(TrainingDiverged,))
+    args = parse_args(argv)
+
+    def job():
+        distributed.init_from_env(args.device or "auto")
+        run(args)
+    try:
+        return run_cli(job, failures=(TrainingDiverged,))
+    finally:
+        distributed.shutdown()
 
 
 def run(args) -> None:
     import ablations
+    import distributed
     import experiment
     from config import build_configs
     from train import pick_device
@@ -82,6 +94,8 @@ def run(args) -> None:
     t0 = time.perf_counter()
     records = ablations.run_variants(variants, model_cfg, train_cfg, data_cfg, exp_cfg, out, args.overwrite,
                                      category_of)
+    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
+        return
     names_by_question = {q: (QUESTIONS[q], ["baseline"] + [n for n, c in category_of.items() if c == QUESTIONS[q]])
                          for q in questions}
     summary = {**experiment.summary_head("ablations", dataclasses.asdict(train_cfg), exp_cfg.seeds,

@@ -64,7 +64,11 @@ def sample(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: sample(args))
+    def job():
+        import distributed
+        distributed.refuse_torchrun("sample.py")
+        return sample(args)
+    return run_cli(job)
 
 
 if __name__ == "__main__":

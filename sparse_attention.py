@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rope import RotaryEmbedding
+from work_sizes import prefix_bounds, work_budget
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -107,11 +109,64 @@ def select_top_k(scores: torch.Tensor, top_k: int):
     K = min(top_k, scores.shape[-1])
     selected_idx = score_position_key(scores).topk(K, dim=-1).indices  # (..., Lq, K)
     valid = torch.isfinite(scores.gather(-1, selected_idx))
-    return selected_idx.masked_fill(~valid, -1), valid
+    selected_idx = selected_idx.masked_fill(~valid, -1)
+    return certify_selection(selected_idx, valid), valid
+
+
+# ----------------------------------------------------------------------------- the selection contract
+# Every path (masked reference, gather, MQA, Triton) takes a selection as selected_idx (B, L, K) long and valid
+# (B, L, K) bool with: a slot is invalid exactly when its index is -1 (no other marker, e.g. FlashMLA-style
+# out-of-range positions); valid indices lie in [0, L); a row's valid indices are distinct (a repeated key would
+# count once in the masked path and twice in the gathering ones). Anything else is refused by check_selection.
+# A selection made by a top-k (select_top_k, kernels.chunked_select) satisfies it by construction and is
+# certified, so the hot paths skip the check (a sort over K per row) while those tensors are unmodified.
+_CERTIFIED: dict[int, tuple] = {}  # id(selected_idx) -> (ref to it, its _version, ref to valid, valid's _version)
+
+
+def certify_selection(selected_idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Record that (selected_idx, valid), as they are now, satisfy the selection contract; returns selected_idx.
+    Not under torch.compile (no bookkeeping in a graph; check_selection is skipped there too)."""
+    if torch.compiler.is_compiling():
+        return selected_idx
+    key = id(selected_idx)
+    _CERTIFIED[key] = (weakref.ref(selected_idx, lambda _, key=key: _CERTIFIED.pop(key, None)),
+                       selected_idx._version, weakref.ref(valid), valid._version)
+    return selected_idx
+
+
+def _certified(selected_idx: torch.Tensor, valid: torch.Tensor) -> bool:
+    entry = _CERTIFIED.get(id(selected_idx))
+    return (entry is not None and entry[0]() is selected_idx and entry[1] == selected_idx._version
+            and entry[2]() is valid and entry[3] == valid._version)
+
+
+def check_selection(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> None:
+    """Refuse (ValueError, one line) a selection that breaks the contract above; certify one that keeps it.
+    Skipped under torch.compile: a host-synchronising check would break the graph (a compiled training step
+    attends over the top-k selections it made itself)."""
+    if torch.compiler.is_compiling() or _certified(selected_idx, valid):
+        return
+    if valid.dtype != torch.bool or selected_idx.dtype not in (torch.long, torch.int32) or valid.shape != selected_idx.shape:
+        raise ValueError(f"selection: selected_idx must be long and valid bool of one shape (B, L, K); got "
+                         f"{selected_idx.dtype} {tuple(selected_idx.shape)} and {valid.dtype} {tuple(valid.shape)}")
+    if bool(((selected_idx == -1) == valid).any()):
+        raise ValueError("selection: invalid slots must hold index -1 and valid ones a position >= 0 (no other "
+                         "marker, e.g. an out-of-range position); set selected_idx = selected_idx.masked_fill(~valid, -1)")
+    if bool((selected_idx >= L).any() | (selected_idx < -1).any()):
+        raise ValueError(f"selection: a valid index lies outside [0, L={L}); select positions of this sequence only")
+    ordered = selected_idx.sort(-1).values
+    if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
+        raise ValueError("selection: a row selects the same position twice; give each row distinct positions "
+                         "(a repeated key would be counted twice by the gathering paths and once by the masked one)")
+    certify_selection(selected_idx, valid)
 
 
 def check_no_nan(*tensors: torch.Tensor) -> None:
-    """NaN index scores (or indexer inputs) would sort above +inf: refuse them with one clear error."""
+    """NaN index scores (or indexer inputs) would sort above +inf: refuse them with one clear error. Skipped under
+    torch.compile (a host-synchronising branch breaks the graph; a diverged indexer still ends the run through the
+    non-finite loss check of train._update)."""
+    if torch.compiler.is_compiling():
+        return
     if any(torch.isnan(t).any() for t in tensors):
         raise ValueError("index scores contain NaN: the indexer diverged or its input holds NaN/inf; lower the "
                          "indexer learning rate or check the model's activations")
@@ -135,10 +190,10 @@ def kept_pair_fraction(L: int, k: int) -> float:
 
 # ----------------------------------------------------------------------------- attention maths
 def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q, k (B, H, L, D) -> causal softmax probabilities (B, H, L, L)."""
-    L = q.shape[2]
+    """q (B, H, Lq, D), k (B, H, L, D) -> causal softmax probabilities (B, H, Lq, L); the queries are the last Lq
+    of the L positions (Lq == L for a full sequence)."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(future_mask(L, L, q.device), float("-inf")).softmax(-1)
+    return scores.masked_fill(future_mask(q.shape[2], k.shape[2], q.device), float("-inf")).softmax(-1)
 
 
 def selection_mask(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> torch.Tensor:
@@ -155,6 +210,7 @@ def sparse_attention_masked(q, k, v, selected_idx, valid, return_probs: bool = F
     the probabilities at the selected slots (B, H, L, K) (0 at invalid slots).
     """
     L = q.shape[2]
+    check_selection(selected_idx, valid, L)
     allowed = selection_mask(selected_idx, valid, L)[:, None]  # (B, 1, L, L)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, L, L)
@@ -173,6 +229,7 @@ def sparse_mqa_attention_masked(q, kv, selected_idx, valid, *, v_dim: int, scale
     Rows with no valid slot give output 0 (and probs 0) without NaN in values or gradients.
     """
     B, L, H, D = q.shape
+    check_selection(selected_idx, valid, L)
     empty = ~valid.any(-1)  # (B, L) rows with nothing to attend to
     if empty.any():  # attend to slot 0 = token 0 there (finite), then zero the row
         valid = valid.clone()
@@ -463,6 +520,12 @@ class DeepSeekSparseAttention(SparseAttentionLayer, CausalSelfAttention):
         self.init_sparse(cfg, indexer, selector, backend, shares_indexer)
 
 
+def recall_bounds(B: int, H: int, L: int, device) -> list:
+    """Query chunks of `selection_recall`: each chunk's dense probabilities (B, H, c, stop) within the 'recall'
+    work budget (work_sizes.py)."""
+    return prefix_bounds(L, B * H, work_budget(device, "recall"))
+
+
 @torch.no_grad()
 def selection_recall(q, k, selected_idx, valid) -> dict:
     """Share of dense attention mass inside S_t, vs a random and a local (last-k_t) selection of equal size.
@@ -471,9 +534,73 @@ def selection_recall(q, k, selected_idx, valid) -> dict:
     Counted only over query rows with k_t < t+1, where selection actually drops tokens.
     Random recall is its exact expectation k_t/(t+1); oracle recall, the ceiling, is the mass of the row's own top-k_t
     keys of the dense attention. Returns sums and the row count (so batches add up).
+    q, k (B, H, L, D). Chunked over queries (`recall_bounds`): the fp32 probabilities exist one (B, H, c, stop)
+    block at a time, never (B, H, L, L); `selection_recall_dense` is the unchunked reference. Always fp32, also
+    under autocast (a statistic, not part of the model).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        return _selection_recall_chunked(q, k, selected_idx, valid)
+
+
+def _selection_recall_chunked(q, k, selected_idx, valid) -> dict:
+    B, H, L, _ = q.shape
+    t = torch.arange(L, device=q.device)
+    row_k = valid.sum(-1)  # (B, L)
+    rows = row_k < t + 1  # (B, L)
+    recall = torch.empty(B, L, device=q.device)
+    local = torch.empty(B, L, device=q.device)
+    oracle = torch.empty(B, L, device=q.device)
+    by_bucket = torch.zeros(3, L.bit_length(), device=q.device)  # distance buckets [0], [1], [2, 3], ... < L
+    qf, kf = q.float(), k.float()
+    for start, stop in recall_bounds(B, H, L, q.device):
+        p = causal_attention_probs(qf[:, :, start:stop], kf[:, :, :stop]).sum(1)
+        p = p / p.sum(-1, keepdim=True)  # (B, c, stop)
+        idx_c, valid_c, t_c = selected_idx[:, start:stop], valid[:, start:stop], t[start:stop]
+        recall[:, start:stop] = (p.gather(-1, idx_c.clamp(min=0)) * valid_c).sum(-1)
+        local[:, start:stop] = p.masked_fill(t[None, None, :stop] <= (t_c[None, :, None] - row_k[:, start:stop, None]),
+                                             0.0).sum(-1)  # last k_t
+        bucket = (t_c[:, None] - t[None, :stop]).clamp(min=0).add(1).float().log2().floor().long()  # (c, stop)
+        in_rows = p * rows[:, start:stop, None]  # (B, c, stop)
+        chosen = in_rows * selection_mask(idx_c, valid_c, stop)
+        by_bucket[0].index_add_(0, bucket.flatten(), in_rows.sum(0).flatten())
+        by_bucket[1].index_add_(0, bucket.flatten(), chosen.sum(0).flatten())
+        in_top = _oracle_top(p, t_c, row_k[:, start:stop])  # (B, c, stop)
+        oracle[:, start:stop] = (p * in_top).sum(-1)
+        by_bucket[2].index_add_(0, bucket.flatten(), (in_rows * in_top).sum(0).flatten())
+    return {
+        "mass_by_distance": by_bucket[0].tolist(),  # dense attention mass per distance bucket
+        "selected_mass_by_distance": by_bucket[1].tolist(),  # ... of which inside S_t
+        "oracle_mass_by_distance": by_bucket[2].tolist(),  # ... of which inside the oracle's top-k_t
+        "oracle_recall_sum": float(oracle[rows].sum()),
+        "rows": int(rows.sum()),
+        "recall_sum": float(recall[rows].sum()),
+        "local_recall_sum": float(local[rows].sum()),
+        "random_recall_sum": float((row_k / (t + 1.0))[rows].sum()),
+        "queries": row_k.numel(),
+        "selected_sum": int(row_k.sum()),
+    }
+
+
+def _oracle_top(p, t_c, row_k_c):
+    """The ceiling's set at each row's budget k_t: its own top-k_t keys of p (B, c, stop) -> bool (B, c, stop)."""
+    stop = p.shape[-1]
+    keys = torch.arange(stop, device=p.device)
+    order = p.masked_fill(keys[None, None, :] > t_c[None, :, None], -1.0).argsort(-1, descending=True)
+    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, order, keys[None, None, :] < row_k_c[..., None])
+
+
+@torch.no_grad()
+def selection_recall_dense(q, k, selected_idx, valid) -> dict:
+    """The reference twin of `selection_recall`, building (B, H, L, L) fp32 at once: share of dense attention
+    mass inside S_t, vs a random and a local (last-k_t) selection of equal size.
+
+    k_t = the row's valid slots (K = min(k, t+1) for plain top-k; per row for adaptive k and patterns).
+    Counted only over query rows with k_t < t+1, where selection actually drops tokens.
+    Random recall is its exact expectation k_t/(t+1). Returns sums and the row count (so batches add up).
     """
     L = q.shape[2]
-    p = causal_attention_probs(q.float(), k.float()).sum(1)
+    with torch.autocast(q.device.type, enabled=False):
+        p = causal_attention_probs(q.float(), k.float()).sum(1)
     p = p / p.sum(-1, keepdim=True)  # (B, L, L)
     recall = (p.gather(-1, selected_idx.clamp(min=0)) * valid).sum(-1)  # (B, L)
     t = torch.arange(L, device=q.device)

@@ -15,6 +15,7 @@ import random
 import resource
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,11 +155,33 @@ def _optimizer(groups: list[dict], tcfg: TrainConfig, steps: int):
     return opt, sched
 
 
-def peak_memory(device: torch.device) -> dict:
-    """{'peak_memory_mb': CUDA peak allocated in this run (NaN on CPU), 'process_peak_rss_mb': the process's
-    lifetime peak RSS — on CPU the only figure, and it never goes down, so runs later in a process inherit it}."""
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+def peak_memory(device: torch.device, step_peak: "StepPeak | None" = None) -> dict:
+    """{'peak_memory_mb': CUDA peak allocated over the stage's training steps (`step_peak`; evaluation is not
+    counted; NaN on CPU), 'process_peak_rss_mb': the process's lifetime peak RSS — on CPU the only figure, and it
+    never goes down, so runs later in a process inherit it}."""
+    cuda = step_peak.mb() if step_peak is not None else (
+        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan)
     return {"peak_memory_mb": cuda, "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class StepPeak:
+    """Peak CUDA memory over training steps only: each step starts from a reset of the allocator's peak and its
+    peak is kept after the step, before any evaluation (whose dense recall and full-batch forwards would
+    otherwise count). On CPU nothing is measured (NaN)."""
+
+    def __init__(self, device: torch.device, peak_bytes: int = 0):
+        self.cuda, self.device, self.peak_bytes = device.type == "cuda", device, peak_bytes
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+
+    def mb(self) -> float:
+        return self.peak_bytes / 2**20 if self.cuda else math.nan
 
 
 def eval_batches(val, batch_size: int):
@@ -351,8 +374,6 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
     profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
     seq_len = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     if stage.lm_loss:
         model.train()
     with _frozen_main(model, stage.trains == "indexer"):
@@ -417,6 +438,8 @@ def _train_step(net, model, stage: Stage, batch, opt, sched, tcfg: TrainConfig, 
         model.set_training_progress(step / stage.steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    step_peak = StepPeak(device, log.get("peak_bytes", 0))  # this step's peak, never evaluation's
+    step_peak.start()
     start = time.perf_counter()
     with _autocast(device, run.dtype):
         logits, aux = net(inputs, mode, return_aux=True)
@@ -441,6 +464,8 @@ def _train_step(net, model, stage: Stage, batch, opt, sched, tcfg: TrainConfig, 
         torch.cuda.synchronize()
     # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
     log["step_time"].append(math.nan if timer is not None else time.perf_counter() - start)
+    step_peak.stop()
+    log["peak_bytes"] = step_peak.peak_bytes  # the stage's running peak, kept in resume checkpoints
     return inputs.shape[1]
 
 
@@ -452,7 +477,8 @@ def _final_metrics(model, stage: Stage, log: dict, timer: SectionTimer, profile:
     forward_time, load_sum, step_loss = log["forward_time"], log["load_sum"], log["step_loss"]
     profiled = sum(forward_time)
     final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
-    final.update(avg_time_per_step=_mean(log["step_time"]), **peak_memory(device),
+    step_peak = StepPeak(device, log.get("peak_bytes", 0))  # the peak over the training steps only
+    final.update(avg_time_per_step=_mean(log["step_time"]), **peak_memory(device, step_peak),
                  profiled_forward_ms=1000 * profiled / max(1, len(forward_time)),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
@@ -489,8 +515,22 @@ def _wrap(model, device: torch.device, run: Execution):
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=True, **buffers)
     if run.compile:
-        net = torch.compile(net)
+        net = compiled(net)
     return net
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled(net, **options):
+    """torch.compile once per module (every stage of a model reuses it; a fresh wrapper per stage x length x seed
+    ran into dynamo's recompile limit and fell back to eager). The MoE's per-expert token lists are dynamic-shape
+    outputs: captured in the graph (capture_dynamic_output_shape_ops) instead of breaking it. The token-level
+    training paths (selection, gather, MQA) trace without graph breaks (tests/test_compile.py)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    if net not in _COMPILED:
+        _COMPILED[net] = torch.compile(net, **options)
+    return _COMPILED[net]
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:

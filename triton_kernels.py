@@ -11,6 +11,7 @@ import os
 import torch
 
 from kernels import _selected_probs
+from sparse_attention import check_selection
 
 try:
     import triton
@@ -194,6 +195,7 @@ def _bhl_strides(x_t):
 def sparse_attention_triton(q, k, v, selected_idx, valid, return_probs: bool = False, block_config=None):
     """Fused Triton token-level DSA (fwd + bwd). Same contract as `sparse_attention_gather`; `block_config`
     forces tiles, e.g. {"BK": 16} (the CUDA tile, for interpreter tests)."""
+    check_selection(selected_idx, valid, q.shape[2])  # invalid = -1, valid positions in [0, L) and distinct per row
     _triton_ready(q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     idx = torch.where(valid, selected_idx, -1).contiguous()

@@ -315,8 +315,8 @@ def sparse_mqa_attention_triton(q, kv, selected_idx, valid, *, v_dim: int, scale
     (tests, benchmarks); by default BLOCK_H = min(64, pow2(H) >= 16) and, on GPU, BLOCK_K / num_warps /
     num_stages are autotuned per (K, v_dim, D, BLOCK_H, precision).
     """
+    check_mqa_inputs(q, kv, selected_idx, valid, v_dim)  # shapes, dtypes, the selection contract
     _check_ready(q)
-    check_mqa_inputs(q, kv, selected_idx, valid, v_dim)
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
     q, kv = q.contiguous(), kv.contiguous()

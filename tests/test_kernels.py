@@ -10,6 +10,7 @@ import torch
 import kernels
 from backends import BlockBackend
 import triton_kernels
+import work_sizes
 from conftest import ROOT, tiny_model_config
 from models import BACKENDS, SparseAttentionMoELLM, build_backend
 from sparse_attention import (AttentionMode, MaskedBackend, Selection, TopKTokenSelector, index_scores,
@@ -60,7 +61,7 @@ def test_chunked_select_equals_reference_selector(B, H, L, D, k):
 @pytest.mark.parametrize("budget", [1, 40, 700])
 def test_chunked_select_variable_prefix_chunks_equal_reference(monkeypatch, budget):
     """Default chunking (more queries per chunk while the key prefix is short) picks the reference's set."""
-    monkeypatch.setattr(kernels, "INDEX_CHUNK_ELEMENTS", budget)
+    monkeypatch.setitem(work_sizes.CPU_BUDGETS, "index", budget)
     B, L, k = 2, 57, 9
     q, kk, w = (t.round() for t in _indexer(B, L))  # many exact ties (ReLU zeros, -0.0 vs +0.0)
     ref_idx, ref_valid = TopKTokenSelector(k)(index_scores(q, kk, w))
@@ -118,7 +119,7 @@ def test_gather_matches_masked_reference(B, H, L, D, k):
 
 
 def test_gather_small_chunks_and_fp32(monkeypatch):
-    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", 1)  # one query per chunk
+    monkeypatch.setitem(work_sizes.CPU_BUDGETS, "gather", 1)  # one query per chunk
     q, kk, v = (t.detach().float().requires_grad_() for t in _qkv(2, 2, 21, 8))
     idx, valid = kernels.chunked_select(*_indexer(2, 21), 5)
     (oa, pa, ga), (ob, pb, gb) = (_run(kernels.sparse_attention_gather, q, kk, v, idx, valid),
@@ -132,7 +133,7 @@ def test_gather_small_chunks_and_fp32(monkeypatch):
                                               (3, 1, 9, 3, 9, 7), (1, 4, 50, 16, 64, 5000)])
 def test_gather_more_shapes_and_chunkings(monkeypatch, B, H, L, D, k, budget):
     """Odd heads/dims, k > L, one query per chunk and several: outputs, probs and all grads equal the reference."""
-    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", budget)
+    monkeypatch.setitem(work_sizes.CPU_BUDGETS, "gather", budget)
     q, kk, v = _qkv(B, H, L, D)
     idx, valid = kernels.chunked_select(*_indexer(B, L), k)
     _assert_same(_run(kernels.sparse_attention_gather, q, kk, v, idx, valid),
@@ -414,7 +415,7 @@ def test_worker_threads_equal_one_thread(monkeypatch):
 
     monkeypatch.setattr(kernels, "run_chunks", spy)
     monkeypatch.setattr(mqa_kernels, "run_chunks", spy)
-    monkeypatch.setattr(kernels, "GATHER_CHUNK_ELEMENTS", 64)
+    monkeypatch.setitem(work_sizes.CPU_BUDGETS, "gather", 64)
     monkeypatch.setattr(kernels, "MIN_PARALLEL_CHUNKS", 2)  # these tiny calls have 6-23 chunks
     B, H, L, D, k = 2, 3, 23, 8, 5
     threads, results = torch.get_num_threads(), {}

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 # Layer order, bottom first (DESIGN.md "Layers"). A module may import modules of its own or a lower layer.
 LAYERS = [
-    ("plumbing", ["config", "rope", "distributed", "results_io", "variants", "mqar", "plateau"]),
+    ("plumbing", ["config", "rope", "distributed", "results_io", "variants", "mqar", "plateau", "work_sizes"]),
     ("reference", ["sparse_attention"]),
     ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
     ("backends", ["backends"]),
@@ -18,7 +18,7 @@ LAYERS = [
     ("data and training", ["token_files", "data", "train"]),
     ("experiment skeleton", ["experiment"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
-                 "sample", "visualize_attention", "long_context", "adaptive_sparsity"]),
+                 "sample", "visualize_attention", "long_context", "adaptive_sparsity", "gpu_check"]),
 ]
 LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
 
@@ -124,7 +124,8 @@ def test_every_function_is_at_most_60_lines():
 # Each piece of the experiment skeleton lives in these modules only; a runner that re-implements one is caught here.
 SKELETON_OWNERS = {"check_stale(": {"results_io", "experiment"}, "checkpointed(": {"train", "experiment"},
                    "discard_checkpoints(": {"train", "experiment"}, "holm(": {"results_io"},
-                   "paired_t_pvalue(": {"results_io"}, '"summary.json"': {"experiment"},
+                   "paired_t_pvalue(": {"results_io"},
+                   '"summary.json"': {"experiment", "gpu_check"},  # gpu_check reads a run's summary back
                    "* 1000 +": set()}  # stream offsets: data.stream_seed and its named STREAM_* constants
 
 

@@ -60,6 +60,12 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
     assert again["results"] == json.loads((tmp_path / "summary.json").read_text())["results"]
     with pytest.raises(ValueError, match="different config"):
         long_context.run_long_context("quick", ["lm"], models, {**TINY, "steps": 5}, tmp_path, False)
+    # another machine (device name in the key) is a different config too: its runs are never read back here
+    import experiment
+    monkeypatch.setattr(experiment, "run_fingerprint", lambda device, dtype="fp32": {"device": "cpu",
+                                                                                    "device_name": "other", "torch": "x"})
+    with pytest.raises(ValueError, match="different config"):
+        long_context.run_long_context("quick", ["lm"], models, dict(TINY), tmp_path, False)
 
 
 def test_controls_share_the_branch_point_and_batches(corpus):

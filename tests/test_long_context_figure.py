@@ -56,6 +56,7 @@ def test_the_written_figure_is_a_png(tmp_path):
 
 
 def test_the_report_names_only_the_figures_written():
+    from experiment import significance
     from reports import long_context_report
     for tasks, mqar_figure in ((["lm"], False), (["lm", "mqar"], True)):
         summary = _summary(tasks, [42])
@@ -65,5 +66,10 @@ def test_the_report_names_only_the_figures_written():
                     if isinstance(m, dict):
                         m.update(val_loss=m["accuracy"], delta_accuracy_vs_dense=m["delta_val_loss_vs_dense"],
                                  val_accuracy=m["accuracy"], tokens_per_s=m["avg_time_per_step"])
-        text = long_context_report({**summary, "seeds": {t: [42] for t in tasks}}, ["dense", "dsa"])
+                        m["time_ratio_vs_dense"] = _stat(1.0, [42])
+        sig = {t: significance([{"L": int(L), "model": "dsa", "vs": "dense", "metric": "val_loss",
+                                 "lower_is_better": True, "differences": [0.01]} for L in summary["results"][t]])
+               for t in tasks}  # one seed: untestable, as the runner records it
+        text = long_context_report({**summary, "seeds": {t: [42] for t in tasks}, "significance": sig},
+                                   ["dense", "dsa"])
         assert ("mqar_accuracy_by_distance.png" in text) == mqar_figure

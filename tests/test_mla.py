@@ -107,3 +107,15 @@ def test_interleaved_rope_equals_rotate_half_on_deinterleaved_dims():
     pair[..., :2] = torch.randn(1, 6, 2)
     rotated = inter(pair, seq_dim=1)
     torch.testing.assert_close(rotated[..., [0, 4]].norm(dim=-1), pair[..., :2].norm(dim=-1))
+
+
+def test_mla_with_flex_is_refused_in_one_line_never_run_by_another_path():
+    """FlexAttention takes per-head K/V; MLA's sparse path attends over shared latent rows. The config and the
+    backend both refuse the pair (before this, attend_latent silently ran the gather MQA path)."""
+    from backends import FlexBackend
+    with pytest.raises(ValueError, match="attention_backend='flex' runs FlexAttention over per-head K/V") as err:
+        tiny_model_config(attention_type="mla", attention_backend="flex").validate()
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="use 'block'"):
+        FlexBackend().attend_latent(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 8), selection=None, v_dim=4, scale=1.0)
+    tiny_model_config(attention_type="mla", attention_backend="block").validate()  # the block model over MLA runs

@@ -155,3 +155,18 @@ def test_run_environment_records_versions_git_state_and_command_line(monkeypatch
     monkeypatch.setattr(subprocess, "run", no_git)
     env = run_environment()
     assert env["git_commit"] is None and env["git_dirty"] is None and env["device"] is None
+
+
+def test_machine_key_names_the_resolved_device_its_model_and_torch():
+    """CPU: the processor model (/proc/cpuinfo 'model name' on Linux), never 'auto' or a bare architecture."""
+    from results_io import machine_key
+    key = machine_key(torch.device("cpu"))
+    assert key["device"] == "cpu" and key["torch"] == torch.__version__
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name"))
+        assert key["device_name"] == model
+    assert key["device_name"] not in ("", "x86_64", "auto")
+    with pytest.raises(RuntimeError):
+        machine_key("auto")  # an unresolved device is not a device

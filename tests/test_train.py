@@ -245,3 +245,32 @@ def test_gradients_are_clipped_per_param_group():
     _update(loss, opt, sched, grad_clip=1.0, desc="clip-test", step=0)
     assert main.detach()[0].item() == pytest.approx(-0.1)  # below the clip: untouched by the other group's norm
     assert indexer.detach()[0].item() == pytest.approx(-1.0)  # clipped to norm 1 on its own
+
+
+def test_peak_memory_counts_training_steps_not_evaluation(corpus, monkeypatch):
+    """A fake CUDA allocator peak: every step reaches 1 MiB, every evaluation 1000 MiB (dense recall, whole
+    eval batches). The stage's peak_memory_mb is the steps' 1 MiB: evaluation between steps is not counted."""
+    import train
+    peak = [0]
+
+    class FakeCudaPeak(train.StepPeak):
+        def __init__(self, device, peak_bytes=0):
+            super().__init__(device, peak_bytes)
+            self.cuda = True  # measure as on CUDA, with the fake allocator below
+
+    def fake_evaluate(*args, **kwargs):
+        peak[0] = 1000 * 2**20
+        return real_evaluate(*args, **kwargs)
+
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "StepPeak", FakeCudaPeak)
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.__setitem__(0, 0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: max(peak[0], 2**20))
+    cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
+    _, sparse = model_pair(cfg, 0, "cpu")
+    windows = build_windows(corpus, 16)
+    tcfg = TrainConfig(**{**TINY_TRAIN, "steps": 4, "eval_every": 1, "eval_windows": 4})
+    f = train.run_stage(sparse, train.sparse_stage(tcfg), BatchStream(windows.train, 4, 0), windows.val[:4], tcfg,
+                        torch.device("cpu"), "peak")["final"]
+    assert f["peak_memory_mb"] == 1.0

@@ -1,0 +1,155 @@
+"""The CUDA-only paths against their references, on the GPU: Triton MHA/MQA forward and backward, the Triton
+indexer-score kernel in bf16, flex, a bf16 training step of every backend under real CUDA autocast, --compile
+equal to eager, the CUDA chunk plans, and NCCL DDP when there are 2 GPUs. `python benchmark.py --gpu-check`
+runs this file first. Skipped as a whole where CUDA is absent (every test here needs a GPU)."""
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
+
+import config  # noqa: E402
+import kernels  # noqa: E402
+from conftest import tiny_model_config  # noqa: E402
+from sparse_attention import (AttentionMode, index_scores, select_top_k, sparse_attention_masked,  # noqa: E402
+                              sparse_mqa_attention_masked)
+
+CUDA = torch.device("cuda")
+
+
+def _inputs(B=2, H=4, L=192, D=64, seed=0, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device=CUDA, dtype=dtype).requires_grad_() for _ in range(3))
+    iq, ik, iw = (torch.randn(*s, generator=g, device=CUDA) for s in ((B, L, 4, 32), (B, L, 32), (B, L, 4)))
+    return q, k, v, (iq, ik, iw)
+
+
+def _fwd_bwd(fn, *tensors):
+    out = fn(*tensors)[0]
+    grad = torch.randn(out.shape, generator=torch.Generator(device="cuda").manual_seed(9), device=CUDA, dtype=out.dtype)
+    return [out.float()] + [g.float() for g in torch.autograd.grad(out, tensors, grad)]
+
+
+def _close(got, ref, tol):
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
+    import triton_kernels
+    q, k, v, indexer = _inputs(dtype=dtype)
+    idx, valid = kernels.chunked_select(*indexer, 48)
+    ref = _fwd_bwd(lambda *t: sparse_attention_masked(*t, idx, valid), q, k, v)
+    _close(_fwd_bwd(lambda *t: triton_kernels.sparse_attention_triton(*t, idx, valid), q, k, v), ref, tol)
+    _close(_fwd_bwd(lambda *t: kernels.sparse_attention_gather(*t, idx, valid), q, k, v), ref, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def test_triton_mqa_forward_backward_equal_the_masked_reference(dtype, tol):
+    import mqa_kernels
+    import triton_mqa
+    B, L, H, D, v_dim = 2, 160, 16, 80, 64
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(B, L, H, D, generator=g, device=CUDA, dtype=dtype).requires_grad_()
+    kv = torch.randn(B, L, D, generator=g, device=CUDA, dtype=dtype).requires_grad_()
+    idx, valid = kernels.chunked_select(*_inputs(B=B, L=L)[3], 40)
+    ref = _fwd_bwd(lambda a, b: sparse_mqa_attention_masked(a, b, idx, valid, v_dim=v_dim), q, kv)
+    for fn in (triton_mqa.sparse_mqa_attention_triton, mqa_kernels.sparse_mqa_attention):
+        _close(_fwd_bwd(lambda a, b: fn(a, b, idx, valid, v_dim=v_dim), q, kv), ref, tol)
+
+
+def test_triton_indexer_scores_in_bf16_select_like_the_reference():
+    import triton_kernels
+    iq, ik, iw = _inputs(L=256)[3]
+    ref = index_scores(iq, ik, iw)
+    got = triton_kernels.triton_index_scores(iq.bfloat16(), ik.bfloat16(), iw.bfloat16())
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], ref[finite], atol=0.1, rtol=0.05)  # bf16 operands, fp32 accumulation
+    got32 = triton_kernels.triton_index_scores(iq, ik, iw)
+    assert torch.equal(select_top_k(got32, 32)[1], select_top_k(ref, 32)[1])
+
+
+def test_flex_forward_backward_equal_the_block_model():
+    q, k, v, indexer = _inputs(L=256)
+    block_idx, block_valid = kernels.block_select(*indexer, 64, 64)
+    ref = _fwd_bwd(lambda *t: kernels.block_sparse_attention(*t, block_idx, block_valid, 64), q, k, v)
+    _close(_fwd_bwd(lambda *t: kernels.flex_block_attention(*t, block_idx, block_valid, 64), q, k, v), ref, 2e-3)
+
+
+@pytest.mark.parametrize("attention_type", ["mha", "mla"])
+@pytest.mark.parametrize("backend", config.ATTENTION_BACKENDS)
+def test_bf16_training_step_of_every_backend_under_cuda_autocast(backend, attention_type):
+    """The step train.py runs with --dtype bf16: real CUDA autocast (LayerNorm/softmax in fp32, matmuls bf16)."""
+    from models import SparseAttentionMoELLM
+    if attention_type == "mla" and backend == "flex":
+        pytest.skip("flex is MHA only (MLA + flex is refused by the config)")
+    torch.manual_seed(0)
+    model = SparseAttentionMoELLM(tiny_model_config(attention_backend=backend, attention_type=attention_type,
+                                                    max_seq_len=128, sparse_top_k=16)).to(CUDA)
+    ids = torch.randint(0, 64, (2, 128), device=CUDA)
+    for mode in (AttentionMode(sparse=False, indexer_loss="dense"), AttentionMode(sparse=True, indexer_loss="sparse")):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, aux = model(ids, mode, return_aux=True)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten()) + aux.indexer_loss
+        loss.backward()
+        assert math.isfinite(loss.item())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_compiled_step_equals_eager_on_cuda():
+    import train
+    from models import SparseAttentionMoELLM
+    ids = torch.randint(0, 64, (2, 128), device=CUDA, generator=torch.Generator(device="cuda").manual_seed(3))
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = SparseAttentionMoELLM(tiny_model_config(attention_backend="gather", max_seq_len=128,
+                                                        sparse_top_k=16)).to(CUDA)
+        net = train.compiled(model) if compile_ else model
+        logits, aux = net(ids, AttentionMode(sparse=True, indexer_loss="sparse"), return_aux=True)
+        (logits.logsumexp(-1).mean() + aux.indexer_loss).backward()
+        results.append([logits.detach()] + [p.grad for p in model.parameters() if p.grad is not None])
+    _close(results[1], results[0], 1e-3)
+
+
+def test_cuda_chunk_plans_run_few_chunks_at_the_long_context_default(monkeypatch):
+    """B 8, H 8, D 32, k 256 at L 8192 (the long-context default): a handful of chunks per call, not L."""
+    bounds_seen = []
+    real = kernels.run_chunks
+    monkeypatch.setattr(kernels, "run_chunks", lambda work, bounds, device: bounds_seen.append(len(bounds)) or
+                        real(work, bounds, device))
+    B, H, L, D, K = 8, 8, 8192, 32, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device=CUDA, dtype=torch.bfloat16) for _ in range(3))
+    idx, valid = kernels.chunked_select(torch.randn(B, L, 4, 64, device=CUDA), torch.randn(B, L, 64, device=CUDA),
+                                        torch.randn(B, L, 4, device=CUDA), K)
+    kernels.sparse_attention_gather(q, k, v, idx, valid)
+    assert bounds_seen and max(bounds_seen) <= 8, bounds_seen
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str):
+    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        t = torch.full((4,), float(rank + 1), device="cuda")
+        dist.all_reduce(t)
+        torch.save(t.cpu(), f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL DDP needs 2 GPUs; this machine has fewer")
+def test_nccl_all_reduce_on_two_gpus(tmp_path):
+    import torch.multiprocessing as mp
+    out = str(tmp_path / "nccl")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    for r in (0, 1):
+        assert torch.equal(torch.load(f"{out}.rank{r}"), torch.full((4,), 3.0))
+    assert os.path.exists(f"{out}.rank0")
