@@ -485,25 +485,32 @@ def write_figures(summary: dict, out: Path) -> None:
                               [(st["ci95"][1] or st["mean"]) - st["mean"] for st in stats]])
         ax.set(xscale="log", xlabel="k (keys per query)", ylabel="held-out loss (nats)", title=f"L = {L}")
         ax.legend(fontsize=7)
+    _save(fig, out / "loss_vs_k.png")
+    budgets = [(L, k) for L in lengths for k in summary["results"][L] if k.isdigit()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for L, k in budgets:
+        for name, style in (("dsa", "-"), ("oracle", ":")):
+            rec = summary["results"][L][k]["recall"][name]["recall_by_distance"]
+            ax.plot([2 ** b for b in range(len(rec))], [math.nan if v is None else v for v in rec], style,
+                    marker=".", label=f"{name} L={L} k={k}")
+    ax.set(xscale="log", xlabel="tokens back (bucket [2^b - 1, 2^(b+1) - 2], plotted at 2^b)",
+           ylabel="share of dense attention mass kept", title="recall by distance")
+    ax.legend(fontsize=6)
+    _save(fig, out / "recall_by_distance.png")
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(budgets) * 6), 4))
+    for i, (L, k) in enumerate(budgets):
+        probe = summary["results"][L][k]["probe"]
+        names = [m for m in probe if isinstance(probe[m], dict)]
+        ax.bar([f"{m}\nL{L} k{k}" for m in names], [probe[m]["accuracy"]["mean"] for m in names],
+               color=f"C{i}", label=f"L={L} k={k}: copy {probe['distance']} tokens back")
+    ax.set(ylabel="top-1 accuracy on the repeated segment", title="retrieval (copy) probe")
+    ax.tick_params(axis="x", labelsize=6)
+    ax.legend(fontsize=7)
+    _save(fig, out / "retrieval.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(out / "loss_vs_k.png", dpi=120)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for L in lengths:
-        for k in (k for k in summary["results"][L] if k.isdigit()):
-            r = summary["results"][L][k]
-            for name, style in (("dsa", "-"), ("oracle", ":")):
-                rec = [v if v is not None else math.nan for v in r["recall"][name]["recall_by_distance"]]
-                axes[0].plot([2 ** b for b in range(len(rec))], rec, style, marker=".", label=f"{name} L={L} k={k}")
-            probe = r["probe"]
-            names = [m for m in probe if isinstance(probe[m], dict)]
-            axes[1].bar([f"{m}\nL{L} k{k}" for m in names], [probe[m]["accuracy"]["mean"] for m in names])
-    axes[0].set(xscale="log", xlabel="distance bucket start + 1 (tokens back)", ylabel="recall of dense mass",
-                title="recall by distance")
-    axes[0].legend(fontsize=6)
-    axes[1].set(ylabel="copy-probe top-1 accuracy", title="retrieval probe")
-    axes[1].tick_params(axis="x", labelsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "recall_by_distance.png", dpi=120)
-    fig.savefig(out / "retrieval.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

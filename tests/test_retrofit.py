@@ -110,6 +110,28 @@ def test_dense_stats_forward_gives_normalised_targets_and_oracle_bounds_dsa():
         aux.stats["dsa"])["indexer_recall"]
 
 
+def test_stage2_pairs_the_sparse_model_with_a_dense_twin_on_the_same_batches():
+    """Stage 2 at k >= L: sparse and dense twin compute the same maths, so on the same batches in the same order
+    their LM losses agree at every step; both main models move, the warmed-up model does not, the twin's indexers
+    do not train and the sparse model's do. Caught: the twin's stream seeded differently (other batches), the
+    sparse model's indexers left out of its optimizer."""
+    model = tiny_retrofit("llama", init=0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(2)
+    train = torch.randint(0, 64, (16, 41))
+    s = {**rx.COMMON, "steps": 3, "batch_size": 2, "backend": "masked", "finetune_lr": 1e-3}
+    sparse, twin, record = rx.sparse_finetune(model, s, 64, train, torch.device("cpu"), log=lambda *_: None)
+    assert len(record["sparse_lm"]) == 3
+    torch.testing.assert_close(torch.tensor(record["sparse_lm"]), torch.tensor(record["dense_lm"]), atol=1e-4, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    name = "base.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sparse.state_dict()[name], before[name]) and not torch.equal(twin.state_dict()[name],
+                                                                                       before[name])
+    name = "indexers.0.k_proj.weight"
+    assert torch.equal(twin.state_dict()[name], before[name]) and not torch.equal(sparse.state_dict()[name],
+                                                                                  before[name])
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A saved tiny Llama with a byte-level BPE tokenizer (300 tokens) that transformers loads by path."""
