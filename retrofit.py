@@ -174,11 +174,14 @@ class RetrofitLM(nn.Module):
         register_attention()
         base.set_attn_implementation(ATTENTION_NAME)
 
-    def forward(self, input_ids: torch.Tensor, plan: Plan = Plan()) -> tuple[torch.Tensor, RetrofitAux]:
-        """input_ids (B, L) -> logits (B, L, vocab), RetrofitAux. Full-sequence forwards only (no KV cache)."""
+    def forward(self, input_ids: torch.Tensor, plan: Plan = Plan(), logits: bool = True):
+        """input_ids (B, L) -> logits (B, L, vocab) (None with logits=False: the decoder alone, no LM head),
+        RetrofitAux. Full-sequence forwards only (no KV cache)."""
         call = _Call(plan, self.indexers)
-        logits = self.base(input_ids=input_ids, use_cache=False, dsa_call=call).logits
-        return logits, call.aux
+        if not logits:
+            self.base.model(input_ids=input_ids, use_cache=False, dsa_call=call)
+            return None, call.aux
+        return self.base(input_ids=input_ids, use_cache=False, dsa_call=call).logits, call.aux
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return list(self.indexers.parameters())
@@ -287,7 +290,7 @@ def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
 def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor) -> RetrofitAux:
     """One no-grad dense forward of the frozen model: each layer's input and head-summed attention."""
     with torch.no_grad():
-        return model(input_ids, Plan("dense", targets=True))[1]
+        return model(input_ids, Plan("dense", targets=True), logits=False)[1]
 
 
 def warmup_kl(model: RetrofitLM, aux: RetrofitAux, backward: bool = False) -> float:

@@ -34,14 +34,14 @@ from sparse_attention import SectionTimer, merge_recall_stats
 MODES = ("dense", "dsa", "oracle", "local", "sink_local", "random")
 CONTROLS = ("oracle", "local", "sink_local", "random")
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
-    "quick": dict(seq_lens=[1024], top_ks=[64], warmup_cap=150, eval_every=10, window=3, kl_windows=2,
-                  eval_windows=8, probe_windows=4, timing_repeats=1),
+    "quick": dict(seq_lens=[1024], top_ks=[64], warmup_cap=200, eval_every=10, window=3, kl_windows=2,
+                  eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_cap=400, eval_every=20, window=3,
                 kl_windows=2, eval_windows=16, probe_windows=8, timing_repeats=2),
     "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_cap=1000, eval_every=20,
                     window=3, kl_windows=4, eval_windows=32, probe_windows=16, timing_repeats=3),
 }
-COMMON = dict(batch_size=1, warmup_lr=1e-3, min_rel_improvement=0.02, steps=0, finetune_lr=1e-5,
+COMMON = dict(batch_size=1, batch_reuse=1, warmup_lr=1e-3, min_rel_improvement=0.02, steps=0, finetune_lr=1e-5,
               indexer_lr=1e-3, sinks=4, probe_segment=64, backend="gather", seed=42, indexer_heads=4,
               indexer_dim=64, indexer_rope_dim=32)
 
@@ -117,7 +117,9 @@ def probe_windows(val: torch.Tensor, L: int, segment: int, n: int) -> torch.Tens
 
 # ----------------------------------------------------------------------------- stage 1
 def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, device, log=print) -> dict:
-    """Train the indexers on the dense KL until the plateau rule stops; -> the tracker's record + step times."""
+    """Train the indexers on the dense KL until the plateau rule stops; -> the tracker's record + step times.
+    The model is frozen, so a batch's targets never change: each captured batch serves `batch_reuse` consecutive
+    optimizer steps (1 = the paper's one step per batch; more = fewer forwards of the model per step)."""
     rule = PlateauRule(max_steps=s["warmup_cap"], eval_every=s["eval_every"], window=s["window"],
                        min_rel_improvement=s["min_rel_improvement"])
     tracker = PlateauTracker(rule)
@@ -128,8 +130,9 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
     tracker.update(0, _heldout_kl(model, heldout))
     for step in range(1, rule.max_steps + 1):
         t0 = time.perf_counter()
-        inputs, _ = stream.next()
-        targets = retrofit.warmup_targets(model, inputs.to(device))  # no-grad forward of the frozen model
+        if (step - 1) % s["batch_reuse"] == 0:
+            inputs, _ = stream.next()
+            targets = retrofit.warmup_targets(model, inputs.to(device))  # no-grad forward of the frozen model
         opt.zero_grad(set_to_none=True)
         train_kl.append(retrofit.warmup_kl(model, targets, backward=True))
         opt.step()
@@ -141,6 +144,7 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
             if stop:
                 break
     return {**tracker.record(), "train_kl": train_kl, "mean_step_s": statistics.mean(step_s),
+            "batch_reuse": s["batch_reuse"], "batches": -(-len(train_kl) // s["batch_reuse"]),
             "kl_unit": "mean over layers of the per-query KL (nats)"}
 
 
@@ -280,7 +284,7 @@ def summarise_k(evaluation: dict, probe: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-WARMUP_KEYS = ("batch_size", "warmup_lr", "min_rel_improvement", "warmup_cap", "eval_every", "window", "kl_windows",
+WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_lr", "min_rel_improvement", "warmup_cap", "eval_every", "window", "kl_windows",
                "seed", "indexer_heads", "indexer_dim", "indexer_rope_dim")
 
 

@@ -32,8 +32,8 @@ def tiny_retrofit(kind: str = "llama", **kwargs):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_k_at_least_L_equals_the_original_logits(kind):
     """Every plan and backend with k >= L selects every past token: the logits are the original model's (fp32,
-    1e-5). Caught: a plan attending to one key fewer (select_top_k K-1), GQA heads paired with the wrong KV head
-    (repeat instead of repeat_interleave), the scaling ignored."""
+    1e-5). Caught: a plan attending to one key fewer (oracle top_k - 1), GQA heads paired with the wrong KV head
+    (repeat instead of repeat_interleave)."""
     base = tiny_base(kind, init=0.2)
     ids = torch.randint(0, 64, (2, 40))
     with torch.no_grad():
@@ -77,8 +77,9 @@ def test_sink_local_keeps_the_first_tokens_and_the_last_ones():
 
 def test_warmup_trains_only_the_indexers_and_lifts_recall():
     """Stage 1 on a tiny model with peaked attention: the base weights stay bit-identical, every indexer weight
-    moves, held-out recall rises clearly above random and local. Caught: an unfrozen base (requires_grad left on
-    and the base in the optimizer), the KL's target p taken from the indexer instead of the attention."""
+    moves, held-out recall rises clearly above random and local. Caught: the base left unfrozen (no
+    requires_grad_(False)), the optimizer never stepping. (A base weight cannot move in the warm-up even with a
+    planted bug in one place: the targets' forward is no-grad and the indexer input detached.)"""
     model = tiny_retrofit("llama", init=0.2)
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     indexers_before = {k: v.clone() for k, v in model.indexers.state_dict().items()}
@@ -87,6 +88,7 @@ def test_warmup_trains_only_the_indexers_and_lifts_recall():
     s = {**rx.COMMON, **rx.PRESETS["quick"], "warmup_cap": 40, "eval_every": 10, "batch_size": 4, "warmup_lr": 1e-2}
     record = rx.warm_up(model, train, kl_windows, s, torch.device("cpu"), log=lambda *_: None)
     assert record["held_out_kl"][-1] < record["held_out_kl"][0]
+    assert not any(p.requires_grad for p in model.base.parameters())
     assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items())
     assert all(not torch.equal(indexers_before[k], v) for k, v in model.indexers.state_dict().items())
     with torch.no_grad():
@@ -217,8 +219,7 @@ def test_smollm2_k_at_least_L_equals_transformers_own_logits(smollm2):
     """The real model (Llama, 30 layers, 9 query / 3 KV heads) at L = 40, fp32: the masked reference with k >= L
     gives transformers' own eager logits (1e-5) and the dense plan its SDPA logits (1e-5); the token-level path
     differs from them by no more than transformers' own eager and SDPA paths differ from each other (summation
-    order; measured 1.4e-4 on logits up to 32). DSA with k = 8 changes the logits. Caught: GQA heads paired with
-    the wrong KV head, the softmax scale ignored, one key fewer selected."""
+    order; measured 1.4e-4 on logits up to 32). DSA with k = 8 changes the logits."""
     base, tokenizer, model_id = smollm2
     assert base.config.model_type == "llama" and base.config.num_key_value_heads == 3
     ids = torch.tensor([tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind to "
