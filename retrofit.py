@@ -33,9 +33,9 @@ from torch import nn
 
 from backends import GatherBackend
 from efficient_patterns import LocalSelector, RandomSelector
-from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector, causal_attention_probs,
-                              future_mask, indexer_kl_dense, indexer_kl_sparse, select_top_k, selection_recall,
-                              timed)
+from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
+                              causal_attention_probs, future_mask, indexer_kl_dense, indexer_kl_sparse, select_top_k,
+                              selection_recall, timed)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_NAME = "dsa_retrofit"

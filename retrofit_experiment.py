@@ -11,7 +11,6 @@ distance, a copy-retrieval probe, and prefill timing. Records are read back on t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -287,8 +286,8 @@ def summarise_k(evaluation: dict, probe: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_lr", "min_rel_improvement", "warmup_cap", "eval_every", "window", "kl_windows",
-               "seed", "indexer_heads", "indexer_dim", "indexer_rope_dim")
+WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_lr", "min_rel_improvement", "warmup_cap", "eval_every", "window",
+               "kl_windows", "seed", "indexer_heads", "indexer_dim", "indexer_rope_dim")
 
 
 def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path, overwrite: bool,
