@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import experiment
-import reports
-from results_io import OneLineArgumentParser, atomic_write_json, mean_ci95, run_cli
-from variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
+from experiments import skeleton as experiment
+from experiments import reports
+from common.results_io import OneLineArgumentParser, atomic_write_json, mean_ci95, run_cli
+from common.variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
     # e.g. "sparse_top_k": 32 is set per length from top_k_ratio; try "top_k_ratio": 0.25,
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def execution(args: argparse.Namespace):
     """How the runs execute (train.Execution): precision, compile, resume checkpoints."""
-    from train import Execution
+    from training.train import Execution
     return Execution(dtype=args.dtype, compile=args.compile, checkpoint_every=args.checkpoint_every,
                      resume=args.resume)
 
@@ -106,10 +106,10 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     (train.Execution): precision, compile and resume checkpoints (OUT/seq_<L>/resume/seed_<S>/)."""
     from tqdm.auto import tqdm
 
-    import distributed
+    from common import distributed
     from config import config_for_length
-    from data import build_windows
-    from train import run_seed
+    from training.data import build_windows
+    from training.train import run_seed
 
     device, run = experiment.prepare(train_cfg.device, run, [model_cfg.attention_backend], [train_cfg.batch_size])
     out = Path(exp_cfg.out)
@@ -154,7 +154,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
               for m in ("classic", "sparse")}
 
     def figures(summary_json):
-        import plots
+        from experiments import plots
         plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
         return ["sequence_length_comparison.png"]
     return experiment.finish(out, summary, figures, lambda s: reports.sweep_report(s, reports.sweep_table(s)),
@@ -163,8 +163,8 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
 
 def load_corpus_once(data_cfg, device):
     """The corpus (rank 0 builds the tokenizer and token caches, the others read them), described in one line."""
-    import distributed
-    from data import load_corpus
+    from common import distributed
+    from training.data import load_corpus
     with distributed.main_first():
         corpus = load_corpus(data_cfg)
     print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
@@ -206,9 +206,9 @@ def sweep_entry(out: Path, L: int, by_seed: dict, config: dict, seeds: list[int]
 def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,
                              run=None) -> dict:
     """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
-    import ablations
-    import distributed
-    from train import pick_device
+    from experiments import ablations
+    from common import distributed
+    from training.train import pick_device
 
     unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
@@ -230,7 +230,7 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     L_max = max(exp_cfg.seq_lens)
 
     def figures(summary_json):
-        import plots
+        from experiments import plots
         results = summary_json["results"]
         plots.optimization_comparison(results, names, L_max, out / "optimization_comparison.png")
         plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,
@@ -243,11 +243,11 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
 
 def run_init_from_hf(args, overrides: dict) -> dict:
     """Import an HF DSA model, warm up its indexers on our data (optionally a sparse stage), report, export."""
-    import hf_warmup
+    from experiments import hf_warmup
     from config import build_configs
-    from data import build_windows, load_corpus
-    from hf_interop import to_hf
-    from train import pick_device
+    from training.data import build_windows, load_corpus
+    from interop.hf_interop import to_hf
+    from training.train import pick_device
     overrides.setdefault("tokenizer", args.init_from_hf)  # its own vocabulary
     _, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
     device = pick_device(train_cfg.device)
@@ -290,7 +290,7 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
     """Run the chosen experiment with `overrides` (CONFIG, then the CLI flags)."""
     from config import build_configs
     if args.experiment == "long_context":
-        import long_context
+        from experiments import long_context
         out = Path(overrides.pop("out", "results/long_context"))
         experiment.check_experiment(out, "long_context")
         long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
@@ -298,8 +298,8 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
                                       run=execution(args))
         return
     if args.experiment == "retrofit":
-        import retrofit_experiment
-        from train import pick_device
+        from experiments import retrofit as retrofit_experiment
+        from training.train import pick_device
         out = Path(overrides.pop("out", "results/retrofit"))
         overrides.update({"eval_windows": args.eval_windows} if args.eval_windows is not None else {})
         experiment.check_experiment(out, "retrofit")
@@ -307,7 +307,7 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
                                          device=pick_device(overrides.get("device", "auto")))
         return
     if args.experiment == "adaptive_sparsity":
-        import adaptive_sparsity
+        from experiments import adaptive_sparsity
         out = Path(overrides.pop("out", f"results/adaptive_sparsity/{overrides.get('attention_type', 'mha')}"))
         experiment.check_experiment(out, "adaptive_sparsity")
         adaptive_sparsity.run_adaptive_sparsity(args.preset, args.models or list(adaptive_sparsity.MODELS), overrides,
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        import distributed
+        from common import distributed
         overrides = {**CONFIG, **cli_overrides(args)}
         check_flags(args)
         if distributed.init_from_env(overrides.get("device", "auto")) > 1 and args.init_from_hf:
@@ -344,8 +344,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         dispatch(args, overrides)
         print(f"wall time {time.perf_counter() - t0:.0f} s")
-    import distributed
-    from train import TrainingDiverged
+    from common import distributed
+    from training.train import TrainingDiverged
     try:
         return run_cli(job, failures=(TrainingDiverged,))
     finally:

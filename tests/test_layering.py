@@ -1,41 +1,60 @@
 """Imports only point down: every project module sits in a declared layer and imports nothing above it
-(function-level imports included), there is no import cycle, and no module imports a runner script."""
+(function-level imports included), there is no import cycle, no module imports a runner script, no
+experiment imports another experiment, and packages' __init__ files import nothing."""
 import ast
 import re
 
 from conftest import ROOT
 
-# Layer order, bottom first (DESIGN.md "Layers"). A module may import modules of its own or a lower layer.
+# Layer order, bottom first (docs/architecture.md "Layers"). A module may import modules of its own or a lower
+# layer. Dotted names are modules inside the packages; plain names are the top-level modules users import.
 LAYERS = [
-    ("plumbing", ["config", "rope", "distributed", "results_io", "variants", "mqar", "plateau", "work_sizes"]),
+    ("plumbing", ["config", "common.rope", "common.distributed", "common.results_io", "common.variants",
+                  "common.plateau", "common.work_sizes"]),
     ("reference", ["sparse_attention"]),
-    ("fast paths", ["kernels", "triton_kernels", "mqa_kernels", "triton_mqa"]),
-    ("backends", ["backends"]),
-    ("variants", ["quantization_utils", "adaptive_selection", "sparsity_control", "efficient_patterns",
-                  "optimized_indexers"]),
-    ("models", ["models", "adaptive_models", "hf_interop", "retrofit"]),
-    ("decoding", ["decode"]),
-    ("data and training", ["token_files", "data", "train"]),
-    ("experiment skeleton", ["experiment"]),
-    ("runners", ["ablations", "hf_warmup", "plots", "reports", "run_experiment", "run_comprehensive_ablations", "benchmark",
-                 "sample", "visualize_attention", "long_context", "adaptive_sparsity", "gpu_check",
-                 "retrofit_experiment"]),
+    ("fast paths", ["kernels.chunked", "kernels.chunked_mqa", "kernels.triton_mha", "kernels.triton_mqa"]),
+    ("backends", ["kernels.backends"]),
+    ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
+    ("models", ["models", "interop.hf_interop", "interop.retrofit"]),
+    ("decoding", ["inference.decode"]),
+    ("data and training", ["training.token_files", "training.data", "training.train"]),
+    ("experiment plumbing", ["experiments.skeleton", "experiments.reports", "experiments.plots",
+                             "experiments.mqar", "experiments.costs", "experiments.tasks"]),
+    ("experiments", ["experiments.sparse_vs_classic", "experiments.long_context", "experiments.adaptive_sparsity",
+                     "experiments.ablations", "experiments.hf_warmup", "experiments.retrofit"]),
+    ("scripts", ["run_experiment", "run_comprehensive_ablations", "benchmark", "gpu_check", "sample",
+                 "visualize_attention"]),
 ]
 LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
+EXPERIMENTS = set(dict(LAYERS)["experiments"])
+PACKAGES = ("common", "kernels", "interop", "inference", "training", "experiments")
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_sources() -> dict[str, str]:
+    """{dotted module name: source} of the top-level modules and the packages' modules."""
+    paths = sorted(ROOT.glob("*.py")) + [p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))]
+    return {module_name(path): path.read_text() for path in paths}
 
 
 def project_modules() -> dict[str, ast.Module]:
-    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(ROOT.glob("*.py"))}
+    return {name: ast.parse(text, name) for name, text in project_sources().items()}
 
 
 def imported_project_modules(tree: ast.Module, project: set[str]) -> set[str]:
-    """Every project module named by an import anywhere in the file (module level or inside functions)."""
+    """Every project module named by an import anywhere in the file (module level or inside functions);
+    `from pkg import mod` names the module pkg.mod."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            subs = {f"{node.module}.{alias.name}" for alias in node.names} & project
+            names.update(subs or {node.module})
     return names & project
 
 
@@ -44,21 +63,34 @@ def is_script(tree: ast.Module) -> bool:
     return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
 
 
+def import_graph() -> dict[str, set[str]]:
+    trees = project_modules()
+    return {name: imported_project_modules(tree, set(trees)) - {name} for name, tree in trees.items()}
+
+
 def test_layer_order_is_respected_and_acyclic():
     print("\ndeclared layer order (bottom first):")
     for level, (name, modules) in enumerate(LAYERS, 1):
         print(f"  {level}. {name}: {', '.join(modules)}")
     trees = project_modules()
-    graph = {name: imported_project_modules(tree, set(trees)) - {name} for name, tree in trees.items()}
-    undeclared = sorted(set(trees) - set(LAYER_OF))
+    graph = import_graph()
+    undeclared = sorted(set(trees) - set(LAYER_OF) - set(PACKAGES))
     assert not undeclared, f"modules missing from LAYERS (place them in a layer): {undeclared}"
     upward = [f"{m} (layer {LAYER_OF[m] + 1}) imports {d} (layer {LAYER_OF[d] + 1})"
-              for m, deps in graph.items() for d in sorted(deps) if LAYER_OF[d] > LAYER_OF[m]]
+              for m, deps in graph.items() if m in LAYER_OF for d in sorted(deps) if LAYER_OF[d] > LAYER_OF[m]]
     assert not upward, "upward imports:\n" + "\n".join(upward)
     scripts = {name for name, tree in trees.items() if is_script(tree)}
     into_scripts = [f"{m} imports the script {d}" for m, deps in graph.items() for d in sorted(deps & scripts)]
     assert not into_scripts, "\n".join(into_scripts)
     assert not find_cycle(graph), f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_no_experiment_imports_another_and_packages_are_only_folders():
+    graph = import_graph()
+    crossing = [f"{m} imports {d}" for m in EXPERIMENTS for d in sorted(graph.get(m, set()) & EXPERIMENTS)]
+    assert not crossing, "experiments importing experiments:\n" + "\n".join(crossing)
+    with_imports = [pkg for pkg in PACKAGES if graph.get(pkg)]
+    assert not with_imports, f"package __init__ files with imports (keep them empty): {with_imports}"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -83,25 +115,32 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
-def test_the_checks_catch_a_cycle_and_an_upward_import():
-    """The detectors themselves: a planted cycle and a planted upward import are found."""
+def test_the_checks_catch_a_cycle_an_upward_import_and_a_crossing():
+    """The detectors themselves: a planted cycle, an upward import and a package-form import are found."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
-    tree = ast.parse("def f():\n    import models\n")
-    assert imported_project_modules(tree, {"models"}) == {"models"}  # a function-level import counts
+    tree = ast.parse("def f():\n    import models\n    from kernels import backends\n")
+    assert imported_project_modules(tree, {"models", "kernels", "kernels.backends"}) == {"models",
+                                                                                       "kernels.backends"}
     assert LAYER_OF["models"] > LAYER_OF["sparse_attention"]
+    assert LAYER_OF["experiments.skeleton"] < min(LAYER_OF[m] for m in EXPERIMENTS)
 
 
-def test_readme_layout_and_packaging_name_every_module():
-    """The README's layout list and pyproject's py-modules name every module of LAYERS (and only those)."""
+def test_docs_and_packaging_name_every_module():
+    """docs/architecture.md names every module of LAYERS; pyproject packages the top-level modules and the
+    packages (and only those)."""
     declared = {m for _, modules in LAYERS for m in modules} & set(project_modules())
-    readme = (ROOT / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
-    missing = sorted(m for m in declared if f"`{m}.py`" not in layout)
-    assert not missing, f"README ## Layout does not name: {missing}"
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    missing = sorted(m for m in declared if f"`{m.replace('.', '/')}.py`" not in architecture)
+    assert not missing, f"docs/architecture.md does not name: {missing}"
     pyproject = (ROOT / "pyproject.toml").read_text()
-    listed = set(re.findall(r'"(\w+)"', pyproject[pyproject.index("py-modules"):pyproject.index("]", pyproject.index("py-modules"))]))
-    assert listed == declared, f"pyproject py-modules differs: missing {sorted(declared - listed)}, extra {sorted(listed - declared)}"
+    section = pyproject[pyproject.index("py-modules"):pyproject.index("]", pyproject.index("py-modules"))]
+    listed = set(re.findall(r'"(\w+)"', section))
+    top = {m for m in declared if "." not in m}
+    assert listed == top, f"pyproject py-modules differs: missing {sorted(top - listed)}, extra {sorted(listed - top)}"
+    packages = pyproject[pyproject.index("packages ="):]
+    packages = set(re.findall(r'"(\w+)"', packages[:packages.index("]")]))
+    assert packages == set(PACKAGES), f"pyproject packages differs from {PACKAGES}: {sorted(packages)}"
 
 
 MAX_FUNCTION_LINES = 60
@@ -123,10 +162,10 @@ def test_every_function_is_at_most_60_lines():
 
 
 # Each piece of the experiment skeleton lives in these modules only; a runner that re-implements one is caught here.
-SKELETON_OWNERS = {"check_stale(": {"results_io", "experiment"}, "checkpointed(": {"train", "experiment"},
-                   "discard_checkpoints(": {"train", "experiment"}, "holm(": {"results_io"},
-                   "paired_t_pvalue(": {"results_io"},
-                   '"summary.json"': {"experiment", "gpu_check"},  # gpu_check reads a run's summary back
+SKELETON_OWNERS = {"check_stale(": {"common.results_io", "experiments.skeleton"},
+                   "checkpointed(": {"training.train", "experiments.skeleton"},
+                   "discard_checkpoints(": {"training.train", "experiments.skeleton"}, "holm(": {"common.results_io"},
+                   "paired_t_pvalue(": {"common.results_io"}, '"summary.json"': {"experiments.skeleton", "gpu_check"},  # gpu_check reads a run's summary
                    "* 1000 +": set()}  # stream offsets: data.stream_seed and its named STREAM_* constants
 
 
@@ -137,7 +176,8 @@ def skeleton_copies(sources: dict[str, str]) -> list[str]:
 
 
 def test_the_experiment_skeleton_exists_once():
-    sources = {path.stem: path.read_text() for path in sorted(ROOT.glob("*.py"))}
+    sources = project_sources()
     assert not skeleton_copies(sources), "skeleton pieces re-implemented:\n" + "\n".join(skeleton_copies(sources))
-    planted = {"long_context": 'atomic_write_json(out / "summary.json", summary)\nseed * 1000 + 2'}
-    assert skeleton_copies(planted) == ['long_context: "summary.json"', "long_context: * 1000 +"]
+    planted = {"experiments.long_context": 'atomic_write_json(out / "summary.json", summary)\nseed * 1000 + 2'}
+    assert skeleton_copies(planted) == ['experiments.long_context: "summary.json"',
+                                        "experiments.long_context: * 1000 +"]

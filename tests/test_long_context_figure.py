@@ -2,7 +2,7 @@
 import matplotlib.pyplot as plt
 import pytest
 
-import plots
+from experiments import plots
 
 
 def _stat(mean, seeds):
@@ -56,8 +56,8 @@ def test_the_written_figure_is_a_png(tmp_path):
 
 
 def test_the_report_names_only_the_figures_written():
-    from experiment import significance
-    from reports import long_context_report
+    from experiments.skeleton import significance
+    from experiments.reports import long_context_report
     for tasks, mqar_figure in ((["lm"], False), (["lm", "mqar"], True)):
         summary = _summary(tasks, [42])
         for by_L in summary["results"].values():

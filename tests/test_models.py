@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from adaptive_models import AdaptiveMoELLM, FixedSparseMoELLM
+from models import AdaptiveMoELLM, FixedSparseMoELLM
 from config import CPU_TRAINABLE_BACKENDS
 from conftest import model_pair, tiny_model_config
 from models import ClassicAttentionMoELLM, MoEFeedForward, SparseAttentionMoELLM
-from sparsity_control import AdaptiveKConfig
+from adaptive_selection import AdaptiveKConfig
 from sparse_attention import DENSE, AttentionMode
 
 L = 24

@@ -5,14 +5,14 @@ import dataclasses
 import pytest
 import torch
 
-import train
+from training import train
 from conftest import tiny_model_config
 from config import TrainConfig
-from data import BatchStream, build_windows
-from results_io import CorruptFile
+from training.data import BatchStream, build_windows
+from common.results_io import CorruptFile
 from sparse_attention import AttentionMode
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
-from train import Execution, checkpointed, run_stage, sparse_from_state, sparse_stage, warmup_stage
+from training.train import Execution, checkpointed, run_stage, sparse_from_state, sparse_stage, warmup_stage
 
 TCFG = TrainConfig(batch_size=4, steps=9, warmup_steps=4, eval_every=3, eval_windows=4, profile_steps=1,
                    learning_rate=1e-2, warmup_lr=1e-2)
@@ -128,7 +128,7 @@ def test_overwrite_discards_an_interrupted_runs_checkpoints(tmp_path):
 def _killing_stream(after_calls: int):
     """A data.BatchStream whose process 'dies' (KeyboardInterrupt, as Ctrl-C or a kill would) at its
     `after_calls`-th batch, counted over every stream of the process."""
-    from data import BatchStream as Real
+    from training.data import BatchStream as Real
     calls = [0]
 
     class Killing(Real):
@@ -192,13 +192,13 @@ def test_sparse_vs_classic_killed_in_the_sparse_stage_resumes_to_the_same_record
 def test_long_context_killed_inside_a_model_resumes_to_the_same_record(tmp_path, corpus, monkeypatch):
     import json
 
-    import long_context
+    from experiments import long_context, tasks  # the lm task draws its batches from tasks.BatchStream
     from test_long_context import TINY
     monkeypatch.setattr(long_context, "load_corpus", lambda cfg: corpus)
     settings = {**TINY, "seq_lens": [32], "seeds": [1]}
     long_context.run_long_context("quick", ["lm"], ["dense", "dsa"], dict(settings), tmp_path / "ref", False)
     out = tmp_path / "killed"
-    monkeypatch.setattr(long_context, "BatchStream", _killing_stream(3 + 4 + 3 + 3))  # branch, dense, warm-up, dsa
+    monkeypatch.setattr(tasks, "BatchStream", _killing_stream(3 + 4 + 3 + 3))  # branch, dense, warm-up, dsa
     with pytest.raises(KeyboardInterrupt):
         long_context.run_long_context("quick", ["lm"], ["dense", "dsa"], dict(settings), out, False,
                                       run=Execution(checkpoint_every=2))
@@ -207,7 +207,7 @@ def test_long_context_killed_inside_a_model_resumes_to_the_same_record(tmp_path,
     assert sorted(p.name for p in (folder / "resume" / "dsa").iterdir()) == ["run.json", "train.step000000002.pt",
                                                                              "warmup.done.pt"]
     counting = _killing_stream(-1)
-    monkeypatch.setattr(long_context, "BatchStream", counting)
+    monkeypatch.setattr(tasks, "BatchStream", counting)
     long_context.run_long_context("quick", ["lm"], ["dense", "dsa"], dict(settings), out, False,
                                   run=Execution(checkpoint_every=2, resume=True))
     for name in ("dense", "dsa"):
@@ -222,14 +222,13 @@ def test_adaptive_sparsity_killed_inside_a_model_resumes_to_the_same_record(tmp_
     run's in every logged number, and only the remaining step's batch is drawn."""
     import json
 
-    import adaptive_sparsity
-    import long_context
+    from experiments import adaptive_sparsity, tasks  # the lm task draws its batches from tasks.BatchStream
     from test_adaptive_sparsity import TINY
     monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
     settings, models = {**TINY, "seeds": [1], "steps": 4}, ["dense", "adaptive"]
     adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(settings), tmp_path / "ref", False)
     out = tmp_path / "killed"
-    monkeypatch.setattr(long_context, "BatchStream", _killing_stream(2 + 2 + 4 + 3))  # branch, warm-up, dense, adaptive
+    monkeypatch.setattr(tasks, "BatchStream", _killing_stream(2 + 2 + 4 + 3))  # branch, warm-up, dense, adaptive
     with pytest.raises(KeyboardInterrupt):
         adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(settings), out, False,
                                                 run=Execution(checkpoint_every=2))
@@ -237,7 +236,7 @@ def test_adaptive_sparsity_killed_inside_a_model_resumes_to_the_same_record(tmp_
     assert (folder / "dense.json").exists() and not (folder / "adaptive.json").exists()
     assert sorted(p.name for p in (folder / "resume" / "adaptive").iterdir()) == ["run.json", "train.step000000002.pt"]
     counting = _killing_stream(-1)
-    monkeypatch.setattr(long_context, "BatchStream", counting)
+    monkeypatch.setattr(tasks, "BatchStream", counting)
     adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(settings), out, False,
                                             run=Execution(checkpoint_every=2, resume=True))
     for name in models:

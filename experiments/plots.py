@@ -133,7 +133,7 @@ def speed_quality_tradeoffs(summary: dict, names: list[str], lengths: list[int],
     """Rows: cost = time per step, and attention + indexer FLOPs per token (counts the selected keys);
     one panel per length: cost vs val loss per strategy with 95 % CI error bars on both axes, the Pareto
     front in red, and front points whose CI boxes overlap another front point's drawn hollow (not separable)."""
-    from reports import overlapping
+    from experiments.reports import overlapping
     costs = [("avg_time_per_step", "time per training step (ms)", 1000),
              ("total_flops_per_token", "attention + indexer MFLOP per token", 1e-6)]
     fig, axes = plt.subplots(len(costs), len(lengths), figsize=(6 * len(lengths), 5 * len(costs)), squeeze=False)

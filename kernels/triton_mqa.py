@@ -1,6 +1,6 @@
 """Triton kernels for token-level sparse attention over a SHARED KV row per token (MQA mode, DSA on MLA).
 
-Same contract and maths as `mqa_kernels.sparse_mqa_attention` (checked against the masked reference in
+Same contract and maths as `kernels.chunked_mqa.sparse_mqa_attention` (checked against the masked reference in
 tests/test_mqa_kernels.py, on CPU under TRITON_INTERPRET=1). Design after FlashMLA's sparse prefill and
 TileLang's sparse_mla_fwd/bwd: one program per (query token, block of heads, batch); the heads are the
 M rows of `tl.dot`, the selected kv rows are gathered BLOCK_K at a time (int64 offsets) and loaded once for
@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from mqa_kernels import check_mqa_inputs
+from kernels.chunked_mqa import check_mqa_inputs
 
 try:
     import triton
@@ -217,14 +217,14 @@ def _interpreting() -> bool:
 def _check_ready(q) -> None:
     if triton is None:
         raise ValueError("sparse_mqa_attention_triton needs the `triton` package (pip install triton); "
-                         "use mqa_kernels.sparse_mqa_attention without it")
+                         "use kernels.chunked_mqa.sparse_mqa_attention without it")
     if not q.is_cuda and not _interpreting():
         raise ValueError("sparse_mqa_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1, set before "
                          "this module is imported, to run the kernels on CPU); use "
-                         "mqa_kernels.sparse_mqa_attention on CPU")
+                         "kernels.chunked_mqa.sparse_mqa_attention on CPU")
     if q.dtype not in DTYPES:
         raise ValueError(f"sparse_mqa_attention_triton takes float16/bfloat16/float32 inputs, got {q.dtype}; "
-                         "cast them, or use mqa_kernels.sparse_mqa_attention")
+                         "cast them, or use kernels.chunked_mqa.sparse_mqa_attention")
 
 
 def _meta(q, v_dim: int, block_config: dict | None) -> tuple[dict, dict | None]:
@@ -307,7 +307,7 @@ def _selected_probs(q, kv, idx, lse, v_dim: int, scale: float, block_config):
 
 def sparse_mqa_attention_triton(q, kv, selected_idx, valid, *, v_dim: int, scale=None, return_probs: bool = False,
                                 block_config: dict | None = None):
-    """Fused Triton sparse MQA attention (fwd + bwd). Same contract as `mqa_kernels.sparse_mqa_attention`:
+    """Fused Triton sparse MQA attention (fwd + bwd). Same contract as `kernels.chunked_mqa.sparse_mqa_attention`:
     q (B, L, H, D), kv (B, L, D), selected_idx/valid (B, L, K) -> out (B, L, H, v_dim), probs (B, H, L, K)
     (detached, 0 at invalid slots) or None. fp16/bf16/fp32 inputs, fp32 statistics and dkv accumulation.
 

@@ -11,7 +11,7 @@ same dense branch point and sees the same batches in the same order:
   random  k random past tokens, redrawn every step (no indexer)  |  trained the same way
   oracle  top-k of the layer's true head-summed attention       /  (the ceiling of any shared index set at k)
   block   our query-block-shared variant (blocks of queries share one selected set)
-Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, mqar.py: a dense
+Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, experiments/mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
 Writes OUT/summary.json, records/ (one per task, length, seed and model: resumable), long_context.png,
 mqar_accuracy_by_distance.png and REPORT.md.
@@ -26,17 +26,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import experiment
-import mqar
-import reports
+from experiments import skeleton as experiment
+from experiments import reports
 from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
-from data import (STREAM_CURRICULUM, STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, build_windows,
-                  eval_subset, load_corpus, stream_seed)
-from results_io import load_torch, mean_ci95, read_json
+from training.data import STREAM_CURRICULUM, STREAM_TRAIN, STREAM_WARMUP, load_corpus
+from common.results_io import load_torch, mean_ci95, read_json
 from sparse_attention import AttentionMode, kept_pair_fraction
-import distributed
-from train import (Execution, classic_from_state, dense_pretrain, dense_stage, evaluate, run_stage, sparse_from_state,
-                   sparse_stage, state_of, warmup_indexer)
+from common import distributed
+from experiments.tasks import LMTask, MQARTask, branch_point
+from training.train import (Execution, classic_from_state, dense_stage, evaluate, run_stage, sparse_from_state,
+                            sparse_stage, state_of, warmup_indexer)
 
 TASKS = ("lm", "mqar")
 MODELS = ("dense", "dsa", "local", "random", "oracle", "block")
@@ -116,65 +115,6 @@ def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     return TaskSettings(options, model, train, list(exp.seeds))
 
 
-# ----------------------------------------------------------------------------- tasks
-class TaskStream:
-    """MQAR batches as the trainer wants them: next() -> inputs (B, L), targets (B, L) (-100 = not scored)."""
-
-    def __init__(self, stream: mqar.MQARStream):
-        self.stream, self.step = stream, 0
-
-    def next(self):
-        batch = self.stream.batch(self.step)
-        self.step += 1
-        return batch.inputs, batch.targets
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}  # a batch is a pure function of (seed, step)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
-class LMTask:
-    name = "lm"
-
-    def __init__(self, corpus, L: int, tcfg: TrainConfig):
-        self.windows = build_windows(corpus, L)
-        self.val = eval_subset(self.windows.val, tcfg.eval_windows)
-        self.batch_size = tcfg.batch_size
-
-    def stream(self, seed: int, purpose: int):
-        return BatchStream(self.windows.train, self.batch_size, stream_seed(seed, purpose))
-
-    def extra_metrics(self, model, device) -> dict:
-        return {}
-
-
-class MQARTask:
-    name = "mqar"
-
-    def __init__(self, options: dict, L: int, tcfg: TrainConfig):
-        self.options = {k: options[k] for k in ("num_keys", "num_values") if k in options}
-        self.pairs, self.vocab, self.L, self.batch_size = options["num_pairs"], options["vocab_size"], L, tcfg.batch_size
-        held = mqar.MQARStream(L, self.pairs, self.vocab, tcfg.batch_size, seed=0, **self.options).held_out(
-            tcfg.eval_windows)
-        self.held_out = held
-        self.val = (held.inputs, held.targets)
-
-    def stream(self, seed: int, purpose: int, L: int | None = None):
-        return TaskStream(mqar.MQARStream(L or self.L, self.pairs, self.vocab, self.batch_size,
-                                          seed=stream_seed(seed, purpose), **self.options))
-
-    @torch.no_grad()
-    def extra_metrics(self, model, device) -> dict:
-        """Accuracy by query-key distance on the held-out set."""
-        model.eval()
-        logits = torch.cat([model(self.held_out.inputs[i: i + 32].to(device)).float().cpu()
-                            for i in range(0, len(self.held_out), 32)])
-        result = mqar.accuracy(logits, self.held_out)
-        return {"accuracy": result["accuracy"], "accuracy_by_distance": result["by_distance"]}
-
-
 # ----------------------------------------------------------------------------- one (task, L, seed)
 def model_config(base: ModelConfig, name: str) -> ModelConfig:
     """The config of one compared model (dense uses the classic model; the rest the sparse one)."""
@@ -183,20 +123,6 @@ def model_config(base: ModelConfig, name: str) -> ModelConfig:
     if name == "block":
         return dataclasses.replace(base, attention_backend="block")
     return base
-
-
-def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, path: Path, fingerprint_: str,
-                 start: dict | None = None, run: Execution = Execution()) -> dict:
-    """Stage 0, shared by every model of this (task, L, seed): dense training of the classic model
-    (train.dense_pretrain) on the seed's STREAM_PRETRAIN, from `start` (MQAR: the curriculum, or the previous
-    length's branch point) or from scratch. Cached as `path` + its .json (experiment.cached_state); `run` may
-    checkpoint it on the way."""
-    def compute():
-        classic, _ = dense_pretrain(cfg, task.stream(seed, STREAM_PRETRAIN), task.val, tcfg, seed, device,
-                                    f"{task.name} L={cfg.max_seq_len} seed={seed}", run, start,
-                                    name=f"pretrain_L{cfg.max_seq_len}")
-        return state_of(classic), {"seed": seed}
-    return experiment.cached_state(path, fingerprint_, compute, device)
 
 
 def mqar_curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, device, folder: Path,
@@ -374,7 +300,7 @@ def run_group(task_name: str, L: int, seed: int, models: list[str], settings: di
 
 def figures(summary: dict, models: list[str], out: Path) -> list[str]:
     """long_context.png, and mqar_accuracy_by_distance.png when MQAR ran."""
-    import plots
+    from experiments import plots
     plots.long_context(summary, models, out / "long_context.png")
     if "mqar" not in summary["results"]:
         return ["long_context.png"]

@@ -1,9 +1,9 @@
 """Variant runs for the indexer-optimisation experiment and the comprehensive ablations (seed "Experiment 4").
 
-A variant is a name and a dict of ModelConfig overrides (the registry: variants.py). For each (L, seed) one
+A variant is a name and a dict of ModelConfig overrides (the registry: common/variants.py). For each (L, seed) one
 dense branch point is trained (and cached); every variant is built from it, warmed up, then sparse-trained
 on the same batches in the same order (train.train_sparse_from). Each finished run is one JSON record, read
-back on resume. `aggregate` turns the records into per-variant statistics; reports.py writes them up.
+back on resume. `aggregate` turns the records into per-variant statistics; experiments/reports.py writes them up.
 """
 from __future__ import annotations
 
@@ -14,85 +14,13 @@ from pathlib import Path
 
 import torch
 
-import experiment
+from experiments import skeleton as experiment
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length
-from data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
-from results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
-from train import check_backend_device, dense_pretrain, state_of, train_sparse_from
-
-
-# ----------------------------------------------------------------------------- analytic costs
-def indexer_flops_per_token(cfg: ModelConfig, L: int) -> float:
-    """Indexer multiply-adds x2 per token, all layers: projections + ReLU scores over the causal prefix
-    (mean (L+1)/2 keys); a shared indexer is counted once per group."""
-    proj = 2 * cfg.d_model * (cfg.indexer_heads * cfg.indexer_dim + cfg.indexer_dim + cfg.indexer_heads)
-    scores = (L + 1) / 2 * cfg.indexer_heads * (2 * cfg.indexer_dim + 2)
-    groups = math.ceil(cfg.n_layers / cfg.shared_indexer_group)
-    return groups * (proj + scores)
-
-
-def attention_flops_per_token(cfg: ModelConfig, mean_keys: float) -> float:
-    """Main attention per token, all layers: QKV/out projections + QK^T and PV over the attended keys."""
-    return cfg.n_layers * (2 * cfg.d_model * 4 * cfg.d_model + 4 * cfg.d_model * mean_keys)
-
-
-# bits per element of the indexer's q/k operands as the score product reads them, and bytes per scale
-INDEXER_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "mixed": 16, "fp8": 8, "int8": 8, "int4": 4}
-SCALE_BYTES = {"fp8": 1, "int8": 4, "int4": 4}  # fp8: one ue8m0 byte per vector; int: one fp32 per vector
-
-
-def indexer_bytes_per_token(cfg: ModelConfig, L: int) -> float:
-    """Bit-width-aware memory traffic of the indexer's score product per query token, all layers: the keys of
-    the causal prefix (mean (L+1)/2, d_I each) and the query's H_I x d_I, at the precision's bit width, plus
-    their scales (fp8/int) and the fp32 head weights; a shared indexer is counted once per group. The cost
-    quantisation actually saves (its FLOPs are the same), beside wall time (fake quantisation on CPU is slower)."""
-    bits = INDEXER_BITS[cfg.indexer_precision]
-    keys = (L + 1) / 2
-    operands = (keys * cfg.indexer_dim + cfg.indexer_heads * cfg.indexer_dim) * bits / 8
-    scales = (keys + cfg.indexer_heads) * SCALE_BYTES.get(cfg.indexer_precision, 0)
-    groups = math.ceil(cfg.n_layers / cfg.shared_indexer_group)
-    return groups * (operands + scales + 4 * cfg.indexer_heads)
-
-
-def step_peak_memory_mb(model, inputs: torch.Tensor, targets: torch.Tensor, device: torch.device,
-                        mode=None) -> float:
-    """Peak memory of one sparse training step (forward + backward, gradients included) above what was
-    allocated before it, in MB; the same definition on both devices. CUDA: max_memory_allocated. CPU: the
-    running sum of tensor allocations and frees recorded by the torch profiler (an allocation peak like
-    tracemalloc's; not the process RSS high-water mark, which never goes down). `mode`: what the step computes
-    (default sparse attention + the sparse indexer KL; sparse_attention.DENSE for a classic model)."""
-    import torch.nn.functional as F
-
-    from sparse_attention import AttentionMode
-    mode = AttentionMode(sparse=True, indexer_loss="sparse") if mode is None else mode
-    was_training = model.training
-    model.train()
-    model.zero_grad(set_to_none=True)
-    inputs, targets = inputs.to(device), targets.to(device)
-
-    def step():
-        logits, aux = model(inputs, mode, return_aux=True)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()) + aux.balance_loss
-        (loss + aux.indexer_loss if mode.indexer_loss else loss).backward()
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        current = peak = 0
-        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-            current += event.self_cpu_memory_usage  # allocations (+) and frees (-) in time order
-            peak = max(peak, current)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return peak / 2**20
+from training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
+from common.results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
+from training.train import check_backend_device, dense_pretrain, state_of, train_sparse_from
+from experiments.costs import (attention_flops_per_token, indexer_bytes_per_token, indexer_flops_per_token,
+                               step_peak_memory_mb)
 
 
 @torch.no_grad()
@@ -155,8 +83,8 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
     (train.Execution) checkpointing, an interrupted one continues from OUT/resume/) -> list of records."""
     from tqdm.auto import tqdm
 
-    import distributed
-    from data import load_corpus
+    from common import distributed
+    from training.data import load_corpus
 
     device, run = experiment.prepare(train_cfg.device, run, [], [train_cfg.batch_size])
     with distributed.main_first():  # rank 0 builds the caches, the others read them
@@ -242,7 +170,7 @@ def variant_metrics(model, result: dict, cfg: ModelConfig, windows, train_cfg: T
 
 def _write_and_read(path: Path, record: dict) -> dict:
     """Write a record (rank 0) and read it back on every rank (the JSON-cleaned copy the summary uses)."""
-    import distributed
+    from common import distributed
     atomic_write_json(path, record)
     distributed.barrier()
     return read_json(path)

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
-import distributed
-from results_io import (ALPHA, atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint,
+from common import distributed
+from common.results_io import (ALPHA, atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint,
                         load_torch, mean_ci95, paired_tests, read_json, run_environment, run_fingerprint)
-from train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device
+from training.train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device
 
 
 def prepare(device_name: str, run: Execution | None, backends: Iterable[str], batch_sizes: Iterable[int]):

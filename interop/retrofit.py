@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends import GatherBackend
+from kernels.backends import GatherBackend
 from efficient_patterns import LocalSelector, RandomSelector
 from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
                               causal_attention_probs, future_mask, indexer_kl_dense, indexer_kl_sparse, select_top_k,

@@ -4,20 +4,20 @@ with the same signatures (select, attend, attend_latent, selected_scores); tests
 that, and that each equals the reference (outputs and gradients).
 
   gather  token-level: chunked selection (kernels.chunked_select), kernels.sparse_attention_gather (MHA),
-          mqa_kernels.sparse_mqa_attention (MLA's shared latent rows)
-  triton  the same through the Triton kernels (triton_kernels.py, triton_mqa.py)
+          kernels.chunked_mqa.sparse_mqa_attention (MLA's shared latent rows)
+  triton  the same through the Triton kernels (kernels/triton_mha.py, kernels/triton_mqa.py)
   block   the query-block-shared model (kernels.block_*); flex: the block model through FlexAttention
 """
 from __future__ import annotations
 
 import torch
 
-from kernels import (BLOCK_SIZE, block_index_scores, block_select, block_sparse_attention, chunked_select,
+from kernels.chunked import (BLOCK_SIZE, block_index_scores, block_select, block_sparse_attention, chunked_select,
                      expand_block_selection, flex_block_attention, selected_index_scores, sparse_attention_gather)
-from mqa_kernels import sparse_mqa_attention
+from kernels.chunked_mqa import sparse_mqa_attention
 from sparse_attention import MaskedBackend, Selection, TopKTokenSelector
-from triton_kernels import sparse_attention_triton, triton_index_scores
-from triton_mqa import sparse_mqa_attention_triton
+from kernels.triton_mha import sparse_attention_triton, triton_index_scores
+from kernels.triton_mqa import sparse_mqa_attention_triton
 
 
 def fast_selectable(indexer, selector) -> bool:

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import distributed
+from common import distributed
 from config import ModelConfig, TrainConfig
-from data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
+from training.data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
 from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
-from plateau import PlateauRule, PlateauTracker
-from results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
+from common.plateau import PlateauRule, PlateauTracker
+from common.results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
 from sparse_attention import DENSE, AttentionMode, SectionTimer, merge_recall_stats
 
 

@@ -8,7 +8,7 @@ Per length L and seed every model starts from the same dense branch point and se
 order (stage 2: the seed's stream 1):
   dense      the classic model continues dense training
   fixed25/50/75  DSA keeping k_t = ceil(f (t+1)) keys, f = 25 / 50 / 75 % of the causal prefix
-  adaptive   DSA with k_t from the DynamicSparsityController (sparsity_control.py: prefix complexity and the
+  adaptive   DSA with k_t from the DynamicSparsityController (adaptive_selection.py: prefix complexity and the
              entropy of the indexer's scores, causal)
   matched    DSA keeping a fixed share r of the prefix, r chosen so that its mean keys per query at L equals the
              adaptive model's measured mean of the same seed (the mean of its mean_selected_keys over the sparse
@@ -30,19 +30,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-import experiment
-import reports
-from ablations import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
-from adaptive_models import AdaptiveMoELLM, FixedSparseMoELLM, check_plain_dsa
+from common import distributed
+from experiments import skeleton as experiment
+from experiments import reports
+from experiments.costs import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
+from models import AdaptiveMoELLM, FixedSparseMoELLM, check_plain_dsa
 from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
-from data import STREAM_TRAIN, STREAM_WARMUP, load_corpus
-from long_context import LMTask, branch_point
+from training.data import STREAM_TRAIN, STREAM_WARMUP, load_corpus
+from experiments.tasks import LMTask, branch_point
 from models import ClassicAttentionMoELLM
-from results_io import mean_ci95, read_json
+from common.results_io import mean_ci95, read_json
 from sparse_attention import DENSE
-from sparsity_control import AdaptiveKConfig
-from train import (Execution, classic_from_state, dense_stage, eval_batches, run_stage, sparse_from_state, sparse_stage,
+from adaptive_selection import AdaptiveKConfig
+from training.train import (Execution, classic_from_state, dense_stage, eval_batches, run_stage, sparse_from_state, sparse_stage,
                    state_of, warmup_indexer)
 
 FIXED = {"fixed25": 0.25, "fixed50": 0.5, "fixed75": 0.75}
@@ -233,7 +233,7 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
                                          device, started), **summarise(records, st, models)}
 
     def figures(summary_json):
-        import plots
+        from experiments import plots
         plots.adaptive_sparsity(summary_json, models, out / "adaptive_sparsity.png")
         return ["adaptive_sparsity.png"]
     return experiment.finish(out, summary, figures, lambda s: reports.adaptive_sparsity_report(s, models),

@@ -14,10 +14,10 @@ import dataclasses
 import torch
 
 from config import TrainConfig
-from data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
-from hf_interop import from_hf
+from training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
+from interop.hf_interop import from_hf
 from models import SparseAttentionMoELLM
-from train import sparse_stage, train_lm, warmup_indexer
+from training.train import sparse_stage, train_lm, warmup_indexer
 
 
 def warmup_hf_indexers(model_or_path, windows: Windows, tcfg: TrainConfig, device: torch.device, seed: int = 0,
