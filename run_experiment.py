@@ -11,15 +11,13 @@ unless --overwrite is given. A user error prints one line on stderr and exits wi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from experiments import skeleton as experiment
-from experiments import reports
-from common.results_io import OneLineArgumentParser, atomic_write_json, mean_ci95, run_cli
-from common.variants import DEFAULT_OPTIMIZATIONS, OPTIMIZATIONS, expand_optimizations, optimization_help
+from common.results_io import OneLineArgumentParser, run_cli
+from common.variants import DEFAULT_OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
     # e.g. "sparse_top_k": 32 is set per length from top_k_ratio; try "top_k_ratio": 0.25,
@@ -94,182 +92,6 @@ def cli_overrides(args: argparse.Namespace) -> dict:
     return {key: getattr(args, attr) for attr, key in names.items() if getattr(args, attr) is not None}
 
 
-SWEEP_METRICS = ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step", "tokens_per_s",
-                 "model_flops_utilization", "attention_time_share", "peak_memory_mb", "process_peak_rss_mb"]
-METRICS = {"classic": SWEEP_METRICS,
-           "sparse": [*SWEEP_METRICS, "indexer_time_share", "indexer_recall", "random_recall", "local_recall",
-                      "warmup_indexer_recall", "warmup_random_recall", "warmup_local_recall"]}
-
-
-def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bool, run=None) -> dict:
-    """The sequence-length sweep: classic vs sparse per L and seed; writes every result file. `run`
-    (train.Execution): precision, compile and resume checkpoints (OUT/seq_<L>/resume/seed_<S>/)."""
-    from tqdm.auto import tqdm
-
-    from common import distributed
-    from config import config_for_length
-    from training.data import build_windows
-    from training.train import run_seed
-
-    device, run = experiment.prepare(train_cfg.device, run, [model_cfg.attention_backend], [train_cfg.batch_size])
-    out = Path(exp_cfg.out)
-    experiment.check_experiment(out, "sparse_vs_classic")
-    corpus = load_corpus_once(data_cfg, device)
-    models, configs, keys = {}, {}, {}
-    for L in exp_cfg.seq_lens:
-        models[L], d = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
-        configs[L], keys[L] = experiment.config_key(
-            {"model": dataclasses.asdict(models[L]),
-             "train": dataclasses.asdict(train_cfg), "corpus": corpus.describe(),
-             "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"}}, device, run)
-    experiment.clear_stale(out, {record: keys[L] for L in exp_cfg.seq_lens
-                                 for record in sorted((out / f"seq_{L}" / "runs").glob("seed_*.json"))},
-                           overwrite, folder_of=lambda record: record.parent.parent)  # seq_<L>: runs, checkpoints
-    started = time.perf_counter()
-    per_length: dict[int, dict[int, dict]] = {}
-    jobs = [(L, s) for L in exp_cfg.seq_lens for s in exp_cfg.seeds]
-    for L, seed in tqdm(jobs, desc="sweep (length, seed)", disable=len(jobs) == 1):
-        def compute(this_run, L=L, seed=seed):
-            results = run_seed(models[L], build_windows(corpus, L),
-                               train_cfg, seed, device, checkpoint_dir=out / f"seq_{L}" / "checkpoints",
-                               extra={"tokenizer": corpus.tokenizer.spec()}, run=this_run)
-            return {"results": results}
-        record = experiment.run_record(out / f"seq_{L}" / "runs" / f"seed_{seed}.json", keys[L],
-                                       {"seed": seed, "sequence_length": L}, compute, run,
-                                       out / f"seq_{L}" / "resume" / f"seed_{seed}", overwrite, configs[L], device)
-        per_length.setdefault(L, {})[seed] = record["results"]
-    if not distributed.is_main():  # the others trained in lockstep; rank 0 summarises, plots and reports
-        return {}
-    L_max = max(exp_cfg.seq_lens)
-    summary = {**experiment.summary_head("sparse_vs_classic", configs[L_max], list(exp_cfg.seeds), device, started),
-               "sequence_lengths": list(exp_cfg.seq_lens),
-               "results": {str(L): sweep_entry(out, L, by_seed, configs[L], exp_cfg.seeds)
-                           for L, by_seed in per_length.items()}}
-    summary["significance"] = experiment.significance([
-        {"L": L, "model": "sparse", "vs": "classic", "metric": "val_loss", "lower_is_better": True,
-         "differences": summary["results"][str(L)]["sparse"]["delta_val_loss_vs_classic"]["per_seed"]}
-        for L in exp_cfg.seq_lens])
-    curves = {m: [{"steps": per_length[L_max][s][m]["curves"]["steps"],
-                   "val_loss": per_length[L_max][s][m]["curves"]["val_loss"]} for s in exp_cfg.seeds]
-              for m in ("classic", "sparse")}
-
-    def figures(summary_json):
-        from experiments import plots
-        plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
-        return ["sequence_length_comparison.png"]
-    return experiment.finish(out, summary, figures, lambda s: reports.sweep_report(s, reports.sweep_table(s)),
-                             reports.sweep_table)
-
-
-def load_corpus_once(data_cfg, device):
-    """The corpus (rank 0 builds the tokenizer and token caches, the others read them), described in one line."""
-    from common import distributed
-    from training.data import load_corpus
-    with distributed.main_first():
-        corpus = load_corpus(data_cfg)
-    print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
-          f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
-          f"vocab {corpus.tokenizer.vocab_size}; device {device}", flush=True)
-    return corpus
-
-
-def sweep_entry(out: Path, L: int, by_seed: dict, config: dict, seeds: list[int]) -> dict:
-    """One length of the sweep: each model's metrics (mean ± CI over seeds; also written to
-    seq_<L>/<model>_results.json with the curves), the sparse model's paired differences vs classic."""
-    from sparse_attention import kept_pair_fraction
-    entry = {}
-    for model in ("classic", "sparse"):
-        finals = [by_seed[s][model]["final"] for s in seeds]
-        for seed, final in zip(seeds, finals):
-            missing = [m for m in METRICS[model] if m.removeprefix("final_") not in final]
-            if missing:  # a record from an older dsa-lab: same config, fewer metrics
-                raise ValueError(f"{out / f'seq_{L}' / 'runs' / f'seed_{seed}.json'} was written by an older "
-                                 f"version (no {model} {missing[0]!r}); delete {out / f'seq_{L}'} to redo "
-                                 f"those runs, or use another --out")
-        entry[model] = {m: mean_ci95([f[m.removeprefix("final_")] for f in finals]) for m in METRICS[model]}
-        file = {"model": model, "sequence_length": L, "config": config,
-                "runs": [{"seed": s, **by_seed[s][model]["curves"], "final": by_seed[s][model]["final"]} for s in seeds],
-                "final": dict(entry[model])}
-        if model == "sparse":
-            file["warmup"] = [{"seed": s, **by_seed[s]["sparse"]["warmup"]} for s in seeds]
-        else:
-            file["dense_pretraining"] = [{"seed": s, **(by_seed[s]["pretrain"] or {})} for s in seeds]
-        atomic_write_json(out / f"seq_{L}" / f"{model}_results.json", file)
-    entry["sparse"].update(experiment.paired_differences(  # paired by seed: the shared branch point
-        [by_seed[s]["sparse"]["final"] for s in seeds], [by_seed[s]["classic"]["final"] for s in seeds], "classic",
-        metrics=("val_loss", "val_accuracy")))
-    k = config["model"]["sparse_top_k"]
-    warmups = {str(s): by_seed[s]["sparse"]["warmup"].get("plateau") for s in seeds}  # how each warm-up ended
-    return {"top_k": k, "kept_pair_fraction": kept_pair_fraction(L, k), **entry, "warmup": warmups}
-
-
-def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,
-                             run=None) -> dict:
-    """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
-    from experiments import ablations
-    from common import distributed
-    from training.train import pick_device
-
-    unknown = [n for n in names if n not in OPTIMIZATIONS]
-    if unknown:
-        raise ValueError(f"unknown --optimization {unknown}; choose from {', '.join(OPTIMIZATIONS)}")
-    if "baseline" not in names:
-        names = ["baseline", *names]  # time ratios and differences are relative to it
-    out = Path(exp_cfg.out)
-    experiment.check_experiment(out, "indexer_optimization")
-    started = time.perf_counter()
-    records = ablations.run_variants({n: OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg, exp_cfg,
-                                     out, overwrite, run=run)
-    if not distributed.is_main():
-        return {}
-    config = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
-              "data": dataclasses.asdict(data_cfg)}
-    summary = {**experiment.summary_head("indexer_optimization", config, list(exp_cfg.seeds),
-                                         pick_device(train_cfg.device), started),
-               "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names, "results": ablations.aggregate(records)}
-    L_max = max(exp_cfg.seq_lens)
-
-    def figures(summary_json):
-        from experiments import plots
-        results = summary_json["results"]
-        plots.optimization_comparison(results, names, L_max, out / "optimization_comparison.png")
-        plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,
-                                      out / "speed_quality_tradeoffs.png", "Indexer strategies: speed vs quality")
-        plots.scaling_analysis(results, names, exp_cfg.seq_lens, out / "scaling_analysis.png")
-        return ["optimization_comparison.png", "speed_quality_tradeoffs.png", "scaling_analysis.png"]
-    return experiment.finish(out, summary, figures, reports.optimization_report,
-                             lambda s: reports.results_table(s["results"], names, L_max))
-
-
-def run_init_from_hf(args, overrides: dict) -> dict:
-    """Import an HF DSA model, warm up its indexers on our data (optionally a sparse stage), report, export."""
-    from experiments import hf_warmup
-    from config import build_configs
-    from training.data import build_windows, load_corpus
-    from interop.hf_interop import to_hf
-    from training.train import pick_device
-    overrides.setdefault("tokenizer", args.init_from_hf)  # its own vocabulary
-    _, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
-    device = pick_device(train_cfg.device)
-    corpus = load_corpus(data_cfg)
-    L = max(exp_cfg.seq_lens)
-    model_overrides = {k: overrides[k] for k in ("attention_backend",) if k in overrides}
-    if exp_cfg.top_k is not None:
-        model_overrides["sparse_top_k"] = exp_cfg.top_k
-    model, report = hf_warmup.warmup_hf_indexers(args.init_from_hf, build_windows(corpus, L), train_cfg, device,
-                                                 seed=exp_cfg.seeds[0], sparse_steps=train_cfg.steps,
-                                                 **model_overrides)
-    out = Path(exp_cfg.out)
-    atomic_write_json(out / "hf_warmup.json", report)
-    print(f"{report['model_type']} L={L} k={report['sparse_top_k']}: indexer recall {report['recall_before']:.3f} "
-          f"before warm-up -> {report['recall_after']:.3f} after (random {report['random_recall']:.3f}, last-k "
-          f"{report['local_recall']:.3f}); wrote {out / 'hf_warmup.json'}")
-    if args.export_hf:
-        to_hf(model, args.export_hf)
-        print(f"exported to {args.export_hf} (AutoModelForCausalLM.from_pretrained loads it)")
-    return report
-
-
 # CLI flags that only some experiments read: any other experiment refuses them in one line (never ignores them)
 FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adaptive_sparsity"),
                     "optimization": ("indexer_optimization",),
@@ -318,9 +140,11 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
         overrides.setdefault("out", "results/indexer_optimization")
     model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
     if args.experiment == "indexer_optimization":
+        from experiments.ablations import run_indexer_optimization
         names = expand_optimizations(args.optimization) if args.optimization else list(DEFAULT_OPTIMIZATIONS)
         run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite, run=execution(args))
     else:
+        from experiments.sparse_vs_classic import run_sparse_vs_classic
         run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite, run=execution(args))
 
 
@@ -337,6 +161,7 @@ def main(argv=None) -> int:
             if args.resume or args.checkpoint_every or args.dtype != "fp32" or args.compile:
                 raise ValueError("--resume, --checkpoint-every, --dtype bf16 and --compile are not supported with "
                                  "--init-from-hf; leave them out")
+            from experiments.hf_warmup import run_init_from_hf
             run_init_from_hf(args, overrides)
             return
         if args.export_hf:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from pathlib import Path
 
 import torch
 
+from common.variants import OPTIMIZATIONS
+from experiments import reports
 from experiments import skeleton as experiment
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length
 from training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
@@ -228,3 +231,40 @@ def aggregate(records: list[dict], baseline: str = "baseline") -> dict:
 
 def _num(x):
     return math.nan if x is None else x
+
+
+def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,
+                             run=None) -> dict:
+    """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
+    from common import distributed
+    from training.train import pick_device
+
+    unknown = [n for n in names if n not in OPTIMIZATIONS]
+    if unknown:
+        raise ValueError(f"unknown --optimization {unknown}; choose from {', '.join(OPTIMIZATIONS)}")
+    if "baseline" not in names:
+        names = ["baseline", *names]  # time ratios and differences are relative to it
+    out = Path(exp_cfg.out)
+    experiment.check_experiment(out, "indexer_optimization")
+    started = time.perf_counter()
+    records = run_variants({n: OPTIMIZATIONS[n] for n in names}, model_cfg, train_cfg, data_cfg, exp_cfg,
+                                     out, overwrite, run=run)
+    if not distributed.is_main():
+        return {}
+    config = {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg),
+              "data": dataclasses.asdict(data_cfg)}
+    summary = {**experiment.summary_head("indexer_optimization", config, list(exp_cfg.seeds),
+                                         pick_device(train_cfg.device), started),
+               "sequence_lengths": list(exp_cfg.seq_lens), "strategies": names, "results": aggregate(records)}
+    L_max = max(exp_cfg.seq_lens)
+
+    def figures(summary_json):
+        from experiments import plots
+        results = summary_json["results"]
+        plots.optimization_comparison(results, names, L_max, out / "optimization_comparison.png")
+        plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,
+                                      out / "speed_quality_tradeoffs.png", "Indexer strategies: speed vs quality")
+        plots.scaling_analysis(results, names, exp_cfg.seq_lens, out / "scaling_analysis.png")
+        return ["optimization_comparison.png", "speed_quality_tradeoffs.png", "scaling_analysis.png"]
+    return experiment.finish(out, summary, figures, reports.optimization_report,
+                             lambda s: reports.results_table(s["results"], names, L_max))

@@ -10,9 +10,11 @@ after against a random and a local selection of the same size.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
+from common.results_io import atomic_write_json
 from config import TrainConfig
 from training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
 from interop.hf_interop import from_hf
@@ -49,3 +51,31 @@ def warmup_hf_indexers(model_or_path, windows: Windows, tcfg: TrainConfig, devic
                           desc=f"L={L} imported model sparse", stage=sparse_stage(stage_cfg))
         report["sparse"] = result["final"]
     return model.eval(), report
+
+
+def run_init_from_hf(args, overrides: dict) -> dict:
+    """Import an HF DSA model, warm up its indexers on our data (optionally a sparse stage), report, export."""
+    from config import build_configs
+    from training.data import build_windows, load_corpus
+    from interop.hf_interop import to_hf
+    from training.train import pick_device
+    overrides.setdefault("tokenizer", args.init_from_hf)  # its own vocabulary
+    _, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
+    device = pick_device(train_cfg.device)
+    corpus = load_corpus(data_cfg)
+    L = max(exp_cfg.seq_lens)
+    model_overrides = {k: overrides[k] for k in ("attention_backend",) if k in overrides}
+    if exp_cfg.top_k is not None:
+        model_overrides["sparse_top_k"] = exp_cfg.top_k
+    model, report = warmup_hf_indexers(args.init_from_hf, build_windows(corpus, L), train_cfg, device,
+                                                 seed=exp_cfg.seeds[0], sparse_steps=train_cfg.steps,
+                                                 **model_overrides)
+    out = Path(exp_cfg.out)
+    atomic_write_json(out / "hf_warmup.json", report)
+    print(f"{report['model_type']} L={L} k={report['sparse_top_k']}: indexer recall {report['recall_before']:.3f} "
+          f"before warm-up -> {report['recall_after']:.3f} after (random {report['random_recall']:.3f}, last-k "
+          f"{report['local_recall']:.3f}); wrote {out / 'hf_warmup.json'}")
+    if args.export_hf:
+        to_hf(model, args.export_hf)
+        print(f"exported to {args.export_hf} (AutoModelForCausalLM.from_pretrained loads it)")
+    return report

@@ -167,3 +167,15 @@ def finish(out: Path, summary: dict, figures: Callable[[dict], list[str]], repor
     print("\n" + table(summary))
     print(f"\nwrote {out}/summary.json, {', '.join([*names, 'REPORT.md'])}")
     return summary
+
+
+def load_corpus_once(data_cfg, device):
+    """The corpus (rank 0 builds the tokenizer and token caches, the others read them), described in one line."""
+    from common import distributed
+    from training.data import load_corpus
+    with distributed.main_first():
+        corpus = load_corpus(data_cfg)
+    print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "
+          f"documents, {corpus.train_tokens.size:,} / {corpus.val_tokens.size:,} tokens, "
+          f"vocab {corpus.tokenizer.vocab_size}; device {device}", flush=True)
+    return corpus
