@@ -1,1 +1,1 @@
-"""inference: see docs/architecture.md."""
+"""Decoding with caches: KV / latent / indexer-key caches, prefill and the DSA decode step (layer 7)."""

@@ -58,7 +58,7 @@ def test_cached_decoding_equals_full_recomputation_fp64(cls, attention):
                                        dict(n_layers=3, shared_indexer_group=2, **MLA)],
                          ids=["gather-mha", "gather-mla", "shared-indexer-mha", "shared-indexer-mla"])
 def test_sparse_decoding_matches_other_backends_and_shared_indexers(overrides):
-    """The prefill runs the model's backend (the quick preset trains with gather); layers sharing their group
+    """The prefill runs the model's backend (whatever backend it was trained with); layers sharing their group
     leader's indexer select from the leader's row of scores."""
     check_against_recomputation(build(SparseAttentionMoELLM, **overrides), per_prefix=False)
 
