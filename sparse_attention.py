@@ -567,6 +567,12 @@ def _selection_recall_chunked(q, k, selected_idx, valid) -> dict:
         in_top = _oracle_top(p, t_c, row_k[:, start:stop])  # (B, c, stop)
         oracle[:, start:stop] = (p * in_top).sum(-1)
         by_bucket[2].index_add_(0, bucket.flatten(), (in_rows * in_top).sum(0).flatten())
+    return _recall_sums(by_bucket, rows, recall, local, oracle, row_k, t)
+
+
+def _recall_sums(by_bucket, rows, recall, local, oracle, row_k, t) -> dict:
+    """The sums both recall paths return: by_bucket (3, n_buckets) dense / selected / oracle mass per distance
+    bucket; rows, row_k (B, L); recall, local, oracle (B, L) per row; t (L,) positions."""
     return {
         "mass_by_distance": by_bucket[0].tolist(),  # dense attention mass per distance bucket
         "selected_mass_by_distance": by_bucket[1].tolist(),  # ... of which inside S_t
@@ -620,18 +626,7 @@ def selection_recall_dense(q, k, selected_idx, valid) -> dict:
     by_bucket[0].index_add_(0, bucket.flatten(), in_rows.sum(0).flatten())
     by_bucket[1].index_add_(0, bucket.flatten(), chosen.sum(0).flatten())
     by_bucket[2].index_add_(0, bucket.flatten(), (in_rows * in_top).sum(0).flatten())
-    return {
-        "mass_by_distance": by_bucket[0].tolist(),  # dense attention mass per distance bucket
-        "selected_mass_by_distance": by_bucket[1].tolist(),  # ... of which inside S_t
-        "oracle_mass_by_distance": by_bucket[2].tolist(),  # ... of which inside the oracle's top-k_t
-        "oracle_recall_sum": float(oracle[rows].sum()),
-        "rows": int(rows.sum()),
-        "recall_sum": float(recall[rows].sum()),
-        "local_recall_sum": float(local[rows].sum()),
-        "random_recall_sum": float((row_k / (t + 1.0))[rows].sum()),
-        "queries": row_k.numel(),
-        "selected_sum": int(row_k.sum()),
-    }
+    return _recall_sums(by_bucket, rows, recall, local, oracle, row_k, t)
 
 
 def merge_recall_stats(stats: list[dict]) -> dict:
