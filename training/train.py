@@ -155,13 +155,12 @@ def _optimizer(groups: list[dict], tcfg: TrainConfig, steps: int):
     return opt, sched
 
 
-def peak_memory(device: torch.device, step_peak: "StepPeak | None" = None) -> dict:
+def peak_memory(step_peak: "StepPeak") -> dict:
     """{'peak_memory_mb': CUDA peak allocated over the stage's training steps (`step_peak`; evaluation is not
     counted; NaN on CPU), 'process_peak_rss_mb': the process's lifetime peak RSS — on CPU the only figure, and it
     never goes down, so runs later in a process inherit it}."""
-    cuda = step_peak.mb() if step_peak is not None else (
-        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan)
-    return {"peak_memory_mb": cuda, "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_memory_mb": step_peak.mb(), "process_peak_rss_mb": rss_mb}
 
 
 class StepPeak:
@@ -478,7 +477,7 @@ def _final_metrics(model, stage: Stage, log: dict, timer: SectionTimer, profile:
     profiled = sum(forward_time)
     final = {k: curves[k][-1] for k in curves if k not in ("steps", "train_loss", "time_per_step")}
     step_peak = StepPeak(device, log.get("peak_bytes", 0))  # the peak over the training steps only
-    final.update(avg_time_per_step=_mean(log["step_time"]), **peak_memory(device, step_peak),
+    final.update(avg_time_per_step=_mean(log["step_time"]), **peak_memory(step_peak),
                  profiled_forward_ms=1000 * profiled / max(1, len(forward_time)),
                  attention_time_share=timer.totals.get("attention", math.nan) / profiled if profiled else math.nan,
                  attention_ms=1000 * timer.totals.get("attention", math.nan) / max(1, len(profile)))
