@@ -49,23 +49,26 @@ _MQAR_WIDTHS = dict(d_model=64, n_heads=2, n_layers=2, d_ff=128, num_experts=1, 
 # The curriculum (L=32) runs in rounds until its held-out accuracy reaches `curriculum_target` (at most
 # curriculum_steps); it is shared by every length of a seed, and each length's dense stage continues from the
 # previous length's branch point (32 -> 256 -> 512 ...), so the longest length gets every shorter one's training.
-# Rounds of 1200 steps: with 400-step rounds (a fresh AdamW and lr schedule each) seeds 42 and 43 stayed at
-# accuracy 0.34-0.36 for 2400 steps; seed 42 in 1200-step rounds: 0.58 after one round, 1.00 after two.
-# Some initialisations never make the jump (seed 43: 0.35 / 0.34 / 0.37 after 1200 / 2400 / 3600 steps): a
-# curriculum that ends below the target restarts from a fresh initialisation (torch seed + 1000 * attempt), at most
+# The batch decides whether the jump comes (2026-12-02, this CPU): at batch 32, 400-step rounds (a fresh AdamW and
+# lr schedule each) left seeds 42 and 43 at accuracy 0.34-0.36 for 2400 steps and seed 43 never jumped in 1200-step
+# rounds (0.35 / 0.34 / 0.37 after 1200 / 2400 / 3600); at batch 128 seeds 42, 43 and 44 reach 0.996 / 1.0 / 1.0
+# after one 400-step round (~21 s each; 2 pairs at batch 32 stay at ~0.5 for 1200 steps). The cpu and quick
+# presets curriculum at batch 128 (batch_tokens keeps the long-L batches small); the default preset keeps batch 32
+# in 1200-step rounds. A curriculum that ends below the target restarts from a fresh initialisation (torch seed + 1000 * attempt), at most
 # CURRICULUM_RESTARTS times; curriculum.json records every attempt's rounds. Every compared model of the seed still
 # starts from the one branch point, so the comparison stays paired.
 CURRICULUM_RESTARTS = 2
-_MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curriculum_len=32, curriculum_round=1200,
-                  curriculum_target=0.95)
+_MQAR_TASK = dict(num_pairs=4, vocab_size=256, num_keys=16, num_values=16, curriculum_len=32, curriculum_target=0.95)
 PRESETS = {
-    "quick": {  # a small view, <= 20 min on 2 CPU cores (warm-ups short of their plateau: the report says step_cap)
+    "quick": {  # a small view in <= 10 min on 2 CPU cores: L <= 512 on the masked reference (faster than gather there),
+        # short stages (warm-ups end at their 40/60-step caps, short of the plateau: the report says step_cap)
         "seeds": [42, 43, 44], "top_k": 64,
-        "lm": dict(seq_lens=[256, 1024], **QUICK_WIDTHS, batch_size=4, dense_steps=60, warmup_steps=40, steps=60,
-                   learning_rate=3e-3, eval_every=60, eval_windows=16),
-        "mqar": dict(seq_lens=[256], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, curriculum_steps=2400,
-                     dense_steps=100, warmup_steps=60, steps=100, learning_rate=3e-3, eval_every=100,
-                     eval_windows=128),
+        "lm": dict(seq_lens=[256, 512], **QUICK_WIDTHS, batch_size=4, dense_steps=40, warmup_steps=40, steps=40,
+                   learning_rate=3e-3, eval_every=40, eval_windows=16, attention_backend="masked"),
+        # the curriculum's batches are batch_size (128) sequences at L=32; at L=256 batch_tokens makes them 16
+        "mqar": dict(seq_lens=[256], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=128, batch_tokens=4096,
+                     curriculum_steps=1200, curriculum_round=400, dense_steps=60, warmup_steps=60, steps=60, learning_rate=3e-3,
+                     eval_every=60, eval_windows=64, attention_backend="masked"),
     },
     "cpu": {  # the full CPU study: L 256..2048, 3 seeds, both tasks (resumable; run it in the background)
         # measured on 2 cores at L=2048, batch 4: dense 0.55 s/step, dsa 0.87, local 0.57, random 0.74;
@@ -75,8 +78,8 @@ PRESETS = {
         # (measured on main: MQAR L=1024 plateaus from ~300 steps; the quick sweep at L=256 stopped at 380)
         "lm": dict(seq_lens=[256, 512, 1024, 2048], **QUICK_WIDTHS, batch_size=4, dense_steps=120, warmup_steps=600,
                    steps=100, learning_rate=3e-3, eval_every=50, eval_windows=16),
-        "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32, batch_tokens=2048,
-                     curriculum_steps=3600, dense_steps=80, warmup_steps=600, steps=80, learning_rate=3e-3,
+        "mqar": dict(seq_lens=[256, 512, 1024, 2048], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=128, batch_tokens=2048,
+                     curriculum_steps=2400, curriculum_round=400, dense_steps=80, warmup_steps=600, steps=80, learning_rate=3e-3,
                      eval_every=100, eval_windows=128),
     },
     "default": {  # the GPU-box preset: the research plan's widths, L up to 8192
@@ -86,7 +89,7 @@ PRESETS = {
                    dense_steps=1000, warmup_steps=1000, steps=1000, learning_rate=1e-3, eval_every=250,
                    eval_windows=32),
         "mqar": dict(seq_lens=[1024, 2048, 4096, 8192], **_MQAR_WIDTHS, **_MQAR_TASK, batch_size=32,
-                     curriculum_steps=3000, dense_steps=500, warmup_steps=1000, steps=500, learning_rate=3e-3,
+                     curriculum_steps=3000, curriculum_round=1200, dense_steps=500, warmup_steps=1000, steps=500, learning_rate=3e-3,
                      eval_every=250, eval_windows=256),
     },
 }
