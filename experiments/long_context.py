@@ -13,7 +13,7 @@ same dense branch point and sees the same batches in the same order:
   block   our query-block-shared variant (blocks of queries share one selected set)
 Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, experiments/mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
-Writes OUT/summary.json, records/ (one per task, length, seed and model: resumable), long_context.png,
+Writes OUT/summary.json, records/ (one per task, length, seed and model: resumable), long_context.png, warmup_kl.png,
 mqar_accuracy_by_distance.png and REPORT.md.
 """
 from __future__ import annotations
@@ -302,13 +302,14 @@ def run_group(task_name: str, L: int, seed: int, models: list[str], settings: di
 
 
 def figures(summary: dict, models: list[str], out: Path) -> list[str]:
-    """long_context.png, and mqar_accuracy_by_distance.png when MQAR ran."""
+    """long_context.png; warmup_kl.png when DSA warmed up; mqar_accuracy_by_distance.png when MQAR ran."""
     from experiments import plots
     plots.long_context(summary, models, out / "long_context.png")
-    if "mqar" not in summary["results"]:
-        return ["long_context.png"]
-    plots.mqar_accuracy_by_distance(summary, models, out / "mqar_accuracy_by_distance.png")
-    return ["long_context.png", "mqar_accuracy_by_distance.png"]
+    written = ["long_context.png"] + (["warmup_kl.png"] if plots.warmup_curves(summary, out / "warmup_kl.png") else [])
+    if "mqar" in summary["results"]:
+        plots.mqar_accuracy_by_distance(summary, models, out / "mqar_accuracy_by_distance.png")
+        written.append("mqar_accuracy_by_distance.png")
+    return written
 
 
 METRICS = ("val_loss", "val_accuracy", "avg_time_per_step", "tokens_per_s", "model_flops_utilization", "indexer_recall",
@@ -349,7 +350,8 @@ def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -
     warm = [by_model[name][s].get("warmup") for s in seeds]
     if warm[0]:
         metrics["warmup_recall_after"] = mean_ci95([w["recall_after"] for w in warm])
-        metrics["warmup_kl_curve"] = [_nanmean(v) for v in zip(*[w["indexer_kl"] for w in warm])]
+        # per seed: the plateau rule ends each seed's warm-up at its own step (a mean over seeds would truncate)
+        metrics["warmup_kl_curves"] = {str(s): w["indexer_kl"] for s, w in zip(seeds, warm)}
         metrics["warmup_plateau"] = {str(s): w.get("plateau") for s, w in zip(seeds, warm)}
     return metrics
 

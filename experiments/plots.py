@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.plateau import STOP_PLATEAU  # noqa: E402
+
 MODEL_STYLE = {"classic": {"color": "tab:blue", "label": "classic (dense)"},
                "sparse": {"color": "tab:orange", "label": "sparse (DSA)"}}
 
@@ -279,17 +281,47 @@ def _long_context_recall(ax, summary: dict, models: list[str], task: str) -> Non
         if name == "dsa" and ceiling:
             ax.plot([2 ** b for b in range(len(ceiling))], ceiling, "--", color=LONG_CONTEXT_STYLE[name],
                     label="dsa's ceiling (oracle top-k of its attention)")
-    _distance_axes(ax, "dense attention mass kept", f"{task} L={L}: recall by distance")
+    _distance_axes(ax, "dense attention mass kept", f"{task} L={L}: recall by distance",
+                   "tokens back (bucket [2^b − 1, 2^(b+1) − 2], plotted at 2^b)")
 
 
-def _distance_axes(ax, ylabel: str, title: str) -> None:
+def _distance_axes(ax, ylabel: str, title: str, xlabel: str = "query − key distance (tokens, bucket start)") -> None:
     """A panel over power-of-two query-key distance buckets: log2 x axis, labels, grid, legend."""
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("query − key distance (tokens, bucket start)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+
+
+def warmup_curves(summary: dict, path: str | Path) -> bool:
+    """Held-out warm-up KL vs step of DSA, one panel per task run, one colour per L, one line per seed; a cross
+    where the plateau rule stopped the warm-up, a square where the step cap did. -> False (nothing drawn) when no
+    record has a warm-up curve."""
+    runs = {task: [(int(L), seed, rec) for L, entry in by_L.items()
+                   for seed, rec in (entry.get("dsa", {}).get("warmup_plateau") or {}).items() if rec]
+            for task, by_L in summary["results"].items()}
+    runs = {task: r for task, r in runs.items() if r}
+    if not runs:
+        return False
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
+    for ax, (task, curves) in zip(axes[0], runs.items()):
+        lengths = sorted({L for L, _, _ in curves})
+        colours = dict(zip(lengths, plt.cm.viridis(np.linspace(0, 0.9, len(lengths)))))
+        for L, seed, rec in sorted(curves, key=lambda c: (c[0], c[1])):
+            label = f"L={L}" if seed == min(s for length, s, _ in curves if length == L) else None
+            ax.plot(rec["steps"], rec["held_out_kl"], "-", color=colours[L], alpha=0.8, label=label)
+            ax.plot(rec["steps"][-1:], rec["held_out_kl"][-1:], "x" if rec["stop_reason"] == STOP_PLATEAU else "s",
+                    color=colours[L])
+        ax.set(yscale="log", xlabel="warm-up step", ylabel="held-out KL (summed over layers)",
+               title=f"{task}: DSA indexer warm-up (x: plateau, square: step cap)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path) -> None:

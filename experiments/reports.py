@@ -438,6 +438,9 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         long_context_warmups(summary, models),
         "",
         "Figures: `long_context.png` (per task run: its quality vs L; time per step; recall by distance)"
+        + (", `warmup_kl.png` (DSA's held-out warm-up KL per L and seed, where it stopped)" if any(
+            (entry.get("dsa") or {}).get("warmup_plateau") for by_L in summary["results"].values()
+            for entry in by_L.values()) else "")
         + (", `mqar_accuracy_by_distance.png`." if "mqar" in summary["results"] else "."),
         "",
     ])

@@ -73,3 +73,38 @@ def test_the_report_names_only_the_figures_written():
         text = long_context_report({**summary, "seeds": {t: [42] for t in tasks}, "significance": sig},
                                    ["dense", "dsa"])
         assert ("mqar_accuracy_by_distance.png" in text) == mqar_figure
+
+
+def _with_warmups(summary, reasons):
+    """DSA warm-up records (held-out KL curves) per L and seed; `reasons`: the stop reason per seed."""
+    for by_L in summary["results"].values():
+        for entry in by_L.values():
+            entry["dsa"]["warmup_plateau"] = {str(s): {"steps": [20, 40, 60], "held_out_kl": [1.0, 0.5, 0.49],
+                                                       "steps_used": 60, "stop_reason": r, "rule": "the rule"}
+                                              for s, r in reasons.items()}
+    return summary
+
+
+def test_the_warmup_figure_draws_every_seeds_curve_and_where_it_stopped(tmp_path):
+    summary = _with_warmups(_summary(["lm", "mqar"], [42, 43]), {42: "plateau", 43: "step_cap"})
+    assert plots.warmup_curves(summary, tmp_path / "warmup_kl.png")
+    assert (tmp_path / "warmup_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plots.warmup_curves(_summary(["lm"], [42]), tmp_path / "none.png")  # no warm-up: no figure
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_the_report_names_the_warmup_figure_only_when_a_warmup_ran():
+    from experiments.reports import long_context_report
+    from experiments.skeleton import significance
+    for warm in (False, True):
+        summary = _summary(["lm"], [42])
+        for entry in summary["results"]["lm"].values():
+            for m in (entry["dense"], entry["dsa"]):
+                m.update(val_loss=m["accuracy"], val_accuracy=m["accuracy"], tokens_per_s=m["avg_time_per_step"],
+                         time_ratio_vs_dense=_stat(1.0, [42]))
+        if warm:
+            _with_warmups(summary, {42: "plateau"})
+        sig = {"lm": significance([{"L": int(L), "model": "dsa", "vs": "dense", "metric": "val_loss",
+                                    "lower_is_better": True, "differences": [0.01]} for L in summary["results"]["lm"]])}
+        text = long_context_report({**summary, "significance": sig}, ["dense", "dsa"])
+        assert ("warmup_kl.png" in text) == warm
