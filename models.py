@@ -7,7 +7,6 @@ The sparse model's indexer, selector and backend come from the config through on
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,7 @@ from adaptive_selection import (AdaptiveKConfig, AdaptiveKSelector, ContentCompl
 from config import ModelConfig
 from efficient_patterns import LocalSelector, OracleSelector, RandomSelector, build_pattern
 from kernels.backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
-from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
-                                RegionRestrictedSelector)
+from optimized_indexers import MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector
 from common.rope import RotaryEmbedding
 from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
                               LightningIndexer, MaskedBackend, SparseAttentionLayer, TopKTokenSelector,
@@ -144,9 +142,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = DenseFeedForward(cfg) if dense_mlp else MoEFeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None):
-        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss."""
-        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores)
+    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None, shared_coarse=None):
+        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss. shared_*: the group leader's index scores."""
+        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores, shared_coarse)
         x = x + attn_out
         ffn_out, balance_loss = self.ffn(self.ffn_norm(x))
         return x + ffn_out, aux, balance_loss
@@ -264,8 +262,7 @@ def build_indexer(cfg: ModelConfig) -> nn.Module:
                   max_seq_len=cfg.max_seq_len, rope_base=cfg.rope_base)
     mla = cfg.attention_type == "mla"
     if cfg.multiscale_block:
-        top_blocks = max(1, math.ceil(MULTISCALE_CANDIDATE_FACTOR * cfg.sparse_top_k / cfg.multiscale_block))
-        indexer = MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
+        indexer = MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, **common)
     elif cfg.indexer_precision != "fp32" or (cfg.shared_indexer_group > 1 and not mla):  # a shared leader must
         indexer = OptimizedLightningIndexer(*sizes, **common)  # return its scores (the plain one may go chunked)
     else:
@@ -279,7 +276,7 @@ def build_indexer(cfg: ModelConfig) -> nn.Module:
 
 def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
     """A layer's selector from ModelConfig: k strategy, else pattern, else plain top-k; restricted to
-    the indexer's regions when it is a MultiScaleIndexer."""
+    the regions of the indexer's coarse scores when it is a MultiScaleIndexer (their count derived from k and L)."""
     if cfg.k_strategy != "fixed":
         selector = build_k_selector(cfg.k_strategy, cfg.sparse_top_k)
     elif cfg.selection_pattern != "topk":
@@ -287,7 +284,7 @@ def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
     else:
         selector = TopKTokenSelector(cfg.sparse_top_k)
     if isinstance(indexer, MultiScaleIndexer):
-        selector = RegionRestrictedSelector(selector, indexer)
+        selector = RegionRestrictedSelector(selector, indexer.block_size)
     return selector
 
 
@@ -374,8 +371,8 @@ class _MoELLM(nn.Module):
         x = self.token_emb(input_ids)
         layers, balance = [], []
         for i, block in enumerate(self.blocks):
-            leader = self.leaders[i]
-            x, aux, balance_loss = block(x, mode, layers[leader].index_scores if leader != i else None)
+            shared = layers[self.leaders[i]] if self.leaders[i] != i else AttentionAux()  # a follower: its leader's
+            x, aux, balance_loss = block(x, mode, shared.index_scores, shared.coarse_scores)
             layers.append(aux)
             balance.append(balance_loss)
         logits = self.lm_head(self.norm(x))
@@ -444,9 +441,9 @@ class _ObservesInput:
     """A DSA layer whose selector is a DynamicSparsityController: the layer's input (the hidden states the
     controller measures) is handed to it for the span of one forward."""
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None):
+    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None):
         with self.selector.observing(hidden=x.detach()):
-            return super().forward(x, mode, shared_scores)
+            return super().forward(x, mode, shared_scores, shared_coarse)
 
 
 class AdaptiveSparseAttention(_ObservesInput, DeepSeekSparseAttention):
