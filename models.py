@@ -142,9 +142,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = DenseFeedForward(cfg) if dense_mlp else MoEFeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None, shared_coarse=None):
-        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss. shared_*: the group leader's index scores."""
-        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores, shared_coarse)
+    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None, shared_coarse=None, **selector_inputs):
+        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss. shared_*: the group leader's index scores;
+        selector_inputs: what the layer's selector reads beside the scores (the adaptive model's token features)."""
+        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores, shared_coarse, **selector_inputs)
         x = x + attn_out
         ffn_out, balance_loss = self.ffn(self.ffn_norm(x))
         return x + ffn_out, aux, balance_loss
@@ -368,15 +369,20 @@ class _MoELLM(nn.Module):
         if input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
         mode = self.default_mode if mode is None else mode
+        inputs = self.selector_inputs(input_ids, mode)
         x = self.token_emb(input_ids)
         layers, balance = [], []
         for i, block in enumerate(self.blocks):
             shared = layers[self.leaders[i]] if self.leaders[i] != i else AttentionAux()  # a follower: its leader's
-            x, aux, balance_loss = block(x, mode, shared.index_scores, shared.coarse_scores)
+            x, aux, balance_loss = block(x, mode, shared.index_scores, shared.coarse_scores, **inputs)
             layers.append(aux)
             balance.append(balance_loss)
         logits = self.lm_head(self.norm(x))
         return (logits, ModelAux(layers, sum(balance))) if return_aux else logits
+
+    def selector_inputs(self, input_ids: torch.Tensor, mode: AttentionMode) -> dict:
+        """What every layer's selector reads beside the index scores, computed once per forward (none here)."""
+        return {}
 
     @property
     def attentions(self) -> list:
@@ -437,20 +443,21 @@ def _layer_class(cfg: ModelConfig, mha, mla):
     return mla if cfg.attention_type == "mla" else mha
 
 
-class _ObservesInput:
-    """A DSA layer whose selector is a DynamicSparsityController: the layer's input (the hidden states the
-    controller measures) is handed to it for the span of one forward."""
+class _PassesContent:
+    """A DSA layer whose selector is a DynamicSparsityController: it passes the controller the sequence's token
+    features (from the model) and its own input (the hidden states the controller measures) on every call."""
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None):
-        with self.selector.observing(hidden=x.detach()):
-            return super().forward(x, mode, shared_scores, shared_coarse)
+    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None,
+                tokens: torch.Tensor | None = None):
+        """x (B, L, d_model), tokens (B, L, 2) -> out (B, L, d_model), AttentionAux."""
+        return super().forward(x, mode, shared_scores, shared_coarse, tokens=tokens, hidden=x.detach())
 
 
-class AdaptiveSparseAttention(_ObservesInput, DeepSeekSparseAttention):
+class AdaptiveSparseAttention(_PassesContent, DeepSeekSparseAttention):
     """MHA DSA with the controller's k_t."""
 
 
-class AdaptiveSparseLatentAttention(_ObservesInput, SparseLatentAttention):
+class AdaptiveSparseLatentAttention(_PassesContent, SparseLatentAttention):
     """MLA DSA (MQA mode) with the controller's k_t."""
 
 
@@ -473,16 +480,10 @@ class AdaptiveMoELLM(SparseAttentionMoELLM):
     def controllers(self) -> list[DynamicSparsityController]:
         return [attention.selector for attention in self.attentions]
 
-    def forward(self, input_ids: torch.Tensor, mode: AttentionMode | None = None, return_aux: bool = False):
-        """As SparseAttentionMoELLM; the token features of input_ids (B, L) are computed once and observed by
-        every layer's controller."""
-        if not (self.default_mode if mode is None else mode).needs_indexer:
-            return super().forward(input_ids, mode, return_aux)
-        tokens = self.analyzer.token_features(input_ids)  # (B, L, 2)
-        with contextlib.ExitStack() as stack:
-            for controller in self.controllers:
-                stack.enter_context(controller.observing(tokens=tokens))
-            return super().forward(input_ids, mode, return_aux)
+    def selector_inputs(self, input_ids: torch.Tensor, mode: AttentionMode) -> dict:
+        """The token features of input_ids (B, L) -> (B, L, 2), computed once and passed to every layer's
+        controller (none when the forward selects nothing)."""
+        return {"tokens": self.analyzer.token_features(input_ids)} if mode.needs_indexer else {}
 
     @contextlib.contextmanager
     def recording_k(self):

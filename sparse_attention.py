@@ -6,6 +6,7 @@ Shapes: B batch, L sequence, H attention heads, D head dim, H_I / d_I indexer he
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -473,9 +474,11 @@ class SparseAttentionLayer:
         self.selector = selector or TopKTokenSelector(cfg.sparse_top_k)
         self.backend = backend or MaskedBackend()
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None):
+    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None,
+                **selector_inputs):
         """x (B, L, d_model) -> out (B, L, d_model), AttentionAux. A layer sharing its group leader's indexer gets
-        the leader's index scores (and, multi-scale, its coarse block scores)."""
+        the leader's index scores (and, multi-scale, its coarse block scores). `selector_inputs`: what the selector
+        reads beside the scores (models.AdaptiveMoELLM's controller: tokens, hidden), passed to it on every call."""
         positional = getattr(self.selector, "positional", False)  # indexer-free controls (local, random)
         if positional and mode.indexer_loss:
             raise ValueError(f"an indexer-free selector ({type(self.selector).__name__}) has no indexer loss; "
@@ -488,6 +491,7 @@ class SparseAttentionLayer:
             return timed(mode.timer, "attention", self.attend_dense, heads), AttentionAux()
         aux = AttentionAux()
         index_input = self.indexer_input(x, heads)
+        selector = functools.partial(self.selector, **selector_inputs) if selector_inputs else self.selector
         if positional:  # the oracle control also reads the layer's own (q, k)
             extra = {"attention": self.recall_inputs(heads)} if getattr(self.selector, "reads_attention", False) else {}
             selection = timed(mode.timer, "indexer", lambda: Selection(*self.selector.select(
@@ -495,11 +499,11 @@ class SparseAttentionLayer:
         elif mode.sparse:
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "sparse"):
                 selection = timed(mode.timer, "indexer", lambda: self.backend.select(
-                    self.indexer, self.selector, index_input, shared_scores=shared_scores, shared_coarse=shared_coarse))
+                    self.indexer, selector, index_input, shared_scores=shared_scores, shared_coarse=shared_coarse))
         else:  # dense attention: the indexer runs for the warm-up KL and/or recall statistics
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "dense"):
                 selection = timed(mode.timer, "indexer", lambda: reference_select(
-                    self.indexer, self.selector, index_input, shared_scores=shared_scores, shared_coarse=shared_coarse))
+                    self.indexer, selector, index_input, shared_scores=shared_scores, shared_coarse=shared_coarse))
         if mode.sparse:
             out, selected_probs = timed(mode.timer, "attention", self.attend_selected, heads, self.backend,
                                         selection, mode.indexer_loss == "sparse")
