@@ -298,7 +298,8 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
     assert "## Findings" in report and "Hypothesis at this length" in report and "Holm" in report
     assert "| 32 | 2 | 2 | step_cap |" in report  # the shared warm-up of (L, seed): steps used, why it ended
     # resume: every record is read back, nothing trains (training would raise here)
-    monkeypatch.setattr(adaptive_sparsity, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(adaptive_sparsity, "train_model_record",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(TINY), tmp_path, False)
     assert again["results"] == json.loads((tmp_path / "summary.json").read_text())["results"]
     with pytest.raises(ValueError, match="different config"):
@@ -317,7 +318,7 @@ def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, c
     """Both tiny seeds measure the same adaptive mean (12.375 keys), so the adaptive budget is shifted by the seed
     here (11.375, 10.375): each seed's matched model must be given, record and run at its own seed's budget."""
     monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
-    real, given = adaptive_sparsity.train_model, {}
+    real, given = adaptive_sparsity.train_model_record, {}
 
     def budget_by_seed(name, task, cfg, tcfg, branch, warm, seed, device, k_config, budget, *args, **kwargs):
         if name == "matched":
@@ -327,7 +328,7 @@ def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, c
             record["budget_keys"] -= seed
         return record
 
-    monkeypatch.setattr(adaptive_sparsity, "train_model", budget_by_seed)
+    monkeypatch.setattr(adaptive_sparsity, "train_model_record", budget_by_seed)
     summary = adaptive_sparsity.run_adaptive_sparsity("quick", ["adaptive", "matched"], dict(TINY), tmp_path, False)
     entry = summary["results"]["32"]
     own = entry["adaptive"]["budget_keys"]["per_seed"]
