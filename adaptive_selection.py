@@ -20,6 +20,11 @@ by a running ratio for the data-dependent ones (within 8 %, ~2 % at k >= 32; tes
 rule's shape is kept, not its budget. Without it the entropy/dynamic/position/ratio rules use more or
 fewer keys than the baseline, and a comparison with them is not budget-matched (reports show
 mean_selected_keys beside quality).
+
+"Dynamic" means two things here (both names come from the research plan): the k rule `dynamic`
+(k_strategy `adaptive_dynamic`) is the entropy rule on the running mean of the index-score entropy, and
+`DynamicSparsityController` is the adaptive-sparsity experiment's selector, whose k_t also reads the content
+(token features and the layer's hidden states).
 """
 from __future__ import annotations
 
