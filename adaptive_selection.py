@@ -20,6 +20,11 @@ by a running ratio for the data-dependent ones (within 8 %, ~2 % at k >= 32; tes
 rule's shape is kept, not its budget. Without it the entropy/dynamic/position/ratio rules use more or
 fewer keys than the baseline, and a comparison with them is not budget-matched (reports show
 mean_selected_keys beside quality).
+
+"Dynamic" means two things here (both names come from the research plan): the k rule `dynamic`
+(k_strategy `adaptive_dynamic`) is the entropy rule on the running mean of the index-score entropy, and
+`DynamicSparsityController` is the adaptive-sparsity experiment's selector, whose k_t also reads the content
+(token features and the layer's hidden states).
 """
 from __future__ import annotations
 
@@ -356,29 +361,17 @@ class KDecision:
 
 
 class DynamicSparsityController(nn.Module):
-    """A layer's selector with k_t from the controller: scores (B, L, L) -> selected_idx, valid (B, L, K),
-    K = max k_t, slots past a row's k_t invalid. The model hands it the token features (once per forward) and
-    the layer its input hidden states, through `observing`; `recording` logs the chosen k per sequence."""
+    """A layer's selector with k_t from the controller: (scores (B, L, L), tokens=, hidden=) -> selected_idx, valid
+    (B, L, K), K = max k_t, slots past a row's k_t invalid. `tokens` (B, L, 2) are the sequence's token features
+    (AdaptiveMoELLM computes them once per forward), `hidden` (B, L, d) the layer's input; the layer passes both
+    on every call. `recording` logs the chosen k per sequence."""
 
     def __init__(self, config: AdaptiveKConfig, analyzer: ContentComplexityAnalyzer, layer: int = 0):
         super().__init__()
         self.config, self.analyzer, self.layer = config, analyzer, layer
         self.calculator = AdaptiveKCalculator(config)
         self.entropy = AttentionEntropyEstimator(config.smooth_entropy)
-        self.tokens: torch.Tensor | None = None  # (B, L, 2) token_features of the sequences being run
-        self.hidden: torch.Tensor | None = None  # (B, L, d) this layer's input
         self.log: list[dict] | None = None
-
-    @contextlib.contextmanager
-    def observing(self, *, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
-        """For the span of one forward: the token features and/or this layer's hidden states."""
-        saved = self.tokens, self.hidden
-        self.tokens = saved[0] if tokens is None else tokens
-        self.hidden = saved[1] if hidden is None else hidden
-        try:
-            yield
-        finally:
-            self.tokens, self.hidden = saved
 
     @contextlib.contextmanager
     def recording(self):
@@ -389,24 +382,24 @@ class DynamicSparsityController(nn.Module):
         finally:
             self.log = None
 
-    def decide(self, scores: torch.Tensor) -> KDecision:
-        """scores (B, L, L), -inf where s > t -> KDecision for every query."""
+    def decide(self, scores: torch.Tensor, tokens: torch.Tensor | None, hidden: torch.Tensor | None) -> KDecision:
+        """scores (B, L, L), -inf where s > t; tokens (B, L, 2); hidden (B, L, d) -> KDecision for every query."""
         B, L = scores.shape[:2]
-        if self.tokens is None or self.hidden is None:
+        if tokens is None or hidden is None:
             raise ValueError("DynamicSparsityController needs the sequence's token features and the layer's hidden "
-                             "states: run it inside AdaptiveMoELLM (or `with controller.observing(tokens=, hidden=)`)")
-        if self.tokens.shape[:2] != (B, L) or self.hidden.shape[:2] != (B, L):
-            raise ValueError(f"observed tokens {tuple(self.tokens.shape)} / hidden {tuple(self.hidden.shape)} do not "
-                             f"match the index scores {tuple(scores.shape)}")
-        complexity = self.analyzer.complexity(self.tokens, self.hidden)
+                             "states: run it inside AdaptiveMoELLM (or call controller(scores, tokens=, hidden=))")
+        if tokens.shape[:2] != (B, L) or hidden.shape[:2] != (B, L):
+            raise ValueError(f"tokens {tuple(tokens.shape)} / hidden {tuple(hidden.shape)} do not match the index "
+                             f"scores {tuple(scores.shape)}")
+        complexity = self.analyzer.complexity(tokens, hidden)
         entropy = self.entropy(scores)
         return KDecision(self.calculator(complexity, entropy), complexity, entropy)
 
-    def forward(self, scores: torch.Tensor):
+    def forward(self, scores: torch.Tensor, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         L = scores.shape[-1]
         scores = scores.masked_fill(future_mask(L, L, scores.device), float("-inf"))  # guard: never trust callers
         check_no_nan(scores)
-        decision = self.decide(scores)
+        decision = self.decide(scores, tokens, hidden)
         if self.log is not None:
             k = decision.k.float()
             self.log.append({"layer": self.layer, "k_mean": k.mean(-1).tolist(), "k_std": k.std(-1).tolist(),

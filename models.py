@@ -7,7 +7,6 @@ The sparse model's indexer, selector and backend come from the config through on
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,7 @@ from adaptive_selection import (AdaptiveKConfig, AdaptiveKSelector, ContentCompl
 from config import ModelConfig
 from efficient_patterns import LocalSelector, OracleSelector, RandomSelector, build_pattern
 from kernels.backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
-from optimized_indexers import (MULTISCALE_CANDIDATE_FACTOR, MultiScaleIndexer, OptimizedLightningIndexer,
-                                RegionRestrictedSelector)
+from optimized_indexers import MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector
 from common.rope import RotaryEmbedding
 from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
                               LightningIndexer, MaskedBackend, SparseAttentionLayer, TopKTokenSelector,
@@ -144,9 +142,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = DenseFeedForward(cfg) if dense_mlp else MoEFeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None):
-        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss."""
-        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores)
+    def forward(self, x: torch.Tensor, mode: AttentionMode, shared_scores=None, shared_coarse=None, **selector_inputs):
+        """x (B, L, d_model) -> x, AttentionAux, MoE balance loss. shared_*: the group leader's index scores;
+        selector_inputs: what the layer's selector reads beside the scores (the adaptive model's token features)."""
+        attn_out, aux = self.attn(self.attn_norm(x), mode, shared_scores, shared_coarse, **selector_inputs)
         x = x + attn_out
         ffn_out, balance_loss = self.ffn(self.ffn_norm(x))
         return x + ffn_out, aux, balance_loss
@@ -264,8 +263,7 @@ def build_indexer(cfg: ModelConfig) -> nn.Module:
                   max_seq_len=cfg.max_seq_len, rope_base=cfg.rope_base)
     mla = cfg.attention_type == "mla"
     if cfg.multiscale_block:
-        top_blocks = max(1, math.ceil(MULTISCALE_CANDIDATE_FACTOR * cfg.sparse_top_k / cfg.multiscale_block))
-        indexer = MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, top_blocks=top_blocks, **common)
+        indexer = MultiScaleIndexer(*sizes, block_size=cfg.multiscale_block, **common)
     elif cfg.indexer_precision != "fp32" or (cfg.shared_indexer_group > 1 and not mla):  # a shared leader must
         indexer = OptimizedLightningIndexer(*sizes, **common)  # return its scores (the plain one may go chunked)
     else:
@@ -279,7 +277,7 @@ def build_indexer(cfg: ModelConfig) -> nn.Module:
 
 def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
     """A layer's selector from ModelConfig: k strategy, else pattern, else plain top-k; restricted to
-    the indexer's regions when it is a MultiScaleIndexer."""
+    the regions of the indexer's coarse scores when it is a MultiScaleIndexer (their count derived from k and L)."""
     if cfg.k_strategy != "fixed":
         selector = build_k_selector(cfg.k_strategy, cfg.sparse_top_k)
     elif cfg.selection_pattern != "topk":
@@ -287,7 +285,7 @@ def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
     else:
         selector = TopKTokenSelector(cfg.sparse_top_k)
     if isinstance(indexer, MultiScaleIndexer):
-        selector = RegionRestrictedSelector(selector, indexer)
+        selector = RegionRestrictedSelector(selector, indexer.block_size)
     return selector
 
 
@@ -371,15 +369,20 @@ class _MoELLM(nn.Module):
         if input_ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"input length {input_ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
         mode = self.default_mode if mode is None else mode
+        inputs = self.selector_inputs(input_ids, mode)
         x = self.token_emb(input_ids)
         layers, balance = [], []
         for i, block in enumerate(self.blocks):
-            leader = self.leaders[i]
-            x, aux, balance_loss = block(x, mode, layers[leader].index_scores if leader != i else None)
+            shared = layers[self.leaders[i]] if self.leaders[i] != i else AttentionAux()  # a follower: its leader's
+            x, aux, balance_loss = block(x, mode, shared.index_scores, shared.coarse_scores, **inputs)
             layers.append(aux)
             balance.append(balance_loss)
         logits = self.lm_head(self.norm(x))
         return (logits, ModelAux(layers, sum(balance))) if return_aux else logits
+
+    def selector_inputs(self, input_ids: torch.Tensor, mode: AttentionMode) -> dict:
+        """What every layer's selector reads beside the index scores, computed once per forward (none here)."""
+        return {}
 
     @property
     def attentions(self) -> list:
@@ -440,20 +443,21 @@ def _layer_class(cfg: ModelConfig, mha, mla):
     return mla if cfg.attention_type == "mla" else mha
 
 
-class _ObservesInput:
-    """A DSA layer whose selector is a DynamicSparsityController: the layer's input (the hidden states the
-    controller measures) is handed to it for the span of one forward."""
+class _PassesContent:
+    """A DSA layer whose selector is a DynamicSparsityController: it passes the controller the sequence's token
+    features (from the model) and its own input (the hidden states the controller measures) on every call."""
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None):
-        with self.selector.observing(hidden=x.detach()):
-            return super().forward(x, mode, shared_scores)
+    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None,
+                tokens: torch.Tensor | None = None):
+        """x (B, L, d_model), tokens (B, L, 2) -> out (B, L, d_model), AttentionAux."""
+        return super().forward(x, mode, shared_scores, shared_coarse, tokens=tokens, hidden=x.detach())
 
 
-class AdaptiveSparseAttention(_ObservesInput, DeepSeekSparseAttention):
+class AdaptiveSparseAttention(_PassesContent, DeepSeekSparseAttention):
     """MHA DSA with the controller's k_t."""
 
 
-class AdaptiveSparseLatentAttention(_ObservesInput, SparseLatentAttention):
+class AdaptiveSparseLatentAttention(_PassesContent, SparseLatentAttention):
     """MLA DSA (MQA mode) with the controller's k_t."""
 
 
@@ -476,16 +480,10 @@ class AdaptiveMoELLM(SparseAttentionMoELLM):
     def controllers(self) -> list[DynamicSparsityController]:
         return [attention.selector for attention in self.attentions]
 
-    def forward(self, input_ids: torch.Tensor, mode: AttentionMode | None = None, return_aux: bool = False):
-        """As SparseAttentionMoELLM; the token features of input_ids (B, L) are computed once and observed by
-        every layer's controller."""
-        if not (self.default_mode if mode is None else mode).needs_indexer:
-            return super().forward(input_ids, mode, return_aux)
-        tokens = self.analyzer.token_features(input_ids)  # (B, L, 2)
-        with contextlib.ExitStack() as stack:
-            for controller in self.controllers:
-                stack.enter_context(controller.observing(tokens=tokens))
-            return super().forward(input_ids, mode, return_aux)
+    def selector_inputs(self, input_ids: torch.Tensor, mode: AttentionMode) -> dict:
+        """The token features of input_ids (B, L) -> (B, L, 2), computed once and passed to every layer's
+        controller (none when the forward selects nothing)."""
+        return {"tokens": self.analyzer.token_features(input_ids)} if mode.needs_indexer else {}
 
     @contextlib.contextmanager
     def recording_k(self):

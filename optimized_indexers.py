@@ -65,33 +65,27 @@ def check_multiscale(top_k: int, L: int, block_size: int) -> None:
 
 
 class MultiScaleIndexer(OptimizedLightningIndexer):
-    """Two scales. Coarse: each query scores the mean-pooled key of every *completed* block of
-    `block_size` tokens ((j+1)*block_size <= t+1, so only past keys are pooled) with the same q, w; the
-    best blocks (how many: `region_blocks(k, L, block_size)`, capped by `top_blocks` when given) and the
-    query's own, partial block are its regions. Fine: the usual token scores.
+    """Two scales from one projection. Fine: the usual token scores (forward; the KL losses train them as
+    usual). Coarse: each query scores the mean-pooled key of every *completed* block of `block_size` tokens
+    ((j+1)*block_size <= t+1, so only past keys are pooled) with the same q, w.
 
-    forward returns the fine scores everywhere (the KL losses train them as usual) and leaves the coarse
-    block scores in `last_block_scores` (B, L, n_blocks); RegionRestrictedSelector, which knows k and L,
-    turns them into the region mask (`region_mask`) and selects only inside it.
+    `scores_and_coarse(x)` returns both; RegionRestrictedSelector, which knows k and L, turns the coarse
+    scores into the query's regions (its best blocks and its own, partial block) and selects only inside them.
+    Nothing is kept on the module between calls.
     """
 
-    def __init__(self, d_model: int, heads: int, dim: int, block_size: int, top_blocks: int | None = None,
-                 **kwargs):
+    def __init__(self, d_model: int, heads: int, dim: int, block_size: int, **kwargs):
         super().__init__(d_model, heads, dim, **kwargs)
-        if block_size < 2 or (top_blocks is not None and top_blocks < 1):
-            raise ValueError(f"block_size={block_size} must be >= 2 and top_blocks={top_blocks} >= 1")
-        self.block_size, self.top_blocks = block_size, top_blocks
-        self.last_block_scores: torch.Tensor | None = None
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size} must be >= 2")
+        self.block_size = block_size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scores_and_coarse(self, x: torch.Tensor):
+        """x (B, L, d_model) -> fine scores (B, L, L) fp32 (-inf where s > t), coarse block scores
+        (B, L, L // block_size) (no gradient; -inf for a block not yet complete at query t)."""
         q, k, w = self.project(x)
-        self.last_block_scores = self.block_scores(q.detach(), k.detach(), w.detach())
-        return precision_index_scores(q, k, w, self.precision)
-
-    def regions_for(self, top_k: int, L: int) -> int:
-        """Past blocks chosen per query at budget top_k and length L."""
-        blocks = region_blocks(top_k, L, self.block_size)
-        return blocks if self.top_blocks is None else min(blocks, self.top_blocks)
+        coarse = self.block_scores(q.detach(), k.detach(), w.detach())
+        return precision_index_scores(q, k, w, self.precision), coarse
 
     @torch.no_grad()
     def block_scores(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -107,48 +101,55 @@ class MultiScaleIndexer(OptimizedLightningIndexer):
         complete = (torch.arange(n_blocks, device=k.device)[None, :] + 1) * b <= positions[:, None] + 1
         return coarse.masked_fill(~complete, float("-inf"))
 
-    @torch.no_grad()
-    def region_mask(self, block_scores: torch.Tensor, top_blocks: int) -> torch.Tensor:
-        """block_scores (B, L, nb) -> (B, L, L) bool, True at causal keys inside the query's regions: its own
-        block and its best `top_blocks` complete blocks."""
-        B, L, n_blocks = block_scores.shape
-        b = self.block_size
-        positions = torch.arange(L, device=block_scores.device)
-        block_of_key = positions // b  # (L,)
-        regions = torch.zeros(B, L, L // b + 1, dtype=torch.bool, device=block_scores.device)
-        regions[:, positions, block_of_key] = True  # the query's own block
-        if n_blocks:
-            values, best = block_scores.topk(min(top_blocks, n_blocks), dim=-1)  # (B, L, r)
-            regions.scatter_(-1, torch.where(torch.isfinite(values), best, block_of_key[:, None].expand_as(best)), True)
-        in_region = regions.gather(-1, block_of_key.expand(B, L, L))  # (B, L, L): key s's block chosen?
-        return in_region & (positions[None, :] <= positions[:, None])
+
+@torch.no_grad()
+def region_mask(coarse_scores: torch.Tensor, top_blocks: int, block_size: int) -> torch.Tensor:
+    """coarse_scores (B, L, nb) -> (B, L, L) bool, True at causal keys inside the query's regions: its own
+    block and its best `top_blocks` complete blocks."""
+    B, L, n_blocks = coarse_scores.shape
+    b = block_size
+    positions = torch.arange(L, device=coarse_scores.device)
+    block_of_key = positions // b  # (L,)
+    regions = torch.zeros(B, L, L // b + 1, dtype=torch.bool, device=coarse_scores.device)
+    regions[:, positions, block_of_key] = True  # the query's own block
+    if n_blocks:
+        values, best = coarse_scores.topk(min(top_blocks, n_blocks), dim=-1)  # (B, L, r)
+        regions.scatter_(-1, torch.where(torch.isfinite(values), best, block_of_key[:, None].expand_as(best)), True)
+    in_region = regions.gather(-1, block_of_key.expand(B, L, L))  # (B, L, L): key s's block chosen?
+    return in_region & (positions[None, :] <= positions[:, None])
 
 
 class RegionRestrictedSelector(nn.Module):
-    """Any selector, restricted to the regions of `region_source` (a MultiScaleIndexer): the number of region
-    blocks comes from this selector's k and the scores' length L (`region_blocks`)."""
+    """Any selector, restricted to the regions of a MultiScaleIndexer's coarse scores (passed with the fine
+    scores: forward(scores, coarse_scores)). The number of region blocks comes from this selector's k and the
+    scores' length L (`region_blocks`), capped by `top_blocks` when given."""
+    reads_coarse = True  # reference_select hands it the indexer's coarse scores (sparse_attention)
 
-    def __init__(self, selector: nn.Module, region_source: MultiScaleIndexer):
+    def __init__(self, selector: nn.Module, block_size: int, top_blocks: int | None = None):
         super().__init__()
-        self.selector = selector
-        object.__setattr__(self, "region_source", region_source)  # not a submodule: owned by its layer
+        if top_blocks is not None and top_blocks < 1:
+            raise ValueError(f"top_blocks={top_blocks} must be >= 1 (or None: derived from k and L)")
+        self.selector, self.block_size, self.top_blocks = selector, block_size, top_blocks
 
     @property
     def top_k(self) -> int:
         return self.selector.top_k
 
-    def region_mask(self, L: int) -> torch.Tensor:
-        """(B, L, L) bool: the regions of the indexer's last forward at this selector's k."""
-        source = self.region_source
-        block_scores = source.last_block_scores
-        if block_scores is None or block_scores.shape[1] != L:
-            raise RuntimeError("multi-scale block scores are missing or stale: the MultiScaleIndexer's forward "
-                               "must run right before this selector")
-        return source.region_mask(block_scores, source.regions_for(self.top_k, L))
+    def regions_for(self, L: int) -> int:
+        """Past blocks chosen per query at this selector's k and length L."""
+        blocks = region_blocks(self.top_k, L, self.block_size)
+        return blocks if self.top_blocks is None else min(blocks, self.top_blocks)
 
-    def forward(self, scores: torch.Tensor):
-        mask = self.region_mask(scores.shape[-1])
-        if mask.shape != scores.shape:
-            raise RuntimeError(f"multi-scale region mask {tuple(mask.shape)} does not match the scores "
-                               f"{tuple(scores.shape)}")
-        return self.selector(scores.masked_fill(~mask, float("-inf")))
+    def region_mask(self, coarse_scores: torch.Tensor) -> torch.Tensor:
+        """coarse_scores (B, L, nb) -> (B, L, L) bool: the regions at this selector's k."""
+        return region_mask(coarse_scores, self.regions_for(coarse_scores.shape[1]), self.block_size)
+
+    def forward(self, scores: torch.Tensor, coarse_scores: torch.Tensor | None = None):
+        """scores (B, L, L), coarse_scores (B, L, L // block_size) of the same forward -> the selector's output."""
+        L = scores.shape[-1]
+        if coarse_scores is None or coarse_scores.shape != (*scores.shape[:2], L // self.block_size):
+            got = None if coarse_scores is None else tuple(coarse_scores.shape)
+            raise ValueError(f"multi-scale selection needs the indexer's coarse scores of the same forward "
+                             f"(B, L, L // {self.block_size}) beside the scores {tuple(scores.shape)}, got {got}: "
+                             f"pass MultiScaleIndexer.scores_and_coarse(x)")
+        return self.selector(scores.masked_fill(~self.region_mask(coarse_scores), float("-inf")))

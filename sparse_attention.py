@@ -6,6 +6,7 @@ Shapes: B batch, L sequence, H attention heads, D head dim, H_I / d_I indexer he
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -342,6 +343,7 @@ class AttentionAux:
     stats: dict | None = None  # selection_recall(...) (when mode.stats)
     selected_idx: torch.Tensor | None = None  # (B, L, K), -1 = invalid (when the layer selected)
     index_scores: torch.Tensor | None = None  # (B, L, L) full scores (reference selection only), for sharing
+    coarse_scores: torch.Tensor | None = None  # (B, L, nb) a multi-scale indexer's block scores, for sharing
 
 
 # ----------------------------------------------------------------------------- backends
@@ -349,7 +351,8 @@ class AttentionAux:
 class Selection:
     """A layer's choice of keys. Token level: selected_idx/valid (B, L, K). Block backends also keep the
     block-level choice (B, nb, Kb) they expand from. `scores` (B, L, L) when the full index scores were
-    built (reference selection); `index_inputs` (q, k, w) when they were not (chunked selection)."""
+    built (reference selection); `index_inputs` (q, k, w) when they were not (chunked selection);
+    `coarse_scores` (B, L, nb) when a multi-scale selector read a MultiScaleIndexer's block scores."""
     selected_idx: torch.Tensor
     valid: torch.Tensor
     scores: torch.Tensor | None = None
@@ -357,21 +360,28 @@ class Selection:
     block_idx: torch.Tensor | None = None
     block_valid: torch.Tensor | None = None
     block_size: int = 0
+    coarse_scores: torch.Tensor | None = None
 
 
-def reference_select(indexer, selector, x: torch.Tensor, *, shared_scores: torch.Tensor | None = None) -> Selection:
+def reference_select(indexer, selector, x: torch.Tensor, *, shared_scores: torch.Tensor | None = None,
+                     shared_coarse: torch.Tensor | None = None) -> Selection:
     """Full (B, L, L) index scores, then the selector. x (B, L, d_model), already detached from the main
-    model. A layer sharing its group leader's indexer passes the leader's scores instead of an indexer."""
-    scores = shared_scores if indexer is None else indexer(x)  # (B, L, L), -inf future
-    selected_idx, valid = selector(scores.detach())
-    return Selection(selected_idx, valid, scores=scores)
+    model. A layer sharing its group leader's indexer passes the leader's scores instead of an indexer.
+
+    A selector with `reads_coarse` (optimized_indexers.RegionRestrictedSelector) also gets the multi-scale
+    indexer's coarse block scores (B, L, nb), computed in the same call (`scores_and_coarse`), or the leader's."""
+    if not getattr(selector, "reads_coarse", False):
+        scores = shared_scores if indexer is None else indexer(x)  # (B, L, L), -inf future
+        return Selection(*selector(scores.detach()), scores=scores)
+    scores, coarse = (shared_scores, shared_coarse) if indexer is None else indexer.scores_and_coarse(x)
+    return Selection(*selector(scores.detach(), coarse), scores=scores, coarse_scores=coarse)
 
 
 class MaskedBackend:
     """The reference backend: full index scores, the selector's top-k, dense scores masked to S_t.
 
     Every backend has the same three methods with the same signatures (tests/test_kernels.py checks it):
-      select(indexer, selector, x, *, shared_scores)       -> Selection
+      select(indexer, selector, x, *, shared_scores, shared_coarse)  -> Selection
       attend(q, k, v, *, selection, return_probs)          -> out (B, H, L, D), probs at slots (B, H, L, K) | None
       attend_latent(q, kv, *, selection, v_dim, scale, return_probs)  the same over one KV row shared by heads
       selected_scores(selection)                           -> index scores at the slots (B, L, K), -inf invalid
@@ -379,8 +389,9 @@ class MaskedBackend:
     name = "masked"
     block_size = 0
 
-    def select(self, indexer, selector, x: torch.Tensor, *, shared_scores: torch.Tensor | None = None) -> Selection:
-        return reference_select(indexer, selector, x, shared_scores=shared_scores)
+    def select(self, indexer, selector, x: torch.Tensor, *, shared_scores: torch.Tensor | None = None,
+               shared_coarse: torch.Tensor | None = None) -> Selection:
+        return reference_select(indexer, selector, x, shared_scores=shared_scores, shared_coarse=shared_coarse)
 
     def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
         return sparse_attention_masked(q, k, v, selection.selected_idx, selection.valid, return_probs)
@@ -442,7 +453,7 @@ class CausalSelfAttention(nn.Module):
     def indexer_input(self, x: torch.Tensor, heads) -> torch.Tensor:
         return x.detach()
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode = DENSE, shared_scores=None):
+    def forward(self, x: torch.Tensor, mode: AttentionMode = DENSE, shared_scores=None, shared_coarse=None):
         """x (B, L, d_model) -> out (B, L, d_model), AttentionAux (empty: no indexer)."""
         if mode.needs_indexer:
             raise ValueError(f"{mode} asks for an indexer, but dense attention has none; use AttentionMode(sparse=False)")
@@ -463,8 +474,11 @@ class SparseAttentionLayer:
         self.selector = selector or TopKTokenSelector(cfg.sparse_top_k)
         self.backend = backend or MaskedBackend()
 
-    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None):
-        """x (B, L, d_model) -> out (B, L, d_model), AttentionAux."""
+    def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None,
+                **selector_inputs):
+        """x (B, L, d_model) -> out (B, L, d_model), AttentionAux. A layer sharing its group leader's indexer gets
+        the leader's index scores (and, multi-scale, its coarse block scores). `selector_inputs`: what the selector
+        reads beside the scores (models.AdaptiveMoELLM's controller: tokens, hidden), passed to it on every call."""
         positional = getattr(self.selector, "positional", False)  # indexer-free controls (local, random)
         if positional and mode.indexer_loss:
             raise ValueError(f"an indexer-free selector ({type(self.selector).__name__}) has no indexer loss; "
@@ -477,6 +491,7 @@ class SparseAttentionLayer:
             return timed(mode.timer, "attention", self.attend_dense, heads), AttentionAux()
         aux = AttentionAux()
         index_input = self.indexer_input(x, heads)
+        selector = functools.partial(self.selector, **selector_inputs) if selector_inputs else self.selector
         if positional:  # the oracle control also reads the layer's own (q, k)
             extra = {"attention": self.recall_inputs(heads)} if getattr(self.selector, "reads_attention", False) else {}
             selection = timed(mode.timer, "indexer", lambda: Selection(*self.selector.select(
@@ -484,11 +499,11 @@ class SparseAttentionLayer:
         elif mode.sparse:
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "sparse"):
                 selection = timed(mode.timer, "indexer", lambda: self.backend.select(
-                    self.indexer, self.selector, index_input, shared_scores=shared_scores))
+                    self.indexer, selector, index_input, shared_scores=shared_scores, shared_coarse=shared_coarse))
         else:  # dense attention: the indexer runs for the warm-up KL and/or recall statistics
             with torch.set_grad_enabled(torch.is_grad_enabled() and mode.indexer_loss == "dense"):
                 selection = timed(mode.timer, "indexer", lambda: reference_select(
-                    self.indexer, self.selector, index_input, shared_scores=shared_scores))
+                    self.indexer, selector, index_input, shared_scores=shared_scores, shared_coarse=shared_coarse))
         if mode.sparse:
             out, selected_probs = timed(mode.timer, "attention", self.attend_selected, heads, self.backend,
                                         selection, mode.indexer_loss == "sparse")
@@ -500,6 +515,7 @@ class SparseAttentionLayer:
             if mode.indexer_loss == "dense":
                 aux.indexer_loss = indexer_kl_dense(probs.detach(), selection.scores)
         aux.index_scores, aux.selected_idx = selection.scores, selection.selected_idx
+        aux.coarse_scores = selection.coarse_scores
         if mode.stats:
             q, k = self.recall_inputs(heads)
             aux.stats = selection_recall(q.detach(), k.detach(), selection.selected_idx, selection.valid)

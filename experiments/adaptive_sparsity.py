@@ -163,12 +163,13 @@ def k_profile(model, val: torch.Tensor, batch_size: int, device) -> dict:
     return result
 
 
-def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, warm: dict | None, seed: int,
-                device, k_config: AdaptiveKConfig, budget: float | None, memory: bool = True,
-                run: Execution = Execution()) -> dict:
-    """One compared model from the branch point (sparse: from the warm-up) -> its record body. `memory`: measure
-    the step peak memory (NaN otherwise: on CPU the profiler that measures it costs more than the step); `run`:
-    precision, compile, resume checkpoints."""
+def train_model_record(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, warm: dict | None,
+                       seed: int, device, k_config: AdaptiveKConfig, budget: float | None, memory: bool = True,
+                       run: Execution = Execution()) -> dict:
+    """Train one compared model from the branch point (sparse: from the shared warm-up, no warm-up of its own) and
+    measure it -> its record body: final metrics, curves, k profile, FLOPs, step peak memory, the adaptive model's
+    budget. `memory`: measure the step peak memory (NaN otherwise: on CPU the profiler that measures it costs more
+    than the step); `run`: precision, compile, resume checkpoints."""
     L = cfg.max_seq_len
     build = builder(name, k_config, budget)
     if name == "dense":
@@ -260,8 +261,8 @@ def run_group(L: int, seed: int, models: list[str], st: Settings, corpus, base: 
         def compute(this_run, name=name):
             budget = group["adaptive"]["budget_keys"] if name == "matched" else None
             memory = device.type == "cuda" or seed == st.seeds[0]  # a property of the shapes: once on CPU
-            return train_model(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget, memory,
-                               this_run)
+            return train_model_record(name, task, cfg, st.train, branch, warm, seed, device, st.k_config, budget,
+                                      memory, this_run)
         group[name] = experiment.run_record(folder / f"{name}.json", key, {"seq_len": L, "seed": seed, "model": name},
                                             compute, run, folder / "resume" / name, overwrite, config, device)
     if (folder / "warmup.json").exists():

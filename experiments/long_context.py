@@ -194,9 +194,10 @@ def task_train_config(tcfg: TrainConfig, options: dict, L: int) -> TrainConfig:
     return dataclasses.replace(tcfg, batch_size=min(tcfg.batch_size, max(2, options["batch_tokens"] // L)))
 
 
-def train_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device,
-                run: Execution = Execution()) -> dict:
-    """One compared model from the branch point -> {"final", "curves", "warmup"}: stage 2 uses the seed's
+def train_compared_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device,
+                         run: Execution = Execution()) -> dict:
+    """Warm up (DSA variants with an indexer) and train one compared model from the branch point, then measure
+    recall by distance and the task's metrics -> {"final", "curves", "warmup"}: stage 2 uses the seed's
     stream 1 (the same batches for every model). `run`: precision, compile, checkpoints ('warmup', 'train')."""
     desc = f"{task.name} L={cfg.max_seq_len} seed={seed} {name}"
     if name == "dense":
@@ -295,8 +296,8 @@ def run_group(task_name: str, L: int, seed: int, models: list[str], settings: di
                 branch = branch_point(task, cfg, tcfg, seed, device, folder / "branch.pt", key, run=branch_run)
     labels = {"task": task_name, "seq_len": L, "seed": seed, "batch_size": tcfg.batch_size}
     return {name: experiment.run_record(folder / f"{name}.json", key, {**labels, "model": name},
-                                        lambda this_run, name=name: train_model(name, task, cfg, tcfg, branch, seed,
-                                                                                device, run=this_run),
+                                        lambda this_run, name=name: train_compared_model(
+                                            name, task, cfg, tcfg, branch, seed, device, run=this_run),
                                         run, folder / "resume" / name, overwrite, config, device)
             for name in models}
 

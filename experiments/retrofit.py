@@ -34,40 +34,44 @@ from training.train import Execution
 
 MODES = ("dense", "dsa", "oracle", "local", "sink_local", "random")
 CONTROLS = ("oracle", "local", "sink_local", "random")
+# Presets use config.py's key names where config.py has the concept (warmup_steps: the warm-up's cap;
+# warmup_eval_every / warmup_plateau_window / warmup_min_rel_improvement: its plateau rule; warmup_eval_windows:
+# the held-out windows it measures the KL on; eval_windows: held-out windows per (L, k); learning_rate /
+# indexer_lr: stage 2). Retrofit's own keys: top_ks (every k evaluated at every L), seed (one), batch_reuse,
+# probe_windows (the copy probe's windows), timing_repeats, sinks, probe_segment.
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
-    "quick": dict(seq_lens=[1024], top_ks=[64], warmup_cap=200, eval_every=10, window=3, kl_windows=2,
-                  eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
-    "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_cap=400, eval_every=20, window=3,
-                kl_windows=2, eval_windows=16, probe_windows=8, timing_repeats=2),
-    "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_cap=1000, eval_every=20,
-                    window=3, kl_windows=4, eval_windows=32, probe_windows=16, timing_repeats=3),
+    "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=200, warmup_eval_every=10, warmup_plateau_window=3,
+                  warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
+    "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=400, warmup_eval_every=20,
+                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=16, probe_windows=8, timing_repeats=2),
+    "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_steps=1000,
+                    warmup_eval_every=20, warmup_plateau_window=3, warmup_eval_windows=4, eval_windows=32,
+                    probe_windows=16, timing_repeats=3),
 }
-COMMON = dict(batch_size=1, batch_reuse=1, warmup_lr=1e-3, min_rel_improvement=0.02, steps=0, finetune_lr=1e-5,
-              indexer_lr=1e-3, sinks=4, probe_segment=64, backend="gather", seed=42, indexer_heads=4,
-              indexer_dim=64, indexer_rope_dim=32)
+COMMON = dict(batch_size=1, batch_reuse=1, warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
+              learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, attention_backend="gather", seed=42,
+              indexer_heads=4, indexer_dim=64, indexer_rope_dim=32)
+OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "steps", "batch_size", "attention_backend")  # taken as they are
 
 
 def settings_for(preset: str, overrides: dict) -> dict:
-    """The preset's settings with CLI overrides (unknown preset or bad value: ValueError)."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset {preset!r} is unknown for retrofit; choose one of {', '.join(PRESETS)}")
-    s = {**COMMON, **PRESETS[preset]}
-    renames = {"seq_lens": "seq_lens", "top_k": "top_ks", "warmup_steps": "warmup_cap", "steps": "steps",
-               "batch_size": "batch_size", "attention_backend": "backend"}
-    for key, name in renames.items():
-        if key in overrides:
-            s[name] = [overrides[key]] if key == "top_k" else overrides[key]
+    """The preset's settings with the CLI's overrides (unknown preset or bad value: ValueError). Besides
+    OVERRIDE_KEYS: top_k K evaluates [K], eval_windows halves probe_windows, seeds gives its first seed."""
+    given = {key: overrides[key] for key in OVERRIDE_KEYS if key in overrides}
+    s = {**COMMON, **experiment.preset_settings(PRESETS, preset, "retrofit", given)}
+    if "top_k" in overrides:
+        s["top_ks"] = [overrides["top_k"]]
     if "eval_windows" in overrides:
         s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(1, overrides["eval_windows"] // 2)
     if "seeds" in overrides:
         s["seed"] = overrides["seeds"][0]
-    if s["backend"] not in retrofit.BACKENDS:
-        raise ValueError(f"--backend {s['backend']!r} is not a retrofit backend; choose one of "
+    if s["attention_backend"] not in retrofit.BACKENDS:
+        raise ValueError(f"--backend {s['attention_backend']!r} is not a retrofit backend; choose one of "
                          f"{', '.join(retrofit.BACKENDS)}")
     if any(L <= 2 * s["probe_segment"] for L in s["seq_lens"]):
         raise ValueError(f"seq_lens={s['seq_lens']} must exceed 2 * probe_segment={2 * s['probe_segment']}")
-    if s["steps"] < 0 or s["warmup_cap"] < 1 or s["eval_windows"] < 2:
-        raise ValueError(f"--steps {s['steps']} must be >= 0, --warmup-steps {s['warmup_cap']} >= 1 and "
+    if s["steps"] < 0 or s["warmup_steps"] < 1 or s["eval_windows"] < 2:
+        raise ValueError(f"--steps {s['steps']} must be >= 0, --warmup-steps {s['warmup_steps']} >= 1 and "
                          f"--eval-windows {s['eval_windows']} >= 2 (a CI needs two)")
     return s
 
@@ -124,8 +128,8 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
     """Train the indexers on the dense KL until the plateau rule stops; -> the tracker's record + step times.
     The model is frozen, so a batch's targets never change: each captured batch serves `batch_reuse` consecutive
     optimizer steps (1 = the paper's one step per batch; more = fewer forwards of the model per step)."""
-    rule = PlateauRule(max_steps=s["warmup_cap"], eval_every=s["eval_every"], window=s["window"],
-                       min_rel_improvement=s["min_rel_improvement"])
+    rule = PlateauRule(max_steps=s["warmup_steps"], eval_every=s["warmup_eval_every"],
+                       window=s["warmup_plateau_window"], min_rel_improvement=s["warmup_min_rel_improvement"])
     tracker = PlateauTracker(rule)
     heldout = [retrofit.warmup_targets(model, w[None, :-1].to(device)) for w in kl_windows]  # fixed: cached once
     opt = torch.optim.AdamW(model.indexer_parameters(), lr=s["warmup_lr"], weight_decay=0.0)
@@ -164,11 +168,11 @@ def sparse_finetune(model, s: dict, k: int, train: torch.Tensor, device, log=pri
     sparse, twin = copy.deepcopy(model), copy.deepcopy(model)
     sparse.base.requires_grad_(True)
     twin.base.requires_grad_(True)
-    opt_s = torch.optim.AdamW([{"params": list(sparse.base.parameters()), "lr": s["finetune_lr"]},
+    opt_s = torch.optim.AdamW([{"params": list(sparse.base.parameters()), "lr": s["learning_rate"]},
                                {"params": sparse.indexer_parameters(), "lr": s["indexer_lr"], "weight_decay": 0.0}])
-    opt_d = torch.optim.AdamW(twin.base.parameters(), lr=s["finetune_lr"])
+    opt_d = torch.optim.AdamW(twin.base.parameters(), lr=s["learning_rate"])
     streams = [BatchStream(train, s["batch_size"], stream_seed(s["seed"], STREAM_TRAIN)) for _ in range(2)]
-    plan = retrofit.Plan("dsa", top_k=k, backend=s["backend"], indexer_loss=True)
+    plan = retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"], indexer_loss=True)
     curve = {"sparse_lm": [], "dense_lm": [], "indexer_kl": []}
     for step in range(s["steps"]):
         for net, opt, stream, p in ((sparse, opt_s, streams[0], plan), (twin, opt_d, streams[1], retrofit.Plan())):
@@ -187,16 +191,16 @@ def sparse_finetune(model, s: dict, k: int, train: torch.Tensor, device, log=pri
                 f"{curve['dense_lm'][-1]:.3f}, indexer KL {curve['indexer_kl'][-1]:.3f}")
     for net in (sparse, twin):
         net.base.requires_grad_(False)
-    return sparse.eval(), twin.eval(), {"steps": s["steps"], "lr": s["finetune_lr"], **curve}
+    return sparse.eval(), twin.eval(), {"steps": s["steps"], "lr": s["learning_rate"], **curve}
 
 
 # ----------------------------------------------------------------------------- evaluation
 def eval_entries(model, k: int, s: dict, tuned: tuple | None = None) -> list:
     """(name, model, plan) per evaluated mode; with stage 2 also dsa_ft (sparse fine-tuned) and dense_ft (twin)."""
-    entries = [(m, model, retrofit.Plan(m, top_k=k, backend=s["backend"], sinks=s["sinks"], seed=s["seed"]))
+    entries = [(m, model, retrofit.Plan(m, top_k=k, backend=s["attention_backend"], sinks=s["sinks"], seed=s["seed"]))
                for m in MODES if m != "dense"]
     if tuned is not None:
-        entries += [("dsa_ft", tuned[0], retrofit.Plan("dsa", top_k=k, backend=s["backend"])),
+        entries += [("dsa_ft", tuned[0], retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"])),
                     ("dense_ft", tuned[1], retrofit.Plan())]
     return entries
 
@@ -208,7 +212,7 @@ def evaluate(model, windows: torch.Tensor, k: int, s: dict, device, tuned=None) 
     losses, by_layer = {}, {}
     for w in windows:
         inputs, targets = w[None, :-1].to(device), w[None, 1:].to(device)
-        logits, aux = model(inputs, retrofit.Plan("dense", top_k=k, stats=True, backend=s["backend"],
+        logits, aux = model(inputs, retrofit.Plan("dense", top_k=k, stats=True, backend=s["attention_backend"],
                                                   sinks=s["sinks"]))
         losses.setdefault("dense", []).append(_nll(logits, targets))
         for name, per_layer in aux.stats.items():
@@ -261,12 +265,12 @@ def prefill_timing(model, window: torch.Tensor, k: int, s: dict, device) -> dict
 
     timer = SectionTimer(cuda)
     dense = [timed_ms(retrofit.Plan()) for _ in range(s["timing_repeats"])]
-    dsa = [timed_ms(retrofit.Plan("dsa", top_k=k, backend=s["backend"], timer=timer))
+    dsa = [timed_ms(retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"], timer=timer))
            for _ in range(s["timing_repeats"])]
     return {"dense_ms": statistics.median(dense), "dsa_ms": statistics.median(dsa),
             "indexer_share": timer.totals.get("indexer", 0.0) * 1000 / sum(dsa),
             "sparse_attention_share": timer.totals.get("attention", 0.0) * 1000 / sum(dsa),
-            "backend": s["backend"], "repeats": s["timing_repeats"]}
+            "backend": s["attention_backend"], "repeats": s["timing_repeats"]}
 
 
 def summarise_k(evaluation: dict, probe: dict) -> dict:
@@ -288,8 +292,9 @@ def summarise_k(evaluation: dict, probe: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_lr", "min_rel_improvement", "warmup_cap", "eval_every", "window",
-               "kl_windows", "seed", "indexer_heads", "indexer_dim", "indexer_rope_dim")
+WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_lr", "warmup_min_rel_improvement", "warmup_steps",
+               "warmup_eval_every", "warmup_plateau_window", "warmup_eval_windows", "seed", "indexer_heads",
+               "indexer_dim", "indexer_rope_dim")
 
 
 def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path, overwrite: bool,
@@ -312,8 +317,8 @@ def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path
         results[str(L)] = run_length(model, tokens, L, s, base_id, out / f"L{L}", overwrite, device, log)
     summary = {"experiment": "retrofit", "model": base_id.describe(), "model_type": base.config.model_type,
                "preset": preset, "settings": s, "environment": run_environment(device),
-               "plateau_rule": PlateauRule(s["warmup_cap"], s["eval_every"], s["window"],
-                                           s["min_rel_improvement"]).describe(),
+               "plateau_rule": PlateauRule(s["warmup_steps"], s["warmup_eval_every"], s["warmup_plateau_window"],
+                                           s["warmup_min_rel_improvement"]).describe(),
                "wall_time_s": time.perf_counter() - t_start, "results": results}
     summary["sample"] = generation_sample(model, tokenizer, tokens, s, device)
     if export_dir:
@@ -328,7 +333,7 @@ def run_length(model, tokens: dict, L: int, s: dict, base_id, folder: Path, over
     from safetensors.torch import load_file, save_file
     train = make_windows(tokens["train"], L, tokens["eos"])
     val = make_windows(tokens["val"], L, tokens["eos"])
-    kl_w, eval_w = split_heldout(val, s["kl_windows"], s["eval_windows"])
+    kl_w, eval_w = split_heldout(val, s["warmup_eval_windows"], s["eval_windows"])
     warm_key = fingerprint({"model": base_id.describe(), "L": L, **{k: s[k] for k in WARMUP_KEYS}})
     eval_keys = {k: fingerprint({"warmup": warm_key, "k": k, **{n: v for n, v in s.items() if n not in ("seq_lens",
                                  "top_ks")}}) for k in s["top_ks"]}
@@ -392,7 +397,7 @@ def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_le
     val = torch.from_numpy(tokens["val"][:prompt_len].astype(np.int64))[None].to(device)
     k = min(s["top_ks"])
     dense = retrofit.greedy_generate(model, val, n_new, retrofit.Plan())
-    dsa = retrofit.greedy_generate(model, val, n_new, retrofit.Plan("dsa", top_k=k, backend=s["backend"]))
+    dsa = retrofit.greedy_generate(model, val, n_new, retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"]))
     return {"prompt_tokens": prompt_len, "top_k": k, "prompt_tail": tokenizer.decode(val[0, -48:].tolist()),
             "dense": tokenizer.decode(dense[0, prompt_len:].tolist()),
             "dsa": tokenizer.decode(dsa[0, prompt_len:].tolist())}
@@ -434,8 +439,9 @@ def report(summary: dict) -> str:
     """REPORT.md: what DSA costs this model at each budget, how close it is to the oracle, whether it finds far
     tokens; the warm-ups, the probe, timings, and how to read them."""
     lines = [f"# Retrofit: DSA on {summary['model']} ({summary['model_type']})", "",
-             f"Preset `{summary['preset']}`, held-out Shakespeare plays, backend `{summary['settings']['backend']}`, "
-             f"wall time {summary['wall_time_s']:.0f} s. Warm-up rule: {summary['plateau_rule']}.", "",
+             f"Preset `{summary['preset']}`, held-out Shakespeare plays, "
+             f"backend `{summary['settings']['attention_backend']}`, wall time {summary['wall_time_s']:.0f} s. "
+             f"Warm-up rule: {summary['plateau_rule']}.", "",
              "Loss = mean next-token NLL per held-out window; Δ = paired per-window difference vs dense with its 95 % "
              "CI (Student-t over windows). Recall = share of the dense head-summed attention mass inside the "
              "selected set (rows with more than k past tokens; local/random from the same rows). Probe: a held-out "

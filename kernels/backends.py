@@ -31,9 +31,9 @@ class GatherBackend(MaskedBackend):
     selected slots only; other indexers and selectors select through the reference path."""
     name = "gather"
 
-    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
+    def select(self, indexer, selector, x, *, shared_scores=None, shared_coarse=None) -> Selection:
         if not fast_selectable(indexer, selector):
-            return super().select(indexer, selector, x, shared_scores=shared_scores)
+            return super().select(indexer, selector, x, shared_scores=shared_scores, shared_coarse=shared_coarse)
         iq, ik, iw = indexer.project(x)  # (B, L, H_I, d_I), (B, L, d_I), (B, L, H_I)
         selection = self.select_indexed(iq.detach(), ik.detach(), iw.detach(), selector.top_k)
         selection.index_inputs = (iq, ik, iw)
@@ -64,7 +64,7 @@ class BlockBackend(GatherBackend):
     def __init__(self, block_size: int = BLOCK_SIZE):
         self.block_size = block_size
 
-    def select(self, indexer, selector, x, *, shared_scores=None) -> Selection:
+    def select(self, indexer, selector, x, *, shared_scores=None, shared_coarse=None) -> Selection:
         if not fast_selectable(indexer, selector):
             raise ValueError(f"attention_backend={self.name!r} needs the plain lightning indexer and top-k "
                              f"selector; use attention_backend='gather' with other indexers or selectors")

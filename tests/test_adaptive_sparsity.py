@@ -108,9 +108,9 @@ def test_every_component_is_causal():
     controller = DynamicSparsityController(AdaptiveKConfig(k_min=2), analyzer)
     ks, selections = [], []
     for s, i, h in ((scores, ids, hidden), (scores2, ids2, hidden2)):
-        with controller.observing(tokens=analyzer.token_features(i), hidden=h):
-            ks.append(controller.decide(s).k)
-            selections.append(selection_mask(*controller(s), L))  # (B, L, L): row t = S_t
+        tokens = analyzer.token_features(i)
+        ks.append(controller.decide(s, tokens, h).k)
+        selections.append(selection_mask(*controller(s, tokens=tokens, hidden=h), L))  # (B, L, L): row t = S_t
     pairs += [ks, selections]
     for before, after in pairs:
         assert torch.equal(before[:, : T + 1], after[:, : T + 1])
@@ -146,14 +146,39 @@ def test_controller_keeps_the_selection_contract_and_varies_k_with_the_content()
     hidden = torch.stack([torch.ones(L, 8), torch.randn(L, 8)])
     with pytest.raises(ValueError, match="token features"):
         controller(scores)
-    with controller.observing(tokens=analyzer.token_features(ids), hidden=hidden), controller.recording() as log:
-        idx, valid = controller(scores)
-        k = controller.decide(scores).k
+    tokens = analyzer.token_features(ids)
+    with controller.recording() as log:
+        idx, valid = controller(scores, tokens=tokens, hidden=hidden)
+    k = controller.decide(scores, tokens, hidden).k
     assert_selection_contract(idx, valid)
     assert torch.equal(valid.sum(-1), k)
     assert (k[0, 5:] < k[1, 5:]).all() and k[0, -1] <= math.ceil(0.15 * L) < k[1, -1]
     assert log[0]["layer"] == 3 and len(log[0]["k_mean"]) == 2 and log[0]["k_mean"][0] < log[0]["k_mean"][1]
-    assert controller.tokens is None and controller.log is None  # the context is gone after the forward
+    assert controller.log is None  # the recording ends with its block
+
+
+def test_each_adaptive_layer_passes_its_controller_the_token_features_and_its_own_input():
+    """The model's selection of layer i is the controller's on (that layer's index scores, the token features of
+    the ids, that layer's input): a layer handed another layer's hidden states, or no token features, selects
+    otherwise."""
+    torch.manual_seed(0)
+    model = AdaptiveMoELLM(tiny_model_config(), AdaptiveKConfig(k_min=2))
+    ids = torch.randint(0, 64, (2, 32))
+    _, aux = model(ids, AttentionMode(sparse=True), return_aux=True)
+    tokens = model.analyzer.token_features(ids)
+    x = model.token_emb(ids)
+    inputs = []
+    for block in model.blocks:
+        inputs.append(block.attn_norm(x).detach())
+        x = block(x, AttentionMode(sparse=True), tokens=tokens)[0]
+    for layer, attention in enumerate(model.attentions):
+        scores = attention.indexer(inputs[layer])
+        expected, _ = attention.selector(scores, tokens=tokens, hidden=inputs[layer])
+        assert torch.equal(aux.layers[layer].selected_idx, expected)
+        other, _ = attention.selector(scores, tokens=tokens, hidden=inputs[1 - layer])
+        assert not torch.equal(other, expected)  # the hidden states matter here: the test can fail
+    with pytest.raises(ValueError, match="token features"):
+        model.attentions[0](inputs[0], AttentionMode(sparse=True))  # called without the model's token features
 
 
 @pytest.mark.parametrize("layout", [{}, MLA])
@@ -273,7 +298,8 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
     assert "## Findings" in report and "Hypothesis at this length" in report and "Holm" in report
     assert "| 32 | 2 | 2 | step_cap |" in report  # the shared warm-up of (L, seed): steps used, why it ended
     # resume: every record is read back, nothing trains (training would raise here)
-    monkeypatch.setattr(adaptive_sparsity, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(adaptive_sparsity, "train_model_record",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(TINY), tmp_path, False)
     assert again["results"] == json.loads((tmp_path / "summary.json").read_text())["results"]
     with pytest.raises(ValueError, match="different config"):
@@ -292,7 +318,7 @@ def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, c
     """Both tiny seeds measure the same adaptive mean (12.375 keys), so the adaptive budget is shifted by the seed
     here (11.375, 10.375): each seed's matched model must be given, record and run at its own seed's budget."""
     monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
-    real, given = adaptive_sparsity.train_model, {}
+    real, given = adaptive_sparsity.train_model_record, {}
 
     def budget_by_seed(name, task, cfg, tcfg, branch, warm, seed, device, k_config, budget, *args, **kwargs):
         if name == "matched":
@@ -302,7 +328,7 @@ def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, c
             record["budget_keys"] -= seed
         return record
 
-    monkeypatch.setattr(adaptive_sparsity, "train_model", budget_by_seed)
+    monkeypatch.setattr(adaptive_sparsity, "train_model_record", budget_by_seed)
     summary = adaptive_sparsity.run_adaptive_sparsity("quick", ["adaptive", "matched"], dict(TINY), tmp_path, False)
     entry = summary["results"]["32"]
     own = entry["adaptive"]["budget_keys"]["per_seed"]
@@ -372,6 +398,5 @@ def test_bad_controller_settings_are_refused():
         FixedSparseMoELLM(tiny_model_config(attention_backend="block"), 0.5)
     model = AdaptiveMoELLM(tiny_model_config())
     with pytest.raises(ValueError, match="NaN"):
-        with model.controllers[0].observing(tokens=torch.zeros(1, 4, 2), hidden=torch.zeros(1, 4, 8)):
-            model.controllers[0](torch.full((1, 4, 4), float("nan")))
+        model.controllers[0](torch.full((1, 4, 4), float("nan")), tokens=torch.zeros(1, 4, 2), hidden=torch.zeros(1, 4, 8))
     assert isinstance(model(torch.zeros(1, 4, dtype=torch.long), AttentionMode(sparse=False)), torch.Tensor)

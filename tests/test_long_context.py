@@ -55,7 +55,8 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
     assert record["environment"]["world_size"] == 1 and record["config"]["seeds"] == [1, 2]
     assert record["wall_time_s"] > 0 and summary["environment"]["torch"] == torch.__version__
     # resume: finished records are read back, nothing retrains (training would fail with this patch)
-    monkeypatch.setattr(long_context, "train_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(long_context, "train_compared_model",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again = long_context.run_long_context("quick", ["lm", "mqar"], models, dict(TINY), tmp_path, False)
     assert again["results"] == json.loads((tmp_path / "summary.json").read_text())["results"]
     with pytest.raises(ValueError, match="different config"):

@@ -98,12 +98,13 @@ def test_shared_followers_see_the_leaders_scores():
 def test_multiscale_regions_are_causal_and_contain_the_selection():
     torch.manual_seed(0)
     L, block = 40, 4
-    indexer = MultiScaleIndexer(32, 2, 16, block_size=block, top_blocks=3, max_seq_len=64)
+    indexer = MultiScaleIndexer(32, 2, 16, block_size=block, max_seq_len=64)
     x = torch.randn(2, L, 32)
-    scores = indexer(x)
-    selector = RegionRestrictedSelector(TopKTokenSelector(6), indexer)
-    assert indexer.regions_for(6, L) == 2  # derived from k and L: budget min(2k, k + (L-k)//2) = 12 tokens -> 2 + own
-    regions = selector.region_mask(L)  # (B, L, L)
+    scores, coarse = indexer.scores_and_coarse(x)
+    assert torch.equal(scores, indexer(x))  # the fine scores are the indexer's usual output
+    selector = RegionRestrictedSelector(TopKTokenSelector(6), block, top_blocks=3)
+    assert selector.regions_for(L) == 2  # derived from k and L: budget min(2k, k + (L-k)//2) = 12 tokens -> 2 + own
+    regions = selector.region_mask(coarse)  # (B, L, L)
     t = torch.arange(L)
     assert not (regions & (t[None, :] > t[:, None])).any()
     own_block = (t[None, :] // block == t[:, None] // block) & (t[None, :] <= t[:, None])
@@ -112,13 +113,55 @@ def test_multiscale_regions_are_causal_and_contain_the_selection():
     past = torch.arange(L // block)[None, :] < (t // block)[:, None]  # (L, blocks) before the own block
     assert (blocks.all(-1) | ~blocks.any(-1))[:, past].all()  # whole past blocks or nothing
     assert (regions.sum(-1) <= 3 * block).all()  # 2 chosen blocks + the own one
-    selected_idx, valid = selector(scores)
+    selected_idx, valid = selector(scores, coarse)
     assert_selection_contract(selected_idx, valid, budget=6)
     assert not (selection_mask(selected_idx, valid, L) & ~regions).any()
     changed = x.clone()
     changed[:, 20:] = torch.randn(2, L - 20, 32)
-    indexer(changed)
-    assert torch.equal(selector.region_mask(L)[:, :20], regions[:, :20])  # regions of t < 20 ignore the future
+    assert torch.equal(selector.region_mask(indexer.scores_and_coarse(changed)[1])[:, :20], regions[:, :20])
+    with pytest.raises(ValueError, match="coarse scores"):
+        selector(scores)  # no coarse scores: refused, never a selection from stale ones
+
+
+def test_multiscale_regions_are_the_best_pooled_blocks():
+    """The regions are the past blocks whose mean-pooled key scores highest, recomputed here by loops."""
+    torch.manual_seed(1)
+    L, block, top_blocks = 24, 4, 2
+    indexer = MultiScaleIndexer(16, 2, 8, block_size=block, max_seq_len=32)
+    x = torch.randn(1, L, 16)
+    with torch.no_grad():
+        q, k, w = indexer.project(x)
+    _, coarse = indexer.scores_and_coarse(x)
+    selector = RegionRestrictedSelector(TopKTokenSelector(6), block, top_blocks)
+    assert selector.regions_for(L) == 2  # k = 6 at L = 24: budget 12 tokens -> 2 blocks + the own one
+    regions = selector.region_mask(coarse)[0]
+    for t in range(L):
+        complete = list(range((t + 1) // block))  # blocks j with (j+1)*block <= t+1
+        score = {j: sum(float(w[0, t, h]) * max(0.0, float(q[0, t, h] @ k[0, j * block:(j + 1) * block].mean(0)))
+                        for h in range(2)) for j in complete}
+        best = sorted(complete, key=lambda j: -score[j])[:top_blocks]
+        expected = {s for s in range(t + 1) if s // block in best or s // block == t // block}
+        assert set(regions[t].nonzero()[:, 0].tolist()) == expected, t
+
+
+def test_multiscale_layers_select_inside_the_regions_of_their_own_forward():
+    """Model level: each layer (and a follower sharing its leader's indexer) selects with the coarse scores of
+    the leader's indexer on that forward's input, not with any other."""
+    torch.manual_seed(0)
+    model = SparseAttentionMoELLM(tiny_model_config(n_layers=2, multiscale_block=4, shared_indexer_group=2,
+                                                    sparse_top_k=6))
+    ids = torch.randint(0, 64, (2, 32))
+    _, aux = model(ids, AttentionMode(sparse=True, stats=True), return_aux=True)
+    block0 = model.blocks[0]
+    x0 = block0.attn_norm(model.token_emb(ids)).detach()
+    scores, coarse = block0.attn.indexer.scores_and_coarse(x0)
+    assert torch.equal(aux.layers[0].coarse_scores, coarse) and torch.equal(aux.layers[1].coarse_scores, coarse)
+    expected, _ = block0.attn.selector(scores, coarse)
+    for layer in aux.layers:
+        assert torch.equal(layer.selected_idx, expected)
+    restricted = selection_mask(*block0.attn.selector(scores, coarse), 32)
+    other = selection_mask(*block0.attn.selector(scores, coarse.flip(0)), 32)  # the other sequence's regions
+    assert not torch.equal(restricted, other)
 
 
 @pytest.mark.parametrize("key,value", [("indexer_precision", "fp12"), ("selection_pattern", "diagonal"),

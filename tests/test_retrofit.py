@@ -95,7 +95,8 @@ def test_warmup_trains_only_the_indexers_and_lifts_recall():
     indexers_before = {k: v.clone() for k, v in model.indexers.state_dict().items()}
     torch.manual_seed(1)
     train, kl_windows, heldout = (torch.randint(0, 64, (n, 97)) for n in (64, 2, 4))
-    s = {**rx.COMMON, **rx.PRESETS["quick"], "warmup_cap": 40, "eval_every": 10, "batch_size": 4, "warmup_lr": 1e-2}
+    s = {**rx.COMMON, **rx.PRESETS["quick"], "warmup_steps": 40, "warmup_eval_every": 10, "batch_size": 4,
+         "warmup_lr": 1e-2}
     record = rx.warm_up(model, train, kl_windows, s, torch.device("cpu"), log=lambda *_: None)
     assert record["held_out_kl"][-1] < record["held_out_kl"][0]
     assert not any(p.requires_grad for p in model.base.parameters())
@@ -131,7 +132,7 @@ def test_stage2_pairs_the_sparse_model_with_a_dense_twin_on_the_same_batches():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(2)
     train = torch.randint(0, 64, (16, 41))
-    s = {**rx.COMMON, "steps": 3, "batch_size": 2, "backend": "masked", "finetune_lr": 1e-3}
+    s = {**rx.COMMON, "steps": 3, "batch_size": 2, "attention_backend": "masked", "learning_rate": 1e-3}
     sparse, twin, record = rx.sparse_finetune(model, s, 64, train, torch.device("cpu"), log=lambda *_: None)
     assert len(record["sparse_lm"]) == 3
     torch.testing.assert_close(torch.tensor(record["sparse_lm"]), torch.tensor(record["dense_lm"]), atol=1e-4, rtol=0)
@@ -182,6 +183,18 @@ def test_export_then_load_gives_equal_logits(tiny_folder, tmp_path):
         retrofit.load_retrofit(tmp_path / "export")
 
 
+def test_settings_take_the_cli_overrides_retrofit_reads_and_only_those():
+    """The preset in config.py's key names; the CLI's top_k / eval_windows / seeds map to top_ks / probe_windows /
+    seed; keys retrofit does not read (learning_rate from CONFIG, eval_every, dense_steps) leave the preset alone."""
+    s = rx.settings_for("quick", {"top_k": 32, "warmup_steps": 5, "attention_backend": "masked", "seeds": [7, 8],
+                                  "eval_windows": 6, "seq_lens": [512], "learning_rate": 1.0, "eval_every": 3,
+                                  "dense_steps": 9})
+    assert s == {**rx.COMMON, **rx.PRESETS["quick"], "top_ks": [32], "warmup_steps": 5, "attention_backend": "masked",
+                 "seed": 7, "eval_windows": 6, "probe_windows": 3, "seq_lens": [512]}
+    with pytest.raises(ValueError, match="preset='huge' is unknown for retrofit"):
+        rx.settings_for("huge", {})
+
+
 def test_unsupported_model_type_is_one_line_exit_2(tmp_path, capsys):
     """A GPT-2 config is refused before any weight is read: one line naming what is supported, exit status 2."""
     from transformers import GPT2Config
@@ -200,7 +213,7 @@ def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monke
     import run_experiment
     monkeypatch.chdir(tmp_path)  # the token cache (data_cache/) goes here
     monkeypatch.setitem(rx.PRESETS, "quick", {**rx.PRESETS["quick"], "eval_windows": 3, "probe_windows": 2,
-                                              "warmup_cap": 4, "eval_every": 2})
+                                              "warmup_steps": 4, "warmup_eval_every": 2})
     args = ["--experiment", "retrofit", "--preset", "quick", "--model", str(tiny_folder), "--seq-lens", "160",
             "--top-k", "16", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
     assert run_experiment.main(args) == 0

@@ -83,9 +83,10 @@ def _selection_sets(L: int, k: int) -> dict[str, torch.Tensor]:
     for name, overrides in variants.MULTISCALE.items():
         indexer = MultiScaleIndexer(32, 4, 64, block_size=overrides["multiscale_block"], max_seq_len=L)
         indexer.load_state_dict(base.state_dict())
-        assert torch.equal(indexer(x) * temperature, scores)  # same fine scores: only the regions differ
+        fine, coarse = indexer.scores_and_coarse(x)
+        assert torch.equal(fine * temperature, scores)  # same fine scores: only the regions differ
         cfg = dataclasses.replace(ModelConfig(), sparse_top_k=k, max_seq_len=L, **overrides)
-        sets[name] = selection_mask(*build_selector(cfg, indexer)(scores), L)
+        sets[name] = selection_mask(*build_selector(cfg, indexer)(scores, coarse), L)
     return sets
 
 
