@@ -320,8 +320,9 @@ QUALITY = {"lm": "val_loss", "mqar": "accuracy"}  # each task's quality metric (
 
 
 def summarise(records: dict, settings: dict, models: list[str]) -> dict:
-    """Per task, L and model: every metric as mean ± 95 % CI over seeds and the paired differences vs dense; per
-    task the paired tests of every model against dense at every L on the task's quality metric (Holm)."""
+    """Per task, L and model: every metric as mean ± 95 % CI over seeds and the paired differences vs dense (dsa also
+    vs oracle); per task the paired tests of every model against dense and of dsa against oracle at every L on the
+    task's quality metric (Holm over all of them)."""
     results, significance = {}, {}
     for task_name, by_L in records.items():
         seeds, top_k = settings[task_name].seeds, settings[task_name].model.sparse_top_k
@@ -329,10 +330,12 @@ def summarise(records: dict, settings: dict, models: list[str]) -> dict:
                                        **{name: model_metrics(task_name, by_model, name, seeds) for name in models}}
                               for L, by_model in sorted(by_L.items())}
         quality = QUALITY[task_name]
+        pairs = [(name, "dense") for name in models if name != "dense"] + (
+            [("dsa", "oracle")] if {"dsa", "oracle"} <= set(models) else [])  # the indexer's own loss: one family
         significance[task_name] = experiment.significance([
-            {"L": int(L), "model": name, "vs": "dense", "metric": quality, "lower_is_better": quality == "val_loss",
-             "differences": entry[name][f"delta_{quality}_vs_dense"]["per_seed"]}
-            for L, entry in results[task_name].items() for name in models if name != "dense"])
+            {"L": int(L), "model": name, "vs": vs, "metric": quality, "lower_is_better": quality == "val_loss",
+             "differences": entry[name][f"delta_{quality}_vs_{vs}"]["per_seed"]}
+            for L, entry in results[task_name].items() for name, vs in pairs])
     return {"results": results, "significance": significance}
 
 
@@ -343,6 +346,9 @@ def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -
     quality = ("val_loss", "accuracy") if task_name == "mqar" else ("val_loss",)
     metrics.update(experiment.paired_differences(finals, [by_model["dense"][s]["final"] for s in seeds], "dense",
                                                  metrics=quality))
+    if name == "dsa" and "oracle" in by_model:  # what the indexer loses against the best shared set at the same k
+        metrics.update(experiment.paired_differences(finals, [by_model["oracle"][s]["final"] for s in seeds], "oracle",
+                                                     metrics=quality, time=None))
     if task_name == "mqar":
         metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
     for curve in ("recall_by_distance", "oracle_recall_by_distance", "recall_share_of_oracle_by_distance"):

@@ -42,10 +42,16 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         assert (tmp_path / name).exists()
     report = (tmp_path / "REPORT.md").read_text()
     assert "## Findings" in report and "| 48 |" in report
-    for task, quality in (("lm", "val_loss"), ("mqar", "accuracy")):  # every model vs dense at every L, Holm
+    for task, quality in (("lm", "val_loss"), ("mqar", "accuracy")):  # every model vs dense, dsa vs oracle, Holm
         sig = summary["significance"][task]
-        assert sig["n_tests"] == 2 * (len(models) - 1) and {t["metric"] for t in sig["tests"]} == {quality}
+        assert sig["n_tests"] == 2 * (len(models) - 1) + 2 and {t["metric"] for t in sig["tests"]} == {quality}
+        assert sorted(t["L"] for t in sig["tests"] if t["vs"] == "oracle") == [32, 48]
         assert all(t["p_holm"] >= t["p"] for t in sig["tests"])
+        for entry in summary["results"][task].values():  # the indexer's own loss: dsa - oracle, paired by seed
+            dsa, oracle = (entry[m][quality]["per_seed"] for m in ("dsa", "oracle"))
+            assert entry["dsa"][f"delta_{quality}_vs_oracle"]["per_seed"] == pytest.approx(
+                [d - o for d, o in zip(dsa, oracle)])
+    assert "## Where DSA's gap comes from" in report and "| mqar | 48 | accuracy |" in report
     assert "Holm-Bonferroni" in report
     assert "| mqar | 48 | block | 2 | 3 | step_cap |" in report  # every indexer warm-up: steps used, why it ended
     assert "## Recall as a share of its ceiling" in report and "| L | model | 0 | 1 | 3 | 7 | 15 | 31 |" in report

@@ -108,3 +108,26 @@ def test_the_report_names_the_warmup_figure_only_when_a_warmup_ran():
                                     "lower_is_better": True, "differences": [0.01]} for L in summary["results"]["lm"]])}
         text = long_context_report({**summary, "significance": sig}, ["dense", "dsa"])
         assert ("warmup_kl.png" in text) == warm
+
+
+def test_findings_against_dense_are_not_confused_with_dsa_against_the_oracle():
+    """dsa has two tests per L (vs dense, vs oracle): each finding and the decomposition read their own."""
+    from experiments.reports import long_context_decomposition, long_context_findings
+    summary = _summary(["mqar"], [42, 43], models=("dense", "dsa", "oracle"))
+    for entry in summary["results"]["mqar"].values():
+        entry["dsa"]["delta_accuracy_vs_dense"] = _stat(-0.30, [42, 43])
+        entry["dsa"]["delta_accuracy_vs_oracle"] = _stat(-0.20, [42, 43])
+        entry["oracle"]["delta_accuracy_vs_dense"] = _stat(-0.10, [42, 43])
+        for m in entry.values():
+            if isinstance(m, dict):
+                m["time_ratio_vs_dense"] = _stat(1.0, [42, 43])
+    tests = [{"L": L, "model": model, "vs": vs, "metric": "accuracy", "verdict": "worse" if vs == "oracle" else "ns",
+              "p": p, "p_holm": p} for L in (256, 512) for model, vs, p in
+             (("dsa", "dense", 0.5), ("oracle", "dense", 0.6), ("dsa", "oracle", 0.01))]
+    summary["significance"] = {"mqar": {"tests": tests, "n_tests": len(tests), "alpha": 0.05}}
+    text = "\n".join(long_context_findings(summary, ["dense", "dsa", "oracle"]))
+    assert "mqar, dsa: no significant difference from dense at any L" in text and "p_Holm 0.5" in text
+    assert "p_Holm 0.01" not in text  # the vs-oracle test does not stand in for the vs-dense one
+    table = long_context_decomposition(summary)
+    assert "| mqar | 512 | accuracy | -0.100 ± 0.100 (p_Holm 0.6) | -0.200 ± 0.100 (p_Holm 0.01) | " \
+           "-0.300 ± 0.100 (p_Holm 0.5) |" in table
