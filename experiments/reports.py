@@ -374,7 +374,7 @@ def long_context_findings(summary: dict, models: list[str]) -> list[str]:
     lines = []
     for task, by_L in summary["results"].items():
         sig = summary["significance"][task]
-        tests = {(t["model"], t.get("vs", "dense"), str(t["L"])): t for t in sig["tests"]}
+        tests = _tests_by_comparison(sig)
         metric = f"delta_{sig['tests'][0]['metric']}_vs_dense" if sig["tests"] else "delta_val_loss_vs_dense"
         lengths = sorted(by_L, key=int)
         family = "(every model against dense, dsa also against the oracle, at every length)" if any(
@@ -401,6 +401,11 @@ def long_context_findings(summary: dict, models: list[str]) -> list[str]:
     return lines
 
 
+def _tests_by_comparison(significance: dict) -> dict:
+    """A task's paired tests keyed by (model, reference, L): dsa has one against dense and one against the oracle."""
+    return {(t["model"], t.get("vs", "dense"), str(t["L"])): t for t in significance["tests"]}
+
+
 def _holm_p_text(test: dict) -> str:
     return "p_Holm n/a" if test["p_holm"] is None else f"p_Holm {test['p_holm']:.3g}"
 
@@ -410,7 +415,7 @@ def long_context_decomposition(summary: dict) -> str:
     loses (DSA − oracle), each paired by seed with its 95 % CI and Holm-corrected p."""
     rows = []
     for task, by_L in summary["results"].items():
-        tests = {(t["model"], t.get("vs", "dense"), str(t["L"])): t for t in summary["significance"][task]["tests"]}
+        tests = _tests_by_comparison(summary["significance"][task])
         for L in sorted(by_L, key=int):
             entry, metric = by_L[L], "accuracy" if task == "mqar" else "val_loss"
             if "oracle" not in entry or f"delta_{metric}_vs_oracle" not in entry.get("dsa", {}):
