@@ -351,6 +351,8 @@ def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -
                                                      metrics=quality, time=None))
     if task_name == "mqar":
         metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
+        if all("answer_hits" in f for f in finals):
+            metrics["answer_hits"] = _mean_answer_hits([f["answer_hits"] for f in finals])
     for curve in ("recall_by_distance", "oracle_recall_by_distance", "recall_share_of_oracle_by_distance"):
         if curve in finals[0]:  # per distance bucket, mean over seeds
             metrics[curve] = [_nanmean(v) for v in zip(*[f[curve] for f in finals])]
@@ -368,6 +370,14 @@ def _nanmean(values) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _mean_by_key(dicts: list[dict]) -> dict:
+def _mean_by_key(dicts: list[dict], field: str | None = "accuracy") -> dict:
     keys = sorted({k for d in dicts for k in d}, key=lambda k: int(k.split("-")[0]))
-    return {k: _nanmean([d[k]["accuracy"] for d in dicts if k in d]) for k in keys}
+    return {k: _nanmean([d[k][field] if field else d[k] for d in dicts if k in d]) for k in keys}
+
+
+def _mean_answer_hits(per_seed: list[list[dict]]) -> list[dict]:
+    """mqar.answer_hits of every seed -> per layer: key and value shares as mean ± CI over seeds, value share by
+    distance bucket as the mean."""
+    return [{"key": mean_ci95([h["key"] for h in layer]), "value": mean_ci95([h["value"] for h in layer]),
+             "value_by_distance": _mean_by_key([h["value_by_distance"] for h in layer], field=None)}
+            for layer in zip(*per_seed)]

@@ -201,3 +201,26 @@ def accuracy(logits: torch.Tensor, batch: MQARBatch) -> dict:
         by_distance[bucket_label(b)] = {"accuracy": hit.mean().item(), "n": hit.numel()}
     return {"accuracy": correct.mean().item() if correct.numel() else math.nan,
             "n_answers": int(correct.numel()), "by_distance": by_distance}
+
+
+@torch.no_grad()
+def answer_hits(selected: list[torch.Tensor], batch: MQARBatch) -> list[dict]:
+    """Does each layer's selection at an answer row hold the pair it asks about? selected: per layer (N, L, K)
+    long key positions (-1 = empty slot) -> per layer {"key", "value": share of answer rows whose selected set
+    holds the pair's key token (position q - distance) / its value token (the next position), "value_by_distance":
+    {bucket: share}} (buckets as in `accuracy`). The last layer must read the value token to answer."""
+    rows, cols = (batch.distance >= 0).nonzero(as_tuple=True)  # answer positions
+    key_pos = cols - batch.distance[rows, cols]  # (n_answers,)
+    buckets = distance_bucket(batch.distance[rows, cols])
+    per_layer = []
+    for sel in selected:
+        if sel.shape[:2] != batch.distance.shape:
+            raise ValueError(f"selection shape {tuple(sel.shape)} does not match the batch {tuple(batch.distance.shape)}")
+        chosen = sel[rows, cols]  # (n_answers, K)
+        key_hit = (chosen == key_pos[:, None]).any(-1).double()
+        value_hit = (chosen == key_pos[:, None] + 1).any(-1).double()
+        by_distance = {bucket_label(b): value_hit[buckets == b].mean().item() for b in buckets.unique().tolist()}
+        per_layer.append({"key": key_hit.mean().item() if len(rows) else math.nan,
+                          "value": value_hit.mean().item() if len(rows) else math.nan,
+                          "value_by_distance": by_distance})
+    return per_layer

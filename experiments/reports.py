@@ -367,6 +367,38 @@ def recall_share_by_distance(summary: dict, models: list[str]) -> str:
     return "\n\n".join(parts) or "No model with a selection was run."
 
 
+def mqar_answer_hits(summary: dict, models: list[str]) -> str:
+    """MQAR: per (L, model with a selection, layer), the share of answer rows whose selected keys hold the asked
+    pair's key / value token (mean ± CI over seeds), and the value share by query-key distance bucket beside the
+    model's answer accuracy in that bucket."""
+    by_L = summary["results"].get("mqar", {})
+    rows = []
+    for L in sorted(by_L, key=int):
+        for name in models:
+            m = by_L[L].get(name, {})
+            for layer, hits in enumerate(m.get("answer_hits", [])):
+                acc = m["accuracy_by_distance"]
+                by_distance = ", ".join(f"{b}: {v:.2f} ({acc[b]:.2f})" for b, v in hits["value_by_distance"].items()
+                                        if b in acc and math.isfinite(v))
+                rows.append([L, name, layer, fmt_ci(hits["key"], 2), fmt_ci(hits["value"], 2), by_distance])
+    if not rows:
+        return "No MQAR model with a selection was run."
+    return markdown_table(["L", "model", "layer", "key token selected", "value token selected",
+                           "value selected by distance (answer accuracy)"], rows)
+
+
+def mqar_answer_hits_section(summary: dict, models: list[str]) -> list[str]:
+    """The REPORT lines of `mqar_answer_hits` (none without an MQAR task)."""
+    if "mqar" not in summary["results"]:
+        return []
+    return ["## MQAR: does the selection hold the pair a query asks about?", "",
+            "At each answer row, the share whose selected keys include the asked pair's key token and its value "
+            "token (the token after the key; the last layer must read it to answer), per layer; by distance: the "
+            "value share per query-key distance bucket with the model's answer accuracy there in brackets. Recall "
+            "averages attention mass over every row; this looks at the one key an answer needs.", "",
+            mqar_answer_hits(summary, models), ""]
+
+
 def long_context_findings(summary: dict, models: list[str]) -> list[str]:
     """From the data: at which L each model falls behind dense (paired t-test, Holm-corrected across the task's
     models and lengths) and by how much, and its time per step over dense's (per-seed ratios: the runs of one seed
@@ -469,6 +501,7 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "",
         recall_share_by_distance(summary, models),
         "",
+        *mqar_answer_hits_section(summary, models),
         "## Warm-up",
         "",
         long_context_warmups(summary, models),

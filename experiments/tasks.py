@@ -64,12 +64,21 @@ class MQARTask:
 
     @torch.no_grad()
     def extra_metrics(self, model, device) -> dict:
-        """Accuracy by query-key distance on the held-out set."""
+        """Accuracy by query-key distance on the held-out set; for a model that selects keys also, per layer, how
+        often the selection at an answer row holds the asked pair's key and value tokens (mqar.answer_hits)."""
         model.eval()
-        logits = torch.cat([model(self.held_out.inputs[i: i + 32].to(device)).float().cpu()
-                            for i in range(0, len(self.held_out), 32)])
-        result = mqar.accuracy(logits, self.held_out)
-        return {"accuracy": result["accuracy"], "accuracy_by_distance": result["by_distance"]}
+        logits, selected = [], []
+        for i in range(0, len(self.held_out), 32):
+            out, aux = model(self.held_out.inputs[i: i + 32].to(device), return_aux=True)
+            logits.append(out.float().cpu())
+            selected.append([layer.selected_idx.cpu() if layer.selected_idx is not None else None
+                             for layer in aux.layers])
+        result = mqar.accuracy(torch.cat(logits), self.held_out)
+        metrics = {"accuracy": result["accuracy"], "accuracy_by_distance": result["by_distance"]}
+        if all(sel is not None for sel in selected[0]):  # a model with a selection in every layer
+            per_layer = [torch.cat(chunks) for chunks in zip(*selected)]
+            metrics["answer_hits"] = mqar.answer_hits(per_layer, self.held_out)
+        return metrics
 
 
 def branch_point(task, cfg: ModelConfig, tcfg: TrainConfig, seed: int, device, path: Path, fingerprint_: str,

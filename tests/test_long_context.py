@@ -38,6 +38,12 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
                 assert all(0 < s <= 1 + 1e-6 for s in shares) and len(entry[name]["oracle_recall_by_distance"]) > 3
             assert entry["oracle"]["recall_share_of_oracle"]["mean"] == pytest.approx(1, abs=1e-5)
     assert "accuracy_by_distance" in summary["results"]["mqar"]["48"]["dsa"]
+    for name in ("dsa", "local", "random", "oracle", "block"):  # per layer: the asked pair among the selected keys
+        hits = summary["results"]["mqar"]["48"][name]["answer_hits"]
+        assert len(hits) == TINY["n_layers"] and len(hits[0]["value"]["per_seed"]) == 2
+        assert all(0 <= v <= 1 for v in hits[0]["key"]["per_seed"] + list(hits[0]["value_by_distance"].values()))
+    assert "answer_hits" not in summary["results"]["mqar"]["48"]["dense"]
+    assert "answer_hits" not in summary["results"]["lm"]["48"]["dsa"]
     for name in ("summary.json", "long_context.png", "mqar_accuracy_by_distance.png", "REPORT.md"):
         assert (tmp_path / name).exists()
     report = (tmp_path / "REPORT.md").read_text()
@@ -54,6 +60,7 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
     assert "## Where DSA's gap comes from" in report and "| mqar | 48 | accuracy |" in report
     assert "Holm-Bonferroni" in report
     assert "| mqar | 48 | block | 2 | 3 | step_cap |" in report  # every indexer warm-up: steps used, why it ended
+    assert "## MQAR: does the selection hold the pair" in report and "| 48 | oracle | 0 |" in report
     assert "## Recall as a share of its ceiling" in report and "| L | model | 0 | 1 | 3 | 7 | 15 | 31 |" in report
     # the same batches for every model: stage 2 of local and random saw identical inputs (same stream seed)
     record = json.loads((tmp_path / "records" / "lm" / "L32" / "seed1" / "dsa.json").read_text())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from experiments.mqar import IGNORE_INDEX, MQARBatch, MQARStream, accuracy, make_mqar, token_ranges
+from experiments.mqar import IGNORE_INDEX, MQARBatch, MQARStream, accuracy, answer_hits, make_mqar, token_ranges
 
 
 def _hand_check(batch: MQARBatch, num_pairs: int, vocab_size: int, show_answers=False, **kw):
@@ -116,6 +116,32 @@ def test_accuracy_against_hand_computed_logits():
     d1 = distance.clone()
     d1[0, 2] = 1
     assert list(accuracy(logits, MQARBatch(inputs, targets, d1))["by_distance"]) == ["1-1", "2-3", "4-7"]
+
+
+def test_answer_hits_against_a_loop_over_answer_rows():
+    """A layer's selection holds the asked pair's key (position t - distance) or value (the next one) at an answer
+    row: checked against plain loops on a real batch with random selections (and a planted full hit)."""
+    batch = make_mqar(6, 64, 4, 64, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    layers = [torch.randint(-1, 64, (6, 64, 12), generator=gen) for _ in range(2)]
+    rows, cols = (batch.distance >= 0).nonzero(as_tuple=True)
+    for r, t in zip(rows.tolist(), cols.tolist()):  # layer 1 always selects the value token
+        layers[1][r, t, 5] = t - batch.distance[r, t] + 1
+    out = answer_hits(layers, batch)
+    for layer, hits in zip(layers, out):
+        key, value, by_bucket = [], [], {}
+        for r, t in zip(rows.tolist(), cols.tolist()):
+            j = t - batch.distance[r, t].item()
+            chosen = set(layer[r, t].tolist())
+            key.append(j in chosen)
+            value.append(j + 1 in chosen)
+            d = batch.distance[r, t].item()
+            by_bucket.setdefault(f"{2 ** (d.bit_length() - 1)}-{2 ** d.bit_length() - 1}", []).append(j + 1 in chosen)
+        assert hits["key"] == pytest.approx(sum(key) / len(key)) and hits["value"] == pytest.approx(sum(value) / len(value))
+        assert hits["value_by_distance"] == pytest.approx({b: sum(v) / len(v) for b, v in by_bucket.items()})
+    assert out[1]["value"] == 1.0 and out[0]["value"] < 0.5
+    with pytest.raises(ValueError, match="does not match"):
+        answer_hits([layers[0][:, :32]], batch)
 
 
 @pytest.mark.parametrize("kwargs, match", [
