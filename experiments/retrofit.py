@@ -39,11 +39,14 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # the held-out windows it measures the KL on; eval_windows: held-out windows per (L, k); learning_rate /
 # indexer_lr: stage 2). Retrofit's own keys: top_ks (every k evaluated at every L), seed (one), batch_reuse,
 # probe_windows (the copy probe's windows), timing_repeats, sinks, probe_segment.
+# Warm-up caps: SmolLM2 at L=1024 (quick's rule, 2026-12-02) reached its plateau at step 360 (held-out KL 2.96 ->
+# 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
-    "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=200, warmup_eval_every=10, warmup_plateau_window=3,
+    "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
-    "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=400, warmup_eval_every=20,
-                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=16, probe_windows=8, timing_repeats=2),
+    "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
+                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=16, probe_windows=8, timing_repeats=2,
+                batch_reuse=4),
     "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_steps=1000,
                     warmup_eval_every=20, warmup_plateau_window=3, warmup_eval_windows=4, eval_windows=32,
                     probe_windows=16, timing_repeats=3),

@@ -36,7 +36,8 @@ def tiny_retrofit(kind: str = "llama", **kwargs):
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_k_at_least_L_equals_the_original_logits(kind):
     """Every plan and backend with k >= L selects every past token: the logits are the original model's (fp32,
-    1e-5). Caught: a plan attending to one key fewer (oracle top_k - 1), GQA heads paired with the wrong KV head
+    1e-5 absolute + 1e-5 relative: on an AVX-512 Xeon the gather path's summation order alone differs by 1.1e-5 on
+    logits up to 6; in float64 the difference is 0). Caught: a plan attending to one key fewer (oracle top_k - 1), GQA heads paired with the wrong KV head
     (repeat instead of repeat_interleave)."""
     base = tiny_base(kind, init=0.2)
     ids = torch.randint(0, 64, (2, 40))
@@ -47,7 +48,7 @@ def test_k_at_least_L_equals_the_original_logits(kind):
             for backend in BACKENDS:
                 for k in (40, 64):
                     logits, _ = model(ids, retrofit.Plan(selection, top_k=k, backend=backend))
-                    torch.testing.assert_close(logits, original, atol=1e-5, rtol=0, msg=f"{selection} {backend} {k}")
+                    torch.testing.assert_close(logits, original, atol=1e-5, rtol=1e-5, msg=f"{selection} {backend} {k}")
         sparse, _ = model(ids, retrofit.Plan("dsa", top_k=8))
     assert (sparse - original).abs().max() > 1e-3  # k < L changes the model: the plans are not all dense
 
