@@ -204,18 +204,19 @@ def accuracy(logits: torch.Tensor, batch: MQARBatch) -> dict:
 
 
 @torch.no_grad()
-def answer_hits(selected: list[torch.Tensor], batch: MQARBatch) -> list[dict]:
-    """Does each layer's selection at an answer row hold the pair it asks about? selected: per layer (N, L, K)
-    long key positions (-1 = empty slot) -> per layer {"key", "value": share of answer rows whose selected set
-    holds the pair's key token (position q - distance) / its value token (the next position), "value_by_distance":
-    {bucket: share}} (buckets as in `accuracy`). The last layer must read the value token to answer."""
-    rows, cols = (batch.distance >= 0).nonzero(as_tuple=True)  # answer positions
-    key_pos = cols - batch.distance[rows, cols]  # (n_answers,)
-    buckets = distance_bucket(batch.distance[rows, cols])
+def answer_hits(selected: list[torch.Tensor], distance: torch.Tensor) -> list[dict]:
+    """Does each layer's selection at an answer row hold the tokens the answer needs? selected: per layer (N, L, K)
+    long key positions (-1 = empty slot); distance (N, L): how far back the row's key token sits (-1: not an answer
+    row; MQARBatch.distance, or the retrofit copy probe's) -> per layer {"key", "value": share of answer rows whose
+    selected set holds the key token (position t - distance) / the token after it (its value: what the last layer
+    must read to answer), "value_by_distance": {bucket: share}} (buckets as in `accuracy`)."""
+    rows, cols = (distance >= 0).nonzero(as_tuple=True)  # answer positions
+    key_pos = cols - distance[rows, cols]  # (n_answers,)
+    buckets = distance_bucket(distance[rows, cols])
     per_layer = []
     for sel in selected:
-        if sel.shape[:2] != batch.distance.shape:
-            raise ValueError(f"selection shape {tuple(sel.shape)} does not match the batch {tuple(batch.distance.shape)}")
+        if sel.shape[:2] != distance.shape:
+            raise ValueError(f"selection shape {tuple(sel.shape)} does not match the answer rows {tuple(distance.shape)}")
         chosen = sel[rows, cols]  # (n_answers, K)
         key_hit = (chosen == key_pos[:, None]).any(-1).double()
         value_hit = (chosen == key_pos[:, None] + 1).any(-1).double()

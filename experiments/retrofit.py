@@ -11,6 +11,7 @@ distance, a copy-retrieval probe, and prefill timing. Records are read back on t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from experiments import mqar
 from experiments import skeleton as experiment
 from interop import retrofit
 from training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
@@ -236,18 +238,27 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def retrieval_probe(model, probes: torch.Tensor, k: int, s: dict, device, tuned=None) -> dict:
     """Copy probe: NLL and top-1 accuracy on the second copy of the segment (its tokens after the first), per
-    probe window and mode."""
+    probe window and mode; for the sparse modes also, per layer, the share of those rows whose selection holds the
+    token to copy ('value': L - m - 1 back) and the earlier copy of the current token ('key': L - m back)."""
     m = s["probe_segment"]
     out = {}
     for ids in probes:
         ids = ids[None].to(device)
         L = ids.shape[1]
         pred, target = slice(L - m, L - 1), ids[:, L - m + 1:]
+        distance = torch.full((1, L), -1, dtype=torch.long)
+        distance[0, pred] = L - m  # each predicting row's earlier copy; the token to copy is the one after it
         for name, net, plan in [("dense", model, retrofit.Plan())] + eval_entries(model, k, s, tuned):
-            logits = net(ids, plan)[0][:, pred].float()
+            sparse = plan.selection != "dense"
+            logits, aux = net(ids, dataclasses.replace(plan, keep_selection=sparse))
+            logits = logits[:, pred].float()
             entry = out.setdefault(name, {"nll": [], "accuracy": []})
             entry["nll"].append(F.cross_entropy(logits.flatten(0, 1), target.flatten()).item())
             entry["accuracy"].append((logits.argmax(-1) == target).float().mean().item())
+            if sparse:
+                hits = mqar.answer_hits([aux.selected[i].cpu() for i in sorted(aux.selected)], distance)
+                for part in ("key", "value"):
+                    entry.setdefault(f"{part}_hit_by_layer", []).append([h[part] for h in hits])
     return {"distance": L - m, "segment": m, "per_window": out}
 
 
@@ -290,7 +301,10 @@ def summarise_k(evaluation: dict, probe: dict) -> dict:
         out["dsa_ft_minus_dense_ft"] = diff("dsa_ft", "dense_ft")
     pw = probe["per_window"]
     out["probe"] = {"distance": probe["distance"], "windows": len(pw["dense"]["nll"]),
-                    **{m: {"accuracy": mean_ci95(v["accuracy"]), "nll": mean_ci95(v["nll"])} for m, v in pw.items()}}
+                    **{m: {"accuracy": mean_ci95(v["accuracy"]), "nll": mean_ci95(v["nll"]),
+                           **{f"{part}_hit_by_layer": [statistics.mean(layer) for layer in zip(*v[f"{part}_hit_by_layer"])]
+                              for part in ("key", "value") if f"{part}_hit_by_layer" in v}}
+                       for m, v in pw.items()}}
     return out
 
 
@@ -459,7 +473,7 @@ def report(summary: dict) -> str:
                   + ", ".join(f"{s}: {kl:.3f}" for s, kl in zip(w["steps"], w["held_out_kl"])), ""]
         for k, r in res.items():
             if k.isdigit():
-                lines += [table_for(int(L), int(k), r), "", _distance_line(r), _layer_line(r), ""]
+                lines += [table_for(int(L), int(k), r), "", _distance_line(r), _layer_line(r), _probe_line(r), ""]
     sample = summary.get("sample")
     if sample:
         lines += ["## Generation (greedy, held-out prompt)", "", f"…{sample['prompt_tail']!r}", "",
@@ -479,6 +493,19 @@ def _layer_line(r: dict) -> str:
     dsa, oracle = r["recall"]["dsa"]["by_layer"], r["recall"]["oracle"]["by_layer"]
     return "Recall by layer (DSA/oracle): " + ", ".join(f"{i}: {d:.2f}/{o:.2f}" for i, (d, o) in
                                                         enumerate(zip(dsa, oracle)))
+
+
+def _probe_line(r: dict) -> str:
+    """Per layer, the share of the copy probe's second-copy rows whose selection holds the token to copy."""
+    probe = r["probe"]
+    names = [m for m in ("dsa", "oracle", "sink_local") if "value_hit_by_layer" in probe.get(m, {})]
+    if not names:
+        return ""
+    cells = zip(*[probe[m]["value_hit_by_layer"] for m in names])
+    means = ", ".join(f"{m} {statistics.mean(probe[m]['value_hit_by_layer']):.2f}" for m in names)
+    return (f"Copy probe, the token to copy among the selected keys (share of second-copy rows; mean over layers: "
+            f"{means}), by layer ({'/'.join(names)}): " + ", ".join(
+                f"{i}: " + "/".join(f"{v:.2f}" for v in vals) for i, vals in enumerate(cells)))
 
 
 def write_figures(summary: dict, out: Path) -> list[str]:
@@ -509,17 +536,31 @@ def write_figures(summary: dict, out: Path) -> list[str]:
            ylabel="share of dense attention mass kept", title="recall by distance")
     ax.legend(fontsize=6)
     _save(fig, out / "recall_by_distance.png")
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(budgets) * 6), 4))
+    _retrieval_figure(summary, budgets, out / "retrieval.png")
+    return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
+
+
+def _retrieval_figure(summary: dict, budgets: list, path: Path) -> None:
+    """Copy-probe accuracy per mode and budget; beside it, per layer, how often DSA's and the oracle's selections
+    hold the token to copy."""
+    import matplotlib.pyplot as plt
+    fig, (ax, hits) = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(budgets) * 6) + 5, 4),
+                                   gridspec_kw={"width_ratios": [max(1.0, 1.2 * len(budgets)), 1]})
     for i, (L, k) in enumerate(budgets):
         probe = summary["results"][L][k]["probe"]
         names = [m for m in probe if isinstance(probe[m], dict)]
         ax.bar([f"{m}\nL{L} k{k}" for m in names], [probe[m]["accuracy"]["mean"] for m in names],
                color=f"C{i}", label=f"L={L} k={k}: copy {probe['distance']} tokens back")
+        for name, style in (("dsa", "-"), ("oracle", ":")):
+            if "value_hit_by_layer" in probe.get(name, {}):
+                hits.plot(probe[name]["value_hit_by_layer"], style, marker=".", color=f"C{i}", label=f"{name} L={L} k={k}")
     ax.set(ylabel="top-1 accuracy on the repeated segment", title="retrieval (copy) probe")
     ax.tick_params(axis="x", labelsize=6)
     ax.legend(fontsize=7)
-    _save(fig, out / "retrieval.png")
-    return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
+    hits.set(xlabel="layer", ylabel="share of second-copy rows", ylim=(0, 1.02),
+             title="the token to copy among the selected keys")
+    hits.legend(fontsize=6)
+    _save(fig, path)
 
 
 def _save(fig, path: Path) -> None:

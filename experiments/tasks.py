@@ -77,7 +77,7 @@ class MQARTask:
         metrics = {"accuracy": result["accuracy"], "accuracy_by_distance": result["by_distance"]}
         if all(sel is not None for sel in selected[0]):  # a model with a selection in every layer
             per_layer = [torch.cat(chunks) for chunks in zip(*selected)]
-            metrics["answer_hits"] = mqar.answer_hits(per_layer, self.held_out)
+            metrics["answer_hits"] = mqar.answer_hits(per_layer, self.held_out.distance)
         return metrics
 
 

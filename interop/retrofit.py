@@ -117,7 +117,8 @@ class Plan:
     """selection: one of SELECTIONS; top_k keys per query; backend 'masked' | 'gather' (sparse plans).
     targets (dense): keep each layer's input and head-summed attention; stats (dense): recall of the selections;
     indexer_loss (dsa): the sparse KL over the selected set (stage 2); sinks: sink_local's first tokens;
-    seed: the random control's draws; timer: 'indexer' / 'attention' wall time."""
+    seed: the random control's draws; timer: 'indexer' / 'attention' wall time; keep_selection (sparse plans): keep
+    each layer's selected key positions in RetrofitAux.selected."""
     selection: str = "dense"
     top_k: int = 64
     backend: str = "masked"
@@ -127,6 +128,7 @@ class Plan:
     sinks: int = 4
     seed: int = 0
     timer: SectionTimer | None = None
+    keep_selection: bool = False
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -152,6 +154,7 @@ class RetrofitAux:
     targets: dict = field(default_factory=dict)  # layer -> head-summed attention (B, L, L), rows sum to 1
     indexer_losses: list = field(default_factory=list)  # per layer: sparse KL (scalar, grads to the indexer)
     stats: dict = field(default_factory=dict)  # 'dsa' | 'oracle' | 'sink_local' -> per-layer selection_recall
+    selected: dict = field(default_factory=dict)  # layer -> selected key positions (B, L, K), -1 = empty slot
 
 
 # ----------------------------------------------------------------------------- the retrofitted model
@@ -241,6 +244,8 @@ class _Call:
                 self.record_recall(layer, q.detach(), k.detach())
             return (probs @ v).transpose(1, 2)
         selection = timed(plan.timer, "indexer", self.select, plan.selection, layer, q, k)
+        if plan.keep_selection:
+            self.aux.selected[layer] = selection.selected_idx.masked_fill(~selection.valid, -1)
         out, selected_probs = timed(plan.timer, "attention", lambda: self.backend.attend(
             q, k, v, selection=selection, return_probs=plan.indexer_loss))
         if plan.indexer_loss:

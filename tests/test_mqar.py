@@ -127,7 +127,7 @@ def test_answer_hits_against_a_loop_over_answer_rows():
     rows, cols = (batch.distance >= 0).nonzero(as_tuple=True)
     for r, t in zip(rows.tolist(), cols.tolist()):  # layer 1 always selects the value token
         layers[1][r, t, 5] = t - batch.distance[r, t] + 1
-    out = answer_hits(layers, batch)
+    out = answer_hits(layers, batch.distance)
     for layer, hits in zip(layers, out):
         key, value, by_bucket = [], [], {}
         for r, t in zip(rows.tolist(), cols.tolist()):
@@ -141,7 +141,7 @@ def test_answer_hits_against_a_loop_over_answer_rows():
         assert hits["value_by_distance"] == pytest.approx({b: sum(v) / len(v) for b, v in by_bucket.items()})
     assert out[1]["value"] == 1.0 and out[0]["value"] < 0.5
     with pytest.raises(ValueError, match="does not match"):
-        answer_hits([layers[0][:, :32]], batch)
+        answer_hits([layers[0][:, :32]], batch.distance)
 
 
 @pytest.mark.parametrize("kwargs, match", [

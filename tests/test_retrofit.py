@@ -184,6 +184,22 @@ def test_export_then_load_gives_equal_logits(tiny_folder, tmp_path):
         retrofit.load_retrofit(tmp_path / "export")
 
 
+def test_copy_probe_hits_say_whether_a_selection_holds_the_token_to_copy():
+    """At the second copy's rows the token to copy sits L - m - 1 back: every selection holds it when k >= L, a window
+    of the last k < L - m tokens never does, and sink_local only where that token is one of its first tokens."""
+    model = tiny_retrofit()
+    probes = torch.randint(0, 64, (2, 48))
+    s = {**rx.COMMON, "probe_segment": 8, "sinks": 4}
+    full = rx.retrieval_probe(model, probes, 48, s, torch.device("cpu"))["per_window"]
+    for name in ("dsa", "oracle", "local", "sink_local", "random"):
+        assert full[name]["value_hit_by_layer"] == [[1.0, 1.0]] * 2 and full[name]["key_hit_by_layer"] == [[1.0, 1.0]] * 2
+    small = rx.retrieval_probe(model, probes, 12, s, torch.device("cpu"))["per_window"]
+    assert small["local"]["value_hit_by_layer"] == [[0.0, 0.0]] * 2
+    # rows t = 40..46 copy token t - 39 = 1..7: sinks 0..3 hold it for t = 40, 41, 42 (3 of 7 rows)
+    assert small["sink_local"]["value_hit_by_layer"] == [[pytest.approx(3 / 7)] * 2] * 2
+    assert small["sink_local"]["key_hit_by_layer"] == [[pytest.approx(4 / 7)] * 2] * 2
+
+
 def test_settings_take_the_cli_overrides_retrofit_reads_and_only_those():
     """The preset in config.py's key names; the CLI's top_k / eval_windows / seeds map to top_ks / probe_windows /
     seed; keys retrofit does not read (learning_rate from CONFIG, eval_every, dense_steps) leave the preset alone."""
@@ -225,6 +241,9 @@ def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monke
     for name in ("REPORT.md", "loss_vs_k.png", "recall_by_distance.png", "retrieval.png"):
         assert (tmp_path / "out" / name).exists()
     assert (tmp_path / "export" / retrofit.EXPORT_WEIGHTS).exists()
+    for name in ("dsa", "oracle", "local", "sink_local", "random"):  # per layer: the token to copy selected?
+        assert len(r["probe"][name]["value_hit_by_layer"]) == 2 and "value_hit_by_layer" not in r["probe"]["dense"]
+    assert "Copy probe, the token to copy among the selected keys" in (tmp_path / "out" / "REPORT.md").read_text()
     capsys.readouterr()
     assert run_experiment.main(args) == 0
     log = capsys.readouterr().out
