@@ -301,10 +301,16 @@ def summarise_k(evaluation: dict, probe: dict) -> dict:
         out["dsa_ft_minus_dense_ft"] = diff("dsa_ft", "dense_ft")
     pw = probe["per_window"]
     out["probe"] = {"distance": probe["distance"], "windows": len(pw["dense"]["nll"]),
-                    **{m: {"accuracy": mean_ci95(v["accuracy"]), "nll": mean_ci95(v["nll"]),
-                           **{f"{part}_hit_by_layer": [statistics.mean(layer) for layer in zip(*v[f"{part}_hit_by_layer"])]
-                              for part in ("key", "value") if f"{part}_hit_by_layer" in v}}
-                       for m, v in pw.items()}}
+                    **{m: _probe_mode_summary(v) for m, v in pw.items()}}
+    return out
+
+
+def _probe_mode_summary(per_window: dict) -> dict:
+    """One mode's probe windows -> accuracy and NLL (mean ± CI), hit shares per layer (mean over windows)."""
+    out = {"accuracy": mean_ci95(per_window["accuracy"]), "nll": mean_ci95(per_window["nll"])}
+    for name in ("key_hit_by_layer", "value_hit_by_layer"):
+        if name in per_window:  # windows x layers -> layers
+            out[name] = [statistics.mean(layer) for layer in zip(*per_window[name])]
     return out
 
 
