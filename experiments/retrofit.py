@@ -479,13 +479,27 @@ def report(summary: dict) -> str:
                   + ", ".join(f"{s}: {kl:.3f}" for s, kl in zip(w["steps"], w["held_out_kl"])), ""]
         for k, r in res.items():
             if k.isdigit():
-                lines += [table_for(int(L), int(k), r), "", _distance_line(r), _layer_line(r), _probe_line(r), ""]
+                lines += [table_for(int(L), int(k), r), "", _stage2_line(r), _distance_line(r), _layer_line(r),
+                          _probe_line(r), ""]
     sample = summary.get("sample")
     if sample:
         lines += ["## Generation (greedy, held-out prompt)", "", f"…{sample['prompt_tail']!r}", "",
                   f"- dense: {sample['dense']!r}", f"- DSA (k={sample['top_k']}): {sample['dsa']!r}", ""]
-    lines += ["Figures: `loss_vs_k.png`, `recall_by_distance.png`, `retrieval.png`.", ""]
+    stage2 = " and `stage2.png`" if _stage2_budgets(summary) else ""
+    lines += [f"Figures: `loss_vs_k.png`, `recall_by_distance.png`, `retrieval.png`{stage2}.", ""]
     return "\n".join(lines)
+
+
+def _stage2_line(r: dict) -> str:
+    """Stage 2's training curves in one line: first / last 10 steps' means (same batches for both models)."""
+    s2 = r.get("stage2")
+    if not s2:
+        return ""
+    ends = lambda xs: f"{statistics.mean(xs[:10]):.3f} → {statistics.mean(xs[-10:]):.3f}"  # noqa: E731
+    gap = [a - b for a, b in zip(s2["sparse_lm"], s2["dense_lm"])]
+    return (f"Stage 2: {s2['steps']} steps at lr {s2['lr']:g}; training LM loss on the same batches (mean of the "
+            f"first → last 10 steps): sparse {ends(s2['sparse_lm'])}, dense twin {ends(s2['dense_lm'])}, "
+            f"sparse − twin {ends(gap)}; indexer KL {ends(s2['indexer_kl'])}.")
 
 
 def _distance_line(r: dict) -> str:
@@ -543,7 +557,37 @@ def write_figures(summary: dict, out: Path) -> list[str]:
     ax.legend(fontsize=6)
     _save(fig, out / "recall_by_distance.png")
     _retrieval_figure(summary, budgets, out / "retrieval.png")
-    return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
+    if not _stage2_budgets(summary):
+        return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
+    _stage2_figure(summary, out / "stage2.png")
+    return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png", "stage2.png"]
+
+
+def _stage2_budgets(summary: dict) -> list:
+    return [(L, k) for L, res in summary["results"].items() for k, r in res.items()
+            if k.isdigit() and r.get("stage2")]
+
+
+def _stage2_figure(summary: dict, path: Path, smooth: int = 10) -> None:
+    """Per budget with stage 2: the sparse model's training LM loss minus its dense twin's on the same batch (per
+    step, and its running mean over `smooth` steps); beside it the indexer's sparse KL."""
+    import matplotlib.pyplot as plt
+    fig, (gap_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (L, k) in enumerate(_stage2_budgets(summary)):
+        s2 = summary["results"][L][k]["stage2"]
+        gap = [a - b for a, b in zip(s2["sparse_lm"], s2["dense_lm"])]
+        steps = range(1, len(gap) + 1)
+        running = [statistics.mean(gap[max(0, j - smooth + 1):j + 1]) for j in range(len(gap))]
+        gap_ax.plot(steps, gap, color=f"C{i}", alpha=0.3)
+        gap_ax.plot(steps, running, color=f"C{i}", label=f"L={L} k={k} (running mean of {smooth})")
+        kl_ax.plot(steps, s2["indexer_kl"], color=f"C{i}", label=f"L={L} k={k}")
+    gap_ax.axhline(0, color="grey", lw=0.8)
+    gap_ax.set(xlabel="stage-2 step", ylabel="sparse − dense twin (nats)",
+               title="training LM loss, same batch: what sparsity costs")
+    kl_ax.set(xlabel="stage-2 step", ylabel="KL (mean over layers, nats)", title="indexer's sparse KL")
+    for ax in (gap_ax, kl_ax):
+        ax.legend(fontsize=7)
+    _save(fig, path)
 
 
 def _retrieval_figure(summary: dict, budgets: list, path: Path) -> None:

@@ -225,25 +225,29 @@ def test_unsupported_model_type_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monkeypatch):
-    """The whole experiment on the tiny model: summary.json with every mode, REPORT.md and figures; the second
-    invocation reads the warm-up and the evaluation back (no step redone)."""
+    """The whole experiment on the tiny model with a 2-step stage 2: summary.json with every mode (the fine-tuned
+    pair included), REPORT.md and figures (stage2.png with them); the second invocation reads the warm-up and the
+    evaluation back (no step redone)."""
     import run_experiment
     monkeypatch.chdir(tmp_path)  # the token cache (data_cache/) goes here
     monkeypatch.setitem(rx.PRESETS, "quick", {**rx.PRESETS["quick"], "eval_windows": 3, "probe_windows": 2,
                                               "warmup_steps": 4, "warmup_eval_every": 2})
     args = ["--experiment", "retrofit", "--preset", "quick", "--model", str(tiny_folder), "--seq-lens", "160",
-            "--top-k", "16", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
+            "--top-k", "16", "--steps", "2", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
     assert run_experiment.main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     r = summary["results"]["160"]["16"]
-    assert set(r["loss"]) == set(rx.MODES) and r["windows"] == 3
+    assert set(r["loss"]) == set(rx.MODES) | {"dsa_ft", "dense_ft"} and r["windows"] == 3
     assert summary["results"]["160"]["warmup"]["steps_used"] == 4
-    for name in ("REPORT.md", "loss_vs_k.png", "recall_by_distance.png", "retrieval.png"):
+    assert len(r["stage2"]["sparse_lm"]) == 2 and r["dsa_ft_minus_dense_ft"]["mean"] is not None
+    for name in ("REPORT.md", "loss_vs_k.png", "recall_by_distance.png", "retrieval.png", "stage2.png"):
         assert (tmp_path / "out" / name).exists()
     assert (tmp_path / "export" / retrofit.EXPORT_WEIGHTS).exists()
     for name in ("dsa", "oracle", "local", "sink_local", "random"):  # per layer: the token to copy selected?
         assert len(r["probe"][name]["value_hit_by_layer"]) == 2 and "value_hit_by_layer" not in r["probe"]["dense"]
-    assert "Copy probe, the token to copy among the selected keys" in (tmp_path / "out" / "REPORT.md").read_text()
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "Copy probe, the token to copy among the selected keys" in report
+    assert "Stage 2: 2 steps" in report and "after stage 2: DSA − fine-tuned dense twin" in report
     capsys.readouterr()
     assert run_experiment.main(args) == 0
     log = capsys.readouterr().out
