@@ -292,7 +292,7 @@ def summarise_k(evaluation: dict, probe: dict) -> dict:
     losses = evaluation["loss_per_window"]
     diff = lambda a, b: mean_ci95([x - y for x, y in zip(losses[a], losses[b])])  # noqa: E731
     out = {"loss": {m: mean_ci95(v) for m, v in losses.items()},
-           "delta_vs_dense": {m: diff(m, "dense") for m in losses if m not in ("dense", "dense_ft")},
+           "delta_vs_dense": {m: diff(m, "dense") for m in losses if m != "dense"},
            "dsa_minus_oracle": diff("dsa", "oracle"),
            "recall": {n: {k: r[k] for k in ("indexer_recall", "random_recall", "local_recall", "recall_by_distance",
                                             "by_layer")} for n, r in evaluation["recall"].items()},
@@ -445,9 +445,9 @@ def table_for(L: int, k: int, r: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for m, loss in r["loss"].items():
         probe = r["probe"].get(m, {})
-        rows.append(f"| {L} | {k} | {m} | {loss['mean']:.4f} | {_ci(r['delta_vs_dense'].get(m))} | "
-                    f"{recall[m]:.3f} |" if m in recall else f"| {L} | {k} | {m} | {loss['mean']:.4f} | "
-                    f"{_ci(r['delta_vs_dense'].get(m))} | – |")
+        delta = _ci(r["dsa_ft_minus_dense_ft"]) + " vs dense_ft" if m == "dsa_ft" else _ci(r["delta_vs_dense"].get(m))
+        rows.append(f"| {L} | {k} | {m} | {loss['mean']:.4f} | {delta} | " +
+                    (f"{recall[m]:.3f} |" if m in recall else "– |"))
         rows[-1] += f" {probe['accuracy']['mean']:.3f} | {probe['nll']['mean']:.3f} |" if probe else " – | – |"
     rows.append(f"\nDSA − oracle: {_ci(r['dsa_minus_oracle'], 4)} nats over {r['windows']} windows "
                 f"(kept pairs {r['kept_pair_fraction']:.3f}); prefill {r['timing']['dense_ms']:.0f} ms dense vs "

@@ -248,6 +248,7 @@ def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monke
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert "Copy probe, the token to copy among the selected keys" in report
     assert "Stage 2: 2 steps" in report and "after stage 2: DSA − fine-tuned dense twin" in report
+    assert " vs dense_ft |" in report and r["delta_vs_dense"]["dense_ft"]["mean"] is not None
     capsys.readouterr()
     assert run_experiment.main(args) == 0
     log = capsys.readouterr().out
