@@ -496,7 +496,7 @@ def _stage2_line(r: dict) -> str:
     if not s2:
         return ""
     ends = lambda xs: f"{statistics.mean(xs[:10]):.3f} → {statistics.mean(xs[-10:]):.3f}"  # noqa: E731
-    gap = [a - b for a, b in zip(s2["sparse_lm"], s2["dense_lm"])]
+    gap = _stage2_gap(s2)
     return (f"Stage 2: {s2['steps']} steps at lr {s2['lr']:g}; training LM loss on the same batches (mean of the "
             f"first → last 10 steps): sparse {ends(s2['sparse_lm'])}, dense twin {ends(s2['dense_lm'])}, "
             f"sparse − twin {ends(gap)}; indexer KL {ends(s2['indexer_kl'])}.")
@@ -557,10 +557,16 @@ def write_figures(summary: dict, out: Path) -> list[str]:
     ax.legend(fontsize=6)
     _save(fig, out / "recall_by_distance.png")
     _retrieval_figure(summary, budgets, out / "retrieval.png")
-    if not _stage2_budgets(summary):
-        return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
-    _stage2_figure(summary, out / "stage2.png")
-    return ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png", "stage2.png"]
+    names = ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
+    if _stage2_budgets(summary):
+        _stage2_figure(summary, out / "stage2.png")
+        names.append("stage2.png")
+    return names
+
+
+def _stage2_gap(s2: dict) -> list[float]:
+    """Per stage-2 step: the sparse model's training LM loss minus its dense twin's (same batch)."""
+    return [a - b for a, b in zip(s2["sparse_lm"], s2["dense_lm"])]
 
 
 def _stage2_budgets(summary: dict) -> list:
@@ -575,7 +581,7 @@ def _stage2_figure(summary: dict, path: Path, smooth: int = 10) -> None:
     fig, (gap_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (L, k) in enumerate(_stage2_budgets(summary)):
         s2 = summary["results"][L][k]["stage2"]
-        gap = [a - b for a, b in zip(s2["sparse_lm"], s2["dense_lm"])]
+        gap = _stage2_gap(s2)
         steps = range(1, len(gap) + 1)
         running = [statistics.mean(gap[max(0, j - smooth + 1):j + 1]) for j in range(len(gap))]
         gap_ax.plot(steps, gap, color=f"C{i}", alpha=0.3)
