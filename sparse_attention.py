@@ -63,16 +63,23 @@ class LightningIndexer(nn.Module):
         return index_scores(*self.project(x))
 
 
-def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
+                 query_pos: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Lq, H_I, d_I), k (B, L, d_I), w (B, Lq, H_I) -> (B, Lq, L) with the causal -inf mask.
 
-    Queries are the *last* Lq positions of the L keys (Lq == L for a full sequence).
+    Queries are the *last* Lq positions of the L keys (Lq == L for a full sequence), or at `query_pos` (Lq,).
     """
     B, Lq, H_I, d_I = q.shape
     L = k.shape[1]
     per_head = (q.reshape(B, Lq * H_I, d_I) @ k.transpose(1, 2)).relu_()  # (B, Lq*H_I, L): one GEMM
     scores = (w.reshape(B * Lq, 1, H_I) @ per_head.view(B * Lq, H_I, L)).view(B, Lq, L)  # head-weighted sum
-    return scores.masked_fill_(future_mask(Lq, L, q.device), float("-inf"))
+    future = future_mask(Lq, L, q.device) if query_pos is None else rows_future_mask(query_pos, L)
+    return scores.masked_fill_(future, float("-inf"))
+
+
+def rows_future_mask(query_pos: torch.Tensor, L: int) -> torch.Tensor:
+    """(Lq,) query positions -> (Lq, L) bool, True where key s lies after the query."""
+    return torch.arange(L, device=query_pos.device)[None, :] > query_pos[:, None]
 
 
 def future_mask(Lq: int, L: int, device) -> torch.Tensor:

@@ -40,20 +40,25 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # warmup_eval_every / warmup_plateau_window / warmup_min_rel_improvement: its plateau rule; warmup_eval_windows:
 # the held-out windows it measures the KL on; eval_windows: held-out windows per (L, k); learning_rate /
 # indexer_lr: stage 2). Retrofit's own keys: top_ks (every k evaluated at every L), seed (one), batch_reuse,
-# probe_windows (the copy probe's windows), timing_repeats, sinks, probe_segment.
+# warmup_rows (query rows per warm-up step, 0 = all), recall_windows (windows whose dense forward measures recall,
+# 0 = all), eval_backend (the quality evaluations' attention path), probe_windows (the copy probe's windows),
+# timing_repeats, sinks, probe_segment.
+# The cpu preset's sizes come from per-forward costs of SmolLM2 measured on the 2-core CPU (2026-12-02, L 4096):
+# dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch.
 # Warm-up caps: SmolLM2 at L=1024 (quick's rule, 2026-12-02) reached its plateau at step 360 (held-out KL 2.96 ->
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
-                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=16, probe_windows=8, timing_repeats=2,
-                batch_reuse=4),
+                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=8, probe_windows=4, recall_windows=2,
+                timing_repeats=2, batch_reuse=4, warmup_rows=256),
     "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_steps=1000,
                     warmup_eval_every=20, warmup_plateau_window=3, warmup_eval_windows=4, eval_windows=32,
-                    probe_windows=16, timing_repeats=3),
+                    probe_windows=16, recall_windows=8, timing_repeats=3, batch_reuse=4, warmup_rows=512),
 }
-COMMON = dict(batch_size=1, batch_reuse=1, warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
+COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
+              warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
               learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, attention_backend="gather", seed=42,
               indexer_heads=4, indexer_dim=64, indexer_rope_dim=32)
 OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "steps", "batch_size", "attention_backend")  # taken as they are
@@ -132,20 +137,28 @@ def probe_windows(val: torch.Tensor, L: int, segment: int, n: int) -> torch.Tens
 def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, device, log=print) -> dict:
     """Train the indexers on the dense KL until the plateau rule stops; -> the tracker's record + step times.
     The model is frozen, so a batch's targets never change: each captured batch serves `batch_reuse` consecutive
-    optimizer steps (1 = the paper's one step per batch; more = fewer forwards of the model per step)."""
+    optimizer steps (1 = the paper's one step per batch; more = fewer forwards of the model per step). With
+    `warmup_rows` R > 0 the KL is taken over R random query rows per step (disjoint across a batch's steps; the
+    held-out KL over fixed rows): an unbiased estimate of the mean over rows at O(R L) instead of O(L^2)."""
     rule = PlateauRule(max_steps=s["warmup_steps"], eval_every=s["warmup_eval_every"],
                        window=s["warmup_plateau_window"], min_rel_improvement=s["warmup_min_rel_improvement"])
     tracker = PlateauTracker(rule)
-    heldout = [retrofit.warmup_targets(model, w[None, :-1].to(device)) for w in kl_windows]  # fixed: cached once
+    L, reuse = train.shape[1] - 1, s["batch_reuse"]
+    rows = min(s["warmup_rows"], L // reuse)  # per step; 0: every row
+    fixed, draws = (torch.Generator().manual_seed(s["seed"] + i) for i in range(2))
+    heldout = [retrofit.warmup_targets(model, w[None, :-1].to(device), sample_rows(L, rows * reuse, fixed, device))
+               for w in kl_windows]  # fixed windows and rows: cached once
     opt = torch.optim.AdamW(model.indexer_parameters(), lr=s["warmup_lr"], weight_decay=0.0)
     stream = BatchStream(train, s["batch_size"], stream_seed(s["seed"], STREAM_WARMUP))
     train_kl, step_s = [], []
     tracker.update(0, _heldout_kl(model, heldout))
     for step in range(1, rule.max_steps + 1):
         t0 = time.perf_counter()
-        if (step - 1) % s["batch_reuse"] == 0:
-            inputs, _ = stream.next()
-            targets = retrofit.warmup_targets(model, inputs.to(device))  # no-grad forward of the frozen model
+        part = (step - 1) % reuse
+        if part == 0:
+            inputs, _ = stream.next()  # no-grad forward of the frozen model, targets for `reuse` steps' rows
+            batch = retrofit.warmup_targets(model, inputs.to(device), sample_rows(L, rows * reuse, draws, device))
+        targets = batch if not rows else retrofit.take_rows(batch, slice(part * rows, (part + 1) * rows))
         opt.zero_grad(set_to_none=True)
         train_kl.append(retrofit.warmup_kl(model, targets, backward=True))
         opt.step()
@@ -157,8 +170,14 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
             if stop:
                 break
     return {**tracker.record(), "train_kl": train_kl, "mean_step_s": statistics.mean(step_s),
-            "batch_reuse": s["batch_reuse"], "batches": -(-len(train_kl) // s["batch_reuse"]),
-            "kl_unit": "mean over layers of the per-query KL (nats)"}
+            "batch_reuse": reuse, "batches": -(-len(train_kl) // reuse), "query_rows_per_step": min(rows or L, L),
+            "kl_unit": "mean over layers of the per-query KL (nats)" + (f", over {min(rows * reuse, L)} random query "
+                                                                        "rows per window" if rows else "")}
+
+
+def sample_rows(L: int, n: int, generator: torch.Generator, device) -> torch.Tensor | None:
+    """n distinct query positions in random order (None when n is 0: every row; all L rows when n >= L)."""
+    return torch.randperm(L, generator=generator)[:n].to(device) if n else None
 
 
 def _heldout_kl(model, heldout: list) -> float:
@@ -202,10 +221,10 @@ def sparse_finetune(model, s: dict, k: int, train: torch.Tensor, device, log=pri
 # ----------------------------------------------------------------------------- evaluation
 def eval_entries(model, k: int, s: dict, tuned: tuple | None = None) -> list:
     """(name, model, plan) per evaluated mode; with stage 2 also dsa_ft (sparse fine-tuned) and dense_ft (twin)."""
-    entries = [(m, model, retrofit.Plan(m, top_k=k, backend=s["attention_backend"], sinks=s["sinks"], seed=s["seed"]))
+    entries = [(m, model, retrofit.Plan(m, top_k=k, backend=s["eval_backend"], sinks=s["sinks"], seed=s["seed"]))
                for m in MODES if m != "dense"]
     if tuned is not None:
-        entries += [("dsa_ft", tuned[0], retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"])),
+        entries += [("dsa_ft", tuned[0], retrofit.Plan("dsa", top_k=k, backend=s["eval_backend"])),
                     ("dense_ft", tuned[1], retrofit.Plan())]
     return entries
 
@@ -213,11 +232,13 @@ def eval_entries(model, k: int, s: dict, tuned: tuple | None = None) -> list:
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, k: int, s: dict, device, tuned=None) -> dict:
     """Per-window mean NLL of every mode on held-out windows (N, L+1), and recall of the dense attention mass by
-    the dsa / oracle / sink_local selections (overall, by distance, by layer) from the dense forward."""
+    the dsa / oracle / sink_local selections (overall, by distance, by layer) from the dense forward of the first
+    `recall_windows` windows (0: all)."""
     losses, by_layer = {}, {}
-    for w in windows:
+    for i, w in enumerate(windows):
         inputs, targets = w[None, :-1].to(device), w[None, 1:].to(device)
-        logits, aux = model(inputs, retrofit.Plan("dense", top_k=k, stats=True, backend=s["attention_backend"],
+        stats = i < (s["recall_windows"] or len(windows))
+        logits, aux = model(inputs, retrofit.Plan("dense", top_k=k, stats=stats, backend=s["eval_backend"],
                                                   sinks=s["sinks"]))
         losses.setdefault("dense", []).append(_nll(logits, targets))
         for name, per_layer in aux.stats.items():
@@ -315,7 +336,7 @@ def _probe_mode_summary(per_window: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the run
-WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_lr", "warmup_min_rel_improvement", "warmup_steps",
+WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_rows", "warmup_lr", "warmup_min_rel_improvement", "warmup_steps",
                "warmup_eval_every", "warmup_plateau_window", "warmup_eval_windows", "seed", "indexer_heads",
                "indexer_dim", "indexer_rope_dim")
 

