@@ -44,14 +44,16 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # 0 = all), eval_backend (the quality evaluations' attention path), probe_windows (the copy probe's windows),
 # timing_repeats, sinks, probe_segment.
 # The cpu preset's sizes come from per-forward costs of SmolLM2 measured on the 2-core CPU (2026-12-02, L 4096):
-# dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch.
+# dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch
+# (the forward keeping 1024 rows' targets); with 6 / 3 / 1 windows (evaluation / probe / recall) about 70 of the
+# preset's minutes are L 4096's.
 # Warm-up caps: SmolLM2 at L=1024 (quick's rule, 2026-12-02) reached its plateau at step 360 (held-out KL 2.96 ->
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
-                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=8, probe_windows=4, recall_windows=2,
+                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=6, probe_windows=3, recall_windows=1,
                 timing_repeats=2, batch_reuse=4, warmup_rows=256),
     "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_steps=1000,
                     warmup_eval_every=20, warmup_plateau_window=3, warmup_eval_windows=4, eval_windows=32,
