@@ -119,7 +119,7 @@ class Plan:
     targets (dense): keep each layer's input and head-summed attention; stats (dense): recall of the selections;
     indexer_loss (dsa): the sparse KL over the selected set (stage 2); sinks: sink_local's first tokens;
     seed: the random control's draws; timer: 'indexer' / 'attention' wall time; keep_selection (sparse plans): keep
-    each layer's selected key positions in RetrofitAux.selected; rows (targets): sorted query positions (R,) whose
+    each layer's selected key positions in RetrofitAux.selected; rows (targets): query positions (R,), any order, whose
     targets to keep (None: every row) — the attention itself stays the fused dense one."""
     selection: str = "dense"
     top_k: int = 64
@@ -325,7 +325,7 @@ def row_targets(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.T
 
 def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor, rows: torch.Tensor | None = None) -> RetrofitAux:
     """One no-grad dense forward of the frozen model: each layer's input and head-summed attention (of every query
-    row, or of the sorted positions `rows`)."""
+    row, or of the query positions `rows`, in their order)."""
     with torch.no_grad():
         return model(input_ids, Plan("dense", targets=True, rows=rows), logits=False)[1]
 
