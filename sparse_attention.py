@@ -197,11 +197,13 @@ def kept_pair_fraction(L: int, k: int) -> float:
 
 
 # ----------------------------------------------------------------------------- attention maths
-def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def causal_attention_probs(q: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, Lq, D), k (B, H, L, D) -> causal softmax probabilities (B, H, Lq, L); the queries are the last Lq
-    of the L positions (Lq == L for a full sequence)."""
+    of the L positions (Lq == L for a full sequence), or at `query_pos` (Lq,)."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(future_mask(q.shape[2], k.shape[2], q.device), float("-inf")).softmax(-1)
+    L = k.shape[2]
+    future = future_mask(q.shape[2], L, q.device) if query_pos is None else rows_future_mask(query_pos, L)
+    return scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
 def selection_mask(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from kernels.backends import GatherBackend, SdpaMaskBackend
 from efficient_patterns import LocalSelector, RandomSelector
 from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
                               causal_attention_probs, future_mask, index_scores, indexer_kl_dense, indexer_kl_sparse,
-                              rows_future_mask, select_top_k, selection_recall, timed)
+                              select_top_k, selection_recall, timed)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTENTION_NAME = "dsa_retrofit"
@@ -240,7 +240,8 @@ class _Call:
         q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)  # our maths scales by D^-1/2
         if plan.selection == "dense" and plan.rows is not None:  # warm-up targets at sampled query rows only
             self.aux.targets[layer], self.aux.rows = row_targets(q.detach(), k.detach(), plan.rows), plan.rows
-        if plan.selection == "dense" and (not plan.needs_input or plan.rows is not None):
+        full_probs = plan.stats or (plan.targets and plan.rows is None)  # the (B, H, L, L) probabilities needed
+        if plan.selection == "dense" and not full_probs:
             return timed(plan.timer, "attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
                          ).transpose(1, 2)
         if plan.selection == "dense":
@@ -318,8 +319,7 @@ def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
 def row_targets(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """q, k (B, H, L, D), rows (R,) query positions -> the head-summed, L1-normalised causal attention of those
     queries (B, R, L): `Plan(targets=True)`'s target at those rows, in O(R L) instead of O(L^2)."""
-    scores = (q[:, :, rows] @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, R, L)
-    p = scores.masked_fill(rows_future_mask(rows, k.shape[2]), float("-inf")).softmax(-1).sum(1)
+    p = causal_attention_probs(q[:, :, rows], k, query_pos=rows).sum(1)  # (B, R, L)
     return p / p.sum(-1, keepdim=True)
 
 
