@@ -23,7 +23,7 @@ fwd+bwd in a FRESH subprocess: after one warm-up step on a small problem and bui
 it (incl. allocator slack; blocks >= 128 KiB are mmapped, so freed memory leaves the RSS). (A child's ru_maxrss is not used: on Linux it inherits the parent's peak across fork/vfork + exec.)
 Backends that cannot run on the device are listed with a note, never a number. `--end-to-end` times one
 training step of the sparse vs the classic MoE LLM instead (`--attention-type mla`: the MLA models).
-`--decode` times generation instead (inference/decode.py): per cached prefix L in --seq-lens, MHA and MLA, one sparse
+`--decode` times generation instead (dsa_lab/inference/decode.py): per cached prefix L in --seq-lens, MHA and MLA, one sparse
 model at --decode-preset widths prefills L random tokens, then the median time of one decode step (batch
 --batch) on the dense path (attention over every cached key, as the classic model decodes) vs DSA's decode
 path (k = --top-k), the two timed in turns on the same cache.
@@ -42,7 +42,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.results_io import OneLineArgumentParser, atomic_write_json, device_name
+from dsa_lab.common.results_io import OneLineArgumentParser, atomic_write_json, device_name
 
 INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the indexer-cost table
 SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
@@ -357,7 +357,7 @@ def crossover_lengths(rows: list[dict]) -> dict[str, int | None]:
 
 def indexer_cost(args, meter: Meter, L: int, dense_row: dict) -> list[dict]:
     """Token-level chunked indexer + top-k time for several indexer sizes, as a share of the dense baseline."""
-    from kernels import chunked as kernels
+    from dsa_lab.kernels import chunked as kernels
     rows = []
     for heads, dim in INDEXER_SIZES:
         indexer = make_inputs(args, L, heads, dim, seed=1)["indexer"]
@@ -375,7 +375,7 @@ def selection_quality(args, L: int) -> list[dict]:
     informative indexer (the attention queries and head-mean keys): dense-attention mass inside the selected
     set (recall, rows with t >= k + block) and relative output error vs dense attention. A proxy only: the
     real quality comparison is the trained models' loss (run_experiment.py)."""
-    from kernels.backends import BlockBackend, GatherBackend
+    from dsa_lab.kernels.backends import BlockBackend, GatherBackend
     from sparse_attention import causal_attention_probs, sparse_attention_masked
     g = torch.Generator().manual_seed(2)
     B, H, D = 1, args.heads, args.head_dim
@@ -467,7 +467,7 @@ def decode_speed(args) -> list[dict]:
     same cache. -> one row per (attention type, L, path) with the median wall and process-CPU ms per step."""
     import dataclasses
     from config import PRESETS, ModelConfig
-    from inference.decode import decode_step, prefill
+    from dsa_lab.inference.decode import decode_step, prefill
     from models import SparseAttentionMoELLM
     widths = {f.name: PRESETS[args.decode_preset][f.name] for f in dataclasses.fields(ModelConfig)
               if f.name in PRESETS[args.decode_preset] and f.name != "attention_backend"}

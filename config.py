@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# masked = reference; gather/triton = token-level DSA (kernels/chunked.py); block/flex = query-block-shared selection
+# masked = reference; gather/triton = token-level DSA (dsa_lab/kernels/chunked.py); block/flex = query-block-shared selection
 ATTENTION_TYPES = ("mha", "mla")
 SELECTION_SOURCES = ("indexer", "local", "random", "oracle")  # who picks S_t: the lightning indexer, last k, random k,
 # or the oracle (top-k of the layer's true head-summed attention: the ceiling of any shared index set)
@@ -64,7 +64,7 @@ class ModelConfig:
     v_head_dim: int = 32  # MLA: per-head value dims
     rope_interleaved: bool = False  # MLA main RoPE: True = pairs (2i, 2i+1), as DeepSeek-V3 / GLM-5 ship it
     indexer_rope_interleaved: bool = False  # indexer RoPE: False = DeepSeek-V3.2, True = GLM-MoE-DSA
-    # Exact-mapping options for transformers' DeepSeek-V3 / V3.2 / GLM-MoE-DSA (interop/hf_interop.py); the defaults keep
+    # Exact-mapping options for transformers' DeepSeek-V3 / V3.2 / GLM-MoE-DSA (dsa_lab/interop/hf_interop.py); the defaults keep
     # this lab's own models unchanged.
     norm_eps: float = 1e-6  # RMSNorm eps of the block norms and the final norm (HF rms_norm_eps)
     indexer_norm_eps: float = 1e-5  # the indexer's k LayerNorm eps (torch's default; DeepSeek-V3.2 / GLM-5: 1e-6)
@@ -163,7 +163,7 @@ class TrainConfig:
     batch_size: int = 16
     dense_steps: int = 300  # stage 0: shared dense pre-training; both models branch from its weights
     warmup_steps: int = 200  # stage 1: dense warm-up, only the indexer trains (KL to dense attention); the cap
-    # when warmup_until_plateau (common/plateau.py): stop once the held-out dense KL, measured every warmup_eval_every steps
+    # when warmup_until_plateau (dsa_lab/common/plateau.py): stop once the held-out dense KL, measured every warmup_eval_every steps
     # on warmup_eval_windows held-out windows, improved by < warmup_min_rel_improvement over warmup_plateau_window
     # evaluations. On by default (DESIGN: a warm-up is finished at its plateau); False: exactly warmup_steps steps.
     warmup_until_plateau: bool = True

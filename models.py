@@ -17,9 +17,9 @@ from adaptive_selection import (AdaptiveKConfig, AdaptiveKSelector, ContentCompl
                                 build_k_selector, ratio_for_mean_keys)
 from config import ModelConfig
 from efficient_patterns import LocalSelector, OracleSelector, RandomSelector, build_pattern
-from kernels.backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
+from dsa_lab.kernels.backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
 from optimized_indexers import MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector
-from common.rope import RotaryEmbedding
+from dsa_lab.common.rope import RotaryEmbedding
 from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
                               LightningIndexer, MaskedBackend, SparseAttentionLayer, TopKTokenSelector,
                               causal_attention_probs)

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import reports
-from common.results_io import OneLineArgumentParser, run_cli
-from common.variants import BASELINE, CATEGORIES, QUESTIONS, QUICK_SUBSET
+from dsa_lab.experiments import reports
+from dsa_lab.common.results_io import OneLineArgumentParser, run_cli
+from dsa_lab.common.variants import BASELINE, CATEGORIES, QUESTIONS, QUICK_SUBSET
 
 MODES = {
     # quick: a few variants per family, 1 seed, tiny schedule: minutes on a laptop CPU
@@ -62,8 +62,8 @@ def selected_variants(subset: bool, questions: list[str]) -> tuple[dict, dict]:
 def main(argv=None) -> int:
     """Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, gloo on CPU) and trains
     its slice of every global batch; rank 0 alone writes records, summary, figures and the report."""
-    from common import distributed
-    from training.train import TrainingDiverged
+    from dsa_lab.common import distributed
+    from dsa_lab.training.train import TrainingDiverged
     args = parse_args(argv)
 
     def job():
@@ -76,11 +76,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> None:
-    from experiments import ablations
-    from common import distributed
-    from experiments import skeleton as experiment
+    from dsa_lab.experiments import ablations
+    from dsa_lab.common import distributed
+    from dsa_lab.experiments import skeleton as experiment
     from config import build_configs
-    from training.train import pick_device
+    from dsa_lab.training.train import pick_device
     mode = MODES[args.mode]
     overrides = {"seq_lens": args.seq_lens or mode["seq_lens"], "seeds": args.seeds or mode["seeds"],
                  "out": args.out, **mode["overrides"]}
@@ -104,7 +104,7 @@ def run(args) -> None:
                "results": ablations.aggregate(records)}
 
     def figures(summary_json):
-        from experiments import plots
+        from dsa_lab.experiments import plots
         results = summary_json["results"]
         for category, names in names_by_question.values():
             plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import skeleton as experiment
-from common.results_io import OneLineArgumentParser, run_cli
-from common.variants import DEFAULT_OPTIMIZATIONS, expand_optimizations, optimization_help
+from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.common.results_io import OneLineArgumentParser, run_cli
+from dsa_lab.common.variants import DEFAULT_OPTIMIZATIONS, expand_optimizations, optimization_help
 
 CONFIG: dict = {
     # e.g. "sparse_top_k": 32 is set per length from top_k_ratio; try "top_k_ratio": 0.25,
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def execution(args: argparse.Namespace):
     """How the runs execute (train.Execution): precision, compile, resume checkpoints."""
-    from training.train import Execution
+    from dsa_lab.training.train import Execution
     return Execution(dtype=args.dtype, compile=args.compile, checkpoint_every=args.checkpoint_every,
                      resume=args.resume)
 
@@ -112,7 +112,7 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
     """Run the chosen experiment with `overrides` (CONFIG, then the CLI flags)."""
     from config import build_configs
     if args.experiment == "long_context":
-        from experiments import long_context
+        from dsa_lab.experiments import long_context
         out = Path(overrides.pop("out", "results/long_context"))
         experiment.check_experiment(out, "long_context")
         long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
@@ -120,8 +120,8 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
                                       run=execution(args))
         return
     if args.experiment == "retrofit":
-        from experiments import retrofit as retrofit_experiment
-        from training.train import pick_device
+        from dsa_lab.experiments import retrofit as retrofit_experiment
+        from dsa_lab.training.train import pick_device
         out = Path(overrides.pop("out", "results/retrofit"))
         overrides.update({"eval_windows": args.eval_windows} if args.eval_windows is not None else {})
         experiment.check_experiment(out, "retrofit")
@@ -129,7 +129,7 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
                                          device=pick_device(overrides.get("device", "auto")))
         return
     if args.experiment == "adaptive_sparsity":
-        from experiments import adaptive_sparsity
+        from dsa_lab.experiments import adaptive_sparsity
         out = Path(overrides.pop("out", f"results/adaptive_sparsity/{overrides.get('attention_type', 'mha')}"))
         experiment.check_experiment(out, "adaptive_sparsity")
         adaptive_sparsity.run_adaptive_sparsity(args.preset, args.models or list(adaptive_sparsity.MODELS), overrides,
@@ -140,11 +140,11 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
         overrides.setdefault("out", "results/indexer_optimization")
     model_cfg, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
     if args.experiment == "indexer_optimization":
-        from experiments.ablations import run_indexer_optimization
+        from dsa_lab.experiments.ablations import run_indexer_optimization
         names = expand_optimizations(args.optimization) if args.optimization else list(DEFAULT_OPTIMIZATIONS)
         run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names, args.overwrite, run=execution(args))
     else:
-        from experiments.sparse_vs_classic import run_sparse_vs_classic
+        from dsa_lab.experiments.sparse_vs_classic import run_sparse_vs_classic
         run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, args.overwrite, run=execution(args))
 
 
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from common import distributed
+        from dsa_lab.common import distributed
         overrides = {**CONFIG, **cli_overrides(args)}
         check_flags(args)
         if distributed.init_from_env(overrides.get("device", "auto")) > 1 and args.init_from_hf:
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             if args.resume or args.checkpoint_every or args.dtype != "fp32" or args.compile:
                 raise ValueError("--resume, --checkpoint-every, --dtype bf16 and --compile are not supported with "
                                  "--init-from-hf; leave them out")
-            from experiments.hf_warmup import run_init_from_hf
+            from dsa_lab.experiments.hf_warmup import run_init_from_hf
             run_init_from_hf(args, overrides)
             return
         if args.export_hf:
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         dispatch(args, overrides)
         print(f"wall time {time.perf_counter() - t0:.0f} s")
-    from common import distributed
-    from training.train import TrainingDiverged
+    from dsa_lab.common import distributed
+    from dsa_lab.training.train import TrainingDiverged
     try:
         return run_cli(job, failures=(TrainingDiverged,))
     finally:

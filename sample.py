@@ -1,4 +1,4 @@
-"""Generate text from a checkpoint with the KV cache and, for a sparse model, DSA's decode path (inference/decode.py).
+"""Generate text from a checkpoint with the KV cache and, for a sparse model, DSA's decode path (dsa_lab/inference/decode.py).
 
     python sample.py --checkpoint results/seq_256/checkpoints/sparse_seed42.pt --prompt "ROMEO:" \
         --max-new-tokens 100 [--temperature 0.8 --top-k-sampling 40 --seed 0] [--no-cache] [--device cpu|cuda|auto]
@@ -16,10 +16,10 @@ import sys
 
 import torch
 
-from training.data import Tokenizer
-from inference.decode import generate
-from common.results_io import OneLineArgumentParser, run_cli
-from training.train import load_checkpoint, pick_device
+from dsa_lab.training.data import Tokenizer
+from dsa_lab.inference.decode import generate
+from dsa_lab.common.results_io import OneLineArgumentParser, run_cli
+from dsa_lab.training.train import load_checkpoint, pick_device
 
 
 def parse_args(argv=None):
@@ -65,7 +65,7 @@ def sample(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     def job():
-        from common import distributed
+        from dsa_lab.common import distributed
         distributed.refuse_torchrun("sample.py")
         return sample(args)
     return run_cli(job)

@@ -1,7 +1,7 @@
 """DeepSeek Sparse Attention (DSA, DeepSeek-V3.2-Exp): lightning indexer, causal top-k selection,
 sparse attention over the selected tokens, and the indexer's KL losses.
 
-The masked path here is the *reference*: every faster path (kernels/chunked.py) is tested against it.
+The masked path here is the *reference*: every faster path (dsa_lab/kernels/chunked.py) is tested against it.
 Shapes: B batch, L sequence, H attention heads, D head dim, H_I / d_I indexer heads / dims, K top-k.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.rope import RotaryEmbedding
-from common.work_sizes import prefix_bounds, work_budget
+from dsa_lab.common.rope import RotaryEmbedding
+from dsa_lab.common.work_sizes import prefix_bounds, work_budget
 
 
 # ----------------------------------------------------------------------------- indexer
@@ -110,7 +110,7 @@ class TopKTokenSelector(nn.Module):
 def select_top_k(scores: torch.Tensor, top_k: int):
     """scores (..., Lq, S), -inf at forbidden keys -> selected_idx (..., Lq, K) (-1 = invalid), valid; K = min(k, S).
 
-    Ties are broken toward the most recent tokens, so the reference and the chunked paths (kernels/chunked.py), which
+    Ties are broken toward the most recent tokens, so the reference and the chunked paths (dsa_lab/kernels/chunked.py), which
     see rows of different widths, pick the same set (ReLU scores tie at 0). One top-k over an exact int64 key
     (score bits, then position): no second pass and no host synchronisation.
     """
@@ -547,7 +547,7 @@ class DeepSeekSparseAttention(SparseAttentionLayer, CausalSelfAttention):
 
 def recall_bounds(B: int, H: int, L: int, device) -> list:
     """Query chunks of `selection_recall`: each chunk's dense probabilities (B, H, c, stop) within the 'recall'
-    work budget (common/work_sizes.py)."""
+    work budget (dsa_lab/common/work_sizes.py)."""
     return prefix_bounds(L, B * H, work_budget(device, "recall"))
 
 

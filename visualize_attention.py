@@ -47,7 +47,7 @@ def sparsity_stats(masks: list[torch.Tensor]) -> dict:
 
 
 def main(argv=None) -> int:
-    from common.results_io import OneLineArgumentParser
+    from dsa_lab.common.results_io import OneLineArgumentParser
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", default=None)
@@ -55,11 +55,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/attention_selection.png")
     args = p.parse_args(argv)
     try:
-        from common import distributed
+        from dsa_lab.common import distributed
         distributed.refuse_torchrun("visualize_attention.py")
-        from experiments import plots
-        from training.data import Tokenizer
-        from training.train import load_checkpoint
+        from dsa_lab.experiments import plots
+        from dsa_lab.training.data import Tokenizer
+        from dsa_lab.training.train import load_checkpoint
         model, payload = load_checkpoint(args.checkpoint)
         if payload["model_type"] != "sparse":
             raise ValueError(f"{args.checkpoint} is a {payload['model_type']} checkpoint; pass a sparse_*.pt one")

@@ -23,7 +23,7 @@ def tiny_model_config(**overrides) -> ModelConfig:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The embedded Shakespeare corpus with the default BPE (trained once per test session)."""
-    from training.data import load_corpus
+    from dsa_lab.training.data import load_corpus
     return load_corpus(DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache"))))
 
 
@@ -32,7 +32,7 @@ def model_pair(cfg: ModelConfig, seed: int, device="cpu"):
     builds them: the classic model after torch.manual_seed(seed), the sparse one from its state."""
     import torch
     from models import ClassicAttentionMoELLM
-    from training.train import sparse_from_state
+    from dsa_lab.training.train import sparse_from_state
     torch.manual_seed(seed)
     classic = ClassicAttentionMoELLM(cfg)
     return classic.to(device), sparse_from_state(cfg, classic.state_dict(), seed).to(device)

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from experiments import reports
+from dsa_lab.experiments import reports
 import run_comprehensive_ablations
 import run_experiment
-from common import variants
+from dsa_lab.common import variants
 
 TINY = dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, batch_size=4, eval_every=4, eval_windows=8,
             profile_steps=1, dense_steps=6, warmup_steps=3, steps=4)
@@ -71,7 +71,7 @@ def test_ablation_records_are_resumed_not_redone(tmp_path, monkeypatch, corpus, 
     assert run_comprehensive_ablations.main(argv + ["--steps", "5"]) == 2  # a changed config is refused
     err = capsys.readouterr().err
     assert "made with a different config" in err and "--overwrite" in err
-    from common import results_io  # another machine (device name in the key) is a different config too: never paired
+    from dsa_lab.common import results_io  # another machine (device name in the key) is a different config too: never paired
     monkeypatch.setattr(results_io, "device_name", lambda device=None: "other")
     assert run_comprehensive_ablations.main(argv) == 2
     assert "made with a different config" in capsys.readouterr().err
@@ -113,7 +113,7 @@ def _record(name, L, seed, loss, time=1.0):
 
 
 def test_aggregate_pairs_by_seed_not_by_position():
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     records = [_record("baseline", 32, s, loss) for s, loss in ((1, 1.0), (2, 2.0), (3, 3.0))]
     records += [_record("v", 32, s, loss, time) for s, loss, time in ((3, 3.5, 2.0), (1, 1.5, 0.5))]  # no seed 2
     entry = ablations.aggregate(records)["v"]["32"]
@@ -122,7 +122,7 @@ def test_aggregate_pairs_by_seed_not_by_position():
 
 
 def _summary(deltas: dict[str, list[float]], L=64):
-    from common.results_io import mean_ci95
+    from dsa_lab.common.results_io import mean_ci95
     out = {"baseline": {str(L): {"val_loss": mean_ci95([2.0, 2.0, 2.0])}}}
     for name, d in deltas.items():
         out[name] = {str(L): {"val_loss": mean_ci95([2.0 + x for x in d]), "delta_val_loss_vs_baseline": mean_ci95(d)}}
@@ -147,7 +147,7 @@ def test_holm_family_counts_the_comparisons_and_says_no_significant_difference()
 
 
 def test_pareto_front_points_with_overlapping_cis_are_marked():
-    from common.results_io import mean_ci95
+    from dsa_lab.common.results_io import mean_ci95
     summary = {n: {"64": {"val_loss": mean_ci95(loss), "avg_time_per_step": mean_ci95(t)}} for n, loss, t in (
         ("a", [1.0, 1.1, 1.2], [3.0, 3.1, 3.2]), ("b", [1.15, 1.25, 1.35], [2.9, 3.0, 3.1]),  # overlap: a ≈ b
         ("c", [3.0, 3.01, 3.02], [1.0, 1.01, 1.02]))}  # separate
@@ -155,7 +155,7 @@ def test_pareto_front_points_with_overlapping_cis_are_marked():
 
 
 def test_variant_order_is_interleaved_per_length_and_seed():
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     names = ["baseline", *variants.QUICK_SUBSET["attention_patterns"]]
     orders = [ablations.interleaved(names, L, seed) for L in (64, 128) for seed in (42, 43, 44)]
     assert all(sorted(o) == sorted(names) for o in orders)
@@ -171,7 +171,7 @@ def test_flop_and_parameter_formulas_match_counts_from_the_modules():
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     from config import ModelConfig
     from models import SparseAttentionMoELLM, build_indexer
     from conftest import indexer_param_count
@@ -208,7 +208,7 @@ def test_flop_and_parameter_formulas_match_counts_from_the_modules():
 def test_bytes_moved_follow_the_bit_width():
     import dataclasses
 
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     from config import ModelConfig
     cfg = ModelConfig()
     b = {p: ablations.indexer_bytes_per_token(dataclasses.replace(cfg, indexer_precision=p), 256)
@@ -219,7 +219,7 @@ def test_bytes_moved_follow_the_bit_width():
 
 
 def test_step_peak_memory_counts_the_step_not_the_process():
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     from conftest import tiny_model_config
     from models import SparseAttentionMoELLM
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def test_step_peak_memory_counts_the_step_not_the_process():
 
 
 def test_multiscale_variant_that_covers_the_prefix_is_refused_before_training(tmp_path, corpus):
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     from config import build_configs
     model_cfg, train_cfg, data_cfg, exp_cfg = build_configs({**TINY, "seq_lens": [32], "seeds": [1], "device": "cpu",
                                                              "cache_dir": str(tmp_path / "cache")}, preset="quick")
@@ -248,7 +248,7 @@ def test_variants_of_one_comparison_run_on_one_code_path():
     optimisations, not a chunked path against a full-score path); an all-plain comparison keeps the fast backend."""
     import dataclasses
 
-    from experiments.ablations import one_code_path
+    from dsa_lab.experiments.ablations import one_code_path
     from config import ModelConfig
     base = ModelConfig(attention_backend="gather")
     mixed = one_code_path({"baseline": base, "fp8": dataclasses.replace(base, indexer_precision="fp8")})

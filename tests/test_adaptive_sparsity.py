@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from experiments import adaptive_sparsity
+from dsa_lab.experiments import adaptive_sparsity
 import run_experiment
 from models import AdaptiveMoELLM, FixedSparseMoELLM
 from config import TrainConfig
 from conftest import tiny_model_config
-from training.data import BatchStream
+from dsa_lab.training.data import BatchStream
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
 from selection_checks import assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
@@ -21,7 +21,7 @@ from sparse_attention import AttentionMode, future_mask, selection_mask
 from adaptive_selection import (AdaptiveKCalculator, AdaptiveKConfig, AttentionEntropyEstimator,
                               ContentComplexityAnalyzer, DynamicSparsityController, mean_keys_of_share,
                               previous_occurrences, ratio_for_mean_keys)
-from training.train import run_stage, sparse_from_state, warmup_stage
+from dsa_lab.training.train import run_stage, sparse_from_state, warmup_stage
 
 L, T, V = 40, 17, 64
 MLA = dict(attention_type="mla", q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -305,7 +305,7 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
     with pytest.raises(ValueError, match="different config"):
         adaptive_sparsity.run_adaptive_sparsity("quick", models, {**TINY, "max_fraction": 0.5}, tmp_path, False)
     # another machine (device name in the key) is a different config too: its runs are never read back here
-    from experiments import skeleton as experiment
+    from dsa_lab.experiments import skeleton as experiment
     monkeypatch.setattr(experiment, "run_fingerprint", lambda device, dtype="fp32": {"device": "cpu",
                                                                                     "device_name": "other", "torch": "x"})
     with pytest.raises(ValueError, match="different config"):
@@ -351,7 +351,7 @@ def _holm_by_hand(pvalues: list[float]) -> list[float]:
 def test_significance_is_holm_corrected_over_every_test_of_every_length():
     """Adaptive vs best fixed and vs matched at two lengths: 4 tests, each raw p the paired t-test of its per-seed
     differences, each p_holm the Holm correction of all 4 (one of them raised by the step-down's monotonicity)."""
-    from common.results_io import paired_t_pvalue
+    from dsa_lab.common.results_io import paired_t_pvalue
     seeds = [1, 2, 3]
     loss = {32: {"fixed25": [3.0, 3.1, 3.2], "fixed50": [2.9, 3.0, 3.05], "fixed75": [2.95, 3.0, 3.1],
                  "adaptive": [2.80, 2.93, 2.99], "matched": [2.85, 2.90, 3.06]},

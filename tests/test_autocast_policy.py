@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import config
-from experiments import long_context
+from dsa_lab.experiments import long_context
 from config import build_configs
 from cuda_autocast_policy import cuda_autocast_on_cpu
 from models import SparseAttentionMoELLM
@@ -47,7 +47,7 @@ def _model(preset: str, attention_type: str, backend: str, selection_source: str
 
 
 def _forward_backward(model, mode: AttentionMode, ids: torch.Tensor) -> float:
-    """One forward under the CUDA policy (bf16), then the stage's backward outside autocast (as training/train.py does)."""
+    """One forward under the CUDA policy (bf16), then the stage's backward outside autocast (as dsa_lab/training/train.py does)."""
     model.zero_grad(set_to_none=True)
     with cuda_autocast_on_cpu():
         logits, aux = model(ids, mode, return_aux=True)

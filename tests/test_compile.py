@@ -4,7 +4,7 @@ graph-break count does not depend on the inductor backend, and a CPU inductor bu
 import pytest
 import torch
 
-from training import train
+from dsa_lab.training import train
 from conftest import tiny_model_config
 from models import SparseAttentionMoELLM
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
 
 import config  # noqa: E402
-from kernels import chunked as kernels  # noqa: E402
+from dsa_lab.kernels import chunked as kernels  # noqa: E402
 from conftest import tiny_model_config  # noqa: E402
 from sparse_attention import (AttentionMode, index_scores, select_top_k, sparse_attention_masked,  # noqa: E402
                               sparse_mqa_attention_masked)
@@ -40,7 +40,7 @@ def _close(got, ref, tol):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
 def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
-    from kernels import triton_mha as triton_kernels
+    from dsa_lab.kernels import triton_mha as triton_kernels
     q, k, v, indexer = _inputs(dtype=dtype)
     idx, valid = kernels.chunked_select(*indexer, 48)
     ref = _fwd_bwd(lambda *t: sparse_attention_masked(*t, idx, valid), q, k, v)
@@ -50,8 +50,8 @@ def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
 def test_triton_mqa_forward_backward_equal_the_masked_reference(dtype, tol):
-    from kernels import chunked_mqa as mqa_kernels
-    from kernels import triton_mqa
+    from dsa_lab.kernels import chunked_mqa as mqa_kernels
+    from dsa_lab.kernels import triton_mqa
     B, L, H, D, v_dim = 2, 160, 16, 80, 64
     g = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(B, L, H, D, generator=g, device=CUDA, dtype=dtype).requires_grad_()
@@ -63,7 +63,7 @@ def test_triton_mqa_forward_backward_equal_the_masked_reference(dtype, tol):
 
 
 def test_triton_indexer_scores_in_bf16_select_like_the_reference():
-    from kernels import triton_mha as triton_kernels
+    from dsa_lab.kernels import triton_mha as triton_kernels
     iq, ik, iw = _inputs(L=256)[3]
     ref = index_scores(iq, ik, iw)
     got = triton_kernels.triton_index_scores(iq.bfloat16(), ik.bfloat16(), iw.bfloat16())
@@ -84,7 +84,7 @@ def test_flex_forward_backward_equal_the_block_model():
 @pytest.mark.parametrize("attention_type", ["mha", "mla"])
 @pytest.mark.parametrize("backend", config.ATTENTION_BACKENDS)
 def test_bf16_training_step_of_every_backend_under_cuda_autocast(backend, attention_type):
-    """The step training/train.py runs with --dtype bf16: real CUDA autocast (LayerNorm/softmax in fp32, matmuls bf16)."""
+    """The step dsa_lab/training/train.py runs with --dtype bf16: real CUDA autocast (LayerNorm/softmax in fp32, matmuls bf16)."""
     from models import SparseAttentionMoELLM
     if attention_type == "mla" and backend == "flex":
         pytest.skip("flex is MHA only (MLA + flex is refused by the config)")
@@ -103,7 +103,7 @@ def test_bf16_training_step_of_every_backend_under_cuda_autocast(backend, attent
 
 
 def test_compiled_step_equals_eager_on_cuda():
-    from training import train
+    from dsa_lab.training import train
     from models import SparseAttentionMoELLM
     ids = torch.randint(0, 64, (2, 128), device=CUDA, generator=torch.Generator(device="cuda").manual_seed(3))
     results = []

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
+from dsa_lab.training import data
 from config import DataConfig
-from training.data import (BatchStream, Corpus, build_windows, check_no_overlap, clean_markdown, load_corpus,
+from dsa_lab.training.data import (BatchStream, Corpus, build_windows, check_no_overlap, clean_markdown, load_corpus,
                   load_documents, make_windows, split_documents)
 
 
@@ -116,7 +116,7 @@ def test_batch_stream_is_seeded():
 
 def test_windows_never_cross_a_document_boundary():
     import numpy as np
-    from training.data import make_windows
+    from dsa_lab.training.data import make_windows
     eos = 0
     docs = [np.arange(1, 12), np.arange(20, 25), np.arange(30, 40)]  # lengths 11, 5, 10 (+ EOS each)
     tokens = np.concatenate([np.append(d, eos) for d in docs]).astype(np.int32)

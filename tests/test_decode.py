@@ -1,4 +1,4 @@
-"""inference/decode.py / sample.py: cached decoding (KV cache, MLA latent cache, DSA's indexer-key cache + top-k) gives the
+"""dsa_lab/inference/decode.py / sample.py: cached decoding (KV cache, MLA latent cache, DSA's indexer-key cache + top-k) gives the
 logits of a full recomputation token by token, selects the positions the training forward selects at that row,
 generates the same tokens as the uncached reference (across a context-window slide), and sample.py runs end to
 end from a checkpoint and refuses bad input with one line and exit 2."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model_config
-from inference.decode import check_decodable, decode_step, generate, prefill
+from dsa_lab.inference.decode import check_decodable, decode_step, generate, prefill
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
 from sparse_attention import AttentionMode
 
@@ -113,8 +113,8 @@ def test_unsupported_selection_is_refused():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny sparse checkpoint in train.save_checkpoint's format with a BPE trained on real text."""
-    from training.data import shakespeare_documents, train_bpe
-    from training.train import save_checkpoint
+    from dsa_lab.training.data import shakespeare_documents, train_bpe
+    from dsa_lab.training.train import save_checkpoint
     tokenizer = train_bpe([text for _, text in shakespeare_documents()[:2]], vocab_size=300)
     torch.manual_seed(0)
     model = SparseAttentionMoELLM(tiny_model_config(vocab_size=tokenizer.vocab_size, max_seq_len=32))

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common import distributed
+from dsa_lab.common import distributed
 from conftest import tiny_model_config
 from config import TrainConfig
-from training.data import BatchStream
-from training.train import dense_stage, run_stage, sparse_from_state, sparse_stage, warmup_stage
+from dsa_lab.training.data import BatchStream
+from dsa_lab.training.train import dense_stage, run_stage, sparse_from_state, sparse_stage, warmup_stage
 
 TCFG = TrainConfig(batch_size=4, steps=6, warmup_steps=3, eval_every=3, eval_windows=4, profile_steps=1,
                    learning_rate=1e-2, warmup_lr=1e-2)
@@ -126,7 +126,7 @@ def test_single_process_runners_refuse_torchrun_in_one_line(script, monkeypatch,
 def test_comprehensive_ablations_join_torchrun_and_only_rank_0_writes(monkeypatch, tmp_path):
     """run_comprehensive_ablations.py under torchrun: every rank joins the process group and runs the variants
     (ablations.run_variants is distributed: batch slices, rank-0 records); a rank other than 0 writes nothing."""
-    from experiments import ablations
+    from dsa_lab.experiments import ablations
     import run_comprehensive_ablations
     calls = []
     monkeypatch.setattr(distributed, "init_from_env", lambda device="auto": calls.append(("init", device)) or 2)

@@ -12,7 +12,7 @@ from models import SparseAttentionMoELLM
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import future_mask, selection_mask
-from common.variants import PATTERNS as PATTERN_VARIANTS
+from dsa_lab.common.variants import PATTERNS as PATTERN_VARIANTS
 
 
 def _scores(B=2, L=40, seed=0):

@@ -1,13 +1,13 @@
-"""The experiment skeleton (experiments/skeleton.py): paired differences' vocabulary, Holm-corrected significance, the cached
+"""The experiment skeleton (dsa_lab/experiments/skeleton.py): paired differences' vocabulary, Holm-corrected significance, the cached
 state and the resumable record, the run fingerprint, the stream offsets."""
 import json
 
 import pytest
 import torch
 
-from experiments import skeleton as experiment
-from common.results_io import holm, paired_t_pvalue, paired_tests, run_fingerprint
-from training.train import Execution
+from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.common.results_io import holm, paired_t_pvalue, paired_tests, run_fingerprint
+from dsa_lab.training.train import Execution
 
 
 def test_paired_differences_use_one_vocabulary_and_pair_by_position():
@@ -98,7 +98,7 @@ def test_stale_records_are_refused_or_cleared(tmp_path):
 
 
 def test_stream_offsets_are_the_documented_ones():
-    from training.data import STREAM_CURRICULUM, STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, stream_seed
+    from dsa_lab.training.data import STREAM_CURRICULUM, STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, stream_seed
     assert (STREAM_TRAIN, STREAM_WARMUP, STREAM_PRETRAIN, STREAM_CURRICULUM) == (1, 2, 3, 4)
     assert stream_seed(42, STREAM_PRETRAIN) == 42_003  # the seeds every finished result was trained with
     assert len({stream_seed(s, p) for s in range(5) for p in (1, 2, 3, 4)}) == 20

@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, DeepseekV3Config, DeepseekV32Config,  # noqa: E402
                           GlmMoeDsaConfig)
 
-from interop.hf_interop import from_hf, greedy_generate, to_hf  # noqa: E402
+from dsa_lab.interop.hf_interop import from_hf, greedy_generate, to_hf  # noqa: E402
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM  # noqa: E402
 from sparse_attention import AttentionMode  # noqa: E402
 
@@ -208,8 +208,8 @@ def test_imported_model_indexer_warmup_beats_random_and_its_start(corpus, tmp_pa
     """Tiny random DeepSeek-V3.2 (init std 0.2, so its attention is not uniform) saved to a folder -> warm-up of its
     indexers here on the embedded corpus (L=32, k=8, 40 steps) -> export -> reload in transformers."""
     from config import TrainConfig
-    from training.data import build_windows
-    from experiments.hf_warmup import warmup_hf_indexers
+    from dsa_lab.training.data import build_windows
+    from dsa_lab.experiments.hf_warmup import warmup_hf_indexers
     hf = tiny_hf("deepseek_v32", seed=1, vocab_size=corpus.tokenizer.vocab_size, index_topk=8, initializer_range=0.2)
     hf.save_pretrained(tmp_path / "source")
     tcfg = TrainConfig(batch_size=8, warmup_steps=40, warmup_lr=3e-2, eval_windows=16)
@@ -238,7 +238,7 @@ def test_cli_init_from_hf_warms_up_reports_and_exports(corpus, tmp_path, monkeyp
     import json
 
     import run_experiment
-    monkeypatch.setattr("training.data.load_corpus", lambda cfg: corpus)
+    monkeypatch.setattr("dsa_lab.training.data.load_corpus", lambda cfg: corpus)
     hf = tiny_hf("deepseek_v32", seed=1, vocab_size=corpus.tokenizer.vocab_size, index_topk=8)
     hf.save_pretrained(tmp_path / "source")
     argv = ["--init-from-hf", str(tmp_path / "source"), "--tokenizer", "bpe", "--preset", "quick", "--seq-lens", "32",

@@ -1,4 +1,4 @@
-"""Fast sparse paths (kernels/chunked.py) against the masked reference: selection, outputs, gradients, causality."""
+"""Fast sparse paths (dsa_lab/kernels/chunked.py) against the masked reference: selection, outputs, gradients, causality."""
 import os
 import subprocess
 import sys
@@ -7,10 +7,10 @@ import textwrap
 import pytest
 import torch
 
-from kernels import chunked as kernels
-from kernels.backends import BlockBackend
-from kernels import triton_mha as triton_kernels
-from common import work_sizes
+from dsa_lab.kernels import chunked as kernels
+from dsa_lab.kernels.backends import BlockBackend
+from dsa_lab.kernels import triton_mha as triton_kernels
+from dsa_lab.common import work_sizes
 from conftest import ROOT, tiny_model_config
 from models import BACKENDS, SparseAttentionMoELLM, build_backend
 from sparse_attention import (AttentionMode, MaskedBackend, Selection, TopKTokenSelector, index_scores,
@@ -308,7 +308,7 @@ def test_model_with_fast_backend_is_causal(backend, k):
 # ----------------------------------------------------------------------------- triton (interpreter)
 TRITON_SCRIPT = textwrap.dedent("""
     import torch
-    from kernels import chunked as kernels, triton_mha as triton_kernels
+    from dsa_lab.kernels import chunked as kernels, triton_mha as triton_kernels
     from sparse_attention import index_scores, sparse_attention_masked
     torch.manual_seed(0)
     # default interpreter tiles, then the CUDA tiles forced (BK=16 slots, BN=32 keys); odd H and D
@@ -405,7 +405,7 @@ def test_worker_threads_equal_one_thread(monkeypatch):
     """run_chunks deals the chunks to CPU worker threads, each with its own dK/dV accumulator: the selection,
     outputs, probs and every gradient of the MHA gather and the MQA path equal the one-thread run (fp64), and
     two shares really ran."""
-    from kernels import chunked_mqa as mqa_kernels
+    from dsa_lab.kernels import chunked_mqa as mqa_kernels
     shares = []
     real = kernels.run_chunks
 

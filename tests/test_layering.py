@@ -2,32 +2,33 @@
 (function-level imports included), there is no import cycle, no module imports a runner script, no
 experiment imports another experiment, and packages' __init__ files import nothing."""
 import ast
-import re
+import tomllib
 
 from conftest import ROOT
 
 # Layer order, bottom first (docs/architecture.md "Layers"). A module may import modules of its own or a lower
 # layer. Dotted names are modules inside the packages; plain names are the top-level modules users import.
 LAYERS = [
-    ("plumbing", ["config", "common.rope", "common.distributed", "common.results_io", "common.variants",
-                  "common.plateau", "common.work_sizes"]),
+    ("plumbing", ["config", "dsa_lab.common.rope", "dsa_lab.common.distributed", "dsa_lab.common.results_io", "dsa_lab.common.variants",
+                  "dsa_lab.common.plateau", "dsa_lab.common.work_sizes"]),
     ("reference", ["sparse_attention"]),
-    ("fast paths", ["kernels.chunked", "kernels.chunked_mqa", "kernels.triton_mha", "kernels.triton_mqa"]),
-    ("backends", ["kernels.backends"]),
+    ("fast paths", ["dsa_lab.kernels.chunked", "dsa_lab.kernels.chunked_mqa", "dsa_lab.kernels.triton_mha", "dsa_lab.kernels.triton_mqa"]),
+    ("backends", ["dsa_lab.kernels.backends"]),
     ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
-    ("models", ["models", "interop.hf_interop", "interop.retrofit"]),
-    ("decoding", ["inference.decode"]),
-    ("data and training", ["training.token_files", "training.data", "training.train"]),
-    ("experiment plumbing", ["experiments.skeleton", "experiments.reports", "experiments.plots",
-                             "experiments.mqar", "experiments.costs", "experiments.tasks"]),
-    ("experiments", ["experiments.sparse_vs_classic", "experiments.long_context", "experiments.adaptive_sparsity",
-                     "experiments.ablations", "experiments.hf_warmup", "experiments.retrofit"]),
+    ("models", ["models", "dsa_lab.interop.hf_interop", "dsa_lab.interop.retrofit"]),
+    ("decoding", ["dsa_lab.inference.decode"]),
+    ("data and training", ["dsa_lab.training.token_files", "dsa_lab.training.data", "dsa_lab.training.train"]),
+    ("experiment plumbing", ["dsa_lab.experiments.skeleton", "dsa_lab.experiments.reports", "dsa_lab.experiments.plots",
+                             "dsa_lab.experiments.mqar", "dsa_lab.experiments.costs", "dsa_lab.experiments.tasks"]),
+    ("experiments", ["dsa_lab.experiments.sparse_vs_classic", "dsa_lab.experiments.long_context", "dsa_lab.experiments.adaptive_sparsity",
+                     "dsa_lab.experiments.ablations", "dsa_lab.experiments.hf_warmup", "dsa_lab.experiments.retrofit"]),
     ("scripts", ["run_experiment", "run_comprehensive_ablations", "benchmark", "gpu_check", "sample",
                  "visualize_attention"]),
 ]
 LAYER_OF = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
 EXPERIMENTS = set(dict(LAYERS)["experiments"])
-PACKAGES = ("common", "kernels", "interop", "inference", "training", "experiments")
+SUBPACKAGES = ("common", "kernels", "interop", "inference", "training", "experiments")
+PACKAGES = ("dsa_lab",) + tuple(f"dsa_lab.{sub}" for sub in SUBPACKAGES)
 
 
 def module_name(path) -> str:
@@ -37,7 +38,8 @@ def module_name(path) -> str:
 
 def project_sources() -> dict[str, str]:
     """{dotted module name: source} of the top-level modules and the packages' modules."""
-    paths = sorted(ROOT.glob("*.py")) + [p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))]
+    folders = [ROOT.joinpath(*pkg.split(".")) for pkg in PACKAGES]
+    paths = sorted(ROOT.glob("*.py")) + [p for folder in folders for p in sorted(folder.glob("*.py"))]
     return {module_name(path): path.read_text() for path in paths}
 
 
@@ -119,28 +121,24 @@ def test_the_checks_catch_a_cycle_an_upward_import_and_a_crossing():
     """The detectors themselves: a planted cycle, an upward import and a package-form import are found."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
-    tree = ast.parse("def f():\n    import models\n    from kernels import backends\n")
-    assert imported_project_modules(tree, {"models", "kernels", "kernels.backends"}) == {"models",
-                                                                                       "kernels.backends"}
+    tree = ast.parse("def f():\n    import models\n    from dsa_lab.kernels import backends\n")
+    assert imported_project_modules(tree, {"models", "dsa_lab.kernels", "dsa_lab.kernels.backends"}) == {
+        "models", "dsa_lab.kernels.backends"}
     assert LAYER_OF["models"] > LAYER_OF["sparse_attention"]
-    assert LAYER_OF["experiments.skeleton"] < min(LAYER_OF[m] for m in EXPERIMENTS)
+    assert LAYER_OF["dsa_lab.experiments.skeleton"] < min(LAYER_OF[m] for m in EXPERIMENTS)
 
 
-def test_docs_and_packaging_name_every_module():
-    """docs/architecture.md names every module of LAYERS; pyproject packages the top-level modules and the
-    packages (and only those)."""
+def test_docs_name_every_module_and_the_install_carries_no_module():
+    """docs/architecture.md names every module of LAYERS; pyproject installs none of them (the checkout is where the
+    lab runs from, so `pip install .` puts no generic name such as `config` or `models` into site-packages; the
+    installed names themselves are checked against every distribution in tests/test_names.py)."""
     declared = {m for _, modules in LAYERS for m in modules} & set(project_modules())
     architecture = (ROOT / "docs" / "architecture.md").read_text()
     missing = sorted(m for m in declared if f"`{m.replace('.', '/')}.py`" not in architecture)
     assert not missing, f"docs/architecture.md does not name: {missing}"
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    section = pyproject[pyproject.index("py-modules"):pyproject.index("]", pyproject.index("py-modules"))]
-    listed = set(re.findall(r'"(\w+)"', section))
-    top = {m for m in declared if "." not in m}
-    assert listed == top, f"pyproject py-modules differs: missing {sorted(top - listed)}, extra {sorted(listed - top)}"
-    packages = pyproject[pyproject.index("packages ="):]
-    packages = set(re.findall(r'"(\w+)"', packages[:packages.index("]")]))
-    assert packages == set(PACKAGES), f"pyproject packages differs from {PACKAGES}: {sorted(packages)}"
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools.get("packages") == [] and setuptools.get("py-modules") == [], \
+        f"pyproject installs modules (run them from the checkout instead): {setuptools}"
 
 
 MAX_FUNCTION_LINES = 60
@@ -162,10 +160,10 @@ def test_every_function_is_at_most_60_lines():
 
 
 # Each piece of the experiment skeleton lives in these modules only; a runner that re-implements one is caught here.
-SKELETON_OWNERS = {"check_stale(": {"common.results_io", "experiments.skeleton"},
-                   "checkpointed(": {"training.train", "experiments.skeleton"},
-                   "discard_checkpoints(": {"training.train", "experiments.skeleton"}, "holm(": {"common.results_io"},
-                   "paired_t_pvalue(": {"common.results_io"}, '"summary.json"': {"experiments.skeleton", "gpu_check"},  # gpu_check reads a run's summary
+SKELETON_OWNERS = {"check_stale(": {"dsa_lab.common.results_io", "dsa_lab.experiments.skeleton"},
+                   "checkpointed(": {"dsa_lab.training.train", "dsa_lab.experiments.skeleton"},
+                   "discard_checkpoints(": {"dsa_lab.training.train", "dsa_lab.experiments.skeleton"}, "holm(": {"dsa_lab.common.results_io"},
+                   "paired_t_pvalue(": {"dsa_lab.common.results_io"}, '"summary.json"': {"dsa_lab.experiments.skeleton", "gpu_check"},  # gpu_check reads a run's summary
                    "* 1000 +": set()}  # stream offsets: data.stream_seed and its named STREAM_* constants
 
 
@@ -178,6 +176,6 @@ def skeleton_copies(sources: dict[str, str]) -> list[str]:
 def test_the_experiment_skeleton_exists_once():
     sources = project_sources()
     assert not skeleton_copies(sources), "skeleton pieces re-implemented:\n" + "\n".join(skeleton_copies(sources))
-    planted = {"experiments.long_context": 'atomic_write_json(out / "summary.json", summary)\nseed * 1000 + 2'}
-    assert skeleton_copies(planted) == ['experiments.long_context: "summary.json"',
-                                        "experiments.long_context: * 1000 +"]
+    planted = {"dsa_lab.experiments.long_context": 'atomic_write_json(out / "summary.json", summary)\nseed * 1000 + 2'}
+    assert skeleton_copies(planted) == ['dsa_lab.experiments.long_context: "summary.json"',
+                                        "dsa_lab.experiments.long_context: * 1000 +"]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from experiments import long_context
+from dsa_lab.experiments import long_context
 from sparse_attention import kept_pair_fraction
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
@@ -75,7 +75,7 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
     with pytest.raises(ValueError, match="different config"):
         long_context.run_long_context("quick", ["lm"], models, {**TINY, "steps": 5}, tmp_path, False)
     # another machine (device name in the key) is a different config too: its runs are never read back here
-    from experiments import skeleton as experiment
+    from dsa_lab.experiments import skeleton as experiment
     monkeypatch.setattr(experiment, "run_fingerprint", lambda device, dtype="fp32": {"device": "cpu",
                                                                                     "device_name": "other", "torch": "x"})
     with pytest.raises(ValueError, match="different config"):
@@ -139,9 +139,9 @@ def test_a_curriculum_below_target_restarts_from_a_fresh_initialisation(tmp_path
 
 
 def test_findings_name_each_length_and_never_call_a_slower_model_faster():
-    from experiments import skeleton as experiment
-    from experiments import reports
-    from common.results_io import mean_ci95
+    from dsa_lab.experiments import skeleton as experiment
+    from dsa_lab.experiments import reports
+    from dsa_lab.common.results_io import mean_ci95
     deltas = {"256": [0.1, 0.11, 0.12], "512": [-0.1, -0.11, -0.12], "1024": [-0.1, 0.2, 0.0]}
     ratios = {"256": [0.5, 0.6, 0.55], "512": [2.0, 2.1, 2.2], "1024": [0.9, 1.3, 1.1]}
     results = {"lm": {L: {"dense": {}, "dsa": {"delta_val_loss_vs_dense": mean_ci95(deltas[L]),

@@ -2,7 +2,7 @@
 import matplotlib.pyplot as plt
 import pytest
 
-from experiments import plots
+from dsa_lab.experiments import plots
 
 
 def _stat(mean, seeds):
@@ -56,8 +56,8 @@ def test_the_written_figure_is_a_png(tmp_path):
 
 
 def test_the_report_names_only_the_figures_written():
-    from experiments.skeleton import significance
-    from experiments.reports import long_context_report
+    from dsa_lab.experiments.skeleton import significance
+    from dsa_lab.experiments.reports import long_context_report
     for tasks, mqar_figure in ((["lm"], False), (["lm", "mqar"], True)):
         summary = _summary(tasks, [42])
         for by_L in summary["results"].values():
@@ -94,8 +94,8 @@ def test_the_warmup_figure_draws_every_seeds_curve_and_where_it_stopped(tmp_path
 
 
 def test_the_report_names_the_warmup_figure_only_when_a_warmup_ran():
-    from experiments.reports import long_context_report
-    from experiments.skeleton import significance
+    from dsa_lab.experiments.reports import long_context_report
+    from dsa_lab.experiments.skeleton import significance
     for warm in (False, True):
         summary = _summary(["lm"], [42])
         for entry in summary["results"]["lm"].values():
@@ -112,7 +112,7 @@ def test_the_report_names_the_warmup_figure_only_when_a_warmup_ran():
 
 def test_findings_against_dense_are_not_confused_with_dsa_against_the_oracle():
     """dsa has two tests per L (vs dense, vs oracle): each finding and the decomposition read their own."""
-    from experiments.reports import long_context_decomposition, long_context_findings
+    from dsa_lab.experiments.reports import long_context_decomposition, long_context_findings
     summary = _summary(["mqar"], [42, 43], models=("dense", "dsa", "oracle"))
     for entry in summary["results"]["mqar"].values():
         entry["dsa"]["delta_accuracy_vs_dense"] = _stat(-0.30, [42, 43])

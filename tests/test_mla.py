@@ -6,7 +6,7 @@ import torch
 from config import CPU_TRAINABLE_BACKENDS
 from conftest import model_pair, tiny_model_config
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM, SparseLatentAttention
-from common.rope import RotaryEmbedding
+from dsa_lab.common.rope import RotaryEmbedding
 from sparse_attention import DENSE, AttentionMode, MaskedBackend, Selection, TopKTokenSelector
 
 L = 24
@@ -112,7 +112,7 @@ def test_interleaved_rope_equals_rotate_half_on_deinterleaved_dims():
 def test_mla_with_flex_is_refused_in_one_line_never_run_by_another_path():
     """FlexAttention takes per-head K/V; MLA's sparse path attends over shared latent rows. The config and the
     backend both refuse the pair (before this, attend_latent silently ran the gather MQA path)."""
-    from kernels.backends import FlexBackend
+    from dsa_lab.kernels.backends import FlexBackend
     with pytest.raises(ValueError, match="attention_backend='flex' runs FlexAttention over per-head K/V") as err:
         tiny_model_config(attention_type="mla", attention_backend="flex").validate()
     assert "\n" not in str(err.value)

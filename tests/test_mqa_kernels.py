@@ -1,4 +1,4 @@
-"""Sparse attention over a shared KV row per token (kernels/chunked_mqa.py, kernels/triton_mqa.py) against the masked reference:
+"""Sparse attention over a shared KV row per token (dsa_lab/kernels/chunked_mqa.py, dsa_lab/kernels/triton_mqa.py) against the masked reference:
 outputs, selected probabilities, gradients of q and kv; the Triton kernels on CPU under TRITON_INTERPRET=1."""
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from kernels.chunked_mqa import sparse_mqa_attention
+from dsa_lab.kernels.chunked_mqa import sparse_mqa_attention
 from sparse_attention import sparse_mqa_attention_masked as sparse_mqa_attention_reference
 from sparse_attention import select_top_k
 
@@ -144,7 +144,7 @@ def test_bad_inputs_are_value_errors():
 # ----------------------------------------------------------------------------- Triton (interpreter, subprocess)
 TRITON_SCRIPT = textwrap.dedent("""
     import json, sys, time, torch
-    from kernels import triton_mqa
+    from dsa_lab.kernels import triton_mqa
     from sparse_attention import sparse_mqa_attention_masked as sparse_mqa_attention_reference
     sys.path.insert(0, "tests")
     from test_mqa_kernels import _selection, _inputs
@@ -199,7 +199,7 @@ def test_triton_kernels_match_reference_in_interpreter(group):
 
 
 def test_triton_autotune_configs_fit_the_slots():
-    from kernels import triton_mqa
+    from dsa_lab.kernels import triton_mqa
     if triton_mqa.triton is None:
         pytest.skip("triton not installed")
     kept = triton_mqa._prune(triton_mqa._CONFIGS, {"K": 20})
@@ -209,7 +209,7 @@ def test_triton_autotune_configs_fit_the_slots():
 
 
 def test_triton_without_gpu_or_triton_is_a_clear_error(monkeypatch):
-    from kernels import triton_mqa
+    from dsa_lab.kernels import triton_mqa
     idx, valid = _selection(1, 6, 3)
     q, kv = (t.detach().float() for t in _inputs(1, 6, 2, 4))
     monkeypatch.setattr(triton_mqa, "triton", None)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from experiments.mqar import IGNORE_INDEX, MQARBatch, MQARStream, accuracy, answer_hits, make_mqar, token_ranges
+from dsa_lab.experiments.mqar import IGNORE_INDEX, MQARBatch, MQARStream, accuracy, answer_hits, make_mqar, token_ranges
 
 
 def _hand_check(batch: MQARBatch, num_pairs: int, vocab_size: int, show_answers=False, **kw):

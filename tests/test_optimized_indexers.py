@@ -11,7 +11,7 @@ from optimized_indexers import MultiScaleIndexer, OptimizedLightningIndexer, Reg
 from selection_checks import assert_indexer_trains, assert_model_causal, assert_selection_contract
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 from sparse_attention import AttentionMode, LightningIndexer, TopKTokenSelector, selection_mask
-from common.variants import ARCHITECTURES, MULTISCALE, SHARED, SIZES
+from dsa_lab.common.variants import ARCHITECTURES, MULTISCALE, SHARED, SIZES
 
 INDEXER_VARIANTS = {**SIZES, **ARCHITECTURES}  # the named sizes and the heads x dims grid
 

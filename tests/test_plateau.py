@@ -1,7 +1,7 @@
 """The warm-up stopping rule: stops on a flat KL, not on a falling one; the cap and fixed counts say so."""
 import pytest
 
-from common.plateau import STOP_CAP, STOP_FIXED, STOP_PLATEAU, PlateauRule, PlateauTracker
+from dsa_lab.common.plateau import STOP_CAP, STOP_FIXED, STOP_PLATEAU, PlateauRule, PlateauTracker
 
 
 def feed(tracker, kls):

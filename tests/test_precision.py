@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import run_experiment
-from training import train
+from dsa_lab.training import train
 from conftest import tiny_model_config
 from config import TrainConfig
-from training.data import BatchStream
+from dsa_lab.training.data import BatchStream
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
-from training.train import Execution, run_stage, sparse_from_state, sparse_stage
+from dsa_lab.training.train import Execution, run_stage, sparse_from_state, sparse_stage
 
 TCFG = TrainConfig(batch_size=4, steps=6, eval_every=3, eval_windows=4, profile_steps=1, learning_rate=1e-2)
 

@@ -10,7 +10,7 @@ from quantization_utils import (FP8_MAX, fake_quantize_fp8, fake_quantize_int, h
                                 quantize_indexer_inputs)
 from selection_checks import assert_indexer_trains, assert_model_causal
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
-from common.variants import QUANTIZATION as QUANTIZATION_VARIANTS
+from dsa_lab.common.variants import QUANTIZATION as QUANTIZATION_VARIANTS
 
 
 def test_variants_are_the_plans_twelve_and_valid():

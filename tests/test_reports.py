@@ -1,8 +1,8 @@
 """Report text helpers: the significance family (Holm across every variant and length of one question)."""
 import pytest
 
-from experiments import reports
-from common.results_io import mean_ci95, paired_t_pvalue
+from dsa_lab.experiments import reports
+from dsa_lab.common.results_io import mean_ci95, paired_t_pvalue
 
 
 def _holm_by_hand(pvalues: dict) -> dict:

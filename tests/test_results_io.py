@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.results_io import (OneLineArgumentParser, atomic_path, atomic_save_torch, atomic_write_json, atomic_write_text,
+from dsa_lab.common.results_io import (OneLineArgumentParser, atomic_path, atomic_save_torch, atomic_write_json, atomic_write_text,
                         check_stale, fingerprint, mean_ci95, run_cli)
 
 
@@ -93,7 +93,7 @@ def test_mean_ci95():
 
 
 def test_paired_t_pvalue_and_holm_on_known_cases():
-    from common.results_io import holm, paired_t_pvalue
+    from dsa_lab.common.results_io import holm, paired_t_pvalue
     assert paired_t_pvalue([1.0, 2.0, 3.0]) == pytest.approx(0.0742, abs=1e-4)  # t = 2 * sqrt(3), df = 2
     assert paired_t_pvalue([0.5, -0.5, 0.5, -0.5]) == pytest.approx(1.0)  # mean 0
     assert paired_t_pvalue([2.0, 2.2, 1.8, 2.1, 1.9]) == pytest.approx(9.30e-6, rel=0.01)  # t = 28.28, df = 4
@@ -104,7 +104,7 @@ def test_paired_t_pvalue_and_holm_on_known_cases():
 
 
 def test_a_truncated_record_or_checkpoint_is_one_line_naming_the_path_and_the_fix(tmp_path):
-    from common.results_io import CorruptFile, load_torch, read_json
+    from dsa_lab.common.results_io import CorruptFile, load_torch, read_json
     record = tmp_path / "runs" / "seed_42.json"
     atomic_write_json(record, {"config_fingerprint": "k", "results": [1, 2, 3]})
     assert read_json(record)["config_fingerprint"] == "k"
@@ -141,7 +141,7 @@ def test_run_environment_records_versions_git_state_and_command_line(monkeypatch
     import subprocess
     import sys
 
-    from common.results_io import run_environment
+    from dsa_lab.common.results_io import run_environment
     env = run_environment("cpu")
     assert env["torch"] == torch.__version__ and env["python"].count(".") == 2 and env["device"] == "cpu"
     assert env["world_size"] == 1 and env["command_line"] == sys.argv and env["device_name"]
@@ -159,7 +159,7 @@ def test_run_environment_records_versions_git_state_and_command_line(monkeypatch
 
 def test_machine_key_names_the_resolved_device_its_model_and_torch():
     """CPU: the processor model (/proc/cpuinfo 'model name' on Linux), never 'auto' or a bare architecture."""
-    from common.results_io import machine_key
+    from dsa_lab.common.results_io import machine_key
     key = machine_key(torch.device("cpu"))
     assert key["device"] == "cpu" and key["torch"] == torch.__version__
     cpuinfo = Path("/proc/cpuinfo")

@@ -5,14 +5,14 @@ import dataclasses
 import pytest
 import torch
 
-from training import train
+from dsa_lab.training import train
 from conftest import tiny_model_config
 from config import TrainConfig
-from training.data import BatchStream, build_windows
-from common.results_io import CorruptFile
+from dsa_lab.training.data import BatchStream, build_windows
+from dsa_lab.common.results_io import CorruptFile
 from sparse_attention import AttentionMode
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
-from training.train import Execution, checkpointed, run_stage, sparse_from_state, sparse_stage, warmup_stage
+from dsa_lab.training.train import Execution, checkpointed, run_stage, sparse_from_state, sparse_stage, warmup_stage
 
 TCFG = TrainConfig(batch_size=4, steps=9, warmup_steps=4, eval_every=3, eval_windows=4, profile_steps=1,
                    learning_rate=1e-2, warmup_lr=1e-2)
@@ -128,7 +128,7 @@ def test_overwrite_discards_an_interrupted_runs_checkpoints(tmp_path):
 def _killing_stream(after_calls: int):
     """A data.BatchStream whose process 'dies' (KeyboardInterrupt, as Ctrl-C or a kill would) at its
     `after_calls`-th batch, counted over every stream of the process."""
-    from training.data import BatchStream as Real
+    from dsa_lab.training.data import BatchStream as Real
     calls = [0]
 
     class Killing(Real):
@@ -192,7 +192,7 @@ def test_sparse_vs_classic_killed_in_the_sparse_stage_resumes_to_the_same_record
 def test_long_context_killed_inside_a_model_resumes_to_the_same_record(tmp_path, corpus, monkeypatch):
     import json
 
-    from experiments import long_context, tasks  # the lm task draws its batches from tasks.BatchStream
+    from dsa_lab.experiments import long_context, tasks  # the lm task draws its batches from tasks.BatchStream
     from test_long_context import TINY
     monkeypatch.setattr(long_context, "load_corpus", lambda cfg: corpus)
     settings = {**TINY, "seq_lens": [32], "seeds": [1]}
@@ -222,7 +222,7 @@ def test_adaptive_sparsity_killed_inside_a_model_resumes_to_the_same_record(tmp_
     run's in every logged number, and only the remaining step's batch is drawn."""
     import json
 
-    from experiments import adaptive_sparsity, tasks  # the lm task draws its batches from tasks.BatchStream
+    from dsa_lab.experiments import adaptive_sparsity, tasks  # the lm task draws its batches from tasks.BatchStream
     from test_adaptive_sparsity import TINY
     monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
     settings, models = {**TINY, "seeds": [1], "steps": 4}, ["dense", "adaptive"]

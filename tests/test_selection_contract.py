@@ -4,10 +4,10 @@ top-k selection is certified (the hot paths skip the check) only while its tenso
 import pytest
 import torch
 
-from kernels import chunked as kernels
-from kernels import chunked_mqa as mqa_kernels
-from kernels import triton_mha as triton_kernels
-from kernels import triton_mqa
+from dsa_lab.kernels import chunked as kernels
+from dsa_lab.kernels import chunked_mqa as mqa_kernels
+from dsa_lab.kernels import triton_mha as triton_kernels
+from dsa_lab.kernels import triton_mqa
 from sparse_attention import (check_selection, index_scores, select_top_k, sparse_attention_masked,
                               sparse_mqa_attention_masked)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model_config
-from common.rope import RotaryEmbedding
+from dsa_lab.common.rope import RotaryEmbedding
 from sparse_attention import (AttentionMode, DeepSeekSparseAttention, LightningIndexer, TopKTokenSelector, merge_recall_stats,
                               causal_attention_probs, indexer_kl_dense, indexer_kl_sparse,
                               selection_recall, sparse_attention_masked)
@@ -198,7 +198,7 @@ def test_indexer_input_is_detached_and_lm_loss_never_reaches_it():
 
 def test_ties_go_to_the_most_recent_tokens_in_the_reference_and_the_chunked_path():
     """All-zero scores (ReLU ties) select the last k tokens of each row, on both selection paths."""
-    from kernels import chunked as kernels
+    from dsa_lab.kernels import chunked as kernels
     L, K = 9, 3
     idx, valid = TopKTokenSelector(K)(torch.zeros(1, L, L))
     t = torch.arange(L)[:, None]

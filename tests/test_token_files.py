@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
-from training import token_files
+from dsa_lab.training import data
+from dsa_lab.training import token_files
 from config import DataConfig
-from training.data import BatchStream, build_windows, eval_subset, load_corpus, make_windows
+from dsa_lab.training.data import BatchStream, build_windows, eval_subset, load_corpus, make_windows
 
 WORDS = "the a of to and king queen sword crown night storm ship sea lord lady death love war".split()
 DUPLICATE = "this very same text appears in many documents " * 8

@@ -6,8 +6,8 @@ import torch
 
 from config import TrainConfig
 from conftest import model_pair, tiny_model_config
-from training.data import BatchStream, build_windows, eval_subset
-from training.train import (TrainingDiverged, evaluate, load_checkpoint, lr_multiplier, run_seed, save_checkpoint, train_lm,
+from dsa_lab.training.data import BatchStream, build_windows, eval_subset
+from dsa_lab.training.train import (TrainingDiverged, evaluate, load_checkpoint, lr_multiplier, run_seed, save_checkpoint, train_lm,
                    warmup_indexer)
 
 TINY_TRAIN = dict(batch_size=8, dense_steps=150, warmup_steps=40, steps=20, learning_rate=1e-2, warmup_lr=1e-2,
@@ -47,7 +47,7 @@ def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(cor
     classic, sparse = model_pair(cfg, 0, "cpu")
     idx_before = [p.clone() for p in sparse.indexer_parameters()]
     tcfg = TrainConfig(**{**TINY_TRAIN, "warmup_steps": 3, "eval_windows": 4})
-    from training.train import _param_groups, warmup_stage
+    from dsa_lab.training.train import _param_groups, warmup_stage
     groups = _param_groups(sparse, warmup_stage(tcfg))  # what the warm-up optimizer can move: the indexers only
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in sparse.indexer_parameters()}
     warmup_indexer(sparse, BatchStream(windows.train, 4, 0), windows.val[:4], tcfg, torch.device("cpu"))
@@ -59,7 +59,7 @@ def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(cor
 def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same_batches(corpus, monkeypatch):
     """Honesty rule 5, recorded from run_seed itself: the classic continuation and the sparse stage 2 start
     from the same shared weights and see the same batches in the same order."""
-    from training import train
+    from dsa_lab.training import train
     seen = {}
     real_run_stage = train.run_stage
 
@@ -105,7 +105,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(corpus):
 
 
 def test_backends_that_cannot_train_on_cpu_are_refused_up_front():
-    from training.train import check_backend_device
+    from dsa_lab.training.train import check_backend_device
     check_backend_device("gather", torch.device("cpu"))
     with pytest.raises(ValueError, match="cannot train on CPU"):
         check_backend_device("flex", torch.device("cpu"))
@@ -142,7 +142,7 @@ def test_evaluation_uses_a_fixed_subset_and_lr_schedule_shape(corpus):
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run():
-    from training.train import _update
+    from dsa_lab.training.train import _update
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -160,7 +160,7 @@ def test_time_shares_and_step_time_use_the_right_spans(corpus, monkeypatch):
     import types
 
     import sparse_attention
-    from training import train
+    from dsa_lab.training import train
     clock = [0.0]
 
     def perf_counter():
@@ -237,7 +237,7 @@ def test_recall_sums_match_a_hand_loop():
 
 def test_gradients_are_clipped_per_param_group():
     """A huge indexer gradient must not shrink the main model's update (and vice versa)."""
-    from training.train import _update
+    from dsa_lab.training.train import _update
     main, indexer = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([{"params": [main]}, {"params": [indexer]}], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -250,7 +250,7 @@ def test_gradients_are_clipped_per_param_group():
 def test_peak_memory_counts_training_steps_not_evaluation(corpus, monkeypatch):
     """A fake CUDA allocator peak: every step reaches 1 MiB, every evaluation 1000 MiB (dense recall, whole
     eval batches). The stage's peak_memory_mb is the steps' 1 MiB: evaluation between steps is not counted."""
-    from training import train
+    from dsa_lab.training import train
     peak = [0]
 
     class FakeCudaPeak(train.StepPeak):

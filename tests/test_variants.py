@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from common import variants
+from dsa_lab.common import variants
 from conftest import ROOT
 from config import ModelConfig
 
@@ -44,7 +44,7 @@ def test_runner_menus_point_into_the_registry():
 
 def test_docs_list_the_registrys_strategies():
     readme = (ROOT / "docs" / "experiments.md").read_text()
-    listed = readme.split("`common.variants.OPTIMIZATIONS`:", 1)[1].split("starts from the same", 1)[0]
+    listed = readme.split("`dsa_lab.common.variants.OPTIMIZATIONS`:", 1)[1].split("starts from the same", 1)[0]
     assert set(re.findall(r"`(\w+)`", listed)) == set(variants.OPTIMIZATIONS)
     command = readme.split("--experiment indexer_optimization [--optimization", 1)[1].split("...]", 1)[0]
     assert command.split() == variants.DEFAULT_OPTIMIZATIONS

@@ -1,17 +1,17 @@
-"""The warm-up stage ends at its held-out KL plateau (common/plateau.py's rule), within the warmup_steps cap; a fixed count
+"""The warm-up stage ends at its held-out KL plateau (dsa_lab/common/plateau.py's rule), within the warmup_steps cap; a fixed count
 stays available and trains exactly as before; the record says how many steps ran, the curve and why it stopped."""
 import dataclasses
 
 import pytest
 import torch
 
-from training import train
+from dsa_lab.training import train
 from config import TrainConfig
 from conftest import tiny_model_config
-from training.data import BatchStream, build_windows
-from common.plateau import STOP_CAP, STOP_FIXED, STOP_PLATEAU
+from dsa_lab.training.data import BatchStream, build_windows
+from dsa_lab.common.plateau import STOP_CAP, STOP_FIXED, STOP_PLATEAU
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
-from training.train import Execution, checkpointed, run_stage, sparse_from_state, warmup_stage
+from dsa_lab.training.train import Execution, checkpointed, run_stage, sparse_from_state, warmup_stage
 
 TCFG = TrainConfig(batch_size=4, warmup_steps=12, warmup_lr=1e-2, eval_windows=4, profile_steps=1,
                    warmup_eval_every=2, warmup_plateau_window=2, warmup_min_rel_improvement=0.02, warmup_eval_windows=3)
@@ -115,7 +115,7 @@ def test_a_bad_warm_up_rule_is_refused_naming_the_key(key, value):
 
 
 def test_the_warm_up_table_shows_steps_reason_and_curve():
-    from experiments.reports import warmup_table
+    from dsa_lab.experiments.reports import warmup_table
     plateaued = {"steps": [20, 40, 60, 80], "held_out_kl": [2.0, 1.0, 0.99, 0.995], "steps_used": 80,
                  "stop_reason": STOP_PLATEAU, "rule": "the rule"}
     capped = {**plateaued, "steps_used": 200, "stop_reason": STOP_CAP}

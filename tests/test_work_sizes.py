@@ -1,4 +1,4 @@
-"""Device-aware work sizes (common/work_sizes.py): the chunk plans every chunked path uses, counted at the `default`
+"""Device-aware work sizes (dsa_lab/common/work_sizes.py): the chunk plans every chunked path uses, counted at the `default`
 presets' shapes on the CUDA budget without a GPU; chunked recall equals the unchunked reference."""
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import config
-from experiments import long_context
-from common import work_sizes
-from kernels.chunked import gather_chunk, selected_scores_chunk, selection_bounds
-from kernels.chunked_mqa import mqa_chunk
+from dsa_lab.experiments import long_context
+from dsa_lab.common import work_sizes
+from dsa_lab.kernels.chunked import gather_chunk, selected_scores_chunk, selection_bounds
+from dsa_lab.kernels.chunked_mqa import mqa_chunk
 from sparse_attention import recall_bounds, select_top_k, selection_recall, selection_recall_dense
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common.plateau import STOP_PLATEAU  # noqa: E402
+from dsa_lab.common.plateau import STOP_PLATEAU  # noqa: E402
 
 MODEL_STYLE = {"classic": {"color": "tab:blue", "label": "classic (dense)"},
                "sparse": {"color": "tab:orange", "label": "sparse (DSA)"}}
@@ -135,7 +135,7 @@ def speed_quality_tradeoffs(summary: dict, names: list[str], lengths: list[int],
     """Rows: cost = time per step, and attention + indexer FLOPs per token (counts the selected keys);
     one panel per length: cost vs val loss per strategy with 95 % CI error bars on both axes, the Pareto
     front in red, and front points whose CI boxes overlap another front point's drawn hollow (not separable)."""
-    from experiments.reports import overlapping
+    from dsa_lab.experiments.reports import overlapping
     costs = [("avg_time_per_step", "time per training step (ms)", 1000),
              ("total_flops_per_token", "attention + indexer MFLOP per token", 1e-6)]
     fig, axes = plt.subplots(len(costs), len(lengths), figsize=(6 * len(lengths), 5 * len(costs)), squeeze=False)

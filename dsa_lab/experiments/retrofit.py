@@ -23,16 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiments import mqar
-from experiments import skeleton as experiment
-from interop import retrofit
-from training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
+from dsa_lab.experiments import mqar
+from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.interop import retrofit
+from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
 from config import DataConfig
-from common.plateau import PlateauRule, PlateauTracker
-from common.results_io import (atomic_write_json, fingerprint, mean_ci95, read_json,
+from dsa_lab.common.plateau import PlateauRule, PlateauTracker
+from dsa_lab.common.results_io import (atomic_write_json, fingerprint, mean_ci95, read_json,
                         run_environment)
 from sparse_attention import SectionTimer, merge_recall_stats
-from training.train import Execution
+from dsa_lab.training.train import Execution
 
 MODES = ("dense", "dsa", "oracle", "local", "sink_local", "random")
 CONTROLS = ("oracle", "local", "sink_local", "random")
@@ -90,7 +90,7 @@ def settings_for(preset: str, overrides: dict) -> dict:
 
 # ----------------------------------------------------------------------------- data
 def token_streams(tokenizer, cache_dir: str = "data_cache") -> dict:
-    """Shakespeare (training/data.py's documents and held-out split) tokenised with the model's tokenizer, cached."""
+    """Shakespeare (dsa_lab/training/data.py's documents and held-out split) tokenised with the model's tokenizer, cached."""
     docs = load_documents(DataConfig())
     train_docs, val_docs = split_documents(docs, DataConfig().val_fraction)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from kernels.chunked import _selected_probs
+from dsa_lab.kernels.chunked import _selected_probs
 from sparse_attention import check_selection
 
 try:

@@ -1,11 +1,11 @@
 """Faster sparse-attention paths. Each one is checked against `sparse_attention.sparse_attention_masked`
 (outputs and gradients) in tests/test_kernels.py.
 
-Backends (config.ATTENTION_BACKENDS; the classes that combine these paths are in kernels/backends.py):
+Backends (config.ATTENTION_BACKENDS; the classes that combine these paths are in dsa_lab/kernels/backends.py):
   gather  token-level DSA over exactly the selected tokens; a custom autograd Function that walks
-          query chunks sized by common/work_sizes.py (cache on CPU, memory on GPU), recomputes them in backward
+          query chunks sized by dsa_lab/common/work_sizes.py (cache on CPU, memory on GPU), recomputes them in backward
           and scatter-adds dK/dV (never a (L, K, D) tensor).
-  triton  the same maths as fused Triton kernels (kernels/triton_mha.py).
+  triton  the same maths as fused Triton kernels (dsa_lab/kernels/triton_mha.py).
   block   our query-block-shared variant (a different model): the Bq queries of a block share one
           set of k past tokens, chosen by a pooled block query of the *previous* block, plus exact
           causal attention inside their own block; dense batched matmuls, no per-token gathers.
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sparse_attention import certify_selection, check_no_nan, check_selection, select_top_k
-from common.work_sizes import chunk_bounds as _chunk_bounds
-from common.work_sizes import prefix_bounds, query_chunk as _query_chunk, work_budget
+from dsa_lab.common.work_sizes import chunk_bounds as _chunk_bounds
+from dsa_lab.common.work_sizes import prefix_bounds, query_chunk as _query_chunk, work_budget
 
 MAX_CPU_WORKERS = 8  # CPU: at most this many Python threads share a chunk loop (run_chunks; measured on 2 cores only)
 MIN_PARALLEL_CHUNKS = 16  # fewer chunks run on one thread (a quick-width MLA step at L=256, 6 chunks per call: 2
@@ -31,7 +31,7 @@ SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefil
 BLOCK_SIZE = 64  # default query block of the 'block' backend
 
 
-# ----------------------------------------------------------------------------- chunk plans (common/work_sizes.py budgets)
+# ----------------------------------------------------------------------------- chunk plans (dsa_lab/common/work_sizes.py budgets)
 def selection_bounds(B: int, L: int, H_I: int, device) -> list:
     """chunked_select's query chunks: each chunk's per-head scores (B, c * H_I, stop) within the 'index' budget,
     every stop but L on a multiple of SELECT_BLOCK (no short last block for _chunk_top_k's prefilter)."""
@@ -60,7 +60,7 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     K = min(top_k, L). A chunk of queries [start, stop) scores only the keys [0, stop) (never the future half),
     so only one (B, chunk, stop) block of scores exists at a time: memory is linear in L. No host
     synchronisation per chunk. `chunk` fixes the queries per chunk; by default each chunk's per-head scores
-    (B, chunk * H_I, stop) fill the 'index' work budget (common/work_sizes.py: L2-sized on CPU, memory on GPU), so
+    (B, chunk * H_I, stop) fill the 'index' work budget (dsa_lab/common/work_sizes.py: L2-sized on CPU, memory on GPU), so
     early chunks, with short key prefixes, hold more queries; on CPU they run on `run_chunks`' worker threads.
     `score_fn(q_chunk, k_prefix, w_chunk)` replaces the
     fused torch scoring (`index_scores` maths; the Triton backend passes its kernel).

@@ -5,10 +5,10 @@ that, and that each equals the reference (outputs and gradients).
 
   gather  token-level: chunked selection (kernels.chunked_select), kernels.sparse_attention_gather (MHA),
           kernels.chunked_mqa.sparse_mqa_attention (MLA's shared latent rows)
-  triton  the same through the Triton kernels (kernels/triton_mha.py, kernels/triton_mqa.py)
+  triton  the same through the Triton kernels (dsa_lab/kernels/triton_mha.py, dsa_lab/kernels/triton_mqa.py)
   block   the query-block-shared model (kernels.block_*); flex: the block model through FlexAttention
 
-Outside config.ATTENTION_BACKENDS (the retrofit's evaluation, interop/retrofit.py):
+Outside config.ATTENTION_BACKENDS (the retrofit's evaluation, dsa_lab/interop/retrofit.py):
   sdpa_mask  the reference's maths in one fused scaled_dot_product_attention with S_t as a boolean mask
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.chunked import (BLOCK_SIZE, block_index_scores, block_select, block_sparse_attention, chunked_select,
+from dsa_lab.kernels.chunked import (BLOCK_SIZE, block_index_scores, block_select, block_sparse_attention, chunked_select,
                      expand_block_selection, flex_block_attention, selected_index_scores, sparse_attention_gather)
-from kernels.chunked_mqa import sparse_mqa_attention
+from dsa_lab.kernels.chunked_mqa import sparse_mqa_attention
 from sparse_attention import MaskedBackend, Selection, TopKTokenSelector, check_selection, selection_mask
-from kernels.triton_mha import sparse_attention_triton, triton_index_scores
-from kernels.triton_mqa import sparse_mqa_attention_triton
+from dsa_lab.kernels.triton_mha import sparse_attention_triton, triton_index_scores
+from dsa_lab.kernels.triton_mqa import sparse_mqa_attention_triton
 
 
 def fast_selectable(indexer, selector) -> bool:

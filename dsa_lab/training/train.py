@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import distributed
+from dsa_lab.common import distributed
 from config import ModelConfig, TrainConfig
-from training.data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
+from dsa_lab.training.data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
 from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
-from common.plateau import PlateauRule, PlateauTracker
-from common.results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
+from dsa_lab.common.plateau import PlateauRule, PlateauTracker
+from dsa_lab.common.results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
 from sparse_attention import DENSE, AttentionMode, SectionTimer, merge_recall_stats
 
 

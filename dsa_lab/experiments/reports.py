@@ -1,4 +1,4 @@
-"""Report text: the Markdown tables and REPORT.md pages the runners write beside their figures (experiments/plots.py).
+"""Report text: the Markdown tables and REPORT.md pages the runners write beside their figures (dsa_lab/experiments/plots.py).
 
 Everything here reads summaries (dicts of mean_ci95 stats, as written to summary.json) and returns text.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from common.results_io import ALPHA, mean_ci95, paired_tests
+from dsa_lab.common.results_io import ALPHA, mean_ci95, paired_tests
 
 
 def fmt_ci(stat: dict, digits: int = 3, scale: float = 1.0) -> str:
@@ -529,7 +529,7 @@ sees the same batches), mean ± 95 % CI. *keys/query*: mean selected keys per qu
 windows (dense: (L+1)/2); *k spread*: standard deviation of k_t over those queries (a fixed share varies with t
 only); *share sd*: standard deviation of k_t / (t+1) over the second half of each window (what adapts; a fixed
 share: rounding only); *kept*: keys/query over the dense model's (L+1)/2. *MFLOP/tok*: attention over the selected keys plus the
-indexer (analytic, `experiments/costs.py` `attention_flops_per_token` — the MHA formula, also for MLA — and
+indexer (analytic, `dsa_lab/experiments/costs.py` `attention_flops_per_token` — the MHA formula, also for MLA — and
 `indexer_flops_per_token`). *ms/step*, *tokens/s*: training steps of this run on this machine (compare as ratios);
 every sparse model selects from full index scores and attends with the same backend. *step peak MB*: memory of
 one training step above the resident weights (CUDA: max_memory_allocated; CPU: profiler allocation peak, on the

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.backends import GatherBackend, SdpaMaskBackend
+from dsa_lab.kernels.backends import GatherBackend, SdpaMaskBackend
 from efficient_patterns import LocalSelector, RandomSelector
 from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
                               causal_attention_probs, future_mask, index_scores, indexer_kl_dense, indexer_kl_sparse,

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.chunked import run_chunks
+from dsa_lab.kernels.chunked import run_chunks
 from sparse_attention import check_selection
-from common.work_sizes import chunk_bounds as _chunk_bounds
-from common.work_sizes import query_chunk, work_budget
+from dsa_lab.common.work_sizes import chunk_bounds as _chunk_bounds
+from dsa_lab.common.work_sizes import query_chunk, work_budget
 
 
 def check_mqa_inputs(q, kv, selected_idx, valid, v_dim: int) -> None:
@@ -44,7 +44,7 @@ def check_mqa_inputs(q, kv, selected_idx, valid, v_dim: int) -> None:
 
 def mqa_chunk(B: int, L: int, H: int, K: int, D: int, device) -> int:
     """Queries per chunk: the gathered rows (B, c, K, D) and the scores (B, c, H, K) within the 'mqa' budget
-    (common/work_sizes.py)."""
+    (dsa_lab/common/work_sizes.py)."""
     return query_chunk(L, B * K * max(D, H), work_budget(device, "mqa"))
 
 
@@ -146,7 +146,7 @@ def sparse_mqa_attention(q, kv, selected_idx, valid, *, v_dim: int, scale=None, 
 
     q (B, L, H, D), kv (B, L, D), selected_idx/valid (B, L, K) -> out (B, L, H, v_dim),
     probs (B, H, L, K) at the selected slots (detached, 0 at invalid) or None. `chunk` (queries per chunk)
-    defaults to `mqa_chunk` (the device's work budget, common/work_sizes.py).
+    defaults to `mqa_chunk` (the device's work budget, dsa_lab/common/work_sizes.py).
     """
     check_mqa_inputs(q, kv, selected_idx, valid, v_dim)
     B, L, H, D = q.shape

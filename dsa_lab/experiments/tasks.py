@@ -1,5 +1,5 @@
 """The tasks experiments train on, and the branch point every compared model starts from: `LMTask` (real text,
-windows inside documents), `MQARTask` (multi-query associative recall, experiments/mqar.py) and
+windows inside documents), `MQARTask` (multi-query associative recall, dsa_lab/experiments/mqar.py) and
 `branch_point` (stage 0 of one (task, L, seed), cached)."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from config import ModelConfig, TrainConfig
-from experiments import mqar
-from experiments import skeleton as experiment
-from training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
-from training.train import Execution, dense_pretrain, state_of
+from dsa_lab.experiments import mqar
+from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
+from dsa_lab.training.train import Execution, dense_pretrain, state_of
 
 
 class TaskStream:

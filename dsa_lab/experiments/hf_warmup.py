@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from common.results_io import atomic_write_json
+from dsa_lab.common.results_io import atomic_write_json
 from config import TrainConfig
-from training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
-from interop.hf_interop import from_hf
+from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, Windows, eval_subset, stream_seed
+from dsa_lab.interop.hf_interop import from_hf
 from models import SparseAttentionMoELLM
-from training.train import sparse_stage, train_lm, warmup_indexer
+from dsa_lab.training.train import sparse_stage, train_lm, warmup_indexer
 
 
 def warmup_hf_indexers(model_or_path, windows: Windows, tcfg: TrainConfig, device: torch.device, seed: int = 0,
@@ -56,9 +56,9 @@ def warmup_hf_indexers(model_or_path, windows: Windows, tcfg: TrainConfig, devic
 def run_init_from_hf(args, overrides: dict) -> dict:
     """Import an HF DSA model, warm up its indexers on our data (optionally a sparse stage), report, export."""
     from config import build_configs
-    from training.data import build_windows, load_corpus
-    from interop.hf_interop import to_hf
-    from training.train import pick_device
+    from dsa_lab.training.data import build_windows, load_corpus
+    from dsa_lab.interop.hf_interop import to_hf
+    from dsa_lab.training.train import pick_device
     overrides.setdefault("tokenizer", args.init_from_hf)  # its own vocabulary
     _, train_cfg, data_cfg, exp_cfg = build_configs(overrides, preset=args.preset)
     device = pick_device(train_cfg.device)

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
-from common import distributed
-from common.results_io import (ALPHA, atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint,
+from dsa_lab.common import distributed
+from dsa_lab.common.results_io import (ALPHA, atomic_save_torch, atomic_write_json, atomic_write_text, check_stale, fingerprint,
                         load_torch, mean_ci95, paired_tests, read_json, run_environment, run_fingerprint)
-from training.train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device
+from dsa_lab.training.train import Execution, check_backend_device, checkpointed, discard_checkpoints, pick_device
 
 
 def prepare(device_name: str, run: Execution | None, backends: Iterable[str], batch_sizes: Iterable[int]):
@@ -171,8 +171,8 @@ def finish(out: Path, summary: dict, figures: Callable[[dict], list[str]], repor
 
 def load_corpus_once(data_cfg, device):
     """The corpus (rank 0 builds the tokenizer and token caches, the others read them), described in one line."""
-    from common import distributed
-    from training.data import load_corpus
+    from dsa_lab.common import distributed
+    from dsa_lab.training.data import load_corpus
     with distributed.main_first():
         corpus = load_corpus(data_cfg)
     print(f"data: {data_cfg.dataset} — {corpus.describe()['train_docs']} train / {len(corpus.val_docs)} held-out "

@@ -10,9 +10,9 @@ import dataclasses
 import time
 from pathlib import Path
 
-from common.results_io import atomic_write_json, mean_ci95
-from experiments import reports
-from experiments import skeleton as experiment
+from dsa_lab.common.results_io import atomic_write_json, mean_ci95
+from dsa_lab.experiments import reports
+from dsa_lab.experiments import skeleton as experiment
 
 SWEEP_METRICS = ["final_val_loss", "final_val_accuracy", "final_val_perplexity", "avg_time_per_step", "tokens_per_s",
                  "model_flops_utilization", "attention_time_share", "peak_memory_mb", "process_peak_rss_mb"]
@@ -26,10 +26,10 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     (train.Execution): precision, compile and resume checkpoints (OUT/seq_<L>/resume/seed_<S>/)."""
     from tqdm.auto import tqdm
 
-    from common import distributed
+    from dsa_lab.common import distributed
     from config import config_for_length
-    from training.data import build_windows
-    from training.train import run_seed
+    from dsa_lab.training.data import build_windows
+    from dsa_lab.training.train import run_seed
 
     device, run = experiment.prepare(train_cfg.device, run, [model_cfg.attention_backend], [train_cfg.batch_size])
     out = Path(exp_cfg.out)
@@ -74,7 +74,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
               for m in ("classic", "sparse")}
 
     def figures(summary_json):
-        from experiments import plots
+        from dsa_lab.experiments import plots
         plots.sequence_length_comparison(summary_json, curves, out / "sequence_length_comparison.png")
         return ["sequence_length_comparison.png"]
     return experiment.finish(out, summary, figures, lambda s: reports.sweep_report(s, reports.sweep_table(s)),

@@ -1,9 +1,9 @@
 """Variant runs for the indexer-optimisation experiment and the comprehensive ablations (seed "Experiment 4").
 
-A variant is a name and a dict of ModelConfig overrides (the registry: common/variants.py). For each (L, seed) one
+A variant is a name and a dict of ModelConfig overrides (the registry: dsa_lab/common/variants.py). For each (L, seed) one
 dense branch point is trained (and cached); every variant is built from it, warmed up, then sparse-trained
 on the same batches in the same order (train.train_sparse_from). Each finished run is one JSON record, read
-back on resume. `aggregate` turns the records into per-variant statistics; experiments/reports.py writes them up.
+back on resume. `aggregate` turns the records into per-variant statistics; dsa_lab/experiments/reports.py writes them up.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from common.variants import OPTIMIZATIONS
-from experiments import reports
-from experiments import skeleton as experiment
+from dsa_lab.common.variants import OPTIMIZATIONS
+from dsa_lab.experiments import reports
+from dsa_lab.experiments import skeleton as experiment
 from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length
-from training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
-from common.results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
-from training.train import check_backend_device, dense_pretrain, state_of, train_sparse_from
-from experiments.costs import (attention_flops_per_token, indexer_bytes_per_token, indexer_flops_per_token,
+from dsa_lab.training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
+from dsa_lab.common.results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
+from dsa_lab.training.train import check_backend_device, dense_pretrain, state_of, train_sparse_from
+from dsa_lab.experiments.costs import (attention_flops_per_token, indexer_bytes_per_token, indexer_flops_per_token,
                                step_peak_memory_mb)
 
 
@@ -86,8 +86,8 @@ def run_variants(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
     (train.Execution) checkpointing, an interrupted one continues from OUT/resume/) -> list of records."""
     from tqdm.auto import tqdm
 
-    from common import distributed
-    from training.data import load_corpus
+    from dsa_lab.common import distributed
+    from dsa_lab.training.data import load_corpus
 
     device, run = experiment.prepare(train_cfg.device, run, [], [train_cfg.batch_size])
     with distributed.main_first():  # rank 0 builds the caches, the others read them
@@ -173,7 +173,7 @@ def variant_metrics(model, result: dict, cfg: ModelConfig, windows, train_cfg: T
 
 def _write_and_read(path: Path, record: dict) -> dict:
     """Write a record (rank 0) and read it back on every rank (the JSON-cleaned copy the summary uses)."""
-    from common import distributed
+    from dsa_lab.common import distributed
     atomic_write_json(path, record)
     distributed.barrier()
     return read_json(path)
@@ -236,8 +236,8 @@ def _num(x):
 def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: list[str], overwrite: bool,
                              run=None) -> dict:
     """Each strategy through warm-up + sparse training from a shared dense branch point, per L and seed."""
-    from common import distributed
-    from training.train import pick_device
+    from dsa_lab.common import distributed
+    from dsa_lab.training.train import pick_device
 
     unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
@@ -259,7 +259,7 @@ def run_indexer_optimization(model_cfg, train_cfg, data_cfg, exp_cfg, names: lis
     L_max = max(exp_cfg.seq_lens)
 
     def figures(summary_json):
-        from experiments import plots
+        from dsa_lab.experiments import plots
         results = summary_json["results"]
         plots.optimization_comparison(results, names, L_max, out / "optimization_comparison.png")
         plots.speed_quality_tradeoffs(results, names, exp_cfg.seq_lens, reports.pareto_front,

@@ -30,19 +30,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import distributed
-from experiments import skeleton as experiment
-from experiments import reports
-from experiments.costs import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
+from dsa_lab.common import distributed
+from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.experiments import reports
+from dsa_lab.experiments.costs import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
 from models import AdaptiveMoELLM, FixedSparseMoELLM, check_plain_dsa
 from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
-from training.data import STREAM_TRAIN, STREAM_WARMUP, load_corpus
-from experiments.tasks import LMTask, branch_point
+from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, load_corpus
+from dsa_lab.experiments.tasks import LMTask, branch_point
 from models import ClassicAttentionMoELLM
-from common.results_io import mean_ci95, read_json
+from dsa_lab.common.results_io import mean_ci95, read_json
 from sparse_attention import DENSE
 from adaptive_selection import AdaptiveKConfig
-from training.train import (Execution, classic_from_state, dense_stage, eval_batches, run_stage, sparse_from_state, sparse_stage,
+from dsa_lab.training.train import (Execution, classic_from_state, dense_stage, eval_batches, run_stage, sparse_from_state, sparse_stage,
                    state_of, warmup_indexer)
 
 FIXED = {"fixed25": 0.25, "fixed50": 0.5, "fixed75": 0.75}
@@ -234,7 +234,7 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
                                          device, started), **summarise(records, st, models)}
 
     def figures(summary_json):
-        from experiments import plots
+        from dsa_lab.experiments import plots
         plots.adaptive_sparsity(summary_json, models, out / "adaptive_sparsity.png")
         return ["adaptive_sparsity.png"]
     return experiment.finish(out, summary, figures, lambda s: reports.adaptive_sparsity_report(s, models),

@@ -11,7 +11,7 @@ same dense branch point and sees the same batches in the same order:
   random  k random past tokens, redrawn every step (no indexer)  |  trained the same way
   oracle  top-k of the layer's true head-summed attention       /  (the ceiling of any shared index set at k)
   block   our query-block-shared variant (blocks of queries share one selected set)
-Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, experiments/mqar.py: a dense
+Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, dsa_lab/experiments/mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
 Writes OUT/summary.json, records/ (one per task, length, seed and model: resumable), long_context.png, warmup_kl.png,
 mqar_accuracy_by_distance.png and REPORT.md.
@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from experiments import skeleton as experiment
-from experiments import reports
+from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.experiments import reports
 from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
-from training.data import STREAM_CURRICULUM, STREAM_TRAIN, STREAM_WARMUP, load_corpus
-from common.results_io import load_torch, mean_ci95, read_json
+from dsa_lab.training.data import STREAM_CURRICULUM, STREAM_TRAIN, STREAM_WARMUP, load_corpus
+from dsa_lab.common.results_io import load_torch, mean_ci95, read_json
 from sparse_attention import AttentionMode, kept_pair_fraction
-from common import distributed
-from experiments.tasks import LMTask, MQARTask, branch_point
-from training.train import (Execution, classic_from_state, dense_stage, evaluate, run_stage, sparse_from_state,
+from dsa_lab.common import distributed
+from dsa_lab.experiments.tasks import LMTask, MQARTask, branch_point
+from dsa_lab.training.train import (Execution, classic_from_state, dense_stage, evaluate, run_stage, sparse_from_state,
                             sparse_stage, state_of, warmup_indexer)
 
 TASKS = ("lm", "mqar")
@@ -304,7 +304,7 @@ def run_group(task_name: str, L: int, seed: int, models: list[str], settings: di
 
 def figures(summary: dict, models: list[str], out: Path) -> list[str]:
     """long_context.png; warmup_kl.png when DSA warmed up; mqar_accuracy_by_distance.png when MQAR ran."""
-    from experiments import plots
+    from dsa_lab.experiments import plots
     plots.long_context(summary, models, out / "long_context.png")
     written = ["long_context.png"] + (["warmup_kl.png"] if plots.warmup_curves(summary, out / "warmup_kl.png") else [])
     if "mqar" in summary["results"]:

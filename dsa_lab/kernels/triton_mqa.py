@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kernels.chunked_mqa import check_mqa_inputs
+from dsa_lab.kernels.chunked_mqa import check_mqa_inputs
 
 try:
     import triton
@@ -221,7 +221,7 @@ def _check_ready(q) -> None:
     if not q.is_cuda and not _interpreting():
         raise ValueError("sparse_mqa_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1, set before "
                          "this module is imported, to run the kernels on CPU); use "
-                         "kernels.chunked_mqa.sparse_mqa_attention on CPU")
+                         "dsa_lab.kernels.chunked_mqa.sparse_mqa_attention on CPU")
     if q.dtype not in DTYPES:
         raise ValueError(f"sparse_mqa_attention_triton takes float16/bfloat16/float32 inputs, got {q.dtype}; "
                          "cast them, or use kernels.chunked_mqa.sparse_mqa_attention")
