@@ -14,6 +14,7 @@ Selection for every fast backend is chunked over queries (`chunked_select`): no 
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -502,8 +503,9 @@ def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOC
         qb = q_idx // block_size
         return table[b, qb, kv_idx] | ((kv_idx // block_size == qb) & (kv_idx <= q_idx))
 
-    # GPU: the mask is built by a compiled mask_mod (no dense B x L x L evaluation in Python); CPU: eager
-    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128,
+    # GPU: the mask is built by a compiled mask_mod (no dense B x L x L evaluation in Python); CPU: eager. The
+    # mask's tiles are flex_mask_block(block_size) wide; mask_mod stays exact inside every partial tile.
+    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=flex_mask_block(block_size),
                              _compile=q.is_cuda)
     fn = _compiled_flex() if q.is_cuda else flex_attention
     out = fn(q, k, v, block_mask=mask)
@@ -512,6 +514,18 @@ def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOC
     with torch.no_grad():
         idx, valid = expand_block_selection(block_idx, block_valid, block_size, L)
         return out, _selected_probs(q, k, idx, valid)
+
+
+FLEX_MAX_TILE = 128  # the largest BLOCK_M / BLOCK_N / BLOCK_M1.. any torch (2.5-2.13) flex kernel tiles with
+
+
+def flex_mask_block(block_size: int) -> int:
+    """The BlockMask tile for a block model of `block_size`: the least multiple of block_size that
+    FLEX_MAX_TILE divides. Torch's flex kernels need every mask tile divisible by their BLOCK_M/BLOCK_N (e.g.
+    128 x 128 for bf16 d 64 on Hopper; "Q and KV block size must be divisible by BLOCK_M and BLOCK_N"
+    otherwise); their tiles are powers of two <= 128. A 64-token block model then has 128-token mask tiles
+    (each tile's kv list is the union of two query blocks' selections: correct, more tiles visited)."""
+    return math.lcm(block_size, FLEX_MAX_TILE)
 
 
 _FLEX = None
