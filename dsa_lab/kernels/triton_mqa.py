@@ -30,6 +30,7 @@ except ImportError:  # CPU machines without triton: the function says what is mi
 
 LOG2E = math.log2(math.e)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ONE_CONFIG_ENV = "DSA_TRITON_ONE_CONFIG"  # "1": no autotuning on GPU, one launch config (BLOCK_K 32, 4 warps, 1 stage)
 INTERPRETER_BLOCK_K = 16  # CPU interpreter default (tiny tiles; the GPU autotunes BLOCK_K over 16/32/64)
 
 
@@ -234,7 +235,7 @@ def _meta(q, v_dim: int, block_config: dict | None) -> tuple[dict, dict | None]:
     meta = dict(BLOCK_H=cfg.pop("BLOCK_H", block_h_for(H)), BLOCK_DV=_pow2(v_dim),
                 BLOCK_DT=_pow2(max(1, D - v_dim)), HAS_TAIL=D > v_dim,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else None)  # exact fp32 dots (no TF32)
-    if cfg or not q.is_cuda:  # forced tiles, or the CPU interpreter (no autotuning there)
+    if cfg or not q.is_cuda or os.environ.get(ONE_CONFIG_ENV) == "1":  # forced tiles, the interpreter, or no autotune
         cfg.setdefault("BLOCK_K", INTERPRETER_BLOCK_K if not q.is_cuda else 32)
         cfg.setdefault("num_warps", 4)
         cfg.setdefault("num_stages", 1)
