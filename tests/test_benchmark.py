@@ -123,6 +123,7 @@ def test_end_to_end_mode(tmp_path):
     rows = json.loads((tmp_path / "benchmark_end_to_end.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["classic", "sparse_gather", "sparse_block"]
     assert rows[0]["ratio_vs_classic"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    assert {r["precision"] for r in rows} == {"fp32"}
 
 
 def test_end_to_end_mla(tmp_path, capsys):
@@ -189,3 +190,66 @@ def test_cuda_tests_skip_on_cpu_saying_why():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0 and "needs a CUDA device" in result.stdout and "passed" not in result.stdout
+
+
+def _seq_len(inputs) -> int:
+    return inputs["qkv"][0].shape[2]
+
+
+def test_a_row_that_raises_anything_is_a_one_line_reason_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """Triton's CompilationError is no RuntimeError: every exception is caught, named in one line (OOM, compile
+    error) and the other rows still run."""
+    compile_error = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    real = benchmark.step_fns
+
+    def step_fns(backend, args, inputs):
+        if backend == "block":
+            raise compile_error("at 12:4: unsupported tensor shape\nmore lines")
+        if backend == "gather" and _seq_len(inputs) == 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(backend, args, inputs)
+    monkeypatch.setattr(benchmark, "step_fns", step_fns)
+    assert benchmark.main(TINY + ["--out", str(tmp_path)]) == 0
+    rows = {(r["backend"], r["seq_len"]): r for r in json.loads((tmp_path / "benchmark.json").read_text())["rows"]}
+    assert rows[("block", 128)]["note"] == "failed: compile error (CompilationError): at 12:4: unsupported tensor shape"
+    assert rows[("gather", 256)]["note"] == "failed: OOM: CUDA out of memory. Tried to allocate 64.00 GiB"
+    assert rows[("gather", 128)]["fwd_bwd_ms"] > 0 and rows[("sdpa", 256)]["fwd_bwd_ms"] > 0
+    assert benchmark.failure_reason(ValueError("bad\nshape")) == "ValueError: bad"
+
+
+def test_benchmark_json_is_rewritten_after_every_row_naming_the_running_one(tmp_path, monkeypatch):
+    seen = []
+    real = benchmark.measure
+
+    def measure(args, meter, backend, L, inputs):
+        data = json.loads((tmp_path / "benchmark.json").read_text())
+        seen.append((data["running"], len(data["rows"]), data["complete"]))
+        return real(args, meter, backend, L, inputs)
+    monkeypatch.setattr(benchmark, "measure", measure)
+    assert benchmark.main(TINY + ["--out", str(tmp_path)]) == 0
+    backends = benchmark.backend_list("cpu", "mha")
+    want = [({"backend": b, "seq_len": L}, i * len(backends) + j, False)
+            for i, L in enumerate((128, 256)) for j, b in enumerate(backends)]
+    assert seen == want
+    assert json.loads((tmp_path / "benchmark.json").read_text())["complete"] is True
+
+
+def test_rows_past_the_time_budget_say_so(tmp_path, capsys):
+    (tmp_path / "benchmark.json").write_text('{"rows": [{"backend": "stale"}]}')
+    assert benchmark.main(TINY + ["--time-budget-s", "1e-9", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert data["complete"] and data["rows"] and "stale" not in {r["backend"] for r in data["rows"]}
+    assert all(r["fwd_ms"] is None and r["note"] == "skipped: the --time-budget-s 1e-09 s was spent"
+               for r in data["rows"])
+    assert data["selection_quality"] == [] and data["selection_quality_note"].startswith("skipped")
+
+
+def test_sdpa_math_is_skipped_above_8192_and_the_bf16_step_runs_under_autocast():
+    assert benchmark._skip_reason("sdpa_math", "cuda", 8192) is None
+    assert "above L 8192" in benchmark._skip_reason("sdpa_math", "cuda", 16384)
+    assert "above L 8192" in benchmark._skip_reason("sdpa_gqa_math", "cuda", 32768)
+    assert benchmark._skip_reason("sdpa_flash", "cuda", 32768) is None
+    import argparse
+    bf16 = benchmark.e2e_autocast(argparse.Namespace(dtype="bfloat16", device="cpu"))
+    assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
+    assert not isinstance(benchmark.e2e_autocast(argparse.Namespace(dtype="float32", device="cuda")), torch.autocast)
