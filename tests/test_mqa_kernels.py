@@ -208,6 +208,18 @@ def test_triton_autotune_configs_fit_the_slots():
     assert [triton_mqa.block_h_for(h) for h in (1, 5, 16, 20, 64, 128)] == [16, 16, 16, 32, 64, 64]
 
 
+def test_one_config_env_turns_gpu_autotuning_off(monkeypatch):
+    """DSA_TRITON_ONE_CONFIG=1 (the GPU check sets it): a CUDA input gets one forced launch config instead of
+    None (autotune); without it, autotuning."""
+    from types import SimpleNamespace
+    from dsa_lab.kernels import triton_mqa
+    q = SimpleNamespace(shape=(1, 8, 16, 80), dtype=torch.bfloat16, is_cuda=True)
+    monkeypatch.delenv(triton_mqa.ONE_CONFIG_ENV, raising=False)
+    assert triton_mqa._meta(q, 64, None)[1] is None
+    monkeypatch.setenv(triton_mqa.ONE_CONFIG_ENV, "1")
+    assert triton_mqa._meta(q, 64, None)[1] == {"BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+
+
 def test_triton_without_gpu_or_triton_is_a_clear_error(monkeypatch):
     from dsa_lab.kernels import triton_mqa
     idx, valid = _selection(1, 6, 3)
