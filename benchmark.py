@@ -398,13 +398,13 @@ def selection_quality(args, L: int) -> list[dict]:
     """Token-level (gather) vs block selection at the same k on peaky random attention, both with the same
     informative indexer (the attention queries and head-mean keys): dense-attention mass inside the selected
     set (recall, rows with t >= k + block) and relative output error vs dense attention. A proxy only: the
-    real quality comparison is the trained models' loss (run_experiment.py)."""
+    real quality comparison is the trained models' loss (run_experiment.py). Runs on --device, in fp32."""
     from dsa_lab.kernels.backends import BlockBackend, GatherBackend
     from sparse_attention import causal_attention_probs, sparse_attention_masked
     g = torch.Generator().manual_seed(2)
     B, H, D = 1, args.heads, args.head_dim
-    q, k, v = (torch.randn(B, H, L, D, generator=g) * s for s in (2.0, 2.0, 1.0))
-    iq, ik, iw = q.transpose(1, 2), k.mean(1), torch.ones(B, L, H)  # indexer = the attention's own q, mean k
+    q, k, v = ((torch.randn(B, H, L, D, generator=g) * s).to(args.device) for s in (2.0, 2.0, 1.0))  # fp32
+    iq, ik, iw = q.transpose(1, 2), k.mean(1), q.new_ones(B, L, H)  # indexer = the attention's own q, mean k
     dense_p = causal_attention_probs(q, k)  # (B, H, L, L)
     dense_out = dense_p @ v
     rows = []
@@ -413,7 +413,7 @@ def selection_quality(args, L: int) -> list[dict]:
         idx, valid = selection.selected_idx, selection.valid
         out, _ = sparse_attention_masked(q, k, v, idx, valid)
         mass = (dense_p.gather(-1, idx.clamp(min=0)[:, None].expand(-1, H, -1, -1)) * valid[:, None]).sum(-1)
-        rows_t = torch.arange(L) >= args.top_k + args.block_size
+        rows_t = torch.arange(L, device=q.device) >= args.top_k + args.block_size
         rows.append({"backend": backend.name, "seq_len": L, "top_k": args.top_k,
                      "recall": float(mass[..., rows_t].mean()) if rows_t.any() else None,
                      "rel_err_vs_dense": float((out - dense_out).norm() / dense_out.norm())})
