@@ -78,3 +78,31 @@ def test_hanging_raising_partial_and_cut_sections_are_all_recorded(tmp_path, mon
     assert any(s.get("figures") for w in running for s in w["sections"] if s["name"] == "partial")
     lines = gpu_check.summary_lines(record)
     assert any("NO CORPUS" in x for x in lines) and any("TIME LIMIT" in x and "triton" in x for x in lines)
+
+
+def test_main_writes_its_three_files_and_exits_1_on_a_failed_section(tmp_path, monkeypatch, capsys):
+    """main() end to end with CUDA faked: the corpus path reaches the plan, the summary is printed and written."""
+    import torch
+    seen = {}
+
+    def steps(work, dataset):
+        seen["dataset"], seen["work"] = dataset, work
+        return [_section("ok", "print('fine')"), _section("raises", "raise ValueError('bad')")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"device": "fake GPU", "torch": "x", "triton": "y"})
+    monkeypatch.setattr(gpu_check, "steps", steps)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be\n")
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dataset", str(corpus), "--out", str(out), "--work", str(tmp_path / "w")]) == 1
+    assert seen == {"dataset": str(corpus.resolve()), "work": (tmp_path / "w").resolve()}
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check_summary.txt"]
+    printed = capsys.readouterr().out
+    assert "fake GPU" in printed and "FAILED" in printed and "ValueError: bad" in printed
+    assert printed.startswith((out / "gpu_check_summary.txt").read_text())
+
+
+def test_a_missing_dataset_file_is_one_line_exit_2(tmp_path, capsys):
+    assert gpu_check.main(["--dataset", str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dataset" in err
