@@ -37,8 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 SEQ_LENS = ["4096", "8192", "16384", "32768"]
-BUDGETS_S = {"cuda tests": 75, "cuda tests (flex, compile)": 75, "attention mha": 65, "attention mqa": 45,
-             "end-to-end step": 40, "default run (short)": 50}
+BUDGETS_S = {"cuda tests": 90, "cuda tests (flex, compile)": 75, "attention mha": 60, "attention mqa": 45,
+             "end-to-end step": 40, "default run (short)": 45}
 CHECK_BUDGET_S = 6 * 60  # the whole check, section budgets together (a rerun fits in a quarter hour of GPU time)
 BENCH_MARGIN_S = 12  # a benchmark stops starting rows this long before its section is killed, and writes its file
 POLL_S = 5.0

@@ -237,7 +237,7 @@ def _meta(q, v_dim: int, block_config: dict | None) -> tuple[dict, dict | None]:
                 DOT_PREC="ieee" if q.dtype == torch.float32 else None)  # exact fp32 dots (no TF32)
     if cfg or not q.is_cuda or os.environ.get(ONE_CONFIG_ENV) == "1":  # forced tiles, the interpreter, or no autotune
         cfg.setdefault("BLOCK_K", INTERPRETER_BLOCK_K if not q.is_cuda else 32)
-        cfg.setdefault("num_warps", 4)
+        cfg.setdefault("num_warps", 8 if meta["BLOCK_H"] * meta["BLOCK_DV"] >= 16384 else 4)  # big MLA tiles
         cfg.setdefault("num_stages", 1)
         return meta, cfg
     return meta, None
