@@ -107,8 +107,12 @@ def run_step(step: dict, log_path: Path, on_poll=None) -> dict:
         t0 = time.perf_counter()
         proc = subprocess.Popen(step["argv"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, **SECTION_ENV}, start_new_session=True)
-        rc = _wait(proc, step["timeout_s"], t0, lambda: on_poll and on_poll(
-            _result(step, "running", None, time.perf_counter() - t0, _read_from(log_path, start), "running")))
+        try:
+            rc = _wait(proc, step["timeout_s"], t0, lambda: on_poll and on_poll(
+                _result(step, "running", None, time.perf_counter() - t0, _read_from(log_path, start), "running")))
+        finally:  # the check itself stopped (SIGTERM from an outer timeout, Ctrl-C): its section goes with it
+            if proc.poll() is None:
+                _kill_group(proc)
     seconds = time.perf_counter() - t0
     text = _read_from(log_path, start)
     status = "ok" if rc == 0 else ("time limit" if rc == 124 else "failed")
@@ -122,13 +126,18 @@ def _wait(proc: subprocess.Popen, timeout_s: float, t0: float, poll) -> int:
             return proc.wait(timeout=min(POLL_S, max(0.1, t0 + timeout_s - time.perf_counter())))
         except subprocess.TimeoutExpired:
             if time.perf_counter() - t0 >= timeout_s:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+                _kill_group(proc)
                 return 124
             poll()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the section's whole process group (its own session: compile workers, memory children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _read_from(log_path: Path, start: int) -> str:
@@ -269,6 +278,7 @@ def main(argv=None) -> int:
         print("error: --gpu-check needs CUDA (torch.cuda.is_available() is False here); run it on the GPU box",
               file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an outer `timeout`: kill the running section too
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else ROOT / "results" / "gpu_check_work"
     dataset = str(Path(args.dataset).resolve()) if args.dataset else default_dataset()

@@ -106,3 +106,23 @@ def test_a_missing_dataset_file_is_one_line_exit_2(tmp_path, capsys):
     assert gpu_check.main(["--dataset", str(tmp_path / "nope.txt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dataset" in err
+
+
+def test_a_terminated_check_takes_its_running_section_with_it(tmp_path):
+    """SIGTERM to the check (an outer `timeout`) kills the section's process group, which runs in its own session."""
+    import signal
+    import subprocess
+    pid_file = tmp_path / "section.pid"
+    script = (f"import sys, gpu_check, signal, pathlib; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+              f"gpu_check.run_check([{{'name': 'hangs', 'timeout_s': 60, 'json': None, 'argv': [sys.executable, '-c', "
+              f"\"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)\"]}}], "
+              f"pathlib.Path({str(tmp_path / 'out')!r}), {{}})")
+    check = subprocess.Popen([PY, "-c", script], cwd=gpu_check.ROOT)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    check.send_signal(signal.SIGTERM)
+    assert check.wait(timeout=20) == 143
+    time.sleep(0.2)
+    assert not _alive(int(pid_file.read_text()))
