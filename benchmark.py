@@ -433,47 +433,65 @@ def e2e_autocast(args):
     return contextlib.nullcontext()
 
 
-def end_to_end(args, meter: Meter) -> list[dict]:
+def end_to_end(args, meter: Meter, record: "Record | None" = None) -> list[dict]:
     """One training step (fwd + bwd + AdamW) of SparseAttentionMoELLM (sparse stage: LM loss + indexer KL)
     vs ClassicAttentionMoELLM at quick-preset widths, L = --e2e-seq-len, k = --top-k. With
     --attention-type mla: classic MLA (dense, MHA mode) vs sparse MLA (DSA in MQA mode, gather backend), with
-    ModelConfig's MLA fields at their defaults."""
+    ModelConfig's MLA fields at their defaults. A model whose step raises is a row with the one-line reason; the
+    record (if any) is rewritten after every row."""
+    variants = [("classic", "masked"), ("sparse_gather", "gather")]
+    if args.attention_type == "mha":
+        variants.append(("sparse_block", "block"))
+    rows, base = (record.rows if record else []), None
+    for name, backend in variants:
+        row = {"model": name, "attention_type": args.attention_type, "seq_len": args.e2e_seq_len,
+               "top_k": args.top_k, "precision": E2E_PRECISION[args.dtype], "step_ms": None,
+               "ratio_vs_classic": None, "note": ""}
+        if record:
+            record.running = {"model": name}
+            record.write()
+        try:
+            ms = meter.time_ms(e2e_step(args, name, backend))
+            base = ms if name == "classic" else base
+            row.update(step_ms=ms, ratio_vs_classic=ms / base if base else None)
+        except Exception as err:  # noqa: BLE001 - OOM or a compile error is this row's reason, the others run
+            row["note"] = f"failed: {failure_reason(err)}"
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    if record:
+        record.running = None
+    return rows
+
+
+def e2e_step(args, name: str, backend: str):
+    """The training-step closure of one model of the end-to-end comparison (built here, on --device)."""
     import dataclasses
     from config import PRESETS, ModelConfig
     from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
     from sparse_attention import DENSE, AttentionMode
     quick = {f.name: PRESETS["quick"][f.name] for f in dataclasses.fields(ModelConfig)
              if f.name in PRESETS["quick"] and f.name != "attention_backend"}  # the backend is what is compared
-    L = args.e2e_seq_len
-    autocast = e2e_autocast(args)
-    variants = [("classic", "masked"), ("sparse_gather", "gather")]
-    if args.attention_type == "mha":
-        variants.append(("sparse_block", "block"))
-    rows, base = [], None
-    for name, backend in variants:
-        cfg = ModelConfig(vocab_size=4096, max_seq_len=L, sparse_top_k=args.top_k, attention_backend=backend,
-                          sparse_block_size=args.block_size, attention_type=args.attention_type, **quick)
-        torch.manual_seed(0)
-        model = (ClassicAttentionMoELLM if name == "classic" else SparseAttentionMoELLM)(cfg).to(args.device)
-        mode = AttentionMode(sparse=True, indexer_loss="sparse") if name != "classic" else DENSE
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(args.device)
+    L, autocast = args.e2e_seq_len, e2e_autocast(args)
+    cfg = ModelConfig(vocab_size=4096, max_seq_len=L, sparse_top_k=args.top_k, attention_backend=backend,
+                      sparse_block_size=args.block_size, attention_type=args.attention_type, **quick)
+    torch.manual_seed(0)
+    model = (ClassicAttentionMoELLM if name == "classic" else SparseAttentionMoELLM)(cfg).to(args.device)
+    mode = AttentionMode(sparse=True, indexer_loss="sparse") if name != "classic" else DENSE
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
 
-        def step():
-            with autocast:
-                logits, aux = model(ids[:, :-1], mode, return_aux=True)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()) + aux.balance_loss
-                if name != "classic":
-                    loss = loss + aux.indexer_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        ms = meter.time_ms(step)
-        base = base or ms
-        rows.append({"model": name, "attention_type": args.attention_type, "seq_len": L, "top_k": args.top_k,
-                     "precision": E2E_PRECISION[args.dtype], "step_ms": ms, "ratio_vs_classic": ms / base})
-    return rows
+    def step():
+        with autocast:
+            logits, aux = model(ids[:, :-1], mode, return_aux=True)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()) + aux.balance_loss
+            if name != "classic":
+                loss = loss + aux.indexer_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -649,13 +667,14 @@ def run_decode(args, header: dict) -> None:
 
 def run_end_to_end(args, meter, header: dict) -> None:
     """--end-to-end: whole training steps, classic vs sparse -> benchmark_end_to_end.json and a printed table."""
-    rows = end_to_end(args, meter)
+    record = Record(os.path.join(args.out, "benchmark_end_to_end.json"), header, None)
+    rows = end_to_end(args, meter, record)
     header["load_avg_end"] = _load_avg()
-    atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
+    record.write(complete=True)
     print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     for r in rows:
-        print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
-              f"x classic {r['ratio_vs_classic']:.2f}")
+        print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {_fmt(r['step_ms'], '.0f')} "
+              f"ms  x classic {_fmt(r['ratio_vs_classic'], '.2f')}  {r['note']}")
 
 
 def run_kernels(args, meter, header: dict) -> None:
@@ -690,7 +709,7 @@ class Record:
 
     def __init__(self, path: str, header: dict, budget_s: float | None):
         self.path, self.header, self.budget_s, self.t0 = path, header, budget_s, time.perf_counter()
-        self.rows, self.extra, self.running = [], {"indexer_cost": []}, None
+        self.rows, self.extra, self.running = [], {}, None
         self.write()  # replaces any earlier run's file at once: nothing stale is left to be read as fresh
 
     def write(self, complete: bool = False) -> None:
@@ -710,7 +729,7 @@ def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
     after each row. Rows past the time budget carry its note instead of numbers."""
     from tqdm import tqdm
     backends = backend_list(args.device, args.attention)
-    rows, cost = record.rows, record.extra["indexer_cost"]
+    rows, cost = record.rows, record.extra.setdefault("indexer_cost", [])
     with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
         for L in args.seq_lens:
             inputs = None if record.over_budget() else make_inputs(args, L, args.indexer_heads, args.indexer_dim)

@@ -242,8 +242,10 @@ def summary_lines(record: dict) -> list[str]:
             vs = f", x{row['speedup_vs_sdpa']:.2f} vs {row['baseline']}" if row.get("speedup_vs_sdpa") else ""
             lines.append(f"    {row['backend']:<15} L={row['seq_len']:<6} {figure[:90]}{vs}")
         for row in (r.get("figures") or {}).get("rows", []) if r["name"] == "end-to-end step" else []:
-            lines.append(f"    {row['model']:<15} L={row['seq_len']} step {row['step_ms']:.0f} ms "
-                         f"x{row['ratio_vs_classic']:.2f} vs classic ({row.get('precision')})")
+            figure = (f"step {row['step_ms']:.0f} ms" + (f" x{row['ratio_vs_classic']:.2f} vs classic"
+                                                          if row.get("ratio_vs_classic") else "")
+                      if row.get("step_ms") is not None else row.get("note", ""))
+            lines.append(f"    {row['model']:<15} L={row['seq_len']} {figure[:100]} ({row.get('precision')})")
     return lines
 
 

@@ -253,3 +253,21 @@ def test_sdpa_math_is_skipped_above_8192_and_the_bf16_step_runs_under_autocast()
     bf16 = benchmark.e2e_autocast(argparse.Namespace(dtype="bfloat16", device="cpu"))
     assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
     assert not isinstance(benchmark.e2e_autocast(argparse.Namespace(dtype="float32", device="cuda")), torch.autocast)
+
+
+def test_an_end_to_end_model_that_raises_is_a_row_with_its_reason(tmp_path, monkeypatch):
+    real = benchmark.e2e_step
+
+    def e2e_step(args, name, backend):
+        if name == "sparse_gather":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(args, name, backend)
+    monkeypatch.setattr(benchmark, "e2e_step", e2e_step)
+    assert benchmark.main(["--end-to-end", "--e2e-seq-len", "64", "--top-k", "16", "--block-size", "16",
+                           "--repeats", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "benchmark_end_to_end.json").read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert data["complete"] and data["running"] is None
+    assert rows["sparse_gather"]["step_ms"] is None
+    assert rows["sparse_gather"]["note"] == "failed: OOM: CUDA out of memory. Tried to allocate 9.00 GiB"
+    assert rows["classic"]["step_ms"] > 0 and rows["sparse_block"]["ratio_vs_classic"] > 0
