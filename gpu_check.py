@@ -110,9 +110,8 @@ def run_step(step: dict, log_path: Path, on_poll=None) -> dict:
         try:
             rc = _wait(proc, step["timeout_s"], t0, lambda: on_poll and on_poll(
                 _result(step, "running", None, time.perf_counter() - t0, _read_from(log_path, start), "running")))
-        finally:  # the check itself stopped (SIGTERM from an outer timeout, Ctrl-C): its section goes with it
-            if proc.poll() is None:
-                _kill_group(proc)
+        finally:  # whatever is left of the section's process group (stray workers; or the check itself was
+            _kill_group(proc)  # stopped by SIGTERM from an outer timeout or Ctrl-C: its section goes with it)
     seconds = time.perf_counter() - t0
     text = _read_from(log_path, start)
     status = "ok" if rc == 0 else ("time limit" if rc == 124 else "failed")
