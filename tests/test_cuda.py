@@ -203,6 +203,28 @@ def test_compiled_step_equals_eager_on_cuda():
     _close(results[1], results[0], 1e-3)
 
 
+def test_compiled_bf16_step_error_is_bounded_by_eager_bf16s_own():
+    """--compile under bf16 autocast against eager fp32, bounded by eager bf16's own error (logits and every
+    gradient, equal lengths)."""
+    import contextlib
+    from dsa_lab.training import train
+    from models import SparseAttentionMoELLM
+    ids = torch.randint(0, 64, (2, 128), device=CUDA, generator=torch.Generator(device="cuda").manual_seed(3))
+    results = []
+    for compile_, autocast in ((False, False), (False, True), (True, True)):
+        torch.manual_seed(0)
+        model = SparseAttentionMoELLM(tiny_model_config(attention_backend="gather", max_seq_len=128,
+                                                        sparse_top_k=16)).to(CUDA)
+        net = train.compiled(model) if compile_ else model
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            logits, aux = net(ids, AttentionMode(sparse=True, indexer_loss="sparse"), return_aux=True)
+            loss = logits.float().logsumexp(-1).mean() + aux.indexer_loss.float()
+        loss.backward()
+        results.append([logits.detach().float()] + [p.grad for p in model.parameters() if p.grad is not None])
+    fp32, eager_bf16, compiled_bf16 = results
+    _bounded(compiled_bf16, fp32, eager_bf16)
+
+
 def test_cuda_chunk_plans_run_few_chunks_at_the_long_context_default(monkeypatch):
     """B 8, H 8, D 32, k 256 at L 8192 (the long-context default): a handful of chunks per call, not L."""
     bounds_seen = []
