@@ -136,7 +136,7 @@ def test_the_policy_runs_cudas_fp32_list_in_fp32():
 
 @pytest.mark.parametrize("attention_type", ["mha", "mla"])
 def test_bf16_policy_loss_and_gradients_are_close_to_fp32(attention_type):
-    """Numbers, not only finiteness: the sparse stage's loss and gradients under the bf16 policy against fp32."""
+    """Numbers, not only finiteness: the sparse stage's logits and gradients under the bf16 policy against fp32."""
     model = _model("sweep default", attention_type, "gather")
     ids = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(1))
     mode = AttentionMode(sparse=True, indexer_loss="sparse")
@@ -147,8 +147,11 @@ def test_bf16_policy_loss_and_gradients_are_close_to_fp32(attention_type):
             logits, aux = model(ids, mode, return_aux=True)
             loss = logits.float().logsumexp(-1).mean() + aux.indexer_loss.float()
         loss.backward()
-        results.append((float(loss), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
-    (loss32, g32), (loss16, g16) = results
+        results.append((logits.detach().float() - logits.detach().float().mean(-1, keepdim=True),
+                        torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (logits32, g32), (logits16, g16) = results  # logits centred per position (a constant shift is no error)
     assert g32.shape == g16.shape
-    assert abs(loss16 - loss32) <= 2e-2 * abs(loss32)
+    # measured 2026-12-04: 0.08 (MHA) / 0.16 (MLA) at init (bf16 rounding and the top-k flips it causes), grad
+    # cosine 1.00: the bounds catch a policy or path that computes something else, not a small precision loss
+    assert float((logits16 - logits32).norm() / logits32.norm()) < 0.3
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
