@@ -723,6 +723,16 @@ class Record:
     def budget_note(self) -> str:
         return f"skipped: the --time-budget-s {self.budget_s:g} s was spent"
 
+    def projected_note(self, last: tuple | None, L: int) -> str:
+        """'' unless the row's time at a shorter L, scaled by (L / that L)^2, exceeds the budget left (on an
+        H200 the MHA gather row took the whole section at L 4096, and every faster row after it was skipped)."""
+        if self.budget_s is None or last is None:
+            return ""
+        expected = last[1] * (L / last[0]) ** 2
+        left = self.budget_s - (time.perf_counter() - self.t0)
+        return (f"skipped: expected ~{expected:.0f} s from its L {last[0]} row, {max(left, 0):.0f} s of the "
+                f"--time-budget-s left" if expected > left else "")
+
 
 def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
     """Every (L, backend) row, then per L the indexer cost vs the fastest dense row; the record is rewritten
@@ -730,6 +740,7 @@ def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
     from tqdm import tqdm
     backends = backend_list(args.device, args.attention)
     rows, cost = record.rows, record.extra.setdefault("indexer_cost", [])
+    took = {}  # backend -> (L, seconds its row took): a row expected to outlast the budget left is skipped
     with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
         for L in args.seq_lens:
             inputs = None if record.over_budget() else make_inputs(args, L, args.indexer_heads, args.indexer_dim)
@@ -737,8 +748,11 @@ def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
                 bar.set_postfix_str(f"L={L} {backend}")
                 record.running = {"backend": backend, "seq_len": L}
                 record.write()
-                rows.append(empty_row(args, backend, L, record.budget_note()) if inputs is None or
-                            record.over_budget() else measure(args, meter, backend, L, inputs))
+                note = record.budget_note() if inputs is None or record.over_budget() else \
+                    record.projected_note(took.get(backend), L)
+                start = time.perf_counter()
+                rows.append(empty_row(args, backend, L, note) if note else measure(args, meter, backend, L, inputs))
+                took[backend] = (L, time.perf_counter() - start) if not note else took.get(backend)
                 bar.update()
             record.running = None
             attach_baseline([r for r in rows if r["seq_len"] == L])

@@ -271,3 +271,13 @@ def test_an_end_to_end_model_that_raises_is_a_row_with_its_reason(tmp_path, monk
     assert rows["sparse_gather"]["step_ms"] is None
     assert rows["sparse_gather"]["note"] == "failed: OOM: CUDA out of memory. Tried to allocate 9.00 GiB"
     assert rows["classic"]["step_ms"] > 0 and rows["sparse_block"]["ratio_vs_classic"] > 0
+
+
+def test_a_row_expected_to_outlast_the_budget_left_is_skipped_and_the_faster_rows_still_run(tmp_path):
+    """The projection: a row's time at a shorter L scaled by (L ratio)^2 against the budget left."""
+    record = benchmark.Record(str(tmp_path / "b.json"), {}, budget_s=100.0)
+    assert record.projected_note(None, 8192) == ""  # nothing measured yet: measure it
+    assert record.projected_note((4096, 10.0), 8192) == ""  # ~40 s expected, ~100 s left
+    note = record.projected_note((4096, 30.0), 8192)  # ~120 s expected
+    assert note.startswith("skipped: expected ~120 s from its L 4096 row"), note
+    assert benchmark.Record(str(tmp_path / "c.json"), {}, None).projected_note((4096, 1e9), 8192) == ""

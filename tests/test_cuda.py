@@ -83,7 +83,9 @@ def _check_mha_bf16(kernel, L: int, K: int, H: int = 16, D: int = 64, device=CUD
     _bounded(_grads(lambda *t: kernel(*t, idx, valid), (q, k, v), grad), high, _grads(ref, (q, k, v), grad))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+# bf16: the *_bf16_error_is_bounded tests below (an unmeasured 3e-2 against a bf16 reference failed 4 of
+# 25600 elements on an H200, 2026-12-04)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4)])
 def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
     from dsa_lab.kernels import triton_mha as triton_kernels
     q, k, v, indexer = _inputs(dtype=dtype)
@@ -93,7 +95,9 @@ def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
     _close(_fwd_bwd(lambda *t: kernels.sparse_attention_gather(*t, idx, valid), q, k, v), ref, tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+# bf16: the *_bf16_error_is_bounded tests below (an unmeasured 3e-2 against a bf16 reference failed 4 of
+# 25600 elements on an H200, 2026-12-04)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4)])
 def test_triton_mqa_forward_backward_equal_the_masked_reference(dtype, tol):
     from dsa_lab.kernels import chunked_mqa as mqa_kernels
     from dsa_lab.kernels import triton_mqa

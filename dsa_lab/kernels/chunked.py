@@ -30,6 +30,7 @@ MIN_PARALLEL_CHUNKS = 16  # fewer chunks run on one thread (a quick-width MLA st
 #                           workers made the call 2x slower, 47 vs 38 ms per training step)
 SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
+FLEX_MIN_HEAD_DIM = 16  # flex_attention refuses a smaller head dim on CUDA ("NYI: embedding dimension ... at least 16")
 
 
 # ----------------------------------------------------------------------------- chunk plans (dsa_lab/common/work_sizes.py budgets)
@@ -241,6 +242,14 @@ class _one_thread:
         torch.set_num_threads(self.threads)
 
 
+def _mul_into(a, b, buf, shape):
+    """a * b written into the flat buffer `buf` viewed as `shape` (no allocation per chunk in eager mode); a compiled
+    graph gets a plain product instead (Inductor cannot lower out= into a view: seen on CUDA, torch 2.11)."""
+    if torch.compiler.is_compiling():
+        return a * b
+    return torch.mul(a, b, out=buf[:math.prod(shape)].view(shape))
+
+
 class _GatherAttention(torch.autograd.Function):
     """Sparse attention over the gathered selected keys. Per cache-sized query chunk the selected K and V rows are
     gathered straight into the (query, head)-major layout of batched per-head matmuls; dK/dV are one index_add of
@@ -306,11 +315,10 @@ class _GatherAttention(torch.autograd.Function):
                 # d(selected token rows), token-major (B, c, K, H, D): one index_add row per selected slot, not one
                 # per head (2.4x faster measured; dK and dV stacked into one index_add measured 5 % slower)
                 n = rows.numel()
-                d_rows = torch.mul(ds.transpose(2, 3).unsqueeze(-1), q_c.unsqueeze(2), out=bufs[2][:n * H * D].view(B, c, K, H, D))
-                dk.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
-                d_rows = torch.mul(p.to(dt).transpose(2, 3).unsqueeze(-1), do_c.unsqueeze(2),
-                                   out=bufs[2][:n * H * D].view(B, c, K, H, D))
-                dv.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
+                d_rows = _mul_into(ds.transpose(2, 3).unsqueeze(-1), q_c.unsqueeze(2), bufs[2], (B, c, K, H, D))
+                dk.index_add_(0, rows, d_rows.reshape(n, H * D).to(acc))
+                d_rows = _mul_into(p.to(dt).transpose(2, 3).unsqueeze(-1), do_c.unsqueeze(2), bufs[2], (B, c, K, H, D))
+                dv.index_add_(0, rows, d_rows.reshape(n, H * D).to(acc))
             return dk, dv
 
         parts = run_chunks(backward_chunks, _chunk_bounds(L, chunk), qt.device)
@@ -508,7 +516,8 @@ def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOC
     mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=flex_mask_block(block_size),
                              _compile=q.is_cuda)
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    out = fn(q, k, v, block_mask=mask)
+    pad = max(0, FLEX_MIN_HEAD_DIM - D)  # flex's kernels need D >= 16: zero columns change no score or output
+    out = fn(*(F.pad(t, (0, pad)) for t in (q, k, v)), block_mask=mask, scale=D ** -0.5)[..., :D]
     if not return_probs:
         return out, None
     with torch.no_grad():

@@ -243,6 +243,26 @@ def _meta(q, v_dim: int, block_config: dict | None) -> tuple[dict, dict | None]:
     return meta, None
 
 
+def launch_fitting(kernel, shape: tuple, args: tuple, meta: dict, forced: dict | None) -> None:
+    """Launch over the grid (L, H / BLOCK_H, B) = shape's; when the tiles need more shared memory than the GPU has
+    (Triton's OutOfResources, raised before the kernel runs: seen on an H200 for the MLA backward at D 576 / H 128),
+    halve BLOCK_H, then BLOCK_K (forced configs), down to 16, and launch again."""
+    L, H, B = shape
+    while True:
+        try:
+            kernel[(L, triton.cdiv(H, meta["BLOCK_H"]), B)](*args, **meta, **(forced or {}))
+            return
+        except Exception as err:  # noqa: BLE001 - only OutOfResources is retried
+            if type(err).__name__ != "OutOfResources":
+                raise
+            if meta["BLOCK_H"] > 16:
+                meta = {**meta, "BLOCK_H": meta["BLOCK_H"] // 2}
+            elif forced is not None and forced.get("BLOCK_K", 16) > 16:
+                forced = {**forced, "BLOCK_K": forced["BLOCK_K"] // 2}
+            else:
+                raise
+
+
 def _strides(q, kv, idx, out):
     return (q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
             out.stride(0), out.stride(1), out.stride(2))
@@ -256,12 +276,8 @@ class _TritonSparseMQA(torch.autograd.Function):
         meta, forced = _meta(q, v_dim, block_config)
         out = q.new_empty(B, L, H, v_dim)
         lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-        grid = (L, triton.cdiv(H, meta["BLOCK_H"]), B)
         args = (q, kv, idx, out, lse, *_strides(q, kv, idx, out), H, L, K, v_dim, D, scale * LOG2E)
-        if forced is None:
-            _mqa_fwd_tuned[grid](*args, **meta)
-        else:
-            _mqa_fwd_kernel[grid](*args, **meta, **forced)
+        launch_fitting(_mqa_fwd_tuned if forced is None else _mqa_fwd_kernel, (L, H, B), args, meta, forced)
         ctx.save_for_backward(q, kv, idx, out, lse)
         ctx.args = (v_dim, scale, block_config)
         ctx.mark_non_differentiable(lse)
@@ -283,13 +299,9 @@ class _TritonSparseMQA(torch.autograd.Function):
                                                        BLOCK_DV=block_dv)
         dq = torch.empty_like(q)
         dkv = torch.zeros(B, L, D, dtype=torch.float32, device=q.device)
-        grid = (L, triton.cdiv(H, meta["BLOCK_H"]), B)
         args = (q, kv, idx, grad_out, lse, delta, dq, dkv, *_strides(q, kv, idx, grad_out), H, L, K, v_dim, D,
                 scale * LOG2E, scale)
-        if forced is None:
-            _mqa_bwd_tuned[grid](*args, **meta)
-        else:
-            _mqa_bwd_kernel[grid](*args, **meta, **forced)
+        launch_fitting(_mqa_bwd_tuned if forced is None else _mqa_bwd_kernel, (L, H, B), args, meta, forced)
         return dq, dkv.to(kv.dtype), None, None, None, None
 
 
@@ -300,9 +312,8 @@ def _selected_probs(q, kv, idx, lse, v_dim: int, scale: float, block_config):
     meta, forced = _meta(q, v_dim, block_config)
     forced = forced or {"BLOCK_K": 64 if K > 32 else 32, "num_warps": 4, "num_stages": 2}
     probs = q.new_empty(B, H, L, K)
-    grid = (L, triton.cdiv(H, meta["BLOCK_H"]), B)
-    _mqa_probs_kernel[grid](q, kv, idx, lse, probs, *_strides(q, kv, idx, q)[:7], H, L, K, v_dim, D,
-                            scale * LOG2E, **meta, **forced)
+    args = (q, kv, idx, lse, probs, *_strides(q, kv, idx, q)[:7], H, L, K, v_dim, D, scale * LOG2E)
+    launch_fitting(_mqa_probs_kernel, (L, H, B), args, meta, forced)
     return probs
 
 
