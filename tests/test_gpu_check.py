@@ -126,3 +126,16 @@ def test_a_terminated_check_takes_its_running_section_with_it(tmp_path):
     assert check.wait(timeout=20) == 143
     time.sleep(0.2)
     assert not _alive(int(pid_file.read_text()))
+
+
+def test_a_passed_test_named_again_in_the_warnings_summary_stays_passed():
+    """The H200 run of 2026-12-04 listed a PASSED test as NOT FINISHED: its id came again under 'warnings summary'."""
+    log = ("tests/test_cuda.py::test_a[dtype0] PASSED [  5%]\n"
+           "tests/test_cuda.py::test_b FAILED [ 50%]\n"
+           "=============================== warnings summary ===============================\n"
+           "tests/test_cuda.py::test_a[dtype0]\n"
+           "  UserWarning: Attempting to run cuBLAS, but there was no current CUDA context!\n"
+           "tests/test_cuda.py::test_c\n")
+    assert gpu_check.pytest_outcomes(log) == {"tests/test_cuda.py::test_a[dtype0]": "PASSED",
+                                              "tests/test_cuda.py::test_b": "FAILED",
+                                              "tests/test_cuda.py::test_c": "NOT FINISHED"}
