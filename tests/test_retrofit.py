@@ -261,7 +261,7 @@ def test_copy_probe_hits_say_whether_a_selection_holds_the_token_to_copy():
                                     torch.device("cpu"))
     full = probe(48)
     for name in names:
-        assert full[name]["value_hit_by_layer"] == [[1.0, 1.0]] * 2 and full[name]["key_hit_by_layer"] == [[1.0, 1.0]] * 2
+        assert full[name]["value_hit_by_layer"] == full[name]["key_hit_by_layer"] == [[1.0, 1.0]] * 2
     small = probe(12)
     assert small["local"]["value_hit_by_layer"] == [[0.0, 0.0]] * 2
     # rows t = 40..46 copy token t - 39 = 1..7: sinks 0..3 hold it for t = 40, 41, 42 (3 of 7 rows)

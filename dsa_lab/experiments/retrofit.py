@@ -72,20 +72,22 @@ PRESETS = {  # step caps and window counts per preset; every L gets its own warm
 COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
               warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
               learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, probe_distances=[1.0],
-              passkey_depths=[0.0, 0.5, 1.0], passkey_trials=2, passkey_filler="classic", attention_backend="gather", seed=42,
+              passkey_depths=[0.0, 0.5, 1.0], passkey_trials=2, passkey_filler="classic", attention_backend="gather",
+              seed=42,
               indexer_heads=4, indexer_dim=64, indexer_rope_dim=32)
 OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "steps", "batch_size", "attention_backend")  # taken as they are
 
 
 def settings_for(preset: str, overrides: dict) -> dict:
     """The preset's settings with the CLI's overrides (unknown preset or bad value: ValueError). Besides
-    OVERRIDE_KEYS: top_k K evaluates [K], eval_windows halves probe_windows, seeds gives its first seed."""
+    OVERRIDE_KEYS: top_k K evaluates [K], eval_windows N sets probe_windows to max(2, N // 2), seeds gives its first
+    seed."""
     given = {key: overrides[key] for key in OVERRIDE_KEYS if key in overrides}
     s = {**COMMON, **experiment.preset_settings(PRESETS, preset, "retrofit", given)}
     if "top_k" in overrides:
         s["top_ks"] = [overrides["top_k"]]
     if "eval_windows" in overrides:
-        s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(1, overrides["eval_windows"] // 2)
+        s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(2, overrides["eval_windows"] // 2)
     if "seeds" in overrides:
         s["seed"] = overrides["seeds"][0]
     if s["attention_backend"] not in retrofit.BACKENDS:
@@ -484,21 +486,19 @@ def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_le
 
 
 # ----------------------------------------------------------------------------- report and figures
-def _ci(stat: dict | None, digits: int = 3) -> str:
+def _ci(stat: dict | None, digits: int = 3, signed: bool = True) -> str:
+    """mean [lo, hi] (signed: differences; unsigned: accuracies, recall); 'n/a' without a value."""
     if not stat or stat.get("mean") is None:
         return "n/a"
+    spec = f"{'+' if signed else ''}.{digits}f"
     lo, hi = stat["ci95"]
-    return f"{stat['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None else \
-        f"{stat['mean']:+.{digits}f}"
+    if lo is None:
+        return f"{stat['mean']:{spec}} (n = 1, no CI)"
+    return f"{stat['mean']:{spec}} [{lo:{spec}}, {hi:{spec}}]"
 
 
 def _plain(stat: dict | None, digits: int = 3) -> str:
-    """mean [lo, hi] without signs (accuracies, recall); 'n/a' without a value, the mean alone without a CI."""
-    if not stat or stat.get("mean") is None:
-        return "n/a"
-    lo, hi = stat["ci95"]
-    return f"{stat['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else \
-        f"{stat['mean']:.{digits}f} (one window, no CI)"
+    return _ci(stat, digits, signed=False)
 
 
 def _pm(stat: dict | None) -> str:
@@ -527,7 +527,8 @@ def table_for(L: int, k: int, r: dict) -> str:
             f"back) | copy NLL | passkey |", "|---|---|---|---|---|---|---|---|---|"]
     for m, loss in r["loss"].items():
         delta = _ci(r["dsa_ft_minus_dense_ft"]) + " vs dense_ft" if m == "dsa_ft" else _ci(r["delta_vs_dense"].get(m))
-        rows.append(f"| {L} | {k} | {m} | {_plain(loss, 4)} | {delta} | {_plain(recall[m]) if m in recall else '–'} | "
+        rows.append(f"| {L} | {k} | {m} | {_plain(loss, 4)} | {delta} | "
+                    f"{_plain(recall[m]) if m in recall else '–'} | "
                     + (f"{_plain(probe[m]['accuracy'])} | {_plain(probe[m]['nll'])} |" if m in probe else "– | – |")
                     + f" {_count(passkey[m]['overall']) if m in passkey else '–'} |")
     t = r["timing"]
