@@ -73,11 +73,19 @@ def test_unknown_work_kind_is_refused():
 
 
 def test_prefix_bounds_cover_every_query_once_within_budget():
-    for L, rows, budget, align in [(1, 1, 1, 1), (37, 3, 50, 1), (100, 2, 1000, 8), (64, 4, 1 << 20, 8)]:
+    """Each causal chunk [start, stop) builds rows * (stop - start) * stop elements: within the budget unless the
+    chunk is the minimum (one query, rounded up to `align`: rounding adds at most align - 1 queries to a chunk that
+    fit), and as large as the budget allows (one more query would not fit) unless it ends at L."""
+    for L, rows, budget, align in [(1, 1, 1, 1), (37, 3, 50, 1), (100, 2, 1000, 8), (64, 4, 1 << 20, 8),
+                                   (300, 3, 5000, 1), (1000, 5, 123457, 8), (97, 1, 1, 8)]:
         bounds = work_sizes.prefix_bounds(L, rows, budget, align)
         assert bounds[0][0] == 0 and bounds[-1][1] == L
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         assert all(stop % align == 0 for _, stop in bounds[:-1])
+        for start, stop in bounds:
+            fitted = max(1, stop - start - (align - 1))  # the fewest queries the chunk held before alignment
+            assert fitted == 1 or rows * fitted * (start + fitted) <= budget, (L, rows, budget, align, start, stop)
+            assert stop == L or rows * (stop - start + 1) * (stop + 1) > budget, (L, rows, budget, align, start, stop)
 
 
 @pytest.mark.parametrize("budget", [1, 300, 1 << 22])
