@@ -41,11 +41,15 @@ def test_indexer_recall_after_warmup_beats_random_and_its_own_start(run):
     assert 0 < f["indexer_time_share"] < 1 and 0 < f["attention_time_share"] < 1
 
 
-def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(corpus):
+def test_warmup_trains_only_the_indexer_and_leaves_nothing_frozen(corpus):
+    """The warm-up moves the indexers and nothing else of the model (no weight, no MoE balance bias), and leaves
+    every parameter trainable. (That both models of a run see the same batches is
+    test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same_batches.)"""
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
     windows = build_windows(corpus, 16)
     classic, sparse = model_pair(cfg, 0, "cpu")
     idx_before = [p.clone() for p in sparse.indexer_parameters()]
+    main_before = {n: t.clone() for n, t in sparse.state_dict().items() if ".indexer." not in n}
     tcfg = TrainConfig(**{**TINY_TRAIN, "warmup_steps": 3, "eval_windows": 4})
     from dsa_lab.training.train import _param_groups, warmup_stage
     groups = _param_groups(sparse, warmup_stage(tcfg))  # what the warm-up optimizer can move: the indexers only
@@ -54,6 +58,9 @@ def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(cor
     assert all(b.ffn.load_counts.sum() == 0 for b in sparse.blocks)  # warm-up routing does not leak into stage 2
     assert all(p.requires_grad for p in sparse.parameters())  # nothing stays frozen after the warm-up
     assert all(not torch.equal(a, b) for a, b in zip(idx_before, sparse.indexer_parameters()))
+    after = sparse.state_dict()
+    moved = [n for n, t in main_before.items() if not torch.equal(t, after[n])]
+    assert not moved, f"the warm-up changed main-model state: {moved}"
 
 
 def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same_batches(corpus, monkeypatch):
