@@ -111,6 +111,8 @@ def test_every_model_starts_from_the_branch_point_and_sees_the_same_batches(tmp_
         dsa_warm, block_warm = runs["dsa"][0]["batches"], runs["block"][0]["batches"]
         assert len(dsa_warm) == tiny["warmup_steps"] and all(torch.equal(a, b) for a, b in zip(dsa_warm, block_warm))
     settings = long_context.task_settings("quick", "lm", dict(TINY))
+    task = long_context.LMTask(corpus, 32, settings.train)  # another seed draws other batches
+    assert not torch.equal(task.stream(1, 1).next()[0], task.stream(2, 1).next()[0])
     assert long_context.model_config(settings.model, "local").selection_source == "local"
     assert long_context.model_config(settings.model, "block").attention_backend == "block"
 
