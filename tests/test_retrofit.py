@@ -281,6 +281,34 @@ def test_settings_take_the_cli_overrides_retrofit_reads_and_only_those():
         rx.settings_for("huge", {})
 
 
+RETROFIT_FLAGS = ("--top-k", "--seq-lens", "--steps", "--warmup-steps", "--batch-size", "--eval-windows", "--backend")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--top-k", "0"], "--top-k 0"), (["--top-k", "-3"], "--top-k -3"),
+    (["--top-k", "99999", "--seq-lens", "1024"], "--top-k 99999"),
+    (["--top-k", "1024", "--seq-lens", "1024", "2048"], "--top-k 1024"),  # k >= L at the shortest length
+    (["--eval-windows", "0"], "--eval-windows 0"), (["--eval-windows", "1"], "--eval-windows 1"),
+    (["--steps", "-1"], "--steps -1"), (["--warmup-steps", "0"], "--warmup-steps 0"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--seq-lens", "128"], "--seq-lens [128]"),
+    (["--backend", "flex"], "--backend 'flex'"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(argv, named, tmp_path, capsys, monkeypatch):
+    """Each bad retrofit setting: one line naming that flag (and no other), exit 2, before any model is read."""
+    import run_experiment
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was read before the settings were checked")
+    monkeypatch.setattr(retrofit, "resolve_model", never)
+    monkeypatch.setattr(retrofit, "load_base", never)
+    rc = run_experiment.main(["--experiment", "retrofit", "--preset", "quick", "--device", "cpu", "--out",
+                              str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert named in err and [f for f in RETROFIT_FLAGS if f in err] == [named.split()[0]], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_model_type_is_one_line_exit_2(tmp_path, capsys):
     """A GPT-2 config is refused before any weight is read: one line naming what is supported, exit status 2."""
     from transformers import GPT2Config

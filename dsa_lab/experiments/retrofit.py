@@ -90,16 +90,28 @@ def settings_for(preset: str, overrides: dict) -> dict:
         s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(2, overrides["eval_windows"] // 2)
     if "seeds" in overrides:
         s["seed"] = overrides["seeds"][0]
+    check_settings(s)
+    return s
+
+
+def check_settings(s: dict) -> None:
+    """Refuse a bad setting before the model loads: ValueError naming the one flag that is wrong and the fix."""
     if s["attention_backend"] not in retrofit.BACKENDS:
         raise ValueError(f"--backend {s['attention_backend']!r} is not a retrofit backend; choose one of "
                          f"{', '.join(retrofit.BACKENDS)}")
     if any(L <= 2 * s["probe_segment"] for L in s["seq_lens"]):
-        raise ValueError(f"seq_lens={s['seq_lens']} must exceed 2 * probe_segment={2 * s['probe_segment']}")
-    if s["steps"] < 0 or s["warmup_steps"] < 1 or s["eval_windows"] < 2:
-        raise ValueError(f"--steps {s['steps']} must be >= 0, --warmup-steps {s['warmup_steps']} >= 1 and "
-                         f"--eval-windows {s['eval_windows']} >= 2 (a CI needs two)")
+        raise ValueError(f"--seq-lens {s['seq_lens']} must each exceed 2 * probe_segment = {2 * s['probe_segment']}")
+    shortest = min(s["seq_lens"])
+    for k in s["top_ks"]:
+        if not 1 <= k < shortest:
+            raise ValueError(f"--top-k {k} must be in [1, {shortest}): at least one key, and fewer than the shortest "
+                             f"length L = {shortest} (at k >= L DSA keeps every key: it is dense attention)")
+    for flag, key, least, why in (("--steps", "steps", 0, ""), ("--warmup-steps", "warmup_steps", 1, ""),
+                                  ("--batch-size", "batch_size", 1, ""),
+                                  ("--eval-windows", "eval_windows", 2, " (a CI needs two)")):
+        if s[key] < least:
+            raise ValueError(f"{flag} {s[key]} must be >= {least}{why}")
     check_retrieval(s)
-    return s
 
 
 def check_retrieval(s: dict) -> None:
