@@ -131,3 +131,20 @@ def test_no_compiler_falls_back_to_the_torch_path(monkeypatch, tmp_path):
     _assert_close(_run(lambda *a, return_probs: GatherBackend().attend(*a[:3], selection=selection,
                                                                        return_probs=return_probs), q, kk, v, (idx, valid)),
                   _run(sparse_attention_masked, q, kk, v, (idx, valid)), atol=1e-10)
+
+
+def test_bf16_indexer_selects_nearly_the_fp32_sets():
+    """chunked_select(index_dtype=bf16): the q.k GEMM in bf16, ReLU, weights and top-k in fp32 — a certified
+    selection whose sets overlap fp32's in >= 99 % of the slots on random indexer inputs (measured 99.6-99.7 % at
+    L 4096-16384, docs/benchmarks.md); the fp32 call is unchanged (equal to the default)."""
+    g = torch.Generator().manual_seed(4)
+    B, L, k = 2, 700, 64
+    q, kk, w = torch.randn(B, L, 4, 32, generator=g), torch.randn(B, L, 32, generator=g), torch.randn(B, L, 4, generator=g)
+    idx32, valid32 = chunked.chunked_select(q, kk, w, k)
+    selection = GatherBackend(index_dtype=torch.bfloat16).select_indexed(q, kk, w, k)
+    idx16, valid16 = selection.selected_idx, selection.valid
+    assert torch.equal(valid16, valid32)
+    same = (idx16.unsqueeze(-1) == idx32.unsqueeze(-2)).any(-1) & valid16
+    assert same.sum() / valid32.sum() >= 0.99
+    assert not torch.equal(idx16.sort(-1).values, idx32.sort(-1).values)  # bf16 really ran (some sets differ)
+    assert torch.equal(chunked.chunked_select(q, kk, w, k, index_dtype=torch.float32)[0], idx32)

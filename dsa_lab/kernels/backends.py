@@ -37,6 +37,9 @@ class GatherBackend(MaskedBackend):
     selected slots only; other indexers and selectors select through the reference path."""
     name = "gather"
 
+    def __init__(self, index_dtype: torch.dtype | None = None):
+        self.index_dtype = index_dtype  # torch.bfloat16: the indexer's q.k GEMM in bf16 (chunked_select)
+
     def select(self, indexer, selector, x, *, shared_scores=None, shared_coarse=None) -> Selection:
         if not fast_selectable(indexer, selector):
             return super().select(indexer, selector, x, shared_scores=shared_scores, shared_coarse=shared_coarse)
@@ -47,7 +50,7 @@ class GatherBackend(MaskedBackend):
 
     def select_indexed(self, q, k, w, top_k: int) -> Selection:
         """Top-k from the indexer's projections q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I)."""
-        return Selection(*chunked_select(q, k, w, top_k))
+        return Selection(*chunked_select(q, k, w, top_k, index_dtype=self.index_dtype))
 
     def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
         """q (B, H, L, D), k/v (B, Hkv, L, D) with Hkv dividing H (MHA or GQA). CPU fp32/fp64 with the C++ kernel
@@ -97,6 +100,7 @@ class BlockBackend(GatherBackend):
     name = "block"
 
     def __init__(self, block_size: int = BLOCK_SIZE):
+        super().__init__()
         self.block_size = block_size
 
     def select(self, indexer, selector, x, *, shared_scores=None, shared_coarse=None) -> Selection:

@@ -122,11 +122,11 @@ class _SparseAttentionCPU(torch.autograd.Function):
     """The kernel's forward and backward; saves q, k, v, the selection, out and the log-sum-exp (B, H, L)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, selected_idx, return_probs):
+    def forward(ctx, q, k, v, selected_idx, return_probs, scale):
         lib, kind = _library(), _TYPES[q.dtype]
         B, H, L, D = q.shape
         Hkv, Dv, K = k.shape[1], v.shape[-1], selected_idx.shape[-1]
-        dims, scale = _longs(B, H, Hkv, L, D, Dv, K), D ** -0.5
+        dims = _longs(B, H, Hkv, L, D, Dv, K)
         out = q.new_empty(B, H, L, Dv)
         lse = q.new_empty(B, H, L)
         probs = q.new_zeros(B, H, L, K) if return_probs else None
@@ -141,6 +141,7 @@ class _SparseAttentionCPU(torch.autograd.Function):
 
         run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
         ctx.save_for_backward(q, k, v, selected_idx, out, lse)
+        ctx.scale = scale
         if probs is not None:
             ctx.mark_non_differentiable(probs)
         return out, probs
@@ -151,7 +152,7 @@ class _SparseAttentionCPU(torch.autograd.Function):
         lib, kind = _library(), _TYPES[q.dtype]
         B, H, L, D = q.shape
         Hkv, Dv, K = k.shape[1], v.shape[-1], selected_idx.shape[-1]
-        dims, scale = _longs(B, H, Hkv, L, D, Dv, K), D ** -0.5
+        dims, scale = _longs(B, H, Hkv, L, D, Dv, K), ctx.scale
         grad_out = _last_dim_contiguous(grad_out)
         dq = q.new_empty(B, H, L, D)
         bwd = getattr(lib, f"dsa_sparse_bwd_{kind}")
@@ -167,7 +168,7 @@ class _SparseAttentionCPU(torch.autograd.Function):
 
         parts = run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
         dk, dv = (sum(x[1:], x[0]).transpose(1, 2) for x in zip(*parts))
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def check_gqa_shapes(q, k, v) -> None:
@@ -182,11 +183,11 @@ def check_gqa_shapes(q, k, v) -> None:
                          f"(B, L, D) = {(B, L, D)} as q; got k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
-def sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs: bool = False):
+def sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs: bool = False, scale: float | None = None):
     """Token-level DSA through the C++ kernel (see the module docstring; needs `kernel_available(q)`).
     q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), selected_idx/valid (B, L, K) (the selection contract:
     invalid slots are exactly the -1 ones) -> out (B, H, L, Dv), probs (B, H, L, K) (detached, 0 invalid) or None.
-    A row with no valid slot gives 0."""
+    Scores are scaled by `scale` (default D^-1/2). A row with no valid slot gives 0."""
     check_gqa_shapes(q, k, v)
     check_selection(selected_idx, valid, q.shape[2])
     if not kernel_available(q):
@@ -195,4 +196,5 @@ def sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs: bool = Fals
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _SparseAttentionCPU.apply(q, k, v, selected_idx.contiguous(), return_probs)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _SparseAttentionCPU.apply(q, k, v, selected_idx.contiguous(), return_probs, scale)
