@@ -54,8 +54,10 @@ class GatherBackend(MaskedBackend):
 
     def attend(self, q, k, v, *, selection: Selection, return_probs: bool = False):
         """q (B, H, L, D), k/v (B, Hkv, L, D) with Hkv dividing H (MHA or GQA). CPU fp32/fp64 with the C++ kernel
-        built: the kernel (reads each selected row once per KV head, no gather; measured 7-13x faster than the
-        torch path, docs/benchmarks.md); otherwise the chunked torch path, KV heads repeated for GQA."""
+        built: the kernel (reads each selected row once per KV head, no gather; at L 8192 k 256 its fwd+bwd took
+        2.5x less CPU time than the torch path, docs/benchmarks.md); otherwise the chunked torch path, KV heads
+        repeated for GQA. MLA's shared rows (attend_latent) stay on chunked_mqa: the kernel was slower there
+        (heads as the rows of one matmul per query beat per-head dot products)."""
         if kernel_available(q) and q.dtype == k.dtype == v.dtype:
             return sparse_attention_cpu(q, k, v, selection.selected_idx, selection.valid, return_probs)
         return sparse_attention_gather_torch(q, k, v, selection, return_probs)
