@@ -1,6 +1,8 @@
 """The C++ sparse-attention kernel (dsa_lab/kernels/cpu_sparse.py) against the masked reference: outputs,
 probabilities and q/k/v gradients on MHA, GQA and MQA head layouts, rows with k > t + 1 (invalid slots), k >= L,
 strided inputs, worker threads; its build cache and the fallback when no compiler works."""
+import os
+import shutil
 import subprocess
 import warnings
 
@@ -11,8 +13,12 @@ from dsa_lab.kernels import chunked, cpu_sparse
 from dsa_lab.kernels.backends import GatherBackend, sparse_attention_gather_torch
 from sparse_attention import Selection, sparse_attention_masked
 
-pytestmark = pytest.mark.skipif(not cpu_sparse.kernel_available(torch.zeros(1)),
-                                reason=f"C++ kernel unavailable: {cpu_sparse.kernel_status()}")
+# only a machine without the compiler skips; where g++ exists (CI has gcc) a kernel that does not build fails here
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+
+
+def test_the_kernel_builds_where_a_compiler_exists():
+    assert cpu_sparse.kernel_status() == "built"
 
 # B, H, Hkv, L, D, Dv, k: MHA, GQA (groups of 2 and 3), MQA, k > L, k = L, one token
 SHAPES = [(2, 4, 4, 37, 8, 8, 7), (1, 6, 3, 40, 16, 16, 12), (2, 6, 2, 29, 8, 5, 64), (1, 4, 1, 25, 8, 8, 25),

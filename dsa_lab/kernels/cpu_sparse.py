@@ -92,9 +92,10 @@ def kernel_status() -> str:
 
 
 def kernel_available(q: torch.Tensor) -> bool:
-    """The kernel serves q's device and dtype (CPU, fp32/fp64, no autocast to another dtype) and is built."""
-    return (q.device.type == "cpu" and q.dtype in _TYPES and not torch.is_autocast_enabled("cpu")
-            and _library() is not None)
+    """The kernel serves q's device and dtype (CPU, fp32/fp64, no autocast to another dtype), is built, and this is
+    no torch.compile trace (dynamo cannot trace a ctypes call: compiled models take the traceable torch path)."""
+    return (not torch.compiler.is_compiling() and q.device.type == "cpu" and q.dtype in _TYPES
+            and not torch.is_autocast_enabled("cpu") and _library() is not None)
 
 
 def _ptr(t):
@@ -197,4 +198,4 @@ def sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs: bool = Fals
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _SparseAttentionCPU.apply(q, k, v, selected_idx.contiguous(), return_probs, scale)
+    return _SparseAttentionCPU.apply(q, k, v, selected_idx.to(torch.long).contiguous(), return_probs, scale)  # int64 for C
