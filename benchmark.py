@@ -4,6 +4,7 @@
     python benchmark.py [--attention mha|mqa] [--device cpu|cuda] [--seq-lens 1024 2048 4096 8192 16384]
                         [--top-k 256] [--heads 8] [--head-dim 64] [--batch 1] [--dtype float32|bfloat16]
                         [--out results] [--end-to-end [--attention-type mha|mla]]
+                        [--backends sdpa gather ...] [--no-memory] [--repeats 3]
 
 `--attention mha`: H heads with their own K/V rows (the MHA model). `--attention mqa`: H query heads sharing
 ONE KV row per token of the same head dim (keys = values = that row, as MLA's MQA mode attends over its
@@ -46,7 +47,14 @@ from dsa_lab.common.results_io import OneLineArgumentParser, atomic_write_json, 
 
 INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the indexer-cost table
 SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
-SPARSE_BACKENDS = {"mha": ("gather", "block", "triton", "flex"), "mqa": ("gather", "triton")}
+SPARSE_BACKENDS = {"mha": ("gather", "gather_bf16", "gather_torch", "block", "triton", "flex"), "mqa": ("gather", "triton")}
+# benchmark rows beside the backends: gather_bf16 = gather with the bf16 indexer GEMM (chunked_select index_dtype);
+# gather_torch = gather's torch path (the C++ kernel's twin, what 'gather' ran before it; KV heads repeated for GQA)
+GOALS = (  # issue 31's goal rows: (name, attention, L, what, target ratio vs the fastest dense fwd+bwd)
+    ("MHA token-level (gather) fwd+bwd incl. indexer", "mha", 16384, "gather", 0.5),
+    ("indexer 4x64 + top-k (fp32)", "mha", 16384, "indexer", 0.12),
+    ("MQA token-level (gather) fwd+bwd incl. indexer", "mqa", 16384, "gather", 0.33),
+    ("best sparse backend fwd+bwd incl. indexer", "mha", 8192, "best", 0.33))
 MEMORY_FLAG = "--_measure-memory"
 SDPA_MATH_MAX_L = 8192  # sdpa_math materialises (B, H, L, L) fp32 scores (bf16 is upcast): 64 GiB at L 32768, H 16
 SLOW_WARMUP_S = 10.0  # CPU: a warm-up call slower than this counts as one of the --repeats samples
@@ -70,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting rows after this many seconds (each later row says so); default: no limit")
+    p.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                   help="only these rows (dense and sparse names as printed; default: all of --attention's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess of every row (faster)")
     p.add_argument("--out", default="results")
     p.add_argument("--end-to-end", action="store_true", help="time one training step, sparse vs classic LLM")
     p.add_argument("--e2e-seq-len", type=int, default=4096)
@@ -96,6 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.device == "cpu" and args.dtype == "bfloat16":
         p.error("--dtype bfloat16 is for --device cuda (CPU bf16 timings are not meaningful); use float32")
+    if args.backends:
+        known = backend_list(args.device, args.attention)
+        unknown = [b for b in args.backends if b not in known]
+        if unknown:
+            p.error(f"--backends {' '.join(unknown)} unknown for --attention {args.attention}; choose from {' '.join(known)}")
     if args.attention_type != "mha" and not args.end_to_end:
         p.error("--attention-type picks the models of --end-to-end; for the kernel tables use --attention mha|mqa")
     return args
@@ -279,7 +295,7 @@ def _sdpa_context(backend: str):
 
 def step_fns(backend: str, args, inputs: dict):
     """-> (select, forward, forward_backward) closures for one backend (select is None for dense)."""
-    from models import BACKENDS
+    from dsa_lab.kernels.backends import sparse_attention_gather_torch
     indexer = inputs["indexer"]
     select = None
     if args.attention == "mha":
@@ -301,14 +317,17 @@ def step_fns(backend: str, args, inputs: dict):
                 kv_h = kv1.expand(-1, args.heads, -1, -1)  # (B, H, L, D): the expand's backward sums over heads
                 return F.scaled_dot_product_attention(q, kv_h, kv_h, is_causal=True)
     else:
-        path = BACKENDS[backend](args.block_size) if backend in ("block", "flex") else BACKENDS[backend]()
+        path = sparse_path(backend, args.block_size)
 
         def select():
             return path.select_indexed(*indexer, args.top_k)
 
         if args.attention == "mha":
+            attend = (lambda *a, selection: sparse_attention_gather_torch(*a, selection)) if backend == "gather_torch" \
+                else path.attend
+
             def fwd():
-                return path.attend(q, k, v, selection=select())[0]
+                return attend(q, k, v, selection=select())[0]
         else:
             D = args.head_dim
 
@@ -324,6 +343,16 @@ def step_fns(backend: str, args, inputs: dict):
     return select, fwd_only, fwd_bwd
 
 
+def sparse_path(backend: str, block_size: int):
+    """The backend object of a sparse benchmark row (gather_bf16 / gather_torch are gather rows, see SPARSE_BACKENDS)."""
+    from models import BACKENDS
+    if backend in ("block", "flex"):
+        return BACKENDS[backend](block_size)
+    if backend == "gather_bf16":
+        return BACKENDS["gather"](index_dtype=torch.bfloat16)
+    return BACKENDS["gather" if backend == "gather_torch" else backend]()
+
+
 def measure(args, meter: Meter, backend: str, L: int, inputs: dict) -> dict:
     """One row: its times and peak memory, or in `note` why it has none (skipped, or the one-line failure)."""
     row = empty_row(args, backend, L)
@@ -332,13 +361,19 @@ def measure(args, meter: Meter, backend: str, L: int, inputs: dict) -> dict:
         row["note"] = reason
         return row
     t0 = time.perf_counter()
+    if backend in ("gather", "gather_bf16") and args.attention == "mha":
+        from dsa_lab.kernels.cpu_sparse import kernel_available, kernel_status
+        row["note"] = "C++ kernel" if kernel_available(inputs["qkv"][0]) else "torch path: " + (
+            kernel_status() if args.device == "cpu" else args.device)
     try:
         select, fwd_only, fwd_bwd = step_fns(backend, args, inputs)
         row["fwd_ms"] = meter.time_ms(fwd_only)
         row["fwd_bwd_ms"] = meter.time_ms(fwd_bwd)
-        row["peak_mem_mb"] = cuda_peak_mb(fwd_bwd) if args.device == "cuda" else cpu_peak_mb_fresh(args, backend, L)
+        if not args.no_memory:
+            row["peak_mem_mb"] = cuda_peak_mb(fwd_bwd) if args.device == "cuda" else cpu_peak_mb_fresh(args, backend, L)
         if select is not None:
             row["indexer_ms"] = meter.time_ms(select)
+            row["indexer_share_of_fwd"] = row["indexer_ms"] / row["fwd_ms"]
     except Exception as err:  # noqa: BLE001 - any failure (OOM, Triton compile error, unavailable kernel) is a row
         row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_mb=None, indexer_ms=None)
         row["note"] = f"failed: {failure_reason(err)}"
@@ -380,24 +415,39 @@ def crossover_lengths(rows: list[dict]) -> dict[str, int | None]:
 
 
 def indexer_cost(args, meter: Meter, L: int, dense_row: dict) -> list[dict]:
-    """Token-level chunked indexer + top-k time for several indexer sizes, as a share of the dense baseline."""
+    """Token-level chunked indexer + top-k time for several indexer sizes, as a share of the dense baseline; the
+    model's indexer also with its q.k GEMM in bf16 (chunked_select index_dtype), with the share of slots its sets
+    share with the fp32 sets on the same inputs."""
     from dsa_lab.kernels import chunked as kernels
     rows = []
-    for heads, dim in INDEXER_SIZES:
+    sizes = [(h, d, None) for h, d in INDEXER_SIZES] + [(args.indexer_heads, args.indexer_dim, torch.bfloat16)]
+    for heads, dim, index_dtype in sizes:
         indexer = make_inputs(args, L, heads, dim, seed=1)["indexer"]
-        ms = meter.time_ms(lambda: kernels.chunked_select(*indexer, args.top_k))
+        ms = meter.time_ms(lambda: kernels.chunked_select(*indexer, args.top_k, index_dtype=index_dtype))
         fwd, fb = dense_row.get("fwd_ms"), dense_row.get("fwd_bwd_ms")
-        rows.append({"seq_len": L, "indexer": f"{heads}x{dim}", "indexer_ms": ms, "baseline": dense_row["backend"],
-                     "share_of_sdpa_fwd": ms / fwd if fwd else None,
-                     "share_of_sdpa_fwd_bwd": ms / fb if fb else None})
+        rows.append({"seq_len": L, "indexer": f"{heads}x{dim}" + (" bf16" if index_dtype else ""), "indexer_ms": ms,
+                     "baseline": dense_row["backend"], "share_of_sdpa_fwd": ms / fwd if fwd else None,
+                     "share_of_sdpa_fwd_bwd": ms / fb if fb else None,
+                     "set_overlap_vs_fp32": set_overlap(kernels.chunked_select(*indexer, args.top_k, index_dtype=index_dtype)[0],
+                                                        kernels.chunked_select(*indexer, args.top_k)[0])
+                     if index_dtype else None})
     return rows
+
+
+def set_overlap(idx_a: torch.Tensor, idx_b: torch.Tensor) -> float:
+    """Selections (B, L, K) (-1 invalid) -> the share of idx_b's valid slots whose token idx_a also selects (rows
+    hold distinct tokens, so a token present in both rows appears twice in their sorted concatenation)."""
+    both = torch.cat([idx_a, idx_b], dim=-1).sort(dim=-1).values
+    shared = ((both[..., 1:] == both[..., :-1]) & (both[..., 1:] >= 0)).sum()
+    return shared.item() / (idx_b >= 0).sum().item()
 
 
 @torch.no_grad()
 def selection_quality(args, L: int) -> list[dict]:
     """Token-level (gather) vs block selection at the same k on peaky random attention, both with the same
     informative indexer (the attention queries and head-mean keys): dense-attention mass inside the selected
-    set (recall, rows with t >= k + block) and relative output error vs dense attention. A proxy only: the
+    set (recall, rows with t >= k + block) and relative output error vs dense attention; token-level also with
+    the bf16 indexer GEMM (its recall change and set overlap with the fp32 sets). A proxy only: the
     real quality comparison is the trained models' loss (run_experiment.py). Runs on --device, in fp32."""
     from dsa_lab.kernels.backends import BlockBackend, GatherBackend
     from sparse_attention import causal_attention_probs, sparse_attention_masked
@@ -407,14 +457,16 @@ def selection_quality(args, L: int) -> list[dict]:
     iq, ik, iw = q.transpose(1, 2), k.mean(1), q.new_ones(B, L, H)  # indexer = the attention's own q, mean k
     dense_p = causal_attention_probs(q, k)  # (B, H, L, L)
     dense_out = dense_p @ v
-    rows = []
-    for backend in (GatherBackend(), BlockBackend(args.block_size)):
+    rows, fp32_idx = [], None
+    for backend in (GatherBackend(), GatherBackend(index_dtype=torch.bfloat16), BlockBackend(args.block_size)):
         selection = backend.select_indexed(iq, ik, iw, args.top_k)
         idx, valid = selection.selected_idx, selection.valid
+        fp32_idx = idx if fp32_idx is None else fp32_idx
         out, _ = sparse_attention_masked(q, k, v, idx, valid)
         mass = (dense_p.gather(-1, idx.clamp(min=0)[:, None].expand(-1, H, -1, -1)) * valid[:, None]).sum(-1)
         rows_t = torch.arange(L, device=q.device) >= args.top_k + args.block_size
-        rows.append({"backend": backend.name, "seq_len": L, "top_k": args.top_k,
+        rows.append({"backend": backend.name + (" bf16 indexer" if backend.index_dtype else ""), "seq_len": L,
+                     "top_k": args.top_k, "set_overlap_vs_fp32": set_overlap(idx, fp32_idx) if backend.index_dtype else None,
                      "recall": float(mass[..., rows_t].mean()) if rows_t.any() else None,
                      "rel_err_vs_dense": float((out - dense_out).norm() / dense_out.norm())})
     return rows
@@ -607,12 +659,12 @@ def _fmt(x, spec=".1f") -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'backend':<14}{'L':>7}{'k':>6}{'fwd ms':>11}{'fwd+bwd ms':>12}{'indexer ms':>12}"
+    lines = [f"{'backend':<14}{'L':>7}{'k':>6}{'fwd ms':>11}{'fwd+bwd ms':>12}{'indexer ms':>12}{'idx/fwd':>9}"
              f"{'peak MiB':>10}{'x dense':>9}  note"]
     for r in rows:
         lines.append(f"{r['backend']:<14}{r['seq_len']:>7}{r['top_k']:>6}{_fmt(r['fwd_ms']):>11}"
-                     f"{_fmt(r['fwd_bwd_ms']):>12}{_fmt(r['indexer_ms']):>12}{_fmt(r['peak_mem_mb']):>10}"
-                     f"{_fmt(r['speedup_vs_sdpa'], '.2f'):>9}  {r['note']}")
+                     f"{_fmt(r['fwd_bwd_ms']):>12}{_fmt(r['indexer_ms']):>12}{_fmt(r.get('indexer_share_of_fwd'), '.2f'):>9}"
+                     f"{_fmt(r['peak_mem_mb']):>10}{_fmt(r['speedup_vs_sdpa'], '.2f'):>9}  {r['note']}")
     return "\n".join(lines)
 
 
@@ -692,6 +744,7 @@ def run_kernels(args, meter, header: dict) -> None:
     else:
         quality = selection_quality(args, min(args.seq_lens[0], 2048))
     record.extra["selection_quality"] = quality
+    goals = record.extra["goals"] = goal_rows(rows, cost, args.attention)
     record.write(complete=True)
     plot_scaling(rows, crossover, os.path.join(args.out, "benchmark_scaling.png"),
                  f"{args.attention.upper()} H={args.heads} d={args.head_dim} k={args.top_k} {args.dtype} ({header['device']})")
@@ -701,6 +754,7 @@ def run_kernels(args, meter, header: dict) -> None:
     print(format_table(rows))
     print(format_crossover(crossover, max(args.seq_lens)))
     print_costs(cost, quality)
+    print_goals(goals, header["device_name"])
 
 
 class Record:
@@ -738,7 +792,7 @@ def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
     """Every (L, backend) row, then per L the indexer cost vs the fastest dense row; the record is rewritten
     after each row. Rows past the time budget carry its note instead of numbers."""
     from tqdm import tqdm
-    backends = backend_list(args.device, args.attention)
+    backends = [b for b in backend_list(args.device, args.attention) if not args.backends or b in args.backends]
     rows, cost = record.rows, record.extra.setdefault("indexer_cost", [])
     took = {}  # backend -> (L, seconds its row took): a row expected to outlast the budget left is skipped
     with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
@@ -771,20 +825,48 @@ def empty_row(args, backend: str, L: int, note: str = "") -> dict:
     """A row without numbers (yet); `note` says why."""
     return {"backend": backend, "attention": args.attention, "seq_len": L, "top_k": args.top_k,
             "dense": is_dense(backend), "fwd_ms": None, "fwd_bwd_ms": None, "peak_mem_mb": None,
-            "indexer_ms": None, "speedup_vs_sdpa": None, "baseline": None, "note": note}
+            "indexer_ms": None, "indexer_share_of_fwd": None, "speedup_vs_sdpa": None, "baseline": None,
+            "note": note}
 
 
 def print_costs(cost: list[dict], quality: list[dict]) -> None:
     """The indexer's cost against the fastest dense baseline, and the selection-quality proxy."""
     print("\nindexer (chunked scores + top-k) cost vs the fastest dense baseline")
-    print(f"{'L':>7}{'indexer':>9}{'ms':>10}{'/ dense fwd':>13}{'/ dense fwd+bwd':>17}")
+    print(f"{'L':>7}{'indexer':>12}{'ms':>10}{'/ dense fwd':>13}{'/ dense fwd+bwd':>17}{'set overlap vs fp32':>21}")
     for c in cost:
-        print(f"{c['seq_len']:>7}{c['indexer']:>9}{c['indexer_ms']:>10.1f}{_fmt(c['share_of_sdpa_fwd'], '.2f'):>13}"
-              f"{_fmt(c['share_of_sdpa_fwd_bwd'], '.2f'):>17}")
-    print("\nselection quality proxy (same indexer, same k): token-level DSA vs query-block-shared")
+        print(f"{c['seq_len']:>7}{c['indexer']:>12}{c['indexer_ms']:>10.1f}{_fmt(c['share_of_sdpa_fwd'], '.2f'):>13}"
+              f"{_fmt(c['share_of_sdpa_fwd_bwd'], '.2f'):>17}{_fmt(c.get('set_overlap_vs_fp32'), '.4f'):>21}")
+    print("\nselection quality proxy (same indexer, same k): token-level DSA (fp32 / bf16 indexer GEMM) vs query-block-shared")
     for qrow in quality:
-        print(f"  {qrow['backend']:<7} L={qrow['seq_len']} recall {_fmt(qrow['recall'], '.3f')}  "
-              f"rel. error vs dense {qrow['rel_err_vs_dense']:.3f}")
+        overlap = qrow.get("set_overlap_vs_fp32")
+        print(f"  {qrow['backend']:<20} L={qrow['seq_len']} recall {_fmt(qrow['recall'], '.4f')}  "
+              f"rel. error vs dense {qrow['rel_err_vs_dense']:.4f}" + (f"  set overlap vs fp32 {overlap:.4f}" if overlap else ""))
+
+
+def goal_rows(rows: list[dict], cost: list[dict], attention: str) -> list[dict]:
+    """Issue 31's goals (GOALS) that this run measured: each as a ratio to the fastest dense fwd+bwd at its L."""
+    out = []
+    for name, att, L, what, target in GOALS:
+        if att != attention:
+            continue
+        if what == "indexer":
+            ratios = [(c["indexer"], c["share_of_sdpa_fwd_bwd"]) for c in cost if c["seq_len"] == L and c["indexer"] == "4x64"]
+        else:
+            ratios = [(r["backend"], 1 / r["speedup_vs_sdpa"]) for r in rows if r["seq_len"] == L and not r["dense"]
+                      and r["speedup_vs_sdpa"] and (what == "best" or r["backend"] == what)]
+        if ratios and ratios[0][1] is not None:
+            which, ratio = min(ratios, key=lambda x: x[1])
+            out.append({"goal": name, "seq_len": L, "path": which, "ratio_vs_dense": ratio, "target": target,
+                        "met": ratio <= target})
+    return out
+
+
+def print_goals(goals: list[dict], cpu: str) -> None:
+    if goals:
+        print(f"\nissue 31 goals on {cpu} (time / fastest dense fwd+bwd at that L; below the target = met)")
+    for g in goals:
+        print(f"  {g['goal']:<48} L={g['seq_len']:<6} {g['path']:<13} {g['ratio_vs_dense']:.3f}  target <= {g['target']}"
+              f"  {'met' if g['met'] else 'NOT met'}")
 
 
 if __name__ == "__main__":

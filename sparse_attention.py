@@ -216,11 +216,14 @@ def selection_mask(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> t
 def sparse_attention_masked(q, k, v, selected_idx, valid, return_probs: bool = False):
     """Reference sparse attention: dense scores with everything outside S_t set to -inf.
 
-    q, k, v (B, H, L, D); selected_idx, valid (B, L, K) -> out (B, H, L, D) and, if asked,
+    q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv) (Hkv = H, or GQA: Hkv divides H and query head h uses
+    KV head h // (H / Hkv)); selected_idx, valid (B, L, K) -> out (B, H, L, Dv) and, if asked,
     the probabilities at the selected slots (B, H, L, K) (0 at invalid slots).
     """
     L = q.shape[2]
     check_selection(selected_idx, valid, L)
+    if k.shape[1] != q.shape[1]:  # GQA: each KV head serves H / Hkv query heads
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     allowed = selection_mask(selected_idx, valid, L)[:, None]  # (B, 1, L, L)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, L, L)

@@ -49,18 +49,21 @@ def _run_tiny(tmp_path, capsys, extra):
 def test_tiny_mha_benchmark_writes_json_and_png(tmp_path, capsys):
     data, printed = _run_tiny(tmp_path, capsys, [])
     rows = data["rows"]
-    assert {(r["backend"], r["seq_len"]) for r in rows} >= {(b, L) for b in ("sdpa", "gather", "block")
-                                                            for L in (128, 256)}
+    ran = ("sdpa", "gather", "gather_bf16", "gather_torch", "block")  # gather_*: the bf16 indexer, the torch twin
+    assert {(r["backend"], r["seq_len"]) for r in rows} >= {(b, L) for b in ran for L in (128, 256)}
     for r in rows:
-        if r["backend"] in ("sdpa", "gather", "block"):
+        if r["backend"] in ran:
             assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_mem_mb"] >= 0
             assert r["speedup_vs_sdpa"] > 0
         else:  # triton / flex cannot run on CPU: a note, never a number
             assert r["fwd_ms"] is None and r["note"]
-    assert set(data["crossover"]) == {"gather", "block"}  # backends that ran; triton/flex have no numbers
-    assert all(r["indexer_ms"] > 0 for r in rows if r["backend"] in ("gather", "block"))
-    assert {c["indexer"] for c in data["indexer_cost"]} == {"4x64", "2x32", "1x16", "1x8"}
-    assert {q["backend"] for q in data["selection_quality"]} == {"gather", "block"}
+    assert set(data["crossover"]) == set(ran) - {"sdpa"}  # backends that ran; triton/flex have no numbers
+    assert all(r["indexer_ms"] > 0 and 0 < r["indexer_share_of_fwd"] for r in rows if r["backend"] in ran[1:])
+    assert all(r["note"] == "C++ kernel" for r in rows if r["backend"] in ("gather", "gather_bf16"))
+    assert {c["indexer"] for c in data["indexer_cost"]} == {"4x64", "2x32", "1x16", "1x8", "2x16 bf16"}  # the model's
+    assert all(0.9 < c["set_overlap_vs_fp32"] <= 1 for c in data["indexer_cost"] if c["indexer"] == "2x16 bf16")
+    assert {q["backend"] for q in data["selection_quality"]} == {"gather", "gather bf16 indexer", "block"}
+    assert data["goals"] == []  # the goal rows are at L 8192 / 16384
     for backend in ("gather", "block"):
         assert f"{backend} " in printed.split("crossover")[1].splitlines()[0]
 
@@ -281,3 +284,21 @@ def test_a_row_expected_to_outlast_the_budget_left_is_skipped_and_the_faster_row
     note = record.projected_note((4096, 30.0), 8192)  # ~120 s expected
     assert note.startswith("skipped: expected ~120 s from its L 4096 row"), note
     assert benchmark.Record(str(tmp_path / "c.json"), {}, None).projected_note((4096, 1e9), 8192) == ""
+
+
+def test_set_overlap_and_goal_rows():
+    """set_overlap counts shared valid tokens per row (order-free, -1 ignored); goal_rows turns the issue's goals
+    into ratios to the fastest dense fwd+bwd (best = the fastest sparse row at that L)."""
+    a = torch.tensor([[[3, 1, 0, -1], [2, 5, 4, 1]]])
+    b = torch.tensor([[[0, 1, 2, -1], [1, 2, 3, 6]]])
+    assert benchmark.set_overlap(a, b) == 4 / 7  # rows share {0, 1} and {1, 2} of b's 3 + 4 valid tokens
+    rows = [{"backend": "sdpa", "seq_len": 8192, "dense": True, "speedup_vs_sdpa": 1.0},
+            {"backend": "gather", "seq_len": 8192, "dense": False, "speedup_vs_sdpa": 2.0},
+            {"backend": "block", "seq_len": 8192, "dense": False, "speedup_vs_sdpa": 4.0},
+            {"backend": "gather", "seq_len": 16384, "dense": False, "speedup_vs_sdpa": 2.5}]
+    cost = [{"seq_len": 16384, "indexer": "4x64", "share_of_sdpa_fwd_bwd": 0.1},
+            {"seq_len": 16384, "indexer": "4x64 bf16", "share_of_sdpa_fwd_bwd": 0.05}]
+    goals = {g["goal"]: g for g in benchmark.goal_rows(rows, cost, "mha")}
+    assert [(g["path"], g["ratio_vs_dense"], g["met"]) for g in goals.values()] == [
+        ("gather", 0.4, True), ("4x64", 0.1, True), ("block", 0.25, True)]
+    assert benchmark.goal_rows(rows, cost, "mqa")[0]["ratio_vs_dense"] == 0.4

@@ -12,7 +12,7 @@ LAYERS = [
     ("plumbing", ["config", "dsa_lab.common.rope", "dsa_lab.common.distributed", "dsa_lab.common.results_io", "dsa_lab.common.variants",
                   "dsa_lab.common.plateau", "dsa_lab.common.work_sizes"]),
     ("reference", ["sparse_attention"]),
-    ("fast paths", ["dsa_lab.kernels.chunked", "dsa_lab.kernels.chunked_mqa", "dsa_lab.kernels.triton_mha", "dsa_lab.kernels.triton_mqa"]),
+    ("fast paths", ["dsa_lab.kernels.chunked", "dsa_lab.kernels.chunked_mqa", "dsa_lab.kernels.cpu_sparse", "dsa_lab.kernels.triton_mha", "dsa_lab.kernels.triton_mqa"]),
     ("backends", ["dsa_lab.kernels.backends"]),
     ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
     ("models", ["models", "dsa_lab.interop.hf_interop", "dsa_lab.interop.retrofit"]),

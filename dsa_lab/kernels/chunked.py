@@ -55,7 +55,7 @@ def selected_scores_chunk(B: int, L: int, K: int, H_I: int, d_I: int, device) ->
 
 
 @torch.no_grad()
-def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None):
+def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None, index_dtype=None):
     """Causal top-k selection over query chunks: the same set as TopKTokenSelector(index_scores(q, k, w)).
 
     q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> selected_idx (B, L, K) (-1 invalid), valid (B, L, K),
@@ -66,6 +66,10 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     early chunks, with short key prefixes, hold more queries; on CPU they run on `run_chunks`' worker threads.
     `score_fn(q_chunk, k_prefix, w_chunk)` replaces the
     fused torch scoring (`index_scores` maths; the Triton backend passes its kernel).
+    `index_dtype=torch.bfloat16` (CPU or CUDA, fp32 inputs): the per-head q.k GEMM runs on bf16-rounded q and k
+    (2.2x the fp32 GEMM rate on an AVX512-BF16 CPU), ReLU, the head weights and top-k stay fp32 — a cheaper
+    indexer whose sets differ from fp32's only where scores tie within bf16 rounding (docs/benchmarks.md measures
+    the overlap and the recall change).
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
@@ -76,7 +80,13 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None)
     valid = torch.zeros(B, L, K, dtype=torch.bool, device=q.device)
     k_t = k.transpose(1, 2)  # (B, d_I, L)
     bounds = _chunk_bounds(L, chunk) if chunk else selection_bounds(B, L, H_I, q.device)
-    run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share), bounds, q.device)
+    low = None
+    if index_dtype is not None and index_dtype != dtype:
+        if score_fn is not None:
+            raise ValueError("chunked_select: index_dtype and score_fn are exclusive (score_fn computes its own dtype)")
+        low = (q.to(index_dtype), k_t.to(index_dtype).contiguous())  # (B, L, H_I, d_I), (B, d_I, L) rows for the GEMM
+    run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share, low), bounds,
+               q.device)
     return certify_selection(selected_idx, valid), valid  # distinct top-k positions, -1 exactly at invalid slots
 
 
@@ -115,12 +125,14 @@ def run_chunks(work, bounds: list, device) -> list:
             return [f.result() for f in [pool.submit(in_caller_grad_mode, bounds[i::workers]) for i in range(workers)]]
 
 
-def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds) -> None:
+def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds, low=None) -> None:
     keys = _KeyBuffer(q.shape[0], q.shape[1], q.device)
-    work = [q.new_empty(0), q.new_empty(0)]  # reused score buffers (fresh ones cost ~7 % of the scoring on CPU)
+    work = [q.new_empty(0), q.new_empty(0), low[0].new_empty(0) if low else None]  # reused score buffers (fresh
+    #                                                         ones cost ~7 % of the scoring on CPU, far more in bf16)
     for start, stop in bounds:
         if score_fn is None:
-            scores = _causal_prefix_scores(q[:, start:stop], k_t[:, :, :stop], w[:, start:stop], start, work)
+            gemm = (low[0][:, start:stop], low[1][:, :, :stop]) if low else (q[:, start:stop], k_t[:, :, :stop])
+            scores = _causal_prefix_scores(*gemm, w[:, start:stop], start, work)
         else:
             scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
         idx_c, valid_c = _chunk_top_k(scores, min(K, stop), keys)  # (B, c, min(K, stop))
@@ -159,16 +171,22 @@ def _causal_prefix_scores(q_c, k_t, w_c, start: int, work: list) -> torch.Tensor
     """index_scores for queries [start, start + c) over keys [0, stop): q_c (B, c, H_I, d_I), k_t (B, d_I, stop),
     w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
     only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor).
-    `work`: two flat buffers, grown as needed and written in place, that hold the per-head and the summed
-    scores (the result is a view of work[1]). q_c, k_t and w_c share one dtype (`score_dtype`): out= skips
-    autocast, so a buffer in q's dtype next to an autocast-fp32 k would be refused."""
+    `work`: flat buffers, grown as needed and written in place, that hold the per-head and the summed
+    scores (the result is a view of work[1]), and (work[2], or None) the per-head scores of a bf16 GEMM: q_c and
+    k_t may then be bf16 while w_c and the other buffers keep the scores' dtype. Otherwise q_c, k_t and w_c share
+    one dtype (`score_dtype`): out= skips autocast, so a buffer in q's dtype next to an autocast-fp32 k would be
+    refused."""
     B, c, H_I, d_I = q_c.shape
     stop = k_t.shape[-1]
-    for i, n in enumerate((B * c * H_I * stop, B * c * stop)):
-        if work[i].numel() < n:
-            work[i] = q_c.new_empty(n)
-    per_head = torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t,
-                         out=work[0][:B * c * H_I * stop].view(B, c * H_I, stop)).relu_()  # one GEMM
+    for i, n in enumerate((B * c * H_I * stop, B * c * stop, B * c * H_I * stop)):
+        if work[i] is not None and work[i].numel() < n:
+            work[i] = work[i].new_empty(n)
+    per_head = work[0][:B * c * H_I * stop].view(B, c * H_I, stop)
+    if q_c.dtype == per_head.dtype:
+        torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t, out=per_head)  # one GEMM
+    else:  # bf16 GEMM (chunked_select's index_dtype), then ReLU and the head weights in the scores' dtype
+        per_head.copy_(torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t, out=work[2][:per_head.numel()].view_as(per_head)))
+    per_head.relu_()
     scores = torch.bmm(w_c.reshape(B * c, 1, H_I), per_head.view(B * c, H_I, stop),
                        out=work[1][:B * c * stop].view(B * c, 1, stop)).view(B, c, stop)
     future = torch.ones(c, c, dtype=torch.bool, device=q_c.device).triu_(1)  # s > t inside the diagonal block

@@ -1,0 +1,201 @@
+"""Token-level sparse attention on CPU that never materialises the gathered keys/values: a small C++ kernel
+(`cpu_sparse.cpp`, built with the system C++ compiler at first use, cached, loaded with ctypes).
+
+Per query t and KV head g the kernel reads each selected key/value row once, straight inside the dot products, and
+uses it for all G = H / Hkv query heads of the group (MHA G = 1, GQA, MQA Hkv = 1): no (L, K, H, D) gather, no KV
+head repeated per query head. K and V are read token-major (a selected token is one contiguous row for all its KV heads; copied once per
+forward when they come head-major). Forward writes out and the log-sum-exp; backward recomputes the scores per
+query and accumulates dK/dV in per-worker token-major tables (no atomics). Query chunks run on `run_chunks`' Python worker threads (ctypes
+drops the GIL), so no second OpenMP runtime runs beside torch's.
+
+  sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs)   q (B, H, L, D), k (B, Hkv, L, D),
+      v (B, Hkv, L, Dv) -> out (B, H, L, Dv), probs (B, H, L, K) (detached) or None
+  kernel_available(q) / kernel_status()   whether the kernel serves these tensors, and why not
+
+The build: `g++ -O3 -march=native -fopenmp-simd -shared -fPIC` (CXX overrides g++) into
+$DSA_LAB_KERNEL_CACHE (default ~/.cache/dsa_lab/kernels), named by a hash of the source, the compiler's version, the
+flags and this CPU's feature flags; built to a temporary name and renamed (concurrent processes are safe). When no
+compiler works, the first call warns once and every caller takes the torch path (`chunked.sparse_attention_gather`,
+the reference twin). DSA_LAB_CPU_KERNEL=0 turns the kernel off. fp32 and fp64 only; other dtypes take the torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from dsa_lab.common.work_sizes import chunk_bounds
+from dsa_lab.kernels.chunked import run_chunks
+from sparse_attention import check_selection
+
+SOURCE = Path(__file__).with_name("cpu_sparse.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+QUERIES_PER_CALL = 64  # queries per kernel call (a share of run_chunks' work; ~1 ms of work at k 256, H 8)
+_TYPES = {torch.float32: "f32", torch.float64: "f64"}
+_STATE: dict = {}  # "lib": the loaded CDLL, or "reason": why there is none
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse the cached) shared library and load it; raise OSError/RuntimeError when that fails."""
+    cxx = os.environ.get("CXX", "g++")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()
+    cache = Path(os.environ.get("DSA_LAB_KERNEL_CACHE") or Path.home() / ".cache" / "dsa_lab" / "kernels")
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = cache / f"cpu_sparse_{key[:16]}.so"
+    if not lib.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{cxx} failed: {(done.stderr.strip().splitlines() or ['?'])[0][:200]}")
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ctypes.CDLL(str(lib))
+
+
+def _library():
+    """The loaded kernel library, or None (the reason is in kernel_status(); warned once)."""
+    if "lib" in _STATE or "reason" in _STATE:
+        return _STATE.get("lib")
+    if os.environ.get("DSA_LAB_CPU_KERNEL", "1") == "0":
+        _STATE["reason"] = "turned off by DSA_LAB_CPU_KERNEL=0"
+        return None
+    try:
+        _STATE["lib"] = _build()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _STATE["reason"] = f"C++ kernel not built ({str(err).splitlines()[0][:200]}); using the torch gather path"
+        warnings.warn(_STATE["reason"], RuntimeWarning, stacklevel=3)
+    return _STATE.get("lib")
+
+
+def kernel_status() -> str:
+    """'built' or why the kernel is not used."""
+    return "built" if _library() is not None else _STATE["reason"]
+
+
+def kernel_available(q: torch.Tensor) -> bool:
+    """The kernel serves q's device and dtype (CPU, fp32/fp64, no autocast to another dtype), is built, and this is
+    no torch.compile trace (dynamo cannot trace a ctypes call: compiled models take the traceable torch path)."""
+    return (not torch.compiler.is_compiling() and q.device.type == "cpu" and q.dtype in _TYPES
+            and not torch.is_autocast_enabled("cpu") and _library() is not None)
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _longs(*xs):
+    return (ctypes.c_int64 * len(xs))(*xs)
+
+
+def _strides(t):
+    return _longs(*t.stride()[:3])
+
+
+def _token_major(t):
+    """(B, Hkv, L, D) -> the same values as a view of token-major (B, L, Hkv, D) memory (copied unless it is)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _SparseAttentionCPU(torch.autograd.Function):
+    """The kernel's forward and backward; saves q, k, v, the selection, out and the log-sum-exp (B, H, L)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected_idx, return_probs, scale):
+        lib, kind = _library(), _TYPES[q.dtype]
+        B, H, L, D = q.shape
+        Hkv, Dv, K = k.shape[1], v.shape[-1], selected_idx.shape[-1]
+        dims = _longs(B, H, Hkv, L, D, Dv, K)
+        out = q.new_empty(B, H, L, Dv)
+        lse = q.new_empty(B, H, L)
+        probs = q.new_zeros(B, H, L, K) if return_probs else None
+        fwd = getattr(lib, f"dsa_sparse_fwd_{kind}")
+        k, v = _token_major(k), _token_major(v)  # (B, Hkv, L, D) views of (B, L, Hkv, D) memory
+        qs, ks, vs = _strides(q), _strides(k), _strides(v)
+
+        def calls(share):
+            for t0, t1 in share:
+                fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(probs), dims, qs, ks, vs,
+                    ctypes.c_int64(t0), ctypes.c_int64(t1), ctypes.c_double(scale))
+
+        run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
+        ctx.save_for_backward(q, k, v, selected_idx, out, lse)
+        ctx.scale = scale
+        if probs is not None:
+            ctx.mark_non_differentiable(probs)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_probs):
+        q, k, v, selected_idx, out, lse = ctx.saved_tensors
+        lib, kind = _library(), _TYPES[q.dtype]
+        B, H, L, D = q.shape
+        Hkv, Dv, K = k.shape[1], v.shape[-1], selected_idx.shape[-1]
+        dims, scale = _longs(B, H, Hkv, L, D, Dv, K), ctx.scale
+        grad_out = _last_dim_contiguous(grad_out)
+        dq = q.new_empty(B, H, L, D)
+        bwd = getattr(lib, f"dsa_sparse_bwd_{kind}")
+        qs, ks, vs, dos = _strides(q), _strides(k), _strides(v), _strides(grad_out)
+
+        def calls(share):  # writes the share's rows of dq; returns its own dK, dV accumulators
+            dk, dv = q.new_zeros(B, L, Hkv, D), q.new_zeros(B, L, Hkv, Dv)  # token-major
+            for t0, t1 in share:
+                bwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(grad_out), _ptr(dq),
+                    _ptr(dk), _ptr(dv), dims, qs, ks, vs, dos, ctypes.c_int64(t0), ctypes.c_int64(t1),
+                    ctypes.c_double(scale))
+            return dk, dv
+
+        parts = run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
+        dk, dv = (sum(x[1:], x[0]).transpose(1, 2) for x in zip(*parts))
+        return dq, dk, dv, None, None, None
+
+
+def check_gqa_shapes(q, k, v) -> None:
+    """q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv) with Hkv dividing H; else one ValueError naming the fix."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, L, D), (B, Hkv, L, D), (B, Hkv, L, Dv); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape != (B, Hkv, L, D) or v.shape[:3] != (B, Hkv, L) or H % Hkv:
+        raise ValueError(f"k must be (B, Hkv, L, D) and v (B, Hkv, L, Dv) with Hkv dividing H = {H} (GQA) and "
+                         f"(B, L, D) = {(B, L, D)} as q; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs: bool = False, scale: float | None = None):
+    """Token-level DSA through the C++ kernel (see the module docstring; needs `kernel_available(q)`).
+    q (B, H, L, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), selected_idx/valid (B, L, K) (the selection contract:
+    invalid slots are exactly the -1 ones) -> out (B, H, L, Dv), probs (B, H, L, K) (detached, 0 invalid) or None.
+    Scores are scaled by `scale` (default D^-1/2). A row with no valid slot gives 0."""
+    check_gqa_shapes(q, k, v)
+    check_selection(selected_idx, valid, q.shape[2])
+    if not kernel_available(q):
+        raise ValueError(f"the C++ sparse-attention kernel does not serve {q.device} {q.dtype} tensors "
+                         f"({kernel_status()}); use chunked.sparse_attention_gather")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _SparseAttentionCPU.apply(q, k, v, selected_idx.to(torch.long).contiguous(), return_probs, scale)  # int64 for C

@@ -1,0 +1,156 @@
+"""The C++ sparse-attention kernel (dsa_lab/kernels/cpu_sparse.py) against the masked reference: outputs,
+probabilities and q/k/v gradients on MHA, GQA and MQA head layouts, rows with k > t + 1 (invalid slots), k >= L,
+strided inputs, worker threads; its build cache and the fallback when no compiler works."""
+import os
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+from dsa_lab.kernels import chunked, cpu_sparse
+from dsa_lab.kernels.backends import GatherBackend, sparse_attention_gather_torch
+from sparse_attention import Selection, sparse_attention_masked
+
+# only a machine without the compiler skips; where g++ exists (CI has gcc) a kernel that does not build fails here
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+
+
+def test_the_kernel_builds_where_a_compiler_exists():
+    assert cpu_sparse.kernel_status() == "built"
+
+# B, H, Hkv, L, D, Dv, k: MHA, GQA (groups of 2 and 3), MQA, k > L, k = L, one token
+SHAPES = [(2, 4, 4, 37, 8, 8, 7), (1, 6, 3, 40, 16, 16, 12), (2, 6, 2, 29, 8, 5, 64), (1, 4, 1, 25, 8, 8, 25),
+          (1, 2, 1, 1, 4, 4, 3), (3, 8, 2, 50, 12, 12, 30)]
+
+
+def _inputs(B, H, Hkv, L, D, Dv, k, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g, dtype=dtype, requires_grad=True)
+    kk = torch.randn(B, Hkv, L, D, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, L, Dv, generator=g, dtype=dtype, requires_grad=True)
+    indexer = (torch.randn(B, L, 2, 8, generator=g, dtype=dtype), torch.randn(B, L, 8, generator=g, dtype=dtype),
+               torch.randn(B, L, 2, generator=g, dtype=dtype))
+    return q, kk, v, chunked.chunked_select(*indexer, k)
+
+
+def _run(fn, q, k, v, selection):
+    out, probs = fn(q, k, v, *selection, return_probs=True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(out.dtype)
+    return out, probs, torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def _assert_close(a, b, atol):
+    for x, y in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2])):
+        torch.testing.assert_close(x, y, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,Dv,k", SHAPES)
+def test_kernel_equals_masked_reference(B, H, Hkv, L, D, Dv, k):
+    """fp64: outputs, slot probabilities and dq, dk, dv equal the masked reference (GQA there repeats the KV
+    heads); the selections include rows with t + 1 < k (invalid slots) and k >= L."""
+    q, kk, v, selection = _inputs(B, H, Hkv, L, D, Dv, k)
+    assert (~selection[1]).any() or L == 1
+    _assert_close(_run(cpu_sparse.sparse_attention_cpu, q, kk, v, selection),
+                  _run(sparse_attention_masked, q, kk, v, selection), atol=1e-10)
+
+
+def test_kernel_fp32_and_strided_inputs():
+    """fp32 within 1e-5 of the fp64 reference; q and grad_out as transposed views of (B, L, H, D) (the models'
+    layout) take the same strides path as contiguous ones."""
+    q, kk, v, selection = _inputs(2, 6, 3, 33, 16, 16, 9)
+    ref = _run(sparse_attention_masked, q, kk, v, selection)
+    q32 = q.detach().float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    k32, v32 = (t.detach().float().requires_grad_() for t in (kk, v))
+    assert not q32.is_contiguous()
+    got = _run(cpu_sparse.sparse_attention_cpu, q32, k32, v32, selection)
+    _assert_close(tuple(x.double() for x in got[:2]) + (tuple(g.double() for g in got[2]),), ref, atol=1e-5)
+
+
+def test_kernel_worker_threads_equal_one_thread(monkeypatch):
+    """Query calls dealt to two worker threads (each with its own dK/dV accumulator) give the one-thread
+    numbers, and two shares really ran."""
+    monkeypatch.setattr(cpu_sparse, "QUERIES_PER_CALL", 2)
+    monkeypatch.setattr(chunked, "MIN_PARALLEL_CHUNKS", 2)
+    shares, real = [], cpu_sparse.run_chunks
+    monkeypatch.setattr(cpu_sparse, "run_chunks", lambda work, bounds, device: shares.append(
+        len(parts := real(work, bounds, device))) or parts)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run(cpu_sparse.sparse_attention_cpu, *_inputs(2, 4, 2, 23, 8, 8, 5)))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_close(results[0], results[1], atol=1e-12)
+    assert shares == [1, 1, 2, 2]
+
+
+def test_gather_backend_takes_the_kernel_and_its_torch_twin_agrees():
+    """GatherBackend.attend on CPU fp64 runs the kernel; the torch path (the twin, KV heads repeated) gives the
+    same outputs and gradients on GQA shapes."""
+    q, kk, v, (idx, valid) = _inputs(2, 6, 2, 31, 8, 8, 10)
+    selection = Selection(idx, valid)
+    calls = []
+    real = cpu_sparse._SparseAttentionCPU.apply
+    cpu_sparse._SparseAttentionCPU.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        fast = _run(lambda *a, return_probs: GatherBackend().attend(*a[:3], selection=selection,
+                                                                    return_probs=return_probs), q, kk, v, (idx, valid))
+    finally:
+        cpu_sparse._SparseAttentionCPU.apply = real
+    twin = _run(lambda *a, return_probs: sparse_attention_gather_torch(*a[:3], selection, return_probs),
+                q, kk, v, (idx, valid))
+    assert calls == [1]
+    _assert_close(fast, twin, atol=1e-10)
+
+
+def test_refuses_bad_head_counts():
+    q, kk, v, (idx, valid) = _inputs(1, 6, 4, 9, 8, 8, 3)
+    with pytest.raises(ValueError, match="Hkv dividing H"):
+        cpu_sparse.sparse_attention_cpu(q, kk[:, :4], v[:, :4], idx, valid)
+
+
+def test_build_is_cached(monkeypatch):
+    """A second build finds the cached library: the compiler is asked only for its version."""
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(cpu_sparse.subprocess, "run", lambda argv, **kw: calls.append(argv) or real(argv, **kw))
+    cpu_sparse._build()
+    assert [argv[1:] for argv in calls] == [["--version"]]
+
+
+def test_no_compiler_falls_back_to_the_torch_path(monkeypatch, tmp_path):
+    """CXX that fails: one warning, kernel_status names the reason, GatherBackend still equals the reference."""
+    monkeypatch.setattr(cpu_sparse, "_STATE", {})
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("DSA_LAB_KERNEL_CACHE", str(tmp_path))
+    q, kk, v, (idx, valid) = _inputs(1, 4, 2, 17, 8, 8, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not cpu_sparse.kernel_available(q)
+        assert not cpu_sparse.kernel_available(q)
+    assert len(caught) == 1 and "torch gather path" in str(caught[0].message)
+    assert "not built" in cpu_sparse.kernel_status()
+    selection = Selection(idx, valid)
+    _assert_close(_run(lambda *a, return_probs: GatherBackend().attend(*a[:3], selection=selection,
+                                                                       return_probs=return_probs), q, kk, v, (idx, valid)),
+                  _run(sparse_attention_masked, q, kk, v, (idx, valid)), atol=1e-10)
+
+
+def test_bf16_indexer_selects_nearly_the_fp32_sets():
+    """chunked_select(index_dtype=bf16): the q.k GEMM in bf16, ReLU, weights and top-k in fp32 — a certified
+    selection whose sets overlap fp32's in >= 99 % of the slots on random indexer inputs (measured 99.6-99.7 % at
+    L 4096-16384, docs/benchmarks.md); the fp32 call is unchanged (equal to the default)."""
+    g = torch.Generator().manual_seed(4)
+    B, L, k = 2, 700, 64
+    q, kk, w = torch.randn(B, L, 4, 32, generator=g), torch.randn(B, L, 32, generator=g), torch.randn(B, L, 4, generator=g)
+    idx32, valid32 = chunked.chunked_select(q, kk, w, k)
+    selection = GatherBackend(index_dtype=torch.bfloat16).select_indexed(q, kk, w, k)
+    idx16, valid16 = selection.selected_idx, selection.valid
+    assert torch.equal(valid16, valid32)
+    same = (idx16.unsqueeze(-1) == idx32.unsqueeze(-2)).any(-1) & valid16
+    assert same.sum() / valid32.sum() >= 0.99
+    assert not torch.equal(idx16.sort(-1).values, idx32.sort(-1).values)  # bf16 really ran (some sets differ)
+    assert torch.equal(chunked.chunked_select(q, kk, w, k, index_dtype=torch.float32)[0], idx32)
