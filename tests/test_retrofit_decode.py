@@ -6,7 +6,7 @@ import torch
 
 from dsa_lab.inference import retrofit_decode as rd
 from dsa_lab.interop import retrofit
-from test_retrofit import tiny_base
+from test_retrofit import tiny_base, tiny_folder  # noqa: F401 (a fixture)
 
 PLANS = [("dense", 64, "masked"), ("dsa", 8, "masked"), ("dsa", 8, "gather"), ("dsa", 64, "gather"),
          ("oracle", 8, "masked"), ("oracle", 64, "gather")]
@@ -120,3 +120,28 @@ def test_smollm2_cached_steps_equal_full_recomputation(smollm2, selection):
             logits = rd.decode_step(model, state, token)
             full, _ = model(context, plan)
             torch.testing.assert_close(logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-5, msg=f"step {step}")
+
+
+def test_interleaved_discards_the_first_round_and_alternates():
+    from dsa_lab.experiments.retrofit_speed import interleaved
+    calls = []
+    samples = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b"] * 4 and all(len(s["wall_ms"]) == 3 == len(s["cpu_ms"]) for s in samples.values())
+
+
+def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder, tmp_path, capsys):
+    """benchmark.py --retrofit on a saved tiny Llama: one prefill and one decode row per L, the uncached row, the
+    untrained-indexer note; a length past the model's positions exits 2 in one line."""
+    import json
+
+    import benchmark
+    args = ["--retrofit", "--retrofit-model", str(tiny_folder), "--seq-lens", "64", "96", "--recompute-len", "64",
+            "--top-k", "16", "--repeats", "2", "--decode-steps", "2", "--out", str(tmp_path)]
+    assert benchmark.main(args) == 0
+    out = json.loads((tmp_path / "benchmark_retrofit.json").read_text())
+    assert [r["seq_len"] for r in out["prefill"]] == [64, 96] and [r["context"] for r in out["decode"]] == [64, 96]
+    assert out["recompute"]["context"] == 64 and out["indexers"] == "untrained (random init)"
+    assert 0 < out["prefill"][0]["indexer_share"] < 1 and out["decode"][1]["dsa_tokens_per_s"] > 0
+    assert "UNTRAINED" in capsys.readouterr().out
+    assert benchmark.main(args[:3] + ["--seq-lens", "1024"] + args[6:]) == 2
+    assert "exceed the model's 512 positions" in capsys.readouterr().err
