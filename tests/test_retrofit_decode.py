@@ -145,3 +145,23 @@ def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder
     assert "UNTRAINED" in capsys.readouterr().out
     assert benchmark.main(args[:3] + ["--seq-lens", "1024"] + args[6:]) == 2
     assert "exceed the model's 512 positions" in capsys.readouterr().err
+
+
+def test_sample_py_generates_from_a_retrofit_export_on_the_caches(tiny_folder, tmp_path, capsys):
+    """sample.py --retrofit EXPORT: greedy tokens equal retrofit.greedy_generate's (full recomputation) for DSA at
+    the export's k; --no-cache with --retrofit exits 2 in one line."""
+    import sample
+    base, tokenizer = retrofit.load_base(retrofit.BaseModelId(str(tiny_folder)))
+    torch.manual_seed(3)
+    model = retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512,
+                                base_id=retrofit.BaseModelId(str(tiny_folder)))
+    retrofit.export_retrofit(model, tmp_path / "export", {"top_ks": [6, 12]})
+    args = ["--retrofit", str(tmp_path / "export"), "--prompt", "To be, or not to be: that is the question",
+            "--max-new-tokens", "5", "--temperature", "0"]
+    result = sample.sample(sample.parse_args(args))
+    prompt = torch.tensor([tokenizer(args[3])["input_ids"]])
+    want = retrofit.greedy_generate(model.eval(), prompt, 5, retrofit.Plan("dsa", top_k=6, backend="gather"))
+    assert result["new_tokens"] == want[0, prompt.shape[1]:].tolist() and result["timing"]["decode_steps"] == 4
+    assert "dsa k=6, KV cache + indexer key cache" in capsys.readouterr().out
+    assert sample.main(args + ["--no-cache"]) == 2
+    assert "--no-cache is for --checkpoint" in capsys.readouterr().err

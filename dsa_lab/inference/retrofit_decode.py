@@ -10,8 +10,8 @@ decode_step(model, state, tokens)    the next position only, through the base mo
                                      score every cached indexer key (all past: causal by construction), top-k with
                                      select_top_k's tie rule, attention over the k selected cached rows. oracle: top-k
                                      of its own head-summed attention over the cached keys.
-generate(model, ids, n_new, plan)    greedy decoding on the caches; its reference twin is retrofit.greedy_generate
-                                     (a full forward per token).
+generate(model, ids, n_new, plan)    decoding on the caches (greedy, or sampled as decode.sample_next); the greedy
+                                     reference twin is retrofit.greedy_generate (a full forward per token).
 
 What a layer caches (buffers allocated once for `capacity` positions, decode.LayerCache):
   K, V (B, H_kv, T, D) after RoPE — one row per KV head: a GQA group's query heads read their KV head's rows
@@ -22,12 +22,13 @@ The base model runs its forward with use_cache=False and explicit position_ids; 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dsa_lab.inference.decode import LayerCache, _take
+from dsa_lab.inference.decode import LayerCache, _take, sample_next
 from dsa_lab.interop import retrofit
 from dsa_lab.interop.retrofit import Plan, RetrofitAux, RetrofitLM
 from sparse_attention import causal_attention_probs, check_no_nan, index_scores, select_top_k, timed
@@ -147,15 +148,24 @@ def decode_step(model: RetrofitLM, state: RetrofitState, tokens: torch.Tensor) -
 
 
 @torch.no_grad()
-def generate(model: RetrofitLM, ids: torch.Tensor, n_new: int, plan: Plan = Plan()) -> torch.Tensor:
-    """(B, L) -> (B, L + n_new): greedy decoding on the caches (equal to retrofit.greedy_generate's tokens)."""
-    if n_new < 1:
-        raise ValueError(f"n_new={n_new} must be >= 1")
+def generate(model: RetrofitLM, ids: torch.Tensor, n_new: int, plan: Plan = Plan(), *, temperature: float = 0.0,
+             top_k: int = 0, generator: torch.Generator | None = None, timing: dict | None = None) -> torch.Tensor:
+    """(B, L) -> (B, L + n_new) on the caches. temperature 0: greedy (the tokens of retrofit.greedy_generate, a full
+    forward per token); else a draw from softmax(logits / T) among the top_k most likely tokens (0 = all).
+    timing (a dict, if given) gains prefill_s, decode_s and decode_steps."""
+    if n_new < 1 or temperature < 0 or top_k < 0:
+        raise ValueError(f"n_new={n_new} must be >= 1, temperature={temperature} >= 0 and top_k={top_k} >= 0")
     check_cached_plan(model, plan, ids.shape[1] + n_new - 1)  # the last new token is never fed back
+    timing = {} if timing is None else timing
+    t0 = time.perf_counter()
     logits, state = prefill(model, ids, plan, capacity=ids.shape[1] + n_new)
+    timing.update(prefill_s=time.perf_counter() - t0, decode_s=0.0, decode_steps=0)
     out = [ids]
     for step in range(n_new):
-        out.append(logits[:, -1].argmax(-1, keepdim=True))  # (B, 1)
+        out.append(sample_next(logits[:, -1], temperature, top_k, generator)[:, None])  # (B, 1)
         if step + 1 < n_new:
+            t0 = time.perf_counter()
             logits = decode_step(model, state, out[-1])
+            timing["decode_s"] += time.perf_counter() - t0
+            timing["decode_steps"] += 1
     return torch.cat(out, dim=1)
