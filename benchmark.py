@@ -451,21 +451,13 @@ def end_to_end(args, meter: Meter) -> list[dict]:
 # ----------------------------------------------------------------------------- decoding
 def interleaved_ms(fns: dict, repeats: int, cuda: bool) -> dict:
     """{name: (median wall ms, median process-CPU ms)} of each callable, timed in turns (a, b, a, b, ...) after one
-    warm-up call each, so that load from other processes on a shared machine falls on all of them alike. The
-    process CPU time (all threads; None on CUDA) is what a call cost when other processes preempt it."""
-    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
-    for rep in range(repeats + 1):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            if rep:
-                wall[name].append((time.perf_counter() - t0) * 1e3)
-                cpu[name].append((time.process_time() - c0) * 1e3)
-    return {name: (statistics.median(wall[name]), None if cuda else statistics.median(cpu[name])) for name in fns}
+    discarded round (dsa_lab/common/timing.py), so that load from other processes on a shared machine falls on all
+    of them alike. The process CPU time (all threads; None on CUDA) is what a call cost when other processes
+    preempt it."""
+    from dsa_lab.common.timing import interleaved
+    samples = interleaved(fns, repeats, cuda)
+    return {name: (statistics.median(s["wall_ms"]), None if cuda else statistics.median(s["cpu_ms"]))
+            for name, s in samples.items()}
 
 
 def decode_speed(args) -> list[dict]:

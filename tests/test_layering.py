@@ -10,7 +10,7 @@ from conftest import ROOT
 # layer. Dotted names are modules inside the packages; plain names are the top-level modules users import.
 LAYERS = [
     ("plumbing", ["config", "dsa_lab.common.rope", "dsa_lab.common.distributed", "dsa_lab.common.results_io", "dsa_lab.common.variants",
-                  "dsa_lab.common.plateau", "dsa_lab.common.work_sizes"]),
+                  "dsa_lab.common.plateau", "dsa_lab.common.work_sizes", "dsa_lab.common.timing"]),
     ("reference", ["sparse_attention"]),
     ("fast paths", ["dsa_lab.kernels.chunked", "dsa_lab.kernels.chunked_mqa", "dsa_lab.kernels.triton_mha", "dsa_lab.kernels.triton_mqa"]),
     ("backends", ["dsa_lab.kernels.backends"]),

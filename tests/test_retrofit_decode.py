@@ -123,7 +123,7 @@ def test_smollm2_cached_steps_equal_full_recomputation(smollm2, selection):
 
 
 def test_interleaved_discards_the_first_round_and_alternates():
-    from dsa_lab.experiments.retrofit_speed import interleaved
+    from dsa_lab.common.timing import interleaved
     calls = []
     samples = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b"] * 4 and all(len(s["wall_ms"]) == 3 == len(s["cpu_ms"]) for s in samples.values())

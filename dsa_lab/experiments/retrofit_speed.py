@@ -19,27 +19,10 @@ import time
 
 import torch
 
+from dsa_lab.common.timing import interleaved
 from dsa_lab.inference import retrofit_decode
 from dsa_lab.interop.retrofit import Plan, greedy_generate
 from sparse_attention import SectionTimer
-
-
-def interleaved(fns: dict, repeats: int, cuda: bool = False) -> dict:
-    """{name: callable} -> {name: {"wall_ms": [...], "cpu_ms": [...]}} of `repeats` rounds, each callable once per
-    round in turn, after one discarded round."""
-    samples = {name: {"wall_ms": [], "cpu_ms": []} for name in fns}
-    for rnd in range(repeats + 1):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            if rnd:
-                samples[name]["wall_ms"].append(1e3 * (time.perf_counter() - t0))
-                samples[name]["cpu_ms"].append(1e3 * (time.process_time() - c0))
-    return samples
 
 
 def _timed_plan(plan: Plan, shares: list, cuda: bool):
