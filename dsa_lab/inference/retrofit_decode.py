@@ -89,7 +89,8 @@ class _CachedCall:
         if self.plan.selection != "dense":
             idx = timed(self.plan.timer, "indexer", self.select_one, layer, q, keys, scaling)  # (B, K)
             self.state.selected[layer] = idx
-            keys, values = _take(keys, idx, 2), _take(values, idx, 2)  # (B, H_kv, K, D): one gather per KV head
+            cache = self.state.caches[layer].buffers  # whole buffers (B, H_kv, capacity, D): contiguous, so the
+            keys, values = _take(cache["k"], idx, 2), _take(cache["v"], idx, 2)  # gather copies k rows, not the cache
         q = q.reshape(B, H_kv, H // H_kv, D)  # a GQA group's query heads side by side, as queries of its KV head
         out = timed(self.plan.timer, "attention", lambda: F.scaled_dot_product_attention(
             q, keys, values, scale=scaling))  # every cached (or selected) key is past: no mask
