@@ -57,6 +57,7 @@ GOALS = (  # issue 31's goal rows: (name, attention, L, what, target ratio vs th
     ("best sparse backend fwd+bwd incl. indexer", "mha", 8192, "best", 0.33))
 MEMORY_FLAG = "--_measure-memory"
 SDPA_MATH_MAX_L = 8192  # sdpa_math materialises (B, H, L, L) fp32 scores (bf16 is upcast): 64 GiB at L 32768, H 16
+RETROFIT_LENS, RETROFIT_TOP_K = (2048, 4096, 8192), 128  # --retrofit's defaults (issue 31's table)
 SLOW_WARMUP_S = 10.0  # CPU: a warm-up call slower than this counts as one of the --repeats samples
 
 
@@ -90,10 +91,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=20, help="--decode: timed decode steps per row (median)")
     p.add_argument("--decode-preset", default="default", choices=["quick", "default"],
                    help="--decode: the model widths (config.PRESETS)")
+    p.add_argument("--retrofit", action="store_true",
+                   help="SmolLM2 retrofit: prefill ms and decode tokens/s, dense vs DSA (defaults L 2048 4096 8192, k 128)")
+    p.add_argument("--retrofit-model", default=None, help="--retrofit: smollm2 (default) or a Llama-family NAME|PATH")
+    p.add_argument("--retrofit-backend", default="gather", choices=["gather", "masked", "sdpa_mask"],
+                   help="--retrofit: DSA's attention backend in the prefill")
+    p.add_argument("--recompute-len", type=int, default=2048,
+                   help="--retrofit: context of the generation without caches (a full forward per token)")
     p.add_argument(MEMORY_FLAG, nargs=2, metavar=("BACKEND", "L"), default=None, help=argparse.SUPPRESS)
+    if "--retrofit" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(seq_lens=list(RETROFIT_LENS), top_k=RETROFIT_TOP_K)
     args = p.parse_args(argv)
     for name in ("top_k", "heads", "head_dim", "batch", "indexer_heads", "indexer_dim", "block_size", "repeats",
-                 "e2e_seq_len", "decode_steps"):
+                 "e2e_seq_len", "decode_steps", "recompute_len"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     if args.time_budget_s is not None and args.time_budget_s <= 0:
@@ -549,21 +559,13 @@ def e2e_step(args, name: str, backend: str):
 # ----------------------------------------------------------------------------- decoding
 def interleaved_ms(fns: dict, repeats: int, cuda: bool) -> dict:
     """{name: (median wall ms, median process-CPU ms)} of each callable, timed in turns (a, b, a, b, ...) after one
-    warm-up call each, so that load from other processes on a shared machine falls on all of them alike. The
-    process CPU time (all threads; None on CUDA) is what a call cost when other processes preempt it."""
-    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
-    for rep in range(repeats + 1):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            if rep:
-                wall[name].append((time.perf_counter() - t0) * 1e3)
-                cpu[name].append((time.process_time() - c0) * 1e3)
-    return {name: (statistics.median(wall[name]), None if cuda else statistics.median(cpu[name])) for name in fns}
+    discarded round (dsa_lab/common/timing.py), so that load from other processes on a shared machine falls on all
+    of them alike. The process CPU time (all threads; None on CUDA) is what a call cost when other processes
+    preempt it."""
+    from dsa_lab.common.timing import interleaved
+    samples = interleaved(fns, repeats, cuda)
+    return {name: (statistics.median(s["wall_ms"]), None if cuda else statistics.median(s["cpu_ms"]))
+            for name, s in samples.items()}
 
 
 def decode_speed(args) -> list[dict]:
@@ -692,6 +694,8 @@ def main(argv=None) -> int:
                                   "fresh subprocess per (backend, L): VmHWM during one fwd+bwd (after a small warm-up step; "
                                   "peak RSS counter reset via /proc/self/clear_refs) minus VmRSS before it")}
     header["load_avg_start"] = _load_avg()
+    if args.retrofit:
+        return run_retrofit(args, header)
     if args.decode:
         run_decode(args, header)
     elif args.end_to_end:
@@ -715,6 +719,79 @@ def run_decode(args, header: dict) -> None:
               f"prefill {r['prefill_s']:7.2f} s  decode {r['decode_ms_per_step']:8.2f} ms/token "
               f"{r['decode_tokens_per_s']:8.1f} tokens/s  x dense {r['speedup_vs_dense']:.2f}  |  process CPU "
               f"{_fmt(r['decode_cpu_ms_per_step'], '.2f')} ms/token  x dense {_fmt(r['cpu_speedup_vs_dense'], '.2f')}")
+
+
+def retrofit_model(args):
+    """--retrofit's model: the base model with random (untrained) indexers; its positions must hold every L."""
+    from dsa_lab.interop import retrofit
+    model_id = retrofit.resolve_model(args.retrofit_model)
+    base, _ = retrofit.load_base(model_id)
+    limit = getattr(base.config, "max_position_embeddings", None) or max(args.seq_lens)
+    longest = max(*args.seq_lens, args.recompute_len)
+    if longest > limit:
+        raise ValueError(f"--seq-lens/--recompute-len up to {longest} exceed the model's {limit} positions; use "
+                         f"lengths <= {limit}")
+    torch.manual_seed(0)
+    model = retrofit.RetrofitLM(base, max_seq_len=longest, base_id=model_id).to(args.device).eval()
+    return model, model_id
+
+
+def retrofit_speed_rows(args, model) -> dict:
+    """Per L: prefill dense vs DSA, then decode at a context of L on those caches; full recomputation at
+    --recompute-len. Random token ids (speed does not depend on them)."""
+    from dsa_lab.experiments import retrofit_speed as speed
+    cuda, longest = args.device == "cuda", max(*args.seq_lens, args.recompute_len)
+    ids = torch.randint(0, model.base.config.vocab_size, (1, longest), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    out = {"prefill": [], "decode": []}
+    for L in args.seq_lens:
+        row, states = speed.prefill_speed(model, ids[:, :L], args.top_k, args.retrofit_backend, args.repeats,
+                                          cuda=cuda)
+        out["prefill"].append(row)
+        out["decode"].append(speed.decode_speed(model, states, ids[:, L - 1:L], args.decode_steps, cuda))
+        print(format_retrofit_row(row, out["decode"][-1]), flush=True)
+        del states
+    out["recompute"] = speed.recompute_speed(model, ids[:, :args.recompute_len], args.top_k, args.retrofit_backend,
+                                             args.repeats, cuda)
+    return out
+
+
+def format_retrofit_row(p: dict, d: dict) -> str:
+    share = lambda r: _fmt(r["indexer_share"] and 100 * r["indexer_share"], ".0f") + " %"  # noqa: E731
+    return (f"L {p['seq_len']:>6}  prefill dense {p['dense_ms']:9.0f} ms  DSA {p['dsa_ms']:9.0f} ms  "
+            f"DSA/dense {p['dsa_over_dense']:.2f} (CPU time {p['dsa_over_dense_cpu']:.2f})  indexer {share(p)}  |  "
+            f"decode at {d['context']}: dense {d['dense_tokens_per_s']:6.1f} tok/s  DSA {d['dsa_tokens_per_s']:6.1f} "
+            f"tok/s  DSA/dense speed {d['dense_ms'] / d['dsa_ms']:.2f} (CPU time {1 / d['dsa_over_dense_cpu']:.2f})  "
+            f"indexer {share(d)}")
+
+
+def run_retrofit(args, header: dict) -> int:
+    """--retrofit: the retrofitted model's prefill and decode speed -> benchmark_retrofit.json and printed rows."""
+    try:
+        model, model_id = retrofit_model(args)
+    except ValueError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"retrofit speed: {model_id.describe()} fp32, B 1, k {args.top_k}, DSA prefill backend "
+          f"{args.retrofit_backend}; indexers UNTRAINED (random init: timing only, their selections mean nothing); "
+          f"{header['device_name']}, {header['device']}; medians of {args.repeats} prefill / {args.decode_steps} "
+          f"decode calls after a discarded first call, dense and DSA in turns; load avg {header['load_avg_start']}",
+          flush=True)
+    rows = retrofit_speed_rows(args, model)
+    rc, header["load_avg_end"] = rows["recompute"], _load_avg()
+    cached = {d["context"]: d for d in rows["decode"]}
+    print(f"generation without caches at {rc['context']} (a full forward per token): dense "
+          f"{rc['dense_tokens_per_s']:.3f} tok/s, DSA {rc['dsa_tokens_per_s']:.3f} tok/s")
+    for context, d in cached.items():
+        print(f"  cached DSA at {context} / uncached DSA at {rc['context']}: "
+              f"{d['dsa_tokens_per_s'] / rc['dsa_tokens_per_s']:.1f}x; cached dense / uncached dense: "
+              f"{d['dense_tokens_per_s'] / rc['dense_tokens_per_s']:.1f}x")
+    print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
+    atomic_write_json(os.path.join(args.out, "benchmark_retrofit.json"),
+                      {**header, "model": model_id.describe(), "top_k": args.top_k, "backend": args.retrofit_backend,
+                       "indexers": "untrained (random init)", "repeats": args.repeats,
+                       "decode_steps": args.decode_steps, **rows})
+    return 0
 
 
 def run_end_to_end(args, meter, header: dict) -> None:

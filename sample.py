@@ -3,6 +3,11 @@
     python sample.py --checkpoint results/seq_256/checkpoints/sparse_seed42.pt --prompt "ROMEO:" \
         --max-new-tokens 100 [--temperature 0.8 --top-k-sampling 40 --seed 0] [--no-cache] [--device cpu|cuda|auto]
 
+    python sample.py --retrofit EXPORT_FOLDER --prompt "ROMEO:" [--selection dsa|dense|oracle] [--top-k K] ...
+
+--retrofit loads a folder that `run_experiment.py --experiment retrofit --export FOLDER` writes (the base model,
+e.g. SmolLM2, with its trained indexers) and generates on its caches (dsa_lab/inference/retrofit_decode.py: KV
+cache, and for DSA the indexer-key cache; k defaults to the export's smallest k).
 The checkpoint is one that run_experiment.py writes (OUT/seq_<L>/checkpoints/{classic,sparse}_seed<S>.pt, via
 train.save_checkpoint): weights, model config and the tokenizer the run trained (the cached byte-level BPE).
 --temperature 0 is greedy decoding. --no-cache recomputes the whole context for every token (the reference the
@@ -24,7 +29,12 @@ from dsa_lab.training.train import load_checkpoint, pick_device
 
 def parse_args(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a *.pt written by run_experiment.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a *.pt written by run_experiment.py")
+    source.add_argument("--retrofit", metavar="FOLDER", help="a folder written by the retrofit experiment's --export")
+    p.add_argument("--selection", default="dsa", choices=["dense", "dsa", "oracle"],
+                   help="--retrofit: the retrofitted model's attention")
+    p.add_argument("--top-k", type=int, default=None, help="--retrofit: keys per query (default: the export's smallest k)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -39,6 +49,11 @@ def sample(args) -> dict:
     """Load, generate, print; -> {'text', 'new_tokens', 'timing'}."""
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue")
+    if args.retrofit:
+        return sample_retrofit(args)
+    if args.top_k is not None:
+        raise ValueError("--top-k is for --retrofit (a checkpoint decodes with its own k); use --top-k-sampling to "
+                         "restrict sampling")
     device = pick_device(args.device)
     model, payload = load_checkpoint(args.checkpoint, str(device))
     if "tokenizer" not in payload:
@@ -60,6 +75,39 @@ def sample(args) -> dict:
           f"{timing['prefills']} prefill(s) {timing['prefill_s'] * 1e3:.1f} ms, {timing['decode_steps']} decode steps "
           f"{decode_rate:.1f} tokens/s; overall {len(new) / total_s:.1f} tokens/s")
     return {"text": text, "new_tokens": new, "timing": timing}
+
+
+def sample_retrofit(args) -> dict:
+    """--retrofit: the exported retrofitted model generates on its caches (retrofit_decode.generate)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from dsa_lab.inference.retrofit_decode import generate as generate_cached
+    from dsa_lab.interop import retrofit
+    if args.no_cache:
+        raise ValueError("--no-cache is for --checkpoint; a retrofit export always generates on its caches")
+    device = pick_device(args.device)
+    model = retrofit.load_retrofit(args.retrofit).to(device)
+    meta = json.loads((Path(args.retrofit) / retrofit.EXPORT_META).read_text())
+    top_k = args.top_k or min(meta.get("top_ks") or [64])
+    kwargs = {"gguf_file": model.base_id.gguf_file} if model.base_id.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model.base_id.path, **kwargs)
+    prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(device)  # (1, L)
+    plan = retrofit.Plan(args.selection, top_k=top_k, backend="gather")
+    timing = {}
+    ids = generate_cached(model, prompt, args.max_new_tokens, plan, temperature=args.temperature,
+                          top_k=args.top_k_sampling, generator=torch.Generator(device).manual_seed(args.seed),
+                          timing=timing)
+    text = tokenizer.decode(ids[0].tolist())
+    print(text)
+    rate = timing["decode_steps"] / timing["decode_s"] if timing["decode_s"] > 0 else float("nan")
+    print(f"--- retrofit {model.base_id.describe()}, {args.selection}" + (f" k={top_k}" if args.selection != "dense"
+          else "") + f", KV cache{' + indexer key cache' if args.selection == 'dsa' else ''}, {device}: prompt "
+          f"{prompt.shape[1]} tokens, {args.max_new_tokens} new; prefill {timing['prefill_s'] * 1e3:.1f} ms, "
+          f"{timing['decode_steps']} decode steps {rate:.1f} tokens/s")
+    return {"text": text, "new_tokens": ids[0, prompt.shape[1]:].tolist(), "timing": timing}
 
 
 def main(argv=None) -> int:

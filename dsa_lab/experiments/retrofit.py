@@ -14,7 +14,6 @@ invocation.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -26,15 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsa_lab.experiments import retrieval
+from dsa_lab.experiments import retrieval, retrofit_speed
 from dsa_lab.experiments import skeleton as experiment
+from dsa_lab.inference import retrofit_decode
 from dsa_lab.interop import retrofit
 from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
 from config import DataConfig
 from dsa_lab.common.plateau import PlateauRule, PlateauTracker
 from dsa_lab.common.results_io import (atomic_write_json, fingerprint, mean_ci95, read_json,
                         run_environment)
-from sparse_attention import SectionTimer, merge_recall_stats
+from sparse_attention import merge_recall_stats
 from dsa_lab.training.train import Execution
 
 MODES = ("dense", "dsa", "oracle", "local", "sink_local", "random")
@@ -315,29 +315,13 @@ def copy_probes(entries: list, val: torch.Tensor, L: int, s: dict, device) -> di
             for d in retrieval.copy_distances(L, m, s["probe_distances"])}
 
 
-@torch.no_grad()
 def prefill_timing(model, window: torch.Tensor, k: int, s: dict, device) -> dict:
-    """Prefill wall time (B=1) of the dense model and of DSA with the indexer's share (median of repeats)."""
-    inputs = window[None, :-1].to(device)
-    cuda = device.type == "cuda"
-
-    def timed_ms(plan):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(inputs, plan)
-        if cuda:
-            torch.cuda.synchronize()
-        return 1000 * (time.perf_counter() - t0)
-
-    timer = SectionTimer(cuda)
-    dense = [timed_ms(retrofit.Plan()) for _ in range(s["timing_repeats"])]
-    dsa = [timed_ms(retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"], timer=timer))
-           for _ in range(s["timing_repeats"])]
-    return {"dense_ms": statistics.median(dense), "dsa_ms": statistics.median(dsa),
-            "indexer_share": timer.totals.get("indexer", 0.0) * 1000 / sum(dsa),
-            "sparse_attention_share": timer.totals.get("attention", 0.0) * 1000 / sum(dsa),
-            "backend": s["attention_backend"], "repeats": s["timing_repeats"]}
+    """Prefill wall time (B=1, retrofit_decode.prefill) of the dense model and of DSA with the indexer's share:
+    retrofit_speed.prefill_speed (benchmark.py --retrofit's measurement: dense and DSA in turns, the first call
+    discarded, the median of timing_repeats)."""
+    timing, _ = retrofit_speed.prefill_speed(model, window[None, :-1].to(device), k, s["attention_backend"],
+                                             s["timing_repeats"], cuda=device.type == "cuda")
+    return timing
 
 
 def summarise_k(evaluation: dict, probe: dict, passkey: dict) -> dict:
@@ -486,12 +470,13 @@ def _kept(L: int, k: int) -> float:
 
 
 def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_len: int = 256, n_new: int = 12) -> dict:
-    """Greedy continuations of a held-out prompt, dense and DSA at the smallest k (the model generates)."""
+    """Greedy continuations of a held-out prompt, dense and DSA at the smallest k, generated on the caches
+    (retrofit_decode.generate: KV cache, and for DSA the indexer-key cache)."""
     prompt_len = min(prompt_len, min(s["seq_lens"]) - n_new)  # within the indexers' RoPE tables
     val = torch.from_numpy(tokens["val"][:prompt_len].astype(np.int64))[None].to(device)
     k = min(s["top_ks"])
-    dense = retrofit.greedy_generate(model, val, n_new, retrofit.Plan())
-    dsa = retrofit.greedy_generate(model, val, n_new, retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"]))
+    dense = retrofit_decode.generate(model, val, n_new, retrofit.Plan())
+    dsa = retrofit_decode.generate(model, val, n_new, retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"]))
     return {"prompt_tokens": prompt_len, "top_k": k, "prompt_tail": tokenizer.decode(val[0, -48:].tolist()),
             "dense": tokenizer.decode(dense[0, prompt_len:].tolist()),
             "dsa": tokenizer.decode(dsa[0, prompt_len:].tolist())}
@@ -666,7 +651,7 @@ def _passkey_lines(r: dict) -> list[str]:
     sparse = [m for m in pk if "hit_by_layer" in pk[m]]
     if sparse:
         lines += ["", "Passkey, the needle's copy of the answer token among the selected keys at the answer rows "
-                  f"(mean over layers [CI]: " + ", ".join(f"{m} {_plain(pk[m]['hit_mean'], 2)}" for m in sparse)
+                  "(mean over layers [CI]: " + ", ".join(f"{m} {_plain(pk[m]['hit_mean'], 2)}" for m in sparse)
                   + f"), by layer ({' / '.join(sparse)}, ± CI half-width over trials): "
                   + ", ".join(f"{i}: " + " / ".join(_pm(c) for c in layer)
                               for i, layer in enumerate(zip(*[pk[m]["hit_by_layer"] for m in sparse])))]

@@ -218,6 +218,8 @@ def retrofit_attention(module, query, key, value, attention_mask, scaling=None, 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    if getattr(call, "cached", False):  # a cached forward (dsa_lab/inference/retrofit_decode.py): it owns the caches
+        return call.attend(module.layer_idx, query, key, value, scaling), None
     if query.shape[2] != key.shape[2]:
         raise ValueError("the retrofit runs full-sequence forwards only (no KV cache); call with use_cache=False")
     positions = kwargs.get("position_ids")
