@@ -61,6 +61,21 @@ RETROFIT_LENS, RETROFIT_TOP_K = (2048, 4096, 8192), 128  # --retrofit's defaults
 SLOW_WARMUP_S = 10.0  # CPU: a warm-up call slower than this counts as one of the --repeats samples
 
 
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The --decode and --retrofit modes' flags."""
+    p.add_argument("--decode", action="store_true", help="decode tokens/s at a cached prefix, dense vs sparse")
+    p.add_argument("--decode-steps", type=int, default=20, help="--decode: timed decode steps per row (median)")
+    p.add_argument("--decode-preset", default="default", choices=["quick", "default"],
+                   help="--decode: the model widths (config.PRESETS)")
+    p.add_argument("--retrofit", action="store_true",
+                   help="SmolLM2 retrofit: prefill ms and decode tokens/s, dense vs DSA (defaults L 2048 4096 8192, k 128)")
+    p.add_argument("--retrofit-model", default=None, help="--retrofit: smollm2 (default) or a Llama-family NAME|PATH")
+    p.add_argument("--retrofit-backend", default="gather", choices=["gather", "masked", "sdpa_mask"],
+                   help="--retrofit: DSA's attention backend in the prefill")
+    p.add_argument("--recompute-len", type=int, default=2048,
+                   help="--retrofit: context of the generation without caches (a full forward per token)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from config import ATTENTION_TYPES, ModelConfig
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
@@ -87,17 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-seq-len", type=int, default=4096)
     p.add_argument("--attention-type", default="mha", choices=list(ATTENTION_TYPES),
                    help="--end-to-end only: the MHA or the MLA model pair")
-    p.add_argument("--decode", action="store_true", help="decode tokens/s at a cached prefix, dense vs sparse")
-    p.add_argument("--decode-steps", type=int, default=20, help="--decode: timed decode steps per row (median)")
-    p.add_argument("--decode-preset", default="default", choices=["quick", "default"],
-                   help="--decode: the model widths (config.PRESETS)")
-    p.add_argument("--retrofit", action="store_true",
-                   help="SmolLM2 retrofit: prefill ms and decode tokens/s, dense vs DSA (defaults L 2048 4096 8192, k 128)")
-    p.add_argument("--retrofit-model", default=None, help="--retrofit: smollm2 (default) or a Llama-family NAME|PATH")
-    p.add_argument("--retrofit-backend", default="gather", choices=["gather", "masked", "sdpa_mask"],
-                   help="--retrofit: DSA's attention backend in the prefill")
-    p.add_argument("--recompute-len", type=int, default=2048,
-                   help="--retrofit: context of the generation without caches (a full forward per token)")
+    add_generation_args(p)
     p.add_argument(MEMORY_FLAG, nargs=2, metavar=("BACKEND", "L"), default=None, help=argparse.SUPPRESS)
     if "--retrofit" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(seq_lens=list(RETROFIT_LENS), top_k=RETROFIT_TOP_K)
