@@ -259,7 +259,7 @@ def test_lever_settings_and_fingerprints():
     assert s["structure_window"] == 16 and (s["indexer_heads"], s["indexer_dim"]) == (32, 128)
     paper = rx.settings_for("quick", {})
     assert rx.fingerprinted(paper) == {n: v for n, v in paper.items() if n not in (
-        "seq_lens", "top_ks", "levers", *rx.LEVER_DEFAULTS)}
+        "seq_lens", "top_ks", "levers", "eval_modes", *rx.LEVER_DEFAULTS)}
     assert rx.fingerprinted(s, rx.WARMUP_KEYS)["structure_window"] == 16
     assert "structure_window" not in rx.fingerprinted(paper, rx.WARMUP_KEYS)
     with pytest.raises(ValueError, match="--levers 'nope' is unknown"):

@@ -42,7 +42,8 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # indexer_lr: stage 2). Retrofit's own keys: top_ks (every k evaluated at every L), seed (one), batch_reuse,
 # warmup_rows (query rows per warm-up step, 0 = all), recall_windows (windows whose dense forward measures recall,
 # 0 = all), eval_backend (the quality evaluations' attention path), probe_windows (the copy probe's windows),
-# timing_repeats, sinks, probe_segment.
+# timing_repeats, sinks, probe_segment, eval_modes (the modes evaluated beside dense: at least dsa and oracle), and the
+# levers (LEVER_DEFAULTS below).
 # The cpu preset's sizes come from per-forward costs of SmolLM2 measured on the 2-core CPU (2026-12-02, L 4096):
 # dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch
 # (the forward keeping 1024 rows' targets); with 6 / 3 / 1 windows (evaluation / probe / recall) about 70 of the
@@ -52,6 +53,11 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
+    # the lever ablation (issue 30): quick's length, budget, rule and windows at about half its cost — 256 sampled query
+    # rows per warm-up step, recall on one window, only the modes a lever changes or is measured against
+    "levers": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
+                   warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4,
+                   warmup_rows=256, recall_windows=1, eval_modes=["dsa", "oracle"]),
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
                 warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=6, probe_windows=3, recall_windows=1,
                 timing_repeats=2, batch_reuse=4, warmup_rows=256),
@@ -67,6 +73,7 @@ PRESETS = {  # step caps and window counts per preset; every L gets its own warm
 LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, far_window=64, prev_key=False,
                       rank_weight=0.0, rank_top=16)
 COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
+              eval_modes=list(MODES[1:]),
               warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
               learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, attention_backend="gather", seed=42,
               indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, **LEVER_DEFAULTS)
@@ -105,6 +112,8 @@ def settings_for(preset: str, overrides: dict) -> dict:
                          f"{', '.join(retrofit.BACKENDS)}")
     if any(L <= 2 * s["probe_segment"] for L in s["seq_lens"]):
         raise ValueError(f"seq_lens={s['seq_lens']} must exceed 2 * probe_segment={2 * s['probe_segment']}")
+    if not {"dsa", "oracle"} <= set(s["eval_modes"]) <= set(MODES[1:]):
+        raise ValueError(f"eval_modes={s['eval_modes']} must hold dsa and oracle and only modes of {MODES[1:]}")
     if s["structure_window"] and s["sinks"] + s["structure_window"] >= min(s["top_ks"]):
         raise ValueError(f"--levers structure keeps sinks + window = {s['sinks'] + s['structure_window']} tokens; "
                          f"use a --top-k above that")
@@ -265,7 +274,7 @@ def eval_entries(model, k: int, s: dict, tuned: tuple | None = None) -> list:
     """(name, model, plan) per evaluated mode; with stage 2 also dsa_ft (sparse fine-tuned) and dense_ft (twin)."""
     entries = [(m, model, dsa_plan(s, k, s["eval_backend"]) if m == "dsa" else
                 retrofit.Plan(m, top_k=k, backend=s["eval_backend"], sinks=s["sinks"], seed=s["seed"]))
-               for m in MODES if m != "dense"]
+               for m in MODES if m in s["eval_modes"]]
     if tuned is not None:
         entries += [("dsa_ft", tuned[0], dsa_plan(s, k, s["eval_backend"])),
                     ("dense_ft", tuned[1], retrofit.Plan())]
@@ -388,7 +397,8 @@ def fingerprinted(s: dict, keys=None) -> dict:
     """The settings a record's fingerprint covers (`keys`, or all but the sweep lists): a lever at its default and
     the lever names are left out, so the paper's recipe keeps the fingerprints it had before the levers."""
     keys = keys or [n for n in s if n not in ("seq_lens", "top_ks")]
-    out = {n: s[n] for n in keys if n != "levers" and not (n in LEVER_DEFAULTS and s[n] == LEVER_DEFAULTS[n])}
+    omitted = {**LEVER_DEFAULTS, "eval_modes": list(MODES[1:])}  # keys added with the levers, at their defaults
+    out = {n: s[n] for n in keys if n != "levers" and not (n in omitted and s[n] == omitted[n])}
     return {**out, **{n: s[n] for n in LEVER_DEFAULTS if s[n] != LEVER_DEFAULTS[n]}}
 
 
