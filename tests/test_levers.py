@@ -112,13 +112,13 @@ def test_group_max_and_head_max_targets():
     the max over all heads. A key one head of a group attends to keeps that head's weight, not its share of the sum.
     Caught: the max taken over strided heads (h, h + groups) instead of adjacent ones."""
     probs = torch.zeros(1, 4, 1, 4)
-    probs[0, 0, 0] = torch.tensor([1.0, 0, 0, 0])  # group 0: heads 0, 1
-    probs[0, 1, 0] = torch.tensor([0, 1.0, 0, 0])
-    probs[0, 2, 0] = torch.tensor([1.0, 0, 0, 0])  # group 1: heads 2, 3
-    probs[0, 3, 0] = torch.tensor([1.0, 0, 0, 0])
-    assert levers.head_target(probs, "group_max", 2)[0, 0].tolist() == pytest.approx([2 / 3, 1 / 3, 0, 0])
-    assert levers.head_target(probs, "head_max", 2)[0, 0].tolist() == [0.5, 0.5, 0, 0]
-    assert levers.head_target(probs, "sum", 2)[0, 0].tolist() == [0.75, 0.25, 0, 0]
+    for head, key in enumerate([0, 0, 1, 2]):  # group 0 (heads 0, 1) both on key 0; group 1 (heads 2, 3) on 1 and 2
+        probs[0, head, 0, key] = 1.0
+    assert levers.head_target(probs, "group_max", 2)[0, 0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+    assert levers.head_target(probs, "head_max", 2)[0, 0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+    assert levers.head_target(probs, "sum", 2)[0, 0].tolist() == [0.5, 0.25, 0.25, 0]
+    assert levers.head_target(probs, "group_max", 4)[0, 0].tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0])
+    assert levers.head_target(probs, "group_max", 1)[0, 0].tolist() == [0.5, 0.25, 0.25, 0]  # MHA: the sum
 
 
 @pytest.mark.parametrize("target", ["group_max", "head_max"])
