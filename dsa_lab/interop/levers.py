@@ -97,7 +97,7 @@ class WarmupLoss:
     row_weight: float = 0.0
     far_window: int = 64
     rank_weight: float = 0.0
-    rank_top: int = 8
+    rank_top: int = 16
 
     def __post_init__(self):
         if self.sinks < 0 or self.window < 0 or self.far_window < 1 or self.rank_top < 1 or self.rank_weight < 0:
