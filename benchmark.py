@@ -48,6 +48,7 @@ INDEXER_SIZES = ((4, 64), (2, 32), (1, 16), (1, 8))  # (heads, dim) for the inde
 SDPA_KERNELS = ("math", "flash", "efficient", "cudnn")  # SDPA's explicit backends (CUDA rows)
 SPARSE_BACKENDS = {"mha": ("gather", "block", "triton", "flex"), "mqa": ("gather", "triton")}
 MEMORY_FLAG = "--_measure-memory"
+SDPA_MATH_MAX_L = 8192  # sdpa_math materialises (B, H, L, L) fp32 scores (bf16 is upcast): 64 GiB at L 32768, H 16
 SLOW_WARMUP_S = 10.0  # CPU: a warm-up call slower than this counts as one of the --repeats samples
 
 
@@ -67,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--indexer-dim", type=int, default=ModelConfig.indexer_dim)
     p.add_argument("--block-size", type=int, default=ModelConfig.sparse_block_size)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="stop starting rows after this many seconds (each later row says so); default: no limit")
     p.add_argument("--out", default="results")
     p.add_argument("--end-to-end", action="store_true", help="time one training step, sparse vs classic LLM")
     p.add_argument("--e2e-seq-len", type=int, default=4096)
@@ -82,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "e2e_seq_len", "decode_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if args.time_budget_s is not None and args.time_budget_s <= 0:
+        p.error(f"--time-budget-s={args.time_budget_s} must be positive (or left out: no limit)")
     if any(L < 2 for L in args.seq_lens):
         p.error(f"--seq-lens {args.seq_lens} must all be >= 2")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -211,7 +216,7 @@ def is_dense(backend: str) -> bool:
     return backend.startswith("sdpa")
 
 
-def _skip_reason(backend: str, device: str) -> str | None:
+def _skip_reason(backend: str, device: str, L: int = 0) -> str | None:
     if backend == "triton":
         if device == "cpu":
             return "triton needs CUDA (the CPU interpreter is a correctness tool, not a speed)"
@@ -223,7 +228,23 @@ def _skip_reason(backend: str, device: str) -> str | None:
         return "flex_attention has no backward on CPU"
     if is_dense(backend) and backend.split("_")[-1] in SDPA_KERNELS and device == "cpu":
         return "explicit SDPA kernels are CUDA rows"
+    if backend.endswith("_math") and L > SDPA_MATH_MAX_L:
+        return f"skipped: sdpa_math above L {SDPA_MATH_MAX_L} (its fp32 L x L scores do not fit)"
     return None
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for a row that raised: 'OOM: ...', 'compile error (Type): ...' (Triton / Inductor / Dynamo),
+    else 'Type: first line of the message'."""
+    first = (str(err).strip().splitlines() or [""])[0][:160]
+    name, module = type(err).__name__, type(err).__module__
+    if isinstance(err, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)) or \
+            "out of memory" in first.lower():
+        return f"OOM: {first}"
+    if module.startswith(("triton", "torch._inductor", "torch._dynamo")) or name in ("CompilationError",
+                                                                                     "OutOfResources"):
+        return f"compile error ({name}): {first}"
+    return f"{name}: {first}"
 
 
 def make_inputs(args, L: int, indexer_heads: int, indexer_dim: int, seed: int = 0) -> dict:
@@ -304,23 +325,26 @@ def step_fns(backend: str, args, inputs: dict):
 
 
 def measure(args, meter: Meter, backend: str, L: int, inputs: dict) -> dict:
-    row = {"backend": backend, "attention": args.attention, "seq_len": L, "top_k": args.top_k,
-           "dense": is_dense(backend), "fwd_ms": None, "fwd_bwd_ms": None, "peak_mem_mb": None,
-           "indexer_ms": None, "speedup_vs_sdpa": None, "baseline": None, "note": ""}
-    reason = _skip_reason(backend, args.device)
+    """One row: its times and peak memory, or in `note` why it has none (skipped, or the one-line failure)."""
+    row = empty_row(args, backend, L)
+    reason = _skip_reason(backend, args.device, L)
     if reason:
         row["note"] = reason
         return row
-    select, fwd_only, fwd_bwd = step_fns(backend, args, inputs)
+    t0 = time.perf_counter()
     try:
+        select, fwd_only, fwd_bwd = step_fns(backend, args, inputs)
         row["fwd_ms"] = meter.time_ms(fwd_only)
         row["fwd_bwd_ms"] = meter.time_ms(fwd_bwd)
         row["peak_mem_mb"] = cuda_peak_mb(fwd_bwd) if args.device == "cuda" else cpu_peak_mb_fresh(args, backend, L)
         if select is not None:
             row["indexer_ms"] = meter.time_ms(select)
-    except (RuntimeError, ValueError) as err:  # e.g. a CUDA SDPA backend unavailable for this shape/GPU
+    except Exception as err:  # noqa: BLE001 - any failure (OOM, Triton compile error, unavailable kernel) is a row
         row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_mb=None, indexer_ms=None)
-        row["note"] = f"failed: {str(err).splitlines()[0][:120]}"
+        row["note"] = f"failed: {failure_reason(err)}"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row
 
 
@@ -374,13 +398,13 @@ def selection_quality(args, L: int) -> list[dict]:
     """Token-level (gather) vs block selection at the same k on peaky random attention, both with the same
     informative indexer (the attention queries and head-mean keys): dense-attention mass inside the selected
     set (recall, rows with t >= k + block) and relative output error vs dense attention. A proxy only: the
-    real quality comparison is the trained models' loss (run_experiment.py)."""
+    real quality comparison is the trained models' loss (run_experiment.py). Runs on --device, in fp32."""
     from dsa_lab.kernels.backends import BlockBackend, GatherBackend
     from sparse_attention import causal_attention_probs, sparse_attention_masked
     g = torch.Generator().manual_seed(2)
     B, H, D = 1, args.heads, args.head_dim
-    q, k, v = (torch.randn(B, H, L, D, generator=g) * s for s in (2.0, 2.0, 1.0))
-    iq, ik, iw = q.transpose(1, 2), k.mean(1), torch.ones(B, L, H)  # indexer = the attention's own q, mean k
+    q, k, v = ((torch.randn(B, H, L, D, generator=g) * s).to(args.device) for s in (2.0, 2.0, 1.0))  # fp32
+    iq, ik, iw = q.transpose(1, 2), k.mean(1), q.new_ones(B, L, H)  # indexer = the attention's own q, mean k
     dense_p = causal_attention_probs(q, k)  # (B, H, L, L)
     dense_out = dense_p @ v
     rows = []
@@ -389,7 +413,7 @@ def selection_quality(args, L: int) -> list[dict]:
         idx, valid = selection.selected_idx, selection.valid
         out, _ = sparse_attention_masked(q, k, v, idx, valid)
         mass = (dense_p.gather(-1, idx.clamp(min=0)[:, None].expand(-1, H, -1, -1)) * valid[:, None]).sum(-1)
-        rows_t = torch.arange(L) >= args.top_k + args.block_size
+        rows_t = torch.arange(L, device=q.device) >= args.top_k + args.block_size
         rows.append({"backend": backend.name, "seq_len": L, "top_k": args.top_k,
                      "recall": float(mass[..., rows_t].mean()) if rows_t.any() else None,
                      "rel_err_vs_dense": float((out - dense_out).norm() / dense_out.norm())})
@@ -397,45 +421,77 @@ def selection_quality(args, L: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- end to end
-def end_to_end(args, meter: Meter) -> list[dict]:
+E2E_PRECISION = {"float32": "fp32", "bfloat16": "bf16 autocast (fp32 weights and optimizer)"}
+
+
+def e2e_autocast(args):
+    """--dtype bfloat16: the training step under CUDA bf16 autocast, as dsa_lab/training/train.py runs --dtype
+    bf16; float32: no autocast."""
+    import contextlib
+    if args.dtype == "bfloat16":
+        return torch.autocast(args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def end_to_end(args, meter: Meter, record: "Record | None" = None) -> list[dict]:
     """One training step (fwd + bwd + AdamW) of SparseAttentionMoELLM (sparse stage: LM loss + indexer KL)
     vs ClassicAttentionMoELLM at quick-preset widths, L = --e2e-seq-len, k = --top-k. With
     --attention-type mla: classic MLA (dense, MHA mode) vs sparse MLA (DSA in MQA mode, gather backend), with
-    ModelConfig's MLA fields at their defaults."""
+    ModelConfig's MLA fields at their defaults. A model whose step raises is a row with the one-line reason; the
+    record (if any) is rewritten after every row."""
+    variants = [("classic", "masked"), ("sparse_gather", "gather")]
+    if args.attention_type == "mha":
+        variants.append(("sparse_block", "block"))
+    rows, base = (record.rows if record else []), None
+    for name, backend in variants:
+        row = {"model": name, "attention_type": args.attention_type, "seq_len": args.e2e_seq_len,
+               "top_k": args.top_k, "precision": E2E_PRECISION[args.dtype], "step_ms": None,
+               "ratio_vs_classic": None, "note": ""}
+        if record:
+            record.running = {"model": name}
+            record.write()
+        try:
+            ms = meter.time_ms(e2e_step(args, name, backend))
+            base = ms if name == "classic" else base
+            row.update(step_ms=ms, ratio_vs_classic=ms / base if base else None)
+        except Exception as err:  # noqa: BLE001 - OOM or a compile error is this row's reason, the others run
+            row["note"] = f"failed: {failure_reason(err)}"
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    if record:
+        record.running = None
+    return rows
+
+
+def e2e_step(args, name: str, backend: str):
+    """The training-step closure of one model of the end-to-end comparison (built here, on --device)."""
     import dataclasses
     from config import PRESETS, ModelConfig
     from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
     from sparse_attention import DENSE, AttentionMode
     quick = {f.name: PRESETS["quick"][f.name] for f in dataclasses.fields(ModelConfig)
              if f.name in PRESETS["quick"] and f.name != "attention_backend"}  # the backend is what is compared
-    L = args.e2e_seq_len
-    variants = [("classic", "masked"), ("sparse_gather", "gather")]
-    if args.attention_type == "mha":
-        variants.append(("sparse_block", "block"))
-    rows, base = [], None
-    for name, backend in variants:
-        cfg = ModelConfig(vocab_size=4096, max_seq_len=L, sparse_top_k=args.top_k, attention_backend=backend,
-                          sparse_block_size=args.block_size, attention_type=args.attention_type, **quick)
-        torch.manual_seed(0)
-        model = (ClassicAttentionMoELLM if name == "classic" else SparseAttentionMoELLM)(cfg).to(args.device)
-        mode = AttentionMode(sparse=True, indexer_loss="sparse") if name != "classic" else DENSE
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(args.device)
+    L, autocast = args.e2e_seq_len, e2e_autocast(args)
+    cfg = ModelConfig(vocab_size=4096, max_seq_len=L, sparse_top_k=args.top_k, attention_backend=backend,
+                      sparse_block_size=args.block_size, attention_type=args.attention_type, **quick)
+    torch.manual_seed(0)
+    model = (ClassicAttentionMoELLM if name == "classic" else SparseAttentionMoELLM)(cfg).to(args.device)
+    mode = AttentionMode(sparse=True, indexer_loss="sparse") if name != "classic" else DENSE
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, L + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
 
-        def step():
+    def step():
+        with autocast:
             logits, aux = model(ids[:, :-1], mode, return_aux=True)
-            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + aux.balance_loss
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()) + aux.balance_loss
             if name != "classic":
                 loss = loss + aux.indexer_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        ms = meter.time_ms(step)
-        base = base or ms
-        rows.append({"model": name, "attention_type": args.attention_type, "seq_len": L, "top_k": args.top_k,
-                     "step_ms": ms, "ratio_vs_classic": ms / base})
-    return rows
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -529,7 +585,8 @@ def plot_scaling(rows: list[dict], crossover: dict, path: str, title: str = "") 
         ax.set_ylabel(unit)
         ax.set_title(t, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no row has numbers: no legend (and no warning)
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -610,39 +667,32 @@ def run_decode(args, header: dict) -> None:
 
 def run_end_to_end(args, meter, header: dict) -> None:
     """--end-to-end: whole training steps, classic vs sparse -> benchmark_end_to_end.json and a printed table."""
-    rows = end_to_end(args, meter)
+    record = Record(os.path.join(args.out, "benchmark_end_to_end.json"), header, None)
+    rows = end_to_end(args, meter, record)
     header["load_avg_end"] = _load_avg()
-    atomic_write_json(os.path.join(args.out, "benchmark_end_to_end.json"), {**header, "rows": rows})
+    record.write(complete=True)
     print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     for r in rows:
-        print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {r['step_ms']:.0f} ms  "
-              f"x classic {r['ratio_vs_classic']:.2f}")
+        print(f"{args.attention_type} {r['model']:<14} L={r['seq_len']} k={r['top_k']}  step {_fmt(r['step_ms'], '.0f')} "
+              f"ms  x classic {_fmt(r['ratio_vs_classic'], '.2f')}  {r['note']}")
 
 
 def run_kernels(args, meter, header: dict) -> None:
-    """The attention backends per L: rows, crossover, indexer cost, selection quality -> benchmark.json, the
+    """The attention backends per L: rows, crossover, indexer cost, selection quality -> benchmark.json (rewritten
+    atomically after every row, so a killed run leaves every finished row and names the one it was in), the
     scaling figure and the printed tables."""
-    from tqdm import tqdm
-    backends = backend_list(args.device, args.attention)
-    rows, cost = [], []
-    with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
-        for L in args.seq_lens:
-            inputs = make_inputs(args, L, args.indexer_heads, args.indexer_dim)
-            for backend in backends:
-                bar.set_postfix_str(f"L={L} {backend}")
-                rows.append(measure(args, meter, backend, L, inputs))
-                bar.update()
-            attach_baseline([r for r in rows if r["seq_len"] == L])
-            dense = [r for r in rows if r["seq_len"] == L and r["dense"] and r["fwd_bwd_ms"]]
-            if dense:
-                cost += indexer_cost(args, meter, L, min(dense, key=lambda r: r["fwd_bwd_ms"]))
-            del inputs
+    record = Record(os.path.join(args.out, "benchmark.json"), header, args.time_budget_s)
+    rows, cost = measure_rows(args, meter, record)
     header["load_avg_end"] = _load_avg()
     crossover = crossover_lengths(rows)
-    quality = selection_quality(args, min(args.seq_lens[0], 2048))
-    atomic_write_json(os.path.join(args.out, "benchmark.json"),
-                      {**header, "rows": rows, "crossover": crossover, "indexer_cost": cost,
-                       "selection_quality": quality})
+    record.extra["crossover"] = crossover
+    quality = []
+    if record.over_budget():
+        record.extra["selection_quality_note"] = record.budget_note()
+    else:
+        quality = selection_quality(args, min(args.seq_lens[0], 2048))
+    record.extra["selection_quality"] = quality
+    record.write(complete=True)
     plot_scaling(rows, crossover, os.path.join(args.out, "benchmark_scaling.png"),
                  f"{args.attention.upper()} H={args.heads} d={args.head_dim} k={args.top_k} {args.dtype} ({header['device']})")
     print(f"attention={args.attention} B={args.batch} H={args.heads} d={args.head_dim} k={args.top_k} "
@@ -651,6 +701,77 @@ def run_kernels(args, meter, header: dict) -> None:
     print(format_table(rows))
     print(format_crossover(crossover, max(args.seq_lens)))
     print_costs(cost, quality)
+
+
+class Record:
+    """benchmark.json as it grows: the header, the rows so far, the row being measured (`running`: a run killed
+    there leaves it named) and the extras; `complete` is true only once every part is in."""
+
+    def __init__(self, path: str, header: dict, budget_s: float | None):
+        self.path, self.header, self.budget_s, self.t0 = path, header, budget_s, time.perf_counter()
+        self.rows, self.extra, self.running = [], {}, None
+        self.write()  # replaces any earlier run's file at once: nothing stale is left to be read as fresh
+
+    def write(self, complete: bool = False) -> None:
+        atomic_write_json(self.path, {**self.header, "complete": complete, "running": self.running,
+                                      "elapsed_s": round(time.perf_counter() - self.t0, 1),
+                                      "rows": self.rows, **self.extra})
+
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
+
+    def budget_note(self) -> str:
+        return f"skipped: the --time-budget-s {self.budget_s:g} s was spent"
+
+    def projected_note(self, last: tuple | None, L: int) -> str:
+        """'' unless the row's time at a shorter L, scaled by (L / that L)^2, exceeds the budget left (on an
+        H200 the MHA gather row took the whole section at L 4096, and every faster row after it was skipped)."""
+        if self.budget_s is None or last is None:
+            return ""
+        expected = last[1] * (L / last[0]) ** 2
+        left = self.budget_s - (time.perf_counter() - self.t0)
+        return (f"skipped: expected ~{expected:.0f} s from its L {last[0]} row, {max(left, 0):.0f} s of the "
+                f"--time-budget-s left" if expected > left else "")
+
+
+def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
+    """Every (L, backend) row, then per L the indexer cost vs the fastest dense row; the record is rewritten
+    after each row. Rows past the time budget carry its note instead of numbers."""
+    from tqdm import tqdm
+    backends = backend_list(args.device, args.attention)
+    rows, cost = record.rows, record.extra.setdefault("indexer_cost", [])
+    took = {}  # backend -> (L, seconds its row took): a row expected to outlast the budget left is skipped
+    with tqdm(total=len(args.seq_lens) * len(backends), desc="benchmark", file=sys.stderr) as bar:
+        for L in args.seq_lens:
+            inputs = None if record.over_budget() else make_inputs(args, L, args.indexer_heads, args.indexer_dim)
+            for backend in backends:
+                bar.set_postfix_str(f"L={L} {backend}")
+                record.running = {"backend": backend, "seq_len": L}
+                record.write()
+                note = record.budget_note() if inputs is None or record.over_budget() else \
+                    record.projected_note(took.get(backend), L)
+                start = time.perf_counter()
+                rows.append(empty_row(args, backend, L, note) if note else measure(args, meter, backend, L, inputs))
+                took[backend] = (L, time.perf_counter() - start) if not note else took.get(backend)
+                bar.update()
+            record.running = None
+            attach_baseline([r for r in rows if r["seq_len"] == L])
+            dense = [r for r in rows if r["seq_len"] == L and r["dense"] and r["fwd_bwd_ms"]]
+            if dense and not record.over_budget():
+                try:
+                    cost += indexer_cost(args, meter, L, min(dense, key=lambda r: r["fwd_bwd_ms"]))
+                except Exception as err:  # noqa: BLE001 - recorded, the rows stand
+                    record.extra[f"indexer_cost_note_L{L}"] = f"failed: {failure_reason(err)}"
+            record.write()
+            del inputs
+    return rows, cost
+
+
+def empty_row(args, backend: str, L: int, note: str = "") -> dict:
+    """A row without numbers (yet); `note` says why."""
+    return {"backend": backend, "attention": args.attention, "seq_len": L, "top_k": args.top_k,
+            "dense": is_dense(backend), "fwd_ms": None, "fwd_bwd_ms": None, "peak_mem_mb": None,
+            "indexer_ms": None, "speedup_vs_sdpa": None, "baseline": None, "note": note}
 
 
 def print_costs(cost: list[dict], quality: list[dict]) -> None:

@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="retrofit: warm-up levers on top of the paper's recipe (issue 30): structure, group_max, "
                         "head_max, far_rows, prev_key, heads16, wide, rank (docs/retrofit.md)")
     p.add_argument("--eval-windows", type=int, metavar="N",
-                   help="retrofit: held-out windows evaluated per (L, k) (the probe uses half as many)")
+                   help="retrofit: held-out windows evaluated per (L, k) (the copy probe: half as many per "
+                        "distance, at least 2)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",

@@ -66,3 +66,29 @@ def variant_parameter_reports(base_cfg: ModelConfig, variants: dict[str, dict]) 
             report["indexer_param_reduction"] = 1 - report["indexer_params"] / base
             reports[name] = report
     return reports
+
+
+def record_stages(monkeypatch, *modules) -> list[dict]:
+    """Record every training stage the code under test runs: `run_stage` patched in dsa_lab.training.train (the
+    warm-up, dense pre-training) and in each of `modules` (a runner that imported it by name). -> a list that fills
+    with one {"desc", "stage", "start": the model's state_dict when the stage starts (cloned), "batches": the inputs
+    of every batch it drew, in order} per stage run."""
+    from dsa_lab.training import train
+    real_run_stage, stages = train.run_stage, []
+
+    def recording_run_stage(model, stage, stream, *args, **kwargs):
+        record = {"desc": args[3] if len(args) > 3 else kwargs.get("desc"), "stage": stage.name,
+                  "start": {n: t.detach().clone() for n, t in model.state_dict().items()}, "batches": []}
+        real_next = stream.next
+
+        def next_batch():
+            batch = real_next()
+            record["batches"].append(batch[0].clone())
+            return batch
+        stream.next = next_batch
+        stages.append(record)
+        return real_run_stage(model, stage, stream, *args, **kwargs)
+
+    for module in (train, *modules):
+        monkeypatch.setattr(module, "run_stage", recording_run_stage)
+    return stages

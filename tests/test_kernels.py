@@ -274,11 +274,14 @@ def test_model_gather_equals_masked_logits_and_indexer_loss(k):
     torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
     loss_ref, loss_fast = aux_ref.indexer_loss, aux_fast.indexer_loss
     torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
+    names = [name for name, _ in ref.named_parameters()]
     g_ref = torch.autograd.grad(out_ref.square().mean() + loss_ref, ref.parameters(), allow_unused=True)
     g_fast = torch.autograd.grad(out_fast.square().mean() + loss_fast, fast.parameters(), allow_unused=True)
-    for a, b in zip(g_ref, g_fast):
+    for name, a, b in zip(names, g_ref, g_fast):
+        has_ref, has_fast = a is not None, b is not None
+        assert has_ref == has_fast, f"{name}: a reference gradient {has_ref}, a fast-path gradient {has_fast}"
         if a is not None:
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_model_block_layer_equals_its_masked_twin():

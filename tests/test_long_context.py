@@ -6,6 +6,7 @@ import torch
 
 from dsa_lab.experiments import long_context
 from sparse_attention import kept_pair_fraction
+from conftest import record_stages
 from selection_checks import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 TINY = dict(seq_lens=[32, 48], seeds=[1, 2], top_k=8, steps=4, warmup_steps=3, dense_steps=3, curriculum_steps=4,
@@ -82,17 +83,38 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         long_context.run_long_context("quick", ["lm"], models, dict(TINY), tmp_path, False)
 
 
-def test_controls_share_the_branch_point_and_batches(corpus):
-    """local and random start from the dense branch weights (no indexer) and see stream 1's batches."""
+def test_every_model_starts_from_the_branch_point_and_sees_the_same_batches(tmp_path, corpus, monkeypatch):
+    """Recorded inside the real runner, per task: every compared model's stage 2 starts from the branch point's
+    weights (dsa and block after a warm-up that moved only their indexers) and draws the same batches in the same
+    order; dsa and block warm up on the same batches too."""
+    monkeypatch.setattr(long_context, "load_corpus", lambda cfg: corpus)
+    stages = record_stages(monkeypatch, long_context)
+    tiny = {**TINY, "seq_lens": [32], "seeds": [1], "steps": 3, "warmup_steps": 2, "dense_steps": 2,
+            "curriculum_steps": 2, "eval_every": 3, "eval_windows": 2}
+    long_context.run_long_context("quick", ["lm", "mqar"], list(long_context.MODELS), tiny, tmp_path, False)
+    for task in ("lm", "mqar"):
+        branch = torch.load(tmp_path / "records" / task / "L32" / "seed1" / "branch.pt", weights_only=True)
+        runs = {name: [r for r in stages if r["desc"] in (f"{task} L=32 seed=1 {name}" + end
+                                                          for end in ("", " indexer warm-up"))]
+                for name in long_context.MODELS}
+        second = {name: r[-1] for name, r in runs.items()}  # stage 2: after the warm-up, if any
+        assert {name: [r["stage"] for r in rs] for name, rs in runs.items()} == {
+            "dense": ["dense"], "dsa": ["warmup", "sparse"], "local": ["sparse"], "random": ["sparse"],
+            "oracle": ["sparse"], "block": ["warmup", "sparse"]}
+        for name, record in second.items():
+            start = record["start"]
+            moved = [n for n in branch if not torch.equal(start[n], branch[n])]
+            assert not moved, f"{task} {name} starts stage 2 away from the branch point: {moved}"
+            assert len(record["batches"]) == tiny["steps"]
+            assert all(torch.equal(a, b) for a, b in zip(record["batches"], second["dense"]["batches"])), \
+                f"{task} {name} draws other batches than dense"
+        dsa_warm, block_warm = runs["dsa"][0]["batches"], runs["block"][0]["batches"]
+        assert len(dsa_warm) == tiny["warmup_steps"] and all(torch.equal(a, b) for a, b in zip(dsa_warm, block_warm))
     settings = long_context.task_settings("quick", "lm", dict(TINY))
-    cfg = settings.model
-    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": corpus.tokenizer.vocab_size, "max_seq_len": 32})
-    task = long_context.LMTask(corpus, 32, settings.train)
-    a, b = task.stream(1, 1), task.stream(1, 1)
-    assert torch.equal(a.next()[0], b.next()[0])
+    task = long_context.LMTask(corpus, 32, settings.train)  # another seed draws other batches
     assert not torch.equal(task.stream(1, 1).next()[0], task.stream(2, 1).next()[0])
-    assert long_context.model_config(cfg, "local").selection_source == "local"
-    assert long_context.model_config(cfg, "block").attention_backend == "block"
+    assert long_context.model_config(settings.model, "local").selection_source == "local"
+    assert long_context.model_config(settings.model, "block").attention_backend == "block"
 
 
 def test_mqar_curriculum_is_gated_shared_and_lengths_chain(tmp_path, monkeypatch):

@@ -76,20 +76,49 @@ def test_the_report_names_only_the_figures_written():
 
 
 def _with_warmups(summary, reasons):
-    """DSA warm-up records (held-out KL curves) per L and seed; `reasons`: the stop reason per seed."""
-    for by_L in summary["results"].values():
-        for entry in by_L.values():
-            entry["dsa"]["warmup_plateau"] = {str(s): {"steps": [20, 40, 60], "held_out_kl": [1.0, 0.5, 0.49],
-                                                       "steps_used": 60, "stop_reason": r, "rule": "the rule"}
-                                              for s, r in reasons.items()}
+    """DSA warm-up records (held-out KL curves) per L and seed; `reasons`: the stop reason per seed. Every
+    (task, L, seed) gets its own curve (its own KL values; odd seeds stop a step earlier)."""
+    for t, by_L in enumerate(summary["results"].values()):
+        for L, entry in by_L.items():
+            entry["dsa"]["warmup_plateau"] = {
+                str(s): {"steps": [20, 40, 60][:3 - s % 2], "held_out_kl": [(1.0 + t + s / 100) / (int(L) / 256) ** i
+                                                                         for i in range(3 - s % 2)],
+                         "steps_used": 60 - 20 * (s % 2), "stop_reason": r, "rule": "the rule"}
+                for s, r in reasons.items()}
     return summary
 
 
 def test_the_warmup_figure_draws_every_seeds_curve_and_where_it_stopped(tmp_path):
-    summary = _with_warmups(_summary(["lm", "mqar"], [42, 43]), {42: "plateau", 43: "step_cap"})
+    """One panel per task; in it one line per (L, seed) with that record's KL curve, one colour per L, and at the
+    curve's last point a cross (plateau) or a square (step cap) in the curve's colour."""
+    reasons = {42: "plateau", 43: "step_cap"}
+    summary = _with_warmups(_summary(["lm", "mqar"], [42, 43]), reasons)
+    fig = plots.warmup_curves_figure(summary)
+    try:
+        assert [ax.get_title() for ax in fig.axes] == [f"{task}: DSA indexer warm-up (x: plateau, square: step cap)"
+                                                       for task in ("lm", "mqar")]
+        for ax, task in zip(fig.axes, ("lm", "mqar")):
+            curves = [line for line in ax.lines if line.get_linestyle() == "-"]
+            marks = [line for line in ax.lines if line.get_linestyle() == "None"]
+            assert len(curves) == len(marks) == 2 * len(reasons) == len(ax.lines) // 2
+            expected = {(L, seed): rec for L, entry in summary["results"][task].items()
+                        for seed, rec in entry["dsa"]["warmup_plateau"].items()}
+            drawn = {(tuple(c.get_xdata()), tuple(c.get_ydata())): (c, m) for c, m in zip(curves, marks)}
+            colours = {}  # L -> the colours its curves are drawn in
+            for (L, seed), rec in expected.items():
+                curve, mark = drawn.pop((tuple(rec["steps"]), tuple(rec["held_out_kl"])))  # KeyError: not drawn
+                assert list(mark.get_xdata()) == rec["steps"][-1:] and list(mark.get_ydata()) == rec["held_out_kl"][-1:]
+                assert mark.get_marker() == {"plateau": "x", "step_cap": "s"}[rec["stop_reason"]], (task, L, seed)
+                assert tuple(mark.get_color()) == tuple(curve.get_color()), (task, L, seed)
+                colours.setdefault(L, set()).add(tuple(curve.get_color()))
+            assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == len(colours)
+            assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["L=256", "L=512"]
+    finally:
+        plt.close(fig)
     assert plots.warmup_curves(summary, tmp_path / "warmup_kl.png")
     assert (tmp_path / "warmup_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not plots.warmup_curves(_summary(["lm"], [42]), tmp_path / "none.png")  # no warm-up: no figure
+    assert plots.warmup_curves_figure(_summary(["lm"], [42])) is None  # no warm-up: no figure
+    assert not plots.warmup_curves(_summary(["lm"], [42]), tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
 
 

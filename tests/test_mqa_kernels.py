@@ -208,6 +208,18 @@ def test_triton_autotune_configs_fit_the_slots():
     assert [triton_mqa.block_h_for(h) for h in (1, 5, 16, 20, 64, 128)] == [16, 16, 16, 32, 64, 64]
 
 
+def test_one_config_env_turns_gpu_autotuning_off(monkeypatch):
+    """DSA_TRITON_ONE_CONFIG=1 (the GPU check sets it): a CUDA input gets one forced launch config instead of
+    None (autotune); without it, autotuning."""
+    from types import SimpleNamespace
+    from dsa_lab.kernels import triton_mqa
+    q = SimpleNamespace(shape=(1, 8, 16, 80), dtype=torch.bfloat16, is_cuda=True)
+    monkeypatch.delenv(triton_mqa.ONE_CONFIG_ENV, raising=False)
+    assert triton_mqa._meta(q, 64, None)[1] is None
+    monkeypatch.setenv(triton_mqa.ONE_CONFIG_ENV, "1")
+    assert triton_mqa._meta(q, 64, None)[1] == {"BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+
+
 def test_triton_without_gpu_or_triton_is_a_clear_error(monkeypatch):
     from dsa_lab.kernels import triton_mqa
     idx, valid = _selection(1, 6, 3)
@@ -221,3 +233,34 @@ def test_triton_without_gpu_or_triton_is_a_clear_error(monkeypatch):
         with pytest.raises(ValueError, match="needs CUDA"):
             triton_mqa.sparse_mqa_attention_triton(q, kv, idx, valid, v_dim=4)
 
+
+
+def test_a_launch_that_needs_too_much_shared_memory_is_retried_with_smaller_tiles():
+    """On an H200 the MLA backward at D 576 / H 128 asked 323584 bytes of shared memory (232448 there): the launch
+    halves BLOCK_H, then a forced BLOCK_K, down to 16, and re-raises when nothing smaller is left."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+    from dsa_lab.kernels.triton_mqa import launch_fitting
+
+    class Kernel:  # kernel[grid](*args, **meta): fits when BLOCK_H * BLOCK_K <= fits
+        def __init__(self, fits):
+            self.fits, self.launches = fits, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta["BLOCK_H"] * meta.get("BLOCK_K", 16) > self.fits:
+                    raise OutOfResources(323584, 232448, "shared memory")
+                self.launches.append((grid, meta))
+            return launch
+
+    kernel = Kernel(fits=16 * 32)
+    launch_fitting(kernel, (7, 128, 2), (), {"BLOCK_H": 64}, {"BLOCK_K": 32, "num_warps": 8})
+    assert kernel.launches == [((7, 8, 2), {"BLOCK_H": 16, "BLOCK_K": 32, "num_warps": 8})]
+    kernel = Kernel(fits=16 * 16)
+    launch_fitting(kernel, (7, 128, 2), (), {"BLOCK_H": 64}, {"BLOCK_K": 64})
+    assert kernel.launches[0][1] == {"BLOCK_H": 16, "BLOCK_K": 16}
+    with pytest.raises(OutOfResources):
+        launch_fitting(Kernel(fits=1), (7, 128, 2), (), {"BLOCK_H": 64}, None)
+    with pytest.raises(ZeroDivisionError):  # any other error is not retried
+        launch_fitting(type("K", (), {"__getitem__": lambda self, g: lambda *a, **m: 1 / 0})(), (1, 1, 1), (),
+                       {"BLOCK_H": 64}, None)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dsa_lab.interop import retrofit
+from dsa_lab.experiments import retrieval
 from dsa_lab.experiments import retrofit as rx
 from sparse_attention import merge_recall_stats
 
@@ -247,15 +248,21 @@ def test_export_then_load_gives_equal_logits(tiny_folder, tmp_path):
 
 
 def test_copy_probe_hits_say_whether_a_selection_holds_the_token_to_copy():
-    """At the second copy's rows the token to copy sits L - m - 1 back: every selection holds it when k >= L, a window
-    of the last k < L - m tokens never does, and sink_local only where that token is one of its first tokens."""
+    """At the second copy's rows the token to copy sits distance - 1 back: every selection holds it when k >= L, a
+    window of the last k < distance tokens never does, and sink_local only where that token is one of its first
+    tokens."""
     model = tiny_retrofit()
     probes = torch.randint(0, 64, (2, 48))
     s = {**rx.COMMON, "probe_segment": 8, "sinks": 4}
-    full = rx.retrieval_probe(model, probes, 48, s, torch.device("cpu"))["per_window"]
-    for name in ("dsa", "oracle", "local", "sink_local", "random"):
-        assert full[name]["value_hit_by_layer"] == [[1.0, 1.0]] * 2 and full[name]["key_hit_by_layer"] == [[1.0, 1.0]] * 2
-    small = rx.retrieval_probe(model, probes, 12, s, torch.device("cpu"))["per_window"]
+    names = ("dsa", "oracle", "local", "sink_local", "random")
+
+    def probe(k):
+        return retrieval.copy_probe([e for e in rx.eval_entries(model, k, s) if e[0] in names], probes, 8, 40,
+                                    torch.device("cpu"))
+    full = probe(48)
+    for name in names:
+        assert full[name]["value_hit_by_layer"] == full[name]["key_hit_by_layer"] == [[1.0, 1.0]] * 2
+    small = probe(12)
     assert small["local"]["value_hit_by_layer"] == [[0.0, 0.0]] * 2
     # rows t = 40..46 copy token t - 39 = 1..7: sinks 0..3 hold it for t = 40, 41, 42 (3 of 7 rows)
     assert small["sink_local"]["value_hit_by_layer"] == [[pytest.approx(3 / 7)] * 2] * 2
@@ -274,6 +281,34 @@ def test_settings_take_the_cli_overrides_retrofit_reads_and_only_those():
         rx.settings_for("huge", {})
 
 
+RETROFIT_FLAGS = ("--top-k", "--seq-lens", "--steps", "--warmup-steps", "--batch-size", "--eval-windows", "--backend")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--top-k", "0"], "--top-k 0"), (["--top-k", "-3"], "--top-k -3"),
+    (["--top-k", "99999", "--seq-lens", "1024"], "--top-k 99999"),
+    (["--top-k", "1024", "--seq-lens", "1024", "2048"], "--top-k 1024"),  # k >= L at the shortest length
+    (["--eval-windows", "0"], "--eval-windows 0"), (["--eval-windows", "1"], "--eval-windows 1"),
+    (["--steps", "-1"], "--steps -1"), (["--warmup-steps", "0"], "--warmup-steps 0"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--seq-lens", "128"], "--seq-lens [128]"),
+    (["--backend", "flex"], "--backend 'flex'"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(argv, named, tmp_path, capsys, monkeypatch):
+    """Each bad retrofit setting: one line naming that flag (and no other), exit 2, before any model is read."""
+    import run_experiment
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was read before the settings were checked")
+    monkeypatch.setattr(retrofit, "resolve_model", never)
+    monkeypatch.setattr(retrofit, "load_base", never)
+    rc = run_experiment.main(["--experiment", "retrofit", "--preset", "quick", "--device", "cpu", "--out",
+                              str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert named in err and [f for f in RETROFIT_FLAGS if f in err] == [named.split()[0]], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_model_type_is_one_line_exit_2(tmp_path, capsys):
     """A GPT-2 config is refused before any weight is read: one line naming what is supported, exit status 2."""
     from transformers import GPT2Config
@@ -287,28 +322,41 @@ def test_unsupported_model_type_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monkeypatch):
-    """The whole experiment on the tiny model with a 2-step stage 2: summary.json with every mode (the fine-tuned
-    pair included), REPORT.md and figures (stage2.png with them); the second invocation reads the warm-up and the
-    evaluation back (no step redone)."""
+    """The whole experiment on the tiny model at two lengths with a 2-step stage 2: summary.json with every mode (the
+    fine-tuned pair included), the retrieval evaluations (copy probe per distance, passkey per depth) for dense / dsa /
+    oracle / sink_local and the stage-2 pair, REPORT.md naming each with its windows or trials, the figures
+    (passkey.png, stage2.png with them); the export labelled with the length its indexers were warmed up at (the last
+    one run, not the longest); the second invocation reads the warm-up and the evaluation back (no step redone).
+    Caught: the export labelled max(seq_lens)."""
     import run_experiment
     monkeypatch.chdir(tmp_path)  # the token cache (data_cache/) goes here
     monkeypatch.setitem(rx.PRESETS, "quick", {**rx.PRESETS["quick"], "eval_windows": 3, "probe_windows": 2,
-                                              "warmup_steps": 4, "warmup_eval_every": 2})
-    args = ["--experiment", "retrofit", "--preset", "quick", "--model", str(tiny_folder), "--seq-lens", "160",
+                                              "warmup_steps": 4, "warmup_eval_every": 2, "passkey_trials": 1,
+                                              "probe_distances": [0.5, 1.0]})
+    args = ["--experiment", "retrofit", "--preset", "quick", "--model", str(tiny_folder), "--seq-lens", "256", "224",
             "--top-k", "16", "--steps", "2", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
     assert run_experiment.main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    r = summary["results"]["160"]["16"]
+    r = summary["results"]["256"]["16"]
     assert set(r["loss"]) == set(rx.MODES) | {"dsa_ft", "dense_ft"} and r["windows"] == 3
-    assert summary["results"]["160"]["warmup"]["steps_used"] == 4
+    assert summary["results"]["256"]["warmup"]["steps_used"] == 4
     assert len(r["stage2"]["sparse_lm"]) == 2 and r["dsa_ft_minus_dense_ft"]["mean"] is not None
-    for name in ("REPORT.md", "loss_vs_k.png", "recall_by_distance.png", "retrieval.png", "stage2.png"):
+    for name in ("REPORT.md", "loss_vs_k.png", "recall_by_distance.png", "retrieval.png", "passkey.png", "stage2.png"):
         assert (tmp_path / "out" / name).exists()
     assert (tmp_path / "export" / retrofit.EXPORT_WEIGHTS).exists()
-    for name in ("dsa", "oracle", "local", "sink_local", "random"):  # per layer: the token to copy selected?
-        assert len(r["probe"][name]["value_hit_by_layer"]) == 2 and "value_hit_by_layer" not in r["probe"]["dense"]
+    assert json.loads((tmp_path / "export" / retrofit.EXPORT_META).read_text())["trained_seq_len"] == 224
+    retrieval_modes = ["dense", "dsa", "oracle", "sink_local", "dsa_ft", "dense_ft"]
+    assert list(r["passkey"]) == retrieval_modes and r["passkey"]["dsa"]["overall"]["n"] == 5
+    assert [len(by) for by in r["probe"]["by_distance"].values()] == [6, 6] and r["probe"]["windows"] == 2
+    for name in ("dsa", "oracle", "sink_local", "dsa_ft"):  # per layer: the token to copy / the key selected?
+        assert len(r["probe"][name]["value_hit_by_layer"]) == 2 and len(r["passkey"][name]["hit_by_layer"]) == 2
+    assert "value_hit_by_layer" not in r["probe"]["dense"] and "hit_by_layer" not in r["passkey"]["dense"]
+    assert r["recall"]["dsa"]["indexer_recall_ci95"]["mean"] is not None
     report = (tmp_path / "out" / "REPORT.md").read_text()
-    assert "Copy probe, the token to copy among the selected keys" in report
+    assert "Copy probe at 192 back, the token to copy among the selected keys by layer" in report
+    assert "Passkey retrieval (greedy exact match" in report and "copy probe 2 per distance; passkey 5 trials" in report
+    for name in retrieval_modes:
+        assert f"\n| {name} | " in report.split("Passkey retrieval")[1], name
     assert "Stage 2: 2 steps" in report and "after stage 2: DSA − fine-tuned dense twin" in report
     assert " vs dense_ft |" in report and r["delta_vs_dense"]["dense_ft"]["mean"] is not None
     capsys.readouterr()

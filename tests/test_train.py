@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import TrainConfig
-from conftest import model_pair, tiny_model_config
+from conftest import model_pair, record_stages, tiny_model_config
 from dsa_lab.training.data import BatchStream, build_windows, eval_subset
 from dsa_lab.training.train import (TrainingDiverged, evaluate, load_checkpoint, lr_multiplier, run_seed, save_checkpoint, train_lm,
                    warmup_indexer)
@@ -41,11 +41,15 @@ def test_indexer_recall_after_warmup_beats_random_and_its_own_start(run):
     assert 0 < f["indexer_time_share"] < 1 and 0 < f["attention_time_share"] < 1
 
 
-def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(corpus):
+def test_warmup_trains_only_the_indexer_and_leaves_nothing_frozen(corpus):
+    """The warm-up moves the indexers and nothing else of the model (no weight, no MoE balance bias), and leaves
+    every parameter trainable. (That both models of a run see the same batches is
+    test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same_batches.)"""
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
     windows = build_windows(corpus, 16)
     classic, sparse = model_pair(cfg, 0, "cpu")
     idx_before = [p.clone() for p in sparse.indexer_parameters()]
+    main_before = {n: t.clone() for n, t in sparse.state_dict().items() if ".indexer." not in n}
     tcfg = TrainConfig(**{**TINY_TRAIN, "warmup_steps": 3, "eval_windows": 4})
     from dsa_lab.training.train import _param_groups, warmup_stage
     groups = _param_groups(sparse, warmup_stage(tcfg))  # what the warm-up optimizer can move: the indexers only
@@ -54,37 +58,25 @@ def test_warmup_trains_only_the_indexer_and_both_models_see_the_same_batches(cor
     assert all(b.ffn.load_counts.sum() == 0 for b in sparse.blocks)  # warm-up routing does not leak into stage 2
     assert all(p.requires_grad for p in sparse.parameters())  # nothing stays frozen after the warm-up
     assert all(not torch.equal(a, b) for a, b in zip(idx_before, sparse.indexer_parameters()))
+    after = sparse.state_dict()
+    moved = [n for n, t in main_before.items() if not torch.equal(t, after[n])]
+    assert not moved, f"the warm-up changed main-model state: {moved}"
 
 
 def test_run_seed_branches_classic_and_sparse_from_identical_weights_on_the_same_batches(corpus, monkeypatch):
     """Honesty rule 5, recorded from run_seed itself: the classic continuation and the sparse stage 2 start
     from the same shared weights and see the same batches in the same order."""
-    from dsa_lab.training import train
-    seen = {}
-    real_run_stage = train.run_stage
-
-    def recording_run_stage(model, stage, stream, val, tcfg, device, desc, **kwargs):
-        shared = {n: p.detach().clone() for n, p in model.named_parameters() if ".indexer." not in n}
-        batches = []
-        real_next = stream.next
-
-        def next_batch():
-            batch = real_next()
-            batches.append(batch[0].clone())
-            return batch
-        stream.next = next_batch
-        result = real_run_stage(model, stage, stream, val, tcfg, device, desc, **kwargs)
-        seen[(stage.name, desc)] = (shared, batches)
-        return result
-
-    monkeypatch.setattr(train, "run_stage", recording_run_stage)
+    stages = record_stages(monkeypatch)
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, sparse_top_k=4, max_seq_len=16)
     tcfg = TrainConfig(**{**TINY_TRAIN, "dense_steps": 2, "warmup_steps": 2, "steps": 3, "eval_every": 3,
                           "eval_windows": 4})
     run_seed(cfg, build_windows(corpus, 16), tcfg, seed=0, device=torch.device("cpu"))
-    (classic_w, classic_b), = [v for (name, desc), v in seen.items() if name == "dense" and "classic" in desc]
-    (warm_w, _), = [v for (name, _), v in seen.items() if name == "warmup"]
-    (sparse_w, sparse_b), = [v for (name, _), v in seen.items() if name == "sparse"]
+
+    def shared(record):  # the weights and buffers both models have (not the indexers)
+        return {n: t for n, t in record["start"].items() if ".indexer." not in n}, record["batches"]
+    (classic_w, classic_b), = [shared(r) for r in stages if r["stage"] == "dense" and "classic" in r["desc"]]
+    (warm_w, _), = [shared(r) for r in stages if r["stage"] == "warmup"]
+    (sparse_w, sparse_b), = [shared(r) for r in stages if r["stage"] == "sparse"]
     assert len(classic_b) == len(sparse_b) == 3
     assert all(torch.equal(a, b) for a, b in zip(classic_b, sparse_b))
     assert classic_w.keys() == warm_w.keys()

@@ -296,15 +296,25 @@ def _distance_axes(ax, ylabel: str, title: str, xlabel: str = "query − key dis
 
 
 def warmup_curves(summary: dict, path: str | Path) -> bool:
+    """warmup_curves_figure(...) written to `path` -> False (nothing written) when no record has a warm-up curve."""
+    fig = warmup_curves_figure(summary)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def warmup_curves_figure(summary: dict):
     """Held-out warm-up KL vs step of DSA, one panel per task run, one colour per L, one line per seed; a cross
-    where the plateau rule stopped the warm-up, a square where the step cap did. -> False (nothing drawn) when no
+    where the plateau rule stopped the warm-up, a square where the step cap did. -> the figure, or None when no
     record has a warm-up curve."""
     runs = {task: [(int(L), seed, rec) for L, entry in by_L.items()
                    for seed, rec in (entry.get("dsa", {}).get("warmup_plateau") or {}).items() if rec]
             for task, by_L in summary["results"].items()}
     runs = {task: r for task, r in runs.items() if r}
     if not runs:
-        return False
+        return None
     fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), squeeze=False)
     for ax, (task, curves) in zip(axes[0], runs.items()):
         lengths = sorted({L for L, _, _ in curves})
@@ -319,9 +329,7 @@ def warmup_curves(summary: dict, path: str | Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def mqar_accuracy_by_distance(summary: dict, models: list[str], path: str | Path) -> None:

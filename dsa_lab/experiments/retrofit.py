@@ -6,7 +6,10 @@ layer's input and head-summed attention; only the indexers train, on the paper's
 `plateau.PlateauRule` stops it). Per (L, k): optional stage 2 (`steps` > 0: sparse fine-tuning beside a dense
 twin on the same batches), then evaluation on held-out windows — dense, dsa, and the indexer-free controls
 oracle / local / sink_local / random (paired per-window differences with 95 % CIs), recall overall and by
-distance, a copy-retrieval probe, and prefill timing. Records are read back on the next invocation.
+distance (with CIs over the recall windows), the retrieval evaluations of `retrieval.py` for dense / dsa / oracle /
+sink_local (passkey retrieval over depth, the copy probe at several distances, and per layer whether the sparse
+forward's selection holds the token an answer needs), and prefill timing. Records are read back on the next
+invocation.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsa_lab.experiments import mqar
+from dsa_lab.experiments import retrieval
 from dsa_lab.experiments import skeleton as experiment
 from dsa_lab.interop import retrofit
 from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
@@ -41,9 +44,12 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # the held-out windows it measures the KL on; eval_windows: held-out windows per (L, k); learning_rate /
 # indexer_lr: stage 2). Retrofit's own keys: top_ks (every k evaluated at every L), seed (one), batch_reuse,
 # warmup_rows (query rows per warm-up step, 0 = all), recall_windows (windows whose dense forward measures recall,
-# 0 = all), eval_backend (the quality evaluations' attention path), probe_windows (the copy probe's windows),
-# timing_repeats, sinks, probe_segment, eval_modes (the modes evaluated beside dense: at least dsa and oracle), and the
-# levers (LEVER_DEFAULTS below).
+# 0 = all), eval_backend (the quality evaluations' attention path), probe_windows (the copy probe's windows per
+# distance), probe_distances (fractions of L - probe_segment between the copies' starts; 1.0 = the far probe of
+# earlier reports), passkey_depths (needle depths, 0 = right after the intro, 1 = just before the question),
+# passkey_trials (random keys per depth and L), passkey_filler (classic | heldout), timing_repeats, sinks,
+# probe_segment, eval_modes (the modes evaluated beside dense: at least dsa and oracle), and the levers
+# (LEVER_DEFAULTS below).
 # The cpu preset's sizes come from per-forward costs of SmolLM2 measured on the 2-core CPU (2026-12-02, L 4096):
 # dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch
 # (the forward keeping 1024 rows' targets); with 6 / 3 / 1 windows (evaluation / probe / recall) about 70 of the
@@ -52,18 +58,23 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
-                  warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4),
+                  warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
+                  passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4),
     # the lever ablation (issue 30): quick's length, budget, rule and windows at about half its cost — 256 sampled query
     # rows per warm-up step, recall on one window, only the modes a lever changes or is measured against
     "levers": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
-                   warmup_eval_windows=2, eval_windows=8, probe_windows=4, timing_repeats=1, batch_reuse=4,
+                   warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
+                   passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4,
                    warmup_rows=256, recall_windows=1, eval_modes=["dsa", "oracle"]),
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
-                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=6, probe_windows=3, recall_windows=1,
+                warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=6, probe_windows=4, recall_windows=2,
+                probe_distances=[0.125, 0.5, 1.0], passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=3,
                 timing_repeats=2, batch_reuse=4, warmup_rows=256),
     "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_steps=1000,
                     warmup_eval_every=20, warmup_plateau_window=3, warmup_eval_windows=4, eval_windows=32,
-                    probe_windows=16, recall_windows=8, timing_repeats=3, batch_reuse=4, warmup_rows=512),
+                    probe_windows=16, recall_windows=8, probe_distances=[0.0625, 0.125, 0.25, 0.5, 1.0],
+                    passkey_depths=[i / 10 for i in range(11)], passkey_trials=10, timing_repeats=3, batch_reuse=4,
+                    warmup_rows=512),
 }
 # The levers of issue 30 (dsa_lab/interop/levers.py), each off at its default here (the paper's recipe):
 # structure_window (> 0: DSA always keeps the first `sinks` and the last structure_window tokens, the indexer picks the
@@ -75,7 +86,9 @@ LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, f
 COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
               eval_modes=list(MODES[1:]),
               warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
-              learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, attention_backend="gather", seed=42,
+              learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, probe_distances=[1.0],
+              passkey_depths=[0.0, 0.5, 1.0], passkey_trials=2, passkey_filler="classic", attention_backend="gather",
+              seed=42,
               indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, **LEVER_DEFAULTS)
 # `--levers NAME ...`: named lever settings, applied in order on top of the preset (capacity is the indexer's size)
 LEVERS = {
@@ -93,7 +106,8 @@ OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "steps", "batch_size", "attention_b
 
 def settings_for(preset: str, overrides: dict) -> dict:
     """The preset's settings with the CLI's overrides (unknown preset or bad value: ValueError). Besides
-    OVERRIDE_KEYS: top_k K evaluates [K], eval_windows halves probe_windows, seeds gives its first seed."""
+    OVERRIDE_KEYS: top_k K evaluates [K], eval_windows N sets probe_windows to max(2, N // 2), seeds gives its first
+    seed."""
     given = {key: overrides[key] for key in OVERRIDE_KEYS if key in overrides}
     s = {**COMMON, **experiment.preset_settings(PRESETS, preset, "retrofit", given)}
     for name in overrides.get("levers") or ():
@@ -104,23 +118,51 @@ def settings_for(preset: str, overrides: dict) -> dict:
     if "top_k" in overrides:
         s["top_ks"] = [overrides["top_k"]]
     if "eval_windows" in overrides:
-        s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(1, overrides["eval_windows"] // 2)
+        s["eval_windows"], s["probe_windows"] = overrides["eval_windows"], max(2, overrides["eval_windows"] // 2)
     if "seeds" in overrides:
         s["seed"] = overrides["seeds"][0]
+    check_settings(s)
+    return s
+
+
+def check_settings(s: dict) -> None:
+    """Refuse a bad setting before the model loads: ValueError naming the one flag that is wrong and the fix."""
     if s["attention_backend"] not in retrofit.BACKENDS:
         raise ValueError(f"--backend {s['attention_backend']!r} is not a retrofit backend; choose one of "
                          f"{', '.join(retrofit.BACKENDS)}")
     if any(L <= 2 * s["probe_segment"] for L in s["seq_lens"]):
-        raise ValueError(f"seq_lens={s['seq_lens']} must exceed 2 * probe_segment={2 * s['probe_segment']}")
+        raise ValueError(f"--seq-lens {s['seq_lens']} must each exceed 2 * probe_segment = {2 * s['probe_segment']}")
+    shortest = min(s["seq_lens"])
+    for k in s["top_ks"]:
+        if not 1 <= k < shortest:
+            raise ValueError(f"--top-k {k} must be in [1, {shortest}): at least one key, and fewer than the shortest "
+                             f"length L = {shortest} (at k >= L DSA keeps every key: it is dense attention)")
+    for flag, key, least, why in (("--steps", "steps", 0, ""), ("--warmup-steps", "warmup_steps", 1, ""),
+                                  ("--batch-size", "batch_size", 1, ""),
+                                  ("--eval-windows", "eval_windows", 2, " (a CI needs two)")):
+        if s[key] < least:
+            raise ValueError(f"{flag} {s[key]} must be >= {least}{why}")
     if not {"dsa", "oracle"} <= set(s["eval_modes"]) <= set(MODES[1:]):
         raise ValueError(f"eval_modes={s['eval_modes']} must hold dsa and oracle and only modes of {MODES[1:]}")
     if s["structure_window"] and s["sinks"] + s["structure_window"] >= min(s["top_ks"]):
         raise ValueError(f"--levers structure keeps sinks + window = {s['sinks'] + s['structure_window']} tokens; "
                          f"use a --top-k above that")
-    if s["steps"] < 0 or s["warmup_steps"] < 1 or s["eval_windows"] < 2:
-        raise ValueError(f"--steps {s['steps']} must be >= 0, --warmup-steps {s['warmup_steps']} >= 1 and "
-                         f"--eval-windows {s['eval_windows']} >= 2 (a CI needs two)")
-    return s
+    check_retrieval(s)
+
+
+def check_retrieval(s: dict) -> None:
+    """The retrieval evaluations' settings (a bad one: ValueError naming the key and the fix)."""
+    depths = s["passkey_depths"]
+    if not depths or any(not 0 <= d <= 1 for d in depths) or len(set(depths)) != len(depths):
+        raise ValueError(f"passkey_depths={depths}: give distinct needle depths in [0, 1]")
+    if s["passkey_trials"] < 1:
+        raise ValueError(f"passkey_trials={s['passkey_trials']} must be >= 1 (random keys per depth and L)")
+    if s["passkey_filler"] not in retrieval.FILLERS:
+        raise ValueError(f"passkey_filler={s['passkey_filler']!r} is unknown; choose one of "
+                         f"{', '.join(retrieval.FILLERS)}")
+    if s["probe_windows"] < 2:
+        raise ValueError(f"probe_windows={s['probe_windows']} must be >= 2 (a CI needs two)")
+    retrieval.copy_distances(min(s["seq_lens"]), s["probe_segment"], s["probe_distances"])
 
 
 # ----------------------------------------------------------------------------- data
@@ -157,17 +199,6 @@ def split_heldout(val: torch.Tensor, n_kl: int, n_eval: int) -> tuple[torch.Tens
     kl, rest = val[len(val) - n_kl:], val[:len(val) - n_kl]
     picks = torch.linspace(0, len(rest) - 1, min(n_eval, len(rest))).long()
     return kl, rest[picks]
-
-
-def probe_windows(val: torch.Tensor, L: int, segment: int, n: int) -> torch.Tensor:
-    """Copy-retrieval inputs (n, L): a held-out segment S, filler from another held-out window, S again. The
-    second copy's tokens (after its first) are predictable only by looking L - segment tokens back."""
-    idx = torch.linspace(0, len(val) - 1, min(2 * n, len(val))).long()
-    rows = []
-    for a, b in zip(idx[0::2].tolist(), idx[1::2].tolist()):
-        seg = val[a, :segment]
-        rows.append(torch.cat([seg, val[b, :L - 2 * segment], seg]))
-    return torch.stack(rows)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -298,41 +329,41 @@ def evaluate(model, windows: torch.Tensor, k: int, s: dict, device, tuned=None) 
                 by_layer.setdefault(name, {}).setdefault(layer, []).append(stat)
         for name, net, plan in eval_entries(model, k, s, tuned):
             losses.setdefault(name, []).append(_nll(net(inputs, plan)[0], targets))
-    recall = {name: {**merge_recall_stats([st for sts in layers.values() for st in sts]),
-                     "by_layer": [merge_recall_stats(layers[i])["indexer_recall"] for i in sorted(layers)]}
-              for name, layers in by_layer.items()}
-    return {"loss_per_window": losses, "recall": recall}
+    return {"loss_per_window": losses, "recall": {name: recall_record(layers) for name, layers in by_layer.items()}}
+
+
+RECALL_KEYS = ("indexer_recall", "local_recall", "random_recall", "recall_by_distance")
+
+
+def recall_record(layers: dict) -> dict:
+    """{layer: [stats per recall window]} -> recall pooled over windows and layers (overall, by distance, by layer),
+    and per window (pooled over layers; by layer: per layer and window) for the CIs."""
+    order, n = sorted(layers), len(layers[0])
+    windows = [merge_recall_stats([layers[i][w] for i in order]) for w in range(n)]
+    return {**merge_recall_stats([st for sts in layers.values() for st in sts]),
+            "by_layer": [merge_recall_stats(layers[i])["indexer_recall"] for i in order],
+            "per_window": {key: [w[key] for w in windows] for key in RECALL_KEYS},
+            "by_layer_per_window": [[merge_recall_stats([layers[i][w]])["indexer_recall"] for w in range(n)]
+                                    for i in order]}
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).item()
 
 
-@torch.no_grad()
-def retrieval_probe(model, probes: torch.Tensor, k: int, s: dict, device, tuned=None) -> dict:
-    """Copy probe: NLL and top-1 accuracy on the second copy of the segment (its tokens after the first), per
-    probe window and mode; for the sparse modes also, per layer, the share of those rows whose selection holds the
-    token to copy ('value': L - m - 1 back) and the earlier copy of the current token ('key': L - m back)."""
+def retrieval_entries(model, k: int, s: dict, tuned: tuple | None = None) -> list:
+    """(name, model, plan) of the modes the retrieval evaluations run: dense, dsa, oracle, sink_local (local and random
+    cannot reach a token more than k back but by chance), and with stage 2 dsa_ft and dense_ft."""
+    keep = set(retrieval.RETRIEVAL_MODES) | {"dsa_ft", "dense_ft"}
+    return [("dense", model, retrofit.Plan())] + [e for e in eval_entries(model, k, s, tuned) if e[0] in keep]
+
+
+def copy_probes(entries: list, val: torch.Tensor, L: int, s: dict, device) -> dict:
+    """The copy probe at every distance of `probe_distances`: {str(distance): retrieval.copy_probe's windows}."""
     m = s["probe_segment"]
-    out = {}
-    for ids in probes:
-        ids = ids[None].to(device)
-        L = ids.shape[1]
-        pred, target = slice(L - m, L - 1), ids[:, L - m + 1:]
-        distance = torch.full((1, L), -1, dtype=torch.long)
-        distance[0, pred] = L - m  # each predicting row's earlier copy; the token to copy is the one after it
-        for name, net, plan in [("dense", model, retrofit.Plan())] + eval_entries(model, k, s, tuned):
-            sparse = plan.selection != "dense"
-            logits, aux = net(ids, dataclasses.replace(plan, keep_selection=sparse))
-            logits = logits[:, pred].float()
-            entry = out.setdefault(name, {"nll": [], "accuracy": []})
-            entry["nll"].append(F.cross_entropy(logits.flatten(0, 1), target.flatten()).item())
-            entry["accuracy"].append((logits.argmax(-1) == target).float().mean().item())
-            if sparse:
-                hits = mqar.answer_hits([aux.selected[i].cpu() for i in sorted(aux.selected)], distance)
-                for part in ("key", "value"):
-                    entry.setdefault(f"{part}_hit_by_layer", []).append([h[part] for h in hits])
-    return {"distance": L - m, "segment": m, "per_window": out}
+    return {str(d): retrieval.copy_probe(entries, retrieval.copy_windows(val, L, m, d, s["probe_windows"]), m, d,
+                                         device)
+            for d in retrieval.copy_distances(L, m, s["probe_distances"])}
 
 
 @torch.no_grad()
@@ -360,30 +391,35 @@ def prefill_timing(model, window: torch.Tensor, k: int, s: dict, device) -> dict
             "backend": s["attention_backend"], "repeats": s["timing_repeats"]}
 
 
-def summarise_k(evaluation: dict, probe: dict) -> dict:
-    """Means with 95 % CIs over windows; paired per-window differences vs dense (and dsa vs oracle)."""
+def summarise_k(evaluation: dict, probe: dict, passkey: dict) -> dict:
+    """Means with 95 % CIs over windows; paired per-window differences vs dense (and dsa vs oracle); recall pooled
+    and its per-window mean with CI; the copy probe (the farthest distance at the top, every one in by_distance)
+    and passkey retrieval (Wilson CIs over trials)."""
     losses = evaluation["loss_per_window"]
     diff = lambda a, b: mean_ci95([x - y for x, y in zip(losses[a], losses[b])])  # noqa: E731
     out = {"loss": {m: mean_ci95(v) for m, v in losses.items()},
            "delta_vs_dense": {m: diff(m, "dense") for m in losses if m != "dense"},
            "dsa_minus_oracle": diff("dsa", "oracle"),
-           "recall": {n: {k: r[k] for k in ("indexer_recall", "random_recall", "local_recall", "recall_by_distance",
-                                            "by_layer")} for n, r in evaluation["recall"].items()},
+           "recall": {n: _recall_summary(r) for n, r in evaluation["recall"].items()},
            "windows": len(losses["dense"])}
     if "dsa_ft" in losses:
         out["dsa_ft_minus_dense_ft"] = diff("dsa_ft", "dense_ft")
-    pw = probe["per_window"]
-    out["probe"] = {"distance": probe["distance"], "windows": len(pw["dense"]["nll"]),
-                    **{m: _probe_mode_summary(v) for m, v in pw.items()}}
+    by_distance = {d: retrieval.summarise_copy(pw) for d, pw in probe.items()}
+    far = max(by_distance, key=int)
+    out["probe"] = {"distance": int(far), "windows": by_distance[far]["dense"]["windows"], **by_distance[far],
+                    "by_distance": by_distance}
+    out["passkey"] = retrieval.summarise_passkey(passkey)
     return out
 
 
-def _probe_mode_summary(per_window: dict) -> dict:
-    """One mode's probe windows -> accuracy and NLL (mean ± CI), hit shares per layer (mean over windows)."""
-    out = {"accuracy": mean_ci95(per_window["accuracy"]), "nll": mean_ci95(per_window["nll"])}
-    for name in ("key_hit_by_layer", "value_hit_by_layer"):
-        if name in per_window:  # windows x layers -> layers
-            out[name] = [statistics.mean(layer) for layer in zip(*per_window[name])]
+def _recall_summary(r: dict) -> dict:
+    """One selection's recall record -> pooled values (as before) and per-window means with 95 % CIs."""
+    out = {k: r[k] for k in ("indexer_recall", "random_recall", "local_recall", "recall_by_distance", "by_layer")}
+    pw = r["per_window"]
+    out.update({f"{k}_ci95": mean_ci95(pw[k]) for k in ("indexer_recall", "local_recall", "random_recall")})
+    out["recall_by_distance_ci95"] = [mean_ci95(list(b)) for b in zip(*pw["recall_by_distance"])]
+    out["by_layer_ci95"] = [mean_ci95(layer) for layer in r["by_layer_per_window"]]
+    out["windows"] = len(pw["indexer_recall"])
     return out
 
 
@@ -417,24 +453,30 @@ def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path
     log(f"retrofit: {base_id.describe()} ({base.config.model_type}, {base.config.num_hidden_layers} layers); "
         f"{tokens['train'].size:,} train / {tokens['val'].size:,} held-out tokens "
         f"(held-out plays {tokens['val_docs']}); load {time.perf_counter() - t_start:.0f} s")
+    heldout = torch.from_numpy(tokens["val"].astype(np.int64))
+    prompts = {L: retrieval.passkey_prompts(tokenizer, L, s["passkey_depths"], s["passkey_trials"], s["seed"],
+                                            s["passkey_filler"], heldout) for L in s["seq_lens"]}  # checked up front
     results = {}
     for L in s["seq_lens"]:
-        results[str(L)] = run_length(model, tokens, L, s, base_id, out / f"L{L}", overwrite, device, log)
+        results[str(L)] = run_length(model, tokens, prompts[L], L, s, base_id, out / f"L{L}", overwrite, device, log)
     summary = {"experiment": "retrofit", "model": base_id.describe(), "model_type": base.config.model_type,
                "preset": preset, "settings": s, "environment": run_environment(device),
                "plateau_rule": PlateauRule(s["warmup_steps"], s["warmup_eval_every"], s["warmup_plateau_window"],
                                            s["warmup_min_rel_improvement"]).describe(),
                "wall_time_s": time.perf_counter() - t_start, "results": results}
     summary["sample"] = generation_sample(model, tokenizer, tokens, s, device)
-    if export_dir:
-        retrofit.export_retrofit(model, export_dir, {"trained_seq_len": max(s["seq_lens"]), "top_ks": s["top_ks"]})
-        log(f"exported the indexers (warmed up at L={max(s['seq_lens'])}) to {export_dir}")
+    if export_dir:  # the model holds the indexers of the last length run (each L has its own warm-up)
+        trained = s["seq_lens"][-1]
+        retrofit.export_retrofit(model, export_dir, {"trained_seq_len": trained, "top_ks": s["top_ks"]})
+        log(f"exported the indexers warmed up at L={trained} to {export_dir} (every length's: {out}/L<L>/"
+            f"indexers.safetensors)")
     return experiment.finish(out, summary, lambda summary: write_figures(summary, out), report,
                              lambda summary: f"retrofit wall time {summary['wall_time_s']:.0f} s")
 
 
-def run_length(model, tokens: dict, L: int, s: dict, base_id, folder: Path, overwrite: bool, device, log) -> dict:
-    """Warm-up at L (or read back), then every k: -> {"warmup": ..., "<k>": summary}."""
+def run_length(model, tokens: dict, prompts: list, L: int, s: dict, base_id, folder: Path, overwrite: bool, device,
+               log) -> dict:
+    """Warm-up at L (or read back), then every k (passkey on `prompts`): -> {"warmup": ..., "<k>": summary}."""
     from safetensors.torch import load_file, save_file
     train = make_windows(tokens["train"], L, tokens["eos"])
     val = make_windows(tokens["val"], L, tokens["eos"])
@@ -462,13 +504,15 @@ def run_length(model, tokens: dict, L: int, s: dict, base_id, folder: Path, over
         atomic_write_json(warm_path, {"config_fingerprint": warm_key, "warmup": warm})
     result = {"warmup": warm, "train_windows": len(train), "heldout_windows": len(val)}
     for k in s["top_ks"]:
-        result[str(k)] = run_budget(model, train, val, eval_w, L, k, s, folder / f"k{k}.json", eval_keys[k], device,
-                                    log)
+        result[str(k)] = run_budget(model, train, val, eval_w, prompts, L, k, s, folder / f"k{k}.json", eval_keys[k],
+                                    device, log)
     return result
 
 
-def run_budget(model, train, val, eval_w, L: int, k: int, s: dict, path: Path, key: str, device, log) -> dict:
-    """Stage 2 (if asked), evaluation, probe and timing at (L, k): one run record at `path` (read back if there)."""
+def run_budget(model, train, val, eval_w, prompts: list, L: int, k: int, s: dict, path: Path, key: str, device,
+               log) -> dict:
+    """Stage 2 (if asked), evaluation, retrieval (copy probe, passkey `prompts`) and timing at (L, k): one run record
+    at `path` (read back if there)."""
     def compute(_run) -> dict:
         t0 = time.perf_counter()
         tuned = None
@@ -477,14 +521,19 @@ def run_budget(model, train, val, eval_w, L: int, k: int, s: dict, path: Path, k
             tuned = (sparse, twin)
         log(f"L={L} k={k}: evaluating {len(eval_w)} held-out windows")
         evaluation = evaluate(model, eval_w, k, s, device, tuned)
-        probe = retrieval_probe(model, probe_windows(val, L, s["probe_segment"], s["probe_windows"]), k, s, device,
-                                tuned)
-        summary = {**summarise_k(evaluation, probe), "timing": prefill_timing(model, eval_w[0], k, s, device),
-                   "kept_pair_fraction": _kept(L, k), "wall_time_s": time.perf_counter() - t0}
+        entries, t1 = retrieval_entries(model, k, s, tuned), time.perf_counter()
+        log(f"L={L} k={k}: copy probe, {s['probe_windows']} windows x {len(s['probe_distances'])} distances")
+        probe = copy_probes(entries, val, L, s, device)
+        log(f"L={L} k={k}: passkey, {len(prompts)} prompts ({time.perf_counter() - t1:.0f} s for the copy probe)")
+        t2 = time.perf_counter()
+        passkey = retrieval.passkey_eval(entries, prompts, device)
+        summary = {**summarise_k(evaluation, probe, passkey), "timing": prefill_timing(model, eval_w[0], k, s, device),
+                   "kept_pair_fraction": _kept(L, k), "wall_time_s": time.perf_counter() - t0,
+                   "retrieval_wall_s": {"copy_probe": t2 - t1, "passkey": time.perf_counter() - t2}}
         if tuned is not None:
             summary["stage2"] = stage2
         log(table_for(L, k, summary))
-        return {"summary": summary, "evaluation": evaluation, "probe": probe}
+        return {"summary": summary, "evaluation": evaluation, "probe": probe, "passkey": passkey}
     record = experiment.run_record(path, key, {"seq_len": L, "top_k": k}, compute, Execution(),
                                    path.parent / "resume", False, s, device)
     return record["summary"]
@@ -508,67 +557,108 @@ def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_le
 
 
 # ----------------------------------------------------------------------------- report and figures
-def _ci(stat: dict | None, digits: int = 3) -> str:
+def _ci(stat: dict | None, digits: int = 3, signed: bool = True) -> str:
+    """mean [lo, hi] (signed: differences; unsigned: accuracies, recall); 'n/a' without a value."""
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    lo, hi = stat["ci95"]
+    if lo is None:
+        return f"{stat['mean']:{spec}} (n = 1, no CI)"
+    return f"{stat['mean']:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
+def _plain(stat: dict | None, digits: int = 3) -> str:
+    return _ci(stat, digits, signed=False)
+
+
+def _pm(stat: dict | None) -> str:
+    """mean ± half the 95 % CI, two digits (per-layer cells)."""
     if not stat or stat.get("mean") is None:
         return "n/a"
     lo, hi = stat["ci95"]
-    return f"{stat['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" if lo is not None else \
-        f"{stat['mean']:+.{digits}f}"
+    return f"{stat['mean']:.2f}" + (f"±{(hi - lo) / 2:.2f}" if lo is not None else "")
+
+
+def _count(p: dict) -> str:
+    """A proportion with its Wilson CI: 'c/n [lo, hi]'."""
+    lo, hi = p["ci95"]
+    return f"{p['correct']}/{p['n']} [{lo:.2f}, {hi:.2f}]" if p["n"] else "–"
 
 
 def table_for(L: int, k: int, r: dict) -> str:
-    """One (L, k) block: loss, Δ vs dense with its CI, recall, probe accuracy per mode."""
+    """One (L, k) block: loss and Δ vs dense (CIs over evaluation windows), recall (CI over recall windows), copy
+    probe at its farthest distance (CIs over probe windows), passkey accuracy (Wilson CI over trials) per mode."""
     rec = r["recall"]
-    recall = {"dsa": rec["dsa"]["indexer_recall"], "oracle": rec["oracle"]["indexer_recall"],
-              "sink_local": rec["sink_local"]["indexer_recall"], "local": rec["dsa"]["local_recall"],
-              "random": rec["dsa"]["random_recall"]}
-    rows = ["| L | k | mode | loss (nats) | Δ vs dense [95 % CI] | recall | probe accuracy | probe NLL |",
-            "|---|---|---|---|---|---|---|---|"]
+    recall = {"dsa": rec["dsa"]["indexer_recall_ci95"], "oracle": rec["oracle"]["indexer_recall_ci95"],
+              "sink_local": rec["sink_local"]["indexer_recall_ci95"], "local": rec["dsa"]["local_recall_ci95"],
+              "random": rec["dsa"]["random_recall_ci95"]}
+    probe, passkey = r["probe"]["by_distance"][str(r["probe"]["distance"])], r.get("passkey", {})
+    rows = [f"| L | k | mode | loss (nats) | Δ vs dense [95 % CI] | recall | copy accuracy ({r['probe']['distance']} "
+            f"back) | copy NLL | passkey |", "|---|---|---|---|---|---|---|---|---|"]
     for m, loss in r["loss"].items():
-        probe = r["probe"].get(m, {})
         delta = _ci(r["dsa_ft_minus_dense_ft"]) + " vs dense_ft" if m == "dsa_ft" else _ci(r["delta_vs_dense"].get(m))
-        rows.append(f"| {L} | {k} | {m} | {loss['mean']:.4f} | {delta} | " +
-                    (f"{recall[m]:.3f} |" if m in recall else "– |"))
-        rows[-1] += f" {probe['accuracy']['mean']:.3f} | {probe['nll']['mean']:.3f} |" if probe else " – | – |"
-    rows.append(f"\nDSA − oracle: {_ci(r['dsa_minus_oracle'], 4)} nats over {r['windows']} windows "
-                f"(kept pairs {r['kept_pair_fraction']:.3f}); prefill {r['timing']['dense_ms']:.0f} ms dense vs "
-                f"{r['timing']['dsa_ms']:.0f} ms DSA ({r['timing']['backend']}; indexer share "
-                f"{r['timing']['indexer_share']:.0%})")
+        rows.append(f"| {L} | {k} | {m} | {_plain(loss, 4)} | {delta} | "
+                    f"{_plain(recall[m]) if m in recall else '–'} | "
+                    + (f"{_plain(probe[m]['accuracy'])} | {_plain(probe[m]['nll'])} |" if m in probe else "– | – |")
+                    + f" {_count(passkey[m]['overall']) if m in passkey else '–'} |")
+    t = r["timing"]
+    rows.append(f"\nWindows: loss {r['windows']}, recall {rec['dsa']['windows']}, copy probe {r['probe']['windows']} "
+                f"per distance; passkey {_trials(r)}. DSA − oracle: {_ci(r['dsa_minus_oracle'], 4)} nats over "
+                f"{r['windows']} windows (kept pairs {r['kept_pair_fraction']:.3f}); prefill (median of "
+                f"{t['repeats']}) {t['dense_ms']:.0f} ms dense vs {t['dsa_ms']:.0f} ms DSA ({t['backend']}; indexer "
+                f"share {t['indexer_share']:.0%})")
     if "dsa_ft_minus_dense_ft" in r:
         rows.append(f"after stage 2: DSA − fine-tuned dense twin {_ci(r['dsa_ft_minus_dense_ft'], 4)} nats")
     return "\n".join(rows)
 
 
+def _trials(r: dict) -> str:
+    p = r.get("passkey", {}).get("dense")
+    if not p:
+        return "not run"
+    return f"{p['overall']['n']} trials ({len(p['by_depth'])} depths × {p['by_depth'][0]['n']} keys)"
+
+
 def report(summary: dict) -> str:
-    """REPORT.md: what DSA costs this model at each budget, how close it is to the oracle, whether it finds far
-    tokens; the warm-ups, the probe, timings, and how to read them."""
+    """REPORT.md: what DSA costs this model at each budget, how close it is to the oracle, whether it retrieves
+    (copy probe, passkey) and where its selection misses the token an answer needs; the warm-ups, timings."""
+    s = summary["settings"]
     lines = [f"# Retrofit: DSA on {summary['model']} ({summary['model_type']})", "",
              f"Preset `{summary['preset']}`, held-out Shakespeare plays, "
-             f"backend `{summary['settings']['attention_backend']}`, wall time {summary['wall_time_s']:.0f} s. "
-             f"Warm-up rule: {summary['plateau_rule']}.", "",
-             "Loss = mean next-token NLL per held-out window; Δ = paired per-window difference vs dense with its 95 % "
-             "CI (Student-t over windows). Recall = share of the dense head-summed attention mass inside the "
-             "selected set (rows with more than k past tokens; local/random from the same rows). Probe: a held-out "
-             "segment, filler, the segment again; accuracy/NLL on the second copy (the needed tokens lie "
-             "`distance` back).", ""]
+             f"backend `{s['attention_backend']}`, wall time {summary['wall_time_s']:.0f} s. "
+             f"Warm-up rule: {summary['plateau_rule']}.", "", READING, ""]
     for L, res in summary["results"].items():
         w = res["warmup"]
         lines += [f"## L = {L}", "",
-                  f"Warm-up: {w['steps_used']} steps ({w['stop_reason']}), held-out KL {w['held_out_kl'][0]:.3f} → "
+                  f"Warm-up (one run, seed {s['seed']}): {w['steps_used']} steps ({w['stop_reason']}), held-out KL "
+                  f"over {s['warmup_eval_windows']} windows {w['held_out_kl'][0]:.3f} → "
                   f"{w['held_out_kl'][-1]:.3f} ({w['kl_unit']}); {w['mean_step_s']:.1f} s/step, "
                   f"{w['wall_time_s']:.0f} s. Curve (step: KL): "
-                  + ", ".join(f"{s}: {kl:.3f}" for s, kl in zip(w["steps"], w["held_out_kl"])), ""]
+                  + ", ".join(f"{st}: {kl:.3f}" for st, kl in zip(w["steps"], w["held_out_kl"])), ""]
         for k, r in res.items():
             if k.isdigit():
-                lines += [table_for(int(L), int(k), r), "", _stage2_line(r), _distance_line(r), _layer_line(r),
-                          _probe_line(r), ""]
+                lines += [table_for(int(L), int(k), r), "", _stage2_line(r), _distance_line(r), _layer_line(r), "",
+                          *_copy_lines(r), "", *_passkey_lines(r), ""]
     sample = summary.get("sample")
     if sample:
         lines += ["## Generation (greedy, held-out prompt)", "", f"…{sample['prompt_tail']!r}", "",
                   f"- dense: {sample['dense']!r}", f"- DSA (k={sample['top_k']}): {sample['dsa']!r}", ""]
     stage2 = " and `stage2.png`" if _stage2_budgets(summary) else ""
-    lines += [f"Figures: `loss_vs_k.png`, `recall_by_distance.png`, `retrieval.png`{stage2}.", ""]
+    lines += [f"Figures: `loss_vs_k.png`, `recall_by_distance.png`, `retrieval.png`, `passkey.png`{stage2}.", ""]
     return "\n".join(lines)
+
+
+READING = (
+    "How to read: loss = mean next-token NLL per held-out window; Δ = paired per-window difference vs dense with its "
+    "95 % CI (Student-t over windows). Recall = share of the dense head-summed attention mass inside the selected set "
+    "(rows with more than k past tokens; local/random from the same rows), mean over the recall windows of each "
+    "window's value [95 % t CI]. Copy probe: filler with a held-out segment inserted `distance` tokens before its "
+    "repeat at the end; top-1 accuracy / NLL on the repeat's tokens after its first, mean over windows [95 % t CI]. "
+    "Passkey: the classic prompt (a 5-digit key in filler, asked for at the end); a trial counts when the greedy "
+    "answer is the key exactly (one teacher-forced forward: every answer token the argmax); correct/trials "
+    "[Wilson 95 % CI]. Hits: per layer, the share of answer rows whose selection **in the sparse forward that "
+    "produced the answer** holds the token the answer copies (mean [or ± half the 95 % CI] over windows / trials).")
 
 
 def _stage2_line(r: dict) -> str:
@@ -584,33 +674,66 @@ def _stage2_line(r: dict) -> str:
 
 
 def _distance_line(r: dict) -> str:
-    dsa, oracle = (r["recall"][n]["recall_by_distance"] for n in ("dsa", "oracle"))
-    cells = [f"{2 ** b - 1}+: {d:.2f}/{o:.2f}" for b, (d, o) in enumerate(zip(dsa, oracle))
-             if d is not None and o is not None]
-    return "Recall by distance (tokens back: DSA/oracle): " + ", ".join(cells)
+    dsa, oracle = (r["recall"][n]["recall_by_distance_ci95"] for n in ("dsa", "oracle"))
+    cells = [f"{2 ** b - 1}+: {_pm(d)} / {_pm(o)}" for b, (d, o) in enumerate(zip(dsa, oracle))
+             if d["mean"] is not None and o["mean"] is not None]
+    return (f"Recall by distance (tokens back: DSA / oracle, mean ± CI half-width over "
+            f"{r['recall']['dsa']['windows']} windows): " + ", ".join(cells))
 
 
 def _layer_line(r: dict) -> str:
-    dsa, oracle = r["recall"]["dsa"]["by_layer"], r["recall"]["oracle"]["by_layer"]
-    return "Recall by layer (DSA/oracle): " + ", ".join(f"{i}: {d:.2f}/{o:.2f}" for i, (d, o) in
-                                                        enumerate(zip(dsa, oracle)))
+    dsa, oracle = r["recall"]["dsa"]["by_layer_ci95"], r["recall"]["oracle"]["by_layer_ci95"]
+    return (f"Recall by layer (DSA / oracle, ± CI half-width over {r['recall']['dsa']['windows']} windows): "
+            + ", ".join(f"{i}: {_pm(d)} / {_pm(o)}" for i, (d, o) in enumerate(zip(dsa, oracle))))
 
 
-def _probe_line(r: dict) -> str:
-    """Per layer, the share of the copy probe's second-copy rows whose selection holds the token to copy."""
-    probe = r["probe"]
-    names = [m for m in ("dsa", "oracle", "sink_local") if "value_hit_by_layer" in probe.get(m, {})]
-    if not names:
-        return ""
-    cells = zip(*[probe[m]["value_hit_by_layer"] for m in names])
-    means = ", ".join(f"{m} {statistics.mean(probe[m]['value_hit_by_layer']):.2f}" for m in names)
-    return (f"Copy probe, the token to copy among the selected keys (share of second-copy rows; mean over layers: "
-            f"{means}), by layer ({'/'.join(names)}): " + ", ".join(
-                f"{i}: " + "/".join(f"{v:.2f}" for v in vals) for i, vals in enumerate(cells)))
+def _copy_lines(r: dict) -> list[str]:
+    """Copy probe per distance: accuracy per mode, and the mean over layers of the share of second-copy rows whose
+    sparse-forward selection holds the token to copy; then that share per layer at the farthest distance."""
+    by = r["probe"]["by_distance"]
+    modes = list(next(iter(by.values())))
+    sparse = [m for m in modes if "value_hit_mean" in by[next(iter(by))][m]]
+    lines = ["Copy probe by distance (accuracy [95 % CI] over windows; then, for the sparse modes, the token to copy "
+             "among the selected keys: mean over layers [CI]):", "",
+             "| distance | windows | " + " | ".join(modes) + " | " + " | ".join(f"{m} hit" for m in sparse) + " |",
+             "|---" * (2 + len(modes) + len(sparse)) + "|"]
+    for d, res in sorted(by.items(), key=lambda item: int(item[0])):
+        lines.append(f"| {d} | {res['dense']['windows']} | " + " | ".join(_plain(res[m]["accuracy"]) for m in modes)
+                     + " | " + " | ".join(_plain(res[m]["value_hit_mean"], 2) for m in sparse) + " |")
+    far = by[str(r["probe"]["distance"])]
+    cells = zip(*[[{"mean": v, "ci95": ci} for v, ci in zip(far[m]["value_hit_by_layer"],
+                                                           far[m]["value_hit_by_layer_ci95"])] for m in sparse])
+    lines += ["", f"Copy probe at {r['probe']['distance']} back, the token to copy among the selected keys by layer "
+              f"({' / '.join(sparse)}, ± CI half-width over {far['dense']['windows']} windows): "
+              + ", ".join(f"{i}: " + " / ".join(_pm(c) for c in layer) for i, layer in enumerate(cells))]
+    return lines
+
+
+def _passkey_lines(r: dict) -> list[str]:
+    """Passkey accuracy per mode and depth (correct/trials [Wilson CI]) and, per layer, whether the sparse forward's
+    selection at the answer rows holds the needle's copy of the answer token."""
+    pk = r.get("passkey")
+    if not pk:
+        return []
+    depths = [f"{c['depth']:.0%}" for c in next(iter(pk.values()))["by_depth"]]
+    lines = ["Passkey retrieval (greedy exact match; correct/trials [Wilson 95 % CI]) by needle depth:", "",
+             "| mode | " + " | ".join(depths) + " | all depths | answer tokens right [CI] |",
+             "|---" * (len(depths) + 3) + "|"]
+    for m, e in pk.items():
+        lines.append(f"| {m} | " + " | ".join(_count(c) for c in e["by_depth"]) + f" | {_count(e['overall'])} | "
+                     f"{_plain(e['token_accuracy'], 2)} |")
+    sparse = [m for m in pk if "hit_by_layer" in pk[m]]
+    if sparse:
+        lines += ["", "Passkey, the needle's copy of the answer token among the selected keys at the answer rows "
+                  f"(mean over layers [CI]: " + ", ".join(f"{m} {_plain(pk[m]['hit_mean'], 2)}" for m in sparse)
+                  + f"), by layer ({' / '.join(sparse)}, ± CI half-width over trials): "
+                  + ", ".join(f"{i}: " + " / ".join(_pm(c) for c in layer)
+                              for i, layer in enumerate(zip(*[pk[m]["hit_by_layer"] for m in sparse])))]
+    return lines
 
 
 def write_figures(summary: dict, out: Path) -> list[str]:
-    """loss_vs_k.png (per L, every mode with CI bars), recall_by_distance.png, retrieval.png."""
+    """loss_vs_k.png (per L, every mode with CI bars), recall_by_distance.png, retrieval.png, passkey.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -638,7 +761,10 @@ def write_figures(summary: dict, out: Path) -> list[str]:
     ax.legend(fontsize=6)
     _save(fig, out / "recall_by_distance.png")
     _retrieval_figure(summary, budgets, out / "retrieval.png")
-    names = ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png"]
+    fig = passkey_figure(summary)  # constrained layout (its colour bar spans the panels): no tight_layout
+    fig.savefig(out / "passkey.png", dpi=120)
+    plt.close(fig)
+    names = ["loss_vs_k.png", "recall_by_distance.png", "retrieval.png", "passkey.png"]
     if _stage2_budgets(summary):
         _stage2_figure(summary, out / "stage2.png")
         names.append("stage2.png")
@@ -677,26 +803,50 @@ def _stage2_figure(summary: dict, path: Path, smooth: int = 10) -> None:
     _save(fig, path)
 
 
+def passkey_figure(summary: dict):
+    """Heat maps of passkey accuracy, depth × L: one row per k, one panel per mode (dense, dsa, oracle, sink_local,
+    and stage 2's when run)."""
+    results = summary["results"]
+    ks = sorted({int(k) for res in results.values() for k in res if k.isdigit()})
+    panels = []
+    for k in ks:
+        per_L = {int(L): res[str(k)]["passkey"] for L, res in results.items() if str(k) in res}
+        modes = list(next(iter(per_L.values())))
+        panels += [(f"{m}, k = {k}", {L: pk[m] for L, pk in per_L.items()}) for m in modes]
+    return retrieval.passkey_heatmaps(panels, ncols=len(panels) // len(ks))
+
+
 def _retrieval_figure(summary: dict, budgets: list, path: Path) -> None:
-    """Copy-probe accuracy per mode and budget; beside it, per layer, how often DSA's and the oracle's selections
-    hold the token to copy."""
+    """Copy-probe accuracy by distance per mode and budget (CI bars); per layer, how often the sparse forward's
+    selection holds the token to copy (farthest distance) and, on the passkey prompts, the needle's answer token."""
     import matplotlib.pyplot as plt
-    fig, (ax, hits) = plt.subplots(1, 2, figsize=(max(6, 1.2 * len(budgets) * 6) + 5, 4),
-                                   gridspec_kw={"width_ratios": [max(1.0, 1.2 * len(budgets)), 1]})
+    fig, (ax, hits, keys) = plt.subplots(1, 3, figsize=(17, 4.5))
     for i, (L, k) in enumerate(budgets):
-        probe = summary["results"][L][k]["probe"]
-        names = [m for m in probe if isinstance(probe[m], dict)]
-        ax.bar([f"{m}\nL{L} k{k}" for m in names], [probe[m]["accuracy"]["mean"] for m in names],
-               color=f"C{i}", label=f"L={L} k={k}: copy {probe['distance']} tokens back")
-        for name, style in (("dsa", "-"), ("oracle", ":")):
-            if "value_hit_by_layer" in probe.get(name, {}):
-                hits.plot(probe[name]["value_hit_by_layer"], style, marker=".", color=f"C{i}", label=f"{name} L={L} k={k}")
-    ax.set(ylabel="top-1 accuracy on the repeated segment", title="retrieval (copy) probe")
-    ax.tick_params(axis="x", labelsize=6)
-    ax.legend(fontsize=7)
+        r = summary["results"][L][k]
+        by = r["probe"]["by_distance"]
+        dists = sorted(by, key=int)
+        for j, m in enumerate(by[dists[0]]):
+            acc = [by[d][m]["accuracy"] for d in dists]
+            ax.errorbar([int(d) for d in dists], [a["mean"] for a in acc], capsize=3, marker="o", color=f"C{j}",
+                        ls=("-", "--", ":", "-.")[i % 4], label=f"{m} L={L} k={k}",
+                        yerr=[[a["mean"] - (a["ci95"][0] if a["ci95"][0] is not None else a["mean"]) for a in acc],
+                              [(a["ci95"][1] if a["ci95"][1] is not None else a["mean"]) - a["mean"] for a in acc]])
+        far = by[str(r["probe"]["distance"])]
+        for j, name in enumerate(by[dists[0]]):
+            if "value_hit_by_layer" in far[name]:
+                hits.plot(far[name]["value_hit_by_layer"], marker=".", color=f"C{j}", ls=("-", "--", ":", "-.")[i % 4],
+                          label=f"{name} L={L} k={k}")
+            if "hit_by_layer" in r.get("passkey", {}).get(name, {}):
+                keys.plot([st["mean"] for st in r["passkey"][name]["hit_by_layer"]], marker=".", color=f"C{j}",
+                          ls=("-", "--", ":", "-.")[i % 4], label=f"{name} L={L} k={k}")
+    ax.set(xscale="log", xlabel="distance between the copies (tokens)", ylabel="top-1 accuracy on the repeat",
+           ylim=(0, 1.02), title="copy probe (95 % CI over windows)")
     hits.set(xlabel="layer", ylabel="share of second-copy rows", ylim=(0, 1.02),
-             title="the token to copy among the selected keys")
-    hits.legend(fontsize=6)
+             title="copy probe (farthest): the token to copy selected")
+    keys.set(xlabel="layer", ylabel="share of answer rows", ylim=(0, 1.02),
+             title="passkey: the needle's answer token selected")
+    for a in (ax, hits, keys):
+        a.legend(fontsize=6)
     _save(fig, path)
 
 

@@ -14,6 +14,7 @@ Selection for every fast backend is chunked over queries (`chunked_select`): no 
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,6 +30,7 @@ MIN_PARALLEL_CHUNKS = 16  # fewer chunks run on one thread (a quick-width MLA st
 #                           workers made the call 2x slower, 47 vs 38 ms per training step)
 SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
+FLEX_MIN_HEAD_DIM = 16  # flex_attention refuses a smaller head dim on CUDA ("NYI: embedding dimension ... at least 16")
 
 
 # ----------------------------------------------------------------------------- chunk plans (dsa_lab/common/work_sizes.py budgets)
@@ -240,6 +242,14 @@ class _one_thread:
         torch.set_num_threads(self.threads)
 
 
+def _mul_into(a, b, buf, shape):
+    """a * b written into the flat buffer `buf` viewed as `shape` (no allocation per chunk in eager mode); a compiled
+    graph gets a plain product instead (Inductor cannot lower out= into a view: seen on CUDA, torch 2.11)."""
+    if torch.compiler.is_compiling():
+        return a * b
+    return torch.mul(a, b, out=buf[:math.prod(shape)].view(shape))
+
+
 class _GatherAttention(torch.autograd.Function):
     """Sparse attention over the gathered selected keys. Per cache-sized query chunk the selected K and V rows are
     gathered straight into the (query, head)-major layout of batched per-head matmuls; dK/dV are one index_add of
@@ -305,11 +315,10 @@ class _GatherAttention(torch.autograd.Function):
                 # d(selected token rows), token-major (B, c, K, H, D): one index_add row per selected slot, not one
                 # per head (2.4x faster measured; dK and dV stacked into one index_add measured 5 % slower)
                 n = rows.numel()
-                d_rows = torch.mul(ds.transpose(2, 3).unsqueeze(-1), q_c.unsqueeze(2), out=bufs[2][:n * H * D].view(B, c, K, H, D))
-                dk.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
-                d_rows = torch.mul(p.to(dt).transpose(2, 3).unsqueeze(-1), do_c.unsqueeze(2),
-                                   out=bufs[2][:n * H * D].view(B, c, K, H, D))
-                dv.index_add_(0, rows, d_rows.view(n, H * D).to(acc))
+                d_rows = _mul_into(ds.transpose(2, 3).unsqueeze(-1), q_c.unsqueeze(2), bufs[2], (B, c, K, H, D))
+                dk.index_add_(0, rows, d_rows.reshape(n, H * D).to(acc))
+                d_rows = _mul_into(p.to(dt).transpose(2, 3).unsqueeze(-1), do_c.unsqueeze(2), bufs[2], (B, c, K, H, D))
+                dv.index_add_(0, rows, d_rows.reshape(n, H * D).to(acc))
             return dk, dv
 
         parts = run_chunks(backward_chunks, _chunk_bounds(L, chunk), qt.device)
@@ -502,16 +511,30 @@ def flex_block_attention(q, k, v, block_idx, block_valid, block_size: int = BLOC
         qb = q_idx // block_size
         return table[b, qb, kv_idx] | ((kv_idx // block_size == qb) & (kv_idx <= q_idx))
 
-    # GPU: the mask is built by a compiled mask_mod (no dense B x L x L evaluation in Python); CPU: eager
-    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=block_size if q.is_cuda else 128,
+    # GPU: the mask is built by a compiled mask_mod (no dense B x L x L evaluation in Python); CPU: eager. The
+    # mask's tiles are flex_mask_block(block_size) wide; mask_mod stays exact inside every partial tile.
+    mask = create_block_mask(mask_mod, B, None, L, L, device=q.device, BLOCK_SIZE=flex_mask_block(block_size),
                              _compile=q.is_cuda)
     fn = _compiled_flex() if q.is_cuda else flex_attention
-    out = fn(q, k, v, block_mask=mask)
+    pad = max(0, FLEX_MIN_HEAD_DIM - D)  # flex's kernels need D >= 16: zero columns change no score or output
+    out = fn(*(F.pad(t, (0, pad)) for t in (q, k, v)), block_mask=mask, scale=D ** -0.5)[..., :D]
     if not return_probs:
         return out, None
     with torch.no_grad():
         idx, valid = expand_block_selection(block_idx, block_valid, block_size, L)
         return out, _selected_probs(q, k, idx, valid)
+
+
+FLEX_MAX_TILE = 128  # the largest BLOCK_M / BLOCK_N / BLOCK_M1.. any torch (2.5-2.13) flex kernel tiles with
+
+
+def flex_mask_block(block_size: int) -> int:
+    """The BlockMask tile for a block model of `block_size`: the least multiple of block_size that
+    FLEX_MAX_TILE divides. Torch's flex kernels need every mask tile divisible by their BLOCK_M/BLOCK_N (e.g.
+    128 x 128 for bf16 d 64 on Hopper; "Q and KV block size must be divisible by BLOCK_M and BLOCK_N"
+    otherwise); their tiles are powers of two <= 128. A 64-token block model then has 128-token mask tiles
+    (each tile's kv list is the union of two query blocks' selections: correct, more tiles visited)."""
+    return math.lcm(block_size, FLEX_MAX_TILE)
 
 
 _FLEX = None

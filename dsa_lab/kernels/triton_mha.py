@@ -82,8 +82,8 @@ if triton is not None:
             dp = tl.sum(do[:, None, :] * vt, axis=2)
             ds = p * (dp - delta[:, None]) * scale
             dq += tl.sum(ds[:, :, None] * kt, axis=1)
-            tl.atomic_add(DK + kv_off, ds[:, :, None] * q[:, None, :], mask=kv_m)
-            tl.atomic_add(DV + kv_off, p[:, :, None] * do[:, None, :], mask=kv_m)
+            tl.atomic_add(DK + kv_off, ds[:, :, None] * q[:, None, :], mask=kv_m, sem="relaxed")  # sums only
+            tl.atomic_add(DV + kv_off, p[:, :, None] * do[:, None, :], mask=kv_m, sem="relaxed")
         tl.store(DQ + qo, dq, mask=qm)
 
     @triton.jit

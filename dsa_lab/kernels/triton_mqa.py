@@ -30,6 +30,7 @@ except ImportError:  # CPU machines without triton: the function says what is mi
 
 LOG2E = math.log2(math.e)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ONE_CONFIG_ENV = "DSA_TRITON_ONE_CONFIG"  # "1": no autotuning on GPU, one launch config (BLOCK_K 32, 4 warps, 1 stage)
 INTERPRETER_BLOCK_K = 16  # CPU interpreter default (tiny tiles; the GPU autotunes BLOCK_K over 16/32/64)
 
 
@@ -234,12 +235,32 @@ def _meta(q, v_dim: int, block_config: dict | None) -> tuple[dict, dict | None]:
     meta = dict(BLOCK_H=cfg.pop("BLOCK_H", block_h_for(H)), BLOCK_DV=_pow2(v_dim),
                 BLOCK_DT=_pow2(max(1, D - v_dim)), HAS_TAIL=D > v_dim,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else None)  # exact fp32 dots (no TF32)
-    if cfg or not q.is_cuda:  # forced tiles, or the CPU interpreter (no autotuning there)
+    if cfg or not q.is_cuda or os.environ.get(ONE_CONFIG_ENV) == "1":  # forced tiles, the interpreter, or no autotune
         cfg.setdefault("BLOCK_K", INTERPRETER_BLOCK_K if not q.is_cuda else 32)
-        cfg.setdefault("num_warps", 4)
+        cfg.setdefault("num_warps", 8 if meta["BLOCK_H"] * meta["BLOCK_DV"] >= 16384 else 4)  # big MLA tiles
         cfg.setdefault("num_stages", 1)
         return meta, cfg
     return meta, None
+
+
+def launch_fitting(kernel, shape: tuple, args: tuple, meta: dict, forced: dict | None) -> None:
+    """Launch over the grid (L, H / BLOCK_H, B) = shape's; when the tiles need more shared memory than the GPU has
+    (Triton's OutOfResources, raised before the kernel runs: seen on an H200 for the MLA backward at D 576 / H 128),
+    halve BLOCK_H, then BLOCK_K (forced configs), down to 16, and launch again."""
+    L, H, B = shape
+    while True:
+        try:
+            kernel[(L, triton.cdiv(H, meta["BLOCK_H"]), B)](*args, **meta, **(forced or {}))
+            return
+        except Exception as err:  # noqa: BLE001 - only OutOfResources is retried
+            if type(err).__name__ != "OutOfResources":
+                raise
+            if meta["BLOCK_H"] > 16:
+                meta = {**meta, "BLOCK_H": meta["BLOCK_H"] // 2}
+            elif forced is not None and forced.get("BLOCK_K", 16) > 16:
+                forced = {**forced, "BLOCK_K": forced["BLOCK_K"] // 2}
+            else:
+                raise
 
 
 def _strides(q, kv, idx, out):
@@ -255,12 +276,8 @@ class _TritonSparseMQA(torch.autograd.Function):
         meta, forced = _meta(q, v_dim, block_config)
         out = q.new_empty(B, L, H, v_dim)
         lse = torch.empty(B, L, H, dtype=torch.float32, device=q.device)
-        grid = (L, triton.cdiv(H, meta["BLOCK_H"]), B)
         args = (q, kv, idx, out, lse, *_strides(q, kv, idx, out), H, L, K, v_dim, D, scale * LOG2E)
-        if forced is None:
-            _mqa_fwd_tuned[grid](*args, **meta)
-        else:
-            _mqa_fwd_kernel[grid](*args, **meta, **forced)
+        launch_fitting(_mqa_fwd_tuned if forced is None else _mqa_fwd_kernel, (L, H, B), args, meta, forced)
         ctx.save_for_backward(q, kv, idx, out, lse)
         ctx.args = (v_dim, scale, block_config)
         ctx.mark_non_differentiable(lse)
@@ -282,13 +299,9 @@ class _TritonSparseMQA(torch.autograd.Function):
                                                        BLOCK_DV=block_dv)
         dq = torch.empty_like(q)
         dkv = torch.zeros(B, L, D, dtype=torch.float32, device=q.device)
-        grid = (L, triton.cdiv(H, meta["BLOCK_H"]), B)
         args = (q, kv, idx, grad_out, lse, delta, dq, dkv, *_strides(q, kv, idx, grad_out), H, L, K, v_dim, D,
                 scale * LOG2E, scale)
-        if forced is None:
-            _mqa_bwd_tuned[grid](*args, **meta)
-        else:
-            _mqa_bwd_kernel[grid](*args, **meta, **forced)
+        launch_fitting(_mqa_bwd_tuned if forced is None else _mqa_bwd_kernel, (L, H, B), args, meta, forced)
         return dq, dkv.to(kv.dtype), None, None, None, None
 
 
@@ -299,9 +312,8 @@ def _selected_probs(q, kv, idx, lse, v_dim: int, scale: float, block_config):
     meta, forced = _meta(q, v_dim, block_config)
     forced = forced or {"BLOCK_K": 64 if K > 32 else 32, "num_warps": 4, "num_stages": 2}
     probs = q.new_empty(B, H, L, K)
-    grid = (L, triton.cdiv(H, meta["BLOCK_H"]), B)
-    _mqa_probs_kernel[grid](q, kv, idx, lse, probs, *_strides(q, kv, idx, q)[:7], H, L, K, v_dim, D,
-                            scale * LOG2E, **meta, **forced)
+    args = (q, kv, idx, lse, probs, *_strides(q, kv, idx, q)[:7], H, L, K, v_dim, D, scale * LOG2E)
+    launch_fitting(_mqa_probs_kernel, (L, H, B), args, meta, forced)
     return probs
 
 
