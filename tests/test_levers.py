@@ -1,5 +1,7 @@
 """The retrofit's retrieval levers (dsa_lab/interop/levers.py, issue 30) on a tiny random Llama (2 layers, 4 query /
 2 KV heads): each does what it says, causality holds, k >= L equals dense, the paper's recipe is unchanged."""
+import json
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from dsa_lab.experiments import retrofit as rx
 from dsa_lab.interop import levers, retrofit
 from sparse_attention import (check_selection, future_mask, index_scores, indexer_kl_dense, indexer_kl_sparse,
                               select_top_k, selection_mask)
-from tests.test_retrofit import tiny_base, tiny_retrofit
+from tests.test_retrofit import tiny_base, tiny_folder, tiny_retrofit  # noqa: F401 (tiny_folder: a fixture)
 
 SINKS, WINDOW, K, L = 2, 5, 12, 40
 
@@ -266,3 +268,24 @@ def test_lever_settings_and_fingerprints():
         rx.settings_for("quick", {"levers": ["nope"]})
     with pytest.raises(ValueError, match="use a --top-k above"):
         rx.settings_for("quick", {"levers": ["structure"], "top_k": 16})
+
+
+def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, tmp_path, monkeypatch):
+    """`--preset levers --levers structure prev_key` on the tiny model with a 1-step stage 2: the structured DSA plan
+    drives evaluation, copy probe, passkey, stage 2 and timing; only dense / dsa / oracle (and the stage-2 pair) are
+    evaluated; the warm-up's record names the lever loss; the export rebuilds prev_key indexers."""
+    import run_experiment
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(rx.PRESETS, "levers", {**rx.PRESETS["levers"], "eval_windows": 2, "probe_windows": 2,
+                                               "warmup_steps": 2, "warmup_eval_every": 2, "passkey_trials": 1,
+                                               "passkey_depths": [0.5], "probe_distances": [1.0], "warmup_rows": 16})
+    args = ["--experiment", "retrofit", "--preset", "levers", "--model", str(tiny_folder), "--seq-lens", "192",
+            "--top-k", "32", "--steps", "1", "--levers", "structure", "prev_key", "--out", str(tmp_path / "out"),
+            "--export", str(tmp_path / "export")]
+    assert run_experiment.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    r = summary["results"]["192"]["32"]
+    assert set(r["loss"]) == {"dense", "dsa", "oracle", "dsa_ft", "dense_ft"}
+    assert summary["settings"]["structure_window"] == 16 and summary["settings"]["prev_key"]
+    assert "lever loss" in summary["results"]["192"]["warmup"]["kl_unit"]
+    assert isinstance(retrofit.load_retrofit(tmp_path / "export").indexers[0], levers.PrevKeyIndexer)
