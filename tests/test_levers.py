@@ -289,3 +289,15 @@ def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, t
     assert summary["settings"]["structure_window"] == 16 and summary["settings"]["prev_key"]
     assert "lever loss" in summary["results"]["192"]["warmup"]["kl_unit"]
     assert isinstance(retrofit.load_retrofit(tmp_path / "export").indexers[0], levers.PrevKeyIndexer)
+
+
+def test_every_dsa_plan_of_the_experiment_carries_the_structure():
+    """Evaluation (and its stage-2 entry), probe entries, stage 2 and timing build DSA plans through dsa_plan: with
+    --levers structure each keeps the sinks and the window. Caught: eval_entries building a plain DSA plan."""
+    s = rx.settings_for("levers", {"levers": ["structure"]})
+    model = tiny_retrofit()
+    entries = rx.eval_entries(model, 64, s, tuned=(model, model))
+    dsa = [plan for name, _, plan in entries if name in ("dsa", "dsa_ft")]
+    assert len(dsa) == 2 and all((p.window, p.sinks) == (16, 4) for p in dsa)
+    assert [name for name, _, _ in entries] == ["dsa", "oracle", "dsa_ft", "dense_ft"]
+    assert rx.dsa_plan(s, 64, "gather", indexer_loss=True).window == 16
