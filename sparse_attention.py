@@ -54,9 +54,13 @@ class LightningIndexer(nn.Module):
         B, L, _ = x.shape
         x, q_source = x.split([self.d_model, self.q_dim], dim=-1) if self.q_dim else (x, x)
         q = self._rope(self.q_proj(q_source).view(B, L, self.n_heads, self.head_dim), start)
-        k = self._rope(self.k_norm(self.k_proj(x)), start)
+        k = self._rope(self.k_norm(self.key_features(x, start)), start)
         w = self.weights_proj(x) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return q, k, w
+
+    def key_features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x (B, L, d_model) -> the keys before LayerNorm and RoPE (B, L, d_I); a subclass may read more."""
+        return self.k_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model) -> causal index scores (B, L, L), -inf where s > t."""

@@ -276,7 +276,7 @@ def test_settings_take_the_cli_overrides_retrofit_reads_and_only_those():
                                   "eval_windows": 6, "seq_lens": [512], "learning_rate": 1.0, "eval_every": 3,
                                   "dense_steps": 9})
     assert s == {**rx.COMMON, **rx.PRESETS["quick"], "top_ks": [32], "warmup_steps": 5, "attention_backend": "masked",
-                 "seed": 7, "eval_windows": 6, "probe_windows": 3, "seq_lens": [512]}
+                 "seed": 7, "eval_windows": 6, "probe_windows": 3, "seq_lens": [512], "levers": []}
     with pytest.raises(ValueError, match="preset='huge' is unknown for retrofit"):
         rx.settings_for("huge", {})
 

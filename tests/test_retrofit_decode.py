@@ -77,7 +77,11 @@ def test_what_the_cached_path_does_not_implement_is_refused_in_one_line():
              (lambda: rd.prefill(model, ids, capacity=5), "capacity=5"),
              (lambda: rd.generate(model, torch.randint(0, 64, (1, 510)), 4, retrofit.Plan("dsa", top_k=6)),
               "max_seq_len=512"),
-             (lambda: rd.decode_step(model, rd.prefill(model, ids)[1], ids[:, :2]), "one new token")]
+             (lambda: rd.decode_step(model, rd.prefill(model, ids)[1], ids[:, :2]), "one new token"),
+             (lambda: rd.prefill(model, ids, retrofit.Plan("dsa", top_k=8, window=2)), "structured plan"),
+             (lambda: rd.prefill(retrofit.RetrofitLM(tiny_base("llama", init=0.2), heads=2, dim=16, rope_dim=8,
+                                                     max_seq_len=64, prev_key=True), ids, retrofit.Plan("dsa", top_k=6)),
+              "prev_key")]
     for call, words in cases:
         with pytest.raises(ValueError, match=words) as error:
             call()

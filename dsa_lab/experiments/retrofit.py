@@ -48,7 +48,8 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # distance), probe_distances (fractions of L - probe_segment between the copies' starts; 1.0 = the far probe of
 # earlier reports), passkey_depths (needle depths, 0 = right after the intro, 1 = just before the question),
 # passkey_trials (random keys per depth and L), passkey_filler (classic | heldout), timing_repeats, sinks,
-# probe_segment.
+# probe_segment, eval_modes (the modes evaluated beside dense: at least dsa and oracle), and the levers
+# (LEVER_DEFAULTS below).
 # The cpu preset's sizes come from per-forward costs of SmolLM2 measured on the 2-core CPU (2026-12-02, L 4096):
 # dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch
 # (the forward keeping 1024 rows' targets); with 6 / 3 / 1 windows (evaluation / probe / recall) about 70 of the
@@ -59,6 +60,12 @@ PRESETS = {  # step caps and window counts per preset; every L gets its own warm
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
                   passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4),
+    # the lever ablation (issue 30): quick's length, budget, rule and windows at about half its cost — 256 sampled query
+    # rows per warm-up step, recall on one window, only the modes a lever changes or is measured against
+    "levers": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
+                   warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
+                   passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4,
+                   warmup_rows=256, recall_windows=1, eval_modes=["dsa", "oracle"]),
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
                 warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=6, probe_windows=4, recall_windows=2,
                 probe_distances=[0.125, 0.5, 1.0], passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=3,
@@ -69,12 +76,31 @@ PRESETS = {  # step caps and window counts per preset; every L gets its own warm
                     passkey_depths=[i / 10 for i in range(11)], passkey_trials=10, timing_repeats=3, batch_reuse=4,
                     warmup_rows=512),
 }
+# The levers of issue 30 (dsa_lab/interop/levers.py), each off at its default here (the paper's recipe):
+# structure_window (> 0: DSA always keeps the first `sinks` and the last structure_window tokens, the indexer picks the
+# other k - sinks - window, and its KL fits the target outside those kept keys), warmup_target (sum | group_max |
+# head_max), row_weight / far_window (rows weighted toward target mass outside the kept keys), prev_key (the indexer key
+# reads token s - 1 too), rank_weight / rank_top (a top-k-membership term beside the KL).
+LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, far_window=64, prev_key=False,
+                      rank_weight=0.0, rank_top=16)
 COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
+              eval_modes=list(MODES[1:]),
               warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
               learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, probe_distances=[1.0],
               passkey_depths=[0.0, 0.5, 1.0], passkey_trials=2, passkey_filler="classic", attention_backend="gather",
               seed=42,
-              indexer_heads=4, indexer_dim=64, indexer_rope_dim=32)
+              indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, **LEVER_DEFAULTS)
+# `--levers NAME ...`: named lever settings, applied in order on top of the preset (capacity is the indexer's size)
+LEVERS = {
+    "structure": dict(structure_window=16),
+    "group_max": dict(warmup_target="group_max"),
+    "head_max": dict(warmup_target="head_max"),
+    "far_rows": dict(row_weight=0.5),
+    "prev_key": dict(prev_key=True),
+    "heads16": dict(indexer_heads=16),
+    "wide": dict(indexer_heads=32, indexer_dim=128),
+    "rank": dict(rank_weight=0.1),
+}
 OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "steps", "batch_size", "attention_backend")  # taken as they are
 
 
@@ -84,6 +110,11 @@ def settings_for(preset: str, overrides: dict) -> dict:
     seed."""
     given = {key: overrides[key] for key in OVERRIDE_KEYS if key in overrides}
     s = {**COMMON, **experiment.preset_settings(PRESETS, preset, "retrofit", given)}
+    for name in overrides.get("levers") or ():
+        if name not in LEVERS:
+            raise ValueError(f"--levers {name!r} is unknown; choose from {', '.join(LEVERS)}")
+        s.update(LEVERS[name])
+    s["levers"] = list(overrides.get("levers") or ())
     if "top_k" in overrides:
         s["top_ks"] = [overrides["top_k"]]
     if "eval_windows" in overrides:
@@ -111,6 +142,11 @@ def check_settings(s: dict) -> None:
                                   ("--eval-windows", "eval_windows", 2, " (a CI needs two)")):
         if s[key] < least:
             raise ValueError(f"{flag} {s[key]} must be >= {least}{why}")
+    if not {"dsa", "oracle"} <= set(s["eval_modes"]) <= set(MODES[1:]):
+        raise ValueError(f"eval_modes={s['eval_modes']} must hold dsa and oracle and only modes of {MODES[1:]}")
+    if s["structure_window"] and s["sinks"] + s["structure_window"] >= min(s["top_ks"]):
+        raise ValueError(f"--levers structure keeps sinks + window = {s['sinks'] + s['structure_window']} tokens; "
+                         f"use a --top-k above that")
     check_retrieval(s)
 
 
@@ -178,25 +214,27 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
     L, reuse = train.shape[1] - 1, s["batch_reuse"]
     rows = min(s["warmup_rows"], L // reuse)  # per step; 0: every row
     fixed, draws = (torch.Generator().manual_seed(s["seed"] + i) for i in range(2))
-    heldout = [retrofit.warmup_targets(model, w[None, :-1].to(device), sample_rows(L, rows * reuse, fixed, device))
-               for w in kl_windows]  # fixed windows and rows: cached once
+    target, loss = s["warmup_target"], warmup_loss_of(s)
+    heldout = [retrofit.warmup_targets(model, w[None, :-1].to(device), sample_rows(L, rows * reuse, fixed, device),
+                                       target) for w in kl_windows]  # fixed windows and rows: cached once
     opt = torch.optim.AdamW(model.indexer_parameters(), lr=s["warmup_lr"], weight_decay=0.0)
     stream = BatchStream(train, s["batch_size"], stream_seed(s["seed"], STREAM_WARMUP))
     train_kl, step_s = [], []
-    tracker.update(0, _heldout_kl(model, heldout))
+    tracker.update(0, _heldout_kl(model, heldout, loss))
     for step in range(1, rule.max_steps + 1):
         t0 = time.perf_counter()
         part = (step - 1) % reuse
         if part == 0:
             inputs, _ = stream.next()  # no-grad forward of the frozen model, targets for `reuse` steps' rows
-            batch = retrofit.warmup_targets(model, inputs.to(device), sample_rows(L, rows * reuse, draws, device))
+            batch = retrofit.warmup_targets(model, inputs.to(device), sample_rows(L, rows * reuse, draws, device),
+                                            target)
         targets = batch if not rows else retrofit.take_rows(batch, slice(part * rows, (part + 1) * rows))
         opt.zero_grad(set_to_none=True)
-        train_kl.append(retrofit.warmup_kl(model, targets, backward=True))
+        train_kl.append(retrofit.warmup_kl(model, targets, backward=True, loss=loss))
         opt.step()
         step_s.append(time.perf_counter() - t0)
         if tracker.is_eval_step(step):
-            stop = tracker.update(step, _heldout_kl(model, heldout))
+            stop = tracker.update(step, _heldout_kl(model, heldout, loss))
             log(f"  warm-up step {step}: train KL {train_kl[-1]:.3f}, held-out KL {tracker.kl[-1]:.3f} "
                 f"({step_s[-1]:.1f} s/step)")
             if stop:
@@ -204,7 +242,19 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
     return {**tracker.record(), "train_kl": train_kl, "mean_step_s": statistics.mean(step_s),
             "batch_reuse": reuse, "batches": -(-len(train_kl) // reuse), "query_rows_per_step": min(rows or L, L),
             "kl_unit": "mean over layers of the per-query KL (nats)" + (f", over {min(rows * reuse, L)} random query "
-                                                                        "rows per window" if rows else "")}
+                                                                        "rows per window" if rows else "")
+            + ("" if loss.is_paper else f"; the lever loss {loss}") + f"; target {target}"}
+
+
+def warmup_loss_of(s: dict) -> retrofit.WarmupLoss:
+    """The warm-up loss the settings' levers describe (the paper's KL at their defaults)."""
+    return retrofit.WarmupLoss(sinks=s["sinks"], window=s["structure_window"], row_weight=s["row_weight"],
+                               far_window=s["far_window"], rank_weight=s["rank_weight"], rank_top=s["rank_top"])
+
+
+def dsa_plan(s: dict, k: int, backend: str, **kwargs) -> retrofit.Plan:
+    """A DSA plan at k with the settings' structure (always-kept sinks and window, when structure_window > 0)."""
+    return retrofit.Plan("dsa", top_k=k, backend=backend, sinks=s["sinks"], window=s["structure_window"], **kwargs)
 
 
 def sample_rows(L: int, n: int, generator: torch.Generator, device) -> torch.Tensor | None:
@@ -212,8 +262,8 @@ def sample_rows(L: int, n: int, generator: torch.Generator, device) -> torch.Ten
     return torch.randperm(L, generator=generator)[:n].to(device) if n else None
 
 
-def _heldout_kl(model, heldout: list) -> float:
-    return statistics.mean(retrofit.warmup_kl(model, aux) for aux in heldout)
+def _heldout_kl(model, heldout: list, loss: retrofit.WarmupLoss) -> float:
+    return statistics.mean(retrofit.warmup_kl(model, aux, loss=loss) for aux in heldout)
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -228,7 +278,7 @@ def sparse_finetune(model, s: dict, k: int, train: torch.Tensor, device, log=pri
                                {"params": sparse.indexer_parameters(), "lr": s["indexer_lr"], "weight_decay": 0.0}])
     opt_d = torch.optim.AdamW(twin.base.parameters(), lr=s["learning_rate"])
     streams = [BatchStream(train, s["batch_size"], stream_seed(s["seed"], STREAM_TRAIN)) for _ in range(2)]
-    plan = retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"], indexer_loss=True)
+    plan = dsa_plan(s, k, s["attention_backend"], indexer_loss=True)
     curve = {"sparse_lm": [], "dense_lm": [], "indexer_kl": []}
     for step in range(s["steps"]):
         for net, opt, stream, p in ((sparse, opt_s, streams[0], plan), (twin, opt_d, streams[1], retrofit.Plan())):
@@ -253,10 +303,11 @@ def sparse_finetune(model, s: dict, k: int, train: torch.Tensor, device, log=pri
 # ----------------------------------------------------------------------------- evaluation
 def eval_entries(model, k: int, s: dict, tuned: tuple | None = None) -> list:
     """(name, model, plan) per evaluated mode; with stage 2 also dsa_ft (sparse fine-tuned) and dense_ft (twin)."""
-    entries = [(m, model, retrofit.Plan(m, top_k=k, backend=s["eval_backend"], sinks=s["sinks"], seed=s["seed"]))
-               for m in MODES if m != "dense"]
+    entries = [(m, model, dsa_plan(s, k, s["eval_backend"]) if m == "dsa" else
+                retrofit.Plan(m, top_k=k, backend=s["eval_backend"], sinks=s["sinks"], seed=s["seed"]))
+               for m in MODES if m in s["eval_modes"]]
     if tuned is not None:
-        entries += [("dsa_ft", tuned[0], retrofit.Plan("dsa", top_k=k, backend=s["eval_backend"])),
+        entries += [("dsa_ft", tuned[0], dsa_plan(s, k, s["eval_backend"])),
                     ("dense_ft", tuned[1], retrofit.Plan())]
     return entries
 
@@ -271,7 +322,7 @@ def evaluate(model, windows: torch.Tensor, k: int, s: dict, device, tuned=None) 
         inputs, targets = w[None, :-1].to(device), w[None, 1:].to(device)
         stats = i < (s["recall_windows"] or len(windows))
         logits, aux = model(inputs, retrofit.Plan("dense", top_k=k, stats=stats, backend=s["eval_backend"],
-                                                  sinks=s["sinks"]))
+                                                  sinks=s["sinks"], window=s["structure_window"]))
         losses.setdefault("dense", []).append(_nll(logits, targets))
         for name, per_layer in aux.stats.items():
             for layer, stat in enumerate(per_layer):
@@ -362,6 +413,15 @@ WARMUP_KEYS = ("batch_size", "batch_reuse", "warmup_rows", "warmup_lr", "warmup_
                "indexer_dim", "indexer_rope_dim")
 
 
+def fingerprinted(s: dict, keys=None) -> dict:
+    """The settings a record's fingerprint covers (`keys`, or all but the sweep lists): a lever at its default and
+    the lever names are left out, so the paper's recipe keeps the fingerprints it had before the levers."""
+    keys = keys or [n for n in s if n not in ("seq_lens", "top_ks")]
+    omitted = {**LEVER_DEFAULTS, "eval_modes": list(MODES[1:])}  # keys added with the levers, at their defaults
+    out = {n: s[n] for n in keys if n != "levers" and not (n in omitted and s[n] == omitted[n])}
+    return {**out, **{n: s[n] for n in LEVER_DEFAULTS if s[n] != LEVER_DEFAULTS[n]}}
+
+
 def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path, overwrite: bool,
                  export_dir: str | None = None, device=None, log=print) -> dict:
     """The whole experiment; finished warm-ups and (L, k) evaluations are read back from `out`."""
@@ -372,7 +432,7 @@ def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path
     t_start = time.perf_counter()
     base, tokenizer = retrofit.load_base(base_id)
     model = retrofit.RetrofitLM(base, s["indexer_heads"], s["indexer_dim"], s["indexer_rope_dim"],
-                                max(max(s["seq_lens"]), 2), base_id=base_id).to(device)
+                                max(max(s["seq_lens"]), 2), base_id=base_id, prev_key=s["prev_key"]).to(device)
     tokens = token_streams(tokenizer)
     log(f"retrofit: {base_id.describe()} ({base.config.model_type}, {base.config.num_hidden_layers} layers); "
         f"{tokens['train'].size:,} train / {tokens['val'].size:,} held-out tokens "
@@ -405,9 +465,8 @@ def run_length(model, tokens: dict, prompts: list, L: int, s: dict, base_id, fol
     train = make_windows(tokens["train"], L, tokens["eos"])
     val = make_windows(tokens["val"], L, tokens["eos"])
     kl_w, eval_w = split_heldout(val, s["warmup_eval_windows"], s["eval_windows"])
-    warm_key = fingerprint({"model": base_id.describe(), "L": L, **{k: s[k] for k in WARMUP_KEYS}})
-    eval_keys = {k: fingerprint({"warmup": warm_key, "k": k, **{n: v for n, v in s.items() if n not in ("seq_lens",
-                                 "top_ks")}}) for k in s["top_ks"]}
+    warm_key = fingerprint({"model": base_id.describe(), "L": L, **fingerprinted(s, WARMUP_KEYS)})
+    eval_keys = {k: fingerprint({"warmup": warm_key, "k": k, **fingerprinted(s)}) for k in s["top_ks"]}
     records = {folder / "warmup.json": warm_key, **{folder / f"k{k}.json": key for k, key in eval_keys.items()}}
     # a stale warm-up takes the whole length with it (its evaluations used the old indexers); a stale k, itself
     experiment.clear_stale(folder, records, overwrite,
@@ -475,8 +534,10 @@ def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_le
     prompt_len = min(prompt_len, min(s["seq_lens"]) - n_new)  # within the indexers' RoPE tables
     val = torch.from_numpy(tokens["val"][:prompt_len].astype(np.int64))[None].to(device)
     k = min(s["top_ks"])
+    plan = dsa_plan(s, k, s["attention_backend"])
+    generate = retrofit_decode.generate if retrofit_decode.has_cached_path(model, plan) else retrofit.greedy_generate
     dense = retrofit_decode.generate(model, val, n_new, retrofit.Plan())
-    dsa = retrofit_decode.generate(model, val, n_new, retrofit.Plan("dsa", top_k=k, backend=s["attention_backend"]))
+    dsa = generate(model, val, n_new, plan)
     return {"prompt_tokens": prompt_len, "top_k": k, "prompt_tail": tokenizer.decode(val[0, -48:].tolist()),
             "dense": tokenizer.decode(dense[0, prompt_len:].tolist()),
             "dsa": tokenizer.decode(dsa[0, prompt_len:].tolist())}

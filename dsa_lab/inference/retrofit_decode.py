@@ -53,10 +53,19 @@ def check_cached_plan(model: RetrofitLM, plan: Plan, positions: int) -> None:
     if plan.targets or plan.stats or plan.indexer_loss or plan.keep_selection:
         raise ValueError("a cached forward computes logits only; targets/stats/indexer_loss/keep_selection need the "
                          "full forward model(ids, plan)")
+    if not has_cached_path(model, plan):
+        raise ValueError("a structured plan (window > 0) or previous-token indexer keys (prev_key) have no cached decode "
+                         "yet; use retrofit.greedy_generate (a full forward per token)")
     limit = model.indexer_spec["max_seq_len"]
     if plan.selection == "dsa" and positions > limit:
         raise ValueError(f"{positions} positions exceed the indexers' max_seq_len={limit} (their RoPE table); "
                          f"generate fewer tokens or build the RetrofitLM with a larger max_seq_len")
+
+
+def has_cached_path(model: RetrofitLM, plan: Plan) -> bool:
+    """Whether this plan decodes on caches: not yet the retrieval levers' structured selection (window > 0) or
+    previous-token indexer keys (dsa_lab/interop/levers.py), whose cached step is not written."""
+    return plan.selection != "dsa" or (plan.window == 0 and not model.indexer_spec.get("prev_key", False))
 
 
 class _CachedCall:

@@ -11,7 +11,9 @@ module state); what it computed beside the logits comes back in `RetrofitAux`.
   dense       the model's own causal attention (with `targets`: each layer's input and its head-summed,
               L1-normalised attention, the warm-up's KL target — of every query row, or of the `rows` given;
               with `stats`: recall of the DSA, oracle and sink_local selections against that attention)
-  dsa         the indexer's top-k per query, one set per layer shared by every head (GQA groups included)
+  dsa         the indexer's top-k per query, one set per layer shared by every head (GQA groups included); with
+              `window` > 0 the first `sinks` and last `window` tokens are always kept and the indexer picks the rest
+              (levers.structured_selection)
   oracle      top-k of the layer's true head-summed attention (the best any shared set can do at that k)
   local       the last k tokens;  sink_local: the first `sinks` tokens plus the last k - sinks
   random      k past tokens drawn from a generator seeded by `seed` and the layer
@@ -32,10 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsa_lab.interop import levers
+from dsa_lab.interop.levers import WarmupLoss, sink_local_selection
 from dsa_lab.kernels.backends import GatherBackend, SdpaMaskBackend
+from dsa_lab.kernels.chunked import selected_index_scores
 from efficient_patterns import LocalSelector, RandomSelector
 from sparse_attention import (LightningIndexer, MaskedBackend, SectionTimer, Selection, TopKTokenSelector,
-                              causal_attention_probs, future_mask, index_scores, indexer_kl_dense, indexer_kl_sparse,
+                              causal_attention_probs, future_mask, index_scores, indexer_kl_sparse,
                               select_top_k, selection_recall, timed)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -120,7 +125,9 @@ class Plan:
     indexer_loss (dsa): the sparse KL over the selected set (stage 2); sinks: sink_local's first tokens;
     seed: the random control's draws; timer: 'indexer' / 'attention' wall time; keep_selection (sparse plans): keep
     each layer's selected key positions in RetrofitAux.selected; rows (targets): query positions (R,), any order, whose
-    targets to keep (None: every row) — the attention itself stays the fused dense one."""
+    targets to keep (None: every row) — the attention itself stays the fused dense one; window (dsa): > 0 keeps the
+    first `sinks` and the last `window` tokens in every row and spends top_k - sinks - window slots on the indexer
+    (the sparse KL then covers those slots only); target (targets): how the heads make one target (levers.TARGETS)."""
     selection: str = "dense"
     top_k: int = 64
     backend: str = "masked"
@@ -132,6 +139,8 @@ class Plan:
     timer: SectionTimer | None = None
     keep_selection: bool = False
     rows: torch.Tensor | None = None
+    window: int = 0
+    target: str = "sum"
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -146,6 +155,11 @@ class Plan:
             raise ValueError("indexer_loss (the sparse KL) needs selection='dsa'")
         if self.rows is not None and (not self.targets or self.stats):
             raise ValueError("rows picks the query rows of the warm-up targets; use targets=True, stats=False")
+        if self.window < 0 or (self.window and self.sinks + self.window >= self.top_k):
+            raise ValueError(f"window={self.window}, sinks={self.sinks}, top_k={self.top_k}: need window >= 0 and "
+                             f"sinks + window < top_k (the indexer needs slots of its own)")
+        if self.target not in levers.TARGETS:
+            raise ValueError(f"target={self.target!r} is unknown; choose one of {', '.join(levers.TARGETS)}")
 
     @property
     def needs_input(self) -> bool:
@@ -168,15 +182,17 @@ class RetrofitLM(nn.Module):
     """A transformers causal LM with one lightning indexer per layer. The base model starts frozen."""
 
     def __init__(self, base, heads: int = 4, dim: int = 64, rope_dim: int = 32, max_seq_len: int = 8192,
-                 base_id: BaseModelId | None = None):
+                 base_id: BaseModelId | None = None, prev_key: bool = False):
         super().__init__()
         check_supported(base.config)
         cfg = base.config
         self.base, self.base_id = base, base_id
-        self.indexer_spec = {"heads": heads, "dim": dim, "rope_dim": rope_dim, "max_seq_len": max_seq_len}
+        self.indexer_spec = {"heads": heads, "dim": dim, "rope_dim": rope_dim, "max_seq_len": max_seq_len,
+                             **({"prev_key": True} if prev_key else {})}
         rope = dict(getattr(cfg, "rope_parameters", None) or {})
         rope_base = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-        self.indexers = nn.ModuleList(LightningIndexer(cfg.hidden_size, heads, dim, rope_dim, max_seq_len, rope_base)
+        kind = levers.PrevKeyIndexer if prev_key else LightningIndexer  # prev_key: the key also reads token s - 1
+        self.indexers = nn.ModuleList(kind(cfg.hidden_size, heads, dim, rope_dim, max_seq_len, rope_base)
                                       for _ in range(cfg.num_hidden_layers))
         base.requires_grad_(False)
         for layer in base.model.layers:
@@ -237,11 +253,12 @@ class _Call:
 
     def attend(self, layer: int, q, k, v, scaling) -> torch.Tensor:
         """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D)."""
-        plan, (_, H, _, D) = self.plan, q.shape
-        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # GQA: heads of a group share a KV head
+        plan, (_, H, _, D), group = self.plan, q.shape, q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # GQA: heads of a group share a KV head
         q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)  # our maths scales by D^-1/2
         if plan.selection == "dense" and plan.rows is not None:  # warm-up targets at sampled query rows only
-            self.aux.targets[layer], self.aux.rows = row_targets(q.detach(), k.detach(), plan.rows), plan.rows
+            self.aux.targets[layer] = row_targets(q.detach(), k.detach(), plan.rows, plan.target, group)
+            self.aux.rows = plan.rows
         full_probs = plan.stats or (plan.targets and plan.rows is None)  # the (B, H, L, L) probabilities needed
         if plan.selection == "dense" and not full_probs:
             return timed(plan.timer, "attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -249,8 +266,7 @@ class _Call:
         if plan.selection == "dense":
             probs = causal_attention_probs(q, k)  # (B, H, L, L)
             if plan.targets:
-                p = probs.detach().sum(1)
-                self.aux.targets[layer] = p / p.sum(-1, keepdim=True)
+                self.aux.targets[layer] = levers.head_target(probs.detach(), plan.target, group)
             if plan.stats:
                 self.record_recall(layer, q.detach(), k.detach())
             return (probs @ v).transpose(1, 2)
@@ -260,15 +276,28 @@ class _Call:
         out, selected_probs = timed(plan.timer, "attention", lambda: self.backend.attend(
             q, k, v, selection=selection, return_probs=plan.indexer_loss))
         if plan.indexer_loss:
-            self.aux.indexer_losses.append(indexer_kl_sparse(
-                selected_probs.detach(), self.backend.selected_scores(selection), selection.valid))
+            self.aux.indexer_losses.append(self.sparse_kl(selection, selected_probs.detach()))
         return out.transpose(1, 2)
+
+    def sparse_kl(self, selection: Selection, selected_probs: torch.Tensor) -> torch.Tensor:
+        """Stage 2's KL over the selected slots (with structure: over the slots outside the always-kept keys)."""
+        plan = self.plan
+        if not plan.window:
+            return indexer_kl_sparse(selected_probs, self.backend.selected_scores(selection), selection.valid)
+        idx, L = selection.selected_idx, selection.selected_idx.shape[1]
+        t = torch.arange(L, device=idx.device)[None, :, None]
+        kept = (idx < plan.sinks) | (idx > t - plan.window)  # (B, L, K): the always-kept slots
+        slots = selection.valid & ~kept
+        return indexer_kl_sparse(selected_probs, selected_index_scores(*selection.index_inputs, idx, slots), slots)
 
     def select(self, selection: str, layer: int, q, k):
         """-> a sparse_attention.Selection of min(top_k, L) keys per query, never a future one."""
         plan, (B, _, L, _) = self.plan, q.shape
         if selection == "dsa":
             with torch.set_grad_enabled(torch.is_grad_enabled() and plan.indexer_loss):
+                if plan.window:
+                    return levers.structured_selection(self.indexers[layer], self.aux.inputs[layer], plan.top_k,
+                                                       plan.sinks, plan.window)
                 return self.backend.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
         if selection == "oracle":
             return Selection(*oracle_selection(q.detach(), k.detach(), plan.top_k))
@@ -303,33 +332,21 @@ def oracle_selection(q: torch.Tensor, k: torch.Tensor, top_k: int, chunk: int = 
     return idx, valid
 
 
-def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
-    """The first `sinks` tokens plus the last top_k - sinks; rows with t+1 <= top_k keep their whole prefix.
-    -> selected_idx (B, L, K) (-1 = invalid), valid; K = min(top_k, L)."""
-    K = min(top_k, L)
-    t = torch.arange(L, device=device)[:, None]  # (L, 1)
-    local = t - torch.arange(K, device=device)[None, :]  # (L, K): t, t-1, ...
-    if K == top_k and sinks:
-        window = t - torch.arange(K - sinks, device=device)[None, :]  # (L, K - sinks)
-        with_sinks = torch.cat([torch.arange(sinks, device=device)[None, :].expand(L, sinks), window], dim=1)
-        local = torch.where(t + 1 > K, with_sinks, local)  # sinks and window are disjoint when t+1 > K
-    valid = local >= 0
-    return local.clamp(min=-1).expand(B, L, K).contiguous(), valid.expand(B, L, K).contiguous()
-
-
 # ----------------------------------------------------------------------------- stage 1 pieces
-def row_targets(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """q, k (B, H, L, D), rows (R,) query positions -> the head-summed, L1-normalised causal attention of those
-    queries (B, R, L): `Plan(targets=True)`'s target at those rows, in O(R L) instead of O(L^2)."""
-    p = causal_attention_probs(q[:, :, rows], k, query_pos=rows).sum(1)  # (B, R, L)
-    return p / p.sum(-1, keepdim=True)
+def row_targets(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, target: str = "sum",
+                group: int = 1) -> torch.Tensor:
+    """q, k (B, H, L, D), rows (R,) query positions -> the L1-normalised target (head sum, or levers.TARGETS' other
+    ways over KV groups of `group` heads) of those queries' causal attention (B, R, L): `Plan(targets=True)`'s target
+    at those rows, in O(R L) instead of O(L^2)."""
+    return levers.head_target(causal_attention_probs(q[:, :, rows], k, query_pos=rows), target, group)
 
 
-def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor, rows: torch.Tensor | None = None) -> RetrofitAux:
-    """One no-grad dense forward of the frozen model: each layer's input and head-summed attention (of every query
-    row, or of the query positions `rows`, in their order)."""
+def warmup_targets(model: RetrofitLM, input_ids: torch.Tensor, rows: torch.Tensor | None = None,
+                   target: str = "sum") -> RetrofitAux:
+    """One no-grad dense forward of the frozen model: each layer's input and target attention (head sum by
+    default; of every query row, or of the query positions `rows`, in their order)."""
     with torch.no_grad():
-        return model(input_ids, Plan("dense", targets=True, rows=rows), logits=False)[1]
+        return model(input_ids, Plan("dense", targets=True, rows=rows, target=target), logits=False)[1]
 
 
 def take_rows(aux: RetrofitAux, part: slice) -> RetrofitAux:
@@ -345,16 +362,16 @@ def indexer_scores(indexer, x: torch.Tensor, rows: torch.Tensor | None = None) -
     return index_scores(q[:, rows], k, w[:, rows], query_pos=rows)
 
 
-def warmup_kl(model: RetrofitLM, aux: RetrofitAux, backward: bool = False) -> float:
+def warmup_kl(model: RetrofitLM, aux: RetrofitAux, backward: bool = False, loss: WarmupLoss = WarmupLoss()) -> float:
     """Mean over layers of KL(p_t || softmax(I_t)) (the paper's warm-up loss, averaged over queries: every row,
-    or the rows `aux` was sampled at — an unbiased estimate). With `backward`, each layer's KL is backpropagated at
-    once into its indexer (one layer's graph alive at a time)."""
+    or the rows `aux` was sampled at — an unbiased estimate), or the lever loss `loss` describes (levers.warmup_loss).
+    With `backward`, each layer's loss is backpropagated at once into its indexer (one layer's graph alive at a time)."""
     total = 0.0
     n = len(model.indexers)
     for layer, indexer in enumerate(model.indexers):
         with torch.set_grad_enabled(backward):
             scores = indexer_scores(indexer, aux.inputs[layer], aux.rows)
-            kl = indexer_kl_dense(aux.targets[layer][:, None], scores)  # p as one "head"
+            kl = levers.warmup_loss(aux.targets[layer], scores, aux.rows, loss)
             if backward:
                 (kl / n).backward()
         total += kl.item() / n

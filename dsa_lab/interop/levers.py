@@ -1,0 +1,171 @@
+"""Levers of the retrofit's indexer that may teach it to retrieve the one far token a copy or a passkey needs
+(issue 30). Each is off by default, so the paper's recipe stays the default (retrofit.py reads them):
+
+  structure  always keep the first `sinks` tokens and the last `window` ones (the NSA / DeepSeek-V4 shape) and spend
+             the other k - sinks - window slots on the indexer's top-k over the rest; the KL then fits the target
+             restricted to those other keys (renormalised): `structured_selection`, `kept_keys`, `WarmupLoss.window`
+  target     one target per layer from the per-head attention: the paper's head sum, the max over the heads of each
+             KV group summed over the groups (SeerAttention-R), or the max over all heads; L1-normalised (`head_target`)
+  rows       weight each row's KL toward rows whose target mass lies beyond the kept keys (`WarmupLoss.row_weight`)
+  features   the indexer key of token s reads its own and the previous token's hidden state (`PrevKeyIndexer`)
+  loss       a top-k-membership term beside the KL: cross-entropy of the indexer's softmax against the uniform
+             distribution over the target's `rank_top` largest keys (`WarmupLoss.rank_weight`)
+
+(Capacity — indexer heads x dim — is the indexer's own size: RetrofitLM(heads=, dim=).)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsa_lab.kernels.chunked import chunked_select
+from sparse_attention import LightningIndexer, Selection, index_scores, indexer_kl_dense
+
+TARGETS = ("sum", "group_max", "head_max")
+
+
+# ----------------------------------------------------------------------------- target
+def head_target(probs: torch.Tensor, target: str, group: int) -> torch.Tensor:
+    """probs (B, H, R, L) causal attention per head (each row sums to 1), `group` query heads per KV head (adjacent
+    heads share one) -> the layer's target (B, R, L), rows L1-normalised. sum: the paper's head sum; group_max: per
+    KV group the max over its heads, summed over the groups; head_max: the max over all heads."""
+    B, H, R, L = probs.shape
+    if target == "sum":
+        p = probs.sum(1)
+    elif target == "group_max":
+        p = probs.view(B, H // group, group, R, L).amax(2).sum(1)
+    elif target == "head_max":
+        p = probs.amax(1)
+    else:
+        raise ValueError(f"target={target!r} is unknown; choose one of {', '.join(TARGETS)}")
+    return p / p.sum(-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------- structure
+def kept_keys(query_pos: torch.Tensor, L: int, sinks: int, window: int) -> torch.Tensor:
+    """query_pos (R,) -> (R, L) bool, True at the keys a row always keeps: s < sinks or t - window < s <= t."""
+    s = torch.arange(L, device=query_pos.device)[None, :]
+    t = query_pos[:, None]
+    return (s < sinks) | ((s > t - window) & (s <= t))
+
+
+def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
+    """The first `sinks` tokens plus the last top_k - sinks; rows with t+1 <= top_k keep their whole prefix.
+    -> selected_idx (B, L, K) (-1 = invalid), valid; K = min(top_k, L)."""
+    K = min(top_k, L)
+    t = torch.arange(L, device=device)[:, None]  # (L, 1)
+    local = t - torch.arange(K, device=device)[None, :]  # (L, K): t, t-1, ...
+    if K == top_k and sinks:
+        window = t - torch.arange(K - sinks, device=device)[None, :]  # (L, K - sinks)
+        with_sinks = torch.cat([torch.arange(sinks, device=device)[None, :].expand(L, sinks), window], dim=1)
+        local = torch.where(t + 1 > K, with_sinks, local)  # sinks and window are disjoint when t+1 > K
+    valid = local >= 0
+    return local.clamp(min=-1).expand(B, L, K).contiguous(), valid.expand(B, L, K).contiguous()
+
+
+def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, window: int) -> Selection:
+    """x (B, L, d_model) -> a Selection of min(top_k, L) keys per query: the kept keys (`kept_keys`) and the indexer's
+    top-(top_k - sinks - window) over the others; rows with t+1 <= top_k keep their whole prefix. `index_inputs`
+    holds the indexer's projections (for the scores at the slots, differentiable)."""
+    B, L, _ = x.shape
+    q, k, w = indexer.project(x)
+    if L <= top_k:  # every past token: as dense
+        return Selection(*sink_local_selection(B, L, top_k, 0, x.device), index_inputs=(q, k, w))
+    kept_idx, kept_valid = sink_local_selection(B, L, sinks + window, sinks, x.device)  # (B, L, sinks + window)
+
+    def outside_kept(q_c, k_prefix, w_c):  # (B, c, stop) scores, -inf at future and kept keys
+        stop, c = k_prefix.shape[1], q_c.shape[1]
+        pos = torch.arange(stop - c, stop, device=q_c.device)
+        return index_scores(q_c, k_prefix, w_c).masked_fill_(kept_keys(pos, stop, sinks, window), float("-inf"))
+
+    idx, valid = chunked_select(q.detach(), k.detach(), w.detach(), top_k - sinks - window, score_fn=outside_kept)
+    return Selection(torch.cat([kept_idx, idx], -1), torch.cat([kept_valid, valid], -1), index_inputs=(q, k, w))
+
+
+# ----------------------------------------------------------------------------- loss
+@dataclass(frozen=True)
+class WarmupLoss:
+    """The warm-up's loss per layer. Default: the paper's KL over every causal key, mean over rows.
+    window > 0 (structure): the KL over the keys outside `kept_keys(sinks, window)`, target renormalised there (rows
+    with no target mass there are left out); row_weight a in [0, 1]: rows weighted (1 - a) + a * m_t / mean(m), m_t
+    the target mass outside the kept keys (of `window`, or of `far_window` without structure); rank_weight: times the
+    membership term over the target's `rank_top` largest keys (on the same support as the KL)."""
+    sinks: int = 4
+    window: int = 0
+    row_weight: float = 0.0
+    far_window: int = 64
+    rank_weight: float = 0.0
+    rank_top: int = 16
+
+    def __post_init__(self):
+        if self.sinks < 0 or self.window < 0 or self.far_window < 1 or self.rank_top < 1 or self.rank_weight < 0:
+            raise ValueError(f"{self}: sinks, window >= 0, far_window, rank_top >= 1, rank_weight >= 0")
+        if not 0 <= self.row_weight <= 1:
+            raise ValueError(f"row_weight={self.row_weight} must lie in [0, 1]")
+
+    @property
+    def is_paper(self) -> bool:
+        return not (self.window or self.row_weight or self.rank_weight)
+
+
+def warmup_loss(p: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor | None, loss: WarmupLoss) -> torch.Tensor:
+    """p (B, R, L) the target, scores (B, R, L) index scores with -inf future, rows (R,) their query positions (None:
+    0..L-1) -> the scalar loss `loss` describes (exactly `indexer_kl_dense` for the paper's)."""
+    if loss.is_paper:
+        return indexer_kl_dense(p[:, None], scores)
+    L = p.shape[-1]
+    pos = rows if rows is not None else torch.arange(L, device=p.device)
+    causal = torch.isfinite(scores)
+    far = causal & ~kept_keys(pos, L, loss.sinks, loss.window or loss.far_window)  # (B, R, L)
+    support = far if loss.window else causal
+    support = torch.where(support.any(-1, keepdim=True), support, causal)  # a row without support: no NaN, weight 0
+    p_s = p * support
+    mass = p_s.sum(-1)  # (B, R)
+    p_n = p_s / mass.clamp_min(1e-30)[..., None]
+    log_q = scores.masked_fill(~support, float("-inf")).log_softmax(-1)
+    kl = torch.where(p_n > 0, p_n * (p_n.clamp_min(1e-30).log() - log_q), torch.zeros_like(p_n)).sum(-1)  # (B, R)
+    weight = (p * far).sum(-1) > 0 if loss.window else torch.ones_like(mass, dtype=torch.bool)
+    weight = weight.float()
+    if loss.row_weight:
+        m = (p * far).sum(-1)
+        weight = weight * ((1 - loss.row_weight) + loss.row_weight * m / m.mean().clamp_min(1e-30))
+    total = weight.sum().clamp_min(1e-30)
+    out = (weight * kl).sum() / total
+    if loss.rank_weight:
+        out = out + loss.rank_weight * (weight * membership(p_n, log_q, loss.rank_top)).sum() / total
+    return out
+
+
+def membership(p: torch.Tensor, log_q: torch.Tensor, top: int) -> torch.Tensor:
+    """p (B, R, L) target, log_q (B, R, L) the indexer's log-softmax -> per row (B, R): cross-entropy of log_q against
+    the uniform distribution over p's `top` largest keys with p > 0 (0 for a row with none)."""
+    val, idx = p.topk(min(top, p.shape[-1]), dim=-1)
+    member = val > 0
+    picked = torch.where(member, log_q.gather(-1, idx), torch.zeros_like(val))
+    return -picked.sum(-1) / member.sum(-1).clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- features
+class PrevKeyIndexer(LightningIndexer):
+    """A lightning indexer whose key of token s reads x_s and x_{s-1}: k[s] = LN(W_k x_s + W_p x_{s-1}) (x_{-1} = 0),
+    so a query can match "the token after an earlier occurrence of mine" (what an induction head does). W_p starts
+    at zero (`reset_parameters`): the indexer starts as the plain one with the same other weights. Full-sequence
+    forwards only (the key of the first token of a chunk would need the token before it)."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_dim: int, max_seq_len: int,
+                 rope_base: float = 10000.0):
+        super().__init__(d_model, n_heads, head_dim, rope_dim, max_seq_len, rope_base)
+        self.prev_proj = nn.Parameter(torch.zeros(head_dim, d_model))  # (d_I, d_model)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.prev_proj.zero_()
+
+    def key_features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start:
+            raise ValueError("the previous-token indexer key needs the whole sequence (start=0); decode is not "
+                             "supported with prev_key indexers")
+        previous = torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1]  # (B, L, d_model): x_{s-1}, zeros at s = 0
+        return self.k_proj(x) + previous @ self.prev_proj.T
