@@ -371,7 +371,8 @@ def prefill_timing(model, window: torch.Tensor, k: int, s: dict, device) -> dict
     retrofit_speed.prefill_speed (benchmark.py --retrofit's measurement: dense and DSA in turns, the first call
     discarded, the median of timing_repeats)."""
     timing, _ = retrofit_speed.prefill_speed(model, window[None, :-1].to(device), k, s["attention_backend"],
-                                             s["timing_repeats"], cuda=device.type == "cuda")
+                                             s["timing_repeats"], cuda=device.type == "cuda",
+                                             plan=dsa_plan(s, k, s["attention_backend"]))
     return timing
 
 

@@ -55,20 +55,26 @@ def _median_share(shares: list, name: str) -> float | None:
 
 @torch.no_grad()
 def prefill_speed(model, ids: torch.Tensor, top_k: int, backend: str, repeats: int, capacity: int | None = None,
-                  cuda: bool = False) -> tuple[dict, dict]:
+                  cuda: bool = False, plan: Plan | None = None) -> tuple[dict, dict]:
     """ids (1, L) -> (timings, {"dense": state, "dsa": state}: the caches of the last prefill of each, for
-    decode_speed). DSA: Plan("dsa", top_k, backend)."""
+    decode_speed). DSA: `plan`, default Plan("dsa", top_k, backend). A plan without a cached path (the retrieval
+    levers' structure, prev_key) times full forwards model(ids, plan) for both, no states ("cached": False)."""
     states, shares = {}, []
+    sparse = plan or Plan("dsa", top_k=top_k, backend=backend)
+    cached = retrofit_decode.has_cached_path(model, sparse)
 
-    def dense():
-        states["dense"] = retrofit_decode.prefill(model, ids, Plan(), capacity)[1]
+    def run(name: str, p: Plan) -> None:
+        if cached:
+            states[name] = retrofit_decode.prefill(model, ids, p, capacity)[1]
+        else:
+            model(ids, p)
 
     def dsa():
-        plan, done = _timed_plan(Plan("dsa", top_k=top_k, backend=backend), shares, cuda)
-        states["dsa"] = retrofit_decode.prefill(model, ids, plan, capacity)[1]
+        timed, done = _timed_plan(sparse, shares, cuda)
+        run("dsa", timed)
         done()
-    timings = _summary(interleaved({"dense": dense, "dsa": dsa}, repeats, cuda), shares, repeats)
-    return {**timings, "seq_len": ids.shape[1], "top_k": top_k, "backend": backend}, states
+    timings = _summary(interleaved({"dense": lambda: run("dense", Plan()), "dsa": dsa}, repeats, cuda), shares, repeats)
+    return {**timings, "seq_len": ids.shape[1], "top_k": top_k, "backend": backend, "cached": cached}, states
 
 
 @torch.no_grad()
