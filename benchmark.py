@@ -888,7 +888,8 @@ def measure_rows(args, meter, record: Record) -> tuple[list[dict], list[dict]]:
                     record.projected_note(took.get(backend), L)
                 start = time.perf_counter()
                 rows.append(empty_row(args, backend, L, note) if note else measure(args, meter, backend, L, inputs))
-                took[backend] = (L, time.perf_counter() - start) if not note else took.get(backend)
+                if not note:
+                    took[backend] = (L, time.perf_counter() - start)
                 bar.update()
             record.running = None
             attach_baseline([r for r in rows if r["seq_len"] == L])
