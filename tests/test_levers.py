@@ -237,7 +237,7 @@ def test_prev_key_retrofit_is_causal_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize("names", [["structure"], ["group_max"], ["far_rows"], ["prev_key"], ["rank"],
-                                   ["structure", "group_max", "far_rows"]])
+                                   ["recurrence"], ["structure", "group_max", "far_rows"]])
 def test_each_lever_warm_up_runs_and_lowers_its_loss(names):
     """The warm-up (stage 1) with each lever on the tiny model: its loss falls, the base stays frozen."""
     torch.manual_seed(0)
@@ -301,3 +301,49 @@ def test_every_dsa_plan_of_the_experiment_carries_the_structure():
     assert len(dsa) == 2 and all((p.window, p.sinks) == (16, 4) for p in dsa)
     assert [name for name, _, _ in entries] == ["dsa", "oracle", "dsa_ft", "dense_ft"]
     assert rx.dsa_plan(s, 64, "gather", indexer_loss=True).window == 16
+
+
+def test_recurrences_copy_earlier_text_at_random_distances_into_the_chosen_windows():
+    """Each placement copies m in [min_span, max_span] tokens from at least min_gap before its destination, one per
+    segment, front to back; the rest of the window is untouched; share picks about that share of windows; the same
+    generator seed gives the same windows. Caught: a source overlapping its destination (gap ignored)."""
+    rec = levers.Recurrence(share=0.5, spans=4, min_span=16, max_span=64, min_gap=32)
+    windows = torch.arange(1025).repeat(200, 1)  # every token names its position
+    out, placed = levers.splice_recurrences(windows, rec, torch.Generator().manual_seed(0))
+    chosen = {b for b, *_ in placed}
+    assert 70 < len(chosen) < 130 and all(len([p for p in placed if p[0] == b]) == 4 for b in chosen)
+    expected = windows.clone()
+    for b, src, dest, m in placed:
+        assert rec.min_span <= m <= rec.max_span and src + m + rec.min_gap <= dest
+        assert (dest // 256) * 256 <= dest and dest + m <= (dest // 256 + 1) * 256  # inside its segment
+        expected[b, dest:dest + m] = expected[b, src:src + m]
+        assert torch.equal(out[b, dest:dest + m], out[b, src:src + m])  # no later write changed it
+    assert torch.equal(out, expected)
+    assert len({dest - src for _, src, dest, _ in placed}) > len(placed) // 2  # distances vary
+    again, _ = levers.splice_recurrences(windows, rec, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and torch.equal(windows, torch.arange(1025).repeat(200, 1))
+    with pytest.raises(ValueError, match="recur_share"):
+        levers.Recurrence(share=1.5)
+
+
+def test_the_data_lever_changes_only_the_training_batches_it_is_asked_to():
+    """TrainingBatches: off (today's recipe) it yields exactly BatchStream's batches; on, the inputs and targets of a
+    batch stay one token apart, some windows hold recurrences, and two streams with one seed yield the same batches
+    (stage 2's sparse model and dense twin). Caught: targets left unspliced."""
+    from dsa_lab.training.data import STREAM_WARMUP, BatchStream, stream_seed
+    train = torch.randint(0, 5000, (16, 513))
+    s = {**rx.settings_for("levers", {}), "batch_size": 4}
+    plain, reference = rx.TrainingBatches(train, s, STREAM_WARMUP), BatchStream(train, 4, stream_seed(42, STREAM_WARMUP))
+    for _ in range(5):
+        assert all(torch.equal(a, b) for a, b in zip(plain.next(), reference.next()))
+    s = {**rx.settings_for("levers", {"levers": ["recurrence"]}), "batch_size": 4}
+    one, two = rx.TrainingBatches(train, s, STREAM_WARMUP), rx.TrainingBatches(train, s, STREAM_WARMUP)
+    reference, changed = BatchStream(train, 4, stream_seed(42, STREAM_WARMUP)), 0
+    for _ in range(5):
+        (inputs, targets), (again, _), (original, _) = one.next(), two.next(), reference.next()
+        assert torch.equal(inputs[:, 1:], targets[:, :-1]) and torch.equal(inputs, again)
+        changed += int((inputs != original).any(-1).sum())
+    assert 0 < changed < 20
+    assert rx.fingerprinted(s, rx.WARMUP_KEYS)["recur_share"] == 0.5
+    with pytest.raises(ValueError, match="recur_share"):
+        rx.check_settings({**s, "recur_share": 2.0})

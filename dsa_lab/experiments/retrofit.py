@@ -29,6 +29,7 @@ from dsa_lab.experiments import retrieval, retrofit_speed
 from dsa_lab.experiments import skeleton as experiment
 from dsa_lab.inference import retrofit_decode
 from dsa_lab.interop import retrofit
+from dsa_lab.interop.levers import Recurrence, splice_recurrences
 from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
 from config import DataConfig
 from dsa_lab.common.plateau import PlateauRule, PlateauTracker
@@ -80,9 +81,12 @@ PRESETS = {  # step caps and window counts per preset; every L gets its own warm
 # structure_window (> 0: DSA always keeps the first `sinks` and the last structure_window tokens, the indexer picks the
 # other k - sinks - window, and its KL fits the target outside those kept keys), warmup_target (sum | group_max |
 # head_max), row_weight / far_window (rows weighted toward target mass outside the kept keys), prev_key (the indexer key
-# reads token s - 1 too), rank_weight / rank_top (a top-k-membership term beside the KL).
+# reads token s - 1 too), rank_weight / rank_top (a top-k-membership term beside the KL), recur_* (data: a recur_share
+# of the warm-up's and stage 2's training windows get recur_spans spans of their own text repeated at random
+# distances, `levers.Recurrence`; held-out windows and every evaluation stay untouched).
 LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, far_window=64, prev_key=False,
-                      rank_weight=0.0, rank_top=16)
+                      rank_weight=0.0, rank_top=16, recur_share=0.0, recur_spans=4, recur_min=16, recur_max=128,
+                      recur_gap=32)
 COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
               eval_modes=list(MODES[1:]),
               warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,
@@ -100,6 +104,7 @@ LEVERS = {
     "heads16": dict(indexer_heads=16),
     "wide": dict(indexer_heads=32, indexer_dim=128),
     "rank": dict(rank_weight=0.1),
+    "recurrence": dict(recur_share=0.5),
 }
 OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "steps", "batch_size", "attention_backend")  # taken as they are
 
@@ -147,6 +152,7 @@ def check_settings(s: dict) -> None:
     if s["structure_window"] and s["sinks"] + s["structure_window"] >= min(s["top_ks"]):
         raise ValueError(f"--levers structure keeps sinks + window = {s['sinks'] + s['structure_window']} tokens; "
                          f"use a --top-k above that")
+    recurrence_of(s)  # its own checks
     check_retrieval(s)
 
 
@@ -218,7 +224,7 @@ def warm_up(model, train: torch.Tensor, kl_windows: torch.Tensor, s: dict, devic
     heldout = [retrofit.warmup_targets(model, w[None, :-1].to(device), sample_rows(L, rows * reuse, fixed, device),
                                        target) for w in kl_windows]  # fixed windows and rows: cached once
     opt = torch.optim.AdamW(model.indexer_parameters(), lr=s["warmup_lr"], weight_decay=0.0)
-    stream = BatchStream(train, s["batch_size"], stream_seed(s["seed"], STREAM_WARMUP))
+    stream = TrainingBatches(train, s, STREAM_WARMUP)
     train_kl, step_s = [], []
     tracker.update(0, _heldout_kl(model, heldout, loss))
     for step in range(1, rule.max_steps + 1):
@@ -252,6 +258,29 @@ def warmup_loss_of(s: dict) -> retrofit.WarmupLoss:
                                far_window=s["far_window"], rank_weight=s["rank_weight"], rank_top=s["rank_top"])
 
 
+def recurrence_of(s: dict) -> Recurrence:
+    """The data lever the settings describe (off at the defaults)."""
+    return Recurrence(share=s["recur_share"], spans=s["recur_spans"], min_span=s["recur_min"],
+                               max_span=s["recur_max"], min_gap=s["recur_gap"])
+
+
+class TrainingBatches:
+    """`BatchStream.next()` with the settings' data lever applied to each batch (a no-op when it is off): its own
+    generator, so the warm-up's row draws and the stream's order do not depend on the lever."""
+
+    def __init__(self, train: torch.Tensor, s: dict, stream: int):
+        self.stream = BatchStream(train, s["batch_size"], stream_seed(s["seed"], stream))
+        self.recurrence, self.generator = recurrence_of(s), torch.Generator().manual_seed(s["seed"] + 7)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.stream.next()  # (B, L) each
+        if not self.recurrence.share:
+            return inputs, targets
+        window, _ = splice_recurrences(torch.cat([inputs, targets[:, -1:]], 1), self.recurrence,
+                                       self.generator)  # (B, L + 1)
+        return window[:, :-1], window[:, 1:]
+
+
 def dsa_plan(s: dict, k: int, backend: str, **kwargs) -> retrofit.Plan:
     """A DSA plan at k with the settings' structure (always-kept sinks and window, when structure_window > 0)."""
     return retrofit.Plan("dsa", top_k=k, backend=backend, sinks=s["sinks"], window=s["structure_window"], **kwargs)
@@ -277,7 +306,7 @@ def sparse_finetune(model, s: dict, k: int, train: torch.Tensor, device, log=pri
     opt_s = torch.optim.AdamW([{"params": list(sparse.base.parameters()), "lr": s["learning_rate"]},
                                {"params": sparse.indexer_parameters(), "lr": s["indexer_lr"], "weight_decay": 0.0}])
     opt_d = torch.optim.AdamW(twin.base.parameters(), lr=s["learning_rate"])
-    streams = [BatchStream(train, s["batch_size"], stream_seed(s["seed"], STREAM_TRAIN)) for _ in range(2)]
+    streams = [TrainingBatches(train, s, STREAM_TRAIN) for _ in range(2)]  # the same batches for both
     plan = dsa_plan(s, k, s["attention_backend"], indexer_loss=True)
     curve = {"sparse_lm": [], "dense_lm": [], "indexer_kl": []}
     for step in range(s["steps"]):

@@ -10,6 +10,8 @@
   features   the indexer key of token s reads its own and the previous token's hidden state (`PrevKeyIndexer`)
   loss       a top-k-membership term beside the KL: cross-entropy of the indexer's softmax against the uniform
              distribution over the target's `rank_top` largest keys (`WarmupLoss.rank_weight`)
+  data       training windows where spans of their own text recur at random distances (`splice_recurrences`), so
+             rows whose target sits on one far token (an induction head's copy) are common instead of rare
 
 (Capacity — indexer heads x dim — is the indexer's own size: RetrofitLM(heads=, dim=).)
 """
@@ -145,6 +147,52 @@ def membership(p: torch.Tensor, log_q: torch.Tensor, top: int) -> torch.Tensor:
     member = val > 0
     picked = torch.where(member, log_q.gather(-1, idx), torch.zeros_like(val))
     return -picked.sum(-1) / member.sum(-1).clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Recurrence:
+    """The data lever: each training window, with probability `share`, gets `spans` recurrences; a recurrence copies
+    m ~ U[min_span, max_span] tokens of the window's own text to a later place at least `min_gap` tokens after the
+    copied span ends, one destination per equal segment of the window (a segment too short for m is left alone)."""
+    share: float = 0.0
+    spans: int = 4
+    min_span: int = 16
+    max_span: int = 128
+    min_gap: int = 32
+
+    def __post_init__(self):
+        if not 0 <= self.share <= 1:
+            raise ValueError(f"recur_share={self.share} must lie in [0, 1] (the share of windows with recurrences)")
+        if self.spans < 1 or not 1 <= self.min_span <= self.max_span or self.min_gap < 0:
+            raise ValueError(f"{self}: spans >= 1, 1 <= min_span <= max_span, min_gap >= 0")
+
+
+def splice_recurrences(windows: torch.Tensor, rec: Recurrence, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, list]:
+    """windows (B, N) token ids -> (a copy (B, N) where the windows `rec` picks hold recurring spans of their own
+    text, the placements [(b, source start, destination start, m)]). Destinations are written front to back and
+    each source lies before its destination, so no later write changes a copied source."""
+    out, placed = windows.clone(), []
+    B, N = out.shape
+    segment = N // rec.spans
+
+    def draw(lo: int, hi: int) -> int:  # uniform in [lo, hi]
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+    for b in range(B):
+        if rec.share < 1 and float(torch.rand(1, generator=generator)) >= rec.share:
+            continue
+        for i in range(rec.spans):
+            m = draw(rec.min_span, rec.max_span)
+            lo, hi = max(i * segment, m + rec.min_gap), (i + 1) * segment - m
+            if lo > hi:
+                continue
+            dest = draw(lo, hi)
+            src = draw(0, dest - m - rec.min_gap)
+            out[b, dest:dest + m] = out[b, src:src + m]
+            placed.append((b, src, dest, m))
+    return out, placed
 
 
 # ----------------------------------------------------------------------------- features
