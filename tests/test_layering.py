@@ -22,7 +22,8 @@ LAYERS = [
                              "dsa_lab.experiments.mqar", "dsa_lab.experiments.costs", "dsa_lab.experiments.tasks",
                              "dsa_lab.experiments.retrieval", "dsa_lab.experiments.retrofit_speed"]),
     ("experiments", ["dsa_lab.experiments.sparse_vs_classic", "dsa_lab.experiments.long_context", "dsa_lab.experiments.adaptive_sparsity",
-                     "dsa_lab.experiments.ablations", "dsa_lab.experiments.hf_warmup", "dsa_lab.experiments.retrofit"]),
+                     "dsa_lab.experiments.ablations", "dsa_lab.experiments.hf_warmup", "dsa_lab.experiments.retrofit",
+                     "dsa_lab.experiments.lever_table"]),
     ("scripts", ["run_experiment", "run_comprehensive_ablations", "benchmark", "gpu_check", "sample",
                  "visualize_attention"]),
 ]

@@ -1,6 +1,7 @@
 """The retrofit's retrieval levers (dsa_lab/interop/levers.py, issue 30) on a tiny random Llama (2 layers, 4 query /
 2 KV heads): each does what it says, causality holds, k >= L equals dense, the paper's recipe is unchanged."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,6 +290,36 @@ def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, t
     assert summary["settings"]["structure_window"] == 16 and summary["settings"]["prev_key"]
     assert "lever loss" in summary["results"]["192"]["warmup"]["kl_unit"]
     assert isinstance(retrofit.load_retrofit(tmp_path / "export").indexers[0], levers.PrevKeyIndexer)
+    lever_table_reads_the_run(tmp_path / "out", tmp_path)
+
+
+def lever_table_reads_the_run(run: Path, tmp_path: Path) -> None:
+    """The lever table on a real run's summary, given twice (a lever compared with itself): every paired difference
+    is 0 and untestable, the table and figure are written; a run of other windows, or a folder without a summary, is
+    refused in one line with exit status 2 and nothing is written."""
+    from dsa_lab.experiments import lever_table
+    out = tmp_path / "levers"
+    assert lever_table.main([str(run), str(run), "--out", str(out)]) == 0
+    table = lever_table.compare(lever_table.load_runs([run, run]))
+    (budget,) = table.values()
+    same = budget["rows"][1]
+    assert same["vs_reference"]["mean"] == 0 and same["p_holm"]["passkey"] == 1.0
+    assert all(d["mean"] == 0 for d in same["copy_vs_reference"].values())
+    assert "| structure+prev_key |" in (out / "levers.md").read_text() and (out / "levers.png").stat().st_size > 0
+    other = tmp_path / "other"
+    other.mkdir()
+    summary = json.loads((run / "summary.json").read_text())
+    L, k = budget["rows"][0]["budget"].split("/")
+    loss = summary["results"][L][k]["loss"]["dsa"]
+    loss["per_seed"] = [v + 0.1 for v in loss["per_seed"]]  # the lever's DSA 0.1 nats worse on every window
+    (other / "summary.json").write_text(json.dumps(summary))
+    shifted = lever_table.compare(lever_table.load_runs([run, other]))[f"{L}/{k}"]["rows"][1]
+    assert shifted["vs_reference"]["mean"] == pytest.approx(0.1)
+    summary["settings"]["seed"] += 1
+    (other / "summary.json").write_text(json.dumps(summary))
+    refused = tmp_path / "refused"
+    assert lever_table.main([str(run), str(other), "--out", str(refused)]) == 2
+    assert lever_table.main([str(run), str(tmp_path), "--out", str(refused)]) == 2 and not refused.exists()
 
 
 def test_every_dsa_plan_of_the_experiment_carries_the_structure():
@@ -347,3 +378,10 @@ def test_the_data_lever_changes_only_the_training_batches_it_is_asked_to():
     assert rx.fingerprinted(s, rx.WARMUP_KEYS)["recur_share"] == 0.5
     with pytest.raises(ValueError, match="recur_share"):
         rx.check_settings({**s, "recur_share": 2.0})
+
+
+def test_fisher_exact_test_matches_the_tea_tasting_value():
+    """Fisher's lady tasting tea: 3/4 vs 1/4, two-sided p = 34/70; equal proportions give 1."""
+    from dsa_lab.experiments import lever_table
+    assert lever_table.fisher_p(3, 4, 1, 4) == pytest.approx(34 / 70)
+    assert lever_table.fisher_p(5, 10, 5, 10) == pytest.approx(1.0)

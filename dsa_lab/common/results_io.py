@@ -95,11 +95,12 @@ def holm(pvalues: Mapping[str, float]) -> dict[str, float]:
 ALPHA = 0.05  # family-wise significance level of every report's paired tests
 
 
-def paired_tests(differences: Mapping, alpha: float = ALPHA) -> dict:
+def paired_tests(differences: Mapping, alpha: float = ALPHA, given: Mapping | None = None) -> dict:
     """One family of paired comparisons {name: per-seed differences} -> {name: {'p', 'p_holm', 'significant'}}:
-    a paired t-test each, Holm-corrected across the testable ones (>= 2 finite differences); an untestable one
-    gets None for all three."""
-    raw = {name: paired_t_pvalue(list(diffs)) for name, diffs in differences.items()}
+    a paired t-test each (or the p-value `given` for that name by another test, e.g. an exact one), Holm-corrected
+    across the testable ones (>= 2 finite differences); an untestable one gets None for all three."""
+    given = given or {}
+    raw = {name: given[name] if name in given else paired_t_pvalue(list(diffs)) for name, diffs in differences.items()}
     adjusted = holm({name: p for name, p in raw.items() if p is not None})
     return {name: {"p": raw[name], "p_holm": adjusted.get(name),
                    "significant": None if raw[name] is None else adjusted[name] < alpha} for name in differences}

@@ -136,18 +136,25 @@ def _div(a, b):
 
 def significance(comparisons: list[dict], alpha: float = ALPHA) -> dict:
     """The paired tests of one question. Each comparison: its labels, "differences" (per seed, comparison minus
-    reference) and "lower_is_better" (True for a loss). -> {"tests": [labels + delta (mean ± CI), p, p_holm,
-    verdict], "n_tests", "correction": "holm", "alpha"}: Holm-corrected across every testable comparison."""
-    tested = paired_tests({i: c["differences"] for i, c in enumerate(comparisons)}, alpha)
+    reference) and "lower_is_better" (True for a loss); optionally "p" from another test of the same comparison
+    (e.g. an exact test of counts). -> {"tests": [labels + delta (mean ± CI), p, p_holm, verdict], "n_tests",
+    "correction": "holm", "alpha"}: Holm-corrected across every testable comparison."""
+    tested = paired_tests({i: c["differences"] for i, c in enumerate(comparisons)}, alpha,
+                          {i: c["p"] for i, c in enumerate(comparisons) if c.get("p") is not None})
     tests = []
     for i, c in enumerate(comparisons):
         delta, t = mean_ci95(c["differences"]), tested[i]
         better = (delta["mean"] or 0) < 0 if c["lower_is_better"] else (delta["mean"] or 0) > 0
         verdict = ("untestable (1 seed)" if t["p"] is None else "n.s." if not t["significant"]
                    else "better" if better else "worse")
-        labels = {k: v for k, v in c.items() if k not in ("differences", "lower_is_better")}
+        labels = {k: v for k, v in c.items() if k not in ("differences", "lower_is_better", "p")}
         tests.append({**labels, "delta": delta, "p": t["p"], "p_holm": t["p_holm"], "verdict": verdict})
     return {"tests": tests, "n_tests": sum(t["p"] is not None for t in tests), "correction": "holm", "alpha": alpha}
+
+
+def summary_path(out: Path) -> Path:
+    """Where an experiment's summary lies in its output folder."""
+    return Path(out) / "summary.json"
 
 
 def summary_head(experiment: str, config, seeds, device, started: float) -> dict:

@@ -1,0 +1,200 @@
+"""The lever ablation's table (issue 30): several retrofit runs of one preset — the first one the reference (today's
+recipe), each other one a lever — compared at every (L, k) they share, paired over the held-out windows they all
+evaluated (same seed and windows: the runs must agree on them, or the table refuses).
+
+    python -m dsa_lab.experiments.lever_table results/levers/baseline results/levers/structure ... --out results/levers
+
+Per run: DSA − dense, DSA − oracle, DSA − the reference's DSA (paired per window), the copy probe per distance with
+its paired difference to the reference, passkey correct/trials (Wilson CI; Fisher's exact test against the
+reference — conservative, the trials being the same prompts), warm-up steps and wall times. Holm over the family of
+every lever × (loss, copy probe at each distance, passkey). Writes levers.md and levers.png; a bad folder is one
+line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from dsa_lab.common.results_io import atomic_write_text, mean_ci95, read_json
+from dsa_lab.experiments.skeleton import significance, summary_path
+from dsa_lab.experiments.retrieval import wilson_ci95
+
+PAIRING_KEYS = ("seed", "eval_windows", "probe_windows", "probe_distances", "passkey_depths", "passkey_trials",
+                "passkey_filler", "eval_backend")
+
+
+def load_runs(folders: list[Path]) -> list[dict]:
+    """Each folder's summary.json (ValueError naming the folder when it is missing or pairs differently)."""
+    runs = []
+    for folder in folders:
+        path = summary_path(folder)
+        if not path.exists():
+            raise ValueError(f"{folder}: no summary.json; give folders written by --experiment retrofit")
+        summary = read_json(path)
+        if summary.get("experiment") != "retrofit":
+            raise ValueError(f"{folder}: not a retrofit run (experiment {summary.get('experiment')!r})")
+        runs.append({"name": "+".join(summary["settings"]["levers"]) or "today's recipe", "folder": str(folder),
+                     **summary})
+    first = runs[0]["settings"]
+    for run in runs[1:]:
+        differ = [key for key in PAIRING_KEYS if run["settings"].get(key) != first.get(key)]
+        if differ:
+            raise ValueError(f"{run['folder']} evaluated other windows or trials than {runs[0]['folder']} "
+                             f"({', '.join(differ)} differ); compare runs of one preset and seed")
+    return runs
+
+
+def fisher_p(a: int, n: int, b: int, m: int) -> float:
+    """Two-sided Fisher exact test of a/n vs b/m (sum of the tables at most as likely as the observed one)."""
+    total, hits = n + m, a + b
+
+    def prob(x):
+        return math.comb(n, x) * math.comb(m, hits - x) / math.comb(total, hits)
+
+    observed = prob(a)
+    return min(1.0, sum(prob(x) for x in range(max(0, hits - m), min(n, hits) + 1) if prob(x) <= observed * (1 + 1e-9)))
+
+
+def compare(runs: list[dict]) -> dict:
+    """-> {"L/k": {"rows": [per run], dense and oracle references}}; each lever row's tests against the first run
+    ("loss", "copy <d>", "passkey") carry their Holm-adjusted p over the whole table (`skeleton.significance`)."""
+    ref, out, comparisons = runs[0], {}, []
+    for L, per_k in ref["results"].items():
+        for k in (key for key in per_k if key.isdigit()):
+            base = per_k[k]
+            rows = [_row(run, run["results"][L][k], base, comparisons, f"{L}/{k}") for run in runs
+                    if k in run["results"].get(L, {})]
+            out[f"{L}/{k}"] = {"rows": rows, "dense_copy": {d: r["dense"]["accuracy"]["mean"] for d, r in
+                                                            base["probe"]["by_distance"].items()},
+                               "dense_passkey": base["passkey"]["dense"]["overall"],
+                               "oracle_passkey": base["passkey"]["oracle"]["overall"]}
+    for test in significance(comparisons)["tests"]:
+        test["row"]["p_holm"][test["test"]] = test["p_holm"]
+    return out
+
+
+def _row(run: dict, r: dict, base: dict, comparisons: list, budget: str) -> dict:
+    """One run at one (L, k) against the reference's record `base`; its tests join `comparisons`."""
+    row = {"name": run["name"], "budget": budget, "warmup_steps": run["results"][budget.split("/")[0]]["warmup"][
+        "steps_used"], "wall_s": run["wall_time_s"], "dsa_minus_dense": r["delta_vs_dense"]["dsa"],
+        "dsa_minus_oracle": r["dsa_minus_oracle"], "copy": {}, "copy_vs_reference": {}, "p_holm": {},
+        "passkey": r["passkey"]["dsa"]["overall"]}
+    for d, probe in r["probe"]["by_distance"].items():
+        row["copy"][d] = probe["dsa"]["accuracy"]
+    if r is base:
+        return row
+
+    def paired(test: str, mine: list, theirs: list, lower_is_better: bool) -> dict:
+        diffs = [x - y for x, y in zip(mine, theirs)]
+        comparisons.append({"row": row, "test": test, "differences": diffs, "lower_is_better": lower_is_better})
+        return mean_ci95(diffs)
+
+    row["vs_reference"] = paired("loss", r["loss"]["dsa"]["per_seed"], base["loss"]["dsa"]["per_seed"], True)
+    for d, probe in r["probe"]["by_distance"].items():
+        row["copy_vs_reference"][d] = paired(f"copy {d}", probe["dsa"]["accuracy"]["per_seed"],
+                                             base["probe"]["by_distance"][d]["dsa"]["accuracy"]["per_seed"], False)
+    mine, theirs = row["passkey"], base["passkey"]["dsa"]["overall"]
+    comparisons.append({"row": row, "test": "passkey", "differences": [], "lower_is_better": False,
+                        "p": fisher_p(mine["correct"], mine["n"], theirs["correct"], theirs["n"])})
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+def _ci(stat: dict | None, signed: bool = True) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    lo, hi = stat["ci95"]
+    return f.format(stat["mean"]) + ("" if lo is None else f" [{f.format(lo)}, {f.format(hi)}]")
+
+
+def _p(row: dict, test: str) -> str:
+    p = row["p_holm"].get(test)
+    return "" if p is None else f" (Holm p {p:.2g})"
+
+
+def markdown(table: dict, runs: list[dict]) -> str:
+    """The lever table per (L, k): one row per run, differences vs the first run paired over windows."""
+    lines = ["# Lever ablation", "", "Runs: " + ", ".join(f"{r['name']} (`{r['folder']}`)" for r in runs) + ".",
+             "DSA − reference: paired per held-out window against the first run's DSA; copy probe: DSA accuracy and "
+             "its paired difference to the reference; passkey: greedy exact match, Fisher's exact test against the "
+             "reference. Holm over every lever × test in this table.", ""]
+    for budget, b in table.items():
+        distances = list(b["dense_copy"])
+        lines += [f"## L/k = {budget}", "", "Dense: copy " + ", ".join(f"{d} back {v:.3f}" for d, v in
+                  b["dense_copy"].items()) + f"; passkey {b['dense_passkey']['correct']}/{b['dense_passkey']['n']} "
+                  f"(oracle {b['oracle_passkey']['correct']}/{b['oracle_passkey']['n']}).", "",
+                  "| run | warm-up steps | wall (s) | DSA − dense | DSA − oracle | DSA − reference | "
+                  + " | ".join(f"copy {d} back (Δ vs reference)" for d in distances) + " | passkey |",
+                  "|---" * (7 + len(distances)) + "|"]
+        for row in b["rows"]:
+            copies = [_ci(row["copy"][d], signed=False) + (f" ({_ci(row['copy_vs_reference'][d])}"
+                      f"{_p(row, f'copy {d}')})" if d in row["copy_vs_reference"] else "") for d in distances]
+            pk = row["passkey"]
+            lines.append(f"| {row['name']} | {row['warmup_steps']} | {row['wall_s']:.0f} | "
+                         f"{_ci(row['dsa_minus_dense'])} | {_ci(row['dsa_minus_oracle'])} | "
+                         f"{_ci(row.get('vs_reference'))}{_p(row, 'loss')} | " + " | ".join(copies)
+                         + f" | {pk['correct']}/{pk['n']} [{pk['ci95'][0]:.2f}, {pk['ci95'][1]:.2f}]{_p(row, 'passkey')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figure(table: dict, path: Path) -> None:
+    """Per (L, k): copy accuracy by distance per run (dense dashed), passkey accuracy per run, DSA − oracle."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(table), 3, figsize=(15, 4 * len(table)), squeeze=False)
+    for (budget, b), (ax_copy, ax_key, ax_loss) in zip(table.items(), axes):
+        names, distances = [row["name"] for row in b["rows"]], list(b["dense_copy"])
+        width = 0.8 / len(names)
+        for i, row in enumerate(b["rows"]):
+            means = [row["copy"][d]["mean"] for d in distances]
+            errs = [[m - (row["copy"][d]["ci95"][0] or m) for d, m in zip(distances, means)],
+                    [(row["copy"][d]["ci95"][1] or m) - m for d, m in zip(distances, means)]]
+            ax_copy.bar([j + i * width for j in range(len(distances))], means, width, yerr=errs, label=row["name"])
+        for j, d in enumerate(distances):
+            ax_copy.hlines(b["dense_copy"][d], j - 0.1, j + 0.9, colors="k", linestyles="--")
+        ax_copy.set(xticks=[j + 0.4 - width / 2 for j in range(len(distances))], xticklabels=[f"{d} back" for d in
+                    distances], ylabel="DSA copy accuracy (dense dashed)", ylim=(0, 1), title=f"copy probe, L/k {budget}")
+        ax_copy.legend(fontsize=8)
+        keys = [row["passkey"] for row in b["rows"]]
+        ax_key.bar(names, [p["accuracy"] for p in keys], yerr=[[p["accuracy"] - p["ci95"][0] for p in keys],
+                                                              [p["ci95"][1] - p["accuracy"] for p in keys]])
+        ax_key.axhline(b["dense_passkey"]["accuracy"], color="k", linestyle="--")
+        ax_key.set(ylabel="DSA passkey accuracy (dense dashed)", ylim=(0, 1.05), title="passkey")
+        gaps = [row["dsa_minus_oracle"] for row in b["rows"]]
+        ax_loss.bar(names, [g["mean"] for g in gaps], yerr=[[g["mean"] - g["ci95"][0] for g in gaps],
+                                                            [g["ci95"][1] - g["mean"] for g in gaps]])
+        ax_loss.set(ylabel="held-out loss DSA − oracle (nats)", title="what the indexer costs")
+        for ax in (ax_key, ax_loss):
+            ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compare retrofit lever runs (the first is the reference).")
+    parser.add_argument("folders", nargs="+", type=Path, help="retrofit --out folders; the first = the reference")
+    parser.add_argument("--out", type=Path, default=Path("results/levers"), help="where levers.md/.png go")
+    args = parser.parse_args(argv)
+    try:
+        if len(args.folders) < 2:
+            raise ValueError("give at least two run folders: the reference first, then the levers")
+        runs = load_runs(args.folders)
+    except ValueError as error:
+        print(f"lever_table: {error}", file=sys.stderr)
+        return 2
+    table = compare(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "levers.md", markdown(table, runs))
+    figure(table, args.out / "levers.png")
+    print(markdown(table, runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
