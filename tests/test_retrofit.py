@@ -334,10 +334,11 @@ def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monke
                                               "warmup_steps": 4, "warmup_eval_every": 2, "passkey_trials": 1,
                                               "probe_distances": [0.5, 1.0]})
     args = ["--experiment", "retrofit", "--preset", "quick", "--model", str(tiny_folder), "--seq-lens", "256", "224",
-            "--top-k", "16", "--steps", "2", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
+            "--top-k", "32", "--steps", "2", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
     assert run_experiment.main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    r = summary["results"]["256"]["16"]
+    assert summary["settings"]["structure_window"] == rx.ADOPTED_LEVERS["structure_window"]  # quick's adopted lever
+    r = summary["results"]["256"]["32"]
     assert set(r["loss"]) == set(rx.MODES) | {"dsa_ft", "dense_ft"} and r["windows"] == 3
     assert summary["results"]["256"]["warmup"]["steps_used"] == 4
     assert len(r["stage2"]["sparse_lm"]) == 2 and r["dsa_ft_minus_dense_ft"]["mean"] is not None

@@ -57,25 +57,30 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # preset's minutes are L 4096's.
 # Warm-up caps: SmolLM2 at L=1024 (quick's rule, 2026-12-02) reached its plateau at step 360 (held-out KL 2.96 ->
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
+# The levers quick / cpu / default adopt (the lever ablation, docs/retrofit.md "Retrieval levers": structure keeps the
+# loss nearer the oracle and buys copying and passkeys); `--levers paper` turns them off again (the earlier recipe, its
+# fingerprints and numbers). The `levers` preset stays at the paper's recipe: it is the ablation's reference.
+ADOPTED_LEVERS = dict(structure_window=16)
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
-                  passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4),
+                  passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4,
+                  **ADOPTED_LEVERS),
     # the lever ablation (issue 30): quick's length, budget, rule and windows at about half its cost — 256 sampled query
     # rows per warm-up step, recall on one window, only the modes a lever changes or is measured against
     "levers": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                    warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
                    passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=4, timing_repeats=1, batch_reuse=4,
-                   warmup_rows=256, recall_windows=1, eval_modes=["dsa", "oracle"]),
+                   warmup_rows=256, recall_windows=1, eval_modes=["dsa", "oracle"]),  # the paper's recipe: levers off
     "cpu": dict(seq_lens=[1024, 2048, 4096], top_ks=[64, 128, 256], warmup_steps=600, warmup_eval_every=10,
                 warmup_plateau_window=3, warmup_eval_windows=2, eval_windows=6, probe_windows=4, recall_windows=2,
                 probe_distances=[0.125, 0.5, 1.0], passkey_depths=[0.0, 0.25, 0.5, 0.75, 1.0], passkey_trials=3,
-                timing_repeats=2, batch_reuse=4, warmup_rows=256),
+                timing_repeats=2, batch_reuse=4, warmup_rows=256, **ADOPTED_LEVERS),
     "default": dict(seq_lens=[1024, 2048, 4096, 8192], top_ks=[64, 128, 256], warmup_steps=1000,
                     warmup_eval_every=20, warmup_plateau_window=3, warmup_eval_windows=4, eval_windows=32,
                     probe_windows=16, recall_windows=8, probe_distances=[0.0625, 0.125, 0.25, 0.5, 1.0],
                     passkey_depths=[i / 10 for i in range(11)], passkey_trials=10, timing_repeats=3, batch_reuse=4,
-                    warmup_rows=512),
+                    warmup_rows=512, **ADOPTED_LEVERS),
 }
 # The levers of issue 30 (dsa_lab/interop/levers.py), each off at its default here (the paper's recipe):
 # structure_window (> 0: DSA always keeps the first `sinks` and the last structure_window tokens, the indexer picks the
@@ -96,6 +101,7 @@ COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval
               indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, **LEVER_DEFAULTS)
 # `--levers NAME ...`: named lever settings, applied in order on top of the preset (capacity is the indexer's size)
 LEVERS = {
+    "paper": dict(LEVER_DEFAULTS),  # every lever off: the paper's recipe (the presets' adopted levers undone)
     "structure": dict(structure_window=16),
     "group_max": dict(warmup_target="group_max"),
     "head_max": dict(warmup_target="head_max"),
@@ -150,8 +156,8 @@ def check_settings(s: dict) -> None:
     if not {"dsa", "oracle"} <= set(s["eval_modes"]) <= set(MODES[1:]):
         raise ValueError(f"eval_modes={s['eval_modes']} must hold dsa and oracle and only modes of {MODES[1:]}")
     if s["structure_window"] and s["sinks"] + s["structure_window"] >= min(s["top_ks"]):
-        raise ValueError(f"--levers structure keeps sinks + window = {s['sinks'] + s['structure_window']} tokens; "
-                         f"use a --top-k above that")
+        raise ValueError(f"the structure lever (quick/cpu/default adopt it) always keeps sinks + window = "
+                         f"{s['sinks'] + s['structure_window']} tokens; use a --top-k above that, or --levers paper")
     recurrence_of(s)  # its own checks
     check_retrieval(s)
 
