@@ -391,3 +391,15 @@ def test_fisher_exact_test_matches_the_tea_tasting_value():
     from dsa_lab.experiments import lever_table
     assert lever_table.fisher_p(3, 4, 1, 4) == pytest.approx(34 / 70)
     assert lever_table.fisher_p(5, 10, 5, 10) == pytest.approx(1.0)
+
+
+def test_lever_table_names_each_run_by_its_levers_or_its_preset():
+    """A run names its levers; without any, the levers preset is the paper's recipe and quick its adopted levers."""
+    from dsa_lab.experiments import lever_table
+    assert lever_table.run_name({"preset": "levers", "settings": rx.settings_for("levers", {})}) == "paper's recipe"
+    assert lever_table.run_name({"preset": "quick", "settings": rx.settings_for("quick", {})}) == \
+        "quick (adopted levers)"
+    assert lever_table.run_name({"preset": "quick", "settings": rx.settings_for(
+        "quick", {"levers": ["paper"]})}) == "paper"
+    assert lever_table.run_name({"preset": "levers", "settings": rx.settings_for(
+        "levers", {"levers": ["structure", "recurrence"]})}) == "structure+recurrence"

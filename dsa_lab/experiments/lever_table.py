@@ -1,5 +1,5 @@
-"""The lever ablation's table (issue 30): several retrofit runs of one preset — the first one the reference (today's
-recipe), each other one a lever — compared at every (L, k) they share, paired over the held-out windows they all
+"""The lever ablation's table (issue 30): several retrofit runs of one preset — the first one the reference (the
+paper's recipe), each other one a lever — compared at every (L, k) they share, paired over the held-out windows they all
 evaluated (same seed and windows: the runs must agree on them, or the table refuses).
 
     python -m dsa_lab.experiments.lever_table results/levers/baseline results/levers/structure ... --out results/levers
@@ -20,9 +20,19 @@ from pathlib import Path
 from dsa_lab.common.results_io import atomic_write_text, mean_ci95, read_json
 from dsa_lab.experiments.skeleton import significance, summary_path
 from dsa_lab.experiments.retrieval import wilson_ci95
+from dsa_lab.experiments.retrofit import LEVER_DEFAULTS
 
 PAIRING_KEYS = ("seed", "eval_windows", "probe_windows", "probe_distances", "passkey_depths", "passkey_trials",
                 "passkey_filler", "eval_backend")
+
+
+def run_name(summary: dict) -> str:
+    """The levers a run names, else what its preset is: the paper's recipe (every lever off) or its adopted levers."""
+    named = summary["settings"]["levers"]
+    if named:
+        return "+".join(named)
+    paper = all(summary["settings"].get(n, v) == v for n, v in LEVER_DEFAULTS.items())
+    return "paper's recipe" if paper else f"{summary.get('preset', 'its preset')} (adopted levers)"
 
 
 def load_runs(folders: list[Path]) -> list[dict]:
@@ -35,8 +45,7 @@ def load_runs(folders: list[Path]) -> list[dict]:
         summary = read_json(path)
         if summary.get("experiment") != "retrofit":
             raise ValueError(f"{folder}: not a retrofit run (experiment {summary.get('experiment')!r})")
-        runs.append({"name": "+".join(summary["settings"]["levers"]) or "today's recipe", "folder": str(folder),
-                     **summary})
+        runs.append({"name": run_name(summary), "folder": str(folder), **summary})
     first = runs[0]["settings"]
     for run in runs[1:]:
         differ = [key for key in PAIRING_KEYS if run["settings"].get(key) != first.get(key)]
