@@ -304,7 +304,8 @@ def test_lever_settings_and_fingerprints():
 def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, tmp_path, monkeypatch):
     """`--preset levers --levers structure prev_key` on the tiny model with a 1-step stage 2: the structured DSA plan
     drives evaluation, copy probe, passkey, stage 2 and timing; only dense / dsa / oracle (and the stage-2 pair) are
-    evaluated; the warm-up's record names the lever loss; the export rebuilds prev_key indexers."""
+    evaluated; the warm-up's record names the lever loss; the export rebuilds prev_key indexers and records the
+    structure (sinks, structure_window)."""
     import run_experiment
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(rx.PRESETS, "levers", {**rx.PRESETS["levers"], "eval_windows": 2, "probe_windows": 2,
@@ -320,6 +321,8 @@ def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, t
     assert summary["settings"]["structure_window"] == 16 and summary["settings"]["prev_key"]
     assert "lever loss" in summary["results"]["192"]["warmup"]["kl_unit"]
     assert isinstance(retrofit.load_retrofit(tmp_path / "export").indexers[0], levers.PrevKeyIndexer)
+    meta = retrofit.read_export_meta(tmp_path / "export")  # sample.py --retrofit rebuilds the structured plan
+    assert (meta["sinks"], meta["structure_window"]) == (4, 16)
     lever_table_reads_the_run(tmp_path / "out", tmp_path)
 
 

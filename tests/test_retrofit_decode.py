@@ -225,3 +225,32 @@ def test_sample_py_generates_from_a_retrofit_export_on_the_caches(tiny_folder, t
     assert "dsa k=6, KV cache + indexer key cache" in capsys.readouterr().out
     assert sample.main(args + ["--no-cache"]) == 2
     assert "--no-cache is for --checkpoint" in capsys.readouterr().err
+
+
+def test_sample_py_decodes_a_structured_export_with_its_sinks_and_window(tiny_folder, tmp_path, capsys):
+    """An export that records the structure lever (sinks, structure_window, as the experiment's --export writes
+    them) decodes DSA with that structured plan on the caches: sample.py's greedy tokens equal greedy_generate's under
+    Plan(sinks=2, window=3) and differ from the plain plan's; a --top-k <= sinks + window exits 2 in one line. Caught: the export's structure ignored (a plain DSA plan)."""
+    import json
+
+    import sample
+    base, tokenizer = retrofit.load_base(retrofit.BaseModelId(str(tiny_folder)))
+    torch.manual_seed(3)
+    model = retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512,
+                                base_id=retrofit.BaseModelId(str(tiny_folder))).eval()
+    with torch.no_grad():
+        for p in model.indexer_parameters():
+            p.add_(torch.randn_like(p))
+    retrofit.export_retrofit(model, tmp_path / "export", {"top_ks": [8, 12], "sinks": 2, "structure_window": 3})
+    text = "To be, or not to be: that is the question. Whether 'tis nobler in the mind to suffer the slings"
+    args = ["--retrofit", str(tmp_path / "export"), "--prompt", text, "--max-new-tokens", "8", "--temperature", "0"]
+    result = sample.sample(sample.parse_args(args))
+    prompt = torch.tensor([tokenizer(text)["input_ids"]])
+    plans = [retrofit.Plan("dsa", top_k=8, backend="gather", sinks=2, window=3), retrofit.Plan("dsa", top_k=8)]
+    structured, plain = (retrofit.greedy_generate(model, prompt, 8, p)[0, prompt.shape[1]:].tolist() for p in plans)
+    assert result["new_tokens"] == structured != plain
+    assert "dsa k=8 (sinks 2 + window 3 kept), KV cache + indexer key cache" in capsys.readouterr().out
+    assert sample.main(args + ["--top-k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "sinks + window = 5" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "export" / retrofit.EXPORT_META).read_text())["structure_window"] == 3
