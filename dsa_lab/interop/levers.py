@@ -107,7 +107,7 @@ def structured_row(scores: torch.Tensor, top_k: int, sinks: int, window: int) ->
     the keys 0..T-1 -> its positions (B, min(top_k, T)), every slot valid: `structured_slots` at that row, the set
     `structured_selection` picks at row T-1 of any sequence of L >= T."""
     B, _, T = scores.shape
-    pos = torch.tensor([T - 1], device=scores.device)
+    pos = torch.arange(T - 1, T, device=scores.device)  # (1,): no host-to-device copy
 
     def outside_top_k(n):  # the row's scores, -inf at its kept keys (every cached key is past)
         return select_top_k(scores.masked_fill(kept_keys(pos, T, sinks, window), float("-inf")), n)
