@@ -7,7 +7,8 @@
 
 --retrofit loads a folder that `run_experiment.py --experiment retrofit --export FOLDER` writes (the base model,
 e.g. SmolLM2, with its trained indexers) and generates on its caches (dsa_lab/inference/retrofit_decode.py: KV
-cache, and for DSA the indexer-key cache; k defaults to the export's smallest k).
+cache, and for DSA the indexer-key cache; k defaults to the export's smallest k; an export trained with the
+structure lever decodes DSA with its always-kept sinks and window, so --top-k must exceed sinks + window).
 The checkpoint is one that run_experiment.py writes (OUT/seq_<L>/checkpoints/{classic,sparse}_seed<S>.pt, via
 train.save_checkpoint): weights, model config and the tokenizer the run trained (the cached byte-level BPE).
 --temperature 0 is greedy decoding. --no-cache recomputes the whole context for every token (the reference the
@@ -79,23 +80,21 @@ def sample(args) -> dict:
 
 def sample_retrofit(args) -> dict:
     """--retrofit: the exported retrofitted model generates on its caches (retrofit_decode.generate)."""
-    import json
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
     from dsa_lab.inference.retrofit_decode import generate as generate_cached
     from dsa_lab.interop import retrofit
     if args.no_cache:
         raise ValueError("--no-cache is for --checkpoint; a retrofit export always generates on its caches")
+    meta = retrofit.read_export_meta(args.retrofit)
+    top_k = args.top_k or min(meta.get("top_ks") or [64])
+    structure = export_structure(meta, top_k) if args.selection == "dsa" else {}  # refused before the model loads
     device = pick_device(args.device)
     model = retrofit.load_retrofit(args.retrofit).to(device)
-    meta = json.loads((Path(args.retrofit) / retrofit.EXPORT_META).read_text())
-    top_k = args.top_k or min(meta.get("top_ks") or [64])
     kwargs = {"gguf_file": model.base_id.gguf_file} if model.base_id.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(model.base_id.path, **kwargs)
     prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(device)  # (1, L)
-    plan = retrofit.Plan(args.selection, top_k=top_k, backend="gather")
+    plan = retrofit.Plan(args.selection, top_k=top_k, backend="gather", **structure)
     timing = {}
     ids = generate_cached(model, prompt, args.max_new_tokens, plan, temperature=args.temperature,
                           top_k=args.top_k_sampling, generator=torch.Generator(device).manual_seed(args.seed),
@@ -103,11 +102,25 @@ def sample_retrofit(args) -> dict:
     text = tokenizer.decode(ids[0].tolist())
     print(text)
     rate = timing["decode_steps"] / timing["decode_s"] if timing["decode_s"] > 0 else float("nan")
-    print(f"--- retrofit {model.base_id.describe()}, {args.selection}" + (f" k={top_k}" if args.selection != "dense"
+    k = f" k={top_k}" + (f" (sinks {plan.sinks} + window {plan.window} kept)" if plan.window else "")
+    print(f"--- retrofit {model.base_id.describe()}, {args.selection}" + (k if args.selection != "dense"
           else "") + f", KV cache{' + indexer key cache' if args.selection == 'dsa' else ''}, {device}: prompt "
           f"{prompt.shape[1]} tokens, {args.max_new_tokens} new; prefill {timing['prefill_s'] * 1e3:.1f} ms, "
           f"{timing['decode_steps']} decode steps {rate:.1f} tokens/s")
     return {"text": text, "new_tokens": ids[0, prompt.shape[1]:].tolist(), "timing": timing}
+
+
+def export_structure(meta: dict, top_k: int) -> dict:
+    """The structure lever an export's DSA was trained with -> Plan's sinks and window ({} without one: exports
+    before it was recorded, or structure_window 0); refuses (one line) a k that leaves the indexer no slot."""
+    window = meta.get("structure_window", 0)
+    if not window:
+        return {}
+    sinks = meta["sinks"]
+    if top_k <= sinks + window:
+        raise ValueError(f"--top-k {top_k}: this export's DSA always keeps sinks + window = {sinks + window} tokens "
+                         f"(the structure lever); give --top-k above {sinks + window}")
+    return {"sinks": sinks, "window": window}
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,36 @@ def test_structure_keeps_sinks_and_window_in_every_row_and_the_indexer_picks_the
     assert mask[:, K:].sum(-1).eq(K).all()
 
 
+@pytest.mark.parametrize("sinks,window,ties", [(SINKS, WINDOW, False), (0, WINDOW, False), (SINKS, WINDOW, True),
+                                               (SINKS, K - SINKS - 1, False)])
+def test_structured_row_is_the_full_forwards_row(sinks, window, ties):
+    """levers.structured_row (a cached decode step: one row's scores over T keys) picks, at every T from 1 to L,
+    the set structured_selection picks at row T-1 — of the first T positions and of all L (short rows: the whole
+    prefix) — with every slot valid and distinct; also without sinks, with every score tied (the indexer's q zeroed:
+    ties go to the most recent keys) and with one indexer slot. Caught (planted in structured_row / structured_slots):
+    the window dropped, the window one position late, ties toward the oldest keys, no L <= top_k branch (short rows
+    then hold -1 slots)."""
+    model = randomised(tiny_retrofit())
+    indexer = model.indexers[0]
+    if ties:
+        with torch.no_grad():
+            indexer.q_proj.weight.zero_()
+    x = torch.randn(2, L, 64)
+    q, k, w = indexer.project(x)
+    full = levers.structured_selection(indexer, x, K, sinks, window)
+    for T in range(1, L + 1):
+        row = levers.structured_row(index_scores(q[:, T - 1:T], k[:, :T], w[:, T - 1:T]), K, sinks, window)
+        assert row.shape == (2, min(K, T)) and row.min() >= 0 and row.max() < T, T
+        got = [sorted(r.tolist()) for r in row]
+        assert all(len(set(r)) == len(r) for r in got), T
+        for sel in (full, levers.structured_selection(indexer, x[:, :T], K, sinks, window)):
+            idx = sel.selected_idx[:, T - 1].masked_fill(~sel.valid[:, T - 1], -1)
+            assert got == [sorted(p for p in r.tolist() if p >= 0) for r in idx], T
+    if ties:  # all tied: the indexer's slots are the most recent keys outside the window
+        n = K - sinks - window
+        assert got[0] == list(range(sinks)) + list(range(L - window - n, L))
+
+
 @pytest.mark.parametrize("backend", list(retrofit.BACKENDS))
 def test_structured_plan_is_causal_and_equals_dense_when_k_covers_L(backend):
     """Changing tokens after t changes no logit at <= t under the structured DSA plan (k < t+1 and k > L); k >= L gives
@@ -280,7 +310,8 @@ def test_lever_settings_and_fingerprints():
 def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, tmp_path, monkeypatch):
     """`--preset levers --levers structure prev_key` on the tiny model with a 1-step stage 2: the structured DSA plan
     drives evaluation, copy probe, passkey, stage 2 and timing; only dense / dsa / oracle (and the stage-2 pair) are
-    evaluated; the warm-up's record names the lever loss; the export rebuilds prev_key indexers."""
+    evaluated; the warm-up's record names the lever loss; the export rebuilds prev_key indexers and records the
+    structure (sinks, structure_window)."""
     import run_experiment
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(rx.PRESETS, "levers", {**rx.PRESETS["levers"], "eval_windows": 2, "probe_windows": 2,
@@ -296,6 +327,8 @@ def test_cli_levers_preset_runs_structure_and_prev_key_end_to_end(tiny_folder, t
     assert summary["settings"]["structure_window"] == 16 and summary["settings"]["prev_key"]
     assert "lever loss" in summary["results"]["192"]["warmup"]["kl_unit"]
     assert isinstance(retrofit.load_retrofit(tmp_path / "export").indexers[0], levers.PrevKeyIndexer)
+    meta = retrofit.read_export_meta(tmp_path / "export")  # sample.py --retrofit rebuilds the structured plan
+    assert (meta["sinks"], meta["structure_window"]) == (4, 16)
     lever_table_reads_the_run(tmp_path / "out", tmp_path)
 
 

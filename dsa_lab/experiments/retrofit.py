@@ -487,7 +487,8 @@ def run_retrofit(preset: str, overrides: dict, model_name: str | None, out: Path
     summary["sample"] = generation_sample(model, tokenizer, tokens, s, device)
     if export_dir:  # the model holds the indexers of the last length run (each L has its own warm-up)
         trained = s["seq_lens"][-1]
-        retrofit.export_retrofit(model, export_dir, {"trained_seq_len": trained, "top_ks": s["top_ks"]})
+        retrofit.export_retrofit(model, export_dir, {"trained_seq_len": trained, "top_ks": s["top_ks"],
+                                                     "sinks": s["sinks"], "structure_window": s["structure_window"]})
         log(f"exported the indexers warmed up at L={trained} to {export_dir} (every length's: {out}/L<L>/"
             f"indexers.safetensors)")
     return experiment.finish(out, summary, lambda summary: write_figures(summary, out), report,
@@ -565,8 +566,9 @@ def _kept(L: int, k: int) -> float:
 
 
 def generation_sample(model, tokenizer, tokens: dict, s: dict, device, prompt_len: int = 256, n_new: int = 12) -> dict:
-    """Greedy continuations of a held-out prompt, dense and DSA at the smallest k, generated on the caches
-    (retrofit_decode.generate: KV cache, and for DSA the indexer-key cache)."""
+    """Greedy continuations of a held-out prompt, dense and DSA at the smallest k (with the settings' structure),
+    generated on the caches (retrofit_decode.generate: KV cache, and for DSA the indexer-key cache; prev_key
+    indexers, which have no cached step, recompute: retrofit.greedy_generate)."""
     prompt_len = min(prompt_len, min(s["seq_lens"]) - n_new)  # within the indexers' RoPE tables
     val = torch.from_numpy(tokens["val"][:prompt_len].astype(np.int64))[None].to(device)
     k = min(s["top_ks"])

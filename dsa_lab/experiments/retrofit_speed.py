@@ -58,7 +58,8 @@ def prefill_speed(model, ids: torch.Tensor, top_k: int, backend: str, repeats: i
                   cuda: bool = False, plan: Plan | None = None) -> tuple[dict, dict]:
     """ids (1, L) -> (timings, {"dense": state, "dsa": state}: the caches of the last prefill of each, for
     decode_speed). DSA: `plan`, default Plan("dsa", top_k, backend). A plan without a cached path (the retrieval
-    levers' structure, prev_key) times full forwards model(ids, plan) for both, no states ("cached": False)."""
+    lever prev_key; structured plans have one) times full forwards model(ids, plan) for both, no states
+    ("cached": False)."""
     states, shares = {}, []
     sparse = plan or Plan("dsa", top_k=top_k, backend=backend)
     cached = retrofit_decode.has_cached_path(model, sparse)

@@ -8,8 +8,11 @@ decode_step(model, state, tokens)    the next position only, through the base mo
                                      position): the new token's K/V (and indexer key) are written into the caches,
                                      then it attends over them. dense: every cached key. dsa: its indexer queries
                                      score every cached indexer key (all past: causal by construction), top-k with
-                                     select_top_k's tie rule, attention over the k selected cached rows. oracle: top-k
-                                     of its own head-summed attention over the cached keys.
+                                     select_top_k's tie rule, attention over the k selected cached rows; a structured
+                                     plan (window > 0) keeps the first `sinks` and last `window` cached positions and
+                                     fills the rest with that top-k over the others (levers.structured_row: the full
+                                     forward's rule at that row). oracle: top-k of its own head-summed attention over
+                                     the cached keys.
 generate(model, ids, n_new, plan)    decoding on the caches (greedy, or sampled as decode.sample_next); the greedy
                                      reference twin is retrofit.greedy_generate (a full forward per token).
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dsa_lab.inference.decode import LayerCache, _take, sample_next
-from dsa_lab.interop import retrofit
+from dsa_lab.interop import levers, retrofit
 from dsa_lab.interop.retrofit import Plan, RetrofitAux, RetrofitLM
 from sparse_attention import causal_attention_probs, check_no_nan, index_scores, select_top_k, timed
 
@@ -54,8 +57,8 @@ def check_cached_plan(model: RetrofitLM, plan: Plan, positions: int) -> None:
         raise ValueError("a cached forward computes logits only; targets/stats/indexer_loss/keep_selection need the "
                          "full forward model(ids, plan)")
     if not has_cached_path(model, plan):
-        raise ValueError("a structured plan (window > 0) or previous-token indexer keys (prev_key) have no cached decode "
-                         "yet; use retrofit.greedy_generate (a full forward per token)")
+        raise ValueError("previous-token indexer keys (prev_key) have no cached decode yet; use "
+                         "retrofit.greedy_generate (a full forward per token)")
     limit = model.indexer_spec["max_seq_len"]
     if plan.selection == "dsa" and positions > limit:
         raise ValueError(f"{positions} positions exceed the indexers' max_seq_len={limit} (their RoPE table); "
@@ -63,9 +66,9 @@ def check_cached_plan(model: RetrofitLM, plan: Plan, positions: int) -> None:
 
 
 def has_cached_path(model: RetrofitLM, plan: Plan) -> bool:
-    """Whether this plan decodes on caches: not yet the retrieval levers' structured selection (window > 0) or
-    previous-token indexer keys (dsa_lab/interop/levers.py), whose cached step is not written."""
-    return plan.selection != "dsa" or (plan.window == 0 and not model.indexer_spec.get("prev_key", False))
+    """Whether this plan decodes on caches: every plan of CACHED_SELECTIONS but DSA with the retrieval levers'
+    previous-token indexer keys (prev_key, dsa_lab/interop/levers.py), whose cached step is not written."""
+    return plan.selection != "dsa" or not model.indexer_spec.get("prev_key", False)
 
 
 class _CachedCall:
@@ -116,6 +119,8 @@ class _CachedCall:
             q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)
             row = causal_attention_probs(q, keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)).sum(1)
         check_no_nan(row)
+        if self.plan.selection == "dsa" and self.plan.window:  # structured: the full forward's rule at this row
+            return levers.structured_row(row, self.plan.top_k, self.plan.sinks, self.plan.window)  # (B, K)
         return select_top_k(row, self.plan.top_k)[0][:, 0]  # row (B, 1, T) -> (B, K)
 
 

@@ -3,7 +3,8 @@
 
   structure  always keep the first `sinks` tokens and the last `window` ones (the NSA / DeepSeek-V4 shape) and spend
              the other k - sinks - window slots on the indexer's top-k over the rest; the KL then fits the target
-             restricted to those other keys (renormalised): `structured_selection`, `kept_keys`, `WarmupLoss.window`
+             restricted to those other keys (renormalised): `structured_selection`, `kept_keys`, `WarmupLoss.window`;
+             a cached decode step selects its row with `structured_row` (the same rule, `structured_slots`)
   target     one target per layer from the per-head attention: the paper's head sum, the max over the heads of each
              KV group summed over the groups (SeerAttention-R), or the max over all heads; L1-normalised (`head_target`)
   rows       weight each row's KL toward rows whose target mass lies beyond the kept keys (`WarmupLoss.row_weight`)
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from dsa_lab.kernels.chunked import chunked_select
-from sparse_attention import LightningIndexer, Selection, index_scores, indexer_kl_dense
+from sparse_attention import LightningIndexer, Selection, index_scores, indexer_kl_dense, select_top_k
 
 TARGETS = ("sum", "group_max", "head_max")
 
@@ -53,37 +54,64 @@ def kept_keys(query_pos: torch.Tensor, L: int, sinks: int, window: int) -> torch
     return (s < sinks) | ((s > t - window) & (s <= t))
 
 
-def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device):
+def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device, rows: torch.Tensor | None = None):
     """The first `sinks` tokens plus the last top_k - sinks; rows with t+1 <= top_k keep their whole prefix.
-    -> selected_idx (B, L, K) (-1 = invalid), valid; K = min(top_k, L)."""
+    rows: the query positions (R,) to select for (default 0..L-1). -> selected_idx (B, R, K) (-1 = invalid), valid;
+    K = min(top_k, L)."""
     K = min(top_k, L)
-    t = torch.arange(L, device=device)[:, None]  # (L, 1)
-    local = t - torch.arange(K, device=device)[None, :]  # (L, K): t, t-1, ...
+    t = (torch.arange(L, device=device) if rows is None else rows)[:, None]  # (R, 1)
+    R = t.shape[0]
+    local = t - torch.arange(K, device=device)[None, :]  # (R, K): t, t-1, ...
     if K == top_k and sinks:
-        window = t - torch.arange(K - sinks, device=device)[None, :]  # (L, K - sinks)
-        with_sinks = torch.cat([torch.arange(sinks, device=device)[None, :].expand(L, sinks), window], dim=1)
+        window = t - torch.arange(K - sinks, device=device)[None, :]  # (R, K - sinks)
+        with_sinks = torch.cat([torch.arange(sinks, device=device)[None, :].expand(R, sinks), window], dim=1)
         local = torch.where(t + 1 > K, with_sinks, local)  # sinks and window are disjoint when t+1 > K
     valid = local >= 0
-    return local.clamp(min=-1).expand(B, L, K).contiguous(), valid.expand(B, L, K).contiguous()
+    return local.clamp(min=-1).expand(B, R, K).contiguous(), valid.expand(B, R, K).contiguous()
+
+
+def structured_slots(B: int, L: int, top_k: int, sinks: int, window: int, outside_top_k, device,
+                     rows: torch.Tensor | None = None):
+    """The structure rule for the query positions `rows` (R,) (default 0..L-1) of a sequence of L: L <= top_k: every
+    past token (as dense); else the kept keys (`sink_local_selection` at sinks + window: the first `sinks`, then t,
+    t-1, .., t-window+1; a row with t+1 <= sinks + window: its whole prefix, -1 past it) followed by
+    outside_top_k(n) -> (idx, valid) (B, R, n): the indexer's top-n over the keys outside `kept_keys` (select_top_k's
+    order and ties; -1 where fewer remain). -> selected_idx (B, R, K) (-1 = invalid), valid; K = min(top_k, L)."""
+    if L <= top_k:
+        return sink_local_selection(B, L, top_k, 0, device, rows)
+    kept_idx, kept_valid = sink_local_selection(B, L, sinks + window, sinks, device, rows)  # (B, R, sinks + window)
+    idx, valid = outside_top_k(top_k - sinks - window)
+    return torch.cat([kept_idx, idx], -1), torch.cat([kept_valid, valid], -1)
 
 
 def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, window: int) -> Selection:
-    """x (B, L, d_model) -> a Selection of min(top_k, L) keys per query: the kept keys (`kept_keys`) and the indexer's
-    top-(top_k - sinks - window) over the others; rows with t+1 <= top_k keep their whole prefix. `index_inputs`
-    holds the indexer's projections (for the scores at the slots, differentiable)."""
+    """x (B, L, d_model) -> a Selection of min(top_k, L) keys per query (`structured_slots`): the kept keys
+    (`kept_keys`) and the indexer's top-(top_k - sinks - window) over the others (chunked_select); rows with
+    t+1 <= top_k keep their whole prefix. `index_inputs` holds the indexer's projections (for the scores at the
+    slots, differentiable)."""
     B, L, _ = x.shape
     q, k, w = indexer.project(x)
-    if L <= top_k:  # every past token: as dense
-        return Selection(*sink_local_selection(B, L, top_k, 0, x.device), index_inputs=(q, k, w))
-    kept_idx, kept_valid = sink_local_selection(B, L, sinks + window, sinks, x.device)  # (B, L, sinks + window)
 
     def outside_kept(q_c, k_prefix, w_c):  # (B, c, stop) scores, -inf at future and kept keys
         stop, c = k_prefix.shape[1], q_c.shape[1]
         pos = torch.arange(stop - c, stop, device=q_c.device)
         return index_scores(q_c, k_prefix, w_c).masked_fill_(kept_keys(pos, stop, sinks, window), float("-inf"))
 
-    idx, valid = chunked_select(q.detach(), k.detach(), w.detach(), top_k - sinks - window, score_fn=outside_kept)
-    return Selection(torch.cat([kept_idx, idx], -1), torch.cat([kept_valid, valid], -1), index_inputs=(q, k, w))
+    def outside_top_k(n):
+        return chunked_select(q.detach(), k.detach(), w.detach(), n, score_fn=outside_kept)
+    return Selection(*structured_slots(B, L, top_k, sinks, window, outside_top_k, x.device), index_inputs=(q, k, w))
+
+
+def structured_row(scores: torch.Tensor, top_k: int, sinks: int, window: int) -> torch.Tensor:
+    """A cached decode step's structured selection: the index scores (B, 1, T) of the query at position T-1 over
+    the keys 0..T-1 -> its positions (B, min(top_k, T)), every slot valid: `structured_slots` at that row, the set
+    `structured_selection` picks at row T-1 of any sequence of L >= T."""
+    B, _, T = scores.shape
+    pos = torch.arange(T - 1, T, device=scores.device)  # (1,): no host-to-device copy
+
+    def outside_top_k(n):  # the row's scores, -inf at its kept keys (every cached key is past)
+        return select_top_k(scores.masked_fill(kept_keys(pos, T, sinks, window), float("-inf")), n)
+    return structured_slots(B, T, top_k, sinks, window, outside_top_k, scores.device, rows=pos)[0][:, 0]
 
 
 # ----------------------------------------------------------------------------- loss

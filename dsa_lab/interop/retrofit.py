@@ -393,13 +393,19 @@ def export_retrofit(model: RetrofitLM, folder: str | Path, extra: dict | None = 
     return folder
 
 
+def read_export_meta(folder: str | Path) -> dict:
+    """The metadata (EXPORT_META) `export_retrofit` wrote in `folder`; refused in one line if there is none."""
+    path = Path(folder) / EXPORT_META
+    if not path.exists():
+        raise ValueError(f"{folder} holds no {EXPORT_META}; give a folder written by --export")
+    return json.loads(path.read_text())
+
+
 def load_retrofit(folder: str | Path) -> RetrofitLM:
     """The model `export_retrofit` saved: the base model from its id (refused if its config changed), the indexers."""
     from safetensors.torch import load_file
     folder = Path(folder)
-    if not (folder / EXPORT_META).exists():
-        raise ValueError(f"{folder} holds no {EXPORT_META}; give a folder written by --export")
-    meta = json.loads((folder / EXPORT_META).read_text())
+    meta = read_export_meta(folder)
     base_id = BaseModelId(**meta["base"])
     base, _ = load_base(base_id)
     saved = meta["base_config"]
