@@ -445,7 +445,7 @@ class _MoELLM(nn.Module):
         """Loss-free balancing step for every MoE layer -> (MoE layers, experts) load shares, on the model's device
         (no host sync; dense-MLP layers have no router and are left out; no MoE layer: shape (0,))."""
         shares = [block.ffn.update_balance_bias() for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
-        return torch.stack(shares) if shares else torch.zeros(0)
+        return torch.stack(shares) if shares else torch.zeros(0, device=self.norm.weight.device)
 
 
 class ClassicAttentionMoELLM(_MoELLM):

@@ -172,3 +172,11 @@ def test_readback_every_is_checked_and_auto_means_every_step_on_cpu():
     assert readback_interval(7, torch.device("cuda")) == 7
     with pytest.raises(ValueError, match="readback_every=-1 must be an integer >= 0"):
         Execution(readback_every=-1).validate(CPU)
+
+
+def test_a_model_without_moe_layers_reads_back_an_empty_load(corpus, windows):
+    """Every layer a dense MLP (dense_mlp_layers = n_layers): no load to balance, an empty expert_load, as before."""
+    classic, _ = model_pair(_config(corpus, dense_mlp_layers=2), 0)
+    result = train.train_lm(classic, BatchStream(windows.train, 4, 0), windows.val[:4], NAN_TCFG, CPU, "no-moe",
+                            run=Execution(readback_every=3))
+    assert result["final"]["expert_load"] == [] and len(result["curves"]["train_loss"]) == 1
