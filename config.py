@@ -24,6 +24,14 @@ K_STRATEGIES = ("fixed", "ratio_5", "ratio_10", "ratio_25", "ratio_50", "ratio_7
                 "progressive_linear", "progressive_exponential", "progressive_cosine",
                 "adaptive_entropy", "adaptive_position", "adaptive_dynamic",
                 "adaptive_entropy_matched", "adaptive_position_matched", "adaptive_dynamic_matched")  # adaptive_selection.py
+# How the MoE sends tokens to its routed experts (models.MoEFeedForward; the same maths either way): 'loop' = per expert
+# the tokens that chose it (the reference; a host sync per expert on CUDA), 'dense' = every expert over every token,
+# weighted by its gate and 0 where not routed (no host sync, num_experts / expert_top_k times the routed FLOPs),
+# 'auto' = dense on CUDA while that factor is <= models.DENSE_DISPATCH_MAX_FACTOR, else loop (CPU: loop)
+MOE_DISPATCHES = ("auto", "loop", "dense")
+# Keys that say how a model computes, not what, with the default that keeps them out of a config fingerprint
+# (fingerprint_fields): adding such a key leaves every finished run's fingerprint as it was
+EXECUTION_DEFAULTS = {"moe_dispatch": "auto"}
 
 
 @dataclass
@@ -75,6 +83,7 @@ class ModelConfig:
     moe_routed_scaling: float = 1.0  # routed experts' gates multiplied by this (HF routed_scaling_factor)
     dense_mlp_layers: int = 0  # the first this-many layers use a dense SwiGLU MLP, not the MoE (HF first_k_dense_replace)
     dense_d_ff: int = 0  # that dense MLP's width (0 = d_ff; HF intermediate_size, d_ff = moe_intermediate_size)
+    moe_dispatch: str = "auto"  # MOE_DISPATCHES: how tokens reach the routed experts (loop, dense, auto)
 
     def validate(self) -> None:
         """Refuse a bad value (ValueError naming the key and the fix): sizes, then selection, then MoE and MLA."""
@@ -130,6 +139,8 @@ class ModelConfig:
                                      or self.expert_top_k > self.moe_topk_group * self.num_experts // self.moe_n_group):
             raise ValueError(f"moe_n_group={self.moe_n_group}: each group needs >= 2 experts and the "
                              f"moe_topk_group={self.moe_topk_group} kept groups >= expert_top_k={self.expert_top_k} experts")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            raise ValueError(f"moe_dispatch={self.moe_dispatch!r} is unknown; choose one of {', '.join(MOE_DISPATCHES)}")
         if not (0 <= self.dense_mlp_layers <= self.n_layers) or self.dense_d_ff < 0:
             raise ValueError(f"dense_mlp_layers={self.dense_mlp_layers} must lie in [0, n_layers={self.n_layers}] "
                              f"and dense_d_ff={self.dense_d_ff} be >= 0 (0 = d_ff)")
@@ -321,6 +332,13 @@ def config_for_length(model: ModelConfig, data: DataConfig, exp: ExperimentConfi
     m = dataclasses.replace(model, sparse_top_k=k, vocab_size=vocab_size)
     m.validate()
     return m, dataclasses.replace(data, seq_len=seq_len)
+
+
+def fingerprint_fields(cfg) -> dict:
+    """dataclasses.asdict(cfg) without the EXECUTION_DEFAULTS keys left at their default: what a run's config
+    fingerprint holds of a config section."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in EXECUTION_DEFAULTS or v != EXECUTION_DEFAULTS[k]}
 
 
 def _positive(cfg, *names: str) -> None:

@@ -48,6 +48,16 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+DENSE_DISPATCH_MAX_FACTOR = 4  # moe_dispatch='auto' runs dense on CUDA while num_experts <= this x expert_top_k
+
+
+def expert_counts(chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """chosen (N, k) expert ids -> (E,) int64 tokens per expert (torch.bincount's result, without its host sync on
+    CUDA, where it reads the largest id to size its output)."""
+    flat = chosen.flatten()
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class MoEFeedForward(nn.Module):
     """GLM4 / DeepSeek-V3 style MoE: always-on shared expert(s) + top-k of routed experts.
 
@@ -63,6 +73,7 @@ class MoEFeedForward(nn.Module):
         self.bias_rate, self.aux_weight = cfg.balance_bias_rate, cfg.balance_aux_weight
         self.n_group, self.topk_group = cfg.moe_n_group, cfg.moe_topk_group
         self.norm_topk_prob, self.routed_scaling = cfg.moe_norm_topk_prob, cfg.moe_routed_scaling
+        self.dispatch = cfg.moe_dispatch
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_experts))
         self.shared_experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.num_shared_experts))
@@ -80,17 +91,46 @@ class MoEFeedForward(nn.Module):
             gates = gates / gates.sum(-1, keepdim=True)
         if self.routed_scaling != 1.0:
             gates = gates * self.routed_scaling
+        out = self._dispatch(flat, chosen, gates)
+        for expert in self.shared_experts:
+            out = out + expert(flat)
+        counts = expert_counts(chosen, self.num_experts).to(scores.dtype)  # (E,)
+        if self.training:
+            self.load_counts += counts.detach()
+        return out.view(B, L, d), self._sequence_aux_loss(scores.view(B, L, -1), chosen.view(B, L, -1))
+
+    def dense_dispatch(self, device: torch.device) -> bool:
+        """Whether a forward on `device` runs every expert over every token (config `moe_dispatch`; 'auto': on CUDA
+        while it costs at most DENSE_DISPATCH_MAX_FACTOR times the routed experts' FLOPs)."""
+        if self.dispatch == "auto":
+            return device.type == "cuda" and self.num_experts <= DENSE_DISPATCH_MAX_FACTOR * self.top_k
+        return self.dispatch == "dense"
+
+    def _dispatch(self, flat: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """flat (N, d), chosen and gates (N, k) -> the routed experts' gated sum (N, d)."""
+        if self.dense_dispatch(flat.device):
+            return self._dense_experts(flat, chosen, gates)
+        return self._looped_experts(flat, chosen, gates)
+
+    def _looped_experts(self, flat: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The reference: each expert over the tokens that chose it (their list: one host sync per expert on CUDA)."""
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
             if torch.compiler.is_compiling() or token.numel():  # compiled: no data-dependent branch
                 out = out.index_add(0, token, (expert(flat[token]) * gates[token, slot, None]).to(out.dtype))  # autocast
-        for expert in self.shared_experts:
-            out = out + expert(flat)
-        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).to(scores.dtype)  # (E,)
-        if self.training:
-            self.load_counts += counts.detach()
-        return out.view(B, L, d), self._sequence_aux_loss(scores.view(B, L, -1), chosen.view(B, L, -1))
+        return out
+
+    def _dense_experts(self, flat: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Every expert over all N tokens times its gate, 0 where not routed: fixed shapes, no host sync; the same sum
+        as the loop, in the same expert order (an unrouted term adds 0), while the experts' outputs are finite. An
+        expert no token chose gets a zero gradient here (the loop leaves it None, so AdamW skips it that step)."""
+        weights = torch.zeros(flat.shape[0], self.num_experts, dtype=gates.dtype, device=flat.device)
+        weights = weights.scatter(1, chosen, gates)  # (N, E): the gate where routed, else 0
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + (expert(flat) * weights[:, e, None]).to(out.dtype)  # autocast
+        return out
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 group-limited routing: (N, E) selection scores -> -inf outside each token's best
@@ -114,11 +154,10 @@ class MoEFeedForward(nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self) -> torch.Tensor:
-        """Apply the loss-free balancing update from the loads seen since the last call; return the load share."""
-        total = self.load_counts.sum()
-        share = self.load_counts / total if total > 0 else self.load_counts.clone()
-        if total > 0:
-            self.balance_bias += self.bias_rate * torch.sign(self.load_counts.mean() - self.load_counts)
+        """Apply the loss-free balancing update from the loads seen since the last call; return the load share (E,).
+        No host sync: loads are whole counts, and with none seen the share is 0 and the bias moves by sign(0) = 0."""
+        share = self.load_counts / self.load_counts.sum().clamp_min(1)
+        self.balance_bias += self.bias_rate * torch.sign(self.load_counts.mean() - self.load_counts)
         self.load_counts.zero_()
         return share
 
@@ -402,10 +441,11 @@ class _MoELLM(nn.Module):
             if hasattr(module, "set_progress"):
                 module.set_progress(fraction)
 
-    def update_balance_bias(self) -> list[list[float]]:
-        """Loss-free balancing step for every MoE layer; returns per-MoE-layer expert load shares (dense-MLP
-        layers have no router and are left out)."""
-        return [block.ffn.update_balance_bias().tolist() for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
+    def update_balance_bias(self) -> torch.Tensor:
+        """Loss-free balancing step for every MoE layer -> (MoE layers, experts) load shares, on the model's device
+        (no host sync; dense-MLP layers have no router and are left out; no MoE layer: shape (0,))."""
+        shares = [block.ffn.update_balance_bias() for block in self.blocks if isinstance(block.ffn, MoEFeedForward)]
+        return torch.stack(shares) if shares else torch.zeros(0, device=self.norm.weight.device)
 
 
 class ClassicAttentionMoELLM(_MoELLM):

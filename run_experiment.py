@@ -78,14 +78,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: CUDA autocast of the forward with fp32 master weights (refused on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; refused on CPU)")
+    p.add_argument("--readback-every", type=int, metavar="N",
+                   help="keep the per-step losses, gradient norms and step times on the device and read them back "
+                        "every N steps (and before each evaluation and checkpoint); the NaN guard still names the "
+                        "first non-finite step. Default: every step on CPU, every 50 on CUDA")
     return p.parse_args(argv)
 
 
 def execution(args: argparse.Namespace):
-    """How the runs execute (train.Execution): precision, compile, resume checkpoints."""
+    """How the runs execute (train.Execution): precision, compile, resume checkpoints, read-back interval."""
     from dsa_lab.training.train import Execution
     return Execution(dtype=args.dtype, compile=args.compile, checkpoint_every=args.checkpoint_every,
-                     resume=args.resume)
+                     resume=args.resume, readback_every=args.readback_every or 0)
 
 
 def cli_overrides(args: argparse.Namespace) -> dict:
@@ -103,7 +107,8 @@ FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adapt
                     "top_k_ratio": ("sparse_vs_classic", "indexer_optimization"),
                     "top_k": ("sparse_vs_classic", "indexer_optimization", "long_context", "retrofit"),
                     "model": ("retrofit",), "export": ("retrofit",), "eval_windows": ("retrofit",),
-                    "levers": ("retrofit",)}
+                    "levers": ("retrofit",),
+                    "readback_every": ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity")}
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -165,9 +170,9 @@ def main(argv=None) -> int:
         if distributed.init_from_env(overrides.get("device", "auto")) > 1 and args.init_from_hf:
             raise ValueError("--init-from-hf runs in one process; start it without torchrun")
         if args.init_from_hf:
-            if args.resume or args.checkpoint_every or args.dtype != "fp32" or args.compile:
-                raise ValueError("--resume, --checkpoint-every, --dtype bf16 and --compile are not supported with "
-                                 "--init-from-hf; leave them out")
+            if args.resume or args.checkpoint_every or args.dtype != "fp32" or args.compile or args.readback_every:
+                raise ValueError("--resume, --checkpoint-every, --dtype bf16, --compile and --readback-every are not "
+                                 "supported with --init-from-hf; leave them out")
             from dsa_lab.experiments.hf_warmup import run_init_from_hf
             run_init_from_hf(args, overrides)
             return

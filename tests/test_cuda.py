@@ -2,8 +2,9 @@
 against the masked reference; bf16 against fp64 with the error bounded by the reference path's own bf16 error, at
 shapes with partial query / slot / head-dim tiles and at MLA's D 576 / H 128 / k 2048 / L 4096), the Triton
 indexer-score kernel in bf16, flex (fp32, and bf16 against the block model in fp64), a bf16 training step of
-every backend under real CUDA autocast, --compile equal to eager, the CUDA chunk plans, and NCCL DDP when there
-are 2 GPUs. `python benchmark.py --gpu-check` runs this file in two sections (flex and --compile apart), with
+every backend under real CUDA autocast, --compile equal to eager, the CUDA chunk plans, the sync-free MoE dispatch
+and SectionTimer (under torch.cuda.set_sync_debug_mode('error')), a NaN named at its step by a later read-back,
+and NCCL DDP when there are 2 GPUs. `python benchmark.py --gpu-check` runs this file in two sections (flex and --compile apart), with
 DSA_TRITON_ONE_CONFIG=1. Skipped as a whole where CUDA is absent (every test here needs a GPU)."""
 import math
 import os
@@ -227,6 +228,67 @@ def test_compiled_bf16_step_error_is_bounded_by_eager_bf16s_own():
         results.append([logits.detach().float()] + [p.grad for p in model.parameters() if p.grad is not None])
     fp32, eager_bf16, compiled_bf16 = results
     _bounded(compiled_bf16, fp32, eager_bf16)
+
+
+def test_the_dense_moe_dispatch_equals_the_loop_and_never_syncs():
+    """moe_dispatch 'auto' on CUDA runs every expert over every token: outputs, load shares and every gradient equal
+    the per-expert loop's, and forward, backward and the balancing update make the host wait nowhere."""
+    from models import MoEFeedForward
+    torch.manual_seed(0)
+    loop = MoEFeedForward(tiny_model_config(moe_dispatch="loop")).to(CUDA).train()
+    auto = MoEFeedForward(tiny_model_config()).to(CUDA).train()
+    auto.load_state_dict(loop.state_dict())
+    assert auto.dense_dispatch(CUDA) and not loop.dense_dispatch(CUDA)
+    x = torch.randn(4, 64, 32, device=CUDA, generator=torch.Generator(device="cuda").manual_seed(1))
+    results = []
+    for moe in (loop, auto):
+        torch.cuda.set_sync_debug_mode("error" if moe is auto else "default")
+        try:
+            out, balance = moe(x)
+            (out.square().mean() + balance).backward()
+            share = moe.update_balance_bias()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results.append([out, share] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()])
+    _close(results[1], results[0], 1e-5)
+
+
+def test_section_timer_records_events_without_a_sync():
+    from sparse_attention import SectionTimer
+    a = torch.randn(512, 512, device=CUDA)
+    timer = SectionTimer(cuda=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            timer.time("matmul", lambda: a @ a)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert timer.totals["matmul"] > 0
+
+
+def test_a_nan_loss_is_named_at_its_step_by_a_later_read_back():
+    """A training stage on CUDA (events, pinned batches, read-back every 4 steps): NaN logits at step 1 stop the run
+    at the read-back after step 3, naming step 1."""
+    from dsa_lab.training import train
+    from dsa_lab.training.data import BatchStream
+    from config import TrainConfig
+    from models import ClassicAttentionMoELLM
+    torch.manual_seed(0)
+    model = ClassicAttentionMoELLM(tiny_model_config(max_seq_len=32)).to(CUDA)
+    calls = []
+
+    def nan_at_step_1(module, args, out):
+        if not module.training:
+            return out
+        calls.append(1)
+        return out * float("nan") if len(calls) == 2 else out
+    model.norm.register_forward_hook(nan_at_step_1)
+    windows = torch.randint(0, 64, (32, 33))
+    tcfg = TrainConfig(batch_size=4, steps=8, eval_every=8, eval_windows=4)
+    with pytest.raises(train.TrainingDiverged, match="cuda-nan: loss became nan at step 1"):
+        train.train_lm(model, BatchStream(windows, 4, 0), windows[:4], tcfg, CUDA, "cuda-nan",
+                       run=train.Execution(readback_every=4))
+    assert len(calls) == 4
 
 
 def test_cuda_chunk_plans_run_few_chunks_at_the_long_context_default(monkeypatch):

@@ -62,28 +62,34 @@ def _logged(result: dict | None) -> str:
     return repr({"curves": curves, "kl": result["step_indexer_kl"], "before": result["before"]})
 
 
-@pytest.mark.parametrize("selection_source", ["indexer", "random"])
-def test_a_killed_stage_resumes_to_the_bit(tmp_path, corpus, selection_source):
+@pytest.mark.parametrize("selection_source, readback_every, kill_at", [("indexer", 0, 7), ("random", 0, 7),
+                                                                     ("indexer", 3, 5)])
+def test_a_killed_stage_resumes_to_the_bit(tmp_path, corpus, selection_source, readback_every, kill_at):
     """Killed after step 7 of 9 (checkpoints every 2 steps: the newest, step 6, is resumed), then resumed: every
     logged loss, the final weights and the MoE balancing biases equal an uninterrupted run's exactly. The random
-    selection control draws from its own generator, which is restored too."""
+    selection control draws from its own generator, which is restored too. Reading the per-step scalars back every
+    3 steps changes none of it: killed after step 5, the run resumes from step 4's checkpoint, whose step 3 was
+    read back by the checkpoint itself (neither an evaluation nor the interval fell there)."""
     windows = build_windows(corpus, 16)
     cfg = tiny_model_config(vocab_size=corpus.tokenizer.vocab_size, max_seq_len=16, sparse_top_k=4,
                             selection_source=selection_source)
     ref_warm, ref_sparse, ref_model = _train(windows, cfg, Execution())
 
-    run = checkpointed(Execution(checkpoint_every=2), tmp_path / "ckpt", "key", overwrite=False)
+    run = checkpointed(Execution(checkpoint_every=2, readback_every=readback_every), tmp_path / "ckpt", "key",
+                       overwrite=False)
     with pytest.raises(KeyboardInterrupt):
-        _train(windows, cfg, run, kill_at=7)
+        _train(windows, cfg, run, kill_at=kill_at)
     left = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     warmup_done = ["warmup.done.pt"] if selection_source == "indexer" else []
-    assert left == ["run.json", "sparse.step000000004.pt", "sparse.step000000006.pt", *warmup_done]  # newest two
+    newest_two = [f"sparse.step{step:09d}.pt" for step in (kill_at - 3, kill_at - 1)]
+    assert left == ["run.json", *newest_two, *warmup_done]
 
     with pytest.raises(ValueError, match="holds checkpoints of an interrupted run; pass --resume"):
         checkpointed(Execution(checkpoint_every=2), tmp_path / "ckpt", "key", overwrite=False)
     with pytest.raises(ValueError, match="made with a different config"):
         checkpointed(Execution(checkpoint_every=2, resume=True), tmp_path / "ckpt", "other", overwrite=False)
-    resumed = checkpointed(Execution(checkpoint_every=2, resume=True), tmp_path / "ckpt", "key", overwrite=False)
+    resumed = checkpointed(Execution(checkpoint_every=2, resume=True, readback_every=readback_every),
+                           tmp_path / "ckpt", "key", overwrite=False)
     warm, sparse, model = _train(windows, cfg, resumed)
 
     assert _logged(warm) == _logged(ref_warm)

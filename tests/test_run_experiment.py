@@ -207,6 +207,8 @@ def test_optimization_accepts_the_plans_category_names(capsys):
     (["--experiment", "long_context", "--top-k-ratio", "0.5"], "sparse_vs_classic / indexer_optimization"),
     (["--experiment", "adaptive_sparsity", "--top-k", "8"],
      "sparse_vs_classic / indexer_optimization / long_context / retrofit"),
+    (["--experiment", "retrofit", "--readback-every", "5"],
+     "sparse_vs_classic / indexer_optimization / long_context / adaptive_sparsity"),
 ])
 def test_a_flag_the_experiment_does_not_read_is_refused_in_one_line(argv, applies_to, capsys):
     """Never silently ignored: one line naming the experiments the flag applies to, exit 2, before any work."""
@@ -221,3 +223,10 @@ def test_every_experiment_specific_flag_is_declared():
     for flag, experiments in run_experiment.FLAG_EXPERIMENTS.items():
         assert set(experiments) <= set(run_experiment.EXPERIMENTS), flag
         assert hasattr(defaults, flag) and getattr(defaults, flag) is None, flag
+
+
+def test_init_from_hf_refuses_execution_flags_it_does_not_apply(capsys):
+    """--init-from-hf trains with the default execution: --readback-every (like --dtype bf16) is refused, not ignored."""
+    assert run_experiment.main(["--init-from-hf", "/nonexistent", "--readback-every", "5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--readback-every are not supported with --init-from-hf" in err and "\n" not in err

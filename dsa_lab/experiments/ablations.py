@@ -18,7 +18,7 @@ import torch
 from dsa_lab.common.variants import OPTIMIZATIONS
 from dsa_lab.experiments import reports
 from dsa_lab.experiments import skeleton as experiment
-from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length
+from config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, config_for_length, fingerprint_fields
 from dsa_lab.training.data import STREAM_PRETRAIN, BatchStream, build_windows, eval_subset, stream_seed
 from dsa_lab.common.results_io import atomic_write_json, fingerprint, mean_ci95, read_json, run_fingerprint
 from dsa_lab.training.train import check_backend_device, dense_pretrain, state_of, train_sparse_from
@@ -144,7 +144,7 @@ def variant_jobs(variants: dict[str, dict], model_cfg: ModelConfig, train_cfg: T
         configs = one_code_path(configs)
         for seed in exp_cfg.seeds:
             for name in interleaved(list(variants), L, seed):
-                keyed = experiment.config_key({"seq_len": L, "model": dataclasses.asdict(configs[name]),
+                keyed = experiment.config_key({"seq_len": L, "model": fingerprint_fields(configs[name]),
                                                "train": dataclasses.asdict(train_cfg), "dataset": data_cfg.dataset,
                                                "tokenizer": data_cfg.tokenizer,
                                                "train_tokens": corpus.describe()["train_tokens"]}, device, run)
@@ -191,7 +191,7 @@ def branch_state(cfg: ModelConfig, windows, tcfg: TrainConfig, seed: int, device
     later = ("steps", "warmup_steps", "profile_steps", "warmup_until_plateau", "warmup_eval_every",
              "warmup_plateau_window", "warmup_min_rel_improvement", "warmup_eval_windows")  # the warm-up's rule too
     train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in later}
-    key = fingerprint([dataclasses.asdict(cfg), train, data_id, seed])
+    key = fingerprint([fingerprint_fields(cfg), train, data_id, seed])
     path = out / "branch_points" / f"L{windows.seq_len}_seed{seed}_{key}.pt"
 
     def compute():

@@ -35,7 +35,7 @@ from dsa_lab.experiments import skeleton as experiment
 from dsa_lab.experiments import reports
 from dsa_lab.experiments.costs import attention_flops_per_token, indexer_flops_per_token, step_peak_memory_mb
 from models import AdaptiveMoELLM, FixedSparseMoELLM, check_plain_dsa
-from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
+from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs, fingerprint_fields
 from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, load_corpus
 from dsa_lab.experiments.tasks import LMTask, branch_point
 from models import ClassicAttentionMoELLM
@@ -216,7 +216,7 @@ def run_adaptive_sparsity(preset: str, models: list[str], overrides: dict, out: 
     device, run = experiment.prepare(st.train.device, run, [st.model.attention_backend], [])
     corpus = load_corpus(st.data)
     base = dataclasses.replace(st.model, vocab_size=corpus.tokenizer.vocab_size)
-    keyed = {L: experiment.config_key({"model": dataclasses.asdict(dataclasses.replace(base, max_seq_len=L)),
+    keyed = {L: experiment.config_key({"model": fingerprint_fields(dataclasses.replace(base, max_seq_len=L)),
                                        "train": dataclasses.asdict(st.train),
                                        "adaptive": dataclasses.asdict(st.k_config),
                                        "corpus": corpus.describe(), "dataset": st.data.dataset,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dsa_lab.experiments import skeleton as experiment
 from dsa_lab.experiments import reports
-from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs
+from config import QUICK_WIDTHS, DataConfig, ModelConfig, TrainConfig, build_configs, fingerprint_fields
 from dsa_lab.training.data import STREAM_CURRICULUM, STREAM_TRAIN, STREAM_WARMUP, load_corpus
 from dsa_lab.common.results_io import load_torch, mean_ci95, read_json
 from sparse_attention import AttentionMode, kept_pair_fraction
@@ -250,7 +250,7 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
         with distributed.main_first():  # rank 0 builds the caches, the others read them
             corpus = load_corpus(DataConfig(**{k: v for k, v in overrides.items() if k in data_keys}))
         settings["lm"].model = dataclasses.replace(settings["lm"].model, vocab_size=corpus.tokenizer.vocab_size)
-    keyed = {t: experiment.config_key({"options": st.options, "model": dataclasses.asdict(st.model),
+    keyed = {t: experiment.config_key({"options": st.options, "model": fingerprint_fields(st.model),
                                        "train": dataclasses.asdict(st.train), "seeds": st.seeds,
                                        "corpus": corpus.describe() if t == "lm" else None}, device, run)
              for t, st in settings.items()}

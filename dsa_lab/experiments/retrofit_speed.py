@@ -4,7 +4,8 @@ behind `benchmark.py --retrofit` and the retrofit REPORT's prefill timing.
 Every figure times the compared paths in turns (dense, DSA, dense, DSA, ...) so that load from other processes
 falls on both alike; the first round is discarded (one-time set-up: allocator, thread pools, caches) and the median
 of the next `repeats` rounds is reported, wall time and process CPU time (all threads). The indexer's share is the
-median over the same calls of (indexer wall time / call wall time), from the plan's SectionTimer.
+median over the same calls of (indexer time / call time), from the plan's SectionTimer (wall time on CPU; CUDA
+events on the GPU's timeline, so timing the sections adds no host sync to the DSA call).
 
 prefill_speed      retrofit_decode.prefill of L tokens (fills the caches, last-position logits)
 decode_speed       one retrofit_decode.decode_step at a fixed position of the prefilled caches (the state rewound
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from dsa_lab.common.timing import interleaved
+from dsa_lab.common.timing import cuda_mark, elapsed_s, interleaved
 from dsa_lab.inference import retrofit_decode
 from dsa_lab.interop.retrofit import Plan, greedy_generate
 from sparse_attention import SectionTimer
@@ -27,12 +28,16 @@ from sparse_attention import SectionTimer
 
 def _timed_plan(plan: Plan, shares: list, cuda: bool):
     """-> a plan with a fresh SectionTimer, and a function that records, once the call is done, the shares of its
-    wall time spent in the indexer (projection, scores, top-k) and in the sparse attention."""
+    time spent in the indexer (projection, scores, top-k) and in the sparse attention. On CUDA the call's span and
+    its sections are events on the GPU's timeline (no sync between sections), read in one sync at the end."""
     timer = SectionTimer(cuda)
-    t0 = time.perf_counter()
+    t0 = cuda_mark() if cuda else time.perf_counter()
 
     def done():
-        total = time.perf_counter() - t0
+        end = cuda_mark() if cuda else time.perf_counter()
+        if cuda:
+            end.synchronize()  # the call's last work, and with it every section's events, is complete
+        total = elapsed_s(t0, end)
         shares.append({name: timer.totals.get(name, 0.0) / total for name in ("indexer", "attention")})
     return dataclasses.replace(plan, timer=timer), done
 

@@ -27,7 +27,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     from tqdm.auto import tqdm
 
     from dsa_lab.common import distributed
-    from config import config_for_length
+    from config import config_for_length, fingerprint_fields
     from dsa_lab.training.data import build_windows
     from dsa_lab.training.train import run_seed
 
@@ -39,7 +39,7 @@ def run_sparse_vs_classic(model_cfg, train_cfg, data_cfg, exp_cfg, overwrite: bo
     for L in exp_cfg.seq_lens:
         models[L], d = config_for_length(model_cfg, data_cfg, exp_cfg, L, corpus.tokenizer.vocab_size)
         configs[L], keys[L] = experiment.config_key(
-            {"model": dataclasses.asdict(models[L]),
+            {"model": fingerprint_fields(models[L]),
              "train": dataclasses.asdict(train_cfg), "corpus": corpus.describe(),
              "data": {k: v for k, v in dataclasses.asdict(d).items() if k != "cache_dir"}}, device, run)
     experiment.clear_stale(out, {record: keys[L] for L in exp_cfg.seq_lens

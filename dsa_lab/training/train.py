@@ -30,6 +30,8 @@ from dsa_lab.training.data import STREAM_PRETRAIN, STREAM_TRAIN, STREAM_WARMUP, 
 from config import CPU_TRAINABLE_BACKENDS
 from models import ClassicAttentionMoELLM, SparseAttentionMoELLM
 from dsa_lab.common.plateau import PlateauRule, PlateauTracker
+from dsa_lab.common.timing import cuda_mark
+from dsa_lab.training.readback import Readback, readback_interval
 from dsa_lab.common.results_io import atomic_save_torch, atomic_write_json, load_torch, read_json
 from sparse_attention import DENSE, AttentionMode, SectionTimer, merge_recall_stats
 
@@ -66,8 +68,10 @@ class Execution:
     """How stages run, not what they compute (so none of it is in a config fingerprint; a runner adds a non-fp32
     dtype to its own): `dtype` 'fp32' or 'bf16' (CUDA autocast of the forward, fp32 master weights and loss),
     `compile` (torch.compile of the model), resume checkpoints every `checkpoint_every` steps (0: none) kept in
-    `folder` and tagged with the run's config fingerprint `key`, `resume` (continue from them), and `name`, the
-    stage's name inside its run (unique per run: it names the checkpoint files)."""
+    `folder` and tagged with the run's config fingerprint `key`, `resume` (continue from them), `name`, the
+    stage's name inside its run (unique per run: it names the checkpoint files), and `readback_every`: the per-step
+    losses, gradient norms, loads and times stay on the device and are read back every this many steps, and before
+    every evaluation and checkpoint (0 = auto: every step on CPU, readback.CUDA_READBACK_EVERY on CUDA)."""
     dtype: str = "fp32"
     compile: bool = False
     checkpoint_every: int = 0
@@ -75,6 +79,7 @@ class Execution:
     folder: Path | None = None
     key: str = ""
     name: str = ""
+    readback_every: int = 0
 
     def validate(self, device: torch.device) -> None:
         """Refuse, before any work, what cannot run here (never silently ignored)."""
@@ -86,6 +91,9 @@ class Execution:
             raise ValueError("--compile (torch.compile) is for CUDA runs; on CPU leave it out")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every={self.checkpoint_every!r} must be an integer >= 0 (0: no checkpoints)")
+        if not isinstance(self.readback_every, int) or self.readback_every < 0:
+            raise ValueError(f"readback_every={self.readback_every!r} must be an integer >= 0 (0: auto, every step "
+                             f"on CPU)")
 
     def named(self, name: str) -> "Execution":
         return dataclasses.replace(self, name=name)
@@ -310,25 +318,77 @@ def _param_groups(model, stage: Stage) -> list[dict]:
 
 
 def _update(loss: torch.Tensor, opt, sched, grad_clip: float, desc: str, step: int,
-            reported: torch.Tensor | None = None) -> None:
-    """One optimizer step, gradients clipped per param group (the indexer's KL never scales the main
-    model's update); a NaN/inf loss (`reported`: the loss over all ranks, so every rank stops together), or a
-    NaN/inf gradient under a finite loss, stops the run naming the step (before the optimizer touches a weight)."""
+            reported: torch.Tensor | None = None, check_now: bool = True) -> torch.Tensor:
+    """One optimizer step, gradients clipped per param group (the indexer's KL never scales the main model's
+    update) -> the groups' gradient norms (G,) before clipping. `check_now`: a NaN/inf loss (`reported`: the loss
+    over all ranks, so every rank stops together), or a NaN/inf gradient under a finite loss, stops the run naming
+    the step (before the optimizer touches a weight); else no host sync here, and the read-back checks both."""
     reported = loss if reported is None else reported
-    if not torch.isfinite(reported):
-        raise TrainingDiverged(f"{desc}: loss became {reported.item()} at step {step}; lower the learning rate")
+    if check_now and not torch.isfinite(reported):
+        raise _loss_diverged(desc, reported.item(), step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    norms = []
     for i, group in enumerate(opt.param_groups):
         try:
-            torch.nn.utils.clip_grad_norm_(group["params"], grad_clip, error_if_nonfinite=True)
+            norm = torch.nn.utils.clip_grad_norm_(group["params"], grad_clip, error_if_nonfinite=check_now)
         except RuntimeError as e:
             if "non-finite" not in str(e):
                 raise
-            raise TrainingDiverged(f"{desc}: non-finite gradient (param group {i}) with a finite loss "
-                                   f"{loss.item():.4g} at step {step}; lower the learning rate") from None
+            raise _gradient_diverged(desc, i, loss.item(), step) from None
+        norms.append(norm.to(loss.device))  # a group without gradients: a CPU zero
     opt.step()
     sched.step()
+    return torch.stack(norms)
+
+
+def _loss_diverged(desc: str, value: float, step: int) -> TrainingDiverged:
+    return TrainingDiverged(f"{desc}: loss became {value} at step {step}; lower the learning rate")
+
+
+def _gradient_diverged(desc: str, group: int, loss: float, step: int) -> TrainingDiverged:
+    return TrainingDiverged(f"{desc}: non-finite gradient (param group {group}) with a finite loss {loss:.4g} at "
+                            f"step {step}; lower the learning rate")
+
+
+def _check_finite(row: dict, desc: str) -> None:
+    """The NaN guard at a read-back: a step whose loss or a gradient norm is not finite stops the run, named."""
+    if not math.isfinite(row["reported"]):
+        raise _loss_diverged(desc, row["reported"], row["step"])
+    for i, norm in enumerate(row["norms"].tolist()):
+        if not math.isfinite(norm):
+            raise _gradient_diverged(desc, i, row["loss"], row["step"])
+
+
+def _read_back(readback: Readback, log: dict, timer: SectionTimer, desc: str) -> None:
+    """Fold the steps held on the device into `log` in step order (one host sync), each checked by the NaN guard
+    first; a profiled step (it has a forward span) keeps NaN as its step time."""
+    for row in readback.read():
+        _check_finite(row, desc)
+        if "lm" in row:
+            log["step_loss"].append(row["lm"])
+        if "kl" in row:
+            log["step_kl"].append(row["kl"])
+        if "load" in row:
+            log["load_sum"] = log["load_sum"] + row["load"]
+        profiled = "forward" in row["spans"]
+        if profiled:
+            log["forward_time"].append(row["spans"]["forward"])
+        log["step_time"].append(math.nan if profiled else row["spans"]["step"])
+    timer.resolve()
+
+
+def _name_earlier_divergence(readback: Readback, log: dict, timer: SectionTimer, desc: str, error: Exception) -> None:
+    """A step failed while earlier ones were unread: if one of those diverged (its NaN weights the likely cause,
+    e.g. of the NaN-score check of the next forward), raise that, naming its step; else the caller re-raises."""
+    if isinstance(error, TrainingDiverged) or not readback.pending:
+        return
+    try:
+        _read_back(readback, log, timer, desc)
+    except TrainingDiverged as diverged:
+        raise diverged from error
+    except Exception:  # the read-back failed too (e.g. a broken CUDA context): the original error stands
+        return
 
 
 @contextlib.contextmanager
@@ -372,24 +432,11 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     timer.totals = log["timer"]
     profile_from = max(1, min(10, steps // 2))  # profile a few steps after the first ones settle (never step 0)
     profile = range(profile_from, min(steps, profile_from + tcfg.profile_steps))
-    seq_len = 0
     if stage.lm_loss:
         model.train()
     with _frozen_main(model, stage.trains == "indexer"):
-        net = _wrap(model, device, run)
-        for step in tqdm(range(first, steps), desc=desc, leave=False, initial=first, total=steps,
-                         disable=steps == 0 or not distributed.is_main()):
-            seq_len = _train_step(net, model, stage, stream.next(), opt, sched, tcfg, device, run, log,
-                                  timer if step in profile else None, step, desc)
-            if stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps):
-                _log_eval(log["curves"], model, val, tcfg, device, stage, step + 1, log["step_loss"], log["step_time"],
-                          log["step_kl"])
-            if tracker is not None and _plateau_stop(tracker, model, val, tcfg, device, step + 1):
-                steps = step + 1  # the rule ended the stage here: what follows counts the steps run
-                break
-            if run.folder is not None and run.checkpoint_every and (step + 1) % run.checkpoint_every == 0 \
-                    and step + 1 < steps:
-                _save_step(run, step + 1, model, opt, sched, stream, log)
+        steps, seq_len = _train_steps(model, stage, stream, val, tcfg, device, desc, run, (opt, sched), log, tracker,
+                                      timer, profile, first)
     if stage.trains == "indexer":  # routing seen while main was frozen must not feed the next balance update
         for block in model.blocks:
             block.ffn.load_counts.zero_()
@@ -404,6 +451,39 @@ def run_stage(model, stage: Stage, stream: BatchStream, val: torch.Tensor, tcfg:
     return result
 
 
+def _train_steps(model, stage: Stage, stream, val, tcfg: TrainConfig, device: torch.device, desc: str, run: Execution,
+                 optimizer: tuple, log: dict, tracker, timer: SectionTimer, profile: range, first: int) -> tuple[int, int]:
+    """Steps `first`.. of `stage`: evaluations, the plateau rule, resume checkpoints, and the read-backs of the
+    per-step scalars before each of them, every `run.readback_every` steps and at the end -> (the stage's steps, as
+    the plateau rule may have cut them; L)."""
+    steps, seq_len = stage.steps, 0
+    readback = Readback(readback_interval(run.readback_every, device))
+    net = _wrap(model, device, run)
+    try:
+        for step in tqdm(range(first, steps), desc=desc, leave=False, initial=first, total=steps,
+                         disable=steps == 0 or not distributed.is_main()):
+            seq_len = _train_step(net, model, stage, stream.next(), *optimizer, tcfg, device, run, log,
+                                  timer if step in profile else None, step, desc, readback)
+            evaluating = stage.eval_every and ((step + 1) % stage.eval_every == 0 or step + 1 == steps)
+            saving = (run.folder is not None and run.checkpoint_every and (step + 1) % run.checkpoint_every == 0
+                      and step + 1 < steps)
+            if evaluating or saving or readback.due(step):
+                _read_back(readback, log, timer, desc)
+            if evaluating:
+                _log_eval(log["curves"], model, val, tcfg, device, stage, step + 1, log["step_loss"], log["step_time"],
+                          log["step_kl"])
+            if tracker is not None and _plateau_stop(tracker, model, val, tcfg, device, step + 1):
+                steps = step + 1  # the rule ended the stage here: what follows counts the steps run
+                break
+            if saving:
+                _save_step(run, step + 1, model, *optimizer, stream, log)
+        _read_back(readback, log, timer, desc)
+    except Exception as error:
+        _name_earlier_divergence(readback, log, timer, desc, error)
+        raise
+    return steps, seq_len
+
+
 def _stage_start(model, stage: Stage, val, tcfg: TrainConfig, device: torch.device, saved: dict | None):
     """-> (optimizer, schedule, log, first step): fresh (after the `before` evaluation of a stage that evaluates
     only at its ends), or as they were at the mid-stage checkpoint `saved`."""
@@ -416,7 +496,7 @@ def _stage_start(model, stage: Stage, val, tcfg: TrainConfig, device: torch.devi
     keys += ["indexer_recall", "random_recall", "local_recall", "mean_selected_keys"] if stage.recall else []
     log = {"curves": {k: [] for k in keys}, "before": before,
            "step_loss": [], "step_time": [], "step_kl": [],  # one entry per step (step_time NaN at profiled steps)
-           "forward_time": [],  # forward seconds of each profiled step
+           "forward_time": [],  # forward seconds of each profiled step (CUDA: between events)
            "load_sum": 0.0,  # (layers, experts): share of routed slots, summed over steps
            "timer": {}}
     if saved is None:
@@ -427,45 +507,52 @@ def _stage_start(model, stage: Stage, val, tcfg: TrainConfig, device: torch.devi
 
 
 def _train_step(net, model, stage: Stage, batch, opt, sched, tcfg: TrainConfig, device: torch.device, run: Execution,
-                log: dict, timer: SectionTimer | None, step: int, desc: str) -> int:
-    """One training step on `batch` (the stage's losses, the update, the MoE balance), logged into `log`; `timer`
-    set on a profiled step (its sections are timed and its step time kept out of the figures). -> the length L."""
+                log: dict, timer: SectionTimer | None, step: int, desc: str, readback: Readback) -> int:
+    """One training step on `batch` (the stage's losses, the update, the MoE balance); its scalars and time spans
+    go to `readback` (on the device: no host sync on CUDA but the NaN guard's when it reads back every step);
+    `timer` set on a profiled step (its sections are timed and its step time kept out of the figures). -> L."""
     world = distributed.world_size()
-    inputs, targets = (distributed.shard(t).to(device) for t in batch)
+    inputs, targets = (_to_device(distributed.shard(t), device) for t in batch)
     mode = dataclasses.replace(stage.mode, timer=timer)
     if stage.mode.sparse:  # progressive-k schedules follow the sparse stage
         model.set_training_progress(step / stage.steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     step_peak = StepPeak(device, log.get("peak_bytes", 0))  # this step's peak, never evaluation's
     step_peak.start()
-    start = time.perf_counter()
+    start = _mark(device)
     with _autocast(device, run.dtype):
         logits, aux = net(inputs, mode, return_aux=True)
-    if timer is not None:  # the span the timer's sections lie in: this forward
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        log["forward_time"].append(time.perf_counter() - start)
-    loss = torch.zeros((), device=device)
+    spans = {"forward": (start, _mark(device))} if timer is not None else {}  # the span the sections lie in
+    values, loss = {}, torch.zeros((), device=device)
     if stage.lm_loss:
-        lm_loss, lm_logged = _lm_loss(logits, targets, world)
+        lm_loss, values["lm"] = _lm_loss(logits, targets, world)
         loss = lm_loss + aux.balance_loss
-        log["step_loss"].append(lm_logged.item())
     if stage.mode.indexer_loss:
         kl = aux.indexer_loss  # touches indexer params only (detached input and targets)
         loss = loss + kl
-        log["step_kl"].append(_rank_mean(kl).item())
-    _update(loss, opt, sched, tcfg.grad_clip, desc, step, _rank_mean(loss) if world > 1 else None)
+        values["kl"] = _rank_mean(kl)
+    reported = _rank_mean(loss) if world > 1 else None
+    values["norms"] = _update(loss, opt, sched, tcfg.grad_clip, desc, step, reported, readback.every == 1)
+    values.update(reported=(loss if reported is None else reported).detach(), loss=loss.detach())
     if stage.trains == "all":
         _sum_expert_loads(model)
-        log["load_sum"] = log["load_sum"] + torch.tensor(model.update_balance_bias())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    # profiled steps (extra syncs, timer sections) are kept out of the step-time figures
-    log["step_time"].append(math.nan if timer is not None else time.perf_counter() - start)
+        values["load"] = model.update_balance_bias()  # (MoE layers, experts) shares
+    spans["step"] = (start, _mark(device))
+    readback.add(step, values, spans)
     step_peak.stop()
     log["peak_bytes"] = step_peak.peak_bytes  # the stage's running peak, kept in resume checkpoints
     return inputs.shape[1]
+
+
+def _mark(device: torch.device):
+    """Now, for a span: a CUDA event on the stream (no host sync) or the wall clock."""
+    return cuda_mark() if device.type == "cuda" else time.perf_counter()
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`; to CUDA through pinned memory, asynchronously (a pageable copy waits for the GPU)."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def _final_metrics(model, stage: Stage, log: dict, timer: SectionTimer, profile: range, tcfg: TrainConfig,
