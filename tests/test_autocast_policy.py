@@ -155,3 +155,54 @@ def test_bf16_policy_loss_and_gradients_are_close_to_fp32(attention_type):
     # cosine 1.00: the bounds catch a policy or path that computes something else, not a small precision loss
     assert float((logits16 - logits32).norm() / logits32.norm()) < 0.3
     assert float(torch.nn.functional.cosine_similarity(g16, g32, dim=0)) > 0.98
+
+
+def _compositions():
+    """name -> (fn, reference): fn(x) runs under the emulation on a bf16 x (4, 8); reference(x) computes, without
+    autocast, what CUDA autocast computes by the AMP op lists (aten/src/ATen/autocast_mode.h): the fp32-list ops
+    on fp32 casts of their inputs, the lower-precision ones on bf16 casts, the rest in their inputs' dtypes."""
+    from torch import nn
+    import torch.nn.functional as F
+    from models import RMSNorm
+    g = torch.Generator().manual_seed(3)
+    target, w, v = torch.randint(0, 8, (4,), generator=g), torch.randn(8, 8, generator=g), torch.randn(8, generator=g)
+    layer_norm, rms_norm, ours, linear = nn.LayerNorm(8), nn.RMSNorm(8), RMSNorm(8), nn.Linear(8, 8)
+    half_ln = nn.LayerNorm(8).bfloat16()
+    return {  # top-level calls of the fp32 list: the nested calls see fp32 inputs
+        "F.cross_entropy -> log_softmax, nll_loss": (lambda x: F.cross_entropy(x, target),
+                                                     lambda x: F.cross_entropy(x.float(), target)),
+        "F.normalize -> linalg_vector_norm, div": (F.normalize, lambda x: F.normalize(x.float())),
+        "nn.LayerNorm (fp32 weights)": (layer_norm, lambda x: layer_norm(x.float())),
+        "nn.LayerNorm (bf16 weights)": (half_ln, lambda x: F.layer_norm(x.float(), (8,), half_ln.weight.float(),
+                                                                        half_ln.bias.float())),
+        "nn.RMSNorm -> rms_norm": (rms_norm, lambda x: rms_norm(x.float())),
+        "models.RMSNorm: pow, mean, rsqrt, mul": (ours, lambda x: ours(x.float())),
+        "softmax then nn.Linear": (lambda x: linear(x.softmax(-1)), lambda x: F.linear(
+            x.float().softmax(-1).bfloat16(), linear.weight.bfloat16(), linear.bias.bfloat16())),
+        "sum(dtype=float64) keeps its dtype": (lambda x: x.sum(-1, dtype=torch.float64), lambda x: x.double().sum(-1)),
+        # calls nested below a function that is not on the lists: missed by a mode that sees top-level calls only
+        "1 / x: Tensor.__rtruediv__ -> reciprocal": (lambda x: 1 / x, lambda x: 1 / x.float()),
+        "torch.special.log_softmax -> log_softmax": (lambda x: torch.special.log_softmax(x, -1),
+                                                    lambda x: x.float().log_softmax(-1)),
+        # lower precision on CUDA, no AutocastCPU kernel: fp32 inputs stay fp32 under CPU autocast alone
+        "torch.mv": (lambda x: torch.mv(w, v), lambda x: torch.mv(w.bfloat16(), v.bfloat16())),
+    }
+
+
+@pytest.mark.parametrize("name", list(_compositions()))
+def test_the_policy_casts_compositions_as_cuda_autocasts(name):
+    """Dtype and value of each composition under the emulation equal CUDA autocast's by the AMP op lists."""
+    fn, reference = _compositions()[name]
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(4)).bfloat16()
+    with torch.no_grad():
+        with cuda_autocast_on_cpu():
+            got = fn(x)
+        torch.testing.assert_close(got, reference(x), rtol=1e-6, atol=1e-6)  # dtypes too
+
+
+def test_the_policy_knows_every_autocast_cuda_kernel_of_this_torch():
+    """Each op with an AutocastCUDA kernel in this build has a policy in the lists (a new torch adds none silently)."""
+    from cuda_autocast_policy import autocast_cuda_ops, policy_of
+    policies = {name: policy_of(name) for name in autocast_cuda_ops()}
+    assert policies["softmax.int"] == policies["sum"] == "fp32_set_opt_dtype" and policies["mm"] == "lower_precision"
+    assert policies["layer_norm"] == policies["reciprocal"] == "fp32"
