@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from sparse_attention import AttentionMode
 
 SPARSE_STEP = AttentionMode(sparse=True, indexer_loss="sparse")
+# (a backend's bf16 error) / (its masked twin's own bf16 error), each tensor against the fp64 masked step, keys
+# pinned, measured on CPU under tests/cuda_autocast_policy.py (torch 2.13): at most 2.5 in the tests of
+# tests/test_autocast_policy.py (MLA gather, the indexer's k_proj gradient), 3.4 over the ids of seeds 1-5 (MHA
+# gather, seed 4, the indexer's k_norm).
+# Caught at 4: a dropped key (logits 0.13 vs own 0.007), the KL target rounded to bf16 (tiny model: 7-28), attention
+# output or dV scaled by 1.05; missed: 1.01-1.02 scalings, dQ x 1.05 (within bf16's own error). Not yet measured on
+# a GPU: tests/test_cuda.py uses the CPU figure.
+TWIN_FACTOR = 4.0
 TOKEN_KEYS = ("selected_idx", "valid")
 BLOCK_KEYS = TOKEN_KEYS + ("block_idx", "block_valid")
 
@@ -35,6 +43,8 @@ class PinnedBackend:
         self.inner, self.keys = inner, keys
 
     def __getattr__(self, name):  # attend, attend_latent, selected_scores, name, block_size: the wrapped backend's
+        if name == "inner":  # not set yet (a copy): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def select(self, *args, **kwargs):
@@ -86,7 +96,8 @@ def training_step(model, ids: torch.Tensor, autocast, mode: AttentionMode = SPAR
         token_losses = F.cross_entropy(_wide(logits).flatten(0, 1), ids.roll(-1, 1).flatten(), reduction="none")
         parts = {"logits": _wide(logits), "token losses": token_losses}
         if mode.indexer_loss:
-            parts["indexer losses"] = torch.stack([_wide(a.indexer_loss) for a in aux.layers if a.indexer_loss is not None])
+            per_layer = [_wide(a.indexer_loss) for a in aux.layers if a.indexer_loss is not None]
+            parts["indexer losses"] = torch.stack(per_layer)
         loss = token_losses.mean() + parts.get("indexer losses", token_losses.new_zeros(1)).sum()
         with torch.autocast(ids.device.type, enabled=False):
             loss.backward()

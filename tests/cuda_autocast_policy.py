@@ -14,6 +14,10 @@ version of this file, a TorchFunctionMode that saw top-level Python calls only, 
 they run the op with autocast excluded, and their casts are recorded by autograd. Ops that AutocastCPU already
 has a kernel for keep it: the matmuls (bf16 on both), and nll_loss, cross_entropy_loss, kl_div, mse_loss (fp32 on
 both; on CUDA cross_entropy_loss decomposes into log_softmax and nll_loss, fp32 too).
+
+The kernels exist only while the context is open, so run a backward inside it with autocast disabled (as
+tests/backend_twins.training_step does): an activation checkpoint's recompute (chunked.selected_index_scores)
+re-enters the forward's autocast during backward, and CUDA's policy must still apply there.
 """
 from __future__ import annotations
 
@@ -138,7 +142,8 @@ class CudaAutocastPolicy:
             for t in _flat([*args, *kwargs.values()]):
                 dtype = torch.promote_types(dtype, t.dtype) if _eligible(t) else dtype
         cast_args, cast_kwargs = _cast(args, want, dtype), {k: _cast(v, want, dtype) for k, v in kwargs.items()}
-        if any(a is not b for a, b in zip(_flat([*cast_args, *cast_kwargs.values()]), _flat([*args, *kwargs.values()]))):
+        before, after = _flat([*args, *kwargs.values()]), _flat([*cast_args, *cast_kwargs.values()])
+        if any(a is not b for a, b in zip(after, before)):
             self.calls += 1
         return cast_args, cast_kwargs
 
