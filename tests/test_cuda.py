@@ -2,9 +2,10 @@
 against the masked reference; bf16 against fp64 with the error bounded by the reference path's own bf16 error, at
 shapes with partial query / slot / head-dim tiles and at MLA's D 576 / H 128 / k 2048 / L 4096), the Triton
 indexer-score kernel in bf16, flex (fp32, and bf16 against the block model in fp64), a bf16 training step of
-every backend under real CUDA autocast, --compile equal to eager, the CUDA chunk plans, the sync-free MoE dispatch
-and SectionTimer (under torch.cuda.set_sync_debug_mode('error')), a NaN named at its step by a later read-back,
-and NCCL DDP when there are 2 GPUs. `python benchmark.py --gpu-check` runs this file in two sections (flex and --compile apart), with
+every backend under real CUDA autocast against its masked twin's (keys pinned: tests/backend_twins.py), --compile
+equal to eager, the CUDA chunk plans, the sync-free MoE dispatch and SectionTimer (under
+torch.cuda.set_sync_debug_mode('error')), a NaN named at its step by a later read-back, and NCCL DDP when there are 2
+GPUs. `python benchmark.py --gpu-check` runs this file in two sections (flex and --compile apart), with
 DSA_TRITON_ONE_CONFIG=1. Skipped as a whole where CUDA is absent (every test here needs a GPU)."""
 import math
 import os
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 import config  # noqa: E402
 from dsa_lab.kernels import chunked as kernels  # noqa: E402
+from backend_twins import TWIN_FACTOR, assert_bounded_by_own_error, training_step, twin_steps  # noqa: E402
 from conftest import tiny_model_config  # noqa: E402
 from sparse_attention import (AttentionMode, index_scores, select_top_k, sparse_attention_masked,  # noqa: E402
                               sparse_mqa_attention_masked)
@@ -50,18 +52,10 @@ def _grads(fn, tensors, grad):
     return [out.detach()] + list(torch.autograd.grad(out, leaves, grad.to(out.dtype)))
 
 
-def _rel(a, b) -> float:
-    b = b.double()
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _bounded(got, ref_high, ref_low, factor: float = 4.0, floor: float = 1e-6):
     """Each tensor of `got` (a fast path in low precision) is within `factor` times the reference path's own
     low-precision error of the high-precision reference (relative Frobenius norms), plus `floor`. Equal lengths."""
-    assert len(got) == len(ref_high) == len(ref_low), (len(got), len(ref_high), len(ref_low))
-    for i, (g, hi, lo) in enumerate(zip(got, ref_high, ref_low)):
-        own, err = _rel(lo, hi), _rel(g, hi)
-        assert err <= factor * own + floor, f"tensor {i}: error {err:.3g} vs the reference's own bf16 error {own:.3g}"
+    assert_bounded_by_own_error(*(dict(enumerate(t)) for t in (got, ref_high, ref_low)), factor, floor)
 
 
 def _bf16(*shapes, seed: int, device=CUDA):
@@ -174,22 +168,28 @@ def test_flex_forward_backward_equal_the_block_model():
 @pytest.mark.parametrize("attention_type", ["mha", "mla"])
 @pytest.mark.parametrize("backend", config.ATTENTION_BACKENDS)
 def test_bf16_training_step_of_every_backend_under_cuda_autocast(backend, attention_type):
-    """The step dsa_lab/training/train.py runs with --dtype bf16: real CUDA autocast (LayerNorm/softmax in fp32, matmuls bf16)."""
+    """The step dsa_lab/training/train.py runs with --dtype bf16, real CUDA autocast (LayerNorm/softmax in fp32,
+    matmuls bf16): the warm-up and sparse steps are finite, and the sparse step (logits, losses, every gradient by
+    name) is within TWIN_FACTOR x the masked twin's own bf16 error of the fp64 masked step, over the keys the
+    backend selects (tests/backend_twins.py: keys pinned, every expert routed)."""
     from models import SparseAttentionMoELLM
     if attention_type == "mla" and backend == "flex":
         pytest.skip("flex is MHA only (MLA + flex is refused by the config)")
-    torch.manual_seed(0)
-    model = SparseAttentionMoELLM(tiny_model_config(attention_backend=backend, attention_type=attention_type,
-                                                    max_seq_len=128, sparse_top_k=16)).to(CUDA)
-    ids = torch.randint(0, 64, (2, 128), device=CUDA)
+
+    def make(name, **overrides):
+        torch.manual_seed(0)
+        return SparseAttentionMoELLM(tiny_model_config(attention_backend=name, attention_type=attention_type,
+                                                       max_seq_len=128, sparse_top_k=16, **overrides)).to(CUDA)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 128), device=CUDA, generator=torch.Generator(device="cuda").manual_seed(1))
+    model = make(backend)
     for mode in (AttentionMode(sparse=False, indexer_loss="dense"), AttentionMode(sparse=True, indexer_loss="sparse")):
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, aux = model(ids, mode, return_aux=True)
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.flatten()) + aux.indexer_loss
-        loss.backward()
-        assert math.isfinite(loss.item())
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        step = training_step(model, ids, autocast, mode)
+        assert len(step) > 1 and all(torch.isfinite(t).all() for t in step.values()), mode
+    got, low, high = twin_steps(lambda name: make(name, expert_top_k=model.cfg.num_experts), backend, ids, autocast)
+    assert_bounded_by_own_error(got, high, low, TWIN_FACTOR)
 
 
 def test_compiled_step_equals_eager_on_cuda():

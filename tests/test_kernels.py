@@ -142,7 +142,8 @@ def test_gather_more_shapes_and_chunkings(monkeypatch, B, H, L, D, k, budget):
 
 def test_gather_bf16_keeps_fp32_statistics():
     """bf16 inputs: softmax statistics in fp32, so outputs and grads stay within bf16 rounding of the fp64
-    reference (a bf16 softmax over 200 slots drifts further); dtypes of outputs/grads are the inputs'."""
+    reference (a bf16 softmax over 200 slots drifts further); dtypes of outputs/grads are the inputs', the
+    probabilities fp32."""
     B, H, L, D, k = 1, 4, 300, 32, 200
     q64, k64, v64 = _qkv(B, H, L, D)
     idx, valid = kernels.chunked_select(*_indexer(B, L), k)
@@ -153,6 +154,7 @@ def test_gather_bf16_keeps_fp32_statistics():
     out, probs = kernels.sparse_attention_gather(qb, kb, vb, idx, valid, return_probs=True)
     grads = torch.autograd.grad(out, (qb, kb, vb), grad_out.bfloat16())
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert probs.dtype == torch.float32  # the indexer KL's target, fp32 as the masked path's under autocast
 
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())

@@ -285,7 +285,7 @@ class _GatherAttention(torch.autograd.Function):
         qt = q.transpose(1, 2).contiguous()  # (B, L, H, D): token-major query rows (k, v stay head-major tables)
         out_t = torch.empty_like(qt)
         lse = torch.empty(B, L, H, dtype=acc, device=q.device)
-        probs = torch.zeros(B, H, L, K, dtype=q.dtype, device=q.device) if return_probs else None
+        probs = torch.zeros(B, H, L, K, dtype=acc, device=q.device) if return_probs else None
         chunk = gather_chunk(B, H, L, K, D, q.device)
 
         def forward_chunks(share):  # writes the share's rows of out_t, lse, probs
@@ -384,8 +384,8 @@ def _head_rows(selected_idx, valid, H: int, L: int) -> torch.Tensor:
 
 def sparse_attention_gather(q, k, v, selected_idx, valid, return_probs: bool = False):
     """Token-level DSA touching only the selected keys. q, k, v (B, H, L, D); selected_idx, valid (B, L, K)
-    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached) or None. The selection must keep
-    `sparse_attention`'s contract (invalid = -1, valid positions in [0, L) and distinct per row)."""
+    -> out (B, H, L, D), probs at the selected slots (B, H, L, K) (detached; fp32 for half inputs) or None. The
+    selection must keep `sparse_attention`'s contract (invalid = -1, valid positions in [0, L), distinct per row)."""
     check_selection(selected_idx, valid, q.shape[2])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _GatherAttention.apply(q, k, v, selected_idx, valid, return_probs)
@@ -491,19 +491,20 @@ def block_index_scores(q, k, w, block_idx, block_size: int = BLOCK_SIZE):
 
 @torch.no_grad()
 def _selected_probs(q, k, selected_idx, valid):
-    """(B, H, L, K) softmax probabilities of q over its selected keys, chunked (detached)."""
+    """(B, H, L, K) softmax probabilities of q over its selected keys, chunked (detached; fp32 for half inputs)."""
     B, H, L, D = q.shape
     K = selected_idx.shape[-1]
     rows = _head_rows(selected_idx, valid, H, L)
     kf = k.reshape(B * H * L, D)
-    probs = torch.empty(B, H, L, K, dtype=q.dtype, device=q.device)
+    probs = torch.empty(B, H, L, K, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     chunk = gather_chunk(B, H, L, K, D, q.device)
     for start in range(0, L, chunk):
         stop = min(L, start + chunk)
         n = B * H * (stop - start)
         k_sel = kf.index_select(0, rows[:, :, start:stop].reshape(-1)).view(n, K, D)
         scores = (q[:, :, start:stop].reshape(n, 1, D) @ k_sel.transpose(1, 2)).view(B, H, stop - start, K)
-        probs[:, :, start:stop] = (scores * D ** -0.5).masked_fill(~valid[:, None, start:stop], float("-inf")).softmax(-1)
+        scores = scores.to(probs.dtype) * D ** -0.5  # fp32 statistics for half inputs
+        probs[:, :, start:stop] = scores.masked_fill(~valid[:, None, start:stop], float("-inf")).softmax(-1)
     return probs
 
 

@@ -10,7 +10,7 @@ therefore gathered once for all heads and the heads become the rows of one matmu
   triton_mqa.sparse_mqa_attention_triton   fused Triton kernels (GPU)
 
 Shapes: q (B, L, H, D); kv (B, L, D); selected_idx (B, L, K) long (-1 = invalid); valid (B, L, K) bool
--> out (B, L, H, v_dim), selected_probs (B, H, L, K) (detached; 0 at invalid slots) or None.
+-> out (B, L, H, v_dim), selected_probs (B, H, L, K) (detached; 0 at invalid slots; fp32 for half inputs) or None.
 Valid slots of a row must name distinct tokens (top-k selections do). A row with no valid slot gives 0.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ class _SparseMQA(torch.autograd.Function):
         kvf = kv.reshape(B * L, D)
         out = q.new_empty(B, L, H, v_dim)
         lse = torch.empty(B, L, H, dtype=acc, device=q.device)
-        probs = q.new_zeros(B, H, L, K) if return_probs else None
+        probs = q.new_zeros(B, H, L, K, dtype=acc) if return_probs else None  # fp32, as the masked path's
 
         def forward_chunks(share):  # writes the share's rows of out, lse, probs
             buf = q.new_empty(B * chunk * K, D)

@@ -311,7 +311,7 @@ def _selected_probs(q, kv, idx, lse, v_dim: int, scale: float, block_config):
     K = idx.shape[-1]
     meta, forced = _meta(q, v_dim, block_config)
     forced = forced or {"BLOCK_K": 64 if K > 32 else 32, "num_warps": 4, "num_stages": 2}
-    probs = q.new_empty(B, H, L, K)
+    probs = q.new_empty(B, H, L, K, dtype=torch.promote_types(q.dtype, torch.float32))  # fp32 for half q
     args = (q, kv, idx, lse, probs, *_strides(q, kv, idx, q)[:7], H, L, K, v_dim, D, scale * LOG2E)
     launch_fitting(_mqa_probs_kernel, (L, H, B), args, meta, forced)
     return probs
@@ -321,7 +321,8 @@ def sparse_mqa_attention_triton(q, kv, selected_idx, valid, *, v_dim: int, scale
                                 block_config: dict | None = None):
     """Fused Triton sparse MQA attention (fwd + bwd). Same contract as `kernels.chunked_mqa.sparse_mqa_attention`:
     q (B, L, H, D), kv (B, L, D), selected_idx/valid (B, L, K) -> out (B, L, H, v_dim), probs (B, H, L, K)
-    (detached, 0 at invalid slots) or None. fp16/bf16/fp32 inputs, fp32 statistics and dkv accumulation.
+    (detached, 0 at invalid slots; fp32 for half inputs) or None. fp16/bf16/fp32 inputs, fp32 statistics and dkv
+    accumulation.
 
     `block_config` forces the tiles, e.g. {"BLOCK_H": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
     (tests, benchmarks); by default BLOCK_H = min(64, pow2(H) >= 16) and, on GPU, BLOCK_K / num_warps /
