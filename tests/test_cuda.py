@@ -7,7 +7,6 @@ equal to eager, the CUDA chunk plans, the sync-free MoE dispatch and SectionTime
 torch.cuda.set_sync_debug_mode('error')), a NaN named at its step by a later read-back, and NCCL DDP when there are 2
 GPUs. `python benchmark.py --gpu-check` runs this file in two sections (flex and --compile apart), with
 DSA_TRITON_ONE_CONFIG=1. Skipped as a whole where CUDA is absent (every test here needs a GPU)."""
-import math
 import os
 
 import pytest
