@@ -117,7 +117,7 @@ class _CachedCall:
         else:  # oracle: the head-summed attention of this query, as retrofit.oracle_selection computes a row
             D = q.shape[-1]
             q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)
-            row = causal_attention_probs(q, keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)).sum(1)
+            row = causal_attention_probs(q, retrofit.per_head(keys, q.shape[1] // keys.shape[1])).sum(1)
         check_no_nan(row)
         if self.plan.selection == "dsa" and self.plan.window:  # structured: the full forward's rule at this row
             return levers.structured_row(row, self.plan.top_k, self.plan.sinks, self.plan.window)  # (B, K)

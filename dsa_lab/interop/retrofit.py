@@ -244,6 +244,11 @@ def retrofit_attention(module, query, key, value, attention_mask, scaling=None, 
     return call.attend(module.layer_idx, query, key, value, scaling), None
 
 
+def per_head(t: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, H_kv, L, D) -> (B, H_kv * group, L, D): each KV head repeated for the `group` query heads it serves."""
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
 class _Call:
     """One forward's plan and what it collects (created per forward, passed down as `dsa_call`)."""
 
@@ -252,25 +257,29 @@ class _Call:
         self.backend = BACKENDS[plan.backend]()
 
     def attend(self, layer: int, q, k, v, scaling) -> torch.Tensor:
-        """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D)."""
+        """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D). SDPA and the sparse backends read a GQA group's KV
+        head directly (the C++ gather kernel: each selected row once per KV head); only the maths that needs each
+        query head's probabilities (targets, recall, the oracle) sees K repeated per query head."""
         plan, (_, H, _, D), group = self.plan, q.shape, q.shape[1] // k.shape[1]
-        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))  # GQA: heads of a group share a KV head
         q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)  # our maths scales by D^-1/2
         if plan.selection == "dense" and plan.rows is not None:  # warm-up targets at sampled query rows only
-            self.aux.targets[layer] = row_targets(q.detach(), k.detach(), plan.rows, plan.target, group)
+            self.aux.targets[layer] = row_targets(q.detach(), per_head(k.detach(), group), plan.rows, plan.target,
+                                                  group)
             self.aux.rows = plan.rows
         full_probs = plan.stats or (plan.targets and plan.rows is None)  # the (B, H, L, L) probabilities needed
         if plan.selection == "dense" and not full_probs:
-            return timed(plan.timer, "attention", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                         ).transpose(1, 2)
+            return timed(plan.timer, "attention", lambda: F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=group > 1)).transpose(1, 2)
         if plan.selection == "dense":
+            k, v = per_head(k, group), per_head(v, group)
             probs = causal_attention_probs(q, k)  # (B, H, L, L)
             if plan.targets:
                 self.aux.targets[layer] = levers.head_target(probs.detach(), plan.target, group)
             if plan.stats:
                 self.record_recall(layer, q.detach(), k.detach())
             return (probs @ v).transpose(1, 2)
-        selection = timed(plan.timer, "indexer", self.select, plan.selection, layer, q, k)
+        selection = timed(plan.timer, "indexer", self.select, plan.selection, layer, q, per_head(k, group)
+                          if plan.selection == "oracle" else k)
         if plan.keep_selection:
             self.aux.selected[layer] = selection.selected_idx.masked_fill(~selection.valid, -1)
         out, selected_probs = timed(plan.timer, "attention", lambda: self.backend.attend(
