@@ -54,6 +54,25 @@ def test_k_at_least_L_equals_the_original_logits(kind):
     assert (sparse - original).abs().max() > 1e-3  # k < L changes the model: the plans are not all dense
 
 
+def test_sparse_backends_get_each_kv_head_once(monkeypatch):
+    """GQA (4 query / 2 KV heads): every sparse backend's attend() and the dense SDPA call receive K/V with the KV
+    heads only — never repeated per query head, which would make the C++ gather kernel read each row twice here (3x
+    on SmolLM2). Caught: K/V repeated before the backend."""
+    model, ids, seen = tiny_retrofit("llama"), torch.randint(0, 64, (1, 24)), []
+    sdpa = retrofit.F.scaled_dot_product_attention
+    monkeypatch.setattr(retrofit.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(("sdpa", q.shape[1], k.shape[1])) or sdpa(q, k, v, **kw))
+    for name in BACKENDS:
+        attend = retrofit.BACKENDS[name].attend
+        monkeypatch.setattr(retrofit.BACKENDS[name], "attend", lambda self, q, k, v, _a=attend, _n=name, **kw: (
+            seen.append((_n, q.shape[1], k.shape[1])) or _a(self, q, k, v, **kw)))
+    with torch.no_grad():
+        model(ids, retrofit.Plan("dense", top_k=8))
+        for name in BACKENDS:
+            model(ids, retrofit.Plan("dsa", top_k=8, backend=name))
+    assert {n for n, _, _ in seen} >= {"sdpa", *BACKENDS} and all((h, kv) == (4, 2) for _, h, kv in seen), seen
+
+
 def test_a_sliding_window_model_is_refused_in_one_line():
     with pytest.raises(ValueError, match="sliding-window attention") as error:
         retrofit.RetrofitLM(tiny_base("mistral", sliding_window=16), heads=2, dim=16, rope_dim=8, max_seq_len=512)
