@@ -158,12 +158,13 @@ def figure(table: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(table), 3, figsize=(15, 4 * len(table)), squeeze=False)
     for (budget, b), (ax_copy, ax_key, ax_loss) in zip(table.items(), axes):
         names, distances = [row["name"] for row in b["rows"]], list(b["dense_copy"])
-        width = 0.8 / len(names)
+        width, colors = 0.8 / len(names), [f"C{i % 10}" for i in range(len(names))]  # one colour per run, every panel
         for i, row in enumerate(b["rows"]):
             means = [row["copy"][d]["mean"] for d in distances]
             errs = [[m - (row["copy"][d]["ci95"][0] or m) for d, m in zip(distances, means)],
                     [(row["copy"][d]["ci95"][1] or m) - m for d, m in zip(distances, means)]]
-            ax_copy.bar([j + i * width for j in range(len(distances))], means, width, yerr=errs, label=row["name"])
+            ax_copy.bar([j + i * width for j in range(len(distances))], means, width, yerr=errs, label=row["name"],
+                        color=colors[i])
         for j, d in enumerate(distances):
             ax_copy.hlines(b["dense_copy"][d], j - 0.1, j + 0.9, colors="k", linestyles="--")
         ax_copy.set(xticks=[j + 0.4 - width / 2 for j in range(len(distances))], xticklabels=[f"{d} back" for d in
@@ -171,12 +172,12 @@ def figure(table: dict, path: Path) -> None:
         ax_copy.legend(fontsize=8)
         keys = [row["passkey"] for row in b["rows"]]
         ax_key.bar(names, [p["accuracy"] for p in keys], yerr=[[p["accuracy"] - p["ci95"][0] for p in keys],
-                                                              [p["ci95"][1] - p["accuracy"] for p in keys]])
+                                                              [p["ci95"][1] - p["accuracy"] for p in keys]], color=colors)
         ax_key.axhline(b["dense_passkey"]["accuracy"], color="k", linestyle="--")
         ax_key.set(ylabel="DSA passkey accuracy (dense dashed)", ylim=(0, 1.05), title="passkey")
         gaps = [row["dsa_minus_oracle"] for row in b["rows"]]
         ax_loss.bar(names, [g["mean"] for g in gaps], yerr=[[g["mean"] - g["ci95"][0] for g in gaps],
-                                                            [g["ci95"][1] - g["mean"] for g in gaps]])
+                                                            [g["ci95"][1] - g["mean"] for g in gaps]], color=colors)
         ax_loss.set(ylabel="held-out loss DSA − oracle (nats)", title="what the indexer costs")
         for ax in (ax_key, ax_loss):
             ax.tick_params(axis="x", labelrotation=20)
