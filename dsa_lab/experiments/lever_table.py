@@ -20,7 +20,7 @@ from pathlib import Path
 from dsa_lab.common.results_io import atomic_write_text, mean_ci95, read_json
 from dsa_lab.experiments.skeleton import significance, summary_path
 from dsa_lab.experiments.retrieval import wilson_ci95
-from dsa_lab.experiments.retrofit import LEVER_DEFAULTS
+from dsa_lab.interop.levers import LEVER_DEFAULTS
 
 PAIRING_KEYS = ("seed", "eval_windows", "probe_windows", "probe_distances", "passkey_depths", "passkey_trials",
                 "passkey_filler", "eval_backend")

@@ -29,7 +29,7 @@ from dsa_lab.experiments import retrieval, retrofit_speed
 from dsa_lab.experiments import skeleton as experiment
 from dsa_lab.inference import retrofit_decode
 from dsa_lab.interop import retrofit
-from dsa_lab.interop.levers import Recurrence, splice_recurrences
+from dsa_lab.interop.levers import LEVER_DEFAULTS, Recurrence, splice_recurrences
 from dsa_lab.training.data import STREAM_TRAIN, STREAM_WARMUP, BatchStream, load_documents, make_windows, split_documents, stream_seed
 from config import DataConfig
 from dsa_lab.common.plateau import PlateauRule, PlateauTracker
@@ -82,16 +82,7 @@ PRESETS = {  # step caps and window counts per preset; every L gets its own warm
                     passkey_depths=[i / 10 for i in range(11)], passkey_trials=10, timing_repeats=3, batch_reuse=4,
                     warmup_rows=512, **ADOPTED_LEVERS),
 }
-# The levers of issue 30 (dsa_lab/interop/levers.py), each off at its default here (the paper's recipe):
-# structure_window (> 0: DSA always keeps the first `sinks` and the last structure_window tokens, the indexer picks the
-# other k - sinks - window, and its KL fits the target outside those kept keys), warmup_target (sum | group_max |
-# head_max), row_weight / far_window (rows weighted toward target mass outside the kept keys), prev_key (the indexer key
-# reads token s - 1 too), rank_weight / rank_top (a top-k-membership term beside the KL), recur_* (data: a recur_share
-# of the warm-up's and stage 2's training windows get recur_spans spans of their own text repeated at random
-# distances, `levers.Recurrence`; held-out windows and every evaluation stay untouched).
-LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, far_window=64, prev_key=False,
-                      rank_weight=0.0, rank_top=16, recur_share=0.0, recur_spans=4, recur_min=16, recur_max=128,
-                      recur_gap=32)
+# The levers' settings at the paper's recipe: levers.LEVER_DEFAULTS (what each one means is said there).
 COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval_backend="sdpa_mask",
               eval_modes=list(MODES[1:]),
               warmup_lr=1e-3, warmup_min_rel_improvement=0.02, steps=0,

@@ -46,6 +46,18 @@ def head_target(probs: torch.Tensor, target: str, group: int) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+# The retrofit experiment's lever settings (issue 30), each off at its default here (the paper's recipe):
+# structure_window (> 0: DSA always keeps the first `sinks` and the last structure_window tokens, the indexer picks the
+# other k - sinks - window, and its KL fits the target outside those kept keys), warmup_target (sum | group_max |
+# head_max), row_weight / far_window (rows weighted toward target mass outside the kept keys), prev_key (the indexer key
+# reads token s - 1 too), rank_weight / rank_top (a top-k-membership term beside the KL), recur_* (data: a recur_share
+# of the warm-up's and stage 2's training windows get recur_spans spans of their own text repeated at random
+# distances, `Recurrence`; held-out windows and every evaluation stay untouched).
+LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, far_window=64, prev_key=False,
+                      rank_weight=0.0, rank_top=16, recur_share=0.0, recur_spans=4, recur_min=16, recur_max=128,
+                      recur_gap=32)
+
+
 # ----------------------------------------------------------------------------- structure
 def kept_keys(query_pos: torch.Tensor, L: int, sinks: int, window: int) -> torch.Tensor:
     """query_pos (R,) -> (R, L) bool, True at the keys a row always keeps: s < sinks or t - window < s <= t."""
