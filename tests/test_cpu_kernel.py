@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from dsa_lab.kernels import chunked, cpu_sparse
+from dsa_lab.kernels import chunked, cpp_build, cpu_sparse
 from dsa_lab.kernels.backends import GatherBackend, sparse_attention_gather_torch
 from sparse_attention import Selection, sparse_attention_masked
 
@@ -116,14 +116,14 @@ def test_build_is_cached(monkeypatch):
     """A second build finds the cached library: the compiler is asked only for its version."""
     calls = []
     real = subprocess.run
-    monkeypatch.setattr(cpu_sparse.subprocess, "run", lambda argv, **kw: calls.append(argv) or real(argv, **kw))
-    cpu_sparse._build()
+    monkeypatch.setattr(cpp_build.subprocess, "run", lambda argv, **kw: calls.append(argv) or real(argv, **kw))
+    cpu_sparse.KERNEL.build()
     assert [argv[1:] for argv in calls] == [["--version"]]
 
 
 def test_no_compiler_falls_back_to_the_torch_path(monkeypatch, tmp_path):
     """CXX that fails: one warning, kernel_status names the reason, GatherBackend still equals the reference."""
-    monkeypatch.setattr(cpu_sparse, "_STATE", {})
+    monkeypatch.setattr(cpu_sparse.KERNEL, "state", {})
     monkeypatch.setenv("CXX", "false")
     monkeypatch.setenv("DSA_LAB_KERNEL_CACHE", str(tmp_path))
     q, kk, v, (idx, valid) = _inputs(1, 4, 2, 17, 8, 8, 5)

@@ -58,10 +58,13 @@ def test_chunked_select_equals_reference_selector(B, H, L, D, k):
         assert torch.equal(_sorted(idx), _sorted(ref_idx)) and torch.equal(valid.sum(-1), ref_valid.sum(-1))
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("budget", [1, 40, 700])
-def test_chunked_select_variable_prefix_chunks_equal_reference(monkeypatch, budget):
-    """Default chunking (more queries per chunk while the key prefix is short) picks the reference's set."""
+def test_chunked_select_variable_prefix_chunks_equal_reference(monkeypatch, budget, fused):
+    """Default chunking (more queries per chunk while the key prefix is short) picks the reference's set, through
+    the fused C++ pass and its torch twin."""
     monkeypatch.setitem(work_sizes.CPU_BUDGETS, "index", budget)
+    monkeypatch.setattr(kernels, "FUSED_SELECT", fused)
     B, L, k = 2, 57, 9
     q, kk, w = (t.round() for t in _indexer(B, L))  # many exact ties (ReLU zeros, -0.0 vs +0.0)
     ref_idx, ref_valid = TopKTokenSelector(k)(index_scores(q, kk, w))
@@ -77,6 +80,7 @@ def test_block_max_prefilter_picks_the_reference_set_and_order(monkeypatch, chun
     B, L, k = 2, 203, 6
     q, kk, w = (t.round() for t in _indexer(B, L))
     w = w * 0 if weights == "zero" else w
+    monkeypatch.setattr(kernels, "FUSED_SELECT", False)  # the torch path (the fused C++ twin: tests/test_cpu_select.py)
     pooled = []
     pool = kernels.F.max_pool1d
     monkeypatch.setattr(kernels.F, "max_pool1d", lambda x, *a, **kw: pooled.append(x.shape[-1]) or pool(x, *a, **kw))

@@ -61,10 +61,10 @@ def _run_counted(monkeypatch, B, L, K, H, D, D_mqa, H_I, d_I) -> dict:
             return real(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
 
-    def selection_work(q_c, k_t, w_c, start, work):  # per-head scores (B, c * H_I, stop)
+    def selection_work(q_c, k_t, work):  # per-head scores (B, c * H_I, stop)
         fitted = max(1, q_c.shape[1] - (chunked.SELECT_BLOCK - 1))
-        return q_c.shape[1], q_c.shape[0] * fitted * q_c.shape[2] * (start + fitted)
-    count(chunked, "_causal_prefix_scores", "selection", selection_work)
+        return q_c.shape[1], q_c.shape[0] * fitted * q_c.shape[2] * (k_t.shape[-1] - q_c.shape[1] + fitted)
+    count(chunked, "_per_head_scores", "selection", selection_work)
     count(chunked, "_gather_rows", "gather", lambda k, v, idx, valid, start, stop, bufs: (
         stop - start, k.shape[0] * (stop - start) * k.shape[1] * idx.shape[-1] * k.shape[-1]))  # (B, c, H, K, D)
     count(chunked, "_selected_scores_chunk", "selected index scores", lambda q, k, w, idx: (

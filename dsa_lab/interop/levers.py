@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsa_lab.kernels.chunked import chunked_select
+from dsa_lab.kernels.chunked import chunked_select, kept_keys
 from sparse_attention import LightningIndexer, Selection, index_scores, indexer_kl_dense, select_top_k
 
 TARGETS = ("sum", "group_max", "head_max")
@@ -59,13 +59,6 @@ LEVER_DEFAULTS = dict(structure_window=0, warmup_target="sum", row_weight=0.0, f
 
 
 # ----------------------------------------------------------------------------- structure
-def kept_keys(query_pos: torch.Tensor, L: int, sinks: int, window: int) -> torch.Tensor:
-    """query_pos (R,) -> (R, L) bool, True at the keys a row always keeps: s < sinks or t - window < s <= t."""
-    s = torch.arange(L, device=query_pos.device)[None, :]
-    t = query_pos[:, None]
-    return (s < sinks) | ((s > t - window) & (s <= t))
-
-
 def sink_local_selection(B: int, L: int, top_k: int, sinks: int, device, rows: torch.Tensor | None = None):
     """The first `sinks` tokens plus the last top_k - sinks; rows with t+1 <= top_k keep their whole prefix.
     rows: the query positions (R,) to select for (default 0..L-1). -> selected_idx (B, R, K) (-1 = invalid), valid;
@@ -104,13 +97,8 @@ def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, windo
     B, L, _ = x.shape
     q, k, w = indexer.project(x)
 
-    def outside_kept(q_c, k_prefix, w_c):  # (B, c, stop) scores, -inf at future and kept keys
-        stop, c = k_prefix.shape[1], q_c.shape[1]
-        pos = torch.arange(stop - c, stop, device=q_c.device)
-        return index_scores(q_c, k_prefix, w_c).masked_fill_(kept_keys(pos, stop, sinks, window), float("-inf"))
-
-    def outside_top_k(n):
-        return chunked_select(q.detach(), k.detach(), w.detach(), n, score_fn=outside_kept)
+    def outside_top_k(n):  # the indexer's top-n over the keys outside kept_keys
+        return chunked_select(q.detach(), k.detach(), w.detach(), n, kept=(sinks, window))
     return Selection(*structured_slots(B, L, top_k, sinks, window, outside_top_k, x.device), index_inputs=(q, k, w))
 
 

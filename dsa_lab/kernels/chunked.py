@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dsa_lab.kernels import cpu_select
 from sparse_attention import certify_selection, check_no_nan, check_selection, select_top_k
 from dsa_lab.common.work_sizes import chunk_bounds as _chunk_bounds
 from dsa_lab.common.work_sizes import prefix_bounds, query_chunk as _query_chunk, work_budget
@@ -28,6 +29,7 @@ from dsa_lab.common.work_sizes import prefix_bounds, query_chunk as _query_chunk
 MAX_CPU_WORKERS = 8  # CPU: at most this many Python threads share a chunk loop (run_chunks; measured on 2 cores only)
 MIN_PARALLEL_CHUNKS = 16  # fewer chunks run on one thread (a quick-width MLA step at L=256, 6 chunks per call: 2
 #                           workers made the call 2x slower, 47 vs 38 ms per training step)
+FUSED_SELECT = True  # CPU: chunked_select ranks through cpu_select's C++ pass where it serves (False: the torch twin)
 SELECT_BLOCK = 8  # keys per block of chunked selection's exact block-max prefilter (_chunk_top_k)
 BLOCK_SIZE = 64  # default query block of the 'block' backend
 FLEX_MIN_HEAD_DIM = 16  # flex_attention refuses a smaller head dim on CUDA ("NYI: embedding dimension ... at least 16")
@@ -55,7 +57,8 @@ def selected_scores_chunk(B: int, L: int, K: int, H_I: int, d_I: int, device) ->
 
 
 @torch.no_grad()
-def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None, index_dtype=None):
+def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None, index_dtype=None,
+                   kept: tuple = (0, 0)):
     """Causal top-k selection over query chunks: the same set as TopKTokenSelector(index_scores(q, k, w)).
 
     q (B, L, H_I, d_I), k (B, L, d_I), w (B, L, H_I) -> selected_idx (B, L, K) (-1 invalid), valid (B, L, K),
@@ -70,6 +73,10 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None,
     (2.2x the fp32 GEMM rate on an AVX512-BF16 CPU), ReLU, the head weights and top-k stay fp32 — a cheaper
     indexer whose sets differ from fp32's only where scores tie within bf16 rounding (docs/benchmarks.md measures
     the overlap and the recall change).
+    `kept` = (sinks, window): the keys a structured row keeps anyway (`kept_keys`: s < sinks or t - window < s <= t)
+    are left out of its top-K (fewer remaining keys: -1 slots). On CPU (fp32/fp64 scores, or the bf16 GEMM) the
+    scores after the GEMM are summed and ranked in one C++ pass per row (`cpu_select`); the torch passes here are
+    its reference twin and the path everywhere else.
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
@@ -85,8 +92,8 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None,
         if score_fn is not None:
             raise ValueError("chunked_select: index_dtype and score_fn are exclusive (score_fn computes its own dtype)")
         low = (q.to(index_dtype), k_t.to(index_dtype).contiguous())  # (B, L, H_I, d_I), (B, d_I, L) rows for the GEMM
-    run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share, low), bounds,
-               q.device)
+    run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share, low, kept),
+               bounds, q.device)
     return certify_selection(selected_idx, valid), valid  # distinct top-k positions, -1 exactly at invalid slots
 
 
@@ -125,19 +132,32 @@ def run_chunks(work, bounds: list, device) -> list:
             return [f.result() for f in [pool.submit(in_caller_grad_mode, bounds[i::workers]) for i in range(workers)]]
 
 
-def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds, low=None) -> None:
+def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds, low=None, kept=(0, 0)) -> None:
     keys = _KeyBuffer(q.shape[0], q.shape[1], q.device)
     work = [q.new_empty(0), q.new_empty(0), low[0].new_empty(0) if low else None]  # reused score buffers (fresh
     #                                                         ones cost ~7 % of the scoring on CPU, far more in bf16)
     for start, stop in bounds:
         if score_fn is None:
             gemm = (low[0][:, start:stop], low[1][:, :, :stop]) if low else (q[:, start:stop], k_t[:, :, :stop])
-            scores = _causal_prefix_scores(*gemm, w[:, start:stop], start, work)
+            per_head = _per_head_scores(*gemm, work)  # (B, c, H_I, stop)
+            if FUSED_SELECT and cpu_select.fused_available(per_head, w):
+                cpu_select.select_rows(per_head, w[:, start:stop], start, selected_idx[:, start:stop], valid[:, start:stop], kept)
+                continue
+            scores = _causal_prefix_scores(per_head, w[:, start:stop], start, work)
         else:
             scores = score_fn(q[:, start:stop], k[:, :stop], w[:, start:stop])  # (B, c, stop), -inf future
+        if kept != (0, 0):
+            scores.masked_fill_(kept_keys(torch.arange(start, stop, device=q.device), stop, *kept), float("-inf"))
         idx_c, valid_c = _chunk_top_k(scores, min(K, stop), keys)  # (B, c, min(K, stop))
         selected_idx[:, start:stop, :idx_c.shape[-1]] = idx_c.masked_fill_(~valid_c, -1)
         valid[:, start:stop, :idx_c.shape[-1]] = valid_c
+
+
+def kept_keys(query_pos: torch.Tensor, L: int, sinks: int, window: int) -> torch.Tensor:
+    """query_pos (R,) -> (R, L) bool, True at the keys a structured row always keeps: s < sinks or t - window < s <= t."""
+    s = torch.arange(L, device=query_pos.device)[None, :]
+    t = query_pos[:, None]
+    return (s < sinks) | ((s > t - window) & (s <= t))
 
 
 def _chunk_top_k(scores, K: int, keys: "_KeyBuffer"):
@@ -167,29 +187,39 @@ def _chunk_top_k(scores, K: int, keys: "_KeyBuffer"):
     return positions.gather(-1, slot), torch.isfinite(candidates.gather(-1, slot))
 
 
-def _causal_prefix_scores(q_c, k_t, w_c, start: int, work: list) -> torch.Tensor:
-    """index_scores for queries [start, start + c) over keys [0, stop): q_c (B, c, H_I, d_I), k_t (B, d_I, stop),
-    w_c (B, c, H_I) -> (B, c, stop), -inf at future keys. The same matmuls as `index_scores` on the chunk, but
-    only the diagonal (c, c) block can hold future keys, so only it is masked (no (c, stop) mask tensor).
-    `work`: flat buffers, grown as needed and written in place, that hold the per-head and the summed
-    scores (the result is a view of work[1]), and (work[2], or None) the per-head scores of a bf16 GEMM: q_c and
-    k_t may then be bf16 while w_c and the other buffers keep the scores' dtype. Otherwise q_c, k_t and w_c share
-    one dtype (`score_dtype`): out= skips autocast, so a buffer in q's dtype next to an autocast-fp32 k would be
-    refused."""
+def _per_head_scores(q_c, k_t, work: list) -> torch.Tensor:
+    """The chunk's per-head GEMM: q_c (B, c, H_I, d_I), k_t (B, d_I, stop) -> (B, c, H_I, stop) in a reused buffer:
+    work[0] (the scores' dtype), or work[2] when q_c and k_t are bf16 (chunked_select's index_dtype) and the scores'
+    dtype is not. `work`: flat buffers, grown as needed and written in place (work[1]: the summed scores)."""
     B, c, H_I, d_I = q_c.shape
     stop = k_t.shape[-1]
-    for i, n in enumerate((B * c * H_I * stop, B * c * stop, B * c * H_I * stop)):
-        if work[i] is not None and work[i].numel() < n:
-            work[i] = work[i].new_empty(n)
-    per_head = work[0][:B * c * H_I * stop].view(B, c * H_I, stop)
-    if q_c.dtype == per_head.dtype:
-        torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t, out=per_head)  # one GEMM
-    else:  # bf16 GEMM (chunked_select's index_dtype), then ReLU and the head weights in the scores' dtype
-        per_head.copy_(torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t, out=work[2][:per_head.numel()].view_as(per_head)))
+    low = work[2] is not None and q_c.dtype != work[0].dtype
+    i = 2 if low else 0
+    if work[i].numel() < B * c * H_I * stop:
+        work[i] = work[i].new_empty(B * c * H_I * stop)
+    per_head = work[i][:B * c * H_I * stop].view(B, c * H_I, stop)
+    torch.bmm(q_c.reshape(B, c * H_I, d_I), k_t, out=per_head)  # one GEMM
+    return per_head.view(B, c, H_I, stop)
+
+
+def _causal_prefix_scores(per_head, w_c, start: int, work: list) -> torch.Tensor:
+    """index_scores for queries [start, start + c) over keys [0, stop) from their per-head GEMM: per_head
+    (B, c, H_I, stop) (`_per_head_scores`), w_c (B, c, H_I) -> (B, c, stop), -inf at future keys: ReLU, the head
+    weights, and a mask on the diagonal (c, c) block only (only it can hold future keys: no (c, stop) mask tensor).
+    The result is a view of work[1]; ReLU and the weights run in w_c's dtype (a bf16 GEMM's output is converted into
+    work[0]). Otherwise per_head and w_c share one dtype (`score_dtype`): out= skips autocast, so a buffer in q's
+    dtype next to an autocast-fp32 k would be refused."""
+    B, c, H_I, stop = per_head.shape
+    if per_head.dtype != w_c.dtype:  # bf16 GEMM (chunked_select's index_dtype)
+        if work[0].numel() < per_head.numel():
+            work[0] = work[0].new_empty(per_head.numel())
+        per_head = work[0][:per_head.numel()].view_as(per_head).copy_(per_head)
     per_head.relu_()
+    if work[1].numel() < B * c * stop:
+        work[1] = work[1].new_empty(B * c * stop)
     scores = torch.bmm(w_c.reshape(B * c, 1, H_I), per_head.view(B * c, H_I, stop),
                        out=work[1][:B * c * stop].view(B * c, 1, stop)).view(B, c, stop)
-    future = torch.ones(c, c, dtype=torch.bool, device=q_c.device).triu_(1)  # s > t inside the diagonal block
+    future = torch.ones(c, c, dtype=torch.bool, device=per_head.device).triu_(1)  # s > t inside the diagonal block
     scores[:, :, start:].masked_fill_(future, float("-inf"))
     return scores
 

@@ -12,83 +12,35 @@ drops the GIL), so no second OpenMP runtime runs beside torch's.
       v (B, Hkv, L, Dv) -> out (B, H, L, Dv), probs (B, H, L, K) (detached) or None
   kernel_available(q) / kernel_status()   whether the kernel serves these tensors, and why not
 
-The build: `g++ -O3 -march=native -fopenmp-simd -shared -fPIC` (CXX overrides g++) into
-$DSA_LAB_KERNEL_CACHE (default ~/.cache/dsa_lab/kernels), named by a hash of the source, the compiler's version, the
-flags and this CPU's feature flags; built to a temporary name and renamed (concurrent processes are safe). When no
-compiler works, the first call warns once and every caller takes the torch path (`chunked.sparse_attention_gather`,
-the reference twin). DSA_LAB_CPU_KERNEL=0 turns the kernel off. fp32 and fp64 only; other dtypes take the torch path.
+The build (dsa_lab/kernels/cpp_build.py): the system C++ compiler at first use, cached. When no compiler works, the
+first call warns once and every caller takes the torch path (`chunked.sparse_attention_gather`, the reference twin).
+DSA_LAB_CPU_KERNEL=0 turns the kernel off. fp32 and fp64 only; other dtypes take the torch path.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
 from dsa_lab.common.work_sizes import chunk_bounds
 from dsa_lab.kernels.chunked import run_chunks
+from dsa_lab.kernels.cpp_build import CppKernel, longs as _longs, ptr as _ptr
 from sparse_attention import check_selection
 
-SOURCE = Path(__file__).with_name("cpu_sparse.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC")
+KERNEL = CppKernel(Path(__file__).with_name("cpu_sparse.cpp"), "using the torch gather path")
 QUERIES_PER_CALL = 64  # queries per kernel call (a share of run_chunks' work; ~1 ms of work at k 256, H 8)
 _TYPES = {torch.float32: "f32", torch.float64: "f64"}
-_STATE: dict = {}  # "lib": the loaded CDLL, or "reason": why there is none
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build() -> ctypes.CDLL:
-    """Compile (or reuse the cached) shared library and load it; raise OSError/RuntimeError when that fails."""
-    cxx = os.environ.get("CXX", "g++")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags()]).encode()).hexdigest()
-    cache = Path(os.environ.get("DSA_LAB_KERNEL_CACHE") or Path.home() / ".cache" / "dsa_lab" / "kernels")
-    cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"cpu_sparse_{key[:16]}.so"
-    if not lib.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{cxx} failed: {(done.stderr.strip().splitlines() or ['?'])[0][:200]}")
-            os.replace(tmp, lib)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return ctypes.CDLL(str(lib))
 
 
 def _library():
     """The loaded kernel library, or None (the reason is in kernel_status(); warned once)."""
-    if "lib" in _STATE or "reason" in _STATE:
-        return _STATE.get("lib")
-    if os.environ.get("DSA_LAB_CPU_KERNEL", "1") == "0":
-        _STATE["reason"] = "turned off by DSA_LAB_CPU_KERNEL=0"
-        return None
-    try:
-        _STATE["lib"] = _build()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        _STATE["reason"] = f"C++ kernel not built ({str(err).splitlines()[0][:200]}); using the torch gather path"
-        warnings.warn(_STATE["reason"], RuntimeWarning, stacklevel=3)
-    return _STATE.get("lib")
+    return KERNEL.library()
 
 
 def kernel_status() -> str:
     """'built' or why the kernel is not used."""
-    return "built" if _library() is not None else _STATE["reason"]
+    return KERNEL.status()
 
 
 def kernel_available(q: torch.Tensor) -> bool:
@@ -96,14 +48,6 @@ def kernel_available(q: torch.Tensor) -> bool:
     no torch.compile trace (dynamo cannot trace a ctypes call: compiled models take the traceable torch path)."""
     return (not torch.compiler.is_compiling() and q.device.type == "cpu" and q.dtype in _TYPES
             and not torch.is_autocast_enabled("cpu") and _library() is not None)
-
-
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
-
-
-def _longs(*xs):
-    return (ctypes.c_int64 * len(xs))(*xs)
 
 
 def _strides(t):

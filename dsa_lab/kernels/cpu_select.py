@@ -1,0 +1,43 @@
+"""chunked_select's CPU path after the per-head GEMM, fused in C++ (`cpu_select.cpp`, built like cpu_sparse.cpp by
+dsa_lab/kernels/cpp_build.py): per query row, the head-weighted ReLU sum of its per-head scores over its allowed keys
+and their top-K in the reference's order (descending score as float32, ties toward the most recent key), written
+straight into the selection — instead of ~10 torch passes over the chunk's (c, S) scores (ReLU, head weights, the
+future mask, the block-max prefilter, int64 keys, two top-ks). The torch path in `chunked._select_chunks` is its
+reference twin (tests/test_cpu_select.py: the same positions, order and validity, ties included).
+
+  fused_available(per_head, w)   the kernel serves these dtypes (fp32 or fp64 scores; bf16 GEMM output with fp32
+                                 weights) on CPU outside a torch.compile trace, and is built
+  select_rows(per_head, w, start, selected_idx, valid, kept)
+      per_head (B, c, H_I, S) contiguous, w (B, c, H_I) of the queries at positions start .. start + c - 1 ->
+      selected_idx (B, c, K) (int64, -1 invalid) and valid (B, c, K) (bool) written (views whose rows are contiguous,
+      e.g. rows [start, start + c) of a (B, L, K) selection): row t's top-K keys among s in [sinks, t - window]
+      (kept = (sinks, window); (0, 0): every past key), descending
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsa_lab.kernels.cpp_build import CppKernel, longs, ptr
+
+KERNEL = CppKernel(Path(__file__).with_name("cpu_select.cpp"), "chunked selection takes its torch path")
+_TYPES = {(torch.float32, torch.float32): "f32", (torch.float64, torch.float64): "f64",
+          (torch.bfloat16, torch.float32): "bf16"}  # (per-head scores, head weights) -> the kernel's entry
+
+
+def fused_available(per_head: torch.Tensor, w: torch.Tensor) -> bool:
+    return (per_head.device.type == "cpu" and (per_head.dtype, w.dtype) in _TYPES
+            and not torch.compiler.is_compiling() and KERNEL.library() is not None)
+
+
+def select_rows(per_head, w, start: int, selected_idx, valid, kept: tuple = (0, 0)) -> None:
+    """See the module docstring. One call per chunk (run on run_chunks' worker threads: ctypes drops the GIL)."""
+    B, c, H_I, S = per_head.shape
+    K = selected_idx.shape[-1]
+    assert per_head.is_contiguous() and S >= start + c and selected_idx.shape == valid.shape == (B, c, K)
+    assert selected_idx.dtype == torch.long and valid.dtype == torch.bool
+    assert selected_idx.stride()[1:] == valid.stride()[1:] == (K, 1) and selected_idx.stride(0) == valid.stride(0)
+    w = w.contiguous()
+    fn = getattr(KERNEL.library(), f"dsa_select_{_TYPES[(per_head.dtype, w.dtype)]}")
+    fn(ptr(per_head), ptr(w), ptr(selected_idx), ptr(valid), longs(B, c, H_I, S, K, start, *kept, selected_idx.stride(0)))

@@ -1,0 +1,104 @@
+"""The fused C++ score -> top-k pass (dsa_lab/kernels/cpu_select.py) against its torch twin (chunked._select_chunks'
+torch passes) and the reference (index_scores + select_top_k): the same positions in the same order and validity,
+ties included (integer-valued inputs: exact sums in any order, ReLU zeros, equal scores broken toward the most
+recent key), fp32 / fp64 / the bf16 GEMM, rows shorter than k, structured rows (sinks + window left out)."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from dsa_lab.kernels import chunked, cpu_select
+from sparse_attention import index_scores, select_top_k
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
+
+
+def _indexer(B, L, H_I=3, d_I=8, dtype=torch.float64, seed=0, integer=True):
+    g = torch.Generator().manual_seed(seed)
+    q, k, w = (torch.randn(B, L, H_I, d_I, generator=g), torch.randn(B, L, d_I, generator=g),
+               torch.randn(B, L, H_I, generator=g))
+    if integer:  # small integers: exact products and sums in fp32, fp64 and the bf16 GEMM; many ties
+        q, k, w = (t.mul(1.5).round() for t in (q, k, w))
+    return q.to(dtype), k.to(dtype), w.to(dtype)
+
+
+def _reference(q, k, w, top_k, kept=(0, 0)):
+    scores = index_scores(q, k, w)  # (B, L, L), -inf at future keys
+    if kept != (0, 0):
+        L = scores.shape[-1]
+        scores = scores.masked_fill(chunked.kept_keys(torch.arange(L), L, *kept), float("-inf"))
+    return select_top_k(scores, top_k)
+
+
+def _select(monkeypatch, fused: bool, *args, **kw):
+    monkeypatch.setattr(chunked, "FUSED_SELECT", fused)
+    calls = []
+    real = cpu_select.select_rows
+    monkeypatch.setattr(cpu_select, "select_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = chunked.chunked_select(*args, **kw)
+    assert bool(calls) == fused  # the path under test ran
+    return out
+
+
+def test_the_kernel_builds_where_a_compiler_exists():
+    assert cpu_select.KERNEL.status() == "built"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,L,top_k,chunk", [(2, 57, 9, None), (1, 203, 6, 5), (2, 40, 64, 7), (1, 1, 3, None),
+                                             (3, 130, 16, 1)])
+@pytest.mark.parametrize("kept", [(0, 0), (2, 3), (4, 16)])
+def test_fused_equals_torch_twin_and_reference(monkeypatch, dtype, B, L, top_k, chunk, kept):
+    q, k, w = _indexer(B, L, dtype=dtype)
+    ref_idx, ref_valid = _reference(q, k, w, top_k, kept)
+    for fused in (True, False):
+        idx, valid = _select(monkeypatch, fused, q, k, w, top_k, chunk=chunk, kept=kept)
+        assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid), (fused, kept)
+
+
+@pytest.mark.parametrize("weights", ["zero", "negative", "underflow"])
+def test_all_tied_rows_keep_the_most_recent_keys(monkeypatch, weights):
+    """Zero weights tie every key at +-0.0; negative weights make every ReLU'd score <= 0; fp64 scores of -1e-60
+    round to float32 -0.0 beside the +0.0 of ReLU zeros, which the reference keys alike: ties that only the
+    tie-break toward recent keys decides, in both paths."""
+    q, k, w = _indexer(2, 90, dtype=torch.float64 if weights == "underflow" else torch.float32)
+    w = {"zero": w * 0, "negative": -w.abs(), "underflow": -1e-60 * w.abs()}[weights]
+    ref = _reference(q, k, w, 12)
+    for fused in (True, False):
+        idx, valid = _select(monkeypatch, fused, q, k, w, 12)
+        assert torch.equal(idx, ref[0]) and torch.equal(valid, ref[1])
+    if weights != "negative":
+        t = torch.arange(90)[:, None]
+        assert torch.equal(idx[0, 20:], (t - torch.arange(12))[20:])  # t, t-1, ..., t-11
+
+
+def test_bf16_gemm_fused_equals_its_torch_twin(monkeypatch):
+    """index_dtype=bf16: the kernel reads the GEMM's bf16 output and sums in fp32, as the torch path does after its
+    copy to fp32 (exact here: small integers are bf16-exact)."""
+    q, k, w = _indexer(2, 150, dtype=torch.float32)
+    a = _select(monkeypatch, True, q, k, w, 20, index_dtype=torch.bfloat16)
+    b = _select(monkeypatch, False, q, k, w, 20, index_dtype=torch.bfloat16)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], _reference(q, k, w, 20)[0])
+
+
+def test_random_fp32_scores_pick_the_twins_sets(monkeypatch):
+    """Continuous fp32 inputs at a realistic width: the two paths sum the head weights in their own order, so a
+    near-tie may fall either way; the sets agree in >= 99.9 % of the slots (seen: all of them)."""
+    q, k, w = _indexer(1, 600, H_I=4, d_I=32, dtype=torch.float32, integer=False)
+    a, va = _select(monkeypatch, True, q, k, w, 64)
+    b, vb = _select(monkeypatch, False, q, k, w, 64)
+    assert torch.equal(va, vb)
+    same = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1) & va
+    assert same.sum() / va.sum() >= 0.999
+
+
+def test_unserved_dtypes_take_the_torch_path(monkeypatch):
+    """bf16 inputs (scores in bf16, e.g. CPU autocast) are not the kernel's: the torch path runs and equals the
+    reference."""
+    q, k, w = _indexer(1, 50, dtype=torch.bfloat16)
+    monkeypatch.setattr(cpu_select, "select_rows", lambda *a, **kw: pytest.fail("the kernel ran on bf16 scores"))
+    idx, valid = chunked.chunked_select(q, k, w, 8)
+    ref_idx, ref_valid = _reference(q, k, w, 8)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
