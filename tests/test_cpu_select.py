@@ -102,3 +102,21 @@ def test_unserved_dtypes_take_the_torch_path(monkeypatch):
     idx, valid = chunked.chunked_select(q, k, w, 8)
     ref_idx, ref_valid = _reference(q, k, w, 8)
     assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+
+
+@pytest.mark.parametrize("kept", [(0, 0), (4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_rows_are_chunked_selects_last_rows(monkeypatch, kept, dtype):
+    """select_last_rows (a cached decode step's new tokens at the end of the cache) equals chunked_select's last
+    rows, through the fused pass and through its torch twin, at every cache length T (rows shorter than k too)."""
+    q, k, w = _indexer(2, 70, dtype=dtype)
+    full_idx, full_valid = chunked.chunked_select(q, k, w, 24, kept=kept)
+    for fused in (True, False):
+        monkeypatch.setattr(chunked, "FUSED_SELECT", fused)
+        for T in (1, 5, 23, 24, 25, 70):
+            for Lq in (1, 3):
+                if Lq > T:
+                    continue
+                idx, valid = chunked.select_last_rows(q[:, T - Lq:T], k[:, :T], w[:, T - Lq:T], 24, kept=kept)
+                K = min(24, T)
+                assert torch.equal(idx, full_idx[:, T - Lq:T, :K]) and torch.equal(valid, full_valid[:, T - Lq:T, :K])

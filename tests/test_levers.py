@@ -65,7 +65,7 @@ def test_structured_row_is_the_full_forwards_row(sinks, window, ties):
     q, k, w = indexer.project(x)
     full = levers.structured_selection(indexer, x, K, sinks, window)
     for T in range(1, L + 1):
-        row = levers.structured_row(index_scores(q[:, T - 1:T], k[:, :T], w[:, T - 1:T]), K, sinks, window)
+        row = levers.structured_row(q[:, T - 1:T], k[:, :T], w[:, T - 1:T], K, sinks, window)
         assert row.shape == (2, min(K, T)) and row.min() >= 0 and row.max() < T, T
         got = [sorted(r.tolist()) for r in row]
         assert all(len(set(r)) == len(r) for r in got), T

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from dsa_lab.inference.decode import LayerCache, _take, sample_next
 from dsa_lab.interop import levers, retrofit
 from dsa_lab.interop.retrofit import Plan, RetrofitAux, RetrofitLM
-from sparse_attention import causal_attention_probs, check_no_nan, index_scores, select_top_k, timed
+from dsa_lab.kernels.chunked import select_last_rows
+from sparse_attention import causal_attention_probs, check_no_nan, select_top_k, timed
 
 CACHED_SELECTIONS = ("dense", "dsa", "oracle")
 
@@ -110,17 +111,18 @@ class _CachedCall:
 
     def select_one(self, layer: int, q, keys, scaling) -> torch.Tensor:
         """The new token's top-k cached positions (B, min(k, T)), every slot valid."""
-        if self.plan.selection == "dsa":
+        if self.plan.selection == "dsa":  # chunked_select's row T-1 (the fused C++ pass on CPU)
             pos = self.state.length
             iq, ik, iw = self.indexers[layer].project(self.aux.inputs[layer], pos)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
-            row = index_scores(iq, self.state.caches[layer].write("index_keys", ik, 1, pos), iw)  # (B, 1, T)
-        else:  # oracle: the head-summed attention of this query, as retrofit.oracle_selection computes a row
-            D = q.shape[-1]
-            q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)
-            row = causal_attention_probs(q, retrofit.per_head(keys, q.shape[1] // keys.shape[1])).sum(1)
+            cached_keys = self.state.caches[layer].write("index_keys", ik, 1, pos)  # (B, T, d_I)
+            if self.plan.window:  # structured: the full forward's rule at this row
+                return levers.structured_row(iq, cached_keys, iw, self.plan.top_k, self.plan.sinks, self.plan.window)
+            return select_last_rows(iq, cached_keys, iw, self.plan.top_k)[0][:, 0]  # (B, K)
+        # oracle: the head-summed attention of this query, as retrofit.oracle_selection computes a row
+        D = q.shape[-1]
+        q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)
+        row = causal_attention_probs(q, retrofit.per_head(keys, q.shape[1] // keys.shape[1])).sum(1)  # (B, 1, T)
         check_no_nan(row)
-        if self.plan.selection == "dsa" and self.plan.window:  # structured: the full forward's rule at this row
-            return levers.structured_row(row, self.plan.top_k, self.plan.sinks, self.plan.window)  # (B, K)
         return select_top_k(row, self.plan.top_k)[0][:, 0]  # row (B, 1, T) -> (B, K)
 
 

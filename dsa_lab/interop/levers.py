@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsa_lab.kernels.chunked import chunked_select, kept_keys
-from sparse_attention import LightningIndexer, Selection, index_scores, indexer_kl_dense, select_top_k
+from dsa_lab.kernels.chunked import chunked_select, kept_keys, select_last_rows
+from sparse_attention import LightningIndexer, Selection, indexer_kl_dense
 
 TARGETS = ("sum", "group_max", "head_max")
 
@@ -102,16 +102,16 @@ def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, windo
     return Selection(*structured_slots(B, L, top_k, sinks, window, outside_top_k, x.device), index_inputs=(q, k, w))
 
 
-def structured_row(scores: torch.Tensor, top_k: int, sinks: int, window: int) -> torch.Tensor:
-    """A cached decode step's structured selection: the index scores (B, 1, T) of the query at position T-1 over
-    the keys 0..T-1 -> its positions (B, min(top_k, T)), every slot valid: `structured_slots` at that row, the set
-    `structured_selection` picks at row T-1 of any sequence of L >= T."""
-    B, _, T = scores.shape
-    pos = torch.arange(T - 1, T, device=scores.device)  # (1,): no host-to-device copy
+def structured_row(q, k, w, top_k: int, sinks: int, window: int) -> torch.Tensor:
+    """A cached decode step's structured selection: the indexer's projections of the query at position T-1, q
+    (B, 1, H_I, d_I) and w (B, 1, H_I), and its keys k (B, T, d_I) -> its positions (B, min(top_k, T)), every slot
+    valid: `structured_slots` at that row, the set `structured_selection` picks at row T-1 of any sequence of L >= T."""
+    B, T = k.shape[:2]
+    pos = torch.arange(T - 1, T, device=k.device)  # (1,): no host-to-device copy
 
-    def outside_top_k(n):  # the row's scores, -inf at its kept keys (every cached key is past)
-        return select_top_k(scores.masked_fill(kept_keys(pos, T, sinks, window), float("-inf")), n)
-    return structured_slots(B, T, top_k, sinks, window, outside_top_k, scores.device, rows=pos)[0][:, 0]
+    def outside_top_k(n):  # the row's top-n over its keys outside kept_keys (every cached key is past)
+        return select_last_rows(q, k, w, n, kept=(sinks, window))
+    return structured_slots(B, T, top_k, sinks, window, outside_top_k, k.device, rows=pos)[0][:, 0]
 
 
 # ----------------------------------------------------------------------------- loss

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dsa_lab.kernels import cpu_select
-from sparse_attention import certify_selection, check_no_nan, check_selection, select_top_k
+from sparse_attention import certify_selection, check_no_nan, check_selection, index_scores, select_top_k
 from dsa_lab.common.work_sizes import chunk_bounds as _chunk_bounds
 from dsa_lab.common.work_sizes import prefix_bounds, query_chunk as _query_chunk, work_budget
 
@@ -95,6 +95,28 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None,
     run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share, low, kept),
                bounds, q.device)
     return certify_selection(selected_idx, valid), valid  # distinct top-k positions, -1 exactly at invalid slots
+
+
+@torch.no_grad()
+def select_last_rows(q, k, w, top_k: int, kept: tuple = (0, 0)):
+    """chunked_select's last Lq rows (the new tokens of a cached decode step): q (B, Lq, H_I, d_I) at the last Lq of
+    the L positions of k (B, L, d_I), w (B, Lq, H_I) -> selected_idx (B, Lq, K) (-1 invalid), valid; K = min(top_k, L).
+    On CPU the fused C++ pass ranks the GEMM's per-head scores; elsewhere `index_scores` + `select_top_k` (the twin)."""
+    B, Lq, H_I, d_I = q.shape
+    L, K = k.shape[1], min(top_k, k.shape[1])
+    check_no_nan(q, k, w)
+    dtype = score_dtype(q, k, w)
+    q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
+    per_head = torch.bmm(q.reshape(B, Lq * H_I, d_I), k.transpose(1, 2)).view(B, Lq, H_I, L)
+    if FUSED_SELECT and cpu_select.fused_available(per_head, w):
+        selected_idx = torch.empty(B, Lq, K, dtype=torch.long)
+        valid = torch.empty(B, Lq, K, dtype=torch.bool)
+        cpu_select.select_rows(per_head, w, L - Lq, selected_idx, valid, kept)
+        return certify_selection(selected_idx, valid), valid
+    scores = index_scores(q, k, w)  # (B, Lq, L), -inf at future keys
+    if kept != (0, 0):
+        scores.masked_fill_(kept_keys(torch.arange(L - Lq, L, device=q.device), L, *kept), float("-inf"))
+    return select_top_k(scores, top_k)
 
 
 def score_dtype(q, k, w) -> torch.dtype:
