@@ -11,14 +11,14 @@
 // rows of query positions start .. start + c - 1, batch rows `out_batch` elements apart (a (B, L, K) selection's
 // rows [start, start + c): L * K). dims = {B, c, H_I, S, K, start, sinks, window, out_batch}.
 //
-// Top-K: the row is scanned from its most recent key backward; candidates collect in a buffer of 2K keys, cut back
-// to the best K (nth_element) whenever it fills, and from the first cut on a key enters only when its score is
-// strictly above the K-th best held (every held key is more recent, so a tie stays out, as the reference breaks
-// it). Indexers favour recent keys, so the bar rises early and most older keys cost one compare.
+// Top-K, exact: a bar from the row's blocks of BLOCK keys — the K-th largest block maximum, which K keys reach, so
+// the K-th best key reaches it too — keeps only the keys at or above it as candidates (~K of them on random scores;
+// more only where scores tie at the bar), and one nth_element + sort of their (score, position) keys gives the K best in order.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -57,31 +57,32 @@ void row_scores(const P* ph, const T* w, int64_t H_I, int64_t S, int64_t lo, int
   }
 }
 
-inline float key_score(int64_t key) {  // the score of a key (its high 32 bits, decoded)
-  int32_t bits = static_cast<int32_t>(key >> 32);
-  bits ^= (bits >> 31) & 0x7FFFFFFF;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+constexpr int64_t BLOCK = 8;  // keys per block of the threshold's block maxima
 
 // the top-K (score, position) keys of sc[0..n) (positions lo..lo+n-1), descending, into keys (size min(K, n))
 template <typename T>
-void row_top_k(const T* sc, int64_t n, int64_t lo, int64_t K, std::vector<int64_t>& keys) {
+void row_top_k(const T* sc, int64_t n, int64_t lo, int64_t K, std::vector<int64_t>& keys, std::vector<float>& maxima) {
   const auto greater = std::greater<int64_t>();
-  const int64_t capacity = 2 * K;  // candidates held before they are cut back to the K best
+  const int64_t nb = n / BLOCK;  // full blocks; the last n % BLOCK keys are always candidates
   keys.clear();
-  bool full = false;  // once cut: `least` is the K-th best key's score, and only a strictly higher score enters
-  float least = 0.0f;
-  for (int64_t i = n - 1; i >= 0; --i) {
-    const float f = float(sc[i]);
-    if (full && !(f > least)) continue;  // a tie stays out: every held key is more recent
-    keys.push_back(position_key(f, lo + i));
-    if (static_cast<int64_t>(keys.size()) == capacity) {
-      std::nth_element(keys.begin(), keys.begin() + (K - 1), keys.end(), greater);
-      keys.resize(K);
-      least = key_score(keys[K - 1]);
-      full = true;
+  for (int64_t i = nb * BLOCK; i < n; ++i) keys.push_back(position_key(float(sc[i]), lo + i));
+  if (nb <= K) {
+    for (int64_t i = 0; i < nb * BLOCK; ++i) keys.push_back(position_key(float(sc[i]), lo + i));
+  } else {  // the bar: the K-th largest block maximum (K keys reach it, so the K-th best key does)
+    maxima.resize(2 * nb);  // [0, nb): each block's maximum; [nb, 2 nb): a copy that nth_element reorders
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      float m = float(sc[blk * BLOCK]);
+      for (int64_t i = 1; i < BLOCK; ++i) m = std::max(m, float(sc[blk * BLOCK + i]));
+      maxima[blk] = maxima[nb + blk] = m;
+    }
+    std::nth_element(maxima.begin() + nb, maxima.begin() + nb + (K - 1), maxima.end(), std::greater<float>());
+    const float bar = maxima[nb + K - 1];
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      if (maxima[blk] < bar) continue;  // no key of this block reaches the bar
+      for (int64_t i = blk * BLOCK; i < (blk + 1) * BLOCK; ++i) {
+        const float f = float(sc[i]);
+        if (f >= bar) keys.push_back(position_key(f, lo + i));
+      }
     }
   }
   if (static_cast<int64_t>(keys.size()) > K) {
@@ -97,7 +98,7 @@ void select_chunk(const P* per_head, const T* w, int64_t* idx, uint8_t* valid, c
                 window = dims[7], out_batch = dims[8];
   std::vector<T> sc(S);
   std::vector<int64_t> keys;
-  keys.reserve(2 * K);
+  std::vector<float> maxima;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t r = 0; r < c; ++r) {
       const int64_t t = start + r, lo = sinks, hi = t - window;
@@ -106,7 +107,7 @@ void select_chunk(const P* per_head, const T* w, int64_t* idx, uint8_t* valid, c
       int64_t n = 0;
       if (hi >= lo) {
         row_scores(per_head + (b * c + r) * H_I * S, w + (b * c + r) * H_I, H_I, S, lo, hi, sc.data());
-        row_top_k(sc.data(), hi - lo + 1, lo, K, keys);
+        row_top_k(sc.data(), hi - lo + 1, lo, K, keys, maxima);
         n = static_cast<int64_t>(keys.size());
         for (int64_t j = 0; j < n; ++j) out[j] = static_cast<int64_t>(static_cast<uint32_t>(keys[j]));
       }
