@@ -120,3 +120,13 @@ def test_decode_rows_are_chunked_selects_last_rows(monkeypatch, kept, dtype):
                 idx, valid = chunked.select_last_rows(q[:, T - Lq:T], k[:, :T], w[:, T - Lq:T], 24, kept=kept)
                 K = min(24, T)
                 assert torch.equal(idx, full_idx[:, T - Lq:T, :K]) and torch.equal(valid, full_valid[:, T - Lq:T, :K])
+
+
+@pytest.mark.parametrize("where", ["old key", "query", "weights"])
+def test_decode_rows_refuse_nan_anywhere(where):
+    """A NaN in an old cached key, the new query or its weights is refused in one line (the check runs on the
+    per-head scores, not on all of the cache)."""
+    q, k, w = _indexer(1, 40, dtype=torch.float32)
+    {"old key": k[0, 3], "query": q[0, -1, 1], "weights": w[0, -1]}[where][0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        chunked.select_last_rows(q[:, -1:], k, w[:, -1:], 8)

@@ -104,10 +104,10 @@ def select_last_rows(q, k, w, top_k: int, kept: tuple = (0, 0)):
     On CPU the fused C++ pass ranks the GEMM's per-head scores; elsewhere `index_scores` + `select_top_k` (the twin)."""
     B, Lq, H_I, d_I = q.shape
     L, K = k.shape[1], min(top_k, k.shape[1])
-    check_no_nan(q, k, w)
     dtype = score_dtype(q, k, w)
     q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
     per_head = torch.bmm(q.reshape(B, Lq * H_I, d_I), k.transpose(1, 2)).view(B, Lq, H_I, L)
+    check_no_nan(per_head, w)  # a NaN in q or any cached key shows here: one (Lq, H_I, L) check, not one of all of k
     if FUSED_SELECT and cpu_select.fused_available(per_head, w):
         selected_idx = torch.empty(B, Lq, K, dtype=torch.long)
         valid = torch.empty(B, Lq, K, dtype=torch.bool)
