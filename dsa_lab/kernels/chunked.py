@@ -163,7 +163,8 @@ def _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, bounds, low=N
             gemm = (low[0][:, start:stop], low[1][:, :, :stop]) if low else (q[:, start:stop], k_t[:, :, :stop])
             per_head = _per_head_scores(*gemm, work)  # (B, c, H_I, stop)
             if FUSED_SELECT and cpu_select.fused_available(per_head, w):
-                cpu_select.select_rows(per_head, w[:, start:stop], start, selected_idx[:, start:stop], valid[:, start:stop], kept)
+                cpu_select.select_rows(per_head, w[:, start:stop], start, selected_idx[:, start:stop],
+                                       valid[:, start:stop], kept)
                 continue
             scores = _causal_prefix_scores(per_head, w[:, start:stop], start, work)
         else:

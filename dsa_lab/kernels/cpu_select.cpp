@@ -13,7 +13,8 @@
 //
 // Top-K, exact: a bar from the row's blocks of BLOCK keys — the K-th largest block maximum, which K keys reach, so
 // the K-th best key reaches it too — keeps only the keys at or above it as candidates (~K of them on random scores;
-// more only where scores tie at the bar), and one nth_element + sort of their (score, position) keys gives the K best in order.
+// more only where scores tie at the bar), and one nth_element + sort of their (score, position) keys gives the K
+// best in order.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

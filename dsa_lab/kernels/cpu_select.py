@@ -27,6 +27,7 @@ _TYPES = {(torch.float32, torch.float32): "f32", (torch.float64, torch.float64):
 
 
 def fused_available(per_head: torch.Tensor, w: torch.Tensor) -> bool:
+    """The kernel serves these per-head scores and head weights (see the module docstring)."""
     return (per_head.device.type == "cpu" and (per_head.dtype, w.dtype) in _TYPES
             and not torch.compiler.is_compiling() and KERNEL.library() is not None)
 
@@ -40,4 +41,5 @@ def select_rows(per_head, w, start: int, selected_idx, valid, kept: tuple = (0, 
     assert selected_idx.stride()[1:] == valid.stride()[1:] == (K, 1) and selected_idx.stride(0) == valid.stride(0)
     w = w.contiguous()
     fn = getattr(KERNEL.library(), f"dsa_select_{_TYPES[(per_head.dtype, w.dtype)]}")
-    fn(ptr(per_head), ptr(w), ptr(selected_idx), ptr(valid), longs(B, c, H_I, S, K, start, *kept, selected_idx.stride(0)))
+    dims = longs(B, c, H_I, S, K, start, *kept, selected_idx.stride(0))
+    fn(ptr(per_head), ptr(w), ptr(selected_idx), ptr(valid), dims)
