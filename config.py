@@ -29,9 +29,15 @@ K_STRATEGIES = ("fixed", "ratio_5", "ratio_10", "ratio_25", "ratio_50", "ratio_7
 # weighted by its gate and 0 where not routed (no host sync, num_experts / expert_top_k times the routed FLOPs),
 # 'auto' = dense on CUDA while that factor is <= models.DENSE_DISPATCH_MAX_FACTOR, else loop (CPU: loop)
 MOE_DISPATCHES = ("auto", "loop", "dense")
+# The warm-up target's head reduction (dsa_lab/interop/levers.head_target): the paper's head sum, the max over each
+# KV group's heads summed over the groups, the max over all heads
+WARMUP_TARGETS = ("sum", "group_max", "head_max")
 # Keys that say how a model computes, not what, with the default that keeps them out of a config fingerprint
 # (fingerprint_fields): adding such a key leaves every finished run's fingerprint as it was
 EXECUTION_DEFAULTS = {"moe_dispatch": "auto"}
+# Keys added to ModelConfig after runs were fingerprinted (the retrieval levers, issue 30): also left out of a config
+# fingerprint at their default, so every run made without them keeps its fingerprint
+ADDED_DEFAULTS = {"structure_window": 0, "structure_sinks": 4, "warmup_target": "sum"}
 
 
 @dataclass
@@ -84,6 +90,13 @@ class ModelConfig:
     dense_mlp_layers: int = 0  # the first this-many layers use a dense SwiGLU MLP, not the MoE (HF first_k_dense_replace)
     dense_d_ff: int = 0  # that dense MLP's width (0 = d_ff; HF intermediate_size, d_ff = moe_intermediate_size)
     moe_dispatch: str = "auto"  # MOE_DISPATCHES: how tokens reach the routed experts (loop, dense, auto)
+    # Retrieval levers of the indexer (issue 30; dsa_lab/interop/levers.py), off at these defaults (the paper's recipe):
+    # structure_window > 0 keeps the first structure_sinks and the last structure_window tokens in every row and spends
+    # the other sparse_top_k - sinks - window slots on the indexer (its KLs fit the target outside those kept keys);
+    # warmup_target (WARMUP_TARGETS) makes the warm-up's target from the heads
+    structure_window: int = 0
+    structure_sinks: int = 4
+    warmup_target: str = "sum"
 
     def validate(self) -> None:
         """Refuse a bad value (ValueError naming the key and the fix): sizes, then selection, then MoE and MLA."""
@@ -130,6 +143,24 @@ class ModelConfig:
         if self.selection_source != "indexer" and self.attention_backend not in ("masked", "gather", "triton"):
             raise ValueError(f"selection_source={self.selection_source!r} selects per token: use attention_backend "
                              f"masked, gather or triton")
+        self._validate_levers()
+
+    def _validate_levers(self) -> None:
+        if self.warmup_target not in WARMUP_TARGETS:
+            raise ValueError(f"warmup_target={self.warmup_target!r} is unknown; choose one of {', '.join(WARMUP_TARGETS)}")
+        if self.structure_window < 0 or self.structure_sinks < 0:
+            raise ValueError(f"structure_window={self.structure_window} and structure_sinks={self.structure_sinks} "
+                             f"must be >= 0 (structure_window 0 turns the structure lever off)")
+        if not self.structure_window:
+            return
+        if self.structure_sinks + self.structure_window >= self.sparse_top_k:
+            raise ValueError(f"structure_sinks + structure_window = {self.structure_sinks + self.structure_window} "
+                             f"leaves the indexer no slot of sparse_top_k={self.sparse_top_k}; lower them or raise k")
+        plain = (self.selection_source, self.selection_pattern, self.k_strategy, self.multiscale_block)
+        if plain != ("indexer", "topk", "fixed", 0) or self.attention_backend not in ("masked", "gather"):
+            raise ValueError("structure_window > 0 needs the plain indexer's top-k (selection_source='indexer', "
+                             "selection_pattern='topk', k_strategy='fixed', multiscale_block=0) on attention_backend "
+                             "masked or gather")
 
     def _validate_moe_and_layout(self) -> None:
         if self.moe_n_group <= 0 or self.num_experts % self.moe_n_group or not 0 < self.moe_topk_group <= self.moe_n_group:
@@ -335,10 +366,10 @@ def config_for_length(model: ModelConfig, data: DataConfig, exp: ExperimentConfi
 
 
 def fingerprint_fields(cfg) -> dict:
-    """dataclasses.asdict(cfg) without the EXECUTION_DEFAULTS keys left at their default: what a run's config
+    """dataclasses.asdict(cfg) without the EXECUTION_DEFAULTS / ADDED_DEFAULTS keys at their default: what a run's config
     fingerprint holds of a config section."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in EXECUTION_DEFAULTS or v != EXECUTION_DEFAULTS[k]}
+    omitted = {**EXECUTION_DEFAULTS, **ADDED_DEFAULTS}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in omitted or v != omitted[k]}
 
 
 def _positive(cfg, *names: str) -> None:

@@ -20,6 +20,7 @@ from efficient_patterns import LocalSelector, OracleSelector, RandomSelector, bu
 from dsa_lab.kernels.backends import BlockBackend, FlexBackend, GatherBackend, TritonBackend
 from optimized_indexers import MultiScaleIndexer, OptimizedLightningIndexer, RegionRestrictedSelector
 from dsa_lab.common.rope import RotaryEmbedding
+from dsa_lab.interop import levers
 from sparse_attention import (DENSE, AttentionAux, AttentionMode, CausalSelfAttention, DeepSeekSparseAttention,
                               LightningIndexer, MaskedBackend, SparseAttentionLayer, TopKTokenSelector,
                               causal_attention_probs)
@@ -321,6 +322,8 @@ def build_selector(cfg: ModelConfig, indexer: nn.Module) -> nn.Module:
         selector = build_k_selector(cfg.k_strategy, cfg.sparse_top_k)
     elif cfg.selection_pattern != "topk":
         selector = build_pattern(cfg.selection_pattern, cfg.sparse_top_k)
+    elif cfg.structure_window:  # the structure lever: first sinks + last window kept, the indexer picks the rest
+        selector = levers.StructuredTopKSelector(cfg.sparse_top_k, cfg.structure_sinks, cfg.structure_window)
     else:
         selector = TopKTokenSelector(cfg.sparse_top_k)
     if isinstance(indexer, MultiScaleIndexer):
@@ -343,9 +346,21 @@ def build_sparse_attention(cfg: ModelConfig, leader: DeepSeekSparseAttention | N
         return layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
     if leader is not None:
         selector = build_selector(cfg, leader.indexer)
-        return layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
-    indexer = build_indexer(cfg)
-    return layer(cfg, indexer, build_selector(cfg, indexer), build_backend(cfg))
+        module = layer(cfg, selector=selector, backend=build_backend(cfg), shares_indexer=True)
+    else:
+        indexer = build_indexer(cfg)
+        module = layer(cfg, indexer, build_selector(cfg, indexer), build_backend(cfg))
+    module.objective = build_objective(cfg)
+    return module
+
+
+def build_objective(cfg: ModelConfig) -> levers.IndexerObjective | None:
+    """The indexer's losses under the config's levers (None: the paper's KLs)."""
+    if not cfg.structure_window and cfg.warmup_target == "sum":
+        return None
+    group = cfg.n_heads if cfg.attention_type == "mla" else 1  # MLA's sparse model: one shared KV row (MQA)
+    return levers.IndexerObjective(cfg.warmup_target, group, levers.WarmupLoss(cfg.structure_sinks,
+                                                                                cfg.structure_window))
 
 
 # ----------------------------------------------------------------------------- language models

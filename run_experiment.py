@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levers", nargs="+", metavar="NAME",
                    help="retrofit: retrieval levers on top of the preset (issue 30): paper (every lever off: the "
                         "paper's recipe; quick/cpu/default adopt structure), structure, group_max, head_max, "
-                        "far_rows, prev_key, heads16, wide, rank, recurrence (docs/retrofit.md)")
+                        "far_rows, prev_key, heads16, wide, rank, recurrence (docs/retrofit.md); long_context: the "
+                        "levers of its dsa_levers model (added to --models): structure, group_max, head_max, paper")
     p.add_argument("--eval-windows", type=int, metavar="N",
                    help="retrofit: held-out windows evaluated per (L, k) (the copy probe: half as many per "
                         "distance, at least 2)")
@@ -107,7 +108,7 @@ FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adapt
                     "top_k_ratio": ("sparse_vs_classic", "indexer_optimization"),
                     "top_k": ("sparse_vs_classic", "indexer_optimization", "long_context", "retrofit"),
                     "model": ("retrofit",), "export": ("retrofit",), "eval_windows": ("retrofit",),
-                    "levers": ("retrofit",),
+                    "levers": ("retrofit", "long_context"),
                     "readback_every": ("sparse_vs_classic", "indexer_optimization", "long_context", "adaptive_sparsity")}
 
 
@@ -126,9 +127,12 @@ def dispatch(args: argparse.Namespace, overrides: dict) -> None:
         from dsa_lab.experiments import long_context
         out = Path(overrides.pop("out", "results/long_context"))
         experiment.check_experiment(out, "long_context")
-        long_context.run_long_context(args.preset, args.task or list(long_context.TASKS),
-                                      args.models or list(long_context.DEFAULT_MODELS), overrides, out, args.overwrite,
-                                      run=execution(args))
+        models = args.models or list(long_context.DEFAULT_MODELS)
+        if args.levers:  # the levers train the dsa_levers model
+            overrides["levers"] = args.levers
+            models = models + ["dsa_levers"] * ("dsa_levers" not in models)
+        long_context.run_long_context(args.preset, args.task or list(long_context.TASKS), models, overrides, out,
+                                      args.overwrite, run=execution(args))
         return
     if args.experiment == "retrofit":
         from dsa_lab.experiments import retrofit as retrofit_experiment

@@ -513,6 +513,7 @@ class SparseAttentionLayer:
             q_dim=indexer_q_dim, rope_interleaved=cfg.indexer_rope_interleaved)
         self.selector = selector or TopKTokenSelector(cfg.sparse_top_k)
         self.backend = backend or MaskedBackend()
+        self.objective = None  # the levers' indexer losses (levers.IndexerObjective: .dense, .sparse) or the paper's KLs
 
     def forward(self, x: torch.Tensor, mode: AttentionMode = AttentionMode(), shared_scores=None, shared_coarse=None,
                 **selector_inputs):
@@ -548,12 +549,15 @@ class SparseAttentionLayer:
             out, selected_probs = timed(mode.timer, "attention", self.attend_selected, heads, self.backend,
                                         selection, mode.indexer_loss == "sparse")
             if mode.indexer_loss == "sparse":
-                aux.indexer_loss = indexer_kl_sparse(selected_probs.detach(), self.backend.selected_scores(selection),
-                                                     selection.valid)
+                selected_scores = self.backend.selected_scores(selection)
+                aux.indexer_loss = (self.objective.sparse(selected_probs.detach(), selected_scores, selection)
+                                    if self.objective else
+                                    indexer_kl_sparse(selected_probs.detach(), selected_scores, selection.valid))
         else:
             out, probs = timed(mode.timer, "attention", self.attend_dense_probs, heads)
             if mode.indexer_loss == "dense":
-                aux.indexer_loss = indexer_kl_dense(probs.detach(), selection.scores)
+                kl = self.objective.dense if self.objective else indexer_kl_dense
+                aux.indexer_loss = kl(probs.detach(), selection.scores)
         aux.index_scores, aux.selected_idx = selection.scores, selection.selected_idx
         aux.coarse_scores = selection.coarse_scores
         if mode.stats:

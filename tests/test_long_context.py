@@ -58,7 +58,7 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
             dsa, oracle = (entry[m][quality]["per_seed"] for m in ("dsa", "oracle"))
             assert entry["dsa"][f"delta_{quality}_vs_oracle"]["per_seed"] == pytest.approx(
                 [d - o for d, o in zip(dsa, oracle)])
-    assert "## Where DSA's gap comes from" in report and "| mqar | 48 | accuracy |" in report
+    assert "## Where DSA's gap comes from" in report and "| mqar | 48 | dsa | accuracy |" in report
     assert "Holm-Bonferroni" in report
     assert "| mqar | 48 | block | 2 | 3 | step_cap |" in report  # every indexer warm-up: steps used, why it ended
     assert "## MQAR: does the selection hold the pair" in report and "| 48 | oracle | 0 |" in report
@@ -91,7 +91,8 @@ def test_every_model_starts_from_the_branch_point_and_sees_the_same_batches(tmp_
     stages = record_stages(monkeypatch, long_context)
     tiny = {**TINY, "seq_lens": [32], "seeds": [1], "steps": 3, "warmup_steps": 2, "dense_steps": 2,
             "curriculum_steps": 2, "eval_every": 3, "eval_windows": 2}
-    long_context.run_long_context("quick", ["lm", "mqar"], list(long_context.MODELS), tiny, tmp_path, False)
+    long_context.run_long_context("quick", ["lm", "mqar"], list(long_context.MODELS), {**tiny, "levers": ["head_max"]},
+                                  tmp_path, False)
     for task in ("lm", "mqar"):
         branch = torch.load(tmp_path / "records" / task / "L32" / "seed1" / "branch.pt", weights_only=True)
         runs = {name: [r for r in stages if r["desc"] in (f"{task} L=32 seed=1 {name}" + end
@@ -100,7 +101,7 @@ def test_every_model_starts_from_the_branch_point_and_sees_the_same_batches(tmp_
         second = {name: r[-1] for name, r in runs.items()}  # stage 2: after the warm-up, if any
         assert {name: [r["stage"] for r in rs] for name, rs in runs.items()} == {
             "dense": ["dense"], "dsa": ["warmup", "sparse"], "local": ["sparse"], "random": ["sparse"],
-            "oracle": ["sparse"], "block": ["warmup", "sparse"]}
+            "oracle": ["sparse"], "block": ["warmup", "sparse"], "dsa_levers": ["warmup", "sparse"]}
         for name, record in second.items():
             start = record["start"]
             moved = [n for n in branch if not torch.equal(start[n], branch[n])]
@@ -110,6 +111,7 @@ def test_every_model_starts_from_the_branch_point_and_sees_the_same_batches(tmp_
                 f"{task} {name} draws other batches than dense"
         dsa_warm, block_warm = runs["dsa"][0]["batches"], runs["block"][0]["batches"]
         assert len(dsa_warm) == tiny["warmup_steps"] and all(torch.equal(a, b) for a, b in zip(dsa_warm, block_warm))
+        assert all(torch.equal(a, b) for a, b in zip(dsa_warm, runs["dsa_levers"][0]["batches"]))
     settings = long_context.task_settings("quick", "lm", dict(TINY))
     task = long_context.LMTask(corpus, 32, settings.train)  # another seed draws other batches
     assert not torch.equal(task.stream(1, 1).next()[0], task.stream(2, 1).next()[0])

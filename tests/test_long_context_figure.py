@@ -158,5 +158,5 @@ def test_findings_against_dense_are_not_confused_with_dsa_against_the_oracle():
     assert "mqar, dsa: no significant difference from dense at any L" in text and "p_Holm 0.5" in text
     assert "p_Holm 0.01" not in text  # the vs-oracle test does not stand in for the vs-dense one
     table = long_context_decomposition(summary)
-    assert "| mqar | 512 | accuracy | -0.100 ± 0.100 (p_Holm 0.6) | -0.200 ± 0.100 (p_Holm 0.01) | " \
+    assert "| mqar | 512 | dsa | accuracy | -0.100 ± 0.100 (p_Holm 0.6) | -0.200 ± 0.100 (p_Holm 0.01) | " \
            "-0.300 ± 0.100 (p_Holm 0.5) |" in table

@@ -1,7 +1,8 @@
 """The long-context study: does DSA keep dense quality when k << L, and does the indexer find what matters?
 
     python run_experiment.py --experiment long_context [--preset quick|cpu|default] [--task lm mqar]
-        [--seq-lens ...] [--top-k 64] [--models dense dsa local random block] [--seeds ...]
+        [--seq-lens ...] [--top-k 64] [--models dense dsa local random block dsa_levers] [--seeds ...]
+        [--levers structure head_max]
 
 A fixed budget of k keys per query at every length. Per task, length and seed, every model starts from the
 same dense branch point and sees the same batches in the same order:
@@ -11,6 +12,8 @@ same dense branch point and sees the same batches in the same order:
   random  k random past tokens, redrawn every step (no indexer)  |  trained the same way
   oracle  top-k of the layer's true head-summed attention       /  (the ceiling of any shared index set at k)
   block   our query-block-shared variant (blocks of queries share one selected set)
+  dsa_levers  dsa with the retrieval levers of `--levers` (default: structure, the retrofit presets' adopted lever):
+          structure keeps the first 4 and last 16 tokens in every row, group_max / head_max change the warm-up's target
 Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, dsa_lab/experiments/mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
 Writes OUT/summary.json, records/ (one per task, length, seed and model: resumable), long_context.png, warmup_kl.png,
@@ -38,7 +41,13 @@ from dsa_lab.training.train import (Execution, classic_from_state, dense_stage, 
                             sparse_stage, state_of, warmup_indexer)
 
 TASKS = ("lm", "mqar")
-MODELS = ("dense", "dsa", "local", "random", "oracle", "block")
+MODELS = ("dense", "dsa", "local", "random", "oracle", "block", "dsa_levers")
+INDEXED = ("dsa", "dsa_levers")  # the models whose lightning indexer is warmed up and compared with the oracle
+# `--levers NAME ...` for dsa_levers: ModelConfig's lever fields (config.ADDED_DEFAULTS), applied in order; the names
+# and settings are the retrofit's (dsa_lab/experiments/retrofit.py LEVERS) for the levers a toy model has
+LEVERS = {"paper": dict(structure_window=0, warmup_target="sum"), "structure": dict(structure_window=16),
+          "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max")}
+DEFAULT_LEVERS = ("structure",)
 DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 
 # Per preset and task: model widths and an explicit step budget per stage (the same at every length).
@@ -103,11 +112,14 @@ class TaskSettings:
     model: ModelConfig
     train: TrainConfig
     seeds: list[int]
+    levers: dict = dataclasses.field(default_factory=dict)  # dsa_levers' ModelConfig fields (lever_settings)
 
 
 def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     """One task's settings: the preset's, then `overrides` (CONFIG keys and CLI flags)."""
     presets = {name: {**p[task], "seeds": p["seeds"], "top_k": p["top_k"]} for name, p in PRESETS.items()}
+    overrides = dict(overrides)
+    lever_names = overrides.pop("levers", None)  # dsa_levers' levers (not a config key)
     merged = experiment.preset_settings(presets, preset, "long_context", overrides)
     options = {k: merged.pop(k) for k in _TASK_KEYS if k in merged}
     top_k = merged.pop("top_k")
@@ -115,12 +127,25 @@ def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     model, train, _, exp = build_configs({**merged, "seq_lens": options["seq_lens"], "sparse_top_k": top_k,
                                           "max_seq_len": max(options["seq_lens"])})
     options["vocab_size"] = model.vocab_size
-    return TaskSettings(options, model, train, list(exp.seeds))
+    return TaskSettings(options, model, train, list(exp.seeds), lever_settings(lever_names))
+
+
+def lever_settings(names) -> dict:
+    """`--levers` names (None: DEFAULT_LEVERS) -> dsa_levers' ModelConfig fields."""
+    out = {}
+    for name in names or DEFAULT_LEVERS:
+        if name not in LEVERS:
+            raise ValueError(f"--levers {name!r} is not a lever of the long-context study's models; choose from "
+                             f"{', '.join(LEVERS)}")
+        out.update(LEVERS[name])
+    return out
 
 
 # ----------------------------------------------------------------------------- one (task, L, seed)
-def model_config(base: ModelConfig, name: str) -> ModelConfig:
+def model_config(base: ModelConfig, name: str, levers: dict | None = None) -> ModelConfig:
     """The config of one compared model (dense uses the classic model; the rest the sparse one)."""
+    if name == "dsa_levers":
+        return dataclasses.replace(base, **(levers or {}))
     if name in ("local", "random", "oracle"):
         return dataclasses.replace(base, selection_source=name)
     if name == "block":
@@ -195,7 +220,7 @@ def task_train_config(tcfg: TrainConfig, options: dict, L: int) -> TrainConfig:
 
 
 def train_compared_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, branch: dict, seed: int, device,
-                         run: Execution = Execution()) -> dict:
+                         run: Execution = Execution(), levers: dict | None = None) -> dict:
     """Warm up (DSA variants with an indexer) and train one compared model from the branch point, then measure
     recall by distance and the task's metrics -> {"final", "curves", "warmup"}: stage 2 uses the seed's
     stream 1 (the same batches for every model). `run`: precision, compile, checkpoints ('warmup', 'train')."""
@@ -204,7 +229,7 @@ def train_compared_model(name: str, task, cfg: ModelConfig, tcfg: TrainConfig, b
         model = classic_from_state(cfg, branch, seed).to(device)
         stage, warmup = dense_stage(tcfg), None
     else:
-        model = sparse_from_state(model_config(cfg, name), branch, seed).to(device)
+        model = sparse_from_state(model_config(cfg, name, levers), branch, seed).to(device)
         if name in ("local", "random", "oracle"):  # no indexer: no warm-up, no KL
             stage = dataclasses.replace(sparse_stage(tcfg), mode=AttentionMode(sparse=True), indexer_lr=None)
             warmup = None
@@ -241,6 +266,9 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
     precision, compile, and resume checkpoints (records/<task>/L<L>/seed<S>/resume/<model>/)."""
     models = check_models(tasks, models)
     settings = {t: task_settings(preset, t, overrides) for t in tasks}
+    if "dsa_levers" in models:  # a lever the model cannot take: refused before any work
+        for st in settings.values():
+            model_config(st.model, "dsa_levers", st.levers).validate()
     device, run = experiment.prepare(settings[tasks[0]].train.device, run,
                                      [st.model.attention_backend for st in settings.values()],
                                      [st.train.batch_size for st in settings.values()])
@@ -252,7 +280,8 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
         settings["lm"].model = dataclasses.replace(settings["lm"].model, vocab_size=corpus.tokenizer.vocab_size)
     keyed = {t: experiment.config_key({"options": st.options, "model": fingerprint_fields(st.model),
                                        "train": dataclasses.asdict(st.train), "seeds": st.seeds,
-                                       "corpus": corpus.describe() if t == "lm" else None}, device, run)
+                                       "corpus": corpus.describe() if t == "lm" else None,
+                                       **({"levers": st.levers} if "dsa_levers" in models else {})}, device, run)
              for t, st in settings.items()}
     expected = {p: keyed[t][1] for t in tasks for p in sorted((out / "records" / t).glob("*/*/*.json"))}
     experiment.clear_stale(out, expected, overwrite,
@@ -270,6 +299,8 @@ def run_long_context(preset: str, tasks: list[str], models: list[str], overrides
     summary = {**experiment.summary_head("long_context", {t: keyed[t][0] for t in tasks},
                                          {t: settings[t].seeds for t in tasks}, device, started),
                **summarise(records, settings, models)}
+    if "dsa_levers" in models:  # dsa_levers' ModelConfig lever fields (the same for every task)
+        summary["levers"] = settings[tasks[0]].levers
     curricula = sorted((out / "records" / "mqar" / "curriculum").glob("seed*/curriculum.json"))
     if "mqar" in tasks and curricula:
         summary["mqar_curriculum"] = {c.parent.name: read_json(c)["rounds"] for c in curricula}
@@ -297,7 +328,8 @@ def run_group(task_name: str, L: int, seed: int, models: list[str], settings: di
     labels = {"task": task_name, "seq_len": L, "seed": seed, "batch_size": tcfg.batch_size}
     return {name: experiment.run_record(folder / f"{name}.json", key, {**labels, "model": name},
                                         lambda this_run, name=name: train_compared_model(
-                                            name, task, cfg, tcfg, branch, seed, device, run=this_run),
+                                            name, task, cfg, tcfg, branch, seed, device, run=this_run,
+                                            levers=settings[task_name].levers),
                                         run, folder / "resume" / name, overwrite, config, device)
             for name in models}
 
@@ -330,8 +362,9 @@ def summarise(records: dict, settings: dict, models: list[str]) -> dict:
                                        **{name: model_metrics(task_name, by_model, name, seeds) for name in models}}
                               for L, by_model in sorted(by_L.items())}
         quality = QUALITY[task_name]
-        pairs = [(name, "dense") for name in models if name != "dense"] + (
-            [("dsa", "oracle")] if {"dsa", "oracle"} <= set(models) else [])  # the indexer's own loss: one family
+        pairs = [(name, "dense") for name in models if name != "dense"] + [
+            (name, vs) for name in INDEXED for vs in ("oracle", "dsa")  # the indexer's own loss; the levers' effect
+            if name != vs and {name, vs} <= set(models)]
         significance[task_name] = experiment.significance([
             {"L": int(L), "model": name, "vs": vs, "metric": quality, "lower_is_better": quality == "val_loss",
              "differences": entry[name][f"delta_{quality}_vs_{vs}"]["per_seed"]}
@@ -346,9 +379,10 @@ def model_metrics(task_name: str, by_model: dict, name: str, seeds: list[int]) -
     quality = ("val_loss", "accuracy") if task_name == "mqar" else ("val_loss",)
     metrics.update(experiment.paired_differences(finals, [by_model["dense"][s]["final"] for s in seeds], "dense",
                                                  metrics=quality))
-    if name == "dsa" and "oracle" in by_model:  # what the indexer loses against the best shared set at the same k
-        metrics.update(experiment.paired_differences(finals, [by_model["oracle"][s]["final"] for s in seeds], "oracle",
-                                                     metrics=quality, time=None))
+    for vs in ("oracle", "dsa"):  # what the indexer loses against the best shared set at k; what the levers change
+        if name in INDEXED and name != vs and vs in by_model:
+            metrics.update(experiment.paired_differences(finals, [by_model[vs][s]["final"] for s in seeds], vs,
+                                                         metrics=quality, time=None))
     if task_name == "mqar":
         metrics["accuracy_by_distance"] = _mean_by_key([f["accuracy_by_distance"] for f in finals])
         if all("answer_hits" in f for f in finals):

@@ -193,7 +193,7 @@ def scaling_analysis(summary: dict, names: list[str], lengths: list[int], path: 
 
 # ----------------------------------------------------------------------------- long-context study
 LONG_CONTEXT_STYLE = {"dense": "tab:blue", "dsa": "tab:orange", "local": "tab:green", "random": "tab:gray",
-                      "block": "tab:purple", "oracle": "tab:red"}
+                      "block": "tab:purple", "oracle": "tab:red", "dsa_levers": "tab:brown"}
 
 
 def _band(ax, lengths, stats, color, label, scale=1.0, floor=None):

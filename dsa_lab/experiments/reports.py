@@ -448,18 +448,19 @@ def long_context_decomposition(summary: dict) -> str:
     rows = []
     for task, by_L in summary["results"].items():
         tests = _tests_by_comparison(summary["significance"][task])
-        for L in sorted(by_L, key=int):
+        for L, name in [(L, name) for L in sorted(by_L, key=int) for name in ("dsa", "dsa_levers")]:
             entry, metric = by_L[L], "accuracy" if task == "mqar" else "val_loss"
-            if "oracle" not in entry or f"delta_{metric}_vs_oracle" not in entry.get("dsa", {}):
+            if "oracle" not in entry or f"delta_{metric}_vs_oracle" not in entry.get(name, {}):
                 continue
             cells = [(entry["oracle"][f"delta_{metric}_vs_dense"], tests[("oracle", "dense", L)]),
-                     (entry["dsa"][f"delta_{metric}_vs_oracle"], tests[("dsa", "oracle", L)]),
-                     (entry["dsa"][f"delta_{metric}_vs_dense"], tests[("dsa", "dense", L)])]
-            rows.append(f"| {task} | {L} | {metric} | " + " | ".join(f"{fmt_ci(d)} ({_holm_p_text(t)})" for d, t in cells) + " |")
+                     (entry[name][f"delta_{metric}_vs_oracle"], tests[(name, "oracle", L)]),
+                     (entry[name][f"delta_{metric}_vs_dense"], tests[(name, "dense", L)])]
+            rows.append(f"| {task} | {L} | {name} | {metric} | "
+                        + " | ".join(f"{fmt_ci(d)} ({_holm_p_text(t)})" for d, t in cells) + " |")
     if not rows:
         return "Needs the dsa and oracle models."
-    return "\n".join(["| task | L | metric | top-k itself: oracle − dense | the indexer: DSA − oracle | DSA − dense |",
-                      "|---|---|---|---|---|---|", *rows])
+    return "\n".join(["| task | L | model | metric | top-k itself: oracle − dense | the indexer: model − oracle | "
+                      "model − dense |", "|---|---|---|---|---|---|---|", *rows])
 
 
 def long_context_report(summary: dict, models: list[str]) -> str:
@@ -472,7 +473,11 @@ def long_context_report(summary: dict, models: list[str]) -> str:
         "`random` = k random past tokens redrawn every step; `oracle` = the top-k keys of the layer's own dense "
         "attention summed over heads (no indexer: the best any index set shared by the heads can keep at k — DSA vs "
         "oracle is what the indexer loses, oracle vs dense what top-k itself loses); `block` = our block-shared "
-        "variant. "
+        "variant"
+        + (f"; `dsa_levers` = dsa with the retrieval levers {summary['levers']} (structure_window > 0: the first "
+           "structure_sinks and last structure_window tokens kept in every row, the indexer's top-k over the rest and "
+           "its KLs fitted there; warmup_target: how the warm-up's target is made from the heads)"
+           if "levers" in summary else "") + ". "
         "*Kept pairs* = selected causal (query, key) pairs / all causal pairs. Differences vs dense are paired "
         "by seed (mean ± 95 % Student-t CI); *recall* is the share of dense attention mass inside the "
         "selected set (rows with more than k past tokens), beside its ceiling (the same model's own top-k of that "

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from config import WARMUP_TARGETS as TARGETS
 from dsa_lab.kernels.chunked import chunked_select, kept_keys, select_last_rows
-from sparse_attention import LightningIndexer, Selection, indexer_kl_dense
-
-TARGETS = ("sum", "group_max", "head_max")
+from sparse_attention import LightningIndexer, Selection, future_mask, indexer_kl_dense, indexer_kl_sparse, select_top_k
 
 
 # ----------------------------------------------------------------------------- target
@@ -114,6 +113,34 @@ def structured_row(q, k, w, top_k: int, sinks: int, window: int) -> torch.Tensor
     return structured_slots(B, T, top_k, sinks, window, outside_top_k, k.device, rows=pos)[0][:, 0]
 
 
+def kept_slots(selected_idx: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """selected_idx (B, L, K) of a sequence's rows 0..L-1 -> (B, L, K) bool: the slots holding an always-kept key."""
+    t = torch.arange(selected_idx.shape[1], device=selected_idx.device)[None, :, None]
+    return (selected_idx < sinks) | (selected_idx > t - window)
+
+
+class StructuredTopKSelector(nn.Module):
+    """The structure lever as a toy model's selector over full index scores (the reference selection path):
+    `structured_slots` with the kept keys and the top-(top_k - sinks - window) of the scores outside them — the set
+    `structured_selection` picks from the same indexer (chunked, no L x L scores)."""
+
+    def __init__(self, top_k: int, sinks: int, window: int):
+        super().__init__()
+        if window <= 0 or sinks < 0 or sinks + window >= top_k:
+            raise ValueError(f"top_k={top_k}, sinks={sinks}, window={window}: need window > 0, sinks >= 0 and "
+                             f"sinks + window < top_k (the indexer needs slots of its own)")
+        self.top_k, self.sinks, self.window = top_k, sinks, window
+
+    def forward(self, scores: torch.Tensor):
+        """scores (B, L, L) -> selected_idx (B, L, K) long (-1 = invalid), valid (B, L, K), K = min(top_k, L)."""
+        B, L, _ = scores.shape
+        pos = torch.arange(L, device=scores.device)
+        forbidden = future_mask(L, L, scores.device) | kept_keys(pos, L, self.sinks, self.window)  # (L, L)
+        outside = scores.masked_fill(forbidden, float("-inf"))
+        return structured_slots(B, L, self.top_k, self.sinks, self.window, lambda n: select_top_k(outside, n),
+                                scores.device)
+
+
 # ----------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
 class WarmupLoss:
@@ -175,6 +202,27 @@ def membership(p: torch.Tensor, log_q: torch.Tensor, top: int) -> torch.Tensor:
     member = val > 0
     picked = torch.where(member, log_q.gather(-1, idx), torch.zeros_like(val))
     return -picked.sum(-1) / member.sum(-1).clamp_min(1)
+
+
+@dataclass(frozen=True)
+class IndexerObjective:
+    """A toy DSA layer's indexer losses under the levers (ModelConfig's structure_* and warmup_target): the warm-up's
+    `warmup_loss` on `head_target`, and stage 2's KL over the selected slots outside the always-kept keys (the head
+    sum there, as the retrofit's stage 2)."""
+    target: str = "sum"
+    group: int = 1  # query heads per KV head (head_target's group_max)
+    loss: WarmupLoss = WarmupLoss()
+
+    def dense(self, probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """probs (B, H, L, L) causal attention (detached), scores (B, L, L) -inf future -> the warm-up loss."""
+        return warmup_loss(head_target(probs, self.target, self.group), scores, None, self.loss)
+
+    def sparse(self, selected_probs: torch.Tensor, selected_scores: torch.Tensor, selection: Selection) -> torch.Tensor:
+        """selected_probs (B, H, L, K) (detached), selected_scores (B, L, K) -> stage 2's KL."""
+        slots = selection.valid
+        if self.loss.window:
+            slots = slots & ~kept_slots(selection.selected_idx, self.loss.sinks, self.loss.window)
+        return indexer_kl_sparse(selected_probs, selected_scores, slots)
 
 
 # ----------------------------------------------------------------------------- data

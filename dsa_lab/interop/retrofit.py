@@ -293,10 +293,8 @@ class _Call:
         plan = self.plan
         if not plan.window:
             return indexer_kl_sparse(selected_probs, self.backend.selected_scores(selection), selection.valid)
-        idx, L = selection.selected_idx, selection.selected_idx.shape[1]
-        t = torch.arange(L, device=idx.device)[None, :, None]
-        kept = (idx < plan.sinks) | (idx > t - plan.window)  # (B, L, K): the always-kept slots
-        slots = selection.valid & ~kept
+        idx = selection.selected_idx
+        slots = selection.valid & ~levers.kept_slots(idx, plan.sinks, plan.window)  # (B, L, K)
         return indexer_kl_sparse(selected_probs, selected_index_scores(*selection.index_inputs, idx, slots), slots)
 
     def select(self, selection: str, layer: int, q, k):
