@@ -46,7 +46,8 @@ INDEXED = ("dsa", "dsa_levers")  # the models whose lightning indexer is warmed 
 # `--levers NAME ...` for dsa_levers: ModelConfig's lever fields (config.ADDED_DEFAULTS), applied in order; the names
 # and settings are the retrofit's (dsa_lab/experiments/retrofit.py LEVERS) for the levers a toy model has
 LEVERS = {"paper": dict(structure_window=0, warmup_target="sum"), "structure": dict(structure_window=16),
-          "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max")}
+          "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max"),
+          "heads16": dict(indexer_heads=16), "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last two: capacity
 DEFAULT_LEVERS = ("structure",)
 DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 
