@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
     p.add_argument("--levers", nargs="+", metavar="NAME",
                    help="retrofit: retrieval levers on top of the preset (issue 30): paper (every lever off: the "
-                        "paper's recipe; quick/cpu/default adopt structure), structure, group_max, head_max, "
+                        "paper's recipe; quick/cpu/default adopt structure head_max), structure, group_max, head_max, "
                         "far_rows, prev_key, heads16, wide, rank, recurrence (docs/retrofit.md); long_context: the "
                         "levers of its dsa_levers model (added to --models): structure, group_max, head_max, heads16, wide, paper")
     p.add_argument("--eval-windows", type=int, metavar="N",

@@ -356,7 +356,7 @@ def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monke
             "--top-k", "32", "--steps", "2", "--out", str(tmp_path / "out"), "--export", str(tmp_path / "export")]
     assert run_experiment.main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["settings"]["structure_window"] == rx.ADOPTED_LEVERS["structure_window"]  # quick's adopted lever
+    assert {n: summary["settings"][n] for n in rx.ADOPTED_LEVERS} == rx.ADOPTED_LEVERS  # quick's adopted levers
     r = summary["results"]["256"]["32"]
     assert set(r["loss"]) == set(rx.MODES) | {"dsa_ft", "dense_ft"} and r["windows"] == 3
     assert summary["results"]["256"]["warmup"]["steps_used"] == 4

@@ -58,9 +58,10 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # Warm-up caps: SmolLM2 at L=1024 (quick's rule, 2026-12-02) reached its plateau at step 360 (held-out KL 2.96 ->
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 # The levers quick / cpu / default adopt (the lever ablation, docs/retrofit.md "Retrieval levers": structure keeps the
-# loss nearer the oracle and buys copying and passkeys); `--levers paper` turns them off again (the earlier recipe, its
-# fingerprints and numbers). The `levers` preset stays at the paper's recipe: it is the ablation's reference.
-ADOPTED_LEVERS = dict(structure_window=16)
+# loss nearer the oracle and buys copying and passkeys; head_max, the per-head warm-up target, lifts the far copies
+# further at L 1024 and 2048); `--levers paper` turns them off again (the earlier recipe, its fingerprints and
+# numbers). The `levers` preset stays at the paper's recipe: it is the ablation's reference.
+ADOPTED_LEVERS = dict(structure_window=16, warmup_target="head_max")
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
