@@ -72,6 +72,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrofit-model", default=None, help="--retrofit: smollm2 (default) or a Llama-family NAME|PATH")
     p.add_argument("--retrofit-backend", default="gather", choices=["gather", "masked", "sdpa_mask"],
                    help="--retrofit: DSA's attention backend in the prefill")
+    p.add_argument("--retrofit-index-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="--retrofit: DSA's indexer GEMM (bf16: q and k rounded, the decode's indexer-key cache in bf16)")
     p.add_argument("--recompute-len", type=int, default=2048,
                    help="--retrofit: context of the generation without caches (a full forward per token)")
 
@@ -745,19 +747,21 @@ def retrofit_speed_rows(args, model) -> dict:
     """Per L: prefill dense vs DSA, then decode at a context of L on those caches; full recomputation at
     --recompute-len. Random token ids (speed does not depend on them)."""
     from dsa_lab.experiments import retrofit_speed as speed
+    from dsa_lab.interop.retrofit import Plan
     cuda, longest = args.device == "cuda", max(*args.seq_lens, args.recompute_len)
     ids = torch.randint(0, model.base.config.vocab_size, (1, longest), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     out = {"prefill": [], "decode": []}
+    plan = Plan("dsa", top_k=args.top_k, backend=args.retrofit_backend, index_dtype=args.retrofit_index_dtype)
     for L in args.seq_lens:
         row, states = speed.prefill_speed(model, ids[:, :L], args.top_k, args.retrofit_backend, args.repeats,
-                                          cuda=cuda)
+                                          cuda=cuda, plan=plan)
         out["prefill"].append(row)
         out["decode"].append(speed.decode_speed(model, states, ids[:, L - 1:L], args.decode_steps, cuda))
         print(format_retrofit_row(row, out["decode"][-1]), flush=True)
         del states
     out["recompute"] = speed.recompute_speed(model, ids[:, :args.recompute_len], args.top_k, args.retrofit_backend,
-                                             args.repeats, cuda)
+                                             args.repeats, cuda, plan)
     return out
 
 
@@ -778,7 +782,7 @@ def run_retrofit(args, header: dict) -> int:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2
     print(f"retrofit speed: {model_id.describe()} fp32, B 1, k {args.top_k}, DSA prefill backend "
-          f"{args.retrofit_backend}; indexers UNTRAINED (random init: timing only, their selections mean nothing); "
+          f"{args.retrofit_backend}, indexer GEMM {args.retrofit_index_dtype}; indexers UNTRAINED (random init: timing only, their selections mean nothing); "
           f"{header['device_name']}, {header['device']}; medians of {args.repeats} prefill / {args.decode_steps} "
           f"decode calls after a discarded first call, dense and DSA in turns; load avg {header['load_avg_start']}",
           flush=True)
@@ -794,6 +798,7 @@ def run_retrofit(args, header: dict) -> int:
     print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     atomic_write_json(os.path.join(args.out, "benchmark_retrofit.json"),
                       {**header, "model": model_id.describe(), "top_k": args.top_k, "backend": args.retrofit_backend,
+                       "index_dtype": args.retrofit_index_dtype,
                        "indexers": "untrained (random init)", "repeats": args.repeats,
                        "decode_steps": args.decode_steps, **rows})
     return 0

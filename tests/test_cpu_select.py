@@ -122,6 +122,25 @@ def test_decode_rows_are_chunked_selects_last_rows(monkeypatch, kept, dtype):
                 assert torch.equal(idx, full_idx[:, T - Lq:T, :K]) and torch.equal(valid, full_valid[:, T - Lq:T, :K])
 
 
+@pytest.mark.parametrize("kept", [(0, 0), (4, 16)])
+def test_bf16_decode_rows_read_a_bf16_key_cache_as_chunked_select_bf16(monkeypatch, kept):
+    """index_dtype=bf16 with the keys cached in bf16 (a decode step's indexer-key cache): the same rows as
+    chunked_select(index_dtype=bf16) over fp32 keys, fused and torch twin; the fp32 path would differ on these
+    inputs (the keys below are not bf16-exact: their rounding must happen once, where the cache is written)."""
+    q, k, w = _indexer(2, 70, dtype=torch.float32)
+    k = k + 1e-3 * torch.randn(k.shape, generator=torch.Generator().manual_seed(1))  # rounding in bf16 matters
+    full_idx, full_valid = chunked.chunked_select(q, k, w, 24, kept=kept, index_dtype=torch.bfloat16)
+    assert not torch.equal(full_idx, chunked.chunked_select(q, k, w, 24, kept=kept)[0])  # bf16 is visible here
+    cache = k.to(torch.bfloat16)
+    for fused in (True, False):
+        monkeypatch.setattr(chunked, "FUSED_SELECT", fused)
+        for T in (1, 23, 25, 70):
+            idx, valid = chunked.select_last_rows(q[:, T - 1:T], cache[:, :T], w[:, T - 1:T], 24, kept=kept,
+                                                  index_dtype=torch.bfloat16)
+            K = min(24, T)
+            assert torch.equal(idx, full_idx[:, T - 1:T, :K]) and torch.equal(valid, full_valid[:, T - 1:T, :K])
+
+
 @pytest.mark.parametrize("where", ["old key", "query", "weights"])
 def test_decode_rows_refuse_nan_anywhere(where):
     """A NaN in an old cached key, the new query or its weights is refused in one line (the check runs on the

@@ -82,6 +82,48 @@ def test_structured_steps_equal_full_recomputation(kind, k, sinks, window, promp
     assert state.length == prompt + steps
 
 
+@pytest.mark.parametrize("sinks,window", [(4, 0), (2, 3)])
+def test_bf16_indexer_steps_equal_full_recomputation_with_a_bf16_key_cache(monkeypatch, sinks, window):
+    """Plan(index_dtype='bf16') (the indexer's GEMM on bf16-rounded q and k): the cache keeps the indexer keys in
+    bf16, and every cached step attends exactly what the full bf16 forward selects at that row, with its logits
+    (1e-5), plain and structured; its selections differ from the fp32 plan's somewhere (bf16 is in effect).
+    Caught: the cache kept in fp32 under the bf16 plan, the decode step's GEMM in fp32 over the bf16 cache (by the
+    GEMM dtype each step asks for: on these small rows the fp32 GEMM over bf16 keys happens to pick the same sets)."""
+    from dsa_lab.interop import levers
+    asked = []
+    real = rd.select_last_rows
+
+    def spy(*a, **kw):
+        asked.append(kw.get("index_dtype"))
+        return real(*a, **kw)
+    monkeypatch.setattr(rd, "select_last_rows", spy)
+    monkeypatch.setattr(levers, "select_last_rows", spy)
+    model = tiny()
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for p in model.indexer_parameters():
+            p.add_(torch.randn_like(p))
+    plan = retrofit.Plan("dsa", top_k=10, backend="gather", sinks=sinks, window=window, index_dtype="bf16")
+    ids, new = torch.randint(0, 64, (2, 40)), torch.randint(0, 64, (2, 8))
+    differs = False
+    with torch.no_grad():
+        _, state = rd.prefill(model, ids, plan)
+        assert all(c.buffers["index_keys"].dtype == torch.bfloat16 for c in state.caches)
+        for step in range(new.shape[1]):
+            context = torch.cat([ids, new[:, :step + 1]], dim=1)
+            cached = rd.decode_step(model, state, new[:, step:step + 1])
+            full, aux = model(context, dataclasses.replace(plan, keep_selection=True))
+            fp32 = model(context, dataclasses.replace(plan, keep_selection=True, index_dtype="fp32"))[1]
+            torch.testing.assert_close(cached[:, 0], full[:, -1], atol=1e-5, rtol=1e-5, msg=f"step {step}")
+            for layer, selected in aux.selected.items():
+                want = [sorted(p for p in row.tolist() if p >= 0) for row in selected[:, -1]]
+                assert [sorted(row.tolist()) for row in state.selected[layer]] == want, f"step {step} layer {layer}"
+                differs |= not torch.equal(selected, fp32.selected[layer])
+    assert differs and asked and set(asked) == {torch.bfloat16}
+    with pytest.raises(ValueError, match="index_dtype='bf16' is DSA's selection at inference"):
+        retrofit.Plan("dsa", index_dtype="bf16", indexer_loss=True)
+
+
 def test_structured_generate_gives_the_tokens_of_full_recomputation():
     """generate (caches) == retrofit.greedy_generate for structured DSA plans from a 3-token prompt (early rows with
     T <= k) and a 24-token one; the structured plan differs from plain DSA at the same k."""
@@ -191,7 +233,7 @@ def test_interleaved_discards_the_first_round_and_alternates():
 
 def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder, tmp_path, capsys):
     """benchmark.py --retrofit on a saved tiny Llama: one prefill and one decode row per L, the uncached row, the
-    untrained-indexer note; a length past the model's positions exits 2 in one line."""
+    untrained-indexer note, the indexer GEMM's dtype (fp32, or bf16 when asked); a length past the model's positions exits 2 in one line."""
     import json
 
     import benchmark
@@ -202,7 +244,10 @@ def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder
     assert [r["seq_len"] for r in out["prefill"]] == [64, 96] and [r["context"] for r in out["decode"]] == [64, 96]
     assert out["recompute"]["context"] == 64 and out["indexers"] == "untrained (random init)"
     assert 0 < out["prefill"][0]["indexer_share"] < 1 and out["decode"][1]["dsa_tokens_per_s"] > 0
-    assert "UNTRAINED" in capsys.readouterr().out
+    assert "UNTRAINED" in capsys.readouterr().out and out["index_dtype"] == "fp32"
+    assert benchmark.main(args + ["--retrofit-index-dtype", "bf16"]) == 0  # the bf16 indexer GEMM and key cache
+    assert json.loads((tmp_path / "benchmark_retrofit.json").read_text())["index_dtype"] == "bf16"
+    assert "indexer GEMM bf16" in capsys.readouterr().out
     assert benchmark.main(args[:3] + ["--seq-lens", "1024"] + args[6:]) == 2
     assert "exceed the model's 512 positions" in capsys.readouterr().err
 

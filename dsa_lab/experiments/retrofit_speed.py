@@ -107,10 +107,11 @@ def decode_speed(model, states: dict, token: torch.Tensor, repeats: int, cuda: b
 
 
 @torch.no_grad()
-def recompute_speed(model, ids: torch.Tensor, top_k: int, backend: str, repeats: int, cuda: bool = False) -> dict:
+def recompute_speed(model, ids: torch.Tensor, top_k: int, backend: str, repeats: int, cuda: bool = False,
+                    plan: Plan | None = None) -> dict:
     """One generated token without caches (retrofit.greedy_generate: a full forward over ids (1, L)), dense and DSA
-    in turns -> timings with tokens/s."""
-    plans = {"dense": Plan(), "dsa": Plan("dsa", top_k=top_k, backend=backend)}
+    (`plan`, default Plan("dsa", top_k, backend)) in turns -> timings with tokens/s."""
+    plans = {"dense": Plan(), "dsa": plan or Plan("dsa", top_k=top_k, backend=backend)}
     samples = interleaved({name: (lambda p=p: greedy_generate(model, ids, 1, p)) for name, p in plans.items()},
                           repeats, cuda)
     timings = _summary(samples, [], repeats)

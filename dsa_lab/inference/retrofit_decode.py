@@ -19,7 +19,7 @@ generate(model, ids, n_new, plan)    decoding on the caches (greedy, or sampled 
 What a layer caches (buffers allocated once for `capacity` positions, decode.LayerCache):
   K, V (B, H_kv, T, D) after RoPE — one row per KV head: a GQA group's query heads read their KV head's rows
   directly (q viewed as (B, H_kv, G, D)), nothing is repeated per query head;
-  dsa: + the indexer keys (B, T, d_I) after its LayerNorm and RoPE.
+  dsa: + the indexer keys (B, T, d_I) after its LayerNorm and RoPE (in bf16 under Plan(index_dtype='bf16')).
 The base model runs its forward with use_cache=False and explicit position_ids; our attention function
 (retrofit_attention) hands a cached forward's new q/k/v to `_CachedCall.attend`, which owns the caches.
 """
@@ -89,7 +89,8 @@ class _CachedCall:
         keys, values = cache.write("k", k, 2, start), cache.write("v", v, 2, start)  # (B, H_kv, start+n, D)
         if self.full is not None:  # the prefill: the plan's own maths; the indexer keys of every prompt position
             if self.plan.selection == "dsa":
-                cache.write("index_keys", index_keys(self.indexers[layer], self.aux.inputs[layer]), 1, 0)
+                keys = index_keys(self.indexers[layer], self.aux.inputs[layer])  # (B, L, d_I)
+                cache.write("index_keys", keys.to(self.full.index_dtype or keys.dtype), 1, 0)
             return self.full.attend(layer, q, k, v, scaling)
         if n != 1:
             raise ValueError(f"a cached step takes one new token per sequence, got {n}; prefill the prompt at once")
@@ -114,10 +115,12 @@ class _CachedCall:
         if self.plan.selection == "dsa":  # chunked_select's row T-1 (the fused C++ pass on CPU)
             pos = self.state.length
             iq, ik, iw = self.indexers[layer].project(self.aux.inputs[layer], pos)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
-            cached_keys = self.state.caches[layer].write("index_keys", ik, 1, pos)  # (B, T, d_I)
+            dtype = retrofit.INDEX_DTYPES[self.plan.index_dtype]  # bf16: the cache holds bf16 keys (half the reads)
+            cached_keys = self.state.caches[layer].write("index_keys", ik.to(dtype or ik.dtype), 1, pos)  # (B, T, d_I)
             if self.plan.window:  # structured: the full forward's rule at this row
-                return levers.structured_row(iq, cached_keys, iw, self.plan.top_k, self.plan.sinks, self.plan.window)
-            return select_last_rows(iq, cached_keys, iw, self.plan.top_k)[0][:, 0]  # (B, K)
+                return levers.structured_row(iq, cached_keys, iw, self.plan.top_k, self.plan.sinks, self.plan.window,
+                                             dtype)
+            return select_last_rows(iq, cached_keys, iw, self.plan.top_k, index_dtype=dtype)[0][:, 0]  # (B, K)
         # oracle: the head-summed attention of this query, as retrofit.oracle_selection computes a row
         D = q.shape[-1]
         q = q * ((scaling if scaling is not None else D ** -0.5) * D ** 0.5)

@@ -88,28 +88,30 @@ def structured_slots(B: int, L: int, top_k: int, sinks: int, window: int, outsid
     return torch.cat([kept_idx, idx], -1), torch.cat([kept_valid, valid], -1)
 
 
-def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, window: int) -> Selection:
+def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, window: int,
+                         index_dtype: torch.dtype | None = None) -> Selection:
     """x (B, L, d_model) -> a Selection of min(top_k, L) keys per query (`structured_slots`): the kept keys
     (`kept_keys`) and the indexer's top-(top_k - sinks - window) over the others (chunked_select); rows with
     t+1 <= top_k keep their whole prefix. `index_inputs` holds the indexer's projections (for the scores at the
-    slots, differentiable)."""
+    slots, differentiable). index_dtype: chunked_select's (bf16: the GEMM on bf16-rounded q and k)."""
     B, L, _ = x.shape
     q, k, w = indexer.project(x)
 
     def outside_top_k(n):  # the indexer's top-n over the keys outside kept_keys
-        return chunked_select(q.detach(), k.detach(), w.detach(), n, kept=(sinks, window))
+        return chunked_select(q.detach(), k.detach(), w.detach(), n, kept=(sinks, window), index_dtype=index_dtype)
     return Selection(*structured_slots(B, L, top_k, sinks, window, outside_top_k, x.device), index_inputs=(q, k, w))
 
 
-def structured_row(q, k, w, top_k: int, sinks: int, window: int) -> torch.Tensor:
+def structured_row(q, k, w, top_k: int, sinks: int, window: int, index_dtype: torch.dtype | None = None) -> torch.Tensor:
     """A cached decode step's structured selection: the indexer's projections of the query at position T-1, q
     (B, 1, H_I, d_I) and w (B, 1, H_I), and its keys k (B, T, d_I) -> its positions (B, min(top_k, T)), every slot
-    valid: `structured_slots` at that row, the set `structured_selection` picks at row T-1 of any sequence of L >= T."""
+    valid: `structured_slots` at that row, the set `structured_selection` picks at row T-1 of any sequence of L >= T
+    (with the same index_dtype; k may be a bf16 cache)."""
     B, T = k.shape[:2]
     pos = torch.arange(T - 1, T, device=k.device)  # (1,): no host-to-device copy
 
     def outside_top_k(n):  # the row's top-n over its keys outside kept_keys (every cached key is past)
-        return select_last_rows(q, k, w, n, kept=(sinks, window))
+        return select_last_rows(q, k, w, n, kept=(sinks, window), index_dtype=index_dtype)
     return structured_slots(B, T, top_k, sinks, window, outside_top_k, k.device, rows=pos)[0][:, 0]
 
 

