@@ -12,7 +12,8 @@ same dense branch point and sees the same batches in the same order:
   random  k random past tokens, redrawn every step (no indexer)  |  trained the same way
   oracle  top-k of the layer's true head-summed attention       /  (the ceiling of any shared index set at k)
   block   our query-block-shared variant (blocks of queries share one selected set)
-  dsa_levers  dsa with the retrieval levers of `--levers` (default: structure, the retrofit presets' adopted lever):
+  dsa_levers  dsa with the retrieval levers of `--levers` (default: structure head_max, the retrofit presets'
+          adopted levers):
           structure keeps the first 4 and last 16 tokens in every row, group_max / head_max change the warm-up's target
 Tasks: `lm` (real text, windows inside documents) and `mqar` (multi-query associative recall, dsa_lab/experiments/mqar.py: a dense
 model solves it, a window of k cannot once the pairs sit further back than k).
@@ -48,7 +49,7 @@ INDEXED = ("dsa", "dsa_levers")  # the models whose lightning indexer is warmed 
 LEVERS = {"paper": dict(structure_window=0, warmup_target="sum"), "structure": dict(structure_window=16),
           "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max"),
           "heads16": dict(indexer_heads=16), "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last two: capacity
-DEFAULT_LEVERS = ("structure",)
+DEFAULT_LEVERS = ("structure", "head_max")  # the retrofit presets' adopted levers (retrofit.ADOPTED_LEVERS)
 DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 
 # Per preset and task: model widths and an explicit step budget per stage (the same at every length).

@@ -102,7 +102,8 @@ def structured_selection(indexer, x: torch.Tensor, top_k: int, sinks: int, windo
     return Selection(*structured_slots(B, L, top_k, sinks, window, outside_top_k, x.device), index_inputs=(q, k, w))
 
 
-def structured_row(q, k, w, top_k: int, sinks: int, window: int, index_dtype: torch.dtype | None = None) -> torch.Tensor:
+def structured_row(q, k, w, top_k: int, sinks: int, window: int,
+                   index_dtype: torch.dtype | None = None) -> torch.Tensor:
     """A cached decode step's structured selection: the indexer's projections of the query at position T-1, q
     (B, 1, H_I, d_I) and w (B, 1, H_I), and its keys k (B, T, d_I) -> its positions (B, min(top_k, T)), every slot
     valid: `structured_slots` at that row, the set `structured_selection` picks at row T-1 of any sequence of L >= T
