@@ -782,7 +782,8 @@ def run_retrofit(args, header: dict) -> int:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2
     print(f"retrofit speed: {model_id.describe()} fp32, B 1, k {args.top_k}, DSA prefill backend "
-          f"{args.retrofit_backend}, indexer GEMM {args.retrofit_index_dtype}; indexers UNTRAINED (random init: timing only, their selections mean nothing); "
+          f"{args.retrofit_backend}, indexer GEMM {args.retrofit_index_dtype}; indexers UNTRAINED (random init: "
+          f"timing only, their selections mean nothing); "
           f"{header['device_name']}, {header['device']}; medians of {args.repeats} prefill / {args.decode_steps} "
           f"decode calls after a discarded first call, dense and DSA in turns; load avg {header['load_avg_start']}",
           flush=True)
