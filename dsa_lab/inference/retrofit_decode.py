@@ -80,6 +80,7 @@ class _CachedCall:
     def __init__(self, model: RetrofitLM, state: RetrofitState):
         self.plan, self.aux, self.state, self.indexers = state.plan, RetrofitAux(), state, model.indexers
         self.full = retrofit._Call(state.plan, model.indexers) if state.length == 0 else None  # the prefill's maths
+        self.index_dtype = retrofit.INDEX_DTYPES[state.plan.index_dtype]  # bf16: the cache holds bf16 indexer keys
         if self.full is not None:
             self.full.aux = self.aux  # one aux: the hook's inputs reach the full forward's selection
 
@@ -90,7 +91,7 @@ class _CachedCall:
         if self.full is not None:  # the prefill: the plan's own maths; the indexer keys of every prompt position
             if self.plan.selection == "dsa":
                 keys = index_keys(self.indexers[layer], self.aux.inputs[layer])  # (B, L, d_I)
-                cache.write("index_keys", keys.to(self.full.index_dtype or keys.dtype), 1, 0)
+                cache.write("index_keys", keys.to(self.index_dtype or keys.dtype), 1, 0)
             return self.full.attend(layer, q, k, v, scaling)
         if n != 1:
             raise ValueError(f"a cached step takes one new token per sequence, got {n}; prefill the prompt at once")
@@ -115,7 +116,7 @@ class _CachedCall:
         if self.plan.selection == "dsa":  # chunked_select's row T-1 (the fused C++ pass on CPU)
             pos = self.state.length
             iq, ik, iw = self.indexers[layer].project(self.aux.inputs[layer], pos)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
-            dtype = retrofit.INDEX_DTYPES[self.plan.index_dtype]  # bf16: the cache holds bf16 keys (half the reads)
+            dtype = self.index_dtype
             cached_keys = self.state.caches[layer].write("index_keys", ik.to(dtype or ik.dtype), 1, pos)  # (B, T, d_I)
             if self.plan.window:  # structured: the full forward's rule at this row
                 return levers.structured_row(iq, cached_keys, iw, self.plan.top_k, self.plan.sinks, self.plan.window,

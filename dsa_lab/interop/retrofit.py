@@ -265,6 +265,7 @@ class _Call:
         self.plan, self.indexers, self.aux = plan, indexers, RetrofitAux()
         self.backend = BACKENDS[plan.backend]()
         self.index_dtype = INDEX_DTYPES[plan.index_dtype]  # torch.bfloat16: the indexer's GEMM in bf16
+        self.selecting = GatherBackend(self.index_dtype) if self.index_dtype else self.backend  # dsa's plain top-k
 
     def attend(self, layer: int, q, k, v, scaling) -> torch.Tensor:
         """q (B, H, L, D), k/v (B, H_kv, L, D) -> (B, L, H, D). SDPA and the sparse backends read a GQA group's KV
@@ -315,8 +316,7 @@ class _Call:
                 if plan.window:
                     return levers.structured_selection(self.indexers[layer], self.aux.inputs[layer], plan.top_k,
                                                        plan.sinks, plan.window, self.index_dtype)
-                selecting = GatherBackend(self.index_dtype) if self.index_dtype else self.backend  # chunked, bf16 GEMM
-                return selecting.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
+                return self.selecting.select(self.indexers[layer], TopKTokenSelector(plan.top_k), self.aux.inputs[layer])
         if selection == "oracle":
             return Selection(*oracle_selection(q.detach(), k.detach(), plan.top_k))
         if selection == "local":
