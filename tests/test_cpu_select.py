@@ -114,7 +114,7 @@ def test_decode_rows_are_chunked_selects_last_rows(monkeypatch, kept, dtype):
     for fused in (True, False):
         monkeypatch.setattr(chunked, "FUSED_SELECT", fused)
         for T in (1, 5, 23, 24, 25, 70):
-            for Lq in (1, 3):
+            for Lq in (1, 3, 6):  # 3 x 1 and 3 x 3 query-head rows: key-major GEMM; 3 x 6 > GEMV_ROWS: q k^T
                 if Lq > T:
                     continue
                 idx, valid = chunked.select_last_rows(q[:, T - Lq:T], k[:, :T], w[:, T - Lq:T], 24, kept=kept)
