@@ -87,6 +87,32 @@ def test_kernel_worker_threads_equal_one_thread(monkeypatch):
     assert shares == [1, 1, 2, 2]
 
 
+def test_head_passes_cover_every_kv_head_once_within_the_byte_budget(monkeypatch):
+    """KV heads split into consecutive passes of as many heads as PASS_BYTES holds (at least one each)."""
+    monkeypatch.setattr(cpu_sparse, "PASS_BYTES", 1000)
+    assert cpu_sparse.head_passes(8, 10, 50) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert cpu_sparse.head_passes(3, 10, 30) == [(0, 3)]
+    assert cpu_sparse.head_passes(5, 100, 50) == [(i, i + 1) for i in range(5)]  # one head over budget: still one
+    assert cpu_sparse.head_passes(1, 1, 1) == [(0, 1)]
+
+
+@pytest.mark.parametrize("H,Hkv", [(8, 8), (6, 3), (4, 1)])
+def test_one_kv_head_per_pass_gives_the_one_pass_numbers_bit_for_bit(monkeypatch, H, Hkv):
+    """Passes of one KV head (a long sequence's cache-sized passes) give exactly the numbers of one pass over all
+    heads, fwd and bwd, on two worker threads (each head computes as before; its query heads stay together)."""
+    monkeypatch.setattr(cpu_sparse, "QUERIES_PER_CALL", 4)
+    monkeypatch.setattr(chunked, "MIN_PARALLEL_CHUNKS", 2)
+    inputs = _inputs(2, H, Hkv, 27, 8, 8, 6, dtype=torch.float32)
+    passes, real = [], cpu_sparse.head_passes
+    monkeypatch.setattr(cpu_sparse, "head_passes", lambda *a: passes.append(real(*a)) or passes[-1])
+    whole = _run(cpu_sparse.sparse_attention_cpu, *inputs)
+    monkeypatch.setattr(cpu_sparse, "PASS_BYTES", 1)
+    split = _run(cpu_sparse.sparse_attention_cpu, *inputs)
+    assert passes == [[(0, Hkv)]] * 2 + [[(g, g + 1) for g in range(Hkv)]] * 2
+    for a, b in zip((whole[0], whole[1], *whole[2]), (split[0], split[1], *split[2]), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_gather_backend_takes_the_kernel_and_its_torch_twin_agrees():
     """GatherBackend.attend on CPU fp64 runs the kernel; the torch path (the twin, KV heads repeated) gives the
     same outputs and gradients on GQA shapes."""

@@ -95,6 +95,13 @@ struct Dims {
   explicit Dims(const int64_t* d) : B(d[0]), H(d[1]), Hkv(d[2]), L(d[3]), D(d[4]), Dv(d[5]), K(d[6]), G(d[1] / d[2]) {}
 };
 
+// the KV heads [g0, g1) a call works on and their query heads [h0, h1): a call over all its queries for a few KV
+// heads at a time keeps those heads' K/V rows (and dK/dV rows) cache-resident while its random rows are read
+struct Heads {
+  int64_t g0, g1, h0, h1;
+  Heads(const Dims& n, int64_t g0_, int64_t g1_) : g0(g0_), g1(g1_), h0(g0_ * n.G), h1(g1_ * n.G) {}
+};
+
 // scores (H, K) of one query: sc[h*K + j] = scale * q_h . k[s_j] (one read of row k[s_j] per KV head, used by its G
 // query heads); -inf at invalid slots. Keys j outer, heads inner: with token-major k a selected token is one
 // contiguous (Hkv, D) row, prefetched PREFETCH slots ahead.
@@ -106,23 +113,23 @@ inline void prefetch_row(const T* row, int64_t n, int rw) {
 }
 
 template <typename T>
-void query_scores(const Dims& n, const T* qt, const int64_t* qs, const T* kb, const int64_t* ks, const int64_t* sel,
-                  T scale, T* sc) {
+void query_scores(const Dims& n, const Heads& r, const T* qt, const int64_t* qs, const T* kb, const int64_t* ks,
+                  const int64_t* sel, T scale, T* sc) {
   for (int64_t j = 0; j < n.K; ++j) {
     const int64_t s = sel[j];
     if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0)
-      for (int64_t g = 0; g < n.Hkv; ++g) prefetch_row(kb + g * ks[1] + sel[j + PREFETCH] * ks[2], n.D, 0);
-    for (int64_t h = 0; h < n.H; ++h)
+      for (int64_t g = r.g0; g < r.g1; ++g) prefetch_row(kb + g * ks[1] + sel[j + PREFETCH] * ks[2], n.D, 0);
+    for (int64_t h = r.h0; h < r.h1; ++h)
       sc[h * n.K + j] = s < 0 ? -std::numeric_limits<T>::infinity()
                               : scale * dot(qt + h * qs[1], kb + (h / n.G) * ks[1] + s * ks[2], n.D);
   }
 }
 
-// in place: sc (H, K) -> probabilities; returns nothing, writes lse (H) (+inf and p = 0 when no slot is valid)
+// in place: sc (H, K) -> probabilities of the heads in r; writes their lse (+inf and p = 0 when no slot is valid)
 template <typename T>
-void softmax_rows(const Dims& n, T* sc, T* lse_h) {
+void softmax_rows(const Dims& n, const Heads& r, T* sc, T* lse_h) {
   const T inf = std::numeric_limits<T>::infinity();
-  for (int64_t h = 0; h < n.H; ++h) {
+  for (int64_t h = r.h0; h < r.h1; ++h) {
     T* row = sc + h * n.K;
     T m = -inf;
     for (int64_t j = 0; j < n.K; ++j) m = row[j] > m ? row[j] : m;
@@ -143,25 +150,27 @@ void softmax_rows(const Dims& n, T* sc, T* lse_h) {
 
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* lse, T* probs, const int64_t* dims,
-             const int64_t* qs, const int64_t* ks, const int64_t* vs, int64_t t0, int64_t t1, double scale) {
+             const int64_t* qs, const int64_t* ks, const int64_t* vs, int64_t t0, int64_t t1, int64_t g0, int64_t g1,
+             double scale) {
   const Dims n(dims);
+  const Heads r(n, g0, g1);
   std::vector<T> sc(n.H * n.K), acc(n.H * n.Dv), lse_h(n.H);
   for (int64_t b = 0; b < n.B; ++b) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t* sel = idx + (b * n.L + t) * n.K;
       const T* qt = q + b * qs[0] + t * qs[2];
-      query_scores(n, qt, qs, k + b * ks[0], ks, sel, static_cast<T>(scale), sc.data());
-      softmax_rows(n, sc.data(), lse_h.data());
-      for (int64_t e = 0; e < n.H * n.Dv; ++e) acc[e] = 0;
+      query_scores(n, r, qt, qs, k + b * ks[0], ks, sel, static_cast<T>(scale), sc.data());
+      softmax_rows(n, r, sc.data(), lse_h.data());
+      for (int64_t e = r.h0 * n.Dv; e < r.h1 * n.Dv; ++e) acc[e] = 0;
       const T* vb = v + b * vs[0];
       for (int64_t j = 0; j < n.K; ++j) {  // out_h = sum_j p[h, j] v[s_j]: keys outer, heads inner (one row read)
         const int64_t s = sel[j];
         if (s < 0) continue;
         if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0)
-          for (int64_t g = 0; g < n.Hkv; ++g) prefetch_row(vb + g * vs[1] + sel[j + PREFETCH] * vs[2], n.Dv, 0);
-        for (int64_t h = 0; h < n.H; ++h) axpy(sc[h * n.K + j], vb + (h / n.G) * vs[1] + s * vs[2], &acc[h * n.Dv], n.Dv);
+          for (int64_t g = r.g0; g < r.g1; ++g) prefetch_row(vb + g * vs[1] + sel[j + PREFETCH] * vs[2], n.Dv, 0);
+        for (int64_t h = r.h0; h < r.h1; ++h) axpy(sc[h * n.K + j], vb + (h / n.G) * vs[1] + s * vs[2], &acc[h * n.Dv], n.Dv);
       }
-      for (int64_t h = 0; h < n.H; ++h) {
+      for (int64_t h = r.h0; h < r.h1; ++h) {
         const int64_t row = (b * n.H + h) * n.L + t;
         for (int64_t e = 0; e < n.Dv; ++e) out[row * n.Dv + e] = acc[h * n.Dv + e];
         lse[row] = lse_h[h];
@@ -175,7 +184,7 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
 // one query's gradients: dq_t (H, D) written; the rows of its selected keys in dk_acc (L, Hkv, D), dv_acc (L, Hkv, Dv)
 // (token-major, the call's batch row) accumulated. Keys outer, heads inner: each selected row read once.
 template <typename T>
-void backward_query(const Dims& n, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_, const T* kb,
+void backward_query(const Dims& n, const Heads& r, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_, const T* kb,
                     const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel, const T* lse_t,
                     const T* delta, T scale, T* dq_t, T* dkb, T* dvb) {
   for (int64_t j = 0; j < n.K; ++j) {
@@ -183,14 +192,14 @@ void backward_query(const Dims& n, const T* qt, const int64_t* qs, const T* dot_
     if (s < 0) continue;
     if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0) {
       const int64_t sn = sel[j + PREFETCH];
-      for (int64_t g = 0; g < n.Hkv; ++g) {
+      for (int64_t g = r.g0; g < r.g1; ++g) {
         prefetch_row(kb + g * ks[1] + sn * ks[2], n.D, 0);
         prefetch_row(vb + g * vs[1] + sn * vs[2], n.Dv, 0);
       }
-      prefetch_row(dkb + sn * n.Hkv * n.D, n.Hkv * n.D, 1);
-      prefetch_row(dvb + sn * n.Hkv * n.Dv, n.Hkv * n.Dv, 1);
+      prefetch_row(dkb + (sn * n.Hkv + r.g0) * n.D, (r.g1 - r.g0) * n.D, 1);
+      prefetch_row(dvb + (sn * n.Hkv + r.g0) * n.Dv, (r.g1 - r.g0) * n.Dv, 1);
     }
-    for (int64_t h = 0; h < n.H; ++h) {
+    for (int64_t h = r.h0; h < r.h1; ++h) {
       const int64_t g = h / n.G;
       const T* krow = kb + g * ks[1] + s * ks[2];
       const T* vrow = vb + g * vs[1] + s * vs[2];
@@ -208,23 +217,24 @@ void backward_query(const Dims& n, const T* qt, const int64_t* qs, const T* dot_
 template <typename T>
 void backward(const T* q, const T* k, const T* v, const int64_t* idx, const T* out, const T* lse, const T* dout,
               T* dq, T* dk_acc, T* dv_acc, const int64_t* dims, const int64_t* qs, const int64_t* ks,
-              const int64_t* vs, const int64_t* dos, int64_t t0, int64_t t1, double scale) {
+              const int64_t* vs, const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
   const Dims n(dims);
+  const Heads r(n, g0, g1);
   std::vector<T> dq_t(n.H * n.D), delta(n.H), lse_t(n.H);
   for (int64_t b = 0; b < n.B; ++b) {
     for (int64_t t = t0; t < t1; ++t) {
       const T* qt = q + b * qs[0] + t * qs[2];
       const T* dot_ = dout + b * dos[0] + t * dos[2];
-      for (int64_t h = 0; h < n.H; ++h) {
+      for (int64_t h = r.h0; h < r.h1; ++h) {
         const int64_t row = (b * n.H + h) * n.L + t;
         delta[h] = dot(dot_ + h * dos[1], out + row * n.Dv, n.Dv);
         lse_t[h] = lse[row];
       }
-      for (int64_t i = 0; i < n.H * n.D; ++i) dq_t[i] = 0;
-      backward_query(n, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
+      for (int64_t i = r.h0 * n.D; i < r.h1 * n.D; ++i) dq_t[i] = 0;
+      backward_query(n, r, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
                      lse_t.data(), delta.data(), static_cast<T>(scale), dq_t.data(),
                      dk_acc + b * n.Hkv * n.L * n.D, dv_acc + b * n.Hkv * n.L * n.Dv);
-      for (int64_t h = 0; h < n.H; ++h)
+      for (int64_t h = r.h0; h < r.h1; ++h)
         for (int64_t e = 0; e < n.D; ++e) dq[((b * n.H + h) * n.L + t) * n.D + e] = dq_t[h * n.D + e];
     }
   }
@@ -235,24 +245,24 @@ void backward(const T* q, const T* k, const T* v, const int64_t* idx, const T* o
 extern "C" {
 void dsa_sparse_fwd_f32(const float* q, const float* k, const float* v, const int64_t* idx, float* out, float* lse,
                         float* probs, const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                        int64_t t0, int64_t t1, double scale) {
-  forward(q, k, v, idx, out, lse, probs, dims, qs, ks, vs, t0, t1, scale);
+                        int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
+  forward(q, k, v, idx, out, lse, probs, dims, qs, ks, vs, t0, t1, g0, g1, scale);
 }
 void dsa_sparse_fwd_f64(const double* q, const double* k, const double* v, const int64_t* idx, double* out,
                         double* lse, double* probs, const int64_t* dims, const int64_t* qs, const int64_t* ks,
-                        const int64_t* vs, int64_t t0, int64_t t1, double scale) {
-  forward(q, k, v, idx, out, lse, probs, dims, qs, ks, vs, t0, t1, scale);
+                        const int64_t* vs, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
+  forward(q, k, v, idx, out, lse, probs, dims, qs, ks, vs, t0, t1, g0, g1, scale);
 }
 void dsa_sparse_bwd_f32(const float* q, const float* k, const float* v, const int64_t* idx, const float* out,
                         const float* lse, const float* dout, float* dq, float* dk_acc, float* dv_acc,
                         const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                        const int64_t* dos, int64_t t0, int64_t t1, double scale) {
-  backward(q, k, v, idx, out, lse, dout, dq, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, scale);
+                        const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
+  backward(q, k, v, idx, out, lse, dout, dq, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, g0, g1, scale);
 }
 void dsa_sparse_bwd_f64(const double* q, const double* k, const double* v, const int64_t* idx, const double* out,
                         const double* lse, const double* dout, double* dq, double* dk_acc, double* dv_acc,
                         const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                        const int64_t* dos, int64_t t0, int64_t t1, double scale) {
-  backward(q, k, v, idx, out, lse, dout, dq, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, scale);
+                        const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
+  backward(q, k, v, idx, out, lse, dout, dq, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, g0, g1, scale);
 }
 }

@@ -30,6 +30,9 @@ from sparse_attention import check_selection
 
 KERNEL = CppKernel(Path(__file__).with_name("cpu_sparse.cpp"), "using the torch gather path")
 QUERIES_PER_CALL = 64  # queries per kernel call (a share of run_chunks' work; ~1 ms of work at k 256, H 8)
+# K/V bytes (dK/dV too in the backward) a worker's pass over all its queries may touch: its random rows then come
+# from the cache instead of memory. Above it the KV heads are split into passes (each pass: every query, a few heads)
+PASS_BYTES = 8 << 20
 _TYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -63,6 +66,14 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def head_passes(Hkv: int, L: int, row_bytes: int) -> list[tuple[int, int]]:
+    """The KV-head ranges [g0, g1) a worker's calls cover one after another: as many KV heads per pass as keep the
+    pass's rows (row_bytes per token and KV head) within PASS_BYTES, at least one. Every pass computes its heads
+    exactly as one pass over all heads would (heads are independent; a KV head's query heads stay together)."""
+    per_pass = max(1, min(Hkv, PASS_BYTES // max(1, L * row_bytes)))
+    return [(g, min(g + per_pass, Hkv)) for g in range(0, Hkv, per_pass)]
+
+
 class _SparseAttentionCPU(torch.autograd.Function):
     """The kernel's forward and backward; saves q, k, v, the selection, out and the log-sum-exp (B, H, L)."""
 
@@ -78,11 +89,14 @@ class _SparseAttentionCPU(torch.autograd.Function):
         fwd = getattr(lib, f"dsa_sparse_fwd_{kind}")
         k, v = _token_major(k), _token_major(v)  # (B, Hkv, L, D) views of (B, L, Hkv, D) memory
         qs, ks, vs = _strides(q), _strides(k), _strides(v)
+        passes = head_passes(Hkv, L, (D + Dv) * q.element_size())  # K and V rows
 
         def calls(share):
-            for t0, t1 in share:
-                fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(probs), dims, qs, ks, vs,
-                    ctypes.c_int64(t0), ctypes.c_int64(t1), ctypes.c_double(scale))
+            for g0, g1 in passes:
+                for t0, t1 in share:
+                    fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(probs), dims, qs, ks,
+                        vs, ctypes.c_int64(t0), ctypes.c_int64(t1), ctypes.c_int64(g0), ctypes.c_int64(g1),
+                        ctypes.c_double(scale))
 
         run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
         ctx.save_for_backward(q, k, v, selected_idx, out, lse)
@@ -102,13 +116,15 @@ class _SparseAttentionCPU(torch.autograd.Function):
         dq = q.new_empty(B, H, L, D)
         bwd = getattr(lib, f"dsa_sparse_bwd_{kind}")
         qs, ks, vs, dos = _strides(q), _strides(k), _strides(v), _strides(grad_out)
+        passes = head_passes(Hkv, L, 2 * (D + Dv) * q.element_size())  # K, V and the worker's dK, dV rows
 
         def calls(share):  # writes the share's rows of dq; returns its own dK, dV accumulators
             dk, dv = q.new_zeros(B, L, Hkv, D), q.new_zeros(B, L, Hkv, Dv)  # token-major
-            for t0, t1 in share:
-                bwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(grad_out), _ptr(dq),
-                    _ptr(dk), _ptr(dv), dims, qs, ks, vs, dos, ctypes.c_int64(t0), ctypes.c_int64(t1),
-                    ctypes.c_double(scale))
+            for g0, g1 in passes:
+                for t0, t1 in share:
+                    bwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(grad_out), _ptr(dq),
+                        _ptr(dk), _ptr(dv), dims, qs, ks, vs, dos, ctypes.c_int64(t0), ctypes.c_int64(t1),
+                        ctypes.c_int64(g0), ctypes.c_int64(g1), ctypes.c_double(scale))
             return dk, dv
 
         parts = run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
