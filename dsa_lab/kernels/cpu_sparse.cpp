@@ -1,6 +1,7 @@
 // Token-level sparse attention on CPU without materialising the gathered keys/values (dsa_lab/kernels/cpu_sparse.py).
 //
-// One call handles the queries [t0, t1) of every batch row, single-threaded: Python runs one call per worker thread
+// One call handles the queries [t0, t1) of every batch row for the KV heads [g0, g1) (and their query heads),
+// single-threaded: Python runs one call per worker thread
 // (ctypes releases the GIL), so this file needs no OpenMP runtime beside torch's. Per query t and KV head g, each
 // selected key/value row is read ONCE from the (B, Hkv, L, D) tables, straight inside the dot products, and used
 // by all G = H / Hkv query heads of its group (MHA: G = 1; GQA; MQA: Hkv = 1). Nothing of size (L, K, D) exists.

@@ -6,7 +6,8 @@ uses it for all G = H / Hkv query heads of the group (MHA G = 1, GQA, MQA Hkv = 
 head repeated per query head. K and V are read token-major (a selected token is one contiguous row for all its KV heads; copied once per
 forward when they come head-major). Forward writes out and the log-sum-exp; backward recomputes the scores per
 query and accumulates dK/dV in per-worker token-major tables (no atomics). Query chunks run on `run_chunks`' Python worker threads (ctypes
-drops the GIL), so no second OpenMP runtime runs beside torch's.
+drops the GIL), so no second OpenMP runtime runs beside torch's. Past PASS_BYTES of K/V rows (long sequences) each
+worker covers its queries in passes of a few KV heads, so a pass's random rows stay in the CPU's cache.
 
   sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs)   q (B, H, L, D), k (B, Hkv, L, D),
       v (B, Hkv, L, Dv) -> out (B, H, L, Dv), probs (B, H, L, K) (detached) or None
