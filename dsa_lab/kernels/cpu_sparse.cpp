@@ -169,7 +169,8 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
         if (s < 0) continue;
         if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0)
           for (int64_t g = r.g0; g < r.g1; ++g) prefetch_row(vb + g * vs[1] + sel[j + PREFETCH] * vs[2], n.Dv, 0);
-        for (int64_t h = r.h0; h < r.h1; ++h) axpy(sc[h * n.K + j], vb + (h / n.G) * vs[1] + s * vs[2], &acc[h * n.Dv], n.Dv);
+        for (int64_t h = r.h0; h < r.h1; ++h)
+          axpy(sc[h * n.K + j], vb + (h / n.G) * vs[1] + s * vs[2], &acc[h * n.Dv], n.Dv);
       }
       for (int64_t h = r.h0; h < r.h1; ++h) {
         const int64_t row = (b * n.H + h) * n.L + t;
@@ -185,8 +186,8 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
 // one query's gradients: dq_t (H, D) written; the rows of its selected keys in dk_acc (L, Hkv, D), dv_acc (L, Hkv, Dv)
 // (token-major, the call's batch row) accumulated. Keys outer, heads inner: each selected row read once.
 template <typename T>
-void backward_query(const Dims& n, const Heads& r, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_, const T* kb,
-                    const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel, const T* lse_t,
+void backward_query(const Dims& n, const Heads& r, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_,
+                    const T* kb, const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel, const T* lse_t,
                     const T* delta, T scale, T* dq_t, T* dkb, T* dvb) {
   for (int64_t j = 0; j < n.K; ++j) {
     const int64_t s = sel[j];
