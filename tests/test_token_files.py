@@ -140,3 +140,9 @@ def test_token_file_windows_of_a_document_are_disjoint_and_start_L_plus_1_apart(
     for i in range(len(starts) - 1):
         if doc_of[i] == doc_of[i + 1]:  # neighbours in one document: disjoint, L+1 apart
             assert starts[i + 1] - starts[i] == width and not set(rows[i].tolist()) & set(rows[i + 1].tolist())
+
+
+def test_workers_never_start_as_forks_of_the_caller():
+    """Tokenising workers start from a fork server or by spawn: a fork of a process with torch's and pyarrow's
+    threads can copy a held lock, and a worker that died of it left the Pool hanging (seen once in CI)."""
+    assert token_files._worker_context().get_start_method() in ("forkserver", "spawn")

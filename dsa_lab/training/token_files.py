@@ -190,6 +190,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
+def _worker_context():
+    """Tokenising workers start from a fork server (a fresh single-threaded process) or by spawn, never as forks of
+    this process: a fork copies locks that other threads hold (pyarrow's pool, torch's), and a worker that died of
+    that left the Pool waiting forever (a CI run hung in test_a_hub_style_stream_gives_the_same_documents)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def build(folder: Path, tasks: list[Task], make_tokenizer, spec: dict, vocab_size: int, text_field: str,
           val_fraction: float, max_tokens: int, workers: int | None = None, describe: str = "") -> "TokenCorpus":
     """Tokenise `tasks` in `workers` processes (default: the CPU count) into `folder` (atomically), stopping at
@@ -205,7 +213,7 @@ def build(folder: Path, tasks: list[Task], make_tokenizer, spec: dict, vocab_siz
     hashes = {s: [] for s in files}
     total, start = 0, time.perf_counter()
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    context = _worker_context()
     try:
         with context.Pool(workers, _init_worker, (make_tokenizer, spec, text_field, val_fraction, dtype.str,
                                                    max_tokens)) as pool, \
