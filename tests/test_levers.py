@@ -291,6 +291,7 @@ def test_lever_settings_and_fingerprints():
     quick / cpu / default adopt ADOPTED_LEVERS, `--levers paper` turns them off; the levers preset stays the paper's."""
     s = rx.settings_for("levers", {"levers": ["structure", "wide"]})
     assert s["structure_window"] == 16 and (s["indexer_heads"], s["indexer_dim"]) == (32, 128)
+    assert [rx.settings_for("levers", {"levers": [n]})["indexer_heads"] for n in ("heads8", "heads16")] == [8, 16]
     for preset in ("quick", "cpu", "default"):
         adopted = rx.settings_for(preset, {})
         assert {n: adopted[n] for n in rx.ADOPTED_LEVERS} == rx.ADOPTED_LEVERS
@@ -345,10 +346,16 @@ def lever_table_reads_the_run(run: Path, tmp_path: Path) -> None:
     assert same["vs_reference"]["mean"] == 0 and same["p_holm"]["passkey"] == 1.0
     assert all(d["mean"] == 0 for d in same["copy_vs_reference"].values())
     assert "| structure+prev_key |" in (out / "levers.md").read_text() and (out / "levers.png").stat().st_size > 0
-    other = tmp_path / "other"
-    other.mkdir()
     summary = json.loads((run / "summary.json").read_text())
     L, k = budget["rows"][0]["budget"].split("/")
+    far = max(summary["results"][L][k]["probe"]["by_distance"], key=int)  # per layer: the token after the occurrence
+    assert same["copy_hit"] == summary["results"][L][k]["probe"]["by_distance"][far]["dsa"]["value_hit_by_layer"]
+    dense_by_depth = summary["results"][L][k]["passkey"]["dense"]["by_depth"]
+    assert "| dense | " + " | ".join(f"{d['correct']}/{d['n']}" for d in dense_by_depth) + " |" in (
+        out / "levers.md").read_text()
+    assert lever_table.retrieving_layers({"oracle_copy_hit": [0.1, 0.5, 0.49, 0.9]}) == [1, 3]
+    other = tmp_path / "other"
+    other.mkdir()
     loss = summary["results"][L][k]["loss"]["dsa"]
     loss["per_seed"] = [v + 0.1 for v in loss["per_seed"]]  # the lever's DSA 0.1 nats worse on every window
     (other / "summary.json").write_text(json.dumps(summary))

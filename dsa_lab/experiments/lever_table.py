@@ -7,8 +7,10 @@ evaluated (same seed and windows: the runs must agree on them, or the table refu
 Per run: DSA − dense, DSA − oracle, DSA − the reference's DSA (paired per window), the copy probe per distance with
 its paired difference to the reference, passkey correct/trials (Wilson CI; Fisher's exact test against the
 reference — conservative, the trials being the same prompts), warm-up steps and wall times. Holm over the family of
-every lever × (loss, copy probe at each distance, passkey). Writes levers.md and levers.png; a bad folder is one
-line and exit status 2.
+every lever × (loss, copy probe at each distance, passkey). Beside the table, where each run's retrieval stands: per
+layer, the share of the farthest copy rows whose DSA selection holds the token to copy (the oracle's beside it), and
+the passkey by depth (dense, oracle, every run's DSA). Writes levers.md and levers.png (the same, as panels and a heat
+map); a bad folder is one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -78,10 +80,18 @@ def compare(runs: list[dict]) -> dict:
             out[f"{L}/{k}"] = {"rows": rows, "dense_copy": {d: r["dense"]["accuracy"]["mean"] for d, r in
                                                             base["probe"]["by_distance"].items()},
                                "dense_passkey": base["passkey"]["dense"]["overall"],
-                               "oracle_passkey": base["passkey"]["oracle"]["overall"]}
+                               "oracle_passkey": base["passkey"]["oracle"]["overall"],
+                               "far": farthest(base), "oracle_copy_hit": base["probe"]["by_distance"][
+                                   farthest(base)]["oracle"]["value_hit_by_layer"],
+                               "passkey_by_depth": {m: base["passkey"][m]["by_depth"] for m in ("dense", "oracle")}}
     for test in significance(comparisons)["tests"]:
         test["row"]["p_holm"][test["test"]] = test["p_holm"]
     return out
+
+
+def farthest(r: dict) -> str:
+    """The copy probe's farthest distance in an (L, k) record (a key of its by_distance)."""
+    return max(r["probe"]["by_distance"], key=int)
 
 
 def _row(run: dict, r: dict, base: dict, comparisons: list, budget: str) -> dict:
@@ -89,7 +99,8 @@ def _row(run: dict, r: dict, base: dict, comparisons: list, budget: str) -> dict
     row = {"name": run["name"], "budget": budget, "warmup_steps": run["results"][budget.split("/")[0]]["warmup"][
         "steps_used"], "wall_s": run["wall_time_s"], "dsa_minus_dense": r["delta_vs_dense"]["dsa"],
         "dsa_minus_oracle": r["dsa_minus_oracle"], "copy": {}, "copy_vs_reference": {}, "p_holm": {},
-        "passkey": r["passkey"]["dsa"]["overall"]}
+        "passkey": r["passkey"]["dsa"]["overall"], "passkey_by_depth": r["passkey"]["dsa"]["by_depth"],
+        "copy_hit": r["probe"]["by_distance"][farthest(r)]["dsa"]["value_hit_by_layer"]}  # [layer] share of rows
     for d, probe in r["probe"]["by_distance"].items():
         row["copy"][d] = probe["dsa"]["accuracy"]
     if r is base:
@@ -146,44 +157,108 @@ def markdown(table: dict, runs: list[dict]) -> str:
                          f"{_ci(row['dsa_minus_dense'])} | {_ci(row['dsa_minus_oracle'])} | "
                          f"{_ci(row.get('vs_reference'))}{_p(row, 'loss')} | " + " | ".join(copies)
                          + f" | {pk['correct']}/{pk['n']} [{pk['ci95'][0]:.2f}, {pk['ci95'][1]:.2f}]{_p(row, 'passkey')} |")
-        lines.append("")
+        lines += ["", *_layer_lines(b), "", *_passkey_lines(b), ""]
     return "\n".join(lines)
 
 
+def retrieving_layers(b: dict) -> list[int]:
+    """The layers whose oracle selection holds the token to copy (farthest distance) in at least half the rows."""
+    return [i for i, hit in enumerate(b["oracle_copy_hit"]) if hit >= 0.5]
+
+
+def _layer_lines(b: dict) -> list[str]:
+    """Per run: the share of the farthest copy rows whose DSA selection holds the token to copy, by layer."""
+    layers = retrieving_layers(b)
+    if not layers:
+        return [f"No layer's oracle selection holds the token to copy at {b['far']} back in half the rows."]
+    head = [f"Token to copy among the selected keys at {b['far']} back (share of the probe's rows; the layers where "
+            "the oracle's selection holds it in at least half the rows):", "",
+            "| run | " + " | ".join(f"layer {i}" for i in layers) + " |", "|---" * (1 + len(layers)) + "|"]
+    rows = [(row["name"], row["copy_hit"]) for row in b["rows"]] + [("oracle", b["oracle_copy_hit"])]
+    return head + [f"| {name} | " + " | ".join(f"{hits[i]:.2f}" for i in layers) + " |" for name, hits in rows]
+
+
+def _passkey_lines(b: dict) -> list[str]:
+    """Passkey correct / trials by depth: dense, the oracle, then DSA of every run."""
+    rows = [(m, b["passkey_by_depth"][m]) for m in ("dense", "oracle")] + [
+        (f"DSA, {row['name']}", row["passkey_by_depth"]) for row in b["rows"]]
+    depths = [d["depth"] for d in rows[0][1]]
+    return (["Passkey by depth (correct / trials):", "", "| model | " + " | ".join(f"{d:.0%}" for d in depths)
+             + " |", "|---" * (1 + len(depths)) + "|"]
+            + [f"| {name} | " + " | ".join(f"{d['correct']}/{d['n']}" for d in by) + " |" for name, by in rows])
+
+
 def figure(table: dict, path: Path) -> None:
-    """Per (L, k): copy accuracy by distance per run (dense dashed), passkey accuracy per run, DSA − oracle."""
+    """Per (L, k), two rows of panels: copy accuracy by distance per run (dense dashed), passkey accuracy per run,
+    DSA − oracle; then the token to copy among the selected keys by layer, and the passkey heat map by depth."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(table), 3, figsize=(15, 4 * len(table)), squeeze=False)
-    for (budget, b), (ax_copy, ax_key, ax_loss) in zip(table.items(), axes):
-        names, distances = [row["name"] for row in b["rows"]], list(b["dense_copy"])
-        width, colors = 0.8 / len(names), [f"C{i % 10}" for i in range(len(names))]  # one colour per run, every panel
-        for i, row in enumerate(b["rows"]):
-            means = [row["copy"][d]["mean"] for d in distances]
-            errs = [[m - (row["copy"][d]["ci95"][0] or m) for d, m in zip(distances, means)],
-                    [(row["copy"][d]["ci95"][1] or m) - m for d, m in zip(distances, means)]]
-            ax_copy.bar([j + i * width for j in range(len(distances))], means, width, yerr=errs, label=row["name"],
-                        color=colors[i])
-        for j, d in enumerate(distances):
-            ax_copy.hlines(b["dense_copy"][d], j - 0.1, j + 0.9, colors="k", linestyles="--")
-        ax_copy.set(xticks=[j + 0.4 - width / 2 for j in range(len(distances))], xticklabels=[f"{d} back" for d in
-                    distances], ylabel="DSA copy accuracy (dense dashed)", ylim=(0, 1), title=f"copy probe, L/k {budget}")
-        ax_copy.legend(fontsize=8)
-        keys = [row["passkey"] for row in b["rows"]]
-        ax_key.bar(names, [p["accuracy"] for p in keys], yerr=[[p["accuracy"] - p["ci95"][0] for p in keys],
-                                                              [p["ci95"][1] - p["accuracy"] for p in keys]], color=colors)
-        ax_key.axhline(b["dense_passkey"]["accuracy"], color="k", linestyle="--")
-        ax_key.set(ylabel="DSA passkey accuracy (dense dashed)", ylim=(0, 1.05), title="passkey")
-        gaps = [row["dsa_minus_oracle"] for row in b["rows"]]
-        ax_loss.bar(names, [g["mean"] for g in gaps], yerr=[[g["mean"] - g["ci95"][0] for g in gaps],
-                                                            [g["ci95"][1] - g["mean"] for g in gaps]], color=colors)
-        ax_loss.set(ylabel="held-out loss DSA − oracle (nats)", title="what the indexer costs")
-        for ax in (ax_key, ax_loss):
-            ax.tick_params(axis="x", labelrotation=20)
+    fig = plt.figure(figsize=(15, 8 * len(table)))
+    grid = fig.add_gridspec(2 * len(table), 3)
+    for i, (budget, b) in enumerate(table.items()):
+        colors = [f"C{j % 10}" for j in range(len(b["rows"]))]  # one colour per run, every panel
+        _copy_panel(fig.add_subplot(grid[2 * i, 0]), budget, b, colors)
+        _bars(fig.add_subplot(grid[2 * i, 1]), b, [row["passkey"] for row in b["rows"]], colors,
+              "DSA passkey accuracy (dense dashed)", "passkey", dense=b["dense_passkey"]["accuracy"])
+        _bars(fig.add_subplot(grid[2 * i, 2]), b, [{"accuracy": g["mean"], "ci95": g["ci95"]} for g in
+              (row["dsa_minus_oracle"] for row in b["rows"])], colors, "held-out loss DSA − oracle (nats)",
+              "what the indexer costs")
+        _layer_panel(fig.add_subplot(grid[2 * i + 1, :2]), b, colors)
+        _passkey_heat_map(fig.add_subplot(grid[2 * i + 1, 2]), b)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _copy_panel(ax, budget: str, b: dict, colors: list) -> None:
+    distances = list(b["dense_copy"])
+    width = 0.8 / len(b["rows"])
+    for i, row in enumerate(b["rows"]):
+        means = [row["copy"][d]["mean"] for d in distances]
+        errs = [[m - (row["copy"][d]["ci95"][0] or m) for d, m in zip(distances, means)],
+                [(row["copy"][d]["ci95"][1] or m) - m for d, m in zip(distances, means)]]
+        ax.bar([j + i * width for j in range(len(distances))], means, width, yerr=errs, label=row["name"],
+               color=colors[i])
+    for j, d in enumerate(distances):
+        ax.hlines(b["dense_copy"][d], j - 0.1, j + 0.9, colors="k", linestyles="--")
+    ax.set(xticks=[j + 0.4 - width / 2 for j in range(len(distances))], xticklabels=[f"{d} back" for d in distances],
+           ylabel="DSA copy accuracy (dense dashed)", ylim=(0, 1), title=f"copy probe, L/k {budget}")
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def _bars(ax, b: dict, stats: list, colors: list, ylabel: str, title: str, dense: float | None = None) -> None:
+    """One bar per run: stats[i]["accuracy"] with its ci95."""
+    values = [st["accuracy"] for st in stats]
+    ax.bar([row["name"] for row in b["rows"]], values, color=colors,
+           yerr=[[v - (st["ci95"][0] if st["ci95"][0] is not None else v) for v, st in zip(values, stats)],
+                 [(st["ci95"][1] if st["ci95"][1] is not None else v) - v for v, st in zip(values, stats)]])
+    if dense is not None:
+        ax.axhline(dense, color="k", linestyle="--")
+        ax.set_ylim(0, 1.05)
+    ax.set(ylabel=ylabel, title=title)
+    ax.tick_params(axis="x", labelrotation=20)
+
+
+def _layer_panel(ax, b: dict, colors: list) -> None:
+    for row, color in zip(b["rows"], colors):
+        ax.plot(row["copy_hit"], marker="o", color=color, label=f"DSA, {row['name']}")
+    ax.plot(b["oracle_copy_hit"], color="k", linestyle="--", label="oracle top-k")
+    ax.set(xlabel="layer", ylabel="share of copy rows", ylim=(0, 1.02),
+           title=f"token to copy among the selected keys, {b['far']} back")
+    ax.legend(fontsize=8)
+
+
+def _passkey_heat_map(ax, b: dict) -> None:
+    names = ["dense", "oracle"] + [f"DSA, {row['name']}" for row in b["rows"]]
+    rows = [b["passkey_by_depth"]["dense"], b["passkey_by_depth"]["oracle"]] + [r["passkey_by_depth"] for r in b["rows"]]
+    grid = [[d["correct"] / d["n"] for d in by] for by in rows]
+    ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for y, by in enumerate(rows):
+        for x, d in enumerate(by):
+            ax.text(x, y, f"{d['correct']}/{d['n']}", ha="center", va="center", fontsize=8)
+    ax.set(xticks=range(len(rows[0])), xticklabels=[f"{d['depth']:.0%}" for d in rows[0]], yticks=range(len(names)),
+           yticklabels=names, xlabel="passkey depth", title="passkey by depth")
 
 
 def main(argv: list[str] | None = None) -> int:
