@@ -90,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--indexer-heads", type=int, default=ModelConfig.indexer_heads, help="the model's indexer")
+    p.add_argument("--indexer-heads", type=int, default=ModelConfig.indexer_heads,
+                   help="the model's indexer (--retrofit: the retrofitted indexers'; 4 x 64 as the retrofit presets', "
+                        "16 = the capacity lever heads16)")
     p.add_argument("--indexer-dim", type=int, default=ModelConfig.indexer_dim)
     p.add_argument("--block-size", type=int, default=ModelConfig.sparse_block_size)
     p.add_argument("--repeats", type=int, default=3)
@@ -730,7 +732,12 @@ def run_decode(args, header: dict) -> None:
 
 def retrofit_model(args):
     """--retrofit's model: the base model with random (untrained) indexers; its positions must hold every L."""
+    from dsa_lab.experiments.retrofit import COMMON
     from dsa_lab.interop import retrofit
+    rope_dim = COMMON["indexer_rope_dim"]  # the experiment's, at every indexer size
+    if args.indexer_dim < rope_dim:
+        raise ValueError(f"--indexer-dim {args.indexer_dim} is below the retrofit indexer's {rope_dim} RoPE dims; use "
+                         f"--indexer-dim >= {rope_dim}")
     model_id = retrofit.resolve_model(args.retrofit_model)
     base, _ = retrofit.load_base(model_id)
     limit = getattr(base.config, "max_position_embeddings", None) or max(args.seq_lens)
@@ -739,7 +746,8 @@ def retrofit_model(args):
         raise ValueError(f"--seq-lens/--recompute-len up to {longest} exceed the model's {limit} positions; use "
                          f"lengths <= {limit}")
     torch.manual_seed(0)
-    model = retrofit.RetrofitLM(base, max_seq_len=longest, base_id=model_id).to(args.device).eval()
+    model = retrofit.RetrofitLM(base, heads=args.indexer_heads, dim=args.indexer_dim, rope_dim=rope_dim,
+                                max_seq_len=longest, base_id=model_id).to(args.device).eval()
     return model, model_id
 
 
@@ -782,7 +790,8 @@ def run_retrofit(args, header: dict) -> int:
         print(f"benchmark.py: error: {e}", file=sys.stderr)
         return 2
     print(f"retrofit speed: {model_id.describe()} fp32, B 1, k {args.top_k}, DSA prefill backend "
-          f"{args.retrofit_backend}, indexer GEMM {args.retrofit_index_dtype}; indexers UNTRAINED (random init: "
+          f"{args.retrofit_backend}, indexers {args.indexer_heads} x {args.indexer_dim}, indexer GEMM "
+          f"{args.retrofit_index_dtype}; indexers UNTRAINED (random init: "
           f"timing only, their selections mean nothing); "
           f"{header['device_name']}, {header['device']}; medians of {args.repeats} prefill / {args.decode_steps} "
           f"decode calls after a discarded first call, dense and DSA in turns; load avg {header['load_avg_start']}",
@@ -799,7 +808,7 @@ def run_retrofit(args, header: dict) -> int:
     print(f"load avg (1/5/15 min) {header['load_avg_start']} at start, {header['load_avg_end']} at end")
     atomic_write_json(os.path.join(args.out, "benchmark_retrofit.json"),
                       {**header, "model": model_id.describe(), "top_k": args.top_k, "backend": args.retrofit_backend,
-                       "index_dtype": args.retrofit_index_dtype,
+                       "index_dtype": args.retrofit_index_dtype, "indexer": f"{args.indexer_heads}x{args.indexer_dim}",
                        "indexers": "untrained (random init)", "repeats": args.repeats,
                        "decode_steps": args.decode_steps, **rows})
     return 0

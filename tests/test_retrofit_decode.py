@@ -233,7 +233,8 @@ def test_interleaved_discards_the_first_round_and_alternates():
 
 def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder, tmp_path, capsys):
     """benchmark.py --retrofit on a saved tiny Llama: one prefill and one decode row per L, the uncached row, the
-    untrained-indexer note, the indexer GEMM's dtype (fp32, or bf16 when asked); a length past the model's positions exits 2 in one line."""
+    untrained-indexer note, the indexer GEMM's dtype (fp32, or bf16 when asked) and size (16 heads when asked); a length past
+    the model's positions or an indexer narrower than its RoPE dims exits 2 in one line."""
     import json
 
     import benchmark
@@ -247,9 +248,15 @@ def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder
     assert "UNTRAINED" in capsys.readouterr().out and out["index_dtype"] == "fp32"
     assert benchmark.main(args + ["--retrofit-index-dtype", "bf16"]) == 0  # the bf16 indexer GEMM and key cache
     assert json.loads((tmp_path / "benchmark_retrofit.json").read_text())["index_dtype"] == "bf16"
-    assert "indexer GEMM bf16" in capsys.readouterr().out
+    assert "indexer GEMM bf16" in capsys.readouterr().out and out["indexer"] == "4x64"
+    assert benchmark.main(args + ["--indexer-heads", "16"]) == 0  # the capacity lever's indexer, timed
+    out = json.loads((tmp_path / "benchmark_retrofit.json").read_text())
+    assert out["indexer"] == "16x64" and "indexers 16 x 64" in capsys.readouterr().out
+    assert 0 < out["prefill"][0]["indexer_share"] < 1
     assert benchmark.main(args[:3] + ["--seq-lens", "1024"] + args[6:]) == 2
     assert "exceed the model's 512 positions" in capsys.readouterr().err
+    assert benchmark.main(args + ["--indexer-dim", "16"]) == 2
+    assert "below the retrofit indexer's 32 RoPE dims" in capsys.readouterr().err
 
 
 def test_sample_py_generates_from_a_retrofit_export_on_the_caches(tiny_folder, tmp_path, capsys):
