@@ -133,6 +133,8 @@ def test_long_context_trains_dsa_levers_and_pairs_it_with_dsa_and_the_oracle(tmp
         long_context.run_long_context("quick", ["mqar"], models, {**tiny, "top_k": 8}, tmp_path / "k8", False)
     wide = long_context.task_settings("quick", "mqar", {**tiny, "levers": ["heads16"]})  # capacity: dsa_levers only
     assert long_context.model_config(wide.model, "dsa_levers", wide.levers).indexer_heads == 16
+    eight = long_context.task_settings("quick", "mqar", {**tiny, "levers": ["heads8"]})
+    assert long_context.model_config(eight.model, "dsa_levers", eight.levers).indexer_heads == 8
     assert long_context.model_config(wide.model, "dsa", wide.levers).indexer_heads == TINY["indexer_heads"]
     with pytest.raises(ValueError, match="not a lever"):
         long_context.task_settings("quick", "mqar", {**tiny, "levers": ["prev_key"]})

@@ -48,7 +48,8 @@ INDEXED = ("dsa", "dsa_levers")  # the models whose lightning indexer is warmed 
 # and settings are the retrofit's (dsa_lab/experiments/retrofit.py LEVERS) for the levers a toy model has
 LEVERS = {"paper": dict(structure_window=0, warmup_target="sum"), "structure": dict(structure_window=16),
           "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max"),
-          "heads16": dict(indexer_heads=16), "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last two: capacity
+          "heads8": dict(indexer_heads=8), "heads16": dict(indexer_heads=16),
+          "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last three: capacity
 DEFAULT_LEVERS = ("structure", "head_max")  # the retrofit presets' adopted levers (retrofit.ADOPTED_LEVERS)
 DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 

@@ -99,6 +99,7 @@ LEVERS = {
     "head_max": dict(warmup_target="head_max"),
     "far_rows": dict(row_weight=0.5),
     "prev_key": dict(prev_key=True),
+    "heads8": dict(indexer_heads=8),
     "heads16": dict(indexer_heads=16),
     "wide": dict(indexer_heads=32, indexer_dim=128),
     "rank": dict(rank_weight=0.1),
