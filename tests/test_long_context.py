@@ -142,6 +142,21 @@ def test_mqar_curriculum_is_gated_shared_and_lengths_chain(tmp_path, monkeypatch
     assert all(torch.equal(starts[48][k], b32[k]) for k in b32)
     assert not all(torch.equal(b48[k], b32[k]) for k in b32)  # 48 trained further
     assert json.loads((tmp_path / "L48" / "seed1" / "branch.json").read_text())["config_fingerprint"] == "fp"
+    alone = long_context.task_settings("quick", "mqar", {**TINY, "seq_lens": [64]})  # 48 asked no more:
+    alone.options["branch_ladder"] = [32, 48]  # as a preset of 32 / 48 / 64 gives it (long_context.branch_ladder)
+    starts.clear()
+    long_context.mqar_branch(64, 1, alone, torch.device("cpu"), tmp_path, "fp")
+    assert all(torch.equal(starts[64][k], b48[k]) for k in b48)  # 64 climbs from the unevaluated 48
+
+
+def test_mqar_asked_lengths_keep_the_presets_ladder():
+    """--seq-lens 2048 alone on the cpu preset: the dense stage still climbs 256 / 512 / 1024 (without it the dense
+    model did not learn MQAR at 2048); the full sweep's settings, and the lm task's, gain nothing."""
+    ladder = lambda task, lens: long_context.task_settings("cpu", task, {"seq_lens": lens}).options.get(  # noqa: E731
+        "branch_ladder")
+    assert ladder("mqar", [2048]) == [256, 512, 1024] and ladder("mqar", [512, 2048]) == [256, 1024]
+    assert ladder("mqar", [256, 512, 1024, 2048]) is None and ladder("mqar", [256]) is None
+    assert ladder("lm", [2048]) is None
 
 
 def test_a_truncated_branch_point_is_named_with_the_fix(tmp_path):

@@ -130,6 +130,9 @@ def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     model, train, _, exp = build_configs({**merged, "seq_lens": options["seq_lens"], "sparse_top_k": top_k,
                                           "max_seq_len": max(options["seq_lens"])})
     options["vocab_size"] = model.vocab_size
+    ladder = branch_ladder(presets[preset]["seq_lens"], options["seq_lens"])
+    if task == "mqar" and ladder:  # only then: a full-ladder run keeps its fingerprint
+        options["branch_ladder"] = ladder
     return TaskSettings(options, model, train, list(exp.seeds), lever_settings(lever_names))
 
 
@@ -197,14 +200,15 @@ def _curriculum(cfg: ModelConfig, tcfg: TrainConfig, options: dict, seed: int, d
 def mqar_branch(L: int, seed: int, settings: "TaskSettings", device, folder: Path, fingerprint_: str,
                 run: Execution = Execution()) -> dict:
     """The MQAR branch point at length L: dense training from the branch point of the next shorter length of
-    the sweep (built first if missing), the shortest from the seed's curriculum (none when curriculum_steps=0)."""
+    the sweep or of its branch_ladder (built first if missing), the shortest from the seed's curriculum (none when
+    curriculum_steps=0)."""
     path = folder / f"L{L}" / f"seed{seed}" / "branch.pt"
     if path.exists():
         return load_torch(path, device, fix="delete it (the branch point is retrained)")
     options = settings.options
     cfg = dataclasses.replace(settings.model, max_seq_len=L)
     tcfg = task_train_config(settings.train, options, L)
-    shorter = [length for length in options["seq_lens"] if length < L]
+    shorter = [length for length in options["seq_lens"] + options.get("branch_ladder", []) if length < L]
     if shorter:
         start = mqar_branch(max(shorter), seed, settings, device, folder, fingerprint_, run)
     elif options.get("curriculum_steps"):
@@ -213,6 +217,14 @@ def mqar_branch(L: int, seed: int, settings: "TaskSettings", device, folder: Pat
     else:
         start = None
     return branch_point(MQARTask(options, L, tcfg), cfg, tcfg, seed, device, path, fingerprint_, start, run)
+
+
+def branch_ladder(preset_lens: list[int], seq_lens: list[int]) -> list[int]:
+    """The preset's lengths below the longest asked that were not asked: MQAR's dense stage climbs through them too
+    (unevaluated), so `--seq-lens 2048` alone gets the branch the full sweep builds. Jumping from the curriculum's
+    L 32 straight to 2048 left the cpu preset's dense model at accuracy 0.32 (seed 42; through 256 / 512 / 1024:
+    0.83), and every comparison against it meaningless."""
+    return sorted(length for length in preset_lens if length < max(seq_lens) and length not in seq_lens)
 
 
 def task_train_config(tcfg: TrainConfig, options: dict, L: int) -> TrainConfig:
