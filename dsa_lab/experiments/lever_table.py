@@ -74,15 +74,15 @@ def compare(runs: list[dict]) -> dict:
     ref, out, comparisons = runs[0], {}, []
     for L, per_k in ref["results"].items():
         for k in (key for key in per_k if key.isdigit()):
-            base = per_k[k]
+            base, far = per_k[k], farthest(per_k[k])
             rows = [_row(run, run["results"][L][k], base, comparisons, f"{L}/{k}") for run in runs
                     if k in run["results"].get(L, {})]
             out[f"{L}/{k}"] = {"rows": rows, "dense_copy": {d: r["dense"]["accuracy"]["mean"] for d, r in
                                                             base["probe"]["by_distance"].items()},
                                "dense_passkey": base["passkey"]["dense"]["overall"],
                                "oracle_passkey": base["passkey"]["oracle"]["overall"],
-                               "far": farthest(base), "oracle_copy_hit": base["probe"]["by_distance"][
-                                   farthest(base)]["oracle"]["value_hit_by_layer"],
+                               "far": far, "oracle_copy_hit": base["probe"]["by_distance"][far]["oracle"][
+                                   "value_hit_by_layer"],
                                "passkey_by_depth": {m: base["passkey"][m]["by_depth"] for m in ("dense", "oracle")}}
     for test in significance(comparisons)["tests"]:
         test["row"]["p_holm"][test["test"]] = test["p_holm"]
