@@ -253,6 +253,8 @@ def test_benchmark_retrofit_writes_prefill_decode_and_recompute_rows(tiny_folder
     out = json.loads((tmp_path / "benchmark_retrofit.json").read_text())
     assert out["indexer"] == "16x64" and "indexers 16 x 64" in capsys.readouterr().out
     assert 0 < out["prefill"][0]["indexer_share"] < 1
+    model, _ = benchmark.retrofit_model(benchmark.parse_args(args + ["--indexer-heads", "16"]))
+    assert model.indexer_spec["heads"] == 16  # the timed indexers are the asked size, not only the label
     assert benchmark.main(args[:3] + ["--seq-lens", "1024"] + args[6:]) == 2
     assert "exceed the model's 512 positions" in capsys.readouterr().err
     assert benchmark.main(args + ["--indexer-dim", "16"]) == 2
