@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root on sys.path, tiny configs, the real corpus cached once."""
+"""Shared fixtures: the repository root on sys.path, tiny configs, the real corpus and SmolLM2 loaded once."""
 import sys
 from pathlib import Path
 
@@ -25,6 +25,16 @@ def corpus(tmp_path_factory):
     """The embedded Shakespeare corpus with the default BPE (trained once per test session)."""
     from dsa_lab.training.data import load_corpus
     return load_corpus(DataConfig(cache_dir=str(tmp_path_factory.mktemp("data_cache"))))
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    """The real SmolLM2-135M (GGUF dequantised to fp32: the slow part), loaded once per session -> (base, tokenizer,
+    model id). RetrofitLM hooks the base it wraps: a test module wraps a copy.deepcopy of it, never this one."""
+    from dsa_lab.interop import retrofit
+    model_id = retrofit.resolve_model(None)
+    base, tokenizer = retrofit.load_base(model_id)
+    return base, tokenizer, model_id
 
 
 def model_pair(cfg: ModelConfig, seed: int, device="cpu"):

@@ -1,5 +1,5 @@
 """bf16 under CUDA autocast's dtype policy, on CPU: every CPU backend x MHA/MLA x the sweep's and the long-context
-study's `default` widths runs the warm-up, sparse and evaluation forwards and the backwards without a dtype error,
+study's `default` widths (each distinct set once) runs the warm-up, sparse and evaluation forwards and the backwards without a dtype error,
 and its sparse step (logits, losses, every gradient by name) stays within a measured multiple of the masked
 backend's own bf16 error, over keys chosen once for both (tests/backend_twins.py: bf16 ties would otherwise let
 the two select different keys).
@@ -27,6 +27,17 @@ L, B, K = 32, 2, 8
 WIDTH_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "num_shared_experts",
               "indexer_heads", "indexer_dim", "indexer_rope_dim")
 PRESET_WIDTHS = {"sweep default": config.PRESETS["default"], "long_context default": long_context.PRESETS["default"]["lm"]}
+
+
+def distinct_widths(presets: dict) -> list[str]:
+    """The first preset of each distinct set of widths: presets with the same widths build the same model (today the
+    sweep's and the long-context study's `default` do), so each model runs once."""
+    first = {}
+    for name, p in presets.items():
+        first.setdefault(tuple(p.get(key) for key in WIDTH_KEYS), name)
+    return list(first.values())
+
+
 MODES = {"warm-up": AttentionMode(sparse=False, indexer_loss="dense"),
          "sparse": AttentionMode(sparse=True, indexer_loss="sparse"),
          "evaluation": AttentionMode(sparse=True, stats=True)}
@@ -77,7 +88,7 @@ def _twins(preset: str, attention_type: str, backend: str, selection_source: str
     return twin_steps(make, backend, ids, cuda_autocast_on_cpu, mode)
 
 
-@pytest.mark.parametrize("preset", list(PRESET_WIDTHS))
+@pytest.mark.parametrize("preset", distinct_widths(PRESET_WIDTHS))
 @pytest.mark.parametrize("attention_type", ["mha", "mla"])
 @pytest.mark.parametrize("backend", config.CPU_TRAINABLE_BACKENDS)
 def test_bf16_under_cuda_autocast_policy_every_cpu_backend(preset, attention_type, backend):

