@@ -1,8 +1,8 @@
 """bf16 under CUDA autocast's dtype policy, on CPU: every CPU backend x MHA/MLA x the sweep's and the long-context
-study's `default` widths (each distinct set once) runs the warm-up, sparse and evaluation forwards and the backwards without a dtype error,
-and its sparse step (logits, losses, every gradient by name) stays within a measured multiple of the masked
-backend's own bf16 error, over keys chosen once for both (tests/backend_twins.py: bf16 ties would otherwise let
-the two select different keys).
+study's `default` widths (each distinct set once) runs the warm-up, sparse and evaluation forwards and the backwards
+without a dtype error, and its sparse step (logits, losses, every gradient by name) stays within a measured multiple
+of the masked backend's own bf16 error, over keys chosen once for both (tests/backend_twins.py: bf16 ties would
+otherwise let the two select different keys).
 
 CPU autocast alone cannot show the CUDA failures (it keeps LayerNorm in bf16); tests/cuda_autocast_policy.py adds
 CUDA's policy for every op CUDA autocast has a kernel for, nested calls included (first test: the indexer's k
