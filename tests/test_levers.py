@@ -8,6 +8,7 @@ import torch
 
 from dsa_lab.experiments import retrofit as rx
 from dsa_lab.interop import levers, retrofit
+from dsa_lab.kernels.chunked import select_last_rows
 from sparse_attention import (check_selection, future_mask, index_scores, indexer_kl_dense, indexer_kl_sparse,
                               select_top_k, selection_mask)
 from tests.test_retrofit import tiny_base, tiny_folder, tiny_retrofit  # noqa: F401 (tiny_folder: a fixture)
@@ -67,6 +68,9 @@ def test_structured_row_is_the_full_forwards_row(sinks, window, ties):
     for T in range(1, L + 1):
         row = levers.structured_row(q[:, T - 1:T], k[:, :T], w[:, T - 1:T], K, sinks, window)
         assert row.shape == (2, min(K, T)) and row.min() >= 0 and row.max() < T, T
+        twin = levers.structured_slots(2, T, K, sinks, window, lambda n: select_last_rows(  # the rule itself, in order
+            q[:, T - 1:T], k[:, :T], w[:, T - 1:T], n, kept=(sinks, window)), x.device, rows=torch.tensor([T - 1]))
+        assert torch.equal(row, twin[0][:, 0]), T
         got = [sorted(r.tolist()) for r in row]
         assert all(len(set(r)) == len(r) for r in got), T
         for sel in (full, levers.structured_selection(indexer, x[:, :T], K, sinks, window)):

@@ -32,6 +32,21 @@ def test_indexer_matches_the_paper_formula_by_direct_loop():
     assert torch.allclose(w_scaled, w_raw * H_I ** -0.5 * d_I ** -0.5)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_project_row_is_project_at_one_position_bit_for_bit(interleaved):
+    """A cached decode step's projection (one position, queries and key rotated together, RoPE row shared or not)
+    gives project(x, start)'s q, k and w exactly, at the first, a middle and the last position; interleaved RoPE
+    takes project() itself. Caught (planted): the rotate-half sign kept on the sin row, the swap's halves in place."""
+    torch.manual_seed(0)
+    idx = LightningIndexer(d_model=16, n_heads=3, head_dim=8, rope_dim=4, max_seq_len=40, rope_interleaved=interleaved)
+    x = torch.randn(2, 1, 16)
+    for start in (0, 17, 39):
+        shared = None if interleaved else idx.rope.row(start, 8)
+        for rope_row in (None, shared):
+            for got, want in zip(idx.project_row(x, start, rope_row), idx.project(x, start)):
+                assert got.shape == want.shape and torch.equal(got, want), start
+
+
 def test_indexer_key_is_layernormed_and_rope_touches_only_the_leading_dims():
     torch.manual_seed(0)
     idx = LightningIndexer(d_model=16, n_heads=2, head_dim=8, rope_dim=4, max_seq_len=16)

@@ -81,6 +81,7 @@ class _CachedCall:
         self.plan, self.aux, self.state, self.indexers = state.plan, RetrofitAux(), state, model.indexers
         self.full = retrofit._Call(state.plan, model.indexers) if state.length == 0 else None  # the prefill's maths
         self.index_dtype = retrofit.INDEX_DTYPES[state.plan.index_dtype]  # bf16: the cache holds bf16 indexer keys
+        self.rope_row = None  # a decode step's RoPE row for its one position, made by the first layer's indexer
         if self.full is not None:
             self.full.aux = self.aux  # one aux: the hook's inputs reach the full forward's selection
 
@@ -115,7 +116,10 @@ class _CachedCall:
         """The new token's top-k cached positions (B, min(k, T)), every slot valid."""
         if self.plan.selection == "dsa":  # chunked_select's row T-1 (the fused C++ pass on CPU)
             pos = self.state.length
-            iq, ik, iw = self.indexers[layer].project(self.aux.inputs[layer], pos)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
+            indexer = self.indexers[layer]
+            if self.rope_row is None and indexer.rope is not None and not indexer.rope.interleaved:
+                self.rope_row = indexer.rope.row(pos, indexer.head_dim)  # every layer's indexer has the same RoPE
+            iq, ik, iw = indexer.project_row(self.aux.inputs[layer], pos, self.rope_row)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
             dtype = self.index_dtype
             cached_keys = self.state.caches[layer].write("index_keys", ik.to(dtype or ik.dtype), 1, pos)  # (B, T, d_I)
             if self.plan.window:  # structured: the full forward's rule at this row

@@ -109,6 +109,11 @@ def structured_row(q, k, w, top_k: int, sinks: int, window: int,
     valid: `structured_slots` at that row, the set `structured_selection` picks at row T-1 of any sequence of L >= T
     (with the same index_dtype; k may be a bf16 cache)."""
     B, T = k.shape[:2]
+    if T > top_k:  # structured_slots' row T-1 in 3 torch ops instead of ~15: the kept keys (sink_local_selection's
+        # order: the first `sinks`, then T-1 down to T-window), then the indexer's top-n over the rest (all n valid)
+        kept = torch.tensor([*range(sinks), *range(T - 1, T - 1 - window, -1)], device=k.device)
+        idx = select_last_rows(q, k, w, top_k - sinks - window, kept=(sinks, window), index_dtype=index_dtype)[0]
+        return torch.cat([kept.expand(B, -1), idx[:, 0]], dim=-1)
     pos = torch.arange(T - 1, T, device=k.device)  # (1,): no host-to-device copy
 
     def outside_top_k(n):  # the row's top-n over its keys outside kept_keys (every cached key is past)
