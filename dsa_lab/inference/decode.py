@@ -99,7 +99,8 @@ def _write_keys(attn, heads, cache: LayerCache, start: int):
 
 def _write_index_keys(attn, x: torch.Tensor, heads, cache: LayerCache, start: int):
     """Cache the indexer keys of the tokens -> (their indexer q (B, n, H_I, d_I), w (B, n, H_I), all keys (B, start+n, d_I))."""
-    q, k, w = attn.indexer.project(attn.indexer_input(x, heads), start)
+    inputs = attn.indexer_input(x, heads)
+    q, k, w = attn.indexer.project_row(inputs, start) if x.shape[1] == 1 else attn.indexer.project(inputs, start)
     return q, w, cache.write("index_keys", k, 1, start)
 
 
