@@ -59,15 +59,22 @@ class LightningIndexer(nn.Module):
         w = self.weights_proj(x) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
         return q, k, w
 
+    def row_rotation(self, start: int):
+        """project_row's RoPE row at `start` (RotaryEmbedding.row), or None where project_row takes project(): q_dim,
+        no or interleaved RoPE, a subclass's own project()."""
+        if self.q_dim or self.rope is None or self.rope.interleaved or type(self).project is not LightningIndexer.project:
+            return None
+        return self.rope.row(start, self.head_dim)
+
     def project_row(self, x: torch.Tensor, start: int, rope_row=None):
         """project(x, start) for one position, x (B, 1, d_model), bit for bit, in ~12 torch ops instead of ~35 (a cached
         decode step runs it once per layer per token, where each op's dispatch costs more than its arithmetic): the
-        queries and key rotated together (RotaryEmbedding.row). rope_row: self.rope.row(start, head_dim), which a
-        caller may share across layers; q_dim, interleaved RoPE or a subclass's own project() take project()."""
-        if self.q_dim or self.rope is None or self.rope.interleaved or type(self).project is not LightningIndexer.project:
+        queries and key rotated together. rope_row: row_rotation(start), which a caller may share across layers."""
+        rope_row = rope_row if rope_row is not None else self.row_rotation(start)
+        if rope_row is None:
             return self.project(x, start)
         B = x.shape[0]
-        cos, sin, swap = rope_row if rope_row is not None else self.rope.row(start, self.head_dim)
+        cos, sin, swap = rope_row
         qk = torch.cat([self.q_proj(x).view(B, self.n_heads, self.head_dim),
                         self.k_norm(self.key_features(x, start))], dim=1)  # (B, H_I + 1, d_I): the queries, the key
         qk = qk * cos + qk[..., swap] * sin

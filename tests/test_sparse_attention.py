@@ -41,7 +41,7 @@ def test_project_row_is_project_at_one_position_bit_for_bit(interleaved):
     idx = LightningIndexer(d_model=16, n_heads=3, head_dim=8, rope_dim=4, max_seq_len=40, rope_interleaved=interleaved)
     x = torch.randn(2, 1, 16)
     for start in (0, 17, 39):
-        shared = None if interleaved else idx.rope.row(start, 8)
+        shared = idx.row_rotation(start)  # None: interleaved RoPE takes project()
         for rope_row in (None, shared):
             for got, want in zip(idx.project_row(x, start, rope_row), idx.project(x, start)):
                 assert got.shape == want.shape and torch.equal(got, want), start

@@ -117,8 +117,8 @@ class _CachedCall:
         if self.plan.selection == "dsa":  # chunked_select's row T-1 (the fused C++ pass on CPU)
             pos = self.state.length
             indexer = self.indexers[layer]
-            if self.rope_row is None and indexer.rope is not None and not indexer.rope.interleaved:
-                self.rope_row = indexer.rope.row(pos, indexer.head_dim)  # every layer's indexer has the same RoPE
+            if self.rope_row is None:
+                self.rope_row = indexer.row_rotation(pos)  # every layer's indexer has the same RoPE
             iq, ik, iw = indexer.project_row(self.aux.inputs[layer], pos, self.rope_row)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
             dtype = self.index_dtype
             cached_keys = self.state.caches[layer].write("index_keys", ik.to(dtype or ik.dtype), 1, pos)  # (B, T, d_I)
