@@ -37,7 +37,8 @@ WARMUP_TARGETS = ("sum", "group_max", "head_max")
 EXECUTION_DEFAULTS = {"moe_dispatch": "auto"}
 # Keys added to ModelConfig after runs were fingerprinted (the retrieval levers, issue 30): also left out of a config
 # fingerprint at their default, so every run made without them keeps its fingerprint
-ADDED_DEFAULTS = {"structure_window": 0, "structure_sinks": 4, "warmup_target": "sum"}
+ADDED_DEFAULTS = {"structure_window": 0, "structure_sinks": 4, "warmup_target": "sum", "warmup_row_weight": 0.0,
+                  "warmup_rank_weight": 0.0}
 
 
 @dataclass
@@ -93,10 +94,14 @@ class ModelConfig:
     # Retrieval levers of the indexer (issue 30; dsa_lab/interop/levers.py), off at these defaults (the paper's recipe):
     # structure_window > 0 keeps the first structure_sinks and the last structure_window tokens in every row and spends
     # the other sparse_top_k - sinks - window slots on the indexer (its KLs fit the target outside those kept keys);
-    # warmup_target (WARMUP_TARGETS) makes the warm-up's target from the heads
+    # warmup_target (WARMUP_TARGETS) makes the warm-up's target from the heads; warmup_row_weight in [0, 1] weights the
+    # warm-up's rows toward those whose target mass lies beyond the kept keys, warmup_rank_weight >= 0 adds the
+    # top-k-membership term (levers.WarmupLoss row_weight / rank_weight)
     structure_window: int = 0
     structure_sinks: int = 4
     warmup_target: str = "sum"
+    warmup_row_weight: float = 0.0
+    warmup_rank_weight: float = 0.0
 
     def validate(self) -> None:
         """Refuse a bad value (ValueError naming the key and the fix): sizes, then selection, then MoE and MLA."""
@@ -151,6 +156,9 @@ class ModelConfig:
         if self.structure_window < 0 or self.structure_sinks < 0:
             raise ValueError(f"structure_window={self.structure_window} and structure_sinks={self.structure_sinks} "
                              f"must be >= 0 (structure_window 0 turns the structure lever off)")
+        if not 0 <= self.warmup_row_weight <= 1 or self.warmup_rank_weight < 0:
+            raise ValueError(f"warmup_row_weight={self.warmup_row_weight} must lie in [0, 1] and warmup_rank_weight="
+                             f"{self.warmup_rank_weight} be >= 0 (0 turns either lever off)")
         if not self.structure_window:
             return
         if self.structure_sinks + self.structure_window >= self.sparse_top_k:

@@ -356,11 +356,12 @@ def build_sparse_attention(cfg: ModelConfig, leader: DeepSeekSparseAttention | N
 
 def build_objective(cfg: ModelConfig) -> levers.IndexerObjective | None:
     """The indexer's losses under the config's levers (None: the paper's KLs)."""
-    if not cfg.structure_window and cfg.warmup_target == "sum":
+    loss = levers.WarmupLoss(cfg.structure_sinks, cfg.structure_window, row_weight=cfg.warmup_row_weight,
+                             rank_weight=cfg.warmup_rank_weight)
+    if loss.is_paper and cfg.warmup_target == "sum":
         return None
     group = cfg.n_heads if cfg.attention_type == "mla" else 1  # MLA's sparse model: one shared KV row (MQA)
-    return levers.IndexerObjective(cfg.warmup_target, group, levers.WarmupLoss(cfg.structure_sinks,
-                                                                                cfg.structure_window))
+    return levers.IndexerObjective(cfg.warmup_target, group, loss)
 
 
 # ----------------------------------------------------------------------------- language models

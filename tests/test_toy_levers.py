@@ -58,7 +58,11 @@ def test_a_structured_layer_keeps_sinks_and_window_and_never_a_future_key():
 
 @pytest.mark.parametrize("fields", [dict(warmup_target="head_max"),
                                     dict(structure_window=WINDOW, structure_sinks=SINKS, warmup_target="head_max"),
-                                    dict(structure_window=WINDOW, structure_sinks=SINKS)])
+                                    dict(structure_window=WINDOW, structure_sinks=SINKS),
+                                    dict(structure_window=WINDOW, structure_sinks=SINKS, warmup_row_weight=0.5),
+                                    dict(warmup_rank_weight=0.1),
+                                    dict(structure_window=WINDOW, structure_sinks=SINKS, warmup_row_weight=1.0,
+                                         warmup_rank_weight=0.3)])
 def test_the_layers_warm_up_loss_is_the_levers_loss_on_its_own_attention(fields):
     """The dense-mode indexer loss equals levers.warmup_loss on levers.head_target of the layer's own attention (not
     the paper's KL, which it differs from here); at the defaults there is no objective and the paper's KL stays."""
@@ -67,7 +71,9 @@ def test_the_layers_warm_up_loss_is_the_levers_loss_on_its_own_attention(fields)
     _, aux = layer(x, AttentionMode(sparse=False, indexer_loss="dense"))
     _, probs = layer.attend_dense_probs(layer.project(x))  # (B, H, L, L)
     scores = layer.indexer(x)
-    loss = levers.WarmupLoss(SINKS if "structure_sinks" in fields else 4, fields.get("structure_window", 0))
+    loss = levers.WarmupLoss(SINKS if "structure_sinks" in fields else 4, fields.get("structure_window", 0),
+                             row_weight=fields.get("warmup_row_weight", 0.0),
+                             rank_weight=fields.get("warmup_rank_weight", 0.0))
     want = levers.warmup_loss(levers.head_target(probs, fields.get("warmup_target", "sum"), 1), scores, None, loss)
     torch.testing.assert_close(aux.indexer_loss, want)
     assert abs(aux.indexer_loss.item() - indexer_kl_dense(probs, scores).item()) > 1e-4
@@ -97,12 +103,14 @@ def test_the_structured_layers_stage2_kl_covers_the_indexers_slots_only():
 
 def test_lever_fields_are_validated_and_left_out_of_fingerprints_at_their_defaults():
     base = ModelConfig(**TOY)
-    assert not {"structure_window", "structure_sinks", "warmup_target"} & set(fingerprint_fields(base))
+    assert not {"structure_window", "structure_sinks", "warmup_target", "warmup_row_weight",
+                "warmup_rank_weight"} & set(fingerprint_fields(base))
     assert fingerprint_fields(dataclasses.replace(base, warmup_target="head_max"))["warmup_target"] == "head_max"
     for bad, match in ((dict(structure_window=K), "no slot"), (dict(warmup_target="mean"), "warmup_target"),
                        (dict(structure_window=4, selection_source="oracle"), "plain indexer"),
                        (dict(structure_window=4, attention_backend="block"), "plain indexer"),
-                       (dict(structure_window=-1), ">= 0")):
+                       (dict(structure_window=-1), ">= 0"), (dict(warmup_row_weight=1.5), "warmup_row_weight"),
+                       (dict(warmup_rank_weight=-0.1), "warmup_rank_weight")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(base, **bad).validate()
 

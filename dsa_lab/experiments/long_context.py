@@ -46,8 +46,10 @@ MODELS = ("dense", "dsa", "local", "random", "oracle", "block", "dsa_levers")
 INDEXED = ("dsa", "dsa_levers")  # the models whose lightning indexer is warmed up and compared with the oracle
 # `--levers NAME ...` for dsa_levers: ModelConfig's lever fields (config.ADDED_DEFAULTS), applied in order; the names
 # and settings are the retrofit's (dsa_lab/experiments/retrofit.py LEVERS) for the levers a toy model has
-LEVERS = {"paper": dict(structure_window=0, warmup_target="sum"), "structure": dict(structure_window=16),
+LEVERS = {"paper": dict(structure_window=0, warmup_target="sum", warmup_row_weight=0.0, warmup_rank_weight=0.0),
+          "structure": dict(structure_window=16),
           "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max"),
+          "far_rows": dict(warmup_row_weight=0.5), "rank": dict(warmup_rank_weight=0.1),  # the loss levers
           "heads8": dict(indexer_heads=8), "heads16": dict(indexer_heads=16),
           "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last three: capacity
 DEFAULT_LEVERS = ("structure", "head_max")  # the retrofit presets' adopted levers (retrofit.ADOPTED_LEVERS)
