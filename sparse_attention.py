@@ -196,6 +196,10 @@ def check_selection(selected_idx: torch.Tensor, valid: torch.Tensor, L: int) -> 
     certify_selection(selected_idx, valid)
 
 
+NAN_SCORES = ("index scores contain NaN: the indexer diverged or its input holds NaN/inf; lower the indexer learning "
+              "rate or check the model's activations")
+
+
 def check_no_nan(*tensors: torch.Tensor) -> None:
     """NaN index scores (or indexer inputs) would sort above +inf: refuse them with one clear error. Skipped under
     torch.compile (a host-synchronising branch breaks the graph; a diverged indexer still ends the run through the
@@ -203,8 +207,7 @@ def check_no_nan(*tensors: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
         return
     if any(torch.isnan(t).any() for t in tensors):
-        raise ValueError("index scores contain NaN: the indexer diverged or its input holds NaN/inf; lower the "
-                         "indexer learning rate or check the model's activations")
+        raise ValueError(NAN_SCORES)
 
 
 def score_position_key(scores: torch.Tensor) -> torch.Tensor:

@@ -142,10 +142,53 @@ def test_bf16_decode_rows_read_a_bf16_key_cache_as_chunked_select_bf16(monkeypat
 
 
 @pytest.mark.parametrize("where", ["old key", "query", "weights"])
-def test_decode_rows_refuse_nan_anywhere(where):
+@pytest.mark.parametrize("H_I, d_I", [(3, 8), (4, 64)])
+def test_decode_rows_refuse_nan_anywhere(where, H_I, d_I):
     """A NaN in an old cached key, the new query or its weights is refused in one line (the check runs on the
     per-head scores, not on all of the cache)."""
-    q, k, w = _indexer(1, 40, dtype=torch.float32)
+    q, k, w = _indexer(1, 40, H_I=H_I, d_I=d_I, dtype=torch.float32)
     {"old key": k[0, 3], "query": q[0, -1, 1], "weights": w[0, -1]}[where][0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         chunked.select_last_rows(q[:, -1:], k, w[:, -1:], 8)
+
+
+def _spy_decode_row(monkeypatch) -> list:
+    calls = []
+    real = cpu_select.decode_row
+    monkeypatch.setattr(cpu_select, "decode_row", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("H_I, d_I", [(4, 64), (6, 16), (5, 12)])  # 4-head lanes; 4 + 2 single heads; no 8-lanes
+@pytest.mark.parametrize("kept", [(0, 0), (4, 16)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_one_row_kernel_equals_the_torch_passes(monkeypatch, H_I, d_I, kept, bf16):
+    """cpu_select.decode_row (a decode step's one row, GEMM fused in) against select_last_rows' torch passes, integer
+    inputs (exact in any summation order, many ties): the same positions, order and validity, batch rows apart, at
+    odd and even cache lengths, rows shorter than k; with a bf16 key cache, each score rounded as the bf16 GEMM's."""
+    q, k, w = _indexer(2, 201, H_I=H_I, d_I=d_I, dtype=torch.float32)
+    if bf16:  # scores beyond bf16's 8 bits: its rounding of the per-head scores shows
+        q = q * 17
+    cache = k.to(torch.bfloat16) if bf16 else k
+    index_dtype = torch.bfloat16 if bf16 else None
+    calls = _spy_decode_row(monkeypatch)
+    for T in (1, 2, 24, 25, 200, 201):
+        rows = (q[:, T - 1:T], cache[:, :T], w[:, T - 1:T], 24)
+        monkeypatch.setattr(chunked, "FUSED_SELECT", False)
+        want = chunked.select_last_rows(*rows, kept=kept, index_dtype=index_dtype)
+        monkeypatch.setattr(chunked, "FUSED_SELECT", True)
+        got = chunked.select_last_rows(*rows, kept=kept, index_dtype=index_dtype)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), T
+    assert len(calls) == 6  # the kernel ran each time
+
+
+def test_one_row_kernel_on_random_fp32_picks_the_twins_set(monkeypatch):
+    """Continuous inputs at the retrofit's width (4 x 64), 4096 keys: the kernel sums each dot product in 8 lanes, the
+    GEMM in its own order, so a near-tie may fall either way; the sets agree in >= 127 of 128 slots per row."""
+    q, k, w = _indexer(3, 4096, H_I=4, d_I=64, dtype=torch.float32, integer=False)
+    calls = _spy_decode_row(monkeypatch)
+    got = chunked.select_last_rows(q[:, -1:], k, w[:, -1:], 128)[0]
+    monkeypatch.setattr(chunked, "FUSED_SELECT", False)
+    want = chunked.select_last_rows(q[:, -1:], k, w[:, -1:], 128)[0]
+    same = (got.unsqueeze(-1) == want.unsqueeze(-2)).any(-1).sum(-1)  # (B, 1)
+    assert calls and (same >= 127).all(), same

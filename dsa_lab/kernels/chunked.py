@@ -102,10 +102,14 @@ def select_last_rows(q, k, w, top_k: int, kept: tuple = (0, 0), index_dtype=None
     """chunked_select's last Lq rows (the new tokens of a cached decode step): q (B, Lq, H_I, d_I) at the last Lq of
     the L positions of k (B, L, d_I), w (B, Lq, H_I) -> selected_idx (B, Lq, K) (-1 invalid), valid; K = min(top_k, L).
     index_dtype=torch.bfloat16: chunked_select's bf16 GEMM (q and k rounded; a bf16 key cache is read as it is), the
-    rest in q and w's dtype. On CPU the fused C++ pass ranks the GEMM's per-head scores; elsewhere the torch passes
-    (`index_scores`, or for the bf16 GEMM `_causal_prefix_scores`) + `select_top_k` (the twin)."""
+    rest in q and w's dtype. On CPU one row (Lq 1) runs in one C++ call, GEMM included (`cpu_select.decode_row`);
+    more rows: the fused C++ pass ranks the GEMM's per-head scores; elsewhere the torch passes (`index_scores`, or
+    for the bf16 GEMM `_causal_prefix_scores`) + `select_top_k` (the twin)."""
     B, Lq, H_I, d_I = q.shape
     L, K = k.shape[1], min(top_k, k.shape[1])
+    if FUSED_SELECT and cpu_select.decode_available(q, k, w, index_dtype):  # one row: the GEMM fused in too
+        selected_idx, valid = cpu_select.decode_row(q, k, w, top_k, kept, index_dtype)
+        return certify_selection(selected_idx, valid), valid
     dtype = score_dtype(q, k if index_dtype is None else q, w)  # a bf16 key cache leaves the scores' dtype to q, w
     gemm = dtype if index_dtype is None else index_dtype
     q, w = q.to(dtype), w.to(dtype)

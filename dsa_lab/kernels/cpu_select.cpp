@@ -16,6 +16,9 @@
 // more only where scores tie at the bar), and one nth_element + sort of their (score, position) keys gives the K
 // best in order.
 #include <algorithm>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -93,6 +96,14 @@ void row_top_k(const T* sc, int64_t n, int64_t lo, int64_t K, std::vector<int64_
   std::sort(keys.begin(), keys.end(), greater);  // descending
 }
 
+// a row's selection: the positions of its (score, position) keys, then -1 / invalid up to K
+inline void write_row(const std::vector<int64_t>& keys, int64_t K, int64_t* out, uint8_t* ok) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<int64_t>(static_cast<uint32_t>(keys[j]));
+  for (int64_t j = 0; j < K; ++j) ok[j] = j < n;
+  for (int64_t j = n; j < K; ++j) out[j] = -1;
+}
+
 template <typename P, typename T>
 void select_chunk(const P* per_head, const T* w, int64_t* idx, uint8_t* valid, const int64_t* dims) {
   const int64_t B = dims[0], c = dims[1], H_I = dims[2], S = dims[3], K = dims[4], start = dims[5], sinks = dims[6],
@@ -105,22 +116,160 @@ void select_chunk(const P* per_head, const T* w, int64_t* idx, uint8_t* valid, c
       const int64_t t = start + r, lo = sinks, hi = t - window;
       int64_t* out = idx + b * out_batch + r * K;
       uint8_t* ok = valid + b * out_batch + r * K;
-      int64_t n = 0;
+      keys.clear();
       if (hi >= lo) {
         row_scores(per_head + (b * c + r) * H_I * S, w + (b * c + r) * H_I, H_I, S, lo, hi, sc.data());
         row_top_k(sc.data(), hi - lo + 1, lo, K, keys, maxima);
-        n = static_cast<int64_t>(keys.size());
-        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<int64_t>(static_cast<uint32_t>(keys[j]));
       }
-      for (int64_t j = 0; j < K; ++j) ok[j] = j < n;
-      for (int64_t j = n; j < K; ++j) out[j] = -1;
+      write_row(keys, K, out, ok);
     }
   }
+}
+
+// A cached decode step's one new row, its GEMM fused too: q (B, H_I, D) of the query at position T - 1 over the cached
+// keys k (B rows `k_batch` elements apart, T keys of D contiguous elements, in P), w (B, H_I) -> idx/valid (B, K),
+// batch rows K apart. Per key s: the H_I dot products q_h . k_s (float, 8 lanes then their sum: not the GEMM's
+// summation order; bf16 keys: rounded to bf16 as the bf16 GEMM's output is), each checked for NaN, then the row
+// score as row_scores makes it, over [sinks, T - 1 - window];
+// the top-K as row_top_k. dims = {B, H_I, D, T, K, sinks, window, k_batch}. Returns the number of NaN dot products
+// and weights (0: none).
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v8f load8(const uint16_t* p) {
+  v8f v;
+  for (int i = 0; i < 8; ++i) v[i] = to_float(p[i]);
+  return v;
+}
+inline float lane_sum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// the dot products of heads h0 .. h0 + 3 (D a multiple of 8) with two keys k0, k1: eight independent accumulator
+// chains that share the query loads, fused multiply-adds where the CPU has them (x86 AVX2 + FMA, one horizontal
+// pass per key for its four sums) -> out0[0..4), out1[0..4)
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m128 sum_lanes4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+template <typename P>
+inline void dots4x2(const float* q, const P* k0, const P* k1, int64_t D, float* out0, float* out1) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 x = load8(k0 + d), y = load8(k1 + d);
+    __m256 qh = _mm256_loadu_ps(q + d);
+    a0 = _mm256_fmadd_ps(qh, x, a0), b0 = _mm256_fmadd_ps(qh, y, b0);
+    qh = _mm256_loadu_ps(q + D + d);
+    a1 = _mm256_fmadd_ps(qh, x, a1), b1 = _mm256_fmadd_ps(qh, y, b1);
+    qh = _mm256_loadu_ps(q + 2 * D + d);
+    a2 = _mm256_fmadd_ps(qh, x, a2), b2 = _mm256_fmadd_ps(qh, y, b2);
+    qh = _mm256_loadu_ps(q + 3 * D + d);
+    a3 = _mm256_fmadd_ps(qh, x, a3), b3 = _mm256_fmadd_ps(qh, y, b3);
+  }
+  _mm_storeu_ps(out0, sum_lanes4(a0, a1, a2, a3));
+  _mm_storeu_ps(out1, sum_lanes4(b0, b1, b2, b3));
+}
+#else
+template <typename P>
+inline void dots4x2(const float* q, const P* k0, const P* k1, int64_t D, float* out0, float* out1) {
+  v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+  for (int64_t d = 0; d < D; d += 8) {
+    const v8f x = load8(k0 + d), y = load8(k1 + d);
+    v8f qh = load8(q + d);
+    a0 += qh * x, b0 += qh * y;
+    qh = load8(q + D + d);
+    a1 += qh * x, b1 += qh * y;
+    qh = load8(q + 2 * D + d);
+    a2 += qh * x, b2 += qh * y;
+    qh = load8(q + 3 * D + d);
+    a3 += qh * x, b3 += qh * y;
+  }
+  out0[0] = lane_sum(a0), out0[1] = lane_sum(a1), out0[2] = lane_sum(a2), out0[3] = lane_sum(a3);
+  out1[0] = lane_sum(b0), out1[1] = lane_sum(b1), out1[2] = lane_sum(b2), out1[3] = lane_sum(b3);
+}
+#endif
+
+template <typename P>
+inline float dot1(const float* q, const P* ks, int64_t D) {
+  float dot = 0;
+  for (int64_t d = 0; d < D; ++d) dot += q[d] * to_float(ks[d]);
+  return dot;
+}
+
+inline float round_bf16(float x) {  // x rounded to bf16 (to nearest, ties to even), as a float; NaN stays NaN
+  if (x != x) return x;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+inline float gemm_output(float dot, float) { return dot; }
+inline float gemm_output(float dot, uint16_t) { return round_bf16(dot); }  // the bf16 GEMM writes bf16 scores
+
+// sc[s] = the row score of keys s in [s0, s1); -> the number of NaN per-head scores among them
+template <typename P>
+int64_t score_keys(const float* q, const P* k, const float* w, int64_t H_I, int64_t D, int64_t s0, int64_t s1,
+                   float* sc) {
+  const int64_t H4 = D % 8 ? 0 : H_I / 4 * 4;
+  std::vector<float> dots(2 * H_I);
+  int64_t nans = 0;
+  for (int64_t s = s0; s < s1; s += 2) {  // keys s and s + 1 (the last one twice when s1 - s0 is odd)
+    const P* k0 = k + s * D;
+    const P* k1 = s + 1 < s1 ? k0 + D : k0;
+    for (int64_t h = 0; h < H4; h += 4) dots4x2(q + h * D, k0, k1, D, dots.data() + h, dots.data() + H_I + h);
+    for (int64_t h = H4; h < H_I; ++h) dots[h] = dot1(q + h * D, k0, D), dots[H_I + h] = dot1(q + h * D, k1, D);
+    for (int64_t j = 0; j < 2 && s + j < s1; ++j) {
+      const float* dj = dots.data() + j * H_I;
+      float score = 0;
+      for (int64_t h = 0; h < H_I; ++h) {
+        const float x = gemm_output(dj[h], P());
+        nans += x != x;
+        score += w[h] * (x > 0 ? x : 0.0f);
+      }
+      sc[s + j] = score;
+    }
+  }
+  return nans;
+}
+
+template <typename P>
+int64_t decode_row(const float* q, const P* k, const float* w, int64_t* idx, uint8_t* valid, const int64_t* dims) {
+  const int64_t B = dims[0], H_I = dims[1], D = dims[2], T = dims[3], K = dims[4], sinks = dims[5],
+                window = dims[6], k_batch = dims[7];
+  const int64_t lo = sinks, hi = T - 1 - window;
+  std::vector<float> sc(T > 0 ? T : 1);
+  std::vector<int64_t> keys;
+  std::vector<float> maxima;
+  int64_t nans = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* qb = q + b * H_I * D;
+    const float* wb = w + b * H_I;
+    for (int64_t h = 0; h < H_I; ++h) nans += wb[h] != wb[h];
+    nans += score_keys(qb, k + b * k_batch, wb, H_I, D, 0, T, sc.data());
+    keys.clear();
+    if (hi >= lo) row_top_k(sc.data() + lo, hi - lo + 1, lo, K, keys, maxima);
+    write_row(keys, K, idx + b * K, valid + b * K);
+  }
+  return nans;
 }
 
 }  // namespace
 
 extern "C" {
+int64_t dsa_decode_row_f32(const float* q, const float* k, const float* w, int64_t* idx, uint8_t* valid,
+                           const int64_t* dims) {
+  return decode_row(q, k, w, idx, valid, dims);
+}
+int64_t dsa_decode_row_bf16(const float* q, const uint16_t* k, const float* w, int64_t* idx, uint8_t* valid,
+                            const int64_t* dims) {
+  return decode_row(q, k, w, idx, valid, dims);
+}
 void dsa_select_f32(const float* per_head, const float* w, int64_t* idx, uint8_t* valid, const int64_t* dims) {
   select_chunk(per_head, w, idx, valid, dims);
 }

@@ -12,14 +12,23 @@ reference twin (tests/test_cpu_select.py: the same positions, order and validity
       selected_idx (B, c, K) (int64, -1 invalid) and valid (B, c, K) (bool) written (views whose rows are contiguous,
       e.g. rows [start, start + c) of a (B, L, K) selection): row t's top-K keys among s in [sinks, t - window]
       (kept = (sinks, window); (0, 0): every past key), descending
+  decode_available(q, k, w, index_dtype) / decode_row(q, k, w, top_k, kept)
+      a cached decode step's one new row with its GEMM fused too: q (B, 1, H_I, d_I) of the query at the last of the
+      T cached keys k (B, T, d_I) (fp32, or bf16 with index_dtype bf16: q rounded to bf16 and each per-head score
+      to bf16, as chunked_select's bf16 GEMM), w (B, 1, H_I) -> (selected_idx, valid) (B, 1, K), K = min(top_k, T),
+      no (H_I, T) score tensor; a NaN score or weight refused as check_no_nan does. The per-head sums run in 8
+      lanes (FMA on x86 with AVX2), not in the GEMM's order: scores equal to fp32 rounding, so the selection equals
+      select_last_rows' torch passes wherever no two candidate scores lie within it (tests/test_cpu_select.py)
 """
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
 
 from dsa_lab.kernels.cpp_build import CppKernel, longs, ptr
+from sparse_attention import NAN_SCORES
 
 KERNEL = CppKernel(Path(__file__).with_name("cpu_select.cpp"), "chunked selection takes its torch path")
 _TYPES = {(torch.float32, torch.float32): "f32", (torch.float64, torch.float64): "f64",
@@ -43,3 +52,31 @@ def select_rows(per_head, w, start: int, selected_idx, valid, kept: tuple = (0, 
     fn = getattr(KERNEL.library(), f"dsa_select_{_TYPES[(per_head.dtype, w.dtype)]}")
     dims = longs(B, c, H_I, S, K, start, *kept, selected_idx.stride(0))
     fn(ptr(per_head), ptr(w), ptr(selected_idx), ptr(valid), dims)
+
+
+_KEY_TYPES = {(torch.float32, None): "f32", (torch.bfloat16, torch.bfloat16): "bf16"}  # (k, index_dtype) -> entry
+
+
+def decode_available(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, index_dtype=None) -> bool:
+    """decode_row serves one fp32 query row over an fp32 key cache, or a bf16 one read with index_dtype bf16."""
+    return (q.device.type == "cpu" and q.shape[1] == 1 and q.dtype == w.dtype == torch.float32
+            and (k.dtype, index_dtype) in _KEY_TYPES and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1]
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and KERNEL.library() is not None)
+
+
+def decode_row(q, k, w, top_k: int, kept: tuple = (0, 0), index_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See the module docstring. One thread: a second one, started per call, measured slower (torch's OpenMP
+    workers spin on the other core between ops)."""
+    B, _, H_I, d_I = q.shape
+    T, K = k.shape[1], min(top_k, k.shape[1])
+    if index_dtype is not None:
+        q = q.to(index_dtype).float()  # the bf16 GEMM's rounded query
+    q, w = q.contiguous(), w.contiguous()
+    selected_idx = torch.empty(B, 1, K, dtype=torch.long)
+    valid = torch.empty(B, 1, K, dtype=torch.bool)
+    fn = getattr(KERNEL.library(), f"dsa_decode_row_{_KEY_TYPES[(k.dtype, index_dtype)]}")
+    fn.restype = ctypes.c_int64
+    if fn(ptr(q), ptr(k), ptr(w), ptr(selected_idx), ptr(valid), longs(B, H_I, d_I, T, K, *kept, k.stride(0))):
+        raise ValueError(NAN_SCORES)
+    return selected_idx, valid
