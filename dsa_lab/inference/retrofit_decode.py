@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from dsa_lab.inference.decode import LayerCache, _take, sample_next
 from dsa_lab.interop import levers, retrofit
 from dsa_lab.interop.retrofit import Plan, RetrofitAux, RetrofitLM
+from dsa_lab.kernels import cpu_indexer_row
 from dsa_lab.kernels.chunked import select_last_rows
 from sparse_attention import causal_attention_probs, check_no_nan, select_top_k, timed
 
@@ -47,6 +48,7 @@ class RetrofitState:
     caches: list[LayerCache]  # one per layer: "k", "v" (B, H_kv, T, D); dsa: "index_keys" (B, T, d_I)
     length: int  # positions cached = the next token's position
     selected: dict = field(default_factory=dict)  # sparse plans: layer -> positions the last step attended (B, K)
+    row_kernels: dict = field(default_factory=dict)  # dsa: layer -> its indexer's cpu_indexer_row.RowKernel or None
 
 
 def check_cached_plan(model: RetrofitLM, plan: Plan, positions: int) -> None:
@@ -119,7 +121,12 @@ class _CachedCall:
             indexer = self.indexers[layer]
             if self.rope_row is None:
                 self.rope_row = indexer.row_rotation(pos)  # every layer's indexer has the same RoPE
-            iq, ik, iw = indexer.project_row(self.aux.inputs[layer], pos, self.rope_row)  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
+            x = self.aux.inputs[layer]  # (B, 1, d_model)
+            kernels = self.state.row_kernels
+            if layer not in kernels:  # made at the generation's first step (its weights do not change after)
+                kernels[layer] = cpu_indexer_row.row_kernel(indexer, x, self.rope_row)
+            iq, ik, iw = (kernels[layer](x, self.rope_row) if kernels[layer] else
+                          indexer.project_row(x, pos, self.rope_row))  # (B,1,H_I,d_I) (B,1,d_I) (B,1,H_I)
             dtype = self.index_dtype
             cached_keys = self.state.caches[layer].write("index_keys", ik.to(dtype or ik.dtype), 1, pos)  # (B, T, d_I)
             if self.plan.window:  # structured: the full forward's rule at this row

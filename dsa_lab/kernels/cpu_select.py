@@ -54,6 +54,7 @@ def select_rows(per_head, w, start: int, selected_idx, valid, kept: tuple = (0, 
     fn(ptr(per_head), ptr(w), ptr(selected_idx), ptr(valid), dims)
 
 
+_ENTRIES = {}  # kind -> the decode-row entry point (_decode_entry)
 _KEY_TYPES = {(torch.float32, None): "f32", (torch.bfloat16, torch.bfloat16): "bf16"}  # (k, index_dtype) -> entry
 
 
@@ -63,6 +64,14 @@ def decode_available(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, index_dt
             and (k.dtype, index_dtype) in _KEY_TYPES and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1]
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and KERNEL.library() is not None)
+
+
+def _decode_entry(kind: str):
+    """The library's dsa_decode_row_<kind>, returning int64 (looked up once: a decode step calls it per layer)."""
+    if kind not in _ENTRIES:
+        _ENTRIES[kind] = fn = getattr(KERNEL.library(), f"dsa_decode_row_{kind}")
+        fn.restype = ctypes.c_int64
+    return _ENTRIES[kind]
 
 
 def decode_row(q, k, w, top_k: int, kept: tuple = (0, 0), index_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +84,7 @@ def decode_row(q, k, w, top_k: int, kept: tuple = (0, 0), index_dtype=None) -> t
     q, w = q.contiguous(), w.contiguous()
     selected_idx = torch.empty(B, 1, K, dtype=torch.long)
     valid = torch.empty(B, 1, K, dtype=torch.bool)
-    fn = getattr(KERNEL.library(), f"dsa_decode_row_{_KEY_TYPES[(k.dtype, index_dtype)]}")
-    fn.restype = ctypes.c_int64
+    fn = _decode_entry(_KEY_TYPES[(k.dtype, index_dtype)])
     if fn(ptr(q), ptr(k), ptr(w), ptr(selected_idx), ptr(valid), longs(B, H_I, d_I, T, K, *kept, k.stride(0))):
         raise ValueError(NAN_SCORES)
     return selected_idx, valid
