@@ -15,6 +15,9 @@
 // the K-th best key reaches it too — keeps only the keys at or above it as candidates (~K of them on random scores;
 // more only where scores tie at the bar), and one nth_element + sort of their (score, position) keys gives the K
 // best in order.
+//
+// dsa_decode_row_* (a cached decode step's one new row, see decode_row below) fuses the GEMM in too: the per-head
+// dot products of the query with each cached key, then the same row score and top-K.
 #include <algorithm>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
