@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from dsa_lab.inference.decode import LayerCache, _take, sample_next
 from dsa_lab.interop import levers, retrofit
 from dsa_lab.interop.retrofit import Plan, RetrofitAux, RetrofitLM
-from dsa_lab.kernels import cpu_indexer_row
+from dsa_lab.kernels import cpu_indexer_row, cpu_sparse
 from dsa_lab.kernels.chunked import select_last_rows
 from sparse_attention import causal_attention_probs, check_no_nan, select_top_k, timed
 
@@ -107,8 +107,11 @@ class _CachedCall:
         if self.plan.selection != "dense":
             idx = timed(self.plan.timer, "indexer", self.select_one, layer, q, keys, scaling)  # (B, K)
             self.state.selected[layer] = idx
-            cache = self.state.caches[layer].buffers  # whole buffers (B, H_kv, capacity, D): contiguous, so the
-            keys, values = _take(cache["k"], idx, 2), _take(cache["v"], idx, 2)  # gather copies k rows, not the cache
+            cache = self.state.caches[layer].buffers  # whole buffers (B, H_kv, capacity, D)
+            if cpu_sparse.decode_available(q, cache["k"], cache["v"]):  # the k rows read in place (C++, one call)
+                return timed(self.plan.timer, "attention", cpu_sparse.decode_attention, q, cache["k"], cache["v"], idx,
+                             scaling)
+            keys, values = _take(cache["k"], idx, 2), _take(cache["v"], idx, 2)  # contiguous: k rows copied, not all
         q = q.reshape(B, H_kv, H // H_kv, D)  # a GQA group's query heads side by side, as queries of its KV head
         out = timed(self.plan.timer, "attention", lambda: F.scaled_dot_product_attention(
             q, keys, values, scale=scaling))  # every cached (or selected) key is past: no mask

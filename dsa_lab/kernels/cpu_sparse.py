@@ -12,6 +12,8 @@ worker covers its queries in passes of a few KV heads, so a pass's random rows s
   sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs)   q (B, H, L, D), k (B, Hkv, L, D),
       v (B, Hkv, L, Dv) -> out (B, H, L, Dv), probs (B, H, L, K) (detached) or None
   kernel_available(q) / kernel_status()   whether the kernel serves these tensors, and why not
+  decode_attention(q, k_cache, v_cache, selected_idx, scale)   a cached decode step's one row over the selected rows
+      of the preallocated caches, read in place (no autograd; `decode_available`)
 
 The build (dsa_lab/kernels/cpp_build.py): the system C++ compiler at first use, cached. When no compiler works, the
 first call warns once and every caller takes the torch path (`chunked.sparse_attention_gather`, the reference twin).
@@ -160,3 +162,28 @@ def sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs: bool = Fals
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _SparseAttentionCPU.apply(q, k, v, selected_idx.to(torch.long).contiguous(), return_probs, scale)  # int64 for C
+
+
+def decode_attention(q, k_cache, v_cache, selected_idx, scale: float | None = None) -> torch.Tensor:
+    """A cached decode step's sparse attention, no autograd: q (B, H, 1, D) of the new token over the selected rows
+    of the caches k_cache (B, Hkv, T, D), v_cache (B, Hkv, T, Dv) (any T >= the positions, e.g. the whole
+    preallocated buffers: each row is read in place, nothing gathered), selected_idx (B, K) positions (-1 invalid)
+    -> out (B, 1, H, Dv). One kernel call on the caller's thread (a few ten us: no worker threads). Needs
+    `decode_available(q, k_cache, v_cache)`. Its twin: the rows gathered and SDPA (tests/test_cpu_sparse_decode.py)."""
+    B, H, _, D = q.shape
+    Hkv, Dv, K = k_cache.shape[1], v_cache.shape[-1], selected_idx.shape[-1]
+    q = _last_dim_contiguous(q)
+    idx = selected_idx.to(torch.long).contiguous()
+    out, lse = q.new_empty(B, H, 1, Dv), q.new_empty(B, H, 1)
+    _library().dsa_sparse_fwd_f32(
+        _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(idx), _ptr(out), _ptr(lse), _ptr(None),
+        _longs(B, H, Hkv, 1, D, Dv, K), _strides(q), _strides(k_cache), _strides(v_cache), ctypes.c_int64(0),
+        ctypes.c_int64(1), ctypes.c_int64(0), ctypes.c_int64(Hkv), ctypes.c_double(D ** -0.5 if scale is None else scale))
+    return out.view(B, 1, H, Dv)  # (B, H, 1, Dv) memory is (B, 1, H, Dv) memory
+
+
+def decode_available(q, k_cache, v_cache) -> bool:
+    """decode_attention serves these: fp32 on CPU, the caches' last dims contiguous, no grad, the kernel built."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.shape[2] == 1
+            and k_cache.stride(-1) == v_cache.stride(-1) == 1 and not torch.is_grad_enabled()
+            and kernel_available(q))
