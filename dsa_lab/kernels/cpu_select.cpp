@@ -215,19 +215,18 @@ inline float round_bf16(float x) {  // x rounded to bf16 (to nearest, ties to ev
 inline float gemm_output(float dot, float) { return dot; }
 inline float gemm_output(float dot, uint16_t) { return round_bf16(dot); }  // the bf16 GEMM writes bf16 scores
 
-// sc[s] = the row score of keys s in [s0, s1); -> the number of NaN per-head scores among them
+// sc[s] = the row score of keys s < T; -> the number of NaN per-head scores among them
 template <typename P>
-int64_t score_keys(const float* q, const P* k, const float* w, int64_t H_I, int64_t D, int64_t s0, int64_t s1,
-                   float* sc) {
+int64_t score_keys(const float* q, const P* k, const float* w, int64_t H_I, int64_t D, int64_t T, float* sc) {
   const int64_t H4 = D % 8 ? 0 : H_I / 4 * 4;
   std::vector<float> dots(2 * H_I);
   int64_t nans = 0;
-  for (int64_t s = s0; s < s1; s += 2) {  // keys s and s + 1 (the last one twice when s1 - s0 is odd)
+  for (int64_t s = 0; s < T; s += 2) {  // keys s and s + 1 (the last one twice when T is odd)
     const P* k0 = k + s * D;
-    const P* k1 = s + 1 < s1 ? k0 + D : k0;
+    const P* k1 = s + 1 < T ? k0 + D : k0;
     for (int64_t h = 0; h < H4; h += 4) dots4x2(q + h * D, k0, k1, D, dots.data() + h, dots.data() + H_I + h);
     for (int64_t h = H4; h < H_I; ++h) dots[h] = dot1(q + h * D, k0, D), dots[H_I + h] = dot1(q + h * D, k1, D);
-    for (int64_t j = 0; j < 2 && s + j < s1; ++j) {
+    for (int64_t j = 0; j < 2 && s + j < T; ++j) {
       const float* dj = dots.data() + j * H_I;
       float score = 0;
       for (int64_t h = 0; h < H_I; ++h) {
@@ -254,7 +253,7 @@ int64_t decode_row(const float* q, const P* k, const float* w, int64_t* idx, uin
     const float* qb = q + b * H_I * D;
     const float* wb = w + b * H_I;
     for (int64_t h = 0; h < H_I; ++h) nans += wb[h] != wb[h];
-    nans += score_keys(qb, k + b * k_batch, wb, H_I, D, 0, T, sc.data());
+    nans += score_keys(qb, k + b * k_batch, wb, H_I, D, T, sc.data());
     keys.clear();
     if (hi >= lo) row_top_k(sc.data() + lo, hi - lo + 1, lo, K, keys, maxima);
     write_row(keys, K, idx + b * K, valid + b * K);
