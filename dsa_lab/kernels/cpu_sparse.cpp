@@ -24,14 +24,14 @@
 
 namespace {
 
-// a . b in the lanes of one 64-byte vector held in a register (the loop is one FMA per vector), then a tree sum of
-// its halves (lane l + lane l + W/2, ...) in registers: as an array on the stack the lanes' sum was a chain of
-// store-forwarded scalar adds, the kernel's hot spot
-typedef float F16 __attribute__((vector_size(64)));
+// a . b sums in the lanes of a 64-byte vector (lane l: elements l, l + W, l + 2W, ... by FMA), then a tree sum of its
+// halves (lane l + lane l + W/2, ...), all in registers. The lanes are held as two 32-byte halves: as ONE 64-byte
+// vector type, GCC spilled it to the stack every iteration on a CPU without 64-byte registers (AVX2), 3x slower
+// there (2026-12-07); as an array on the stack the lanes' sum was a chain of store-forwarded scalar adds. The sums
+// (and so every output bit) are those of the 64-byte vector's.
 typedef float F8 __attribute__((vector_size(32)));
 typedef float F4 __attribute__((vector_size(16)));
 typedef float F2 __attribute__((vector_size(8)));
-typedef double D8 __attribute__((vector_size(64)));
 typedef double D4 __attribute__((vector_size(32)));
 typedef double D2 __attribute__((vector_size(16)));
 
@@ -40,10 +40,7 @@ typedef double D2 __attribute__((vector_size(16)));
 template <typename Half, typename Whole>
 inline Half halves(const Whole& v) {
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  if constexpr (sizeof(Whole) / sizeof(v[0]) == 16)
-    return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  else if constexpr (sizeof(Whole) / sizeof(v[0]) == 8)
+  if constexpr (sizeof(Whole) / sizeof(v[0]) == 8)
     return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   else if constexpr (sizeof(Whole) / sizeof(v[0]) == 4)
     return __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3);
@@ -54,35 +51,41 @@ inline Half halves(const Whole& v) {
   return lo + hi;
 }
 
-inline float lane_sum(F16 v) {
-  const F2 c = halves<F2>(halves<F4>(halves<F8>(v)));
-  return c[0] + c[1];
-}
+// the 32-byte half of T's 64-byte lanes
+template <typename T> struct Half;
+template <> struct Half<float> { typedef F8 V; };
+template <> struct Half<double> { typedef D4 V; };
 
-inline double lane_sum(D8 v) {
-  const D2 b = halves<D2>(halves<D4>(v));
-  return b[0] + b[1];
+// the tree sum of the 64-byte lanes (lo: lanes 0..W/2-1, hi: the rest)
+template <typename T>
+inline T sum_halves(typename Half<T>::V lo, typename Half<T>::V hi) {
+  if constexpr (sizeof(T) == 4) {
+    const F2 c = halves<F2>(halves<F4>(lo + hi));
+    return c[0] + c[1];
+  } else {
+    const D2 b = halves<D2>(lo + hi);
+    return b[0] + b[1];
+  }
 }
-
-template <typename T> struct Lanes;
-template <> struct Lanes<float> { typedef F16 V; };
-template <> struct Lanes<double> { typedef D8 V; };
 
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  typedef typename Lanes<T>::V V;
-  constexpr int64_t W = sizeof(V) / sizeof(T);
-  V lane = {};
+  typedef typename Half<T>::V V;
+  constexpr int64_t W = 2 * sizeof(V) / sizeof(T);  // lanes of the 64-byte vector the sums are defined on
+  V lo = {}, hi = {};
   int64_t i = 0;
   for (; i + W <= n; i += W) {
-    V x, y;
-    std::memcpy(&x, a + i, sizeof(V));  // unaligned vector loads
-    std::memcpy(&y, b + i, sizeof(V));
-    lane += x * y;
+    V xl, xh, yl, yh;
+    std::memcpy(&xl, a + i, sizeof(V));  // unaligned vector loads
+    std::memcpy(&xh, a + i + W / 2, sizeof(V));
+    std::memcpy(&yl, b + i, sizeof(V));
+    std::memcpy(&yh, b + i + W / 2, sizeof(V));
+    lo += xl * yl;
+    hi += xh * yh;
   }
   T acc = 0;
   for (; i < n; ++i) acc += a[i] * b[i];
-  return acc + lane_sum(lane);
+  return acc + sum_halves<T>(lo, hi);
 }
 
 template <typename T>
