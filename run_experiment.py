@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "paper's recipe; quick/cpu/default adopt structure head_max), structure, group_max, head_max, "
                         "far_rows, prev_key, heads8, heads16, wide, rank, recurrence (docs/retrofit.md); long_context: "
                         "the levers of its dsa_levers model (added to --models): structure, group_max, head_max, "
-                        "far_rows, rank, heads8, heads16, wide, paper")
+                        "far_rows, rank, heads8, heads16, dim64, wide, paper")
     p.add_argument("--eval-windows", type=int, metavar="N",
                    help="retrofit: held-out windows evaluated per (L, k) (the copy probe: half as many per "
                         "distance, at least 2)")

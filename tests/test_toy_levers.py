@@ -143,6 +143,9 @@ def test_long_context_trains_dsa_levers_and_pairs_it_with_dsa_and_the_oracle(tmp
     assert long_context.model_config(wide.model, "dsa_levers", wide.levers).indexer_heads == 16
     eight = long_context.task_settings("quick", "mqar", {**tiny, "levers": ["heads8"]})
     assert long_context.model_config(eight.model, "dsa_levers", eight.levers).indexer_heads == 8
+    dims = long_context.task_settings("quick", "mqar", {**tiny, "levers": ["heads16", "dim64"]})
+    cfg = long_context.model_config(dims.model, "dsa_levers", dims.levers)
+    assert (cfg.indexer_heads, cfg.indexer_dim, cfg.indexer_rope_dim) == (16, 64, TINY["indexer_rope_dim"])
     assert long_context.model_config(wide.model, "dsa", wide.levers).indexer_heads == TINY["indexer_heads"]
     with pytest.raises(ValueError, match="not a lever"):
         long_context.task_settings("quick", "mqar", {**tiny, "levers": ["prev_key"]})
