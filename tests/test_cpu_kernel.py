@@ -1,7 +1,10 @@
 """The C++ sparse-attention kernel (dsa_lab/kernels/cpu_sparse.py) against the masked reference: outputs,
 probabilities and q/k/v gradients on MHA, GQA and MQA head layouts, rows with k > t + 1 (invalid slots), k >= L,
 strided inputs, worker threads; its build cache and the fallback when no compiler works."""
+import ctypes
+import ctypes.util
 import os
+import platform
 import shutil
 import subprocess
 import warnings
@@ -66,6 +69,32 @@ def test_kernel_fp32_and_strided_inputs():
     assert not q32.is_contiguous()
     got = _run(cpu_sparse.sparse_attention_cpu, q32, k32, v32, selection)
     _assert_close(tuple(x.double() for x in got[:2]) + (tuple(g.double() for g in got[2]),), ref, atol=1e-5)
+
+
+def _libm_expf():
+    """The C library's expf when it is glibc's (the algorithm the softmax's vector exp reproduces), else None."""
+    if platform.libc_ver()[0] != "glibc" or not ctypes.util.find_library("m"):
+        return None
+    expf = ctypes.CDLL(ctypes.util.find_library("m")).expf
+    expf.argtypes, expf.restype = [ctypes.c_float], ctypes.c_float
+    return expf
+
+
+def test_the_softmaxs_vector_exp_is_the_c_librarys_expf():
+    """The fp32 softmax's exp (glibc's expf four lanes at once): the bits of the C library's expf (glibc) or within
+    one ulp of exp (elsewhere), over every exponent of the softmax's range (x <= 0), its edges and specials."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([-torch.rand(100_000, generator=g) * 10 ** torch.randint(-8, 3, (100_000,), generator=g).float(),
+                   torch.tensor([0.0, -0.0, -87.9999, -88.0, -88.5, -103.0, -103.5, -104.0, -200.0, float("-inf"),
+                                 1e-30, 3.0, 88.5, 89.0, float("inf"), float("nan")])])
+    x = x[torch.randperm(len(x), generator=g)].contiguous()  # fast-path groups of 4 mixed with fallback lanes
+    y = x.clone()
+    cpu_sparse._library().dsa_exp_f32(cpp_build.ptr(y), ctypes.c_int64(len(y)))
+    expf = _libm_expf()
+    if expf is not None:
+        want = torch.tensor([expf(float(v)) for v in x])
+        assert torch.equal(y.view(torch.int32)[~x.isnan()], want.view(torch.int32)[~x.isnan()])
+    torch.testing.assert_close(y, x.double().exp().float(), rtol=1.2e-7, atol=0, equal_nan=True)
 
 
 def test_kernel_worker_threads_equal_one_thread(monkeypatch):

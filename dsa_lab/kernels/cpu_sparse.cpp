@@ -116,17 +116,153 @@ inline void prefetch_row(const T* row, int64_t n, int rw) {
   for (int64_t i = 0; i < n; i += 64 / sizeof(T)) rw ? __builtin_prefetch(row + i, 1) : __builtin_prefetch(row + i);
 }
 
+// four dot products a . b[c] at once, each with dot()'s arithmetic (the same lanes, the same tree sum: the same bits);
+// interleaved they are eight independent FMA chains instead of one dot's two
 template <typename T>
-void query_scores(const Dims& n, const Heads& r, const T* qt, const int64_t* qs, const T* kb, const int64_t* ks,
-                  const int64_t* sel, T scale, T* sc) {
-  for (int64_t j = 0; j < n.K; ++j) {
-    const int64_t s = sel[j];
-    if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0)
-      for (int64_t g = r.g0; g < r.g1; ++g) prefetch_row(kb + g * ks[1] + sel[j + PREFETCH] * ks[2], n.D, 0);
-    for (int64_t h = r.h0; h < r.h1; ++h)
-      sc[h * n.K + j] = s < 0 ? -std::numeric_limits<T>::infinity()
-                              : scale * dot(qt + h * qs[1], kb + (h / n.G) * ks[1] + s * ks[2], n.D);
+inline void dot4(const T* __restrict a, const T* const* b, int64_t n, T* out) {
+  typedef typename Half<T>::V V;
+  constexpr int64_t W = 2 * sizeof(V) / sizeof(T);
+  V l0 = {}, h0 = {}, l1 = {}, h1 = {}, l2 = {}, h2 = {}, l3 = {}, h3 = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    V xl, xh, y;
+    std::memcpy(&xl, a + i, sizeof(V));
+    std::memcpy(&xh, a + i + W / 2, sizeof(V));
+#define DSA_LANES(c, lo, hi)                             \
+    std::memcpy(&y, b[c] + i, sizeof(V));                \
+    lo += xl * y;                                        \
+    std::memcpy(&y, b[c] + i + W / 2, sizeof(V));        \
+    hi += xh * y;
+    DSA_LANES(0, l0, h0) DSA_LANES(1, l1, h1) DSA_LANES(2, l2, h2) DSA_LANES(3, l3, h3)
+#undef DSA_LANES
   }
+  T acc[4] = {0, 0, 0, 0};
+  for (int c = 0; c < 4; ++c)
+    for (int64_t e = i; e < n; ++e) acc[c] += a[e] * b[c][e];
+  out[0] = acc[0] + sum_halves<T>(l0, h0);
+  out[1] = acc[1] + sum_halves<T>(l1, h1);
+  out[2] = acc[2] + sum_halves<T>(l2, h2);
+  out[3] = acc[3] + sum_halves<T>(l3, h3);
+}
+
+// scores of KV head g's query heads for one query: sc[h*K + j] = scale * q_h . k[s_j] (-inf at invalid slots), keys
+// four at a time (dot4); the key and value rows are prefetched PREFETCH slots ahead for the PV sums that follow
+template <typename T>
+void group_scores(const Dims& n, int64_t g, const T* qt, const int64_t* qs, const T* kb, const int64_t* ks,
+                  const T* vb, const int64_t* vs, const int64_t* sel, T scale, T* sc) {
+  const T* kg = kb + g * ks[1];
+  for (int64_t j = 0; j < n.K && j < PREFETCH; ++j)
+    if (sel[j] >= 0) prefetch_row(kg + sel[j] * ks[2], n.D, 0);
+  for (int64_t j0 = 0; j0 < n.K; j0 += 4) {
+    const T* rows[4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t j = j0 + c, s = j < n.K ? sel[j] : -1;
+      rows[c] = s < 0 ? qt : kg + s * ks[2];  // q's own row stands in for an invalid slot (scored -inf below)
+      if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0) {
+        prefetch_row(kg + sel[j + PREFETCH] * ks[2], n.D, 0);
+        prefetch_row(vb + g * vs[1] + sel[j + PREFETCH] * vs[2], n.Dv, 0);
+      }
+    }
+    for (int64_t h = g * n.G; h < (g + 1) * n.G; ++h) {
+      T d[4];
+      dot4(qt + h * qs[1], rows, n.D, d);
+      for (int c = 0; c < 4 && j0 + c < n.K; ++c)
+        sc[h * n.K + j0 + c] = sel[j0 + c] < 0 ? -std::numeric_limits<T>::infinity() : scale * d[c];
+    }
+  }
+}
+
+// out_h = sum_j p[j] v[s_j] for one head (out: Dv): the sums of up to 8 vectors of out held in registers over all
+// the keys; per element the same FMAs in the same (key) order as an axpy per key (the same bits)
+template <typename T>
+void head_values(const T* p, const T* vg, int64_t row_stride, const int64_t* sel, int64_t K, int64_t Dv, T* out) {
+  typedef typename Half<T>::V V;
+  constexpr int64_t W = sizeof(V) / sizeof(T), C = 8;
+  int64_t e = 0;
+  for (; e + C * W <= Dv; e += C * W) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
+    for (int64_t j = 0; j < K; ++j) {
+      if (sel[j] < 0) continue;
+      const T* x = vg + sel[j] * row_stride + e;
+      const V pv = V{} + p[j];
+      V y;
+#define DSA_ACC(c, a) std::memcpy(&y, x + (c) * W, sizeof(V)); a += pv * y;
+      DSA_ACC(0, a0) DSA_ACC(1, a1) DSA_ACC(2, a2) DSA_ACC(3, a3)
+      DSA_ACC(4, a4) DSA_ACC(5, a5) DSA_ACC(6, a6) DSA_ACC(7, a7)
+#undef DSA_ACC
+    }
+    const V all[C] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    std::memcpy(out + e, all, sizeof(all));
+  }
+  for (; e < Dv; ++e) {
+    T a = 0;
+    for (int64_t j = 0; j < K; ++j)
+      if (sel[j] >= 0) a += p[j] * vg[sel[j] * row_stride + e];
+    out[e] = a;
+  }
+}
+
+// exp over a row, in place. fp32: glibc's expf four lanes at once where every lane has |x| < 88 (its algorithm, ARM's
+// optimized-routines e_expf.c, with the FMAs of glibc's FMA build: each lane gets expf(x)'s bits on such a CPU), the
+// rest lane by lane through std::exp; fp64: std::exp
+namespace expf_lanes {
+constexpr uint64_t TAB[32] = {  // bits of 2^(i/32) - (i << 47)
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540};
+constexpr double INV_LN2_N = 0x1.71547652b82fep+5, SHIFT = 0x1.8p+52;
+constexpr double C0 = 0x1.c6af84b912394p-20, C1 = 0x1.ebfce50fac4f3p-13, C2 = 0x1.62e42ff0c52d6p-6;
+typedef int64_t I4 __attribute__((vector_size(32)));
+typedef int32_t I4s __attribute__((vector_size(16)));
+
+inline D4 fma4(D4 a, D4 b, D4 c) {
+  D4 r;
+  for (int i = 0; i < 4; ++i) r[i] = __builtin_fma(a[i], b[i], c[i]);
+  return r;
+}
+
+inline F4 exp4(F4 x) {  // every lane |x| < 88
+  const D4 xd = __builtin_convertvector(x, D4);
+  D4 kd = fma4(D4{} + INV_LN2_N, xd, D4{} + SHIFT);
+  I4 ki;
+  std::memcpy(&ki, &kd, sizeof(ki));
+  kd -= SHIFT;
+  const D4 r = fma4(D4{} + INV_LN2_N, xd, -kd);
+  I4 t = {int64_t(TAB[ki[0] & 31]), int64_t(TAB[ki[1] & 31]), int64_t(TAB[ki[2] & 31]), int64_t(TAB[ki[3] & 31])};
+  t += ki << 47;
+  D4 s;
+  std::memcpy(&s, &t, sizeof(s));
+  const D4 z = fma4(D4{} + C0, r, D4{} + C1);
+  const D4 y = fma4(z, r * r, fma4(D4{} + C2, r, D4{} + 1.0)) * s;
+  return __builtin_convertvector(y, F4);
+}
+}  // namespace expf_lanes
+
+inline void exp_inplace(double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+}
+
+inline void exp_inplace(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    F4 v;
+    std::memcpy(&v, x + j, sizeof(v));
+    expf_lanes::I4s bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    const expf_lanes::I4s top = (bits >> 20) & 0x7ff;  // glibc's fast path: top12(|x|) < top12(88.0f)
+    if (top[0] < 0x42b && top[1] < 0x42b && top[2] < 0x42b && top[3] < 0x42b) {
+      v = expf_lanes::exp4(v);
+      std::memcpy(x + j, &v, sizeof(v));
+    } else {
+      for (int64_t i = j; i < j + 4; ++i) x[i] = std::exp(x[i]);
+    }
+  }
+  for (; j < n; ++j) x[j] = std::exp(x[j]);
 }
 
 // in place: sc (H, K) -> probabilities of the heads in r; writes their lse (+inf and p = 0 when no slot is valid)
@@ -142,11 +278,10 @@ void softmax_rows(const Dims& n, const Heads& r, T* sc, T* lse_h) {
       lse_h[h] = inf;
       continue;
     }
+    for (int64_t j = 0; j < n.K; ++j) row[j] -= m;
+    exp_inplace(row, n.K);
     T l = 0;
-    for (int64_t j = 0; j < n.K; ++j) {
-      row[j] = std::exp(row[j] - m);
-      l += row[j];
-    }
+    for (int64_t j = 0; j < n.K; ++j) l += row[j];
     for (int64_t j = 0; j < n.K; ++j) row[j] /= l;
     lse_h[h] = m + std::log(l);
   }
@@ -158,26 +293,18 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
              double scale) {
   const Dims n(dims);
   const Heads r(n, g0, g1);
-  std::vector<T> sc(n.H * n.K), acc(n.H * n.Dv), lse_h(n.H);
+  std::vector<T> sc(n.H * n.K), lse_h(n.H);
   for (int64_t b = 0; b < n.B; ++b) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t* sel = idx + (b * n.L + t) * n.K;
       const T* qt = q + b * qs[0] + t * qs[2];
-      query_scores(n, r, qt, qs, k + b * ks[0], ks, sel, static_cast<T>(scale), sc.data());
+      const T *kb = k + b * ks[0], *vb = v + b * vs[0];
+      for (int64_t g = r.g0; g < r.g1; ++g)
+        group_scores(n, g, qt, qs, kb, ks, vb, vs, sel, static_cast<T>(scale), sc.data());
       softmax_rows(n, r, sc.data(), lse_h.data());
-      for (int64_t e = r.h0 * n.Dv; e < r.h1 * n.Dv; ++e) acc[e] = 0;
-      const T* vb = v + b * vs[0];
-      for (int64_t j = 0; j < n.K; ++j) {  // out_h = sum_j p[h, j] v[s_j]: keys outer, heads inner (one row read)
-        const int64_t s = sel[j];
-        if (s < 0) continue;
-        if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0)
-          for (int64_t g = r.g0; g < r.g1; ++g) prefetch_row(vb + g * vs[1] + sel[j + PREFETCH] * vs[2], n.Dv, 0);
-        for (int64_t h = r.h0; h < r.h1; ++h)
-          axpy(sc[h * n.K + j], vb + (h / n.G) * vs[1] + s * vs[2], &acc[h * n.Dv], n.Dv);
-      }
       for (int64_t h = r.h0; h < r.h1; ++h) {
         const int64_t row = (b * n.H + h) * n.L + t;
-        for (int64_t e = 0; e < n.Dv; ++e) out[row * n.Dv + e] = acc[h * n.Dv + e];
+        head_values(sc.data() + h * n.K, vb + (h / n.G) * vs[1], vs[2], sel, n.K, n.Dv, out + row * n.Dv);
         lse[row] = lse_h[h];
         if (probs)
           for (int64_t j = 0; j < n.K; ++j) probs[row * n.K + j] = sc[h * n.K + j];
@@ -248,6 +375,8 @@ void backward(const T* q, const T* k, const T* v, const int64_t* idx, const T* o
 }  // namespace
 
 extern "C" {
+// exp over n floats in place, as the softmax takes it (tests compare it with the C library's expf)
+void dsa_exp_f32(float* x, int64_t n) { exp_inplace(x, n); }
 void dsa_sparse_fwd_f32(const float* q, const float* k, const float* v, const int64_t* idx, float* out, float* lse,
                         float* probs, const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs,
                         int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
