@@ -313,35 +313,47 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
   }
 }
 
-// one query's gradients: dq_t (H, D) written; the rows of its selected keys in dk_acc (L, Hkv, D), dv_acc (L, Hkv, Dv)
-// (token-major, the call's batch row) accumulated. Keys outer, heads inner: each selected row read once.
+// one query's gradients for KV head g's query heads: dq_t (H, D) written; the rows of its selected keys in dk_acc
+// (L, Hkv, D), dv_acc (L, Hkv, Dv) (token-major, the call's batch row) accumulated. Per head: the probabilities and
+// do . v of all K keys first (dot4, the exp four lanes at once: p and dp (K) are scratch), then the three updates per
+// key; every sum runs in the order of a loop over keys with the heads inside (the same bits)
 template <typename T>
-void backward_query(const Dims& n, const Heads& r, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_,
-                    const T* kb, const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel, const T* lse_t,
-                    const T* delta, T scale, T* dq_t, T* dkb, T* dvb) {
-  for (int64_t j = 0; j < n.K; ++j) {
-    const int64_t s = sel[j];
-    if (s < 0) continue;
-    if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0) {
-      const int64_t sn = sel[j + PREFETCH];
-      for (int64_t g = r.g0; g < r.g1; ++g) {
-        prefetch_row(kb + g * ks[1] + sn * ks[2], n.D, 0);
-        prefetch_row(vb + g * vs[1] + sn * vs[2], n.Dv, 0);
+void backward_group(const Dims& n, int64_t g, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_,
+                    const T* kb, const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel,
+                    const T* lse_t, const T* delta, T scale, T* dq_t, T* dkb, T* dvb, T* p, T* dp) {
+  const T *kg = kb + g * ks[1], *vg = vb + g * vs[1];
+  for (int64_t h = g * n.G; h < (g + 1) * n.G; ++h) {
+    const T *qh = qt + h * qs[1], *doh = dot_ + h * ds_[1];
+    for (int64_t j0 = 0; j0 < n.K; j0 += 4) {
+      const T *krows[4], *vrows[4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t j = j0 + c, s = j < n.K ? sel[j] : -1;
+        krows[c] = s < 0 ? qh : kg + s * ks[2];  // stand-ins for invalid slots (skipped below)
+        vrows[c] = s < 0 ? doh : vg + s * vs[2];
+        if (h == g * n.G && j + PREFETCH < n.K && sel[j + PREFETCH] >= 0) {
+          const int64_t sn = sel[j + PREFETCH];
+          prefetch_row(kg + sn * ks[2], n.D, 0);
+          prefetch_row(vg + sn * vs[2], n.Dv, 0);
+          prefetch_row(dkb + (sn * n.Hkv + g) * n.D, n.D, 1);
+          prefetch_row(dvb + (sn * n.Hkv + g) * n.Dv, n.Dv, 1);
+        }
       }
-      prefetch_row(dkb + (sn * n.Hkv + r.g0) * n.D, (r.g1 - r.g0) * n.D, 1);
-      prefetch_row(dvb + (sn * n.Hkv + r.g0) * n.Dv, (r.g1 - r.g0) * n.Dv, 1);
+      T d[4], e[4];
+      dot4(qh, krows, n.D, d);
+      dot4(doh, vrows, n.Dv, e);
+      for (int c = 0; c < 4 && j0 + c < n.K; ++c) {
+        p[j0 + c] = scale * d[c] - lse_t[h];
+        dp[j0 + c] = e[c];
+      }
     }
-    for (int64_t h = r.h0; h < r.h1; ++h) {
-      const int64_t g = h / n.G;
-      const T* krow = kb + g * ks[1] + s * ks[2];
-      const T* vrow = vb + g * vs[1] + s * vs[2];
-      const T* qh = qt + h * qs[1];
-      const T* doh = dot_ + h * ds_[1];
-      const T p = std::exp(scale * dot(qh, krow, n.D) - lse_t[h]);
-      const T dsc = p * (dot(doh, vrow, n.Dv) - delta[h]) * scale;
-      axpy(dsc, krow, dq_t + h * n.D, n.D);
+    exp_inplace(p, n.K);
+    for (int64_t j = 0; j < n.K; ++j) {
+      const int64_t s = sel[j];
+      if (s < 0) continue;
+      const T dsc = p[j] * (dp[j] - delta[h]) * scale;
+      axpy(dsc, kg + s * ks[2], dq_t + h * n.D, n.D);
       axpy(dsc, qh, dkb + (s * n.Hkv + g) * n.D, n.D);
-      axpy(p, doh, dvb + (s * n.Hkv + g) * n.Dv, n.Dv);
+      axpy(p[j], doh, dvb + (s * n.Hkv + g) * n.Dv, n.Dv);
     }
   }
 }
@@ -352,7 +364,7 @@ void backward(const T* q, const T* k, const T* v, const int64_t* idx, const T* o
               const int64_t* vs, const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
   const Dims n(dims);
   const Heads r(n, g0, g1);
-  std::vector<T> dq_t(n.H * n.D), delta(n.H), lse_t(n.H);
+  std::vector<T> dq_t(n.H * n.D), delta(n.H), lse_t(n.H), p(n.K), dp(n.K);
   for (int64_t b = 0; b < n.B; ++b) {
     for (int64_t t = t0; t < t1; ++t) {
       const T* qt = q + b * qs[0] + t * qs[2];
@@ -363,9 +375,10 @@ void backward(const T* q, const T* k, const T* v, const int64_t* idx, const T* o
         lse_t[h] = lse[row];
       }
       for (int64_t i = r.h0 * n.D; i < r.h1 * n.D; ++i) dq_t[i] = 0;
-      backward_query(n, r, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
-                     lse_t.data(), delta.data(), static_cast<T>(scale), dq_t.data(),
-                     dk_acc + b * n.Hkv * n.L * n.D, dv_acc + b * n.Hkv * n.L * n.Dv);
+      for (int64_t g = r.g0; g < r.g1; ++g)
+        backward_group(n, g, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
+                       lse_t.data(), delta.data(), static_cast<T>(scale), dq_t.data(),
+                       dk_acc + b * n.Hkv * n.L * n.D, dv_acc + b * n.Hkv * n.L * n.Dv, p.data(), dp.data());
       for (int64_t h = r.h0; h < r.h1; ++h)
         for (int64_t e = 0; e < n.D; ++e) dq[((b * n.H + h) * n.L + t) * n.D + e] = dq_t[h * n.D + e];
     }
