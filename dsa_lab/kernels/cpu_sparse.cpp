@@ -3,8 +3,10 @@
 // One call handles the queries [t0, t1) of every batch row for the KV heads [g0, g1) (and their query heads),
 // single-threaded: Python runs one call per worker thread
 // (ctypes releases the GIL), so this file needs no OpenMP runtime beside torch's. Per query t and KV head g, each
-// selected key/value row is read ONCE from the (B, Hkv, L, D) tables, straight inside the dot products, and used
-// by all G = H / Hkv query heads of its group (MHA: G = 1; GQA; MQA: Hkv = 1). Nothing of size (L, K, D) exists.
+// selected key/value row is fetched from the (B, Hkv, L, D) tables once (prefetched), straight into the dot products
+// of the G = H / Hkv query heads of its group, which re-read it from L1 (MHA: G = 1; GQA; MQA: Hkv = 1): keys four at
+// a time per head (dot4), each head's out_h summed in registers (head_values), the softmax's exp in vector lanes
+// (exp_inplace). Nothing of size (L, K, D) exists.
 //
 // Layouts (elements; the last dim contiguous):
 //   q, do  (B, H, L, D)  strides qs = {b, h, t}       k (B, Hkv, L, D)  ks     v (B, Hkv, L, Dv)  vs
