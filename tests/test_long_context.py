@@ -1,5 +1,6 @@
 """The long-context study end to end on tiny settings: both tasks, every model, resumable records, summary shape."""
 import json
+import math
 
 import pytest
 import torch
@@ -43,6 +44,7 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         hits = summary["results"]["mqar"]["48"][name]["answer_hits"]
         assert len(hits) == TINY["n_layers"] and len(hits[0]["value"]["per_seed"]) == 2
         assert all(0 <= v <= 1 for v in hits[0]["key"]["per_seed"] + list(hits[0]["value_by_distance"].values()))
+        assert all(hits[-1][k] is None or 0 <= hits[-1][k] <= 1 for k in ("answered_if_held", "answered_if_missed"))
     assert "answer_hits" not in summary["results"]["mqar"]["48"]["dense"]
     assert "answer_hits" not in summary["results"]["lm"]["48"]["dsa"]
     for name in ("summary.json", "long_context.png", "mqar_accuracy_by_distance.png", "REPORT.md"):

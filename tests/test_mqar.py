@@ -1,4 +1,6 @@
 """MQAR data: answers are the paired values, distances, determinism, held-out seeds, accuracy."""
+import math
+
 import pytest
 import torch
 
@@ -142,6 +144,31 @@ def test_answer_hits_against_a_loop_over_answer_rows():
     assert out[1]["value"] == 1.0 and out[0]["value"] < 0.5
     with pytest.raises(ValueError, match="does not match"):
         answer_hits([layers[0][:, :32]], batch.distance)
+
+
+def test_answer_hits_split_the_accuracy_by_whether_the_value_is_selected():
+    """With the model's per-position correctness: the answer accuracy at rows whose selection holds the value token
+    and at rows where it misses, against a loop; a layer that always holds it has no missed rows (nan, n_missed 0)."""
+    batch = make_mqar(6, 64, 4, 64, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    layers = [torch.randint(-1, 64, (6, 64, 12), generator=gen) for _ in range(2)]
+    rows, cols = (batch.distance >= 0).nonzero(as_tuple=True)
+    for r, t in zip(rows.tolist(), cols.tolist()):
+        layers[1][r, t, 0] = t - batch.distance[r, t] + 1
+        if r % 2:  # layer 0 holds the value at odd rows
+            layers[0][r, t, 0] = t - batch.distance[r, t] + 1
+    correct = torch.rand(6, 64, generator=gen) < 0.5
+    out = answer_hits(layers, batch.distance, correct)
+    held = [(r % 2 == 1) or (t - batch.distance[r, t].item() + 1) in layers[0][r, t].tolist()
+            for r, t in zip(rows.tolist(), cols.tolist())]
+    right = [bool(correct[r, t]) for r, t in zip(rows.tolist(), cols.tolist())]
+    want_held = sum(c for c, h in zip(right, held) if h) / sum(held)
+    want_missed = sum(c for c, h in zip(right, held) if not h) / (len(held) - sum(held))
+    assert out[0]["answered_if_held"] == pytest.approx(want_held)
+    assert out[0]["answered_if_missed"] == pytest.approx(want_missed) and out[0]["n_missed"] == len(held) - sum(held)
+    assert out[1]["answered_if_held"] == pytest.approx(sum(right) / len(right))
+    assert math.isnan(out[1]["answered_if_missed"]) and out[1]["n_missed"] == 0
+    assert "answered_if_held" not in answer_hits(layers, batch.distance)[0]  # without correctness: not reported
 
 
 @pytest.mark.parametrize("kwargs, match", [

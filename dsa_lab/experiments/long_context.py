@@ -429,7 +429,13 @@ def _mean_by_key(dicts: list[dict], field: str | None = "accuracy") -> dict:
 
 def _mean_answer_hits(per_seed: list[list[dict]]) -> list[dict]:
     """mqar.answer_hits of every seed -> per layer: key and value shares as mean ± CI over seeds, value share by
-    distance bucket as the mean."""
-    return [{"key": mean_ci95([h["key"] for h in layer]), "value": mean_ci95([h["value"] for h in layer]),
-             "value_by_distance": _mean_by_key([h["value_by_distance"] for h in layer], field=None)}
-            for layer in zip(*per_seed)]
+    distance bucket as the mean; the answer accuracy where the value is held / missed as the mean over the seeds
+    that have such rows (records from before 2026-12-07 afternoon have neither)."""
+    out = []
+    for layer in zip(*per_seed):
+        hits = {"key": mean_ci95([h["key"] for h in layer]), "value": mean_ci95([h["value"] for h in layer]),
+                "value_by_distance": _mean_by_key([h["value_by_distance"] for h in layer], field=None)}
+        if all("answered_if_held" in h for h in layer):
+            hits.update({k: _nanmean([h[k] for h in layer]) for k in ("answered_if_held", "answered_if_missed")})
+        out.append(hits)
+    return out

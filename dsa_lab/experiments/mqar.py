@@ -204,12 +204,15 @@ def accuracy(logits: torch.Tensor, batch: MQARBatch) -> dict:
 
 
 @torch.no_grad()
-def answer_hits(selected: list[torch.Tensor], distance: torch.Tensor) -> list[dict]:
+def answer_hits(selected: list[torch.Tensor], distance: torch.Tensor, correct: torch.Tensor | None = None) -> list[dict]:
     """Does each layer's selection at an answer row hold the tokens the answer needs? selected: per layer (N, L, K)
     long key positions (-1 = empty slot); distance (N, L): how far back the row's key token sits (-1: not an answer
     row; MQARBatch.distance, or the retrofit copy probe's) -> per layer {"key", "value": share of answer rows whose
     selected set holds the key token (position t - distance) / the token after it (its value: what the last layer
-    must read to answer), "value_by_distance": {bucket: share}} (buckets as in `accuracy`)."""
+    must read to answer), "value_by_distance": {bucket: share}} (buckets as in `accuracy`). With `correct` (N, L)
+    bool (the model's answer right at each position) also "answered_if_held" / "answered_if_missed": the answer
+    accuracy at the rows whose selection holds / misses the value token (nan where there are none) and "n_missed":
+    does the layer's miss explain the wrong answers?"""
     rows, cols = (distance >= 0).nonzero(as_tuple=True)  # answer positions
     key_pos = cols - distance[rows, cols]  # (n_answers,)
     buckets = distance_bucket(distance[rows, cols])
@@ -221,7 +224,12 @@ def answer_hits(selected: list[torch.Tensor], distance: torch.Tensor) -> list[di
         key_hit = (chosen == key_pos[:, None]).any(-1).double()
         value_hit = (chosen == key_pos[:, None] + 1).any(-1).double()
         by_distance = {bucket_label(b): value_hit[buckets == b].mean().item() for b in buckets.unique().tolist()}
-        per_layer.append({"key": key_hit.mean().item() if len(rows) else math.nan,
-                          "value": value_hit.mean().item() if len(rows) else math.nan,
-                          "value_by_distance": by_distance})
+        hits = {"key": key_hit.mean().item() if len(rows) else math.nan,
+                "value": value_hit.mean().item() if len(rows) else math.nan, "value_by_distance": by_distance}
+        if correct is not None:
+            right, held = correct[rows, cols].double(), value_hit.bool()
+            hits.update(answered_if_held=right[held].mean().item() if held.any() else math.nan,
+                        answered_if_missed=right[~held].mean().item() if (~held).any() else math.nan,
+                        n_missed=int((~held).sum()))
+        per_layer.append(hits)
     return per_layer

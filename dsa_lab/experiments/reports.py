@@ -380,11 +380,22 @@ def mqar_answer_hits(summary: dict, models: list[str]) -> str:
                 acc = m["accuracy_by_distance"]
                 by_distance = ", ".join(f"{b}: {v:.2f} ({acc[b]:.2f})" for b, v in hits["value_by_distance"].items()
                                         if b in acc and math.isfinite(v))
-                rows.append([L, name, layer, fmt_ci(hits["key"], 2), fmt_ci(hits["value"], 2), by_distance])
+                rows.append([L, name, layer, fmt_ci(hits["key"], 2), fmt_ci(hits["value"], 2), _held_or_missed(hits),
+                             by_distance])
     if not rows:
         return "No MQAR model with a selection was run."
     return markdown_table(["L", "model", "layer", "key token selected", "value token selected",
+                           "answer accuracy where the value is selected / missed",
                            "value selected by distance (answer accuracy)"], rows)
+
+
+def _held_or_missed(hits: dict) -> str:
+    """'0.93 / 0.08': the answer accuracy at rows whose selection holds / misses the value token ('—' if not
+    recorded or no such rows: nan, stored as null)."""
+    if "answered_if_held" not in hits:
+        return "—"
+    return " / ".join(f"{v:.2f}" if v is not None and math.isfinite(v) else "—"
+                      for v in (hits["answered_if_held"], hits["answered_if_missed"]))
 
 
 def mqar_answer_hits_section(summary: dict, models: list[str]) -> list[str]:
@@ -394,7 +405,9 @@ def mqar_answer_hits_section(summary: dict, models: list[str]) -> list[str]:
     return ["## MQAR: does the selection hold the pair a query asks about?", "",
             "At each answer row, the share whose selected keys include the asked pair's key token and its value "
             "token (the token after the key; the last layer must read it to answer), per layer; by distance: the "
-            "value share per query-key distance bucket with the model's answer accuracy there in brackets. Recall "
+            "value share per query-key distance bucket with the model's answer accuracy there in brackets; the answer "
+            "accuracy at the rows whose selection holds / misses the value token (a miss the answer survives means "
+            "the value reached the row another way, e.g. through an earlier layer). Recall "
             "averages attention mass over every row; this looks at the one key an answer needs.", "",
             mqar_answer_hits(summary, models), ""]
 

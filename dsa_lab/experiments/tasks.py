@@ -73,11 +73,13 @@ class MQARTask:
             logits.append(out.float().cpu())
             selected.append([layer.selected_idx.cpu() if layer.selected_idx is not None else None
                              for layer in aux.layers])
-        result = mqar.accuracy(torch.cat(logits), self.held_out)
+        logits = torch.cat(logits)
+        result = mqar.accuracy(logits, self.held_out)
         metrics = {"accuracy": result["accuracy"], "accuracy_by_distance": result["by_distance"]}
         if all(sel is not None for sel in selected[0]):  # a model with a selection in every layer
             per_layer = [torch.cat(chunks) for chunks in zip(*selected)]
-            metrics["answer_hits"] = mqar.answer_hits(per_layer, self.held_out.distance)
+            correct = logits.argmax(-1) == self.held_out.targets  # (N, L)
+            metrics["answer_hits"] = mqar.answer_hits(per_layer, self.held_out.distance, correct)
         return metrics
 
 
