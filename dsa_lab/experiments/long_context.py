@@ -51,7 +51,9 @@ LEVERS = {"paper": dict(structure_window=0, warmup_target="sum", warmup_row_weig
           "group_max": dict(warmup_target="group_max"), "head_max": dict(warmup_target="head_max"),
           "far_rows": dict(warmup_row_weight=0.5), "rank": dict(warmup_rank_weight=0.1),  # the loss levers
           "heads8": dict(indexer_heads=8), "heads16": dict(indexer_heads=16),
-          "dim64": dict(indexer_dim=64),  # MQAR's 16 dims (8 with RoPE) -> 64 (56 position-free): match by content
+          # quick/cpu widths' 16 dims (8 with RoPE) -> 64 (56 position-free): match by content (the default preset's lm
+          # indexer has 64 dims already: there it changes nothing)
+          "dim64": dict(indexer_dim=64),
           "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last four: capacity
 DEFAULT_LEVERS = ("structure", "head_max")  # the retrofit presets' adopted levers (retrofit.ADOPTED_LEVERS)
 DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")

@@ -147,6 +147,17 @@ inline void dot4(const T* __restrict a, const T* const* b, int64_t n, T* out) {
   out[3] = acc[3] + sum_halves<T>(l3, h3);
 }
 
+// the rows of slots j0 .. j0 + 3 (base + s * stride); `standin` (any readable row) for an invalid slot or one past K,
+// whose result the caller drops
+template <typename T>
+inline void slot_rows(const int64_t* sel, int64_t j0, int64_t K, const T* base, int64_t stride, const T* standin,
+                      const T** rows) {
+  for (int c = 0; c < 4; ++c) {
+    const int64_t s = j0 + c < K ? sel[j0 + c] : -1;
+    rows[c] = s < 0 ? standin : base + s * stride;
+  }
+}
+
 // scores of KV head g's query heads for one query: sc[h*K + j] = scale * q_h . k[s_j] (-inf at invalid slots), keys
 // four at a time (dot4); the key and value rows are prefetched PREFETCH slots ahead for the PV sums that follow
 template <typename T>
@@ -157,14 +168,12 @@ void group_scores(const Dims& n, int64_t g, const T* qt, const int64_t* qs, cons
     if (sel[j] >= 0) prefetch_row(kg + sel[j] * ks[2], n.D, 0);
   for (int64_t j0 = 0; j0 < n.K; j0 += 4) {
     const T* rows[4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = j0 + c, s = j < n.K ? sel[j] : -1;
-      rows[c] = s < 0 ? qt : kg + s * ks[2];  // q's own row stands in for an invalid slot (scored -inf below)
-      if (j + PREFETCH < n.K && sel[j + PREFETCH] >= 0) {
-        prefetch_row(kg + sel[j + PREFETCH] * ks[2], n.D, 0);
-        prefetch_row(vb + g * vs[1] + sel[j + PREFETCH] * vs[2], n.Dv, 0);
+    slot_rows(sel, j0, n.K, kg, ks[2], qt, rows);  // an invalid slot is scored -inf below
+    for (int64_t j = j0 + PREFETCH; j < j0 + 4 + PREFETCH && j < n.K; ++j)
+      if (sel[j] >= 0) {
+        prefetch_row(kg + sel[j] * ks[2], n.D, 0);
+        prefetch_row(vb + g * vs[1] + sel[j] * vs[2], n.Dv, 0);
       }
-    }
     for (int64_t h = g * n.G; h < (g + 1) * n.G; ++h) {
       T d[4];
       dot4(qt + h * qs[1], rows, n.D, d);
@@ -328,18 +337,15 @@ void backward_group(const Dims& n, int64_t g, const T* qt, const int64_t* qs, co
     const T *qh = qt + h * qs[1], *doh = dot_ + h * ds_[1];
     for (int64_t j0 = 0; j0 < n.K; j0 += 4) {
       const T *krows[4], *vrows[4];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t j = j0 + c, s = j < n.K ? sel[j] : -1;
-        krows[c] = s < 0 ? qh : kg + s * ks[2];  // stand-ins for invalid slots (skipped below)
-        vrows[c] = s < 0 ? doh : vg + s * vs[2];
-        if (h == g * n.G && j + PREFETCH < n.K && sel[j + PREFETCH] >= 0) {
-          const int64_t sn = sel[j + PREFETCH];
-          prefetch_row(kg + sn * ks[2], n.D, 0);
-          prefetch_row(vg + sn * vs[2], n.Dv, 0);
-          prefetch_row(dkb + (sn * n.Hkv + g) * n.D, n.D, 1);
-          prefetch_row(dvb + (sn * n.Hkv + g) * n.Dv, n.Dv, 1);
+      slot_rows(sel, j0, n.K, kg, ks[2], qh, krows);  // invalid slots are skipped below
+      slot_rows(sel, j0, n.K, vg, vs[2], doh, vrows);
+      for (int64_t j = j0 + PREFETCH; h == g * n.G && j < j0 + 4 + PREFETCH && j < n.K; ++j)
+        if (sel[j] >= 0) {
+          prefetch_row(kg + sel[j] * ks[2], n.D, 0);
+          prefetch_row(vg + sel[j] * vs[2], n.Dv, 0);
+          prefetch_row(dkb + (sel[j] * n.Hkv + g) * n.D, n.D, 1);
+          prefetch_row(dvb + (sel[j] * n.Hkv + g) * n.Dv, n.Dv, 1);
         }
-      }
       T d[4], e[4];
       dot4(qh, krows, n.D, d);
       dot4(doh, vrows, n.Dv, e);
