@@ -45,6 +45,11 @@ def test_long_context_runs_end_to_end_and_resumes(tmp_path, corpus, monkeypatch)
         assert len(hits) == TINY["n_layers"] and len(hits[0]["value"]["per_seed"]) == 2
         assert all(0 <= v <= 1 for v in hits[0]["key"]["per_seed"] + list(hits[0]["value_by_distance"].values()))
         assert all(hits[-1][k] is None or 0 <= hits[-1][k] <= 1 for k in ("answered_if_held", "answered_if_missed"))
+    for seed in ("seed1", "seed2"):  # the split recombines to the model's accuracy (its correctness, not its errors)
+        final = json.loads((tmp_path / "records" / "mqar" / "L48" / seed / "dsa.json").read_text())["final"]
+        for hits in final["answer_hits"]:
+            parts = [(hits["value"], hits["answered_if_held"]), (1 - hits["value"], hits["answered_if_missed"])]
+            assert sum(w * a for w, a in parts if w > 0) == pytest.approx(final["accuracy"])
     assert "answer_hits" not in summary["results"]["mqar"]["48"]["dense"]
     assert "answer_hits" not in summary["results"]["lm"]["48"]["dsa"]
     for name in ("summary.json", "long_context.png", "mqar_accuracy_by_distance.png", "REPORT.md"):
