@@ -71,6 +71,21 @@ def test_kernel_fp32_and_strided_inputs():
     _assert_close(tuple(x.double() for x in got[:2]) + (tuple(g.double() for g in got[2]),), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("Dv", [40, 69])  # all in the tail past the 64-wide register blocks; one block + a tail
+def test_fp32_value_sums_are_fmas_in_slot_order(Dv):
+    """out = sum_j p_j v[s_j] is, per element, one fused multiply-add per valid slot in slot order (an axpy per key),
+    bit for bit: emulated here in fp64, where fp32 products are exact. GCC -O3 left some tail sums unfused once."""
+    q, kk, v, (idx, valid) = _inputs(2, 4, 2, 40, 8, Dv, 9, dtype=torch.float32)
+    out, probs = cpu_sparse.sparse_attention_cpu(q.detach(), kk.detach(), v.detach(), idx, valid, return_probs=True)
+    rows = v.detach().double().repeat_interleave(2, dim=1)  # (B, H, L, Dv): each query head's KV head
+    want = torch.zeros(out.shape, dtype=torch.float32)
+    for j in range(idx.shape[-1]):
+        s = idx[..., j].clamp(min=0)[:, None, :, None].expand(-1, 4, -1, Dv)  # (B, H, L, Dv)
+        term = probs[..., j:j + 1].double() * rows.gather(2, s)
+        want = torch.where(valid[:, None, :, j:j + 1], (want.double() + term).float(), want)
+    assert torch.equal(out, want)
+
+
 def _libm_expf():
     """The C library's expf when it is glibc's (the algorithm the softmax's vector exp reproduces), else None."""
     if platform.libc_ver()[0] != "glibc" or not ctypes.util.find_library("m"):
@@ -97,9 +112,9 @@ def test_the_softmaxs_vector_exp_is_the_c_librarys_expf():
     torch.testing.assert_close(y, x.double().exp().float(), rtol=1.2e-7, atol=0, equal_nan=True)
 
 
-def test_kernel_worker_threads_equal_one_thread(monkeypatch):
-    """Query calls dealt to two worker threads (each with its own dK/dV accumulator) give the one-thread
-    numbers, and two shares really ran."""
+def test_kernel_worker_threads_equal_one_thread_bit_for_bit(monkeypatch):
+    """Query calls (forward, dq) and key calls (dK/dV) dealt to two worker threads give the one-thread numbers bit
+    for bit (every row of dK/dV is one worker's sum over its queries in order), and two shares really ran."""
     monkeypatch.setattr(cpu_sparse, "QUERIES_PER_CALL", 2)
     monkeypatch.setattr(chunked, "MIN_PARALLEL_CHUNKS", 2)
     shares, real = [], cpu_sparse.run_chunks
@@ -112,8 +127,20 @@ def test_kernel_worker_threads_equal_one_thread(monkeypatch):
             results.append(_run(cpu_sparse.sparse_attention_cpu, *_inputs(2, 4, 2, 23, 8, 8, 5)))
     finally:
         torch.set_num_threads(threads)
-    _assert_close(results[0], results[1], atol=1e-12)
-    assert shares == [1, 1, 2, 2]
+    _assert_close(results[0], results[1], atol=0)
+    assert shares == [1, 1, 1, 2, 2, 2]  # forward, dq pass, dK/dV pass
+
+
+def test_invert_selection_lists_each_keys_queries_in_order():
+    """off/queries hold, per batch row and key, exactly the queries whose valid slots select it, ascending."""
+    *_, (idx, valid) = _inputs(3, 2, 1, 31, 4, 4, 9)
+    assert (~valid).any()
+    off, queries = cpu_sparse.invert_selection(idx)
+    for b in range(3):
+        for s in range(31):
+            want = [t for t in range(31) for j in range(9) if idx[b, t, j] == s]
+            assert queries[b, off[b, s]:off[b, s + 1]].tolist() == want
+        assert off[b, -1] == int(valid[b].sum())
 
 
 def test_head_passes_cover_every_kv_head_once_within_the_byte_budget(monkeypatch):
@@ -137,7 +164,7 @@ def test_one_kv_head_per_pass_gives_the_one_pass_numbers_bit_for_bit(monkeypatch
     whole = _run(cpu_sparse.sparse_attention_cpu, *inputs)
     monkeypatch.setattr(cpu_sparse, "PASS_BYTES", 1)
     split = _run(cpu_sparse.sparse_attention_cpu, *inputs)
-    assert passes == [[(0, Hkv)]] * 2 + [[(g, g + 1) for g in range(Hkv)]] * 2
+    assert passes == [[(0, Hkv)]] * 3 + [[(g, g + 1) for g in range(Hkv)]] * 3  # forward, dq pass, dK/dV pass
     for a, b in zip((whole[0], whole[1], *whole[2]), (split[0], split[1], *split[2]), strict=True):
         assert torch.equal(a, b)
 

@@ -6,15 +6,16 @@
 // selected key/value row is fetched from the (B, Hkv, L, D) tables once (prefetched), straight into the dot products
 // of the G = H / Hkv query heads of its group, which re-read it from L1 (MHA: G = 1; GQA; MQA: Hkv = 1): keys four at
 // a time per head (dot4), each head's out_h summed in registers (head_values), the softmax's exp in vector lanes
-// (exp_inplace). Nothing of size (L, K, D) exists.
+// (exp_inplace). Nothing of size (L, K, D) exists. The backward writes no random row: dq query by query, dK/dV key by
+// key from the queries that selected each key (the selection inverted once per backward).
 //
 // Layouts (elements; the last dim contiguous):
 //   q, do  (B, H, L, D)  strides qs = {b, h, t}       k (B, Hkv, L, D)  ks     v (B, Hkv, L, Dv)  vs
 //   idx    (B, L, K) int64 contiguous, -1 = invalid slot (the selection contract: only invalid slots are -1)
 //   out    (B, H, L, Dv) contiguous   lse (B, H, L) contiguous (+inf for a row with no valid slot: p = 0, out = 0)
 //   probs  (B, H, L, K) contiguous or null
-//   dq     (B, H, L, D) contiguous    dk_acc (B, L, Hkv, D), dv_acc (B, L, Hkv, Dv) contiguous (token-major), private
-//          to the call's worker (the caller adds the workers' accumulators)
+//   dq     (B, H, L, D) contiguous    delta (B, H, L) contiguous    dk (B, Hkv, L, D), dv (B, Hkv, L, Dv) contiguous
+//   off (B, L + 1) int64, queries (B, L * K) int32: the selection inverted (invert_selection)
 // k and v are fastest token-major ((B, L, Hkv, D) memory passed as strides of a (B, Hkv, L, D) view): a selected token
 // is then one contiguous row for all its KV heads.
 // dims = {B, H, Hkv, L, D, Dv, K}
@@ -205,10 +206,10 @@ void head_values(const T* p, const T* vg, int64_t row_stride, const int64_t* sel
     const V all[C] = {a0, a1, a2, a3, a4, a5, a6, a7};
     std::memcpy(out + e, all, sizeof(all));
   }
-  for (; e < Dv; ++e) {
+  for (; e < Dv; ++e) {  // the FMA spelled out: GCC -O3 fused only some of these sums as written `a += p * v`
     T a = 0;
     for (int64_t j = 0; j < K; ++j)
-      if (sel[j] >= 0) a += p[j] * vg[sel[j] * row_stride + e];
+      if (sel[j] >= 0) a = std::fma(p[j], vg[sel[j] * row_stride + e], a);
     out[e] = a;
   }
 }
@@ -324,14 +325,18 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
   }
 }
 
-// one query's gradients for KV head g's query heads: dq_t (H, D) written; the rows of its selected keys in dk_acc
-// (L, Hkv, D), dv_acc (L, Hkv, Dv) (token-major, the call's batch row) accumulated. Per head: the probabilities and
-// do . v of all K keys first (dot4, the exp four lanes at once: p and dp (K) are scratch), then the three updates per
-// key; every sum runs in the order of a loop over keys with the heads inside (the same bits)
+// The backward in two passes, neither of which writes a random row: (A) query-major, dq and delta = dO . out per row;
+// (B) key-major, dK and dV of each key from the queries that selected it (the selection inverted: invert_selection),
+// its rows summed in place. Both recompute p = exp(scale q . k - lse) and dO . v; every sum runs in the order of one
+// loop over queries ascending (a single worker's old scatter into dK/dV: the same bits).
+
+// pass A for one query and KV head g's query heads: their rows of dq_t (dq at the query: rows L * D apart) written.
+// Per head: the probabilities and dO . v of all K keys first (dot4, the exp four lanes at once: p and dp (K) are
+// scratch), then dS in place of p and dq's row summed in registers (head_values)
 template <typename T>
-void backward_group(const Dims& n, int64_t g, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_,
-                    const T* kb, const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel,
-                    const T* lse_t, const T* delta, T scale, T* dq_t, T* dkb, T* dvb, T* p, T* dp) {
+void query_gradients(const Dims& n, int64_t g, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_,
+                     const T* kb, const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel,
+                     const T* lse_t, const T* delta, T scale, T* dq_t, T* p, T* dp) {
   const T *kg = kb + g * ks[1], *vg = vb + g * vs[1];
   for (int64_t h = g * n.G; h < (g + 1) * n.G; ++h) {
     const T *qh = qt + h * qs[1], *doh = dot_ + h * ds_[1];
@@ -343,8 +348,6 @@ void backward_group(const Dims& n, int64_t g, const T* qt, const int64_t* qs, co
         if (sel[j] >= 0) {
           prefetch_row(kg + sel[j] * ks[2], n.D, 0);
           prefetch_row(vg + sel[j] * vs[2], n.Dv, 0);
-          prefetch_row(dkb + (sel[j] * n.Hkv + g) * n.D, n.D, 1);
-          prefetch_row(dvb + (sel[j] * n.Hkv + g) * n.Dv, n.Dv, 1);
         }
       T d[4], e[4];
       dot4(qh, krows, n.D, d);
@@ -355,41 +358,121 @@ void backward_group(const Dims& n, int64_t g, const T* qt, const int64_t* qs, co
       }
     }
     exp_inplace(p, n.K);
-    for (int64_t j = 0; j < n.K; ++j) {
-      const int64_t s = sel[j];
-      if (s < 0) continue;
-      const T dsc = p[j] * (dp[j] - delta[h]) * scale;
-      axpy(dsc, kg + s * ks[2], dq_t + h * n.D, n.D);
-      axpy(dsc, qh, dkb + (s * n.Hkv + g) * n.D, n.D);
-      axpy(p[j], doh, dvb + (s * n.Hkv + g) * n.Dv, n.Dv);
-    }
+    for (int64_t j = 0; j < n.K; ++j) p[j] = p[j] * (dp[j] - delta[h]) * scale;  // dS
+    head_values(p, kg, ks[2], sel, n.K, n.D, dq_t + h * n.L * n.D);  // dq_h = sum_j dS_j k[s_j], in registers
   }
 }
 
 template <typename T>
-void backward(const T* q, const T* k, const T* v, const int64_t* idx, const T* out, const T* lse, const T* dout,
-              T* dq, T* dk_acc, T* dv_acc, const int64_t* dims, const int64_t* qs, const int64_t* ks,
-              const int64_t* vs, const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
+void backward_queries(const T* q, const T* k, const T* v, const int64_t* idx, const T* out, const T* lse,
+                      const T* dout, T* dq, T* delta_out, const int64_t* dims, const int64_t* qs, const int64_t* ks,
+                      const int64_t* vs, const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1,
+                      double scale) {
   const Dims n(dims);
   const Heads r(n, g0, g1);
-  std::vector<T> dq_t(n.H * n.D), delta(n.H), lse_t(n.H), p(n.K), dp(n.K);
+  std::vector<T> delta(n.H), lse_t(n.H), p(n.K), dp(n.K);
   for (int64_t b = 0; b < n.B; ++b) {
     for (int64_t t = t0; t < t1; ++t) {
       const T* qt = q + b * qs[0] + t * qs[2];
       const T* dot_ = dout + b * dos[0] + t * dos[2];
       for (int64_t h = r.h0; h < r.h1; ++h) {
         const int64_t row = (b * n.H + h) * n.L + t;
-        delta[h] = dot(dot_ + h * dos[1], out + row * n.Dv, n.Dv);
+        delta_out[row] = delta[h] = dot(dot_ + h * dos[1], out + row * n.Dv, n.Dv);
         lse_t[h] = lse[row];
       }
-      for (int64_t i = r.h0 * n.D; i < r.h1 * n.D; ++i) dq_t[i] = 0;
       for (int64_t g = r.g0; g < r.g1; ++g)
-        backward_group(n, g, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
-                       lse_t.data(), delta.data(), static_cast<T>(scale), dq_t.data(),
-                       dk_acc + b * n.Hkv * n.L * n.D, dv_acc + b * n.Hkv * n.L * n.Dv, p.data(), dp.data());
-      for (int64_t h = r.h0; h < r.h1; ++h)
-        for (int64_t e = 0; e < n.D; ++e) dq[((b * n.H + h) * n.L + t) * n.D + e] = dq_t[h * n.D + e];
+        query_gradients(n, g, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
+                        lse_t.data(), delta.data(), static_cast<T>(scale), dq + (b * n.H * n.L + t) * n.D, p.data(),
+                        dp.data());
     }
+  }
+}
+
+// the selection inverted, per batch row b: the queries that select key s, ascending, are
+// queries[b * L * K + off[b * (L + 1) + s] .. + off[b * (L + 1) + s + 1]) (a query twice where it holds s twice)
+void invert_selection(const int64_t* idx, const int64_t* dims, int64_t* off, int32_t* queries) {
+  const Dims n(dims);
+  for (int64_t b = 0; b < n.B; ++b) {
+    int64_t* o = off + b * (n.L + 1);
+    int32_t* list = queries + b * n.L * n.K;
+    const int64_t* sel = idx + b * n.L * n.K;
+    for (int64_t s = 0; s <= n.L; ++s) o[s] = 0;
+    for (int64_t j = 0; j < n.L * n.K; ++j)
+      if (sel[j] >= 0) ++o[sel[j] + 1];
+    for (int64_t s = 0; s < n.L; ++s) o[s + 1] += o[s];
+    std::vector<int64_t> at(o, o + n.L);
+    for (int64_t t = 0; t < n.L; ++t)
+      for (int64_t j = 0; j < n.K; ++j)
+        if (sel[t * n.K + j] >= 0) list[at[sel[t * n.K + j]]++] = static_cast<int32_t>(t);
+  }
+}
+
+constexpr int64_t KEY_BLOCK = 16;  // listed queries per block of pass B: their q and dO rows stay in L1 for the updates
+
+// pass B for key s and KV head g: dk_s (D), dv_s (Dv) summed in place from the m queries `list` that select s. Per
+// block of listed queries: each query head's probabilities and dO . v (dot4 of the key's own rows against four
+// queries' rows; p, dp (G, KEY_BLOCK) scratch), then per query and head the two updates
+template <typename T>
+void key_gradients(const Dims& n, int64_t g, const T* k_s, const T* v_s, const T* qb, const int64_t* qs,
+                   const T* dob, const int64_t* dos, const T* lse_b, const T* delta_b, const int32_t* list, int64_t m,
+                   T scale, T* dk_s, T* dv_s, T* p, T* dp) {
+  for (int64_t e = 0; e < n.D; ++e) dk_s[e] = 0;
+  for (int64_t e = 0; e < n.Dv; ++e) dv_s[e] = 0;
+  for (int64_t n0 = 0; n0 < m; n0 += KEY_BLOCK) {
+    const int64_t nb = m - n0 < KEY_BLOCK ? m - n0 : KEY_BLOCK;
+    for (int64_t hg = 0; hg < n.G; ++hg) {
+      const int64_t h = g * n.G + hg;
+      const T *qh = qb + h * qs[1], *doh = dob + h * dos[1];
+      for (int64_t c0 = 0; c0 < nb; c0 += 4) {
+        const T *qrows[4], *drows[4];
+        for (int c = 0; c < 4; ++c) {
+          const int64_t i = c0 + c < nb ? list[n0 + c0 + c] : -1;
+          qrows[c] = i < 0 ? k_s : qh + i * qs[2];  // the key's own row stands in past the block's end
+          drows[c] = i < 0 ? v_s : doh + i * dos[2];
+        }
+        for (int64_t a = n0 + c0 + PREFETCH; a < n0 + c0 + 4 + PREFETCH && a < m; ++a) {
+          prefetch_row(qh + list[a] * qs[2], n.D, 0);
+          prefetch_row(doh + list[a] * dos[2], n.Dv, 0);
+        }
+        T d[4], e[4];
+        dot4(k_s, qrows, n.D, d);
+        dot4(v_s, drows, n.Dv, e);
+        for (int c = 0; c < 4 && c0 + c < nb; ++c) {
+          p[hg * KEY_BLOCK + c0 + c] = scale * d[c] - lse_b[h * n.L + list[n0 + c0 + c]];
+          dp[hg * KEY_BLOCK + c0 + c] = e[c];
+        }
+      }
+      exp_inplace(p + hg * KEY_BLOCK, nb);
+    }
+    for (int64_t c = 0; c < nb; ++c) {
+      const int64_t i = list[n0 + c];
+      for (int64_t hg = 0; hg < n.G; ++hg) {
+        const int64_t h = g * n.G + hg;
+        const T pc = p[hg * KEY_BLOCK + c];
+        axpy(pc * (dp[hg * KEY_BLOCK + c] - delta_b[h * n.L + i]) * scale, qb + h * qs[1] + i * qs[2], dk_s, n.D);
+        axpy(pc, dob + h * dos[1] + i * dos[2], dv_s, n.Dv);
+      }
+    }
+  }
+}
+
+// pass B over the keys [s0, s1) and KV heads [g0, g1): dk (B, Hkv, L, D), dv (B, Hkv, L, Dv) contiguous, written
+template <typename T>
+void backward_keys(const T* q, const T* k, const T* v, const T* lse, const T* delta, const T* dout,
+                   const int64_t* off, const int32_t* queries, T* dk, T* dv, const int64_t* dims, const int64_t* qs,
+                   const int64_t* ks, const int64_t* vs, const int64_t* dos, int64_t s0, int64_t s1, int64_t g0,
+                   int64_t g1, double scale) {
+  const Dims n(dims);
+  std::vector<T> p(n.G * KEY_BLOCK), dp(n.G * KEY_BLOCK);
+  for (int64_t b = 0; b < n.B; ++b) {
+    const int64_t* o = off + b * (n.L + 1);
+    const int32_t* list = queries + b * n.L * n.K;
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t g = g0; g < g1; ++g)
+        key_gradients(n, g, k + b * ks[0] + g * ks[1] + s * ks[2], v + b * vs[0] + g * vs[1] + s * vs[2],
+                      q + b * qs[0], qs, dout + b * dos[0], dos, lse + b * n.H * n.L, delta + b * n.H * n.L,
+                      list + o[s], o[s + 1] - o[s], static_cast<T>(scale), dk + ((b * n.Hkv + g) * n.L + s) * n.D,
+                      dv + ((b * n.Hkv + g) * n.L + s) * n.Dv, p.data(), dp.data());
   }
 }
 
@@ -408,16 +491,23 @@ void dsa_sparse_fwd_f64(const double* q, const double* k, const double* v, const
                         const int64_t* vs, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
   forward(q, k, v, idx, out, lse, probs, dims, qs, ks, vs, t0, t1, g0, g1, scale);
 }
-void dsa_sparse_bwd_f32(const float* q, const float* k, const float* v, const int64_t* idx, const float* out,
-                        const float* lse, const float* dout, float* dq, float* dk_acc, float* dv_acc,
-                        const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                        const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
-  backward(q, k, v, idx, out, lse, dout, dq, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, g0, g1, scale);
+void dsa_invert_selection(const int64_t* idx, const int64_t* dims, int64_t* off, int32_t* queries) {
+  invert_selection(idx, dims, off, queries);
 }
-void dsa_sparse_bwd_f64(const double* q, const double* k, const double* v, const int64_t* idx, const double* out,
-                        const double* lse, const double* dout, double* dq, double* dk_acc, double* dv_acc,
-                        const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs,
-                        const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {
-  backward(q, k, v, idx, out, lse, dout, dq, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, g0, g1, scale);
-}
+#define DSA_BACKWARD(T, kind)                                                                                        \
+  void dsa_sparse_bwd_queries_##kind(const T* q, const T* k, const T* v, const int64_t* idx, const T* out,          \
+                                     const T* lse, const T* dout, T* dq, T* delta, const int64_t* dims,            \
+                                     const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* dos,  \
+                                     int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {               \
+    backward_queries(q, k, v, idx, out, lse, dout, dq, delta, dims, qs, ks, vs, dos, t0, t1, g0, g1, scale);      \
+  }                                                                                                                  \
+  void dsa_sparse_bwd_keys_##kind(const T* q, const T* k, const T* v, const T* lse, const T* delta, const T* dout, \
+                                  const int64_t* off, const int32_t* queries, T* dk, T* dv, const int64_t* dims,    \
+                                  const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* dos,     \
+                                  int64_t s0, int64_t s1, int64_t g0, int64_t g1, double scale) {                  \
+    backward_keys(q, k, v, lse, delta, dout, off, queries, dk, dv, dims, qs, ks, vs, dos, s0, s1, g0, g1, scale);  \
+  }
+DSA_BACKWARD(float, f32)
+DSA_BACKWARD(double, f64)
+#undef DSA_BACKWARD
 }

@@ -4,8 +4,9 @@
 Per query t and KV head g the kernel reads each selected key/value row once, straight inside the dot products, and
 uses it for all G = H / Hkv query heads of the group (MHA G = 1, GQA, MQA Hkv = 1): no (L, K, H, D) gather, no KV
 head repeated per query head. K and V are read token-major (a selected token is one contiguous row for all its KV heads; copied once per
-forward when they come head-major). Forward writes out and the log-sum-exp; backward recomputes the scores per
-query and accumulates dK/dV in per-worker token-major tables (no atomics). Query chunks run on `run_chunks`' Python worker threads (ctypes
+forward when they come head-major). Forward writes out and the log-sum-exp; the backward recomputes the scores in two
+passes that write no random row: dq query by query, then dK/dV key by key from the queries that selected each key
+(the selection inverted by a counting sort; no atomics, no per-worker tables, the same bits for any thread count). Query chunks run on `run_chunks`' Python worker threads (ctypes
 drops the GIL), so no second OpenMP runtime runs beside torch's. Past PASS_BYTES of K/V rows (long sequences) each
 worker covers its queries in passes of a few KV heads, so a pass's random rows stay in the CPU's cache.
 
@@ -116,23 +117,43 @@ class _SparseAttentionCPU(torch.autograd.Function):
         Hkv, Dv, K = k.shape[1], v.shape[-1], selected_idx.shape[-1]
         dims, scale = _longs(B, H, Hkv, L, D, Dv, K), ctx.scale
         grad_out = _last_dim_contiguous(grad_out)
-        dq = q.new_empty(B, H, L, D)
-        bwd = getattr(lib, f"dsa_sparse_bwd_{kind}")
         qs, ks, vs, dos = _strides(q), _strides(k), _strides(v), _strides(grad_out)
-        passes = head_passes(Hkv, L, 2 * (D + Dv) * q.element_size())  # K, V and the worker's dK, dV rows
+        dq, delta = q.new_empty(B, H, L, D), q.new_empty(B, H, L)
+        by_query = getattr(lib, f"dsa_sparse_bwd_queries_{kind}")
+        passes = head_passes(Hkv, L, (D + Dv) * q.element_size())  # K, V rows
 
-        def calls(share):  # writes the share's rows of dq; returns its own dK, dV accumulators
-            dk, dv = q.new_zeros(B, L, Hkv, D), q.new_zeros(B, L, Hkv, Dv)  # token-major
+        def query_calls(share):  # pass A: the share's rows of dq and delta (K, V rows random, cache-resident per pass)
             for g0, g1 in passes:
                 for t0, t1 in share:
-                    bwd(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(grad_out), _ptr(dq),
-                        _ptr(dk), _ptr(dv), dims, qs, ks, vs, dos, ctypes.c_int64(t0), ctypes.c_int64(t1),
-                        ctypes.c_int64(g0), ctypes.c_int64(g1), ctypes.c_double(scale))
-            return dk, dv
+                    by_query(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(grad_out),
+                             _ptr(dq), _ptr(delta), dims, qs, ks, vs, dos, ctypes.c_int64(t0), ctypes.c_int64(t1),
+                             ctypes.c_int64(g0), ctypes.c_int64(g1), ctypes.c_double(scale))
 
-        parts = run_chunks(calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
-        dk, dv = (sum(x[1:], x[0]).transpose(1, 2) for x in zip(*parts))
+        run_chunks(query_calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
+        off, queries = invert_selection(selected_idx)
+        dk, dv = q.new_empty(B, Hkv, L, D), v.new_empty(B, Hkv, L, Dv)
+        by_key = getattr(lib, f"dsa_sparse_bwd_keys_{kind}")
+        key_passes = head_passes(Hkv, L, H // Hkv * (D + Dv) * q.element_size())  # a KV head's q and dO rows
+
+        def key_calls(share):  # pass B: the share's keys' rows of dK, dV (q, dO rows random, cache-resident per pass)
+            for g0, g1 in key_passes:
+                for s0, s1 in share:
+                    by_key(_ptr(q), _ptr(k), _ptr(v), _ptr(lse), _ptr(delta), _ptr(grad_out), _ptr(off),
+                           _ptr(queries), _ptr(dk), _ptr(dv), dims, qs, ks, vs, dos, ctypes.c_int64(s0),
+                           ctypes.c_int64(s1), ctypes.c_int64(g0), ctypes.c_int64(g1), ctypes.c_double(scale))
+
+        run_chunks(key_calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
         return dq, dk, dv, None, None, None
+
+
+def invert_selection(selected_idx: torch.Tensor):
+    """selected_idx (B, L, K) int64 (-1 invalid) -> off (B, L + 1) int64, queries (B, L * K) int32: the queries that
+    select key s of batch row b, ascending, are queries[b, off[b, s]:off[b, s + 1]] (one C++ counting sort)."""
+    B, L, K = selected_idx.shape
+    off = selected_idx.new_empty(B, L + 1)
+    queries = torch.empty(B, L * K, dtype=torch.int32)
+    _library().dsa_invert_selection(_ptr(selected_idx), _longs(B, 1, 1, L, 1, 1, K), _ptr(off), _ptr(queries))
+    return off, queries
 
 
 def check_gqa_shapes(q, k, v) -> None:
