@@ -49,10 +49,12 @@ def _assert_close(a, b, atol):
         torch.testing.assert_close(x, y, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("key_major", [True, False], ids=["two-pass", "scatter"])
 @pytest.mark.parametrize("B,H,Hkv,L,D,Dv,k", SHAPES)
-def test_kernel_equals_masked_reference(B, H, Hkv, L, D, Dv, k):
+def test_kernel_equals_masked_reference(monkeypatch, B, H, Hkv, L, D, Dv, k, key_major):
     """fp64: outputs, slot probabilities and dq, dk, dv equal the masked reference (GQA there repeats the KV
-    heads); the selections include rows with t + 1 < k (invalid slots) and k >= L."""
+    heads); the selections include rows with t + 1 < k (invalid slots) and k >= L. Both backwards on every shape."""
+    monkeypatch.setattr(cpu_sparse, "key_major_backward", lambda H, Hkv: key_major)
     q, kk, v, selection = _inputs(B, H, Hkv, L, D, Dv, k)
     assert (~selection[1]).any() or L == 1
     _assert_close(_run(cpu_sparse.sparse_attention_cpu, q, kk, v, selection),
@@ -112,9 +114,11 @@ def test_the_softmaxs_vector_exp_is_the_c_librarys_expf():
     torch.testing.assert_close(y, x.double().exp().float(), rtol=1.2e-7, atol=0, equal_nan=True)
 
 
-def test_kernel_worker_threads_equal_one_thread_bit_for_bit(monkeypatch):
-    """Query calls (forward, dq) and key calls (dK/dV) dealt to two worker threads give the one-thread numbers bit
-    for bit (every row of dK/dV is one worker's sum over its queries in order), and two shares really ran."""
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)], ids=["MHA two-pass", "GQA scatter"])
+def test_kernel_worker_threads_equal_one_thread(monkeypatch, H, Hkv):
+    """Query calls (forward, dq) and key calls (dK/dV) dealt to two worker threads give the one-thread numbers
+    (MHA's two passes bit for bit: each dK/dV row is one worker's sum over its queries in order; the scatter adds
+    the workers' tables), and two shares really ran."""
     monkeypatch.setattr(cpu_sparse, "QUERIES_PER_CALL", 2)
     monkeypatch.setattr(chunked, "MIN_PARALLEL_CHUNKS", 2)
     shares, real = [], cpu_sparse.run_chunks
@@ -124,11 +128,12 @@ def test_kernel_worker_threads_equal_one_thread_bit_for_bit(monkeypatch):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(_run(cpu_sparse.sparse_attention_cpu, *_inputs(2, 4, 2, 23, 8, 8, 5)))
+            results.append(_run(cpu_sparse.sparse_attention_cpu, *_inputs(2, H, Hkv, 23, 8, 8, 5)))
     finally:
         torch.set_num_threads(threads)
-    _assert_close(results[0], results[1], atol=0)
-    assert shares == [1, 1, 1, 2, 2, 2]  # forward, dq pass, dK/dV pass
+    _assert_close(results[0], results[1], atol=0 if H == Hkv else 1e-12)
+    calls = 3 if H == Hkv else 2  # forward, then dq pass and dK/dV pass, or the scatter
+    assert shares == [1] * calls + [2] * calls
 
 
 def test_invert_selection_lists_each_keys_queries_in_order():
@@ -164,7 +169,8 @@ def test_one_kv_head_per_pass_gives_the_one_pass_numbers_bit_for_bit(monkeypatch
     whole = _run(cpu_sparse.sparse_attention_cpu, *inputs)
     monkeypatch.setattr(cpu_sparse, "PASS_BYTES", 1)
     split = _run(cpu_sparse.sparse_attention_cpu, *inputs)
-    assert passes == [[(0, Hkv)]] * 3 + [[(g, g + 1) for g in range(Hkv)]] * 3  # forward, dq pass, dK/dV pass
+    calls = 3 if H == Hkv else 2  # forward, then dq pass and dK/dV pass (MHA) or the scatter
+    assert passes == [[(0, Hkv)]] * calls + [[(g, g + 1) for g in range(Hkv)]] * calls
     for a, b in zip((whole[0], whole[1], *whole[2]), (split[0], split[1], *split[2]), strict=True):
         assert torch.equal(a, b)
 

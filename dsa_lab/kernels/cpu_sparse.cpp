@@ -6,8 +6,8 @@
 // selected key/value row is fetched from the (B, Hkv, L, D) tables once (prefetched), straight into the dot products
 // of the G = H / Hkv query heads of its group, which re-read it from L1 (MHA: G = 1; GQA; MQA: Hkv = 1): keys four at
 // a time per head (dot4), each head's out_h summed in registers (head_values), the softmax's exp in vector lanes
-// (exp_inplace). Nothing of size (L, K, D) exists. The backward writes no random row: dq query by query, dK/dV key by
-// key from the queries that selected each key (the selection inverted once per backward).
+// (exp_inplace). Nothing of size (L, K, D) exists. The backward either scatters into per-worker dK/dV tables (GQA) or
+// runs two passes that write no random row (MHA): dq query by query, dK/dV key by key (see "Two backwards").
 //
 // Layouts (elements; the last dim contiguous):
 //   q, do  (B, H, L, D)  strides qs = {b, h, t}       k (B, Hkv, L, D)  ks     v (B, Hkv, L, Dv)  vs
@@ -15,6 +15,7 @@
 //   out    (B, H, L, Dv) contiguous   lse (B, H, L) contiguous (+inf for a row with no valid slot: p = 0, out = 0)
 //   probs  (B, H, L, K) contiguous or null
 //   dq     (B, H, L, D) contiguous    delta (B, H, L) contiguous    dk (B, Hkv, L, D), dv (B, Hkv, L, Dv) contiguous
+//   dk_acc (B, L, Hkv, D), dv_acc (B, L, Hkv, Dv) contiguous (token-major), private to the call's worker (scatter)
 //   off (B, L + 1) int64, queries (B, L * K) int32: the selection inverted (invert_selection)
 // k and v are fastest token-major ((B, L, Hkv, D) memory passed as strides of a (B, Hkv, L, D) view): a selected token
 // is then one contiguous row for all its KV heads.
@@ -325,18 +326,21 @@ void forward(const T* q, const T* k, const T* v, const int64_t* idx, T* out, T* 
   }
 }
 
-// The backward in two passes, neither of which writes a random row: (A) query-major, dq and delta = dO . out per row;
-// (B) key-major, dK and dV of each key from the queries that selected it (the selection inverted: invert_selection),
-// its rows summed in place. Both recompute p = exp(scale q . k - lse) and dO . v; every sum runs in the order of one
-// loop over queries ascending (a single worker's old scatter into dK/dV: the same bits).
+// Two backwards, the same bits on one worker (every sum in the order of a loop over queries ascending):
+// - scatter (GQA, MQA): query by query, dq, and dS q / p dO added to the selected rows of a worker's dK/dV tables —
+//   one random read-modify-write per slot and KV head, shared by the G query heads of its group;
+// - two passes (MHA, G = 1: there that write is per head): (A) query by query, dq and delta = dO . out only; (B) key
+//   by key, dK and dV of each key from the queries that selected it (the selection inverted: invert_selection), its
+//   rows summed in place; both recompute p = exp(scale q . k - lse) and dO . v, and neither writes a random row.
 
-// pass A for one query and KV head g's query heads: their rows of dq_t (dq at the query: rows L * D apart) written.
-// Per head: the probabilities and dO . v of all K keys first (dot4, the exp four lanes at once: p and dp (K) are
-// scratch), then dS in place of p and dq's row summed in registers (head_values)
+// one query's gradients for KV head g's query heads: their rows of dq_t (dq at the query: rows L * D apart) written;
+// with dkb/dvb (token-major (L, Hkv, D) tables of the worker) also dS q and p dO added to the selected rows (the
+// scatter backward), without them pass A. Per head: the probabilities and dO . v of all K keys first (dot4, the exp
+// four lanes at once: p and dp (K) are scratch), then dS in place of dp, dq's row summed in registers (head_values)
 template <typename T>
 void query_gradients(const Dims& n, int64_t g, const T* qt, const int64_t* qs, const T* dot_, const int64_t* ds_,
                      const T* kb, const int64_t* ks, const T* vb, const int64_t* vs, const int64_t* sel,
-                     const T* lse_t, const T* delta, T scale, T* dq_t, T* p, T* dp) {
+                     const T* lse_t, const T* delta, T scale, T* dq_t, T* dkb, T* dvb, T* p, T* dp) {
   const T *kg = kb + g * ks[1], *vg = vb + g * vs[1];
   for (int64_t h = g * n.G; h < (g + 1) * n.G; ++h) {
     const T *qh = qt + h * qs[1], *doh = dot_ + h * ds_[1];
@@ -348,6 +352,10 @@ void query_gradients(const Dims& n, int64_t g, const T* qt, const int64_t* qs, c
         if (sel[j] >= 0) {
           prefetch_row(kg + sel[j] * ks[2], n.D, 0);
           prefetch_row(vg + sel[j] * vs[2], n.Dv, 0);
+          if (dkb) {
+            prefetch_row(dkb + (sel[j] * n.Hkv + g) * n.D, n.D, 1);
+            prefetch_row(dvb + (sel[j] * n.Hkv + g) * n.Dv, n.Dv, 1);
+          }
         }
       T d[4], e[4];
       dot4(qh, krows, n.D, d);
@@ -358,16 +366,23 @@ void query_gradients(const Dims& n, int64_t g, const T* qt, const int64_t* qs, c
       }
     }
     exp_inplace(p, n.K);
-    for (int64_t j = 0; j < n.K; ++j) p[j] = p[j] * (dp[j] - delta[h]) * scale;  // dS
-    head_values(p, kg, ks[2], sel, n.K, n.D, dq_t + h * n.L * n.D);  // dq_h = sum_j dS_j k[s_j], in registers
+    for (int64_t j = 0; j < n.K; ++j) dp[j] = p[j] * (dp[j] - delta[h]) * scale;  // dS
+    head_values(dp, kg, ks[2], sel, n.K, n.D, dq_t + h * n.L * n.D);  // dq_h = sum_j dS_j k[s_j], in registers
+    for (int64_t j = 0; dkb && j < n.K; ++j)  // the scatter: the selected rows of the worker's dK/dV tables
+      if (sel[j] >= 0) {
+        axpy(dp[j], qh, dkb + (sel[j] * n.Hkv + g) * n.D, n.D);
+        axpy(p[j], doh, dvb + (sel[j] * n.Hkv + g) * n.Dv, n.Dv);
+      }
   }
 }
 
+// the queries [t0, t1): dq and delta written; with dk_acc/dv_acc ((B, L, Hkv, D) token-major, the worker's own) the
+// scatter backward's dK/dV added there too, else pass A
 template <typename T>
 void backward_queries(const T* q, const T* k, const T* v, const int64_t* idx, const T* out, const T* lse,
-                      const T* dout, T* dq, T* delta_out, const int64_t* dims, const int64_t* qs, const int64_t* ks,
-                      const int64_t* vs, const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1,
-                      double scale) {
+                      const T* dout, T* dq, T* delta_out, T* dk_acc, T* dv_acc, const int64_t* dims,
+                      const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* dos, int64_t t0,
+                      int64_t t1, int64_t g0, int64_t g1, double scale) {
   const Dims n(dims);
   const Heads r(n, g0, g1);
   std::vector<T> delta(n.H), lse_t(n.H), p(n.K), dp(n.K);
@@ -382,8 +397,9 @@ void backward_queries(const T* q, const T* k, const T* v, const int64_t* idx, co
       }
       for (int64_t g = r.g0; g < r.g1; ++g)
         query_gradients(n, g, qt, qs, dot_, dos, k + b * ks[0], ks, v + b * vs[0], vs, idx + (b * n.L + t) * n.K,
-                        lse_t.data(), delta.data(), static_cast<T>(scale), dq + (b * n.H * n.L + t) * n.D, p.data(),
-                        dp.data());
+                        lse_t.data(), delta.data(), static_cast<T>(scale), dq + (b * n.H * n.L + t) * n.D,
+                        dk_acc ? dk_acc + b * n.L * n.Hkv * n.D : nullptr,
+                        dv_acc ? dv_acc + b * n.L * n.Hkv * n.Dv : nullptr, p.data(), dp.data());
     }
   }
 }
@@ -496,10 +512,12 @@ void dsa_invert_selection(const int64_t* idx, const int64_t* dims, int64_t* off,
 }
 #define DSA_BACKWARD(T, kind)                                                                                        \
   void dsa_sparse_bwd_queries_##kind(const T* q, const T* k, const T* v, const int64_t* idx, const T* out,          \
-                                     const T* lse, const T* dout, T* dq, T* delta, const int64_t* dims,            \
-                                     const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* dos,  \
-                                     int64_t t0, int64_t t1, int64_t g0, int64_t g1, double scale) {               \
-    backward_queries(q, k, v, idx, out, lse, dout, dq, delta, dims, qs, ks, vs, dos, t0, t1, g0, g1, scale);      \
+                                     const T* lse, const T* dout, T* dq, T* delta, T* dk_acc, T* dv_acc,           \
+                                     const int64_t* dims, const int64_t* qs, const int64_t* ks, const int64_t* vs, \
+                                     const int64_t* dos, int64_t t0, int64_t t1, int64_t g0, int64_t g1,           \
+                                     double scale) {                                                               \
+    backward_queries(q, k, v, idx, out, lse, dout, dq, delta, dk_acc, dv_acc, dims, qs, ks, vs, dos, t0, t1, g0,  \
+                     g1, scale);                                                                                   \
   }                                                                                                                  \
   void dsa_sparse_bwd_keys_##kind(const T* q, const T* k, const T* v, const T* lse, const T* delta, const T* dout, \
                                   const int64_t* off, const int32_t* queries, T* dk, T* dv, const int64_t* dims,    \

@@ -4,9 +4,10 @@
 Per query t and KV head g the kernel reads each selected key/value row once, straight inside the dot products, and
 uses it for all G = H / Hkv query heads of the group (MHA G = 1, GQA, MQA Hkv = 1): no (L, K, H, D) gather, no KV
 head repeated per query head. K and V are read token-major (a selected token is one contiguous row for all its KV heads; copied once per
-forward when they come head-major). Forward writes out and the log-sum-exp; the backward recomputes the scores in two
-passes that write no random row: dq query by query, then dK/dV key by key from the queries that selected each key
-(the selection inverted by a counting sort; no atomics, no per-worker tables, the same bits for any thread count). Query chunks run on `run_chunks`' Python worker threads (ctypes
+forward when they come head-major). Forward writes out and the log-sum-exp; the backward recomputes the scores per
+query and, for GQA/MQA, adds dK/dV into per-worker token-major tables (no atomics); for MHA it runs two passes that
+write no random row: dq query by query, then dK/dV key by key from the queries that selected each key (the selection
+inverted by a counting sort; the same bits for any thread count) — `key_major_backward` chooses. Query chunks run on `run_chunks`' Python worker threads (ctypes
 drops the GIL), so no second OpenMP runtime runs beside torch's. Past PASS_BYTES of K/V rows (long sequences) each
 worker covers its queries in passes of a few KV heads, so a pass's random rows stay in the CPU's cache.
 
@@ -112,38 +113,66 @@ class _SparseAttentionCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_probs):
         q, k, v, selected_idx, out, lse = ctx.saved_tensors
-        lib, kind = _library(), _TYPES[q.dtype]
         B, H, L, D = q.shape
-        Hkv, Dv, K = k.shape[1], v.shape[-1], selected_idx.shape[-1]
-        dims, scale = _longs(B, H, Hkv, L, D, Dv, K), ctx.scale
+        Hkv, Dv = k.shape[1], v.shape[-1]
         grad_out = _last_dim_contiguous(grad_out)
-        qs, ks, vs, dos = _strides(q), _strides(k), _strides(v), _strides(grad_out)
         dq, delta = q.new_empty(B, H, L, D), q.new_empty(B, H, L)
-        by_query = getattr(lib, f"dsa_sparse_bwd_queries_{kind}")
-        passes = head_passes(Hkv, L, (D + Dv) * q.element_size())  # K, V rows
+        call = _BackwardCall(q, k, v, selected_idx, out, lse, grad_out, ctx.scale)
+        if not key_major_backward(H, Hkv):  # scatter: the query calls also add dK/dV to their worker's own tables
+            passes = head_passes(Hkv, L, 2 * (D + Dv) * q.element_size())  # K, V and the worker's dK, dV rows
 
-        def query_calls(share):  # pass A: the share's rows of dq and delta (K, V rows random, cache-resident per pass)
-            for g0, g1 in passes:
-                for t0, t1 in share:
-                    by_query(_ptr(q), _ptr(k), _ptr(v), _ptr(selected_idx), _ptr(out), _ptr(lse), _ptr(grad_out),
-                             _ptr(dq), _ptr(delta), dims, qs, ks, vs, dos, ctypes.c_int64(t0), ctypes.c_int64(t1),
-                             ctypes.c_int64(g0), ctypes.c_int64(g1), ctypes.c_double(scale))
+            def scatter_calls(share):  # writes the share's rows of dq; returns its own dK, dV accumulators
+                dk, dv = q.new_zeros(B, L, Hkv, D), q.new_zeros(B, L, Hkv, Dv)  # token-major
+                call.queries(share, passes, dq, delta, dk, dv)
+                return dk, dv
 
-        run_chunks(query_calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
+            parts = run_chunks(scatter_calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
+            dk, dv = (sum(x[1:], x[0]).transpose(1, 2) for x in zip(*parts))
+            return dq, dk, dv, None, None, None
+        passes = head_passes(Hkv, L, (D + Dv) * q.element_size())  # pass A: K, V rows
+        run_chunks(lambda share: call.queries(share, passes, dq, delta), chunk_bounds(L, QUERIES_PER_CALL), q.device)
         off, queries = invert_selection(selected_idx)
         dk, dv = q.new_empty(B, Hkv, L, D), v.new_empty(B, Hkv, L, Dv)
-        by_key = getattr(lib, f"dsa_sparse_bwd_keys_{kind}")
-        key_passes = head_passes(Hkv, L, H // Hkv * (D + Dv) * q.element_size())  # a KV head's q and dO rows
-
-        def key_calls(share):  # pass B: the share's keys' rows of dK, dV (q, dO rows random, cache-resident per pass)
-            for g0, g1 in key_passes:
-                for s0, s1 in share:
-                    by_key(_ptr(q), _ptr(k), _ptr(v), _ptr(lse), _ptr(delta), _ptr(grad_out), _ptr(off),
-                           _ptr(queries), _ptr(dk), _ptr(dv), dims, qs, ks, vs, dos, ctypes.c_int64(s0),
-                           ctypes.c_int64(s1), ctypes.c_int64(g0), ctypes.c_int64(g1), ctypes.c_double(scale))
-
-        run_chunks(key_calls, chunk_bounds(L, QUERIES_PER_CALL), q.device)
+        passes = head_passes(Hkv, L, H // Hkv * (D + Dv) * q.element_size())  # pass B: a KV head's q and dO rows
+        run_chunks(lambda share: call.keys(share, passes, delta, off, queries, dk, dv),
+                   chunk_bounds(L, QUERIES_PER_CALL), q.device)
         return dq, dk, dv, None, None, None
+
+
+def key_major_backward(H: int, Hkv: int) -> bool:
+    """The backward's choice: two passes (dK/dV key by key, no random writes) for MHA; the scatter into per-worker
+    dK/dV tables where a KV group's G > 1 query heads share each random row update (GQA, MQA). Measured,
+    docs/benchmarks.md "Two backwards": MHA L 16384, k 256 backward 1.65-1.97 -> 1.07-1.49 s; GQA 9/3 L 8192, k 128
+    0.19-0.22 s scatter vs 0.23-0.29 s in two passes."""
+    return H == Hkv
+
+
+class _BackwardCall:
+    """The backward's kernel calls over shares of queries (dq, delta; with dk/dv the scatter) or of keys (pass B)."""
+
+    def __init__(self, q, k, v, selected_idx, out, lse, grad_out, scale):
+        lib, kind = _library(), _TYPES[q.dtype]
+        self.by_query, self.by_key = (getattr(lib, f"dsa_sparse_bwd_{p}_{kind}") for p in ("queries", "keys"))
+        B, H, L, D = q.shape
+        self.dims = _longs(B, H, k.shape[1], L, D, v.shape[-1], selected_idx.shape[-1])
+        self.tensors, self.scale = (q, k, v, selected_idx, out, lse, grad_out), ctypes.c_double(scale)
+        self.strides = tuple(_strides(t) for t in (q, k, v, grad_out))
+
+    def queries(self, share, passes, dq, delta, dk=None, dv=None):
+        q, k, v, idx, out, lse, grad_out = self.tensors
+        for g0, g1 in passes:
+            for t0, t1 in share:
+                self.by_query(_ptr(q), _ptr(k), _ptr(v), _ptr(idx), _ptr(out), _ptr(lse), _ptr(grad_out), _ptr(dq),
+                              _ptr(delta), _ptr(dk), _ptr(dv), self.dims, *self.strides, ctypes.c_int64(t0),
+                              ctypes.c_int64(t1), ctypes.c_int64(g0), ctypes.c_int64(g1), self.scale)
+
+    def keys(self, share, passes, delta, off, queries, dk, dv):
+        q, k, v, _, _, lse, grad_out = self.tensors
+        for g0, g1 in passes:
+            for s0, s1 in share:
+                self.by_key(_ptr(q), _ptr(k), _ptr(v), _ptr(lse), _ptr(delta), _ptr(grad_out), _ptr(off),
+                            _ptr(queries), _ptr(dk), _ptr(dv), self.dims, *self.strides, ctypes.c_int64(s0),
+                            ctypes.c_int64(s1), ctypes.c_int64(g0), ctypes.c_int64(g1), self.scale)
 
 
 def invert_selection(selected_idx: torch.Tensor):
