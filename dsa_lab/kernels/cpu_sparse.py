@@ -7,9 +7,10 @@ head repeated per query head. K and V are read token-major (a selected token is 
 forward when they come head-major). Forward writes out and the log-sum-exp; the backward recomputes the scores per
 query and, for GQA/MQA, adds dK/dV into per-worker token-major tables (no atomics); for MHA it runs two passes that
 write no random row: dq query by query, then dK/dV key by key from the queries that selected each key (the selection
-inverted by a counting sort; the same bits for any thread count) — `key_major_backward` chooses. Query chunks run on `run_chunks`' Python worker threads (ctypes
-drops the GIL), so no second OpenMP runtime runs beside torch's. Past PASS_BYTES of K/V rows (long sequences) each
-worker covers its queries in passes of a few KV heads, so a pass's random rows stay in the CPU's cache.
+inverted by a counting sort; the same bits for any thread count) — `key_major_backward` chooses. Query chunks run
+on `run_chunks`' Python worker threads (ctypes drops the GIL), so no second OpenMP runtime runs beside torch's. Past
+PASS_BYTES of random rows (long sequences) each worker covers its queries (or keys) in passes of a few KV heads, so a
+pass's random rows stay in the CPU's cache.
 
   sparse_attention_cpu(q, k, v, selected_idx, valid, return_probs)   q (B, H, L, D), k (B, Hkv, L, D),
       v (B, Hkv, L, Dv) -> out (B, H, L, Dv), probs (B, H, L, K) (detached) or None
@@ -141,9 +142,9 @@ class _SparseAttentionCPU(torch.autograd.Function):
 
 def key_major_backward(H: int, Hkv: int) -> bool:
     """The backward's choice: two passes (dK/dV key by key, no random writes) for MHA; the scatter into per-worker
-    dK/dV tables where a KV group's G > 1 query heads share each random row update (GQA, MQA). Measured,
-    docs/benchmarks.md "Two backwards": MHA L 16384, k 256 backward 1.65-1.97 -> 1.07-1.49 s; GQA 9/3 L 8192, k 128
-    0.19-0.22 s scatter vs 0.23-0.29 s in two passes."""
+    dK/dV tables where a KV group's G > 1 query heads share each random row update (GQA, MQA). Measured
+    (docs/benchmarks.md "Two backwards", Zen 4, two threads): MHA L 16384, k 256 backward 1.87-2.14 s scatter ->
+    1.12-1.23 s two passes; GQA 9/3 L 8192, k 128 0.16-0.20 s scatter vs 0.23-0.29 s two passes."""
     return H == Hkv
 
 
