@@ -1,7 +1,7 @@
 // Token-level sparse attention on CPU without materialising the gathered keys/values (dsa_lab/kernels/cpu_sparse.py).
 //
-// One call handles the queries [t0, t1) of every batch row for the KV heads [g0, g1) (and their query heads),
-// single-threaded: Python runs one call per worker thread
+// One call handles the queries [t0, t1) (the backward's pass B: the keys [s0, s1)) of every batch row for the KV heads
+// [g0, g1) (and their query heads), single-threaded: Python runs one call per worker thread
 // (ctypes releases the GIL), so this file needs no OpenMP runtime beside torch's. Per query t and KV head g, each
 // selected key/value row is fetched from the (B, Hkv, L, D) tables once (prefetched), straight into the dot products
 // of the G = H / Hkv query heads of its group, which re-read it from L1 (MHA: G = 1; GQA; MQA: Hkv = 1): keys four at
