@@ -151,8 +151,8 @@ inline void dot4(const T* __restrict a, const T* const* b, int64_t n, T* out) {
 
 // the rows of slots j0 .. j0 + 3 (base + s * stride); `standin` (any readable row) for an invalid slot or one past K,
 // whose result the caller drops
-template <typename T>
-inline void slot_rows(const int64_t* sel, int64_t j0, int64_t K, const T* base, int64_t stride, const T* standin,
+template <typename T, typename I>
+inline void slot_rows(const I* sel, int64_t j0, int64_t K, const T* base, int64_t stride, const T* standin,
                       const T** rows) {
   for (int c = 0; c < 4; ++c) {
     const int64_t s = j0 + c < K ? sel[j0 + c] : -1;
@@ -441,11 +441,8 @@ void key_gradients(const Dims& n, int64_t g, const T* k_s, const T* v_s, const T
       const T *qh = qb + h * qs[1], *doh = dob + h * dos[1];
       for (int64_t c0 = 0; c0 < nb; c0 += 4) {
         const T *qrows[4], *drows[4];
-        for (int c = 0; c < 4; ++c) {
-          const int64_t i = c0 + c < nb ? list[n0 + c0 + c] : -1;
-          qrows[c] = i < 0 ? k_s : qh + i * qs[2];  // the key's own row stands in past the block's end
-          drows[c] = i < 0 ? v_s : doh + i * dos[2];
-        }
+        slot_rows(list + n0, c0, nb, qh, qs[2], k_s, qrows);  // the key's own rows stand in past the block's end
+        slot_rows(list + n0, c0, nb, doh, dos[2], v_s, drows);
         for (int64_t a = n0 + c0 + PREFETCH; a < n0 + c0 + 4 + PREFETCH && a < m; ++a) {
           prefetch_row(qh + list[a] * qs[2], n.D, 0);
           prefetch_row(doh + list[a] * dos[2], n.Dv, 0);
