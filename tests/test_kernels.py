@@ -202,7 +202,8 @@ def test_block_selection_uses_only_earlier_blocks():
 
 
 def _causal_check(backend, k, L=20, B=2, H=2, D=8):
-    """Selection + attention from per-position inputs: perturbing positions > t changes no output <= t."""
+    """Selection + attention from per-position inputs: perturbing positions > t changes no output <= t, and the
+    gradient of the outputs <= t is zero at positions > t (for gather on CPU: the C++ kernel's backward)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(B, L, 4 * H * D + 16 + 2, generator=g, dtype=torch.float64)
 
@@ -222,6 +223,10 @@ def _causal_check(backend, k, L=20, B=2, H=2, D=8):
         out = forward(x2)
         torch.testing.assert_close(out[:, :, : t + 1], base[:, :, : t + 1], atol=1e-12, rtol=0)
         assert not torch.allclose(out[:, :, t + 1:], base[:, :, t + 1:])
+    xg = x.clone().requires_grad_()  # the backward too: a loss on rows <= t sends no gradient to positions > t
+    for t in (3, 9):
+        grad, = torch.autograd.grad(forward(xg)[:, :, : t + 1].sum(), xg)
+        assert grad[:, : t + 1].any() and not grad[:, t + 1:].any()
 
 
 @pytest.mark.parametrize("backend", ["masked", "gather", "block"])
