@@ -35,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
     p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
     p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
+    p.add_argument("--warmup-plateau", type=float, metavar="FRACTION",
+                   help="the warm-up's plateau rule: stop once the best held-out KL of the last 3 evaluations improves "
+                        "on the best before them by less than this fraction (default 0.02; smaller: longer warm-ups, "
+                        "--warmup-steps stays the cap)")
     p.add_argument("--dense-steps", type=int, help="shared dense pre-training steps (stage 0)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seeds", type=int, nargs="+")
@@ -96,6 +100,7 @@ def execution(args: argparse.Namespace):
 
 def cli_overrides(args: argparse.Namespace) -> dict:
     names = {"seq_lens": "seq_lens", "steps": "steps", "warmup_steps": "warmup_steps",
+             "warmup_plateau": "warmup_min_rel_improvement",
              "dense_steps": "dense_steps", "batch_size": "batch_size", "seeds": "seeds",
              "top_k_ratio": "top_k_ratio", "top_k": "top_k", "attention_type": "attention_type",
              "attention_backend": "attention_backend", "device": "device",
@@ -114,7 +119,10 @@ FLAG_EXPERIMENTS = {"task": ("long_context",), "models": ("long_context", "adapt
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Refuse a flag the chosen experiment does not use, naming the experiments it applies to."""
+    """Refuse a flag the chosen experiment does not use, naming the experiments it applies to, or a bad value."""
+    if args.warmup_plateau is not None and not 0 <= args.warmup_plateau < 1:
+        raise ValueError(f"--warmup-plateau {args.warmup_plateau} must be in [0, 1): the relative improvement "
+                         f"below which a warm-up stops (e.g. 0.005; 0: only evaluations that bring no improvement stop it)")
     for attr, experiments in FLAG_EXPERIMENTS.items():
         if getattr(args, attr) is not None and args.experiment not in experiments:
             raise ValueError(f"--{attr.replace('_', '-')} applies to --experiment {' / '.join(experiments)}, not "

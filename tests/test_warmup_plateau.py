@@ -124,3 +124,36 @@ def test_the_warm_up_table_shows_steps_reason_and_curve():
     assert "Warm-up rule: the rule. Ended by the plateau rule: 2 of 4" in text
     assert "| 256 | 42 | 80 | plateau | 2 → 0.995 (lowest 0.99, 4 evaluations) |" in text
     assert "| 256 | 43 | 200 | step_cap |" in text and "| 512 | 42 | n/a |" in text
+
+
+def test_a_smaller_threshold_keeps_a_slow_descent_going(setup, monkeypatch):
+    """~1.6 % per three evaluations (seed 44's MQAR warm-up, issue 30): the 2 % rule stops it, 0.5 % does not."""
+    curve = [1.0 * 0.995 ** i for i in range(6)]
+    _patched_kl(monkeypatch, curve)
+    stopped, _ = _warm(setup)
+    _patched_kl(monkeypatch, curve)
+    longer, _ = _warm(setup, tcfg=dataclasses.replace(TCFG, warmup_min_rel_improvement=0.005))
+    assert stopped["plateau"]["stop_reason"] == STOP_PLATEAU and stopped["plateau"]["steps_used"] == 6
+    assert longer["plateau"]["stop_reason"] == STOP_CAP and longer["plateau"]["steps_used"] == 12
+    assert "by < 0.5%" in longer["plateau"]["rule"] and "by < 2%" in stopped["plateau"]["rule"]
+
+
+def test_the_warmup_plateau_flag_reaches_every_experiments_rule():
+    """--warmup-plateau sets the rule's threshold of the toy experiments' TrainConfig and of the retrofit."""
+    import run_experiment
+    from dsa_lab.experiments import long_context, retrofit
+    overrides = run_experiment.cli_overrides(run_experiment.parse_args(["--warmup-plateau", "0.005"]))
+    assert overrides == {"warmup_min_rel_improvement": 0.005}
+    tcfg = long_context.task_settings("cpu", "mqar", overrides).train
+    assert train.warmup_rule(tcfg).min_rel_improvement == 0.005
+    assert retrofit.settings_for("quick", overrides)["warmup_min_rel_improvement"] == 0.005
+    assert long_context.task_settings("cpu", "mqar", {}).train.warmup_min_rel_improvement == 0.02  # the default
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1"])
+def test_a_bad_warmup_plateau_is_one_line_exit_2(value, capsys, tmp_path):
+    import run_experiment
+    assert run_experiment.main(["--warmup-plateau", value, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--warmup-plateau {float(value)} must be in [0, 1)" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ class PlateauRule:
         if not self.enabled:
             return f"fixed {self.max_steps} steps"
         return (f"held-out KL every {self.eval_every} steps; stop when the best of the last {self.window} "
-                f"evaluations improves on the best before them by < {self.min_rel_improvement:.0%}; "
+                f"evaluations improves on the best before them by < {self.min_rel_improvement * 100:g}%; "
                 f"cap {self.max_steps} steps")
 
 
