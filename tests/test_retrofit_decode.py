@@ -308,3 +308,23 @@ def test_sample_py_decodes_a_structured_export_with_its_sinks_and_window(tiny_fo
     err = capsys.readouterr().err
     assert "sinks + window = 5" in err and len(err.strip().splitlines()) == 1
     assert json.loads((tmp_path / "export" / retrofit.EXPORT_META).read_text())["structure_window"] == 3
+
+
+def test_decode_steps_take_the_few_row_linears_and_prefill_does_not(monkeypatch):
+    """A step's B rows go through row_linear (every linear of the base model; the indexers' row is the fused
+    cpu_indexer_row kernel where it builds); a prompt's B x L rows do not; the step still equals full recomputation."""
+    from dsa_lab.inference import row_linear
+    model = tiny()
+    linears = sum(type(m) is torch.nn.Linear for m in model.base.modules())
+    routed = []
+    real = row_linear.row_linear
+    monkeypatch.setattr(row_linear, "row_linear", lambda *a: routed.append(1) or real(*a))
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(3))
+    plan = retrofit.Plan("dsa", top_k=8, backend="gather")
+    with torch.no_grad():
+        _, state = rd.prefill(model, ids, plan)
+        assert routed == []
+        cached = rd.decode_step(model, state, ids[:, :1])
+        full = model(torch.cat([ids, ids[:, :1]], dim=1), plan)[0]
+    assert len(routed) >= linears
+    torch.testing.assert_close(cached[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
