@@ -18,7 +18,7 @@ LAYERS = [
     ("backends", ["dsa_lab.kernels.backends"]),
     ("variants", ["quantization_utils", "adaptive_selection", "efficient_patterns", "optimized_indexers"]),
     ("models", ["models", "dsa_lab.interop.hf_interop", "dsa_lab.interop.levers", "dsa_lab.interop.retrofit"]),
-    ("decoding", ["dsa_lab.inference.decode", "dsa_lab.inference.retrofit_decode"]),
+    ("decoding", ["dsa_lab.inference.decode", "dsa_lab.inference.row_linear", "dsa_lab.inference.retrofit_decode"]),
     ("data and training", ["dsa_lab.training.token_files", "dsa_lab.training.data", "dsa_lab.training.readback",
                            "dsa_lab.training.train"]),
     ("experiment plumbing", ["dsa_lab.experiments.skeleton", "dsa_lab.experiments.reports", "dsa_lab.experiments.plots",
