@@ -35,10 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
     p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
     p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
-    p.add_argument("--warmup-plateau", type=float, metavar="FRACTION",
-                   help="the warm-up's plateau rule: stop once the best held-out KL of the last 3 evaluations improves "
-                        "on the best before them by less than this fraction (default 0.02; smaller: longer warm-ups, "
-                        "--warmup-steps stays the cap)")
+    p.add_argument("--warmup-plateau", type=float, metavar="FRACTION", help="the warm-up stops once its held-out KL "
+                   "improves by less than this fraction over 3 evaluations (default 0.02; --warmup-steps is the cap)")
     p.add_argument("--dense-steps", type=int, help="shared dense pre-training steps (stage 0)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seeds", type=int, nargs="+")
