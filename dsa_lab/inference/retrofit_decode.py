@@ -51,6 +51,7 @@ class RetrofitState:
     length: int  # positions cached = the next token's position
     selected: dict = field(default_factory=dict)  # sparse plans: layer -> positions the last step attended (B, K)
     row_kernels: dict = field(default_factory=dict)  # dsa: layer -> its indexer's cpu_indexer_row.RowKernel or None
+    few_rows: few_row_linears | None = None  # the model's linears routed through row_linear, found once
 
 
 def check_cached_plan(model: RetrofitLM, plan: Plan, positions: int) -> None:
@@ -157,7 +158,9 @@ def _forward(model: RetrofitLM, state: RetrofitState, ids: torch.Tensor, all_log
     A decode step's few rows go through row_linear (torch's CPU GEMV is one thread at a third of the speed)."""
     n = ids.shape[1]
     positions = torch.arange(state.length, state.length + n, device=ids.device)[None].expand(ids.shape[0], n)
-    with few_row_linears(model) if ids.numel() <= MAX_ROWS else nullcontext():
+    if state.few_rows is None:
+        state.few_rows = few_row_linears(model)
+    with state.few_rows if ids.numel() <= MAX_ROWS else nullcontext():
         out = model.base(input_ids=ids, position_ids=positions, use_cache=False, dsa_call=_CachedCall(model, state),
                          logits_to_keep=0 if all_logits else 1)
     state.length += n

@@ -9,12 +9,11 @@ dtype of the lab's exactness checks (decode against full recomputation to 1e-9),
 
 row_linear(x, weight, bias)   x (..., I), weight (O, I), bias (O,) or None -> (..., O)
 blocked_linear(x, weight)     the blocked bmm itself (any dtype), x (M, I) -> (M, O)
-few_row_linears(module)       a context: inside it every nn.Linear of `module` computes through row_linear
+few_row_linears(module)       a reusable context: inside it every nn.Linear of `module` computes through row_linear
 """
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -47,15 +46,19 @@ def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return row_linear(x, linear.weight, linear.bias)
 
 
-@contextmanager
-def few_row_linears(module: nn.Module):
-    """Every nn.Linear of `module` (exactly that class: subclasses keep their own forward) computes through
-    row_linear until the context exits; its own forward is restored then, also on an error."""
-    linears = [m for m in module.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
-    for linear in linears:
-        linear.forward = types.MethodType(_forward, linear)
-    try:
-        yield
-    finally:
-        for linear in linears:
-            del linear.forward
+class few_row_linears:
+    """A reusable context: inside it every nn.Linear of `module` (exactly that class: subclasses keep their own
+    forward) computes through row_linear; its own forward is restored on exit, also on an error. The linears are
+    found once, here: entering walks no model (SmolLM2's 579 modules took ~1 ms, at every decode step; now 0.05 ms)."""
+
+    def __init__(self, module: nn.Module):
+        self.routes = [(m, types.MethodType(_forward, m)) for m in module.modules()
+                       if type(m) is nn.Linear and "forward" not in vars(m)]
+
+    def __enter__(self):
+        for linear, forward in self.routes:
+            vars(linear)["forward"] = forward
+
+    def __exit__(self, *exc):
+        for linear, _ in self.routes:
+            del vars(linear)["forward"]
