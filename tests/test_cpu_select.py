@@ -31,14 +31,28 @@ def _reference(q, k, w, top_k, kept=(0, 0)):
     return select_top_k(scores, top_k)
 
 
-def _select(monkeypatch, fused: bool, *args, **kw):
-    monkeypatch.setattr(chunked, "FUSED_SELECT", fused)
+PATHS = ("scoring", "pass", "torch")  # GEMM fused in (fp32) / GEMM + the C++ pass / the torch twin
+
+
+def _select(monkeypatch, path: str, *args, **kw):
+    """chunked_select through one path; asserts that path ran."""
+    monkeypatch.setattr(chunked, "FUSED_SELECT", path != "torch")
+    if path == "pass":
+        monkeypatch.setattr(cpu_select, "scoring_available", lambda q, w: False)
     calls = []
-    real = cpu_select.select_rows
-    monkeypatch.setattr(cpu_select, "select_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("select_rows", "score_rows"):
+        real = getattr(cpu_select, name)
+        monkeypatch.setattr(cpu_select, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     out = chunked.chunked_select(*args, **kw)
-    assert bool(calls) == fused  # the path under test ran
+    assert set(calls) == {"scoring": {"score_rows"}, "pass": {"select_rows"}, "torch": set()}[path]
+    monkeypatch.undo()
     return out
+
+
+def _paths(dtype) -> tuple:
+    """The paths that serve dtype here: the fused scoring is fp32's where this machine's GEMM sums as it does."""
+    scoring = dtype == torch.float32 and cpu_select.scoring_available(torch.zeros(1), torch.zeros(1))
+    return PATHS if scoring else PATHS[1:]
 
 
 def test_the_kernel_builds_where_a_compiler_exists():
@@ -52,9 +66,9 @@ def test_the_kernel_builds_where_a_compiler_exists():
 def test_fused_equals_torch_twin_and_reference(monkeypatch, dtype, B, L, top_k, chunk, kept):
     q, k, w = _indexer(B, L, dtype=dtype)
     ref_idx, ref_valid = _reference(q, k, w, top_k, kept)
-    for fused in (True, False):
-        idx, valid = _select(monkeypatch, fused, q, k, w, top_k, chunk=chunk, kept=kept)
-        assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid), (fused, kept)
+    for path in _paths(dtype):
+        idx, valid = _select(monkeypatch, path, q, k, w, top_k, chunk=chunk, kept=kept)
+        assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid), (path, kept)
 
 
 @pytest.mark.parametrize("weights", ["zero", "negative", "underflow"])
@@ -65,8 +79,8 @@ def test_all_tied_rows_keep_the_most_recent_keys(monkeypatch, weights):
     q, k, w = _indexer(2, 90, dtype=torch.float64 if weights == "underflow" else torch.float32)
     w = {"zero": w * 0, "negative": -w.abs(), "underflow": -1e-60 * w.abs()}[weights]
     ref = _reference(q, k, w, 12)
-    for fused in (True, False):
-        idx, valid = _select(monkeypatch, fused, q, k, w, 12)
+    for path in _paths(q.dtype):
+        idx, valid = _select(monkeypatch, path, q, k, w, 12)
         assert torch.equal(idx, ref[0]) and torch.equal(valid, ref[1])
     if weights != "negative":
         t = torch.arange(90)[:, None]
@@ -77,8 +91,8 @@ def test_bf16_gemm_fused_equals_its_torch_twin(monkeypatch):
     """index_dtype=bf16: the kernel reads the GEMM's bf16 output and sums in fp32, as the torch path does after its
     copy to fp32 (exact here: small integers are bf16-exact)."""
     q, k, w = _indexer(2, 150, dtype=torch.float32)
-    a = _select(monkeypatch, True, q, k, w, 20, index_dtype=torch.bfloat16)
-    b = _select(monkeypatch, False, q, k, w, 20, index_dtype=torch.bfloat16)
+    a = _select(monkeypatch, "pass", q, k, w, 20, index_dtype=torch.bfloat16)
+    b = _select(monkeypatch, "torch", q, k, w, 20, index_dtype=torch.bfloat16)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert torch.equal(a[0], _reference(q, k, w, 20)[0])
 
@@ -87,11 +101,43 @@ def test_random_fp32_scores_pick_the_twins_sets(monkeypatch):
     """Continuous fp32 inputs at a realistic width: the two paths sum the head weights in their own order, so a
     near-tie may fall either way; the sets agree in >= 99.9 % of the slots (seen: all of them)."""
     q, k, w = _indexer(1, 600, H_I=4, d_I=32, dtype=torch.float32, integer=False)
-    a, va = _select(monkeypatch, True, q, k, w, 64)
-    b, vb = _select(monkeypatch, False, q, k, w, 64)
+    a, va = _select(monkeypatch, "pass", q, k, w, 64)
+    b, vb = _select(monkeypatch, "torch", q, k, w, 64)
     assert torch.equal(va, vb)
     same = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1) & va
     assert same.sum() / va.sum() >= 0.999
+
+
+@pytest.mark.parametrize("B,L,H_I,d_I,top_k,chunk,kept", [
+    (1, 700, 4, 64, 64, None, (0, 0)), (2, 333, 16, 64, 40, 7, (4, 16)), (1, 97, 5, 12, 8, 1, (2, 3)),
+    (2, 130, 3, 8, 16, 33, (0, 0)), (1, 66, 1, 5, 70, None, (0, 0)), (1, 40, 6, 16, 9, 3, (0, 40))])
+def test_fused_scoring_gives_the_gemm_paths_selection_bit_for_bit(monkeypatch, B, L, H_I, d_I, top_k, chunk, kept):
+    """fp32 scores a few ulp apart, where any other summation order flips their order: the scoring with the GEMM fused
+    in selects exactly what the GEMM + C++ pass selects (positions, order, validity) — tiles cut at odd rows, key
+    blocks with tails, head counts not a multiple of 4, widths not a multiple of 8, batch rows, structured rows."""
+    if not cpu_select.scoring_available(torch.zeros(1), torch.zeros(1)):
+        pytest.skip("no fused scoring on this machine (no AVX2 + FMA, or torch's GEMM sums in another order)")
+    g = torch.Generator().manual_seed(L)  # keys within 1e-3 of one positive key: scores a few ulp apart, so any
+    k0 = torch.rand(d_I, generator=g) + 0.5  # other order of the sums reorders some (summed over d in reverse: 5 of these 6 fail)
+    k = k0 + 1e-3 * torch.randn(B, L, d_I, generator=g)
+    q, w = torch.rand(B, L, H_I, d_I, generator=g), torch.rand(B, L, H_I, generator=g)
+    a = _select(monkeypatch, "scoring", q, k, w, top_k, chunk=chunk, kept=kept)
+    b = _select(monkeypatch, "pass", q, k, w, top_k, chunk=chunk, kept=kept)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_gemm_that_sums_otherwise_keeps_the_gemm_path(monkeypatch):
+    """Where torch's GEMM does not give the FMA chain's bits (another BLAS), the fused scoring stays off, so it can
+    never change a selection: a GEMM perturbed by one ulp fails the check and chunked_select takes the C++ pass."""
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **kw: torch.nextafter(real(a, b), torch.tensor(float("inf"))))
+    assert not cpu_select.gemm_sums_in_order()
+    monkeypatch.setattr(cpu_select, "_ENTRIES", {})  # the check runs again
+    assert not cpu_select.scoring_available(torch.zeros(1), torch.zeros(1))
+    calls = []
+    monkeypatch.setattr(cpu_select, "select_rows", lambda *a, **kw: calls.append(1))
+    chunked.chunked_select(*_indexer(1, 50, H_I=4, d_I=16, dtype=torch.float32), 8)
+    assert calls  # FUSED_SELECT on: the GEMM + C++ pass ran
 
 
 def test_unserved_dtypes_take_the_torch_path(monkeypatch):

@@ -75,8 +75,9 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None,
     the overlap and the recall change).
     `kept` = (sinks, window): the keys a structured row keeps anyway (`kept_keys`: s < sinks or t - window < s <= t)
     are left out of its top-K (fewer remaining keys: -1 slots). On CPU (fp32/fp64 scores, or the bf16 GEMM) the
-    scores after the GEMM are summed and ranked in one C++ pass per row (`cpu_select`); the torch passes here are
-    its reference twin and the path everywhere else.
+    scores after the GEMM are summed and ranked in one C++ pass per row (`cpu_select`); fp32 on x86 runs the GEMM
+    inside that pass too where its sums carry the GEMM's bits (`cpu_select.score_rows`); the torch passes here are
+    the reference twin and the path everywhere else.
     """
     B, L, H_I, _ = q.shape
     K = min(top_k, L)
@@ -92,8 +93,13 @@ def chunked_select(q, k, w, top_k: int, score_fn=None, chunk: int | None = None,
         if score_fn is not None:
             raise ValueError("chunked_select: index_dtype and score_fn are exclusive (score_fn computes its own dtype)")
         low = (q.to(index_dtype), k_t.to(index_dtype).contiguous())  # (B, L, H_I, d_I), (B, d_I, L) rows for the GEMM
-    run_chunks(lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share, low, kept),
-               bounds, q.device)
+    if score_fn is None and low is None and FUSED_SELECT and cpu_select.scoring_available(q, w):  # GEMM fused in
+        q, w, k_t = q.contiguous(), w.contiguous(), k_t.contiguous()  # rows as cpu_select.score_rows reads them
+        work = lambda share: [cpu_select.score_rows(q[:, a:b], k_t[:, :, :b], w[:, a:b], a, selected_idx[:, a:b],
+                                                    valid[:, a:b], kept) for a, b in share]
+    else:
+        work = lambda share: _select_chunks(q, k_t, k, w, K, score_fn, selected_idx, valid, share, low, kept)
+    run_chunks(work, bounds, q.device)
     return certify_selection(selected_idx, valid), valid  # distinct top-k positions, -1 exactly at invalid slots
 
 

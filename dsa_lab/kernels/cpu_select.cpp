@@ -22,6 +22,7 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -59,7 +60,11 @@ void row_scores(const P* ph, const T* w, int64_t H_I, int64_t S, int64_t lo, int
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       const T x = static_cast<T>(to_float(row[i]));
+#if defined(__FMA__)
+      sc[i] = std::fma(wh, x > 0 ? x : T(0), sc[i]);  // as the fused scoring (score_block) sums the heads
+#else
       sc[i] += wh * (x > 0 ? x : T(0));
+#endif
     }
   }
 }
@@ -128,6 +133,137 @@ void select_chunk(const P* per_head, const T* w, int64_t* idx, uint8_t* valid, c
     }
   }
 }
+
+// Prefill with the GEMM fused in (dsa_score_select_f32; x86 with AVX2 + FMA): the per-head dot products of a tile
+// of query rows with every allowed key, in registers, as the GEMM sums them — each lane one FMA chain over d = 0 ..
+// D - 1 (MKL's sgemm on x86 gives these bits: tests/test_cpu_select.py) — then ReLU, the head weights summed in head
+// order as row_scores does, and the row's top-K as row_top_k: no (c, H_I, S) per-head scores written and read back.
+// Layouts (float, elements): q (B, c, H_I, D) rows `q_batch` apart per batch; kt (B, D, S) the keys transposed, rows
+// `ldk` apart, batches `k_batch` apart; w (B, c, H_I) batches `w_batch` apart; idx/valid as select_chunk's.
+// dims = {B, c, H_I, D, S, K, start, sinks, window, out_batch, q_batch, k_batch, ldk, w_batch}.
+#if defined(__AVX512F__)
+typedef __m512 VecF;
+constexpr int64_t LANES = 16, TILE_ROWS = 2;  // 16 accumulators + 4 row sums of 32 registers
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vload_first(const float* p, int64_t m) {  // lanes [0, m) of p, 0 beyond (nothing past them is read)
+  return m >= LANES ? vload(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (m > 0 ? m : 0)) - 1), p);
+}
+inline VecF vset1(float x) { return _mm512_set1_ps(x); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline VecF vrelu(VecF x) { return _mm512_max_ps(x, _mm512_setzero_ps()); }  // NaN -> 0, as x > 0 ? x : 0
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 VecF;
+constexpr int64_t LANES = 8, TILE_ROWS = 1;  // 8 accumulators + 2 row sums of 16 registers
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vload_first(const float* p, int64_t m) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return m >= LANES ? vload(p) : _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), lanes));
+}
+inline VecF vset1(float x) { return _mm256_set1_ps(x); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline VecF vrelu(VecF x) { return _mm256_max_ps(x, _mm256_setzero_ps()); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t FUSED_LANES = LANES;
+
+// the rows' sums sv[r][0..1] (keys i < m of kt's first 2 * LANES columns; 0 at the others) += heads h0 .. h0 + NH - 1:
+// w * relu(q_h . k); TAIL: m < 2 * LANES, nothing past key m - 1 is read
+template <int64_t NH, bool TAIL>
+inline void add_heads(const float* const* q, const float* const* w, int64_t h0, int64_t D, const float* kt,
+                      int64_t ldk, int64_t m, VecF (&sv)[TILE_ROWS][2]) {
+  VecF acc[TILE_ROWS][NH][2];
+  for (int64_t r = 0; r < TILE_ROWS; ++r)
+    for (int64_t h = 0; h < NH; ++h) acc[r][h][0] = acc[r][h][1] = vzero();
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = kt + d * ldk;
+    const VecF k0 = TAIL ? vload_first(row, m) : vload(row);
+    const VecF k1 = TAIL ? vload_first(row + LANES, m - LANES) : vload(row + LANES);
+    for (int64_t r = 0; r < TILE_ROWS; ++r)
+      for (int64_t h = 0; h < NH; ++h) {
+        const VecF qd = vset1(q[r][(h0 + h) * D + d]);
+        acc[r][h][0] = vfma(qd, k0, acc[r][h][0]);
+        acc[r][h][1] = vfma(qd, k1, acc[r][h][1]);
+      }
+  }
+  for (int64_t r = 0; r < TILE_ROWS; ++r)
+    for (int64_t h = 0; h < NH; ++h) {
+      const VecF wh = vset1(w[r][h0 + h]);
+      sv[r][0] = vfma(wh, vrelu(acc[r][h][0]), sv[r][0]);
+      sv[r][1] = vfma(wh, vrelu(acc[r][h][1]), sv[r][1]);
+    }
+}
+
+// sc[r * ld + i] = row r's score of key i of kt for the tile's TILE_ROWS rows (q[r], w[r]), keys i < m (m <= 2 *
+// LANES); written up to the block's end (sc's rows have 2 * LANES spare columns), the heads in order, four at a time
+template <bool TAIL>
+inline void score_block(const float* const* q, const float* const* w, int64_t H_I, int64_t D, const float* kt,
+                        int64_t ldk, int64_t m, float* sc, int64_t ld) {
+  VecF sv[TILE_ROWS][2];
+  for (int64_t r = 0; r < TILE_ROWS; ++r) sv[r][0] = sv[r][1] = vzero();
+  int64_t h = 0;
+  for (; h + 4 <= H_I; h += 4) add_heads<4, TAIL>(q, w, h, D, kt, ldk, m, sv);
+  switch (H_I - h) {
+    case 3: add_heads<3, TAIL>(q, w, h, D, kt, ldk, m, sv); break;
+    case 2: add_heads<2, TAIL>(q, w, h, D, kt, ldk, m, sv); break;
+    case 1: add_heads<1, TAIL>(q, w, h, D, kt, ldk, m, sv); break;
+  }
+  for (int64_t r = 0; r < TILE_ROWS; ++r) {
+    vstore(sc + r * ld, sv[r][0]);
+    vstore(sc + r * ld + LANES, sv[r][1]);
+  }
+}
+
+// the tile's row scores of keys i < n of kt, blocks of 2 * LANES keys
+void score_tile(const float* const* q, const float* const* w, int64_t H_I, int64_t D, const float* kt, int64_t ldk,
+                int64_t n, float* sc, int64_t ld) {
+  int64_t i = 0;
+  for (; i + 2 * LANES <= n; i += 2 * LANES) score_block<false>(q, w, H_I, D, kt + i, ldk, 2 * LANES, sc + i, ld);
+  if (i < n) score_block<true>(q, w, H_I, D, kt + i, ldk, n - i, sc + i, ld);
+}
+
+constexpr int64_t KEY_BLOCK = 512;  // keys per block of kt (D rows: 128 KB at D 64) that every row of a chunk scores
+
+void score_select_chunk(const float* q, const float* kt, const float* w, int64_t* idx, uint8_t* valid,
+                        const int64_t* dims) {
+  const int64_t B = dims[0], c = dims[1], H_I = dims[2], D = dims[3], K = dims[5], start = dims[6],
+                sinks = dims[7], window = dims[8], out_batch = dims[9], q_batch = dims[10], k_batch = dims[11],
+                ldk = dims[12], w_batch = dims[13];
+  const int64_t lo = sinks, ld = dims[4] + 2 * LANES;  // a row's keys and a block's spare columns
+  std::vector<float> sc((c + TILE_ROWS) * ld);  // (c, ld) row scores; a tile past the last row writes the spare rows
+  std::vector<int64_t> keys;
+  std::vector<float> maxima;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* kb = kt + b * k_batch + lo;
+    for (int64_t i0 = 0; i0 < start + c - window - lo; i0 += KEY_BLOCK) {  // key blocks outer: kt's block stays cached
+      for (int64_t r0 = 0; r0 < c; r0 += TILE_ROWS) {
+        const int64_t rows = std::min(TILE_ROWS, c - r0);
+        const int64_t n = std::min(start + r0 + rows - window - lo, i0 + KEY_BLOCK) - i0;  // the tile's keys here
+        if (n <= 0) continue;
+        const float* qr[TILE_ROWS];
+        const float* wr[TILE_ROWS];
+        for (int64_t r = 0; r < TILE_ROWS; ++r) {  // a tile past the chunk's last row repeats it (scored, dropped)
+          const int64_t row = r0 + std::min(r, rows - 1);
+          qr[r] = q + b * q_batch + row * H_I * D;
+          wr[r] = w + b * w_batch + row * H_I;
+        }
+        score_tile(qr, wr, H_I, D, kb + i0, ldk, n, sc.data() + r0 * ld + i0, ld);
+      }
+    }
+    for (int64_t r = 0; r < c; ++r) {
+      const int64_t hi = start + r - window;
+      keys.clear();
+      if (hi >= lo) row_top_k(sc.data() + r * ld, hi - lo + 1, lo, K, keys, maxima);
+      write_row(keys, K, idx + b * out_batch + r * K, valid + b * out_batch + r * K);
+    }
+  }
+}
+#else
+constexpr int64_t FUSED_LANES = 0;  // no fused scoring here: chunked_select keeps the GEMM
+#endif
 
 // A cached decode step's one new row, its GEMM fused too: q (B, H_I, D) of the query at position T - 1 over the cached
 // keys k (B rows `k_batch` elements apart, T keys of D contiguous elements, in P), w (B, H_I) -> idx/valid (B, K),
@@ -272,6 +408,24 @@ int64_t dsa_decode_row_bf16(const float* q, const uint16_t* k, const float* w, i
                             const int64_t* dims) {
   return decode_row(q, k, w, idx, valid, dims);
 }
+int64_t dsa_fused_lanes() { return FUSED_LANES; }
+// q (rows, D) . kt (D, n) -> out (rows, n), each dot one FMA chain over d = 0 .. D - 1: the fused scoring's sums, for
+// cpu_select's check that torch's GEMM sums the same way here. dims = {rows, D, n}
+void dsa_head_dots_f32(const float* q, const float* kt, float* out, const int64_t* dims) {
+  const int64_t rows = dims[0], D = dims[1], n = dims[2];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) {
+      float dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot = std::fma(q[r * D + d], kt[d * n + i], dot);
+      out[r * n + i] = dot;
+    }
+}
+#if defined(__AVX2__) && defined(__FMA__)
+void dsa_score_select_f32(const float* q, const float* kt, const float* w, int64_t* idx, uint8_t* valid,
+                          const int64_t* dims) {
+  score_select_chunk(q, kt, w, idx, valid, dims);
+}
+#endif
 void dsa_select_f32(const float* per_head, const float* w, int64_t* idx, uint8_t* valid, const int64_t* dims) {
   select_chunk(per_head, w, idx, valid, dims);
 }

@@ -12,6 +12,12 @@ reference twin (tests/test_cpu_select.py: the same positions, order and validity
       selected_idx (B, c, K) (int64, -1 invalid) and valid (B, c, K) (bool) written (views whose rows are contiguous,
       e.g. rows [start, start + c) of a (B, L, K) selection): row t's top-K keys among s in [sinks, t - window]
       (kept = (sinks, window); (0, 0): every past key), descending
+  scoring_available(q, w) / score_rows(q, k_t, w, start, selected_idx, valid, kept)
+      prefill with the GEMM fused in too (fp32; x86 with AVX2 + FMA): q (B, c, H_I, d_I), w (B, c, H_I) of the
+      queries start .. start + c - 1, k_t (B, d_I, S) the keys transposed -> the selection as select_rows writes
+      it. Each per-head dot product is one FMA chain over d = 0 .. d_I - 1 in vector lanes over keys, the order in
+      which MKL's sgemm sums it on x86, so the scores carry the GEMM's bits there (tests/test_cpu_select.py);
+      ReLU, weights and top-K as select_rows. No (c, H_I, S) per-head scores: ~1.4x faster at L 8192 (benchmarks.md)
   decode_available(q, k, w, index_dtype) / decode_row(q, k, w, top_k, kept)
       a cached decode step's one new row with its GEMM fused too: q (B, 1, H_I, d_I) of the query at the last of the
       T cached keys k (B, T, d_I) (fp32, or bf16 with index_dtype bf16: q rounded to bf16 and each per-head score
@@ -54,7 +60,47 @@ def select_rows(per_head, w, start: int, selected_idx, valid, kept: tuple = (0, 
     fn(ptr(per_head), ptr(w), ptr(selected_idx), ptr(valid), dims)
 
 
-_ENTRIES = {}  # kind -> the decode-row entry point (_decode_entry)
+def scoring_available(q: torch.Tensor, w: torch.Tensor) -> bool:
+    """score_rows serves these fp32 CPU queries and weights (the kernel built with AVX2 + FMA: x86)."""
+    return (q.device.type == "cpu" and q.dtype == w.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and KERNEL.library() is not None and _fused_lanes() > 0)
+
+
+def _fused_lanes() -> int:
+    """Keys per vector of the library's fused scoring; 0 where it is not built for this CPU or where torch's GEMM
+    does not sum as it does (gemm_sums_in_order): then chunked_select keeps the GEMM, so no selection changes."""
+    if "lanes" not in _ENTRIES:
+        fn = KERNEL.library().dsa_fused_lanes
+        fn.restype = ctypes.c_int64
+        _ENTRIES["lanes"] = fn() if fn() and gemm_sums_in_order() else 0
+    return _ENTRIES["lanes"]
+
+
+def gemm_sums_in_order(rows: int = 64, d_I: int = 64, keys: int = 300) -> bool:
+    """Whether torch's fp32 GEMM (chunked_select's per-head bmm) gives each dot product the bits of one FMA chain
+    over d = 0 .. d_I - 1, the fused scoring's sums: checked on random inputs of the scoring's shapes (MKL on x86:
+    yes, on the AMD EPYC Zen 4 where it was written)."""
+    g = torch.Generator().manual_seed(0)
+    q, k_t = torch.randn(1, rows, d_I, generator=g), torch.randn(1, d_I, keys, generator=g)
+    out = torch.empty(rows, keys)
+    KERNEL.library().dsa_head_dots_f32(ptr(q), ptr(k_t), ptr(out), longs(rows, d_I, keys))
+    return torch.equal(torch.bmm(q, k_t)[0], out)
+
+
+def score_rows(q, k_t, w, start: int, selected_idx, valid, kept: tuple = (0, 0)) -> None:
+    """See the module docstring. q (B, c, H_I, d_I) and w (B, c, H_I) with contiguous rows, k_t (B, d_I, S)
+    with contiguous rows of S keys. One call per chunk (run_chunks' worker threads: ctypes drops the GIL)."""
+    B, c, H_I, d_I = q.shape
+    S, K = k_t.shape[-1], selected_idx.shape[-1]
+    assert q.stride()[1:] == (H_I * d_I, d_I, 1) and w.stride()[1:] == (H_I, 1) and (k_t.stride(-1) == 1 or S == 1)
+    assert S >= start + c and selected_idx.shape == valid.shape == (B, c, K) and selected_idx.dtype == torch.long
+    assert selected_idx.stride()[1:] == valid.stride()[1:] == (K, 1) and selected_idx.stride(0) == valid.stride(0)
+    dims = longs(B, c, H_I, d_I, S, K, start, *kept, selected_idx.stride(0), q.stride(0), k_t.stride(0),
+                 k_t.stride(1), w.stride(0))
+    KERNEL.library().dsa_score_select_f32(ptr(q), ptr(k_t), ptr(w), ptr(selected_idx), ptr(valid), dims)
+
+
+_ENTRIES = {}  # kind -> the decode-row entry point (_decode_entry); "lanes" -> _fused_lanes()
 _KEY_TYPES = {(torch.float32, None): "f32", (torch.bfloat16, torch.bfloat16): "bf16"}  # (k, index_dtype) -> entry
 
 
