@@ -45,7 +45,7 @@ def _select(monkeypatch, path: str, *args, **kw):
         monkeypatch.setattr(cpu_select, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     out = chunked.chunked_select(*args, **kw)
     assert set(calls) == {"scoring": {"score_rows"}, "pass": {"select_rows"}, "torch": set()}[path]
-    monkeypatch.undo()
+    monkeypatch.undo()  # the next call spies on the real functions again
     return out
 
 

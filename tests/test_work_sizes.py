@@ -10,7 +10,7 @@ import config
 import sparse_attention
 from dsa_lab.experiments import long_context
 from dsa_lab.common import work_sizes
-from dsa_lab.kernels import chunked, chunked_mqa
+from dsa_lab.kernels import chunked, chunked_mqa, cpu_select
 from dsa_lab.kernels.chunked import gather_chunk, selected_index_scores, selected_scores_chunk, selection_bounds
 from dsa_lab.kernels.chunked import sparse_attention_gather
 from dsa_lab.kernels.chunked_mqa import mqa_chunk, sparse_mqa_attention
@@ -65,6 +65,7 @@ def _run_counted(monkeypatch, B, L, K, H, D, D_mqa, H_I, d_I) -> dict:
         fitted = max(1, q_c.shape[1] - (chunked.SELECT_BLOCK - 1))
         return q_c.shape[1], q_c.shape[0] * fitted * q_c.shape[2] * (k_t.shape[-1] - q_c.shape[1] + fitted)
     count(chunked, "_per_head_scores", "selection", selection_work)
+    count(cpu_select, "score_rows", "selection", lambda q_c, k_t, *rest: selection_work(q_c, k_t, None))  # fp32 x86
     count(chunked, "_gather_rows", "gather", lambda k, v, idx, valid, start, stop, bufs: (
         stop - start, k.shape[0] * (stop - start) * k.shape[1] * idx.shape[-1] * k.shape[-1]))  # (B, c, H, K, D)
     count(chunked, "_selected_scores_chunk", "selected index scores", lambda q, k, w, idx: (
