@@ -51,7 +51,7 @@ def _select(monkeypatch, path: str, *args, **kw):
 
 def _paths(dtype) -> tuple:
     """The paths that serve dtype here: the fused scoring is fp32's where this machine's GEMM sums as it does."""
-    scoring = dtype == torch.float32 and cpu_select.scoring_available(torch.zeros(1), torch.zeros(1))
+    scoring = dtype == torch.float32 and cpu_select.scoring_available(torch.zeros(8), torch.zeros(1))
     return PATHS if scoring else PATHS[1:]
 
 
@@ -115,14 +115,29 @@ def test_fused_scoring_gives_the_gemm_paths_selection_bit_for_bit(monkeypatch, B
     """fp32 scores a few ulp apart, where any other summation order flips their order: the scoring with the GEMM fused
     in selects exactly what the GEMM + C++ pass selects (positions, order, validity) — tiles cut at odd rows, key
     blocks with tails, head counts not a multiple of 4, widths not a multiple of 8, batch rows, structured rows."""
-    if not cpu_select.scoring_available(torch.zeros(1), torch.zeros(1)):
+    if not cpu_select.scoring_available(torch.zeros(d_I), torch.zeros(1)):
         pytest.skip("no fused scoring on this machine (no AVX2 + FMA, or torch's GEMM sums in another order)")
-    g = torch.Generator().manual_seed(L)  # keys within 1e-3 of one positive key: scores a few ulp apart, so any
-    k0 = torch.rand(d_I, generator=g) + 0.5  # other order of the sums reorders some (summed over d in reverse: 5 of these 6 fail)
-    k = k0 + 1e-3 * torch.randn(B, L, d_I, generator=g)
-    q, w = torch.rand(B, L, H_I, d_I, generator=g), torch.rand(B, L, H_I, generator=g)
+    q, k, w = _near_ties(B, L, H_I, d_I, seed=L)  # summed over d in reverse, 5 of these 6 fail
     a = _select(monkeypatch, "scoring", q, k, w, top_k, chunk=chunk, kept=kept)
     b = _select(monkeypatch, "pass", q, k, w, top_k, chunk=chunk, kept=kept)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _near_ties(B, L, H_I, d_I, seed):
+    """Keys within 1e-3 of one positive key: fp32 scores a few ulp apart, whose order any other summation changes."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.rand(d_I, generator=g) + 0.5 + 1e-3 * torch.randn(B, L, d_I, generator=g)
+    return torch.rand(B, L, H_I, d_I, generator=g), k, torch.rand(B, L, H_I, generator=g)
+
+
+@pytest.mark.parametrize("d_I", [64, 128, 256, 320])
+def test_every_width_selects_what_the_gemm_path_selects(monkeypatch, d_I):
+    """Whichever path chunked_select takes at this indexer width (MKL sums 256 or more products in blocks here, so
+    the fused scoring must stay off there), its selection is the GEMM + C++ pass's, bit for bit."""
+    q, k, w = _near_ties(1, 300, 4, d_I, seed=d_I)
+    monkeypatch.setattr(chunked, "FUSED_SELECT", True)
+    a = chunked.chunked_select(q, k, w, 32)
+    b = _select(monkeypatch, "pass", q, k, w, 32)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -133,7 +148,7 @@ def test_a_gemm_that_sums_otherwise_keeps_the_gemm_path(monkeypatch):
     monkeypatch.setattr(torch, "bmm", lambda a, b, **kw: torch.nextafter(real(a, b), torch.tensor(float("inf"))))
     assert not cpu_select.gemm_sums_in_order()
     monkeypatch.setattr(cpu_select, "_ENTRIES", {})  # the check runs again
-    assert not cpu_select.scoring_available(torch.zeros(1), torch.zeros(1))
+    assert not cpu_select.scoring_available(torch.zeros(16), torch.zeros(1))
     calls = []
     monkeypatch.setattr(cpu_select, "select_rows", lambda *a, **kw: calls.append(1))
     chunked.chunked_select(*_indexer(1, 50, H_I=4, d_I=16, dtype=torch.float32), 8)

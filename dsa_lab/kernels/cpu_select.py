@@ -16,7 +16,8 @@ reference twin (tests/test_cpu_select.py: the same positions, order and validity
       prefill with the GEMM fused in too (fp32; x86 with AVX2 + FMA): q (B, c, H_I, d_I), w (B, c, H_I) of the
       queries start .. start + c - 1, k_t (B, d_I, S) the keys transposed -> the selection as select_rows writes
       it. Each per-head dot product is one FMA chain over d = 0 .. d_I - 1 in vector lanes over keys, the order in
-      which MKL's sgemm sums it on x86, so the scores carry the GEMM's bits there (tests/test_cpu_select.py);
+      which MKL's sgemm sums it on x86 (up to 128 products), so the scores carry the GEMM's bits there; the check
+      (gemm_sums_in_order) runs once per width, and where it fails the GEMM path stays (tests/test_cpu_select.py);
       ReLU, weights and top-K as select_rows. No (c, H_I, S) per-head scores: ~1.4x faster at L 8192 (benchmarks.md)
   decode_available(q, k, w, index_dtype) / decode_row(q, k, w, top_k, kept)
       a cached decode step's one new row with its GEMM fused too: q (B, 1, H_I, d_I) of the query at the last of the
@@ -61,25 +62,26 @@ def select_rows(per_head, w, start: int, selected_idx, valid, kept: tuple = (0, 
 
 
 def scoring_available(q: torch.Tensor, w: torch.Tensor) -> bool:
-    """score_rows serves these fp32 CPU queries and weights (the kernel built with AVX2 + FMA: x86)."""
+    """score_rows serves these fp32 CPU queries (..., d_I) and weights (the kernel built with AVX2 + FMA: x86)."""
     return (q.device.type == "cpu" and q.dtype == w.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and KERNEL.library() is not None and _fused_lanes() > 0)
+            and KERNEL.library() is not None and _fused_lanes(q.shape[-1]) > 0)
 
 
-def _fused_lanes() -> int:
+def _fused_lanes(d_I: int) -> int:
     """Keys per vector of the library's fused scoring; 0 where it is not built for this CPU or where torch's GEMM
-    does not sum as it does (gemm_sums_in_order): then chunked_select keeps the GEMM, so no selection changes."""
-    if "lanes" not in _ENTRIES:
+    does not sum d_I products as it does (gemm_sums_in_order, checked once per width: MKL sums 256 or more in
+    blocks here): then chunked_select keeps the GEMM, so no selection changes."""
+    if ("lanes", d_I) not in _ENTRIES:
         fn = KERNEL.library().dsa_fused_lanes
         fn.restype = ctypes.c_int64
-        _ENTRIES["lanes"] = fn() if fn() and gemm_sums_in_order() else 0
-    return _ENTRIES["lanes"]
+        _ENTRIES["lanes", d_I] = fn() if fn() and gemm_sums_in_order(d_I=d_I) else 0
+    return _ENTRIES["lanes", d_I]
 
 
 def gemm_sums_in_order(rows: int = 64, d_I: int = 64, keys: int = 300) -> bool:
     """Whether torch's fp32 GEMM (chunked_select's per-head bmm) gives each dot product the bits of one FMA chain
-    over d = 0 .. d_I - 1, the fused scoring's sums: checked on random inputs of the scoring's shapes (MKL on x86:
-    yes, on the AMD EPYC Zen 4 where it was written)."""
+    over d = 0 .. d_I - 1, the fused scoring's sums: checked on random inputs of the scoring's shapes (MKL on the
+    AMD EPYC Zen 4 where it was written: yes for d_I <= 128, no from 256 on, where it sums in blocks)."""
     g = torch.Generator().manual_seed(0)
     q, k_t = torch.randn(1, rows, d_I, generator=g), torch.randn(1, d_I, keys, generator=g)
     out = torch.empty(rows, keys)
@@ -100,7 +102,7 @@ def score_rows(q, k_t, w, start: int, selected_idx, valid, kept: tuple = (0, 0))
     KERNEL.library().dsa_score_select_f32(ptr(q), ptr(k_t), ptr(w), ptr(selected_idx), ptr(valid), dims)
 
 
-_ENTRIES = {}  # kind -> the decode-row entry point (_decode_entry); "lanes" -> _fused_lanes()
+_ENTRIES = {}  # kind -> the decode-row entry point (_decode_entry); ("lanes", d_I) -> _fused_lanes(d_I)
 _KEY_TYPES = {(torch.float32, None): "f32", (torch.bfloat16, torch.bfloat16): "bf16"}  # (k, index_dtype) -> entry
 
 
