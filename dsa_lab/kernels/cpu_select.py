@@ -74,7 +74,8 @@ def _fused_lanes(d_I: int) -> int:
     if ("lanes", d_I) not in _ENTRIES:
         fn = KERNEL.library().dsa_fused_lanes
         fn.restype = ctypes.c_int64
-        _ENTRIES["lanes", d_I] = fn() if fn() and gemm_sums_in_order(d_I=d_I) else 0
+        lanes = fn()
+        _ENTRIES["lanes", d_I] = lanes if lanes and gemm_sums_in_order(d_I=d_I) else 0
     return _ENTRIES["lanes", d_I]
 
 
