@@ -65,8 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", metavar="DIR", help="retrofit: save the indexer weights (safetensors) + base model id")
     p.add_argument("--levers", nargs="+", metavar="NAME",
                    help="retrofit: retrieval levers on top of the preset (issue 30): paper (every lever off: the "
-                        "paper's recipe; quick/cpu/default adopt structure head_max), structure, group_max, head_max, "
-                        "far_rows, prev_key, heads8, heads16, wide, rank, recurrence (docs/retrofit.md); long_context: "
+                        "paper's recipe with a 4 x 64 indexer; quick/cpu/default adopt structure head_max heads16), "
+                        "structure, group_max, head_max, far_rows, prev_key, heads4, heads8, heads16, wide, rank, "
+                        "recurrence (docs/retrofit.md); long_context: "
                         "the levers of its dsa_levers model (added to --models): structure, group_max, head_max, "
                         "far_rows, rank, heads8, heads16, dim64, wide, paper")
     p.add_argument("--eval-windows", type=int, metavar="N",

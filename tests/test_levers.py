@@ -292,7 +292,8 @@ def test_each_lever_warm_up_runs_and_lowers_its_loss(names):
 def test_lever_settings_and_fingerprints():
     """--levers NAME ... sets the named keys; an unknown name is one ValueError line; the paper's recipe keeps the
     fingerprint keys it had before the levers existed, a lever changes them; structure needs k > sinks + window.
-    quick / cpu / default adopt ADOPTED_LEVERS, `--levers paper` turns them off; the levers preset stays the paper's."""
+    quick / cpu / default adopt ADOPTED_LEVERS, `--levers paper` turns them off (the 4-head indexer too), `heads4` the
+    capacity alone; the levers preset stays the paper's."""
     s = rx.settings_for("levers", {"levers": ["structure", "wide"]})
     assert s["structure_window"] == 16 and (s["indexer_heads"], s["indexer_dim"]) == (32, 128)
     assert [rx.settings_for("levers", {"levers": [n]})["indexer_heads"] for n in ("heads8", "heads16")] == [8, 16]
@@ -302,6 +303,9 @@ def test_lever_settings_and_fingerprints():
         assert {n: rx.settings_for(preset, {"levers": ["paper"]})[n] for n in rx.LEVER_DEFAULTS} == rx.LEVER_DEFAULTS
     assert rx.ADOPTED_LEVERS and all(rx.PRESETS["levers"].get(n, v) == v for n, v in rx.LEVER_DEFAULTS.items())
     paper = rx.settings_for("quick", {"levers": ["paper"]})
+    assert (paper["indexer_heads"], paper["indexer_dim"]) == (4, 64)  # the adopted capacity undone too
+    small = rx.settings_for("cpu", {"levers": ["heads4"]})  # the recipe adopted before the capacity lever
+    assert (small["structure_window"], small["warmup_target"], small["indexer_heads"]) == (16, "head_max", 4)
     assert rx.fingerprinted(paper) == {n: v for n, v in paper.items() if n not in (
         "seq_lens", "top_ks", "levers", "eval_modes", *rx.LEVER_DEFAULTS)}
     assert rx.fingerprinted(s, rx.WARMUP_KEYS)["structure_window"] == 16

@@ -147,5 +147,9 @@ def test_long_context_trains_dsa_levers_and_pairs_it_with_dsa_and_the_oracle(tmp
     cfg = long_context.model_config(dims.model, "dsa_levers", dims.levers)
     assert (cfg.indexer_heads, cfg.indexer_dim, cfg.indexer_rope_dim) == (16, 64, TINY["indexer_rope_dim"])
     assert long_context.model_config(wide.model, "dsa", wide.levers).indexer_heads == TINY["indexer_heads"]
+    default = {n: long_context.task_settings("quick", n, {k: v for k, v in tiny.items() if k != "levers"}).levers
+               for n in ("lm", "mqar")}  # without --levers: each task's own winner
+    assert default == {"lm": {"structure_window": 16, "warmup_target": "head_max"},
+                       "mqar": {"indexer_heads": 16, "indexer_dim": 64}}
     with pytest.raises(ValueError, match="not a lever"):
         long_context.task_settings("quick", "mqar", {**tiny, "levers": ["prev_key"]})

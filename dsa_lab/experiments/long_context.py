@@ -55,7 +55,10 @@ LEVERS = {"paper": dict(structure_window=0, warmup_target="sum", warmup_row_weig
           # indexer has 64 dims already: there it changes nothing)
           "dim64": dict(indexer_dim=64),
           "wide": dict(indexer_heads=32, indexer_dim=128)}  # the last four: capacity
-DEFAULT_LEVERS = ("structure", "head_max")  # the retrofit presets' adopted levers (retrofit.ADOPTED_LEVERS)
+# dsa_levers without `--levers`, per task: what closed each task's gap (issue 30). Text: the retrofit's structure and
+# per-head target (retrofit.ADOPTED_LEVERS; its capacity lever is SmolLM2's, untested on the toy text models); MQAR:
+# capacity, 16 heads of 64 dims (structure and head_max changed nothing there; docs/experiments.md)
+DEFAULT_LEVERS = {"lm": ("structure", "head_max"), "mqar": ("heads16", "dim64")}
 DEFAULT_MODELS = ("dense", "dsa", "local", "random", "oracle")
 
 # Per preset and task: model widths and an explicit step budget per stage (the same at every length).
@@ -138,13 +141,13 @@ def task_settings(preset: str, task: str, overrides: dict) -> TaskSettings:
     ladder = branch_ladder(presets[preset]["seq_lens"], options["seq_lens"])
     if task == "mqar" and ladder:  # only then: a full-ladder run keeps its fingerprint
         options["branch_ladder"] = ladder
-    return TaskSettings(options, model, train, list(exp.seeds), lever_settings(lever_names))
+    return TaskSettings(options, model, train, list(exp.seeds), lever_settings(lever_names, task))
 
 
-def lever_settings(names) -> dict:
-    """`--levers` names (None: DEFAULT_LEVERS) -> dsa_levers' ModelConfig fields."""
+def lever_settings(names, task: str) -> dict:
+    """`--levers` names (None: the task's DEFAULT_LEVERS) -> dsa_levers' ModelConfig fields."""
     out = {}
-    for name in names or DEFAULT_LEVERS:
+    for name in names or DEFAULT_LEVERS[task]:
         if name not in LEVERS:
             raise ValueError(f"--levers {name!r} is not a lever of the long-context study's models; choose from "
                              f"{', '.join(LEVERS)}")

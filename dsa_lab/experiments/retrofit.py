@@ -59,9 +59,12 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 # The levers quick / cpu / default adopt (the lever ablation, docs/retrofit.md "Retrieval levers": structure keeps the
 # loss nearer the oracle and buys copying and passkeys; head_max, the per-head warm-up target, lifts the far copies
-# further at L 1024 and 2048); `--levers paper` turns them off again (the earlier recipe, its fingerprints and
-# numbers). The `levers` preset stays at the paper's recipe: it is the ablation's reference.
-ADOPTED_LEVERS = dict(structure_window=16, warmup_target="head_max")
+# further at L 1024 and 2048; 16 indexer heads, the capacity lever, bring the far copies to dense's level at L 1024
+# and 2048); `--levers paper` turns them all off again (the earlier recipe, its fingerprints and
+# numbers), `--levers heads4` only the capacity (the recipe adopted from 2026-12-05 to 2026-12-07). The `levers`
+# preset stays at the paper's recipe: it is the ablation's reference.
+SMALL_INDEXER = dict(indexer_heads=4, indexer_dim=64)  # the paper recipe's indexer here (DeepSeek's: 64 x 128)
+ADOPTED_LEVERS = dict(structure_window=16, warmup_target="head_max", indexer_heads=16)
 PRESETS = {  # step caps and window counts per preset; every L gets its own warm-up
     "quick": dict(seq_lens=[1024], top_ks=[64], warmup_steps=500, warmup_eval_every=10, warmup_plateau_window=3,
                   warmup_eval_windows=2, eval_windows=8, probe_windows=6, probe_distances=[0.125, 0.5, 1.0],
@@ -90,16 +93,16 @@ COMMON = dict(batch_size=1, batch_reuse=1, warmup_rows=0, recall_windows=0, eval
               learning_rate=1e-5, indexer_lr=1e-3, sinks=4, probe_segment=64, probe_distances=[1.0],
               passkey_depths=[0.0, 0.5, 1.0], passkey_trials=2, passkey_filler="classic", attention_backend="gather",
               seed=42,
-              indexer_heads=4, indexer_dim=64, indexer_rope_dim=32, **LEVER_DEFAULTS)
+              **SMALL_INDEXER, indexer_rope_dim=32, **LEVER_DEFAULTS)
 # `--levers NAME ...`: named lever settings, applied in order on top of the preset (capacity is the indexer's size)
 LEVERS = {
-    "paper": dict(LEVER_DEFAULTS),  # every lever off: the paper's recipe (the presets' adopted levers undone)
+    "paper": dict(LEVER_DEFAULTS, **SMALL_INDEXER),  # every lever off: the paper's recipe (the adopted levers undone)
     "structure": dict(structure_window=16),
     "group_max": dict(warmup_target="group_max"),
     "head_max": dict(warmup_target="head_max"),
     "far_rows": dict(row_weight=0.5),
     "prev_key": dict(prev_key=True),
-    "heads8": dict(indexer_heads=8),
+    "heads4": dict(indexer_heads=4), "heads8": dict(indexer_heads=8),
     "heads16": dict(indexer_heads=16),
     "wide": dict(indexer_heads=32, indexer_dim=128),
     "rank": dict(rank_weight=0.1),
