@@ -36,7 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
     p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
     p.add_argument("--warmup-plateau", type=float, metavar="FRACTION", help="the warm-up stops once its held-out KL "
-                   "improves by less than this fraction over 3 evaluations (default 0.02; --warmup-steps is the cap)")
+                   "improves by less than this fraction over --warmup-patience evaluations (default 0.02; "
+                   "--warmup-steps is the cap)")
+    p.add_argument("--warmup-patience", type=int, metavar="N", help="evaluations the warm-up's plateau rule waits "
+                   "for an improvement (default 3; a noisy KL, as on MQAR at L 2048, needs 5 or more)")
     p.add_argument("--dense-steps", type=int, help="shared dense pre-training steps (stage 0)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seeds", type=int, nargs="+")
@@ -99,7 +102,7 @@ def execution(args: argparse.Namespace):
 
 def cli_overrides(args: argparse.Namespace) -> dict:
     names = {"seq_lens": "seq_lens", "steps": "steps", "warmup_steps": "warmup_steps",
-             "warmup_plateau": "warmup_min_rel_improvement",
+             "warmup_plateau": "warmup_min_rel_improvement", "warmup_patience": "warmup_plateau_window",
              "dense_steps": "dense_steps", "batch_size": "batch_size", "seeds": "seeds",
              "top_k_ratio": "top_k_ratio", "top_k": "top_k", "attention_type": "attention_type",
              "attention_backend": "attention_backend", "device": "device",
@@ -122,6 +125,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.warmup_plateau is not None and not 0 <= args.warmup_plateau < 1:
         raise ValueError(f"--warmup-plateau {args.warmup_plateau} must be in [0, 1): the relative improvement "
                          f"below which a warm-up stops (e.g. 0.005; 0: only evaluations that bring no improvement stop it)")
+    if args.warmup_patience is not None and args.warmup_patience < 1:
+        raise ValueError(f"--warmup-patience {args.warmup_patience} must be >= 1: the evaluations the plateau rule "
+                         f"waits for an improvement (e.g. 5)")
     for attr, experiments in FLAG_EXPERIMENTS.items():
         if getattr(args, attr) is not None and args.experiment not in experiments:
             raise ValueError(f"--{attr.replace('_', '-')} applies to --experiment {' / '.join(experiments)}, not "

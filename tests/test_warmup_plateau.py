@@ -148,12 +148,19 @@ def test_the_warmup_plateau_flag_reaches_every_experiments_rule():
     assert train.warmup_rule(tcfg).min_rel_improvement == 0.005
     assert retrofit.settings_for("quick", overrides)["warmup_min_rel_improvement"] == 0.005
     assert long_context.task_settings("cpu", "mqar", {}).train.warmup_min_rel_improvement == 0.02  # the default
+    patient = run_experiment.cli_overrides(run_experiment.parse_args(["--warmup-patience", "5"]))
+    assert patient == {"warmup_plateau_window": 5}  # --warmup-patience: the rule's window, in every experiment
+    assert train.warmup_rule(long_context.task_settings("cpu", "mqar", patient).train).window == 5
+    assert retrofit.settings_for("quick", patient)["warmup_plateau_window"] == 5
+    assert train.warmup_rule(long_context.task_settings("cpu", "mqar", {}).train).window == 3  # the default
 
 
-@pytest.mark.parametrize("value", ["1", "-0.1"])
-def test_a_bad_warmup_plateau_is_one_line_exit_2(value, capsys, tmp_path):
+@pytest.mark.parametrize("flag, value, message", [("--warmup-plateau", "1", "--warmup-plateau 1.0 must be in [0, 1)"),
+                                                  ("--warmup-plateau", "-0.1", "--warmup-plateau -0.1 must be in [0, 1)"),
+                                                  ("--warmup-patience", "0", "--warmup-patience 0 must be >= 1")])
+def test_a_bad_warmup_rule_flag_is_one_line_exit_2(flag, value, message, capsys, tmp_path):
     import run_experiment
-    assert run_experiment.main(["--warmup-plateau", value, "--out", str(tmp_path / "out")]) == 2
+    assert run_experiment.main([flag, value, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"--warmup-plateau {float(value)} must be in [0, 1)" in err and "\n" not in err
+    assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()

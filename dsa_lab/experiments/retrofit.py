@@ -108,7 +108,7 @@ LEVERS = {
     "rank": dict(rank_weight=0.1),
     "recurrence": dict(recur_share=0.5),
 }
-OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "warmup_min_rel_improvement", "steps", "batch_size",
+OVERRIDE_KEYS = ("seq_lens", "warmup_steps", "warmup_min_rel_improvement", "warmup_plateau_window", "steps", "batch_size",
                  "attention_backend")  # taken as they are
 
 
