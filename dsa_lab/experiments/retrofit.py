@@ -54,7 +54,8 @@ CONTROLS = ("oracle", "local", "sink_local", "random")
 # The cpu preset's sizes come from per-forward costs of SmolLM2 measured on the 2-core CPU (2026-12-02, L 4096):
 # dense 7 s, a sparse mode 10-19 s, the recall forward 121 s, a warm-up step of 256 rows 1.2 s + 12 s per batch
 # (the forward keeping 1024 rows' targets); with 6 / 3 / 1 windows (evaluation / probe / recall) about 70 of the
-# preset's minutes are L 4096's.
+# preset's minutes are L 4096's. With the adopted 16-head indexer one L 4096 warm-up alone ran 440 steps, 64 min
+# (2026-12-07, 2-core Xeon, the levers preset's windows): the cpu preset now takes hours.
 # Warm-up caps: SmolLM2 at L=1024 (quick's rule, 2026-12-02) reached its plateau at step 360 (held-out KL 2.96 ->
 # 0.116; at step 200, the old cap, 0.157 and still falling ~5 % per 30 steps); the caps leave room above that.
 # The levers quick / cpu / default adopt (the lever ablation, docs/retrofit.md "Retrieval levers": structure keeps the
