@@ -28,11 +28,8 @@ EXPERIMENTS = ("sparse_vs_classic", "indexer_optimization", "long_context", "ada
 OPTIMIZATION_SEQ_LENS = [64, 128, 256, 512, 1024]  # indexer_optimization's default sweep
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--experiment", default="sparse_vs_classic", choices=EXPERIMENTS)
-    p.add_argument("--preset", default="default", help="quick | default (long_context, adaptive_sparsity also: cpu)")
-    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Step budgets, the warm-up's plateau rule, batch size and seeds."""
     p.add_argument("--steps", type=int, help="training steps after the branch point (both models)")
     p.add_argument("--warmup-steps", type=int, help="indexer warm-up steps (stage 1)")
     p.add_argument("--warmup-plateau", type=float, metavar="FRACTION", help="the warm-up stops once its held-out KL "
@@ -43,6 +40,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dense-steps", type=int, help="shared dense pre-training steps (stage 0)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seeds", type=int, nargs="+")
+
+
+def add_execution_flags(p: argparse.ArgumentParser) -> None:
+    """How a run executes: checkpoints and resume, precision, compile, read-back interval."""
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the whole training state every N steps (atomically, newest two kept) so a killed run "
+                        "loses at most N steps; 0 = off")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (to the same numbers, bit for bit on CPU)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: CUDA autocast of the forward with fp32 master weights (refused on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; refused on CPU)")
+    p.add_argument("--readback-every", type=int, metavar="N",
+                   help="keep the per-step losses, gradient norms and step times on the device and read them back "
+                        "every N steps (and before each evaluation and checkpoint); the NaN guard still names the "
+                        "first non-finite step. Default: every step on CPU, every 50 on CUDA")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--experiment", default="sparse_vs_classic", choices=EXPERIMENTS)
+    p.add_argument("--preset", default="default", help="quick | default (long_context, adaptive_sparsity also: cpu)")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths to sweep")
+    add_training_flags(p)
     p.add_argument("--top-k-ratio", type=float, help="sparse_top_k = ratio * L")
     p.add_argument("--top-k", type=int, help="a fixed number of selected keys per query at every L (wins over "
                                              "--top-k-ratio)")
@@ -78,18 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "distance, at least 2)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard finished runs in --out made with another config (and an interrupted run's checkpoints)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="save the whole training state every N steps (atomically, newest two kept) so a killed run "
-                        "loses at most N steps; 0 = off")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last checkpoint (to the same numbers, bit for bit on CPU)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: CUDA autocast of the forward with fp32 master weights (refused on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; refused on CPU)")
-    p.add_argument("--readback-every", type=int, metavar="N",
-                   help="keep the per-step losses, gradient norms and step times on the device and read them back "
-                        "every N steps (and before each evaluation and checkpoint); the NaN guard still names the "
-                        "first non-finite step. Default: every step on CPU, every 50 on CUDA")
+    add_execution_flags(p)
     return p.parse_args(argv)
 
 
